@@ -1,0 +1,63 @@
+"""pytest fixtures for the batchnorm suite.
+
+* ``tests/`` is put on sys.path so every test can ``import reference`` / ``import helpers``
+  whatever import mode pytest runs in.
+* ``threads``: runs a test at bn.set_num_threads(1) and (2), restoring the previous value.
+* ``rng``: a NumPy Generator seeded from the test's node id (reproducible per test).
+* ``torch``: PyTorch or a clean skip (PyTorch is optional).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import reference  # noqa: E402,F401  (re-exported for tests: ``from conftest import ...`` is not used)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch: compares with PyTorch (skipped when torch is absent)")
+    config.addinivalue_line("markers", "threads: runs at 1 and 2 threads via the `threads` fixture")
+    config.addinivalue_line("markers", "subprocess: starts a fresh Python interpreter")
+
+
+THREAD_COUNTS = [1, 2]
+
+
+@pytest.fixture(params=THREAD_COUNTS, ids=lambda n: f"t{n}")
+def threads(request):
+    import batchnorm as bn
+
+    old = bn.get_num_threads()
+    bn.set_num_threads(request.param)
+    try:
+        assert bn.get_num_threads() == request.param
+        yield request.param
+    finally:
+        bn.set_num_threads(old)
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "torch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.torch)
+        if "threads" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.threads)

@@ -1,0 +1,164 @@
+"""Shared test helpers: tolerances, input layouts, state snapshots.
+
+Tolerances (justified by the floating-point format, never tuned to make a test pass):
+
+* float32 element-wise outputs of magnitude O(1): ``rtol = atol = 1e-5``.  float32 has
+  eps = 1.19e-7; a correctly implemented normalization has a few ulps of rounding
+  (~5e-7 at |y| ~ 4), so 1e-5 leaves a factor ~20 of headroom and still catches any
+  real mistake (wrong channel, wrong variance, wrong eps, ...).
+* float64: ``rtol = atol = 1e-12`` (eps = 2.2e-16, so ~4500 ulps of headroom).
+* per-channel reductions (sums over n elements, e.g. grad_weight, grad_bias, sums inside
+  the statistics): the error bound of a sum is proportional to the sum of absolute
+  values of its terms, so the tolerance is ``rtol * sum(|terms|)`` with the same rtol.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+ATOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+DTYPES = [np.float32, np.float64]
+DTYPE_IDS = ["f32", "f64"]
+
+
+def tol(dtype):
+    d = np.dtype(dtype)
+    return dict(rtol=RTOL[d], atol=ATOL[d])
+
+
+def assert_close(actual, expected, dtype, scale=1.0, err_msg=""):
+    """Element-wise check with the dtype's tolerances; ``scale`` multiplies atol (use the
+    magnitude of the quantity when it is not O(1))."""
+    d = np.dtype(dtype)
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=RTOL[d],
+                               atol=ATOL[d] * max(1.0, float(scale)), err_msg=err_msg)
+
+
+def assert_close_sum(actual, expected, abs_sum, dtype, err_msg=""):
+    """Check a per-channel reduction: |actual - expected| <= rtol * (sum|terms| + 1)."""
+    d = np.dtype(dtype)
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
+    bound = RTOL[d] * (np.asarray(abs_sum, dtype=np.float64) + 1.0)
+    err = np.abs(actual - expected)
+    bad = ~(err <= bound)
+    assert not bad.any(), (
+        f"{err_msg}: reduction mismatch at {np.flatnonzero(bad)[:10]}: "
+        f"actual {actual[bad][:5]}, expected {expected[bad][:5]}, bound {bound[bad][:5]}")
+
+
+# --------------------------------------------------------------------------- inputs
+
+LAYOUTS = ["contiguous", "channels_last", "cl_view", "axis2", "axis0", "strided",
+           "reversed", "fortran"]
+
+
+def logical_data(rng, shape, offset=0.0, std=1.0):
+    """float64 data of logical shape (N, C, *S) with distinct per-channel mean/scale."""
+    c = shape[1]
+    shift = rng.uniform(-2.0, 2.0, size=c)
+    scale = rng.uniform(0.5, 2.0, size=c)
+    bs = [1] * len(shape)
+    bs[1] = c
+    return (offset + std * (rng.standard_normal(shape) * scale.reshape(bs)
+                            + shift.reshape(bs)))
+
+
+def arrange(logical, dtype, layout):
+    """Place logical (N, C, *S) float64 data into ``layout``; return (x, axis).
+
+    The values the reference sees are exactly those of ``x`` along ``axis``.
+    """
+    nd = logical.ndim
+    if layout == "contiguous":
+        return np.ascontiguousarray(logical.astype(dtype)), 1
+    if layout == "channels_last":          # NLC / NHWC / NDHWC memory, axis=-1
+        return np.ascontiguousarray(np.moveaxis(logical, 1, -1).astype(dtype)), -1
+    if layout == "cl_view":                # logical NCHW view of NHWC memory (zero-copy)
+        base = np.ascontiguousarray(np.moveaxis(logical, 1, -1).astype(dtype))
+        return np.moveaxis(base, -1, 1), 1
+    if layout == "axis2":                  # channel axis 2 (rank >= 3)
+        assert nd >= 3
+        return np.ascontiguousarray(np.moveaxis(logical, 1, 2).astype(dtype)), 2
+    if layout == "axis0":                  # channel axis 0
+        return np.ascontiguousarray(np.moveaxis(logical, 1, 0).astype(dtype)), 0
+    if layout == "strided":                # every other element along every axis
+        big = np.full(tuple(2 * s for s in logical.shape), 12345.0, dtype=dtype)
+        view = big[(slice(None, None, 2),) * nd]
+        view[...] = logical
+        return view, 1
+    if layout == "reversed":               # negative strides on the first and last axis
+        idx = [slice(None)] * nd
+        idx[0] = slice(None, None, -1)
+        idx[-1] = slice(None, None, -1)
+        idx = tuple(idx)
+        base = np.ascontiguousarray(logical[idx].astype(dtype))
+        return base[idx], 1
+    if layout == "fortran":                # all axes reversed in memory
+        return np.asfortranarray(logical.astype(dtype)), 1
+    raise ValueError(layout)
+
+
+def layout_ok(layout, ndim):
+    return not (layout == "axis2" and ndim < 3)
+
+
+def make_input(rng, shape, dtype, layout="contiguous", offset=0.0, std=1.0):
+    return arrange(logical_data(rng, shape, offset, std), dtype, layout)
+
+
+def channels(x, axis):
+    return x.shape[axis % x.ndim]
+
+
+def rand_params(rng, c, dtype):
+    w = rng.uniform(0.5, 1.5, size=c) * rng.choice([-1.0, 1.0], size=c)
+    b = rng.uniform(-1.0, 1.0, size=c)
+    return w.astype(dtype), b.astype(dtype)
+
+
+# --------------------------------------------------------------------------- state
+
+MODULE_ATTRS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                "weight_grad", "bias_grad")
+
+
+def _freeze(v):
+    if v is None:
+        return None
+    if isinstance(v, (bool, int, float, str)):
+        return ("scalar", v)
+    a = np.asarray(v)
+    return ("array", a.dtype.str, a.shape, a.tobytes())
+
+
+def snapshot(*objs):
+    """Bit-exact snapshot of arrays and of every stateful attribute of modules."""
+    snap = []
+    for o in objs:
+        if isinstance(o, np.ndarray):
+            snap.append(("nd", _freeze(o)))
+        elif hasattr(o, "running_mean") or hasattr(o, "weight"):
+            state = {a: _freeze(getattr(o, a, None)) for a in MODULE_ATTRS}
+            state["training"] = getattr(o, "training", None)
+            snap.append(("mod", state))
+        else:
+            snap.append(("other", _freeze(o)))
+    return snap
+
+
+def assert_unchanged(snap, *objs):
+    now = snapshot(*objs)
+    assert len(now) == len(snap)
+    for i, (a, b) in enumerate(zip(snap, now)):
+        if a[0] == "mod":
+            for k in a[1]:
+                assert a[1][k] == b[1][k], f"object #{i}: attribute {k!r} changed by a failed call"
+        else:
+            assert a == b, f"object #{i} changed by a failed call"

@@ -1,0 +1,21 @@
+// batchnorm: batch normalization for the CPU, header-only C++17.
+//
+//   #include <batchnorm/batchnorm.hpp>
+//   batchnorm::Shape shape{N, C, H * W};                     // NCHW; NHWC is {N * H * W, C, 1}
+//   batchnorm::forward_train(x, y, shape, weight, bias, running_mean, running_var,
+//                            /*momentum=*/0.1, /*eps=*/1e-5, save_mean, save_invstd);
+//   batchnorm::forward_eval(x, y, shape, running_mean, running_var, weight, bias, 1e-5);
+//
+// See functional.hpp for every operation, isa.hpp for backend selection (BATCHNORM_ISA) and
+// threads.hpp for the thread count.
+#pragma once
+
+#include "errors.hpp"
+#include "functional.hpp"
+#include "isa.hpp"
+#include "shape.hpp"
+#include "threads.hpp"
+
+#define BATCHNORM_VERSION_MAJOR 0
+#define BATCHNORM_VERSION_MINOR 1
+#define BATCHNORM_VERSION_PATCH 0

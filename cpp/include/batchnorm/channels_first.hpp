@@ -1,0 +1,200 @@
+// Channels-first driver: planes of `inner` contiguous values (NCHW, NCL, NCDHW). Threads take
+// whole channels, or equal parts of channels when there are too few channels to share out.
+// A training step reads each channel's block from memory once: statistics (two passes) and
+// normalization run back to back while the block is still in cache.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "channel_math.hpp"
+#include "kernels/table.hpp"
+#include "shape.hpp"
+#include "threads.hpp"
+
+namespace batchnorm::detail {
+
+// Values per statistics tile: small enough that the two passes over a tile (and the normalize
+// that follows when the tile is the whole channel) hit the per-core L2 cache.
+template <class T>
+constexpr std::int64_t kTileValues = (std::int64_t(512) << 10) / std::int64_t(sizeof(T));
+
+// A channel part smaller than this is not worth a thread of its own.
+constexpr std::int64_t kMinPartValues = 16 << 10;
+
+// Calls f(offset, count, len, stride) for the values [begin, end) of channel c, taken in
+// flattened (outer, inner) order, as at most three runs of equally spaced planes.
+template <class F>
+void for_each_run(const Shape& s, std::int64_t c, std::int64_t begin, std::int64_t end, F&& f) {
+    const std::int64_t stride = s.channels * s.inner;
+    const auto offset = [&](std::int64_t value) {
+        return (value / s.inner) * stride + c * s.inner + value % s.inner;
+    };
+    if (begin < end && begin % s.inner != 0) {
+        const std::int64_t len = std::min(s.inner - begin % s.inner, end - begin);
+        f(offset(begin), std::int64_t(1), len, stride);
+        begin += len;
+    }
+    const std::int64_t planes = (end - begin) / s.inner;
+    if (planes > 0) {
+        f(offset(begin), planes, s.inner, stride);
+        begin += planes * s.inner;
+    }
+    if (begin < end) f(offset(begin), std::int64_t(1), end - begin, stride);
+}
+
+// Moments of channel c over [begin, end): per tile, a sum gives the tile's mean, then
+// deviations from that mean (rounded to T) give the exact correction and the squares; tiles
+// merge with Chan's formula.
+template <class T>
+Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c,
+                      std::int64_t begin, std::int64_t end) {
+    Moments total;
+    for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
+        const std::int64_t t_end = std::min(end, t + kTileValues<T>);
+        double sum = 0;
+        for_each_run(s, c, t, t_end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
+            sum += k.cf_sum(x + at, n, len, stride);
+        });
+        const double count = double(t_end - t);
+        const T shift = T(sum / count);
+        Sums dev;
+        for_each_run(s, c, t, t_end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
+            dev += k.cf_dev(x + at, n, len, stride, shift);
+        });
+        total = merge(total, from_shifted_sums(count, double(shift), dev.first, dev.second));
+    }
+    return total;
+}
+
+template <class T>
+Sums range_dot(const KernelTable<T>& k, const T* dy, const T* x, const Shape& s, std::int64_t c,
+               std::int64_t begin, std::int64_t end, T shift) {
+    Sums total;
+    for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
+        total += k.cf_dot(dy + at, x + at, n, len, stride, shift);
+    });
+    return total;
+}
+
+inline Sums merge(const Sums& a, const Sums& b) {
+    Sums total = a;
+    return total += b;
+}
+
+// The shared shape of every channels-first operation: reduce each (channel, part) item to a
+// partial R, merge a channel's partials and finish the channel (once, by one thread), then
+// apply over each item. With one part per channel the three steps run back to back per
+// channel, so the channel's block is still in cache for `apply`; with several parts, barriers
+// separate them and the static schedule gives each thread the same items in both loops.
+template <class R, class Reduce, class Finish, class Apply>
+void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish,
+                      Apply&& apply) {
+    const std::int64_t n = s.per_channel(), channels = s.channels;
+    const int threads = threads_for(bytes, channels * std::max<std::int64_t>(1, n / kMinPartValues));
+    const std::int64_t parts = channel_splits(channels, n, threads, kMinPartValues);
+    if (parts == 1) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (std::int64_t c = 0; c < channels; ++c) {
+            finish(c, reduce(c, std::int64_t(0), n));
+            apply(c, std::int64_t(0), n);
+        }
+        return;
+    }
+    const std::int64_t items = channels * parts;
+    const auto bounds = [&](std::int64_t item) {
+        const std::int64_t part = item % parts;
+        return std::pair<std::int64_t, std::int64_t>{n * part / parts, n * (part + 1) / parts};
+    };
+    std::vector<R> partials(std::size_t(items), R{});
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (std::int64_t item = 0; item < items; ++item) {
+            const auto [begin, end] = bounds(item);
+            partials[std::size_t(item)] = reduce(item / parts, begin, end);
+        }
+#pragma omp for schedule(static)
+        for (std::int64_t c = 0; c < channels; ++c) {
+            R total{};
+            for (std::int64_t p = 0; p < parts; ++p) total = merge(total, partials[std::size_t(c * parts + p)]);
+            finish(c, total);
+        }
+#pragma omp for schedule(static)
+        for (std::int64_t item = 0; item < items; ++item) {
+            const auto [begin, end] = bounds(item);
+            apply(item / parts, begin, end);
+        }
+    }
+}
+
+struct NoApply {
+    void operator()(std::int64_t, std::int64_t, std::int64_t) const {}
+};
+
+template <class T>
+void stats_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, T* mean, T* var) {
+    for_each_channel<Moments>(
+        s, s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
+        [&](std::int64_t c, const Moments& m) {
+            mean[c] = T(m.mean);
+            var[c] = T(m.biased_var());
+        },
+        NoApply{});
+}
+
+template <class T>
+void train_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s,
+                          const TrainArgs<T>& args) {
+    std::vector<ChannelAffine<T>> affine(std::size_t(s.channels));
+    for_each_channel<Moments>(
+        s, 2 * s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
+        [&](std::int64_t c, const Moments& m) { affine[std::size_t(c)] = finish_train_channel(c, m, args); },
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) {
+            const ChannelAffine<T> a = affine[std::size_t(c)];
+            for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta);
+            });
+        });
+}
+
+template <class T>
+void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx,
+                             const Shape& s, const BackwardArgs<T>& args) {
+    std::vector<GradCoefficients<T>> coef(std::size_t(s.channels));
+    const double n = double(s.per_channel());
+    for_each_channel<Sums>(
+        s, 3 * s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, args.mean[c]); },
+        [&](std::int64_t c, const Sums& sums) { coef[std::size_t(c)] = finish_backward_channel(c, sums, n, args); },
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) {
+            if (!gx) return;
+            const GradCoefficients<T> g = coef[std::size_t(c)];
+            for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t cnt, std::int64_t len, std::int64_t stride) {
+                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q);
+            });
+        });
+}
+
+// Eval: planes in memory order, split evenly across threads.
+template <class T>
+void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual, T* y,
+                         const Shape& s, const T* shift, const T* alpha, const T* beta, bool relu) {
+    const std::int64_t planes = s.outer * s.channels;
+    const int inputs = residual ? 3 : 2;
+    const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), planes);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int t = thread_index(), nt = team_size();
+        const std::int64_t begin = planes * t / nt, end = planes * (t + 1) / nt;
+        const std::int64_t at = begin * s.inner;
+        if (begin < end)
+            k.rows_affine(x + at, residual ? residual + at : nullptr, y + at, end - begin, s.inner,
+                          begin % s.channels, s.channels, shift, alpha, beta, relu);
+    }
+}
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,205 @@
+// Channels-last driver: rows of `cols` contiguous values, one column per channel (NHWC with
+// axis=-1, (N, C), torch's channels_last memory). Small channels-first planes use it too: with
+// inner < a few vectors, (outer, C, inner) is read as rows of C*inner columns, column j
+// belonging to channel j / inner, so the kernels still stream whole rows.
+// Threads split the rows; each keeps float64 partials per column, merged per channel after a
+// barrier, then normalizes its own rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "channel_math.hpp"
+#include "kernels/table.hpp"
+#include "shape.hpp"
+#include "threads.hpp"
+
+namespace batchnorm::detail {
+
+// Read planes shorter than this many bytes as rows (channels-last kernels).
+constexpr std::int64_t kMinPlaneBytes = 128;
+
+template <class T>
+bool reads_as_rows(const Shape& s) {
+    return s.inner * std::int64_t(sizeof(T)) < kMinPlaneBytes;
+}
+
+// Rows per statistics tile: the tile stays in L1/L2 between its two passes.
+template <class T>
+std::int64_t tile_rows(std::int64_t cols) {
+    constexpr std::int64_t kTileBytes = std::int64_t(64) << 10;
+    return std::max<std::int64_t>(1, kTileBytes / (cols * std::int64_t(sizeof(T))));
+}
+
+// Per-column scratch of one thread.
+template <class T>
+struct ColumnScratch {
+    explicit ColumnScratch(std::int64_t cols)
+        : mean(std::size_t(cols)), m2(std::size_t(cols)), sum(std::size_t(cols)),
+          s1(std::size_t(cols)), s2(std::size_t(cols)), shift(std::size_t(cols)) {}
+    std::vector<double> mean, m2;       // the thread's moments so far (backward: its two dot sums)
+    std::vector<double> sum, s1, s2;    // one tile's sums
+    std::vector<T> shift;               // one tile's means, rounded to T
+};
+
+// Moments of every column over `rows` rows, tile by tile, into scratch.mean / scratch.m2.
+template <class T>
+void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols,
+                  ColumnScratch<T>& w) {
+    const std::int64_t step = tile_rows<T>(cols);
+    for (std::int64_t r = 0; r < rows; r += step) {
+        const std::int64_t n = std::min(step, rows - r);
+        const T* tile = x + r * cols;
+        std::fill(w.sum.begin(), w.sum.end(), 0.0);
+        std::fill(w.s1.begin(), w.s1.end(), 0.0);
+        std::fill(w.s2.begin(), w.s2.end(), 0.0);
+        k.cl_sum(tile, n, cols, w.sum.data());
+        for (std::int64_t j = 0; j < cols; ++j) w.shift[std::size_t(j)] = T(w.sum[std::size_t(j)] / double(n));
+        k.cl_dev(tile, n, cols, w.shift.data(), w.s1.data(), w.s2.data());
+        for (std::size_t j = 0; j < std::size_t(cols); ++j) {
+            const Moments m = merge(Moments{double(r), w.mean[j], w.m2[j]},
+                                    from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]));
+            w.mean[j] = m.mean;
+            w.m2[j] = m.m2;
+        }
+    }
+}
+
+// The shared shape of every rows operation. Thread t reduces rows [begin_t, end_t) into its
+// scratch; after a barrier, each channel is finished once from all threads' columns; after a
+// second barrier each thread applies over its own rows, which are likely still in its cache.
+template <class T, class Reduce, class Finish, class Apply>
+void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish,
+                        Apply&& apply) {
+    const std::int64_t rows = s.outer, cols = s.channels * s.inner;
+    const int threads = threads_for(bytes, rows);
+    std::vector<ColumnScratch<T>> scratch(std::size_t(threads), ColumnScratch<T>{cols});
+    std::vector<std::int64_t> row_begin(std::size_t(threads) + 1);
+    for (int t = 0; t <= threads; ++t) row_begin[std::size_t(t)] = rows * t / threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        // Without OpenMP (or with a smaller team) one thread walks every block in turn.
+        for (int t = thread_index(); t < threads; t += team_size()) {
+            const std::int64_t b = row_begin[std::size_t(t)], e = row_begin[std::size_t(t) + 1];
+            reduce(b, e, scratch[std::size_t(t)]);
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (std::int64_t c = 0; c < s.channels; ++c) finish(c, scratch, row_begin);
+        for (int t = thread_index(); t < threads; t += team_size()) {
+            const std::int64_t b = row_begin[std::size_t(t)], e = row_begin[std::size_t(t) + 1];
+            apply(b, e);
+        }
+    }
+}
+
+// Channel c's moments, merged over every thread's block and over the channel's inner columns.
+template <class T>
+Moments channel_moments(const Shape& s, std::int64_t c, const std::vector<ColumnScratch<T>>& scratch,
+                        const std::vector<std::int64_t>& row_begin) {
+    Moments total;
+    for (std::size_t t = 0; t < scratch.size(); ++t) {
+        const double n = double(row_begin[t + 1] - row_begin[t]);
+        for (std::int64_t j = c * s.inner; j < (c + 1) * s.inner; ++j)
+            total = merge(total, Moments{n, scratch[t].mean[std::size_t(j)], scratch[t].m2[std::size_t(j)]});
+    }
+    return total;
+}
+
+template <class T>
+void stats_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, T* mean, T* var) {
+    const std::int64_t cols = s.channels * s.inner;
+    for_each_row_block<T>(
+        s, s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
+        [&](std::int64_t c, const auto& scratch, const auto& row_begin) {
+            const Moments m = channel_moments(s, c, scratch, row_begin);
+            mean[c] = T(m.mean);
+            var[c] = T(m.biased_var());
+        },
+        [](std::int64_t, std::int64_t) {});
+}
+
+// A per-channel scalar repeated for each of the channel's columns, for the kernels that
+// vectorize across columns.
+template <class T>
+class PerColumn {
+public:
+    explicit PerColumn(const Shape& s) : inner_(s.inner), values_(std::size_t(s.channels * s.inner)) {}
+    void set(std::int64_t c, T value) { std::fill_n(values_.begin() + c * inner_, inner_, value); }
+    const T* data() const { return values_.data(); }
+
+private:
+    std::int64_t inner_;
+    std::vector<T> values_;
+};
+
+template <class T>
+void train_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s,
+                         const TrainArgs<T>& args) {
+    const std::int64_t cols = s.channels * s.inner;
+    PerColumn<T> shift(s), alpha(s), beta(s);
+    for_each_row_block<T>(
+        s, 3 * s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
+        [&](std::int64_t c, const auto& scratch, const auto& row_begin) {
+            const ChannelAffine<T> a = finish_train_channel(c, channel_moments(s, c, scratch, row_begin), args);
+            shift.set(c, a.shift);
+            alpha.set(c, a.alpha);
+            beta.set(c, a.beta);
+        },
+        [&](std::int64_t b, std::int64_t e) {
+            k.cl_affine(x + b * cols, nullptr, y + b * cols, e - b, cols, shift.data(), alpha.data(),
+                        beta.data(), false);
+        });
+}
+
+template <class T>
+void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx,
+                            const Shape& s, const BackwardArgs<T>& args) {
+    const std::int64_t cols = s.channels * s.inner;
+    PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
+    for (std::int64_t c = 0; c < s.channels; ++c) shift.set(c, args.mean[c]);
+    const double n = double(s.per_channel());
+    for_each_row_block<T>(
+        s, 4 * s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) {
+            std::fill(w.mean.begin(), w.mean.end(), 0.0);
+            std::fill(w.m2.begin(), w.m2.end(), 0.0);
+            k.cl_dot(dy + b * cols, x + b * cols, e - b, cols, shift.data(), w.mean.data(), w.m2.data());
+        },
+        [&](std::int64_t c, const auto& scratch, const auto&) {
+            Sums sums;
+            for (const auto& w : scratch)
+                for (std::size_t j = std::size_t(c * s.inner); j < std::size_t((c + 1) * s.inner); ++j)
+                    sums += Sums{w.mean[j], w.m2[j]};
+            const GradCoefficients<T> g = finish_backward_channel(c, sums, n, args);
+            k_coef.set(c, g.k);
+            m_coef.set(c, g.m);
+            q_coef.set(c, g.q);
+        },
+        [&](std::int64_t b, std::int64_t e) {
+            if (gx)
+                k.cl_grad(dy + b * cols, x + b * cols, gx + b * cols, e - b, cols, shift.data(),
+                          k_coef.data(), m_coef.data(), q_coef.data());
+        });
+}
+
+template <class T>
+void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, T* y,
+                        const Shape& s, const T* shift, const T* alpha, const T* beta, bool relu) {
+    const std::int64_t rows = s.outer, cols = s.channels * s.inner;
+    const int inputs = residual ? 3 : 2;
+    const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), rows);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int t = thread_index(), nt = team_size();
+        const std::int64_t b = rows * t / nt, e = rows * (t + 1) / nt;
+        if (b < e)
+            k.cl_affine(x + b * cols, residual ? residual + b * cols : nullptr, y + b * cols, e - b,
+                        cols, shift, alpha, beta, relu);
+    }
+}
+
+}  // namespace batchnorm::detail

@@ -1,0 +1,112 @@
+// AVX2 + FMA backend (x86-64). Compiled inside a target region, so users need no -mavx2 flag;
+// dispatch calls it only after CPUID and XGETBV confirm the CPU and OS support it.
+#pragma once
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BATCHNORM_HAS_AVX2_BACKEND 1
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "table.hpp"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace batchnorm::detail::avx2 {
+
+// Lane mask with the first n (< lanes) 32- or 64-bit lanes set, for maskload/maskstore.
+inline __m256i first_lanes_32(std::int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i first_lanes_64(std::int64_t n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+
+template <class T>
+struct Ops;
+
+template <>
+struct Ops<double> {
+    using V = __m256d;
+    static constexpr std::int64_t W = 4;
+    static V zero() { return _mm256_setzero_pd(); }
+    static V set1(double v) { return _mm256_set1_pd(v); }
+    static V load(const double* p) { return _mm256_loadu_pd(p); }
+    static V load_partial(const double* p, std::int64_t n, V fill) {
+        const __m256i m = first_lanes_64(n);
+        return _mm256_blendv_pd(fill, _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
+    }
+    static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+    static void store_partial(double* p, V v, std::int64_t n) { _mm256_maskstore_pd(p, first_lanes_64(n), v); }
+    static V add(V a, V b) { return _mm256_add_pd(a, b); }
+    static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+    static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+    static V max(V a, V b) { return _mm256_max_pd(a, b); }
+    static double sum_lanes(V v) {
+        const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+        return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+    }
+    static void add_lanes_to(double* dst, V v) { _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), v)); }
+    static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
+        const __m256i m = first_lanes_64(n);
+        _mm256_maskstore_pd(dst, m, _mm256_add_pd(_mm256_maskload_pd(dst, m), v));
+    }
+};
+
+template <>
+struct Ops<float> {
+    using V = __m256;
+    static constexpr std::int64_t W = 8;
+    static V zero() { return _mm256_setzero_ps(); }
+    static V set1(float v) { return _mm256_set1_ps(v); }
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static V load_partial(const float* p, std::int64_t n, V fill) {
+        const __m256i m = first_lanes_32(n);
+        return _mm256_blendv_ps(fill, _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+    }
+    static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static void store_partial(float* p, V v, std::int64_t n) { _mm256_maskstore_ps(p, first_lanes_32(n), v); }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static __m256d low(V v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+    static __m256d high(V v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+    static double sum_lanes(V v) { return Ops<double>::sum_lanes(_mm256_add_pd(low(v), high(v))); }
+    static void add_lanes_to(double* dst, V v) {
+        _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), low(v)));
+        _mm256_storeu_pd(dst + 4, _mm256_add_pd(_mm256_loadu_pd(dst + 4), high(v)));
+    }
+    static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, v);
+        for (std::int64_t i = 0; i < n; ++i) dst[i] += double(lanes[i]);
+    }
+};
+
+#include "kernel_bodies.inl"
+
+template <class T>
+const KernelTable<T>& table() {
+    static const KernelTable<T> kernels = make_table<T>();
+    return kernels;
+}
+
+}  // namespace batchnorm::detail::avx2
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif  // x86-64

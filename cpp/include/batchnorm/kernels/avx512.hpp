@@ -1,0 +1,102 @@
+// AVX-512 (F, DQ, BW, VL) backend (x86-64). Tails use lane masks, never a scalar epilogue.
+// Compiled inside a target region; dispatch calls it only after CPUID and XGETBV (opmask and
+// ZMM state enabled by the OS) confirm support.
+#pragma once
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BATCHNORM_HAS_AVX512_BACKEND 1
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "table.hpp"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
+// GCC 12's own AVX-512 intrinsics trip -Wmaybe-uninitialized (_mm512_undefined_* operands).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace batchnorm::detail::avx512 {
+
+inline __mmask16 first_lanes_16(std::int64_t n) { return __mmask16((1u << n) - 1u); }
+inline __mmask8 first_lanes_8(std::int64_t n) { return __mmask8((1u << n) - 1u); }
+
+template <class T>
+struct Ops;
+
+template <>
+struct Ops<double> {
+    using V = __m512d;
+    static constexpr std::int64_t W = 8;
+    static V zero() { return _mm512_setzero_pd(); }
+    static V set1(double v) { return _mm512_set1_pd(v); }
+    static V load(const double* p) { return _mm512_loadu_pd(p); }
+    static V load_partial(const double* p, std::int64_t n, V fill) { return _mm512_mask_loadu_pd(fill, first_lanes_8(n), p); }
+    static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+    static void store_partial(double* p, V v, std::int64_t n) { _mm512_mask_storeu_pd(p, first_lanes_8(n), v); }
+    static V add(V a, V b) { return _mm512_add_pd(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+    static V max(V a, V b) { return _mm512_max_pd(a, b); }
+    static double sum_lanes(V v) { return _mm512_reduce_add_pd(v); }
+    static void add_lanes_to(double* dst, V v) { _mm512_storeu_pd(dst, _mm512_add_pd(_mm512_loadu_pd(dst), v)); }
+    static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
+        const __mmask8 m = first_lanes_8(n);
+        _mm512_mask_storeu_pd(dst, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, dst), v));
+    }
+};
+
+template <>
+struct Ops<float> {
+    using V = __m512;
+    static constexpr std::int64_t W = 16;
+    static V zero() { return _mm512_setzero_ps(); }
+    static V set1(float v) { return _mm512_set1_ps(v); }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static V load_partial(const float* p, std::int64_t n, V fill) { return _mm512_mask_loadu_ps(fill, first_lanes_16(n), p); }
+    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static void store_partial(float* p, V v, std::int64_t n) { _mm512_mask_storeu_ps(p, first_lanes_16(n), v); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static __m512d low(V v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+    static __m512d high(V v) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); }
+    static double sum_lanes(V v) { return _mm512_reduce_add_pd(_mm512_add_pd(low(v), high(v))); }
+    static void add_lanes_to(double* dst, V v) {
+        Ops<double>::add_lanes_to(dst, low(v));
+        Ops<double>::add_lanes_to(dst + 8, high(v));
+    }
+    static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
+        Ops<double>::add_lanes_to_partial(dst, low(v), std::min<std::int64_t>(n, 8));
+        if (n > 8) Ops<double>::add_lanes_to_partial(dst + 8, high(v), n - 8);
+    }
+};
+
+#include "kernel_bodies.inl"
+
+template <class T>
+const KernelTable<T>& table() {
+    static const KernelTable<T> kernels = make_table<T>();
+    return kernels;
+}
+
+}  // namespace batchnorm::detail::avx512
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#endif  // x86-64

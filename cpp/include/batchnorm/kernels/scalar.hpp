@@ -1,0 +1,40 @@
+// Scalar backend: the reference every vector backend is tested against, and the fallback on any
+// CPU. One lane; the compiler may still vectorize the element-wise loops.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "table.hpp"
+
+namespace batchnorm::detail::scalar {
+
+template <class T>
+struct Ops {
+    using V = T;
+    static constexpr std::int64_t W = 1;
+    static V zero() { return T(0); }
+    static V set1(T v) { return v; }
+    static V load(const T* p) { return *p; }
+    static V load_partial(const T*, std::int64_t, V fill) { return fill; }  // never reached: W = 1
+    static void store(T* p, V v) { *p = v; }
+    static void store_partial(T*, V, std::int64_t) {}
+    static V add(V a, V b) { return a + b; }
+    static V sub(V a, V b) { return a - b; }
+    static V mul(V a, V b) { return a * b; }
+    static V fma(V a, V b, V c) { return a * b + c; }
+    static V max(V a, V b) { return std::max(a, b); }
+    static double sum_lanes(V v) { return double(v); }
+    static void add_lanes_to(double* dst, V v) { *dst += double(v); }
+    static void add_lanes_to_partial(double*, V, std::int64_t) {}
+};
+
+#include "kernel_bodies.inl"
+
+template <class T>
+const KernelTable<T>& table() {
+    static const KernelTable<T> kernels = make_table<T>();
+    return kernels;
+}
+
+}  // namespace batchnorm::detail::scalar

@@ -1,0 +1,75 @@
+// Thread control. OpenMP is optional at compile time: without it everything runs serially.
+// The thread count is OpenMP's own setting (OMP_NUM_THREADS, omp_set_num_threads), so tools
+// that limit OpenMP pools (threadpoolctl) limit batchnorm too.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <string>
+
+#include "errors.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace batchnorm {
+
+// Threads a large call may use.
+inline int get_num_threads() {
+#if defined(_OPENMP)
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Sets the threads for later calls from this thread (OpenMP's per-thread setting).
+inline void set_num_threads(int n) {
+    detail::require(n >= 1, "set_num_threads: n must be at least 1, got " + std::to_string(n));
+#if defined(_OPENMP)
+    omp_set_num_threads(n);
+#endif
+}
+
+namespace detail {
+
+// Below this many bytes touched, a call runs on one thread: waking a team costs more than the
+// work it would share.
+constexpr std::int64_t kMinParallelBytes = std::int64_t(256) << 10;
+
+inline int threads_for(std::int64_t bytes, std::int64_t max_items) {
+    if (bytes < kMinParallelBytes) return 1;
+    return int(std::max<std::int64_t>(1, std::min<std::int64_t>(get_num_threads(), max_items)));
+}
+
+inline int thread_index() {
+#if defined(_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+// Threads in the current team (1 outside a parallel region).
+inline int team_size() {
+#if defined(_OPENMP)
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+// How many parts to cut each channel into so that every thread gets the same number of
+// (channel, part) items: 1 when the channels already share out evenly (or nearly: many of
+// them), else threads / gcd(channels, threads), never parts smaller than min_part values.
+inline std::int64_t channel_splits(std::int64_t channels, std::int64_t per_channel, int threads,
+                                   std::int64_t min_part) {
+    if (threads <= 1 || channels % threads == 0 || channels >= 8 * std::int64_t(threads)) return 1;
+    const std::int64_t even = threads / std::gcd(channels, std::int64_t(threads));
+    return std::max<std::int64_t>(1, std::min(even, per_channel / min_part));
+}
+
+}  // namespace detail
+}  // namespace batchnorm

@@ -95,7 +95,7 @@ void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finis
     const int threads = threads_for(bytes, channels * std::max<std::int64_t>(1, n / kMinPartValues));
     const std::int64_t parts = channel_splits(channels, n, threads, kMinPartValues);
     if (parts == 1) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+BATCHNORM_OMP(parallel for num_threads(threads) schedule(static) if (threads > 1))
         for (std::int64_t c = 0; c < channels; ++c) {
             finish(c, reduce(c, std::int64_t(0), n));
             apply(c, std::int64_t(0), n);
@@ -108,20 +108,20 @@ void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finis
         return std::pair<std::int64_t, std::int64_t>{n * part / parts, n * (part + 1) / parts};
     };
     std::vector<R> partials(std::size_t(items), R{});
-#pragma omp parallel num_threads(threads)
+BATCHNORM_OMP(parallel num_threads(threads))
     {
-#pragma omp for schedule(static)
+BATCHNORM_OMP(for schedule(static))
         for (std::int64_t item = 0; item < items; ++item) {
             const auto [begin, end] = bounds(item);
             partials[std::size_t(item)] = reduce(item / parts, begin, end);
         }
-#pragma omp for schedule(static)
+BATCHNORM_OMP(for schedule(static))
         for (std::int64_t c = 0; c < channels; ++c) {
             R total{};
             for (std::int64_t p = 0; p < parts; ++p) total = merge(total, partials[std::size_t(c * parts + p)]);
             finish(c, total);
         }
-#pragma omp for schedule(static)
+BATCHNORM_OMP(for schedule(static))
         for (std::int64_t item = 0; item < items; ++item) {
             const auto [begin, end] = bounds(item);
             apply(item / parts, begin, end);
@@ -186,7 +186,7 @@ void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual,
     const std::int64_t planes = s.outer * s.channels;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), planes);
-#pragma omp parallel num_threads(threads) if (threads > 1)
+BATCHNORM_OMP(parallel num_threads(threads) if (threads > 1))
     {
         const int t = thread_index(), nt = team_size();
         const std::int64_t begin = planes * t / nt, end = planes * (t + 1) / nt;

@@ -12,6 +12,11 @@
 
 #if defined(_OPENMP)
 #include <omp.h>
+// OpenMP directives that vanish, without an unknown-pragma warning, when OpenMP is off.
+#define BATCHNORM_PRAGMA(text) _Pragma(#text)
+#define BATCHNORM_OMP(directive) BATCHNORM_PRAGMA(omp directive)
+#else
+#define BATCHNORM_OMP(directive)
 #endif
 
 namespace batchnorm {

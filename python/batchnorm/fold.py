@@ -1,0 +1,72 @@
+"""Fold an eval-mode batch norm into the preceding convolution or linear layer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+from .modules import _BatchNorm, _to_numpy
+
+__all__ = ["fold"]
+
+
+def fold(
+    m: _BatchNorm,
+    weight: npt.ArrayLike,
+    bias: Optional[npt.ArrayLike] = None,
+    *,
+    axis: int = 0,
+) -> Tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Fold eval-mode batch norm ``m`` into the layer that feeds it.
+
+    With ``alpha = m.weight / sqrt(m.running_var + m.eps)``, returns
+    ``W' = W * alpha`` (broadcast along ``axis``) and
+    ``b' = (b - m.running_mean) * alpha + m.bias``, so that
+    ``bn(layer(x)) == layer'(x)`` in eval mode. This is what
+    ``torch.nn.utils.fusion.fuse_conv_bn_weights`` computes.
+
+    Parameters
+    ----------
+    m : BatchNorm1d/2d/3d in eval mode, with running statistics.
+    weight : array
+        The layer's weight, output channels on ``axis`` (0 for Conv/Linear,
+        1 for ConvTranspose).
+    bias : (C,) array or None
+        The layer's bias; None means 0.
+    axis : int
+        Output-channel axis of ``weight``.
+
+    Returns
+    -------
+    (weight, bias) : new arrays of ``weight``'s dtype, computed in float64.
+    """
+    if m.training:
+        raise ValueError("m: fold needs an eval-mode batch norm (call m.eval() first)")
+    if m.running_mean is None or m.running_var is None:
+        raise ValueError("m: fold needs running statistics (track_running_stats=True)")
+    w = _to_numpy(weight)
+    if not np.issubdtype(w.dtype, np.floating):
+        raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")
+    channels = m.num_features
+    if w.ndim == 0 or not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis: {axis} is out of range for weight of shape {w.shape}")
+    if w.shape[axis] != channels:
+        raise ValueError(
+            f"weight: expected {channels} output channels on axis {axis}, got shape {w.shape}"
+        )
+    b = np.zeros(channels) if bias is None else _to_numpy(bias)
+    if b.shape != (channels,):
+        raise ValueError(f"bias: expected shape ({channels},), got {b.shape}")
+
+    mean = m.running_mean.astype(np.float64)
+    alpha = 1.0 / np.sqrt(m.running_var.astype(np.float64) + m.eps)
+    if m.weight is not None:
+        alpha *= m.weight
+    shift = 0.0 if m.bias is None else m.bias.astype(np.float64)
+    broadcast = [1] * w.ndim
+    broadcast[axis] = channels
+    folded_weight = w.astype(np.float64) * alpha.reshape(broadcast)
+    folded_bias = (b.astype(np.float64) - mean) * alpha + shift
+    return folded_weight.astype(w.dtype), folded_bias.astype(w.dtype)

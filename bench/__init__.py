@@ -1,0 +1,14 @@
+"""Benchmark suite for batchnorm: every figure is a multiple of a memory copy.
+
+Run from the repository root with ``python -m bench`` (see bench/README.md).
+
+Modules, by what they hold:
+  cases    shapes, memory layouts and the arrays of one benchmark case
+  ops      the timed operations: copy floor, target ratio, float64 reference
+  impls    one adapter per implementation (batchnorm, torch, onnxruntime, numpy)
+  timing   calibrated, interleaved, paired timing with median and IQR
+  runner   the loop over cases x operations x thread counts
+  latency  per-call latency of a tiny input (call overhead, not bandwidth)
+  machine  CPU, caches, library versions
+  report   latest.json and latest.md;  chart: latest.png
+"""

@@ -1,0 +1,116 @@
+"""python -m bench [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
+
+Writes <out-dir>/<name>.json, .md and .png (default bench/results/latest.*).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+from . import chart, impls, latency, machine, report, runner
+from .cases import DEFAULT_SHAPES, iter_cases, parse_shape
+from .ops import OPS
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+# (rounds, sample length): the default keeps a full run well under 10 minutes on 2 cores.
+FULL = (15, 0.008)
+QUICK = (3, 0.001)
+# Pause before each sample: long enough for the previous library's spinning pool threads
+# (libgomp, ONNX Runtime) to go to sleep; shorter pauses let them slow the next library.
+SETTLE_S = 0.005
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="3 rounds of ~1 ms samples")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    p.add_argument("--impls", nargs="+", choices=impls.NAMES, default=list(impls.NAMES))
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=list(DEFAULT_SHAPES),
+                   metavar="N,C,...", help="logical shapes, channels second")
+    p.add_argument("--rounds", type=int, help="override the rounds per cell")
+    p.add_argument("--sample-ms", type=float, help="override the duration of one sample")
+    p.add_argument("--passive-wait", action="store_true",
+                   help="OMP_WAIT_POLICY=passive and no ONNX Runtime spinning: idle pool "
+                        "threads sleep instead of spinning (see README)")
+    p.add_argument("--no-latency", action="store_true", help="skip the tiny-input latency")
+    p.add_argument("--readme", action="store_true",
+                   help="also copy the tables into the results section of bench/README.md")
+    p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR)
+    p.add_argument("--name", default="latest", help="base name of the output files")
+    return p.parse_args(argv)
+
+
+def collect(args: argparse.Namespace) -> dict:
+    """Run everything the arguments ask for; the results as written to JSON."""
+    rounds, target_s = QUICK if args.quick else FULL
+    rounds = args.rounds or rounds
+    target_s = args.sample_ms / 1e3 if args.sample_ms else target_s
+    if args.passive_wait:  # must precede the first import of an OpenMP runtime
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+
+    loaded = impls.load(args.impls)
+    for impl in loaded:
+        if impl.unavailable:
+            print(f"skipping {impl.name}: {impl.unavailable}", file=sys.stderr)
+    info = machine.describe()
+    before = machine.conditions()
+    if before["busy_processes"] or before["cpu_busy"] > 0.1:
+        print(f"warning: the machine is busy ({before}); the ratios will be noisy",
+              file=sys.stderr)
+    settings = runner.Settings(rounds, target_s, SETTLE_S, machine.l2_bytes())
+    cases = list(iter_cases(args.shapes, args.dtype))
+    cells = runner.run_suite(loaded, cases, args.ops, args.threads, settings)
+    tiny = None if args.no_latency else latency.measure(loaded, args.dtype, rounds, target_s)
+    return {
+        "machine": info,
+        "config": {"dtype": args.dtype, "threads": args.threads, "ops": args.ops,
+                   "rounds": rounds, "target_ms": target_s * 1e3,
+                   "settle_ms": SETTLE_S * 1e3, "quick": args.quick,
+                   "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library defaults"),
+                   "l2_bytes_for_targets": settings.l2_bytes},
+        "implementations": {i.name: {"version": i.version, "unavailable": i.unavailable}
+                            for i in loaded},
+        "ops": {name: {"title": op.title, "floor": op.floor_text, "target": op.target_text}
+                for name, op in OPS.items() if name in args.ops},
+        "conditions": {"before": before, "after": machine.conditions()},
+        "notes": [],
+        "cells": cells,
+        "latency": tiny,
+    }
+
+
+def write(results: dict, args: argparse.Namespace) -> pathlib.Path:
+    """<name>.png, .json, .md; and the README's results section with --readme."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    base = args.out_dir / args.name
+    png = base.with_suffix(".png")
+    chart_problem = chart.write_png(results, png)
+    if chart_problem:
+        results["notes"].append(f"- {chart_problem}")
+    report.write_json(results, base.with_suffix(".json"))
+    base.with_suffix(".md").write_text(report.markdown(results, None if chart_problem
+                                                       else png.name))
+    if args.readme:
+        readme = pathlib.Path(__file__).resolve().parent / "README.md"
+        report.update_readme(readme, results, None if chart_problem
+                             else os.path.relpath(png, readme.parent))
+    return base
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results = collect(args)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    base = write(results, args)
+    print(f"wrote {base}.json/.md/.png in {results['elapsed_s']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Benchmark cases: a logical (N, C, ...) shape, a memory layout and a dtype.
+
+A case owns no timing logic; it knows how its tensor sits in memory, which axis holds
+the channels, and how to make the arrays that every implementation shares.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+# Logical shapes, channels at index 1 (PyTorch order). Chosen to cover ResNet-like
+# activations (large, mid, small spatial), a batch-1 inference case, a tiny case where
+# call overhead dominates, (N, C) inputs of BatchNorm1d, and a 3-D volume.
+DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
+    (32, 64, 56, 56),
+    (32, 256, 14, 14),
+    (8, 512, 7, 7),
+    (1, 64, 112, 112),
+    (1, 64, 7, 7),
+    (256, 1024),
+    (4096, 64),
+    (2, 32, 8, 32, 32),
+)
+
+CHANNELS_FIRST = "NCHW"
+CHANNELS_LAST = "NHWC"
+# (N, C) has one memory order only; it runs the channels-last kernel family (inner == 1).
+FLAT = "NC"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: tuple[int, ...]  # logical, channels at index 1
+    layout: str  # CHANNELS_FIRST, CHANNELS_LAST or FLAT
+    dtype: str  # "float32" | "float64"
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def memory_shape(self) -> tuple[int, ...]:
+        """Shape of the NumPy array as stored: channels moved last for channels-last."""
+        if self.layout == CHANNELS_LAST:
+            return (self.shape[0], *self.shape[2:], self.shape[1])
+        return self.shape
+
+    @property
+    def axis(self) -> int:
+        """Channel axis of the NumPy array (the `axis=` argument of batchnorm)."""
+        return -1 if self.layout == CHANNELS_LAST else 1
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        rank = len(self.shape)
+        channel_axis = self.axis % rank
+        return tuple(a for a in range(rank) if a != channel_axis)
+
+    @property
+    def channel_view_shape(self) -> tuple[int, ...]:
+        """Shape that broadcasts a (C,) vector along the channel axis of the array."""
+        view = [1] * len(self.shape)
+        view[self.axis] = self.channels
+        return tuple(view)
+
+    @property
+    def channels_first_family(self) -> bool:
+        """True when the kernel sees a large `inner` (DESIGN.md: one view every kernel sees)."""
+        return self.layout == CHANNELS_FIRST and len(self.shape) > 2
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * np.dtype(self.dtype).itemsize
+
+    @property
+    def channel_block_bytes(self) -> int:
+        """Bytes of one channel: what a channels-first train pass keeps in L2."""
+        return self.nbytes // self.channels
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.shape))
+
+    def to_torch(self, array: np.ndarray):
+        """Zero-copy torch view in logical (N, C, ...) order; channels_last strides for NHWC."""
+        import torch
+
+        tensor = torch.from_numpy(array)
+        if self.layout == CHANNELS_LAST:
+            rank = array.ndim
+            tensor = tensor.permute(0, rank - 1, *range(1, rank - 1))
+        return tensor
+
+    def from_torch(self, tensor) -> np.ndarray:
+        """NumPy array in this case's memory shape, for comparing against the reference."""
+        if self.layout == CHANNELS_LAST:
+            rank = tensor.dim()
+            tensor = tensor.permute(0, *range(2, rank), 1)
+        return tensor.detach().numpy()
+
+
+@dataclasses.dataclass
+class Arrays:
+    """Every buffer of one case, shared by all implementations (same memory, same bytes)."""
+
+    x: np.ndarray
+    grad_y: np.ndarray
+    residual: np.ndarray
+    out: np.ndarray  # preallocated output (`out=` / ufunc out= / ORT bound output)
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    save_mean: np.ndarray  # batch statistics of x, as a training forward saves them
+    save_invstd: np.ndarray
+    initial_running_mean: np.ndarray
+    initial_running_var: np.ndarray
+
+    def fresh_running_stats(self) -> None:
+        """Undo the in-place running-stat updates of training forwards between operations."""
+        self.running_mean[...] = self.initial_running_mean
+        self.running_var[...] = self.initial_running_var
+
+
+EPS = 1e-5
+MOMENTUM = 0.1
+
+
+def make_arrays(case: Case, seed: int = 0) -> Arrays:
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(case.dtype)
+    channels = case.channels
+
+    def tensor(loc: float, scale: float) -> np.ndarray:
+        return rng.normal(loc, scale, size=case.memory_shape).astype(dtype)
+
+    def vector(low: float, high: float) -> np.ndarray:
+        return rng.uniform(low, high, size=channels).astype(dtype)
+
+    x = tensor(0.5, 2.0)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=case.reduce_axes)
+    var = x64.var(axis=case.reduce_axes)
+    running_mean = vector(-0.5, 0.5)
+    running_var = vector(0.5, 2.0)
+    return Arrays(
+        x=x,
+        grad_y=tensor(0.0, 1.0),
+        residual=tensor(0.0, 1.0),
+        out=np.zeros_like(x),
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=vector(0.5, 1.5),
+        bias=vector(-0.5, 0.5),
+        save_mean=mean.astype(dtype),
+        save_invstd=(1.0 / np.sqrt(var + EPS)).astype(dtype),
+        initial_running_mean=running_mean.copy(),
+        initial_running_var=running_var.copy(),
+    )
+
+
+def iter_cases(shapes, dtype: str) -> Iterator[Case]:
+    for shape in shapes:
+        if len(shape) == 2:
+            yield Case(tuple(shape), FLAT, dtype)
+        else:
+            yield Case(tuple(shape), CHANNELS_FIRST, dtype)
+            yield Case(tuple(shape), CHANNELS_LAST, dtype)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'32,64,56,56' or '32x64x56x56' -> (32, 64, 56, 56)."""
+    parts = text.replace("x", ",").split(",")
+    shape = tuple(int(p) for p in parts if p.strip())
+    if len(shape) < 2:
+        raise ValueError(f"shape needs at least (N, C), got {text!r}")
+    return shape

@@ -1,0 +1,183 @@
+"""What the numbers were measured on: CPU, caches, ISA, library versions, commit."""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+# Flags that decide which kernels can run; the full /proc/cpuinfo list is noise.
+_ISA_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_fp16",
+    "amx_tile", "asimd", "sve",
+)
+_ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "BATCHNORM_ISA", "OPENBLAS_CORETYPE",
+             "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS")
+_FALLBACK_L2_BYTES = 1 << 20
+
+
+def _cpuinfo() -> dict[str, str]:
+    """First processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def _parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip()
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def caches() -> list[dict]:
+    """Data and unified caches seen by cpu0 (per-core size for private levels)."""
+    found = []
+    for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            found.append({
+                "level": int((index / "level").read_text()),
+                "type": kind,
+                "bytes": _parse_size((index / "size").read_text()),
+            })
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def l2_bytes() -> int:
+    """Per-core L2 size, which decides the channels-first training target."""
+    sizes = [c["bytes"] for c in caches() if c["level"] == 2]
+    return sizes[0] if sizes else _FALLBACK_L2_BYTES
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception:
+        return None
+
+
+def _batchnorm_backend() -> dict:
+    try:
+        import batchnorm as bn
+
+        return {"isa": bn.isa(), "threads_default": bn.get_num_threads()}
+    except Exception as error:
+        return {"error": str(error)}
+
+
+def _git_commit() -> str | None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!bench"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+_BUSY_LOOP = (
+    "import time; t = time.perf_counter()\n"
+    "for _ in range(3_000_000): pass\n"
+    "print(time.perf_counter() - t)"
+)
+
+
+def parallel_speedup(workers: int = 2) -> float | None:
+    """Throughput of `workers` busy processes relative to one (ideal: `workers`).
+
+    Virtual machines may expose cores that share one physical core by time slicing;
+    then every thread beyond the first only adds contention, and spin-waiting thread
+    pools (OpenMP, ONNX Runtime) collapse. The multi-thread tables need this context.
+    """
+    def run(count: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(count)]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    try:
+        single = run(1)
+        return round(workers * single / run(workers), 2)
+    except (OSError, ValueError):
+        return None
+
+
+def busy_processes() -> list[str]:
+    """Other processes using a CPU right now (a build next door ruins every ratio)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,pcpu=,comm="], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    busy = []
+    for line in out.splitlines():
+        pid, cpu, command = line.split(None, 2)
+        if int(pid) != os.getpid() and float(cpu) >= 20.0:
+            busy.append(f"{command} ({cpu}% CPU)")
+    return busy
+
+
+def _cpu_busy_fraction(seconds: float = 0.5) -> float | None:
+    """Share of all CPUs' time spent outside idle during the next `seconds`."""
+    def counters():
+        fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = counters()
+        time.sleep(seconds)
+        total1, idle1 = counters()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1.0 - (idle1 - idle0) / max(1, total1 - total0), 3)
+
+
+def conditions() -> dict:
+    """How busy the machine is: recorded before and after the run, so a disturbed run says so."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"cpu_busy": _cpu_busy_fraction(), "load_1min": load,
+            "busy_processes": busy_processes()}
+
+
+def describe() -> dict:
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "arch": platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "isa_flags": [f for f in _ISA_FLAGS if f in flags],
+        "parallel_speedup_2_processes": parallel_speedup(2),
+        "caches": caches(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in
+                     ("numpy", "torch", "onnxruntime", "onnx", "matplotlib", "batchnorm")},
+        "batchnorm": _batchnorm_backend(),
+        "repository_commit": _git_commit(),
+        "environment": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
+    }

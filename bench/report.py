@@ -1,0 +1,188 @@
+"""latest.json (everything measured) and latest.md (one table per operation and thread count).
+
+Markdown cells read `ratio (IQR)`: the median over rounds of time / copy-floor time, and
+the interquartile range of those per-round ratios. batchnorm ratios above their target
+are bold; the worst of them are listed at the end, since they say where kernel work is left.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import pathlib
+
+OURS = "batchnorm"
+WORST_LISTED = 12
+
+
+def write_json(results: dict, path: pathlib.Path) -> None:
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def available_impls(results: dict) -> list[str]:
+    return [n for n, info in results["implementations"].items() if not info["unavailable"]]
+
+
+def op_thread_groups(results: dict) -> list[tuple[str, int]]:
+    """(op, threads) in run order, each once."""
+    seen = []
+    for cell in results["cells"]:
+        key = (cell["op"], cell["threads"])
+        if key not in seen:
+            seen.append(key)
+    return sorted(seen, key=lambda k: (list(results["ops"]).index(k[0]), k[1]))
+
+
+def _ratio_text(result: dict, name: str, target: float) -> str:
+    if result is None:
+        return ""
+    status = result["status"]
+    if status in ("n/a", "error"):
+        return status
+    ratio = result["ratio"]
+    text = f"{ratio['median']:.2f} ({ratio['q3'] - ratio['q1']:.2f})"
+    if name == OURS and ratio["median"] > target:
+        text = f"**{text}**"
+    return text + (" WRONG" if status == "wrong" else "")
+
+
+def _geomean(values: list[float]) -> str:
+    return f"{math.exp(sum(map(math.log, values)) / len(values)):.2f}" if values else ""
+
+
+def _table(results: dict, op: str, threads: int) -> list[str]:
+    names = available_impls(results)
+    spec = results["ops"][op]
+    cells = [c for c in results["cells"] if c["op"] == op and c["threads"] == threads]
+    lines = [
+        f"### {spec['title']}, {threads} thread{'s' if threads > 1 else ''}",
+        "",
+        f"Floor: {spec['floor']}. Target for batchnorm: {spec['target']}.",
+        "",
+        "| shape | layout | copy floor µs | " + " | ".join(names) + " | target |",
+        "|---|---|---:|" + "---:|" * len(names) + "---:|",
+    ]
+    problems = []
+    for cell in cells:
+        row = [cell["label"], cell["layout"], f"{cell['floor']['median_us']:.1f}"]
+        for name in names:
+            result = cell["results"].get(name)
+            row.append(_ratio_text(result, name, cell["target"]))
+            if result and result["status"] in ("error", "wrong"):
+                problems.append(f"- {name}, {cell['label']} {cell['layout']}: {result['note']}")
+        lines.append("| " + " | ".join(row) + f" | {cell['target']:.2f} |")
+    geomeans = [
+        _geomean([c["results"][n]["ratio"]["median"] for c in cells
+                  if c["results"].get(n, {}).get("status") == "ok"])
+        for n in names
+    ]
+    lines += ["| geomean (own cells) | | | " + " | ".join(geomeans) + " | |", ""]
+    return lines + problems + ([""] if problems else [])
+
+
+def _not_applicable(results: dict) -> list[str]:
+    reasons = sorted({(name, r["note"]) for c in results["cells"]
+                      for name, r in c["results"].items() if r["status"] == "n/a"})
+    return [f"- {name}: n/a where {note}." for name, note in reasons]
+
+
+def _worst_offenders(results: dict) -> list[str]:
+    if OURS not in available_impls(results):
+        return [f"batchnorm not measured: {results['implementations'][OURS]['unavailable']}"]
+    broken, scored = [], []
+    for c in results["cells"]:
+        r = c["results"].get(OURS)
+        if r is None:
+            continue
+        where = f"{c['op']} t={c['threads']} {c['label']} {c['layout']}"
+        if r["status"] in ("error", "wrong"):
+            broken.append(f"- {where}: **{r['status']}**: {r['note']}")
+        elif r["status"] == "ok":
+            scored.append((r["ratio"]["median"] / c["target"], where, r["ratio"]["median"],
+                           c["target"]))
+    scored.sort(reverse=True)
+    over = [s for s in scored if s[0] > 1.0]
+    lines = broken + [f"{len(over)} of {len(scored)} measured batchnorm cells exceed their "
+                      f"target. Worst, as ratio / target:", "",
+                      "| cell | ratio | target | ratio / target |", "|---|---:|---:|---:|"]
+    lines += [f"| {where} | {ratio:.2f} | {target:.2f} | {score:.2f} |"
+              for score, where, ratio, target in scored[:WORST_LISTED]]
+    return lines
+
+
+def _latency(results: dict) -> list[str]:
+    latency = results.get("latency")
+    if not latency:
+        return []
+    shape = "x".join(map(str, latency["shape"]))
+    lines = [f"## Per-call latency, {shape} {latency['dtype']}, 1 thread", "",
+             "| call | µs per call (IQR) |", "|---|---:|"]
+    for key, row in latency["calls"].items():
+        lines.append(f"| {key} | {row['median_us']:.2f} ({row['q3_us'] - row['q1_us']:.2f}) |")
+    lines += [f"- {key}: not measured: {why}" for key, why in latency["missing"].items()]
+    return lines + [""]
+
+
+def _header(results: dict, chart_name: str | None) -> list[str]:
+    m, cfg = results["machine"], results["config"]
+    caches = ", ".join(f"L{c['level']} {c['bytes'] >> 10} KiB" for c in m["caches"])
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [
+        "# batchnorm benchmark results",
+        "",
+        f"- Date: {m['date']}; repository commit {m['repository_commit']}",
+        f"- CPU: {m['cpu']} ({m['arch']}), {m['usable_cores']} usable cores; ISA flags: "
+        f"{' '.join(m['isa_flags'])}; caches (per core where private): {caches}",
+        f"- batchnorm backend: {m['batchnorm']}",
+        f"- Versions: Python {m['python']}, {versions}",
+        f"- Parallel throughput of 2 busy processes: {m['parallel_speedup_2_processes']}x one "
+        f"process (2.0 = two real cores; near 1.0 = the cores share one physical core, so "
+        f"2-thread figures measure contention, not scaling)",
+        f"- Run: dtype {cfg['dtype']}, threads {cfg['threads']}, {cfg['rounds']} rounds, "
+        f"samples of ~{cfg['target_ms']:g} ms, pool waiting: {cfg['wait_policy']}"
+        f"{' (quick mode)' if cfg['quick'] else ''}",
+        "",
+        "Each figure is `time / copy-floor time`, both measured in the same cell on the same "
+        "arrays with the implementations interleaved round by round; shown as "
+        "`median (IQR)` of the per-round ratios. The copy floor is single-threaded "
+        "`np.copyto` at every thread count. **Bold**: batchnorm above its target.",
+        "",
+    ]
+    when = results["conditions"]
+    busy = sorted({p for c in when.values() for p in c["busy_processes"]})
+    if busy or any((c["cpu_busy"] or 0) > 0.1 for c in when.values()):
+        lines += [f"- **Disturbed run**: CPU busy before/after: {when['before']['cpu_busy']}"
+                  f"/{when['after']['cpu_busy']}; busy processes: {', '.join(busy) or 'none'}",
+                  ""]
+    skipped = [f"- {n} skipped: {i['unavailable']}"
+               for n, i in results["implementations"].items() if i["unavailable"]]
+    lines += skipped + _not_applicable(results) + results.get("notes", []) + [""]
+    if chart_name:
+        lines += [f"![ratio to copy floor]({chart_name})", ""]
+    return lines
+
+
+def markdown(results: dict, chart_path: str | None) -> str:
+    lines = _header(results, chart_path)
+    lines += ["## Worst batchnorm cells", ""] + _worst_offenders(results) + [""]
+    lines += ["## Ratio to copy floor", ""]
+    for op, threads in op_thread_groups(results):
+        lines += _table(results, op, threads)
+    lines += _latency(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+README_START = "<!-- results:start (written by python -m bench --readme) -->"
+README_END = "<!-- results:end -->"
+
+
+def update_readme(readme: pathlib.Path, results: dict, chart_path: str | None) -> None:
+    """Replace the results section of the README, keeping everything around it."""
+    text = readme.read_text()
+    head, start, rest = text.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"{readme} lacks the markers {README_START!r} ... {README_END!r}")
+    body = markdown(results, chart_path).replace("# batchnorm benchmark results\n", "", 1)
+    body = re.sub(r"^(#+) ", r"#\1 ", body.strip(), flags=re.MULTILINE)  # under README's ##
+    readme.write_text(f"{head}{README_START}\n{body}\n{README_END}{tail}")

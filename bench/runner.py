@@ -1,0 +1,113 @@
+"""The loop over cases x operations x thread counts; one cell = one interleaved timing.
+
+A cell holds the copy floor and every implementation on the same arrays. Before timing,
+each implementation's output is checked against a float64 NumPy reference, so a fast but
+wrong kernel is flagged in the report instead of being celebrated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from . import timing
+from .cases import Arrays, Case, make_arrays
+from .impls import Impl, NotApplicable, Prepared
+from .ops import OPS, Op
+
+FLOOR = "copy floor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    rounds: int
+    target_s: float  # duration of one sample
+    settle_s: float  # pause before each sample (thread pools stop spinning)
+    l2_bytes: int
+
+
+def _tolerance(dtype: str) -> float:
+    return 2e-3 if dtype == "float32" else 1e-9
+
+
+def _check(prepared: Prepared, case: Case, reference: np.ndarray) -> str | None:
+    """Run once; None if the output matches the reference, else what is wrong."""
+    output = np.asarray(prepared.output(prepared.run()), dtype=np.float64)
+    if output.shape != reference.shape:
+        return f"wrong output shape {output.shape}, expected {reference.shape}"
+    error = np.abs(output - reference) / (1.0 + np.abs(reference))
+    worst = float(np.nanmax(error)) if error.size else 0.0
+    if not np.isfinite(worst) or worst > _tolerance(case.dtype):
+        return f"output differs from reference (max rel. error {worst:.2e})"
+    return None
+
+
+def _prepare_all(impls, op: Op, case: Case, arrays: Arrays, reference, threads: int):
+    """Prepared runs of the applicable implementations, and a status for every one."""
+    runs, status = {}, {}
+    for impl in impls:
+        try:
+            impl.set_threads(threads)
+            prepared = impl.prepare(op.name, case, arrays)
+            problem = _check(prepared, case, reference)
+        except NotApplicable as reason:
+            status[impl.name] = {"status": "n/a", "note": str(reason)}
+            continue
+        except Exception as error:  # a broken adapter or library costs one cell, not the run
+            status[impl.name] = {"status": "error", "note": f"{type(error).__name__}: {error}"}
+            continue
+        runs[impl.name] = prepared.run
+        status[impl.name] = {"status": "ok"} if problem is None else {"status": "wrong",
+                                                                       "note": problem}
+    return runs, status
+
+
+def run_cell(impls: list[Impl], op: Op, case: Case, arrays: Arrays, reference, threads: int,
+             settings: Settings) -> dict:
+    runs, results = _prepare_all(impls, op, case, arrays, reference, threads)
+    samples = timing.interleaved({FLOOR: op.make_floor(arrays), **runs}, settings.rounds,
+                                 settings.target_s, settings.settle_s)
+    floor = samples.pop(FLOOR)
+    for name, values in samples.items():
+        results[name].update(timing.Spread.of(values).microseconds())
+        ratio = timing.paired_ratio(values, floor)
+        results[name]["ratio"] = dataclasses.asdict(ratio)
+    return {
+        "op": op.name,
+        "threads": threads,
+        "shape": list(case.shape),
+        "layout": case.layout,
+        "dtype": case.dtype,
+        "label": case.label,
+        "bytes": case.nbytes,
+        "target": op.target(case, settings.l2_bytes),
+        "floor": timing.Spread.of(floor).microseconds(),
+        "results": results,
+    }
+
+
+def _progress(cell: dict) -> None:
+    ratios = "  ".join(
+        f"{name} {r['ratio']['median']:.2f}" if "ratio" in r else f"{name} {r['status']}"
+        for name, r in cell["results"].items()
+    )
+    print(f"{cell['op']:8} t={cell['threads']} {cell['label']:>14} {cell['layout']:4} "
+          f"floor {cell['floor']['median_us']:9.1f} us | {ratios}", file=sys.stderr, flush=True)
+
+
+def run_suite(impls: list[Impl], cases: list[Case], op_names, thread_counts,
+              settings: Settings) -> list[dict]:
+    usable = [impl for impl in impls if impl.unavailable is None]
+    cells = []
+    for case in cases:  # arrays are made once per case: the largest dominate set-up time
+        arrays = make_arrays(case)
+        for op_name in op_names:
+            op = OPS[op_name]
+            arrays.fresh_running_stats()
+            reference = op.reference(case, arrays)
+            for threads in thread_counts:
+                cell = run_cell(usable, op, case, arrays, reference, threads, settings)
+                _progress(cell)
+                cells.append(cell)
+    return cells

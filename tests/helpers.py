@@ -162,3 +162,30 @@ def assert_unchanged(snap, *objs):
                 assert a[1][k] == b[1][k], f"object #{i}: attribute {k!r} changed by a failed call"
         else:
             assert a == b, f"object #{i} changed by a failed call"
+
+
+# --------------------------------------------------------------------------- shapes
+
+# C and spatial sizes 1, 3, 17, 33 (none a multiple of a vector width), N=1 with spatial > 1
+SHAPES = [
+    (5, 1), (4, 3), (7, 17), (2, 33),
+    (3, 17, 33), (1, 3, 17), (2, 33, 1), (4, 1, 33),
+    (2, 3, 17, 33), (1, 17, 3, 3), (3, 33, 1, 1), (2, 1, 17, 17), (4, 3, 33, 17),
+    (2, 3, 3, 17, 1), (1, 17, 3, 3, 3), (2, 33, 1, 3, 17), (2, 1, 3, 3, 33),
+]
+SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+def module_cls(ndim):
+    """The batchnorm module class for an input rank (1d takes (N,C) and (N,C,L))."""
+    import batchnorm as bn
+    return {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d, 5: bn.BatchNorm3d}[ndim]
+
+
+def torch_cls(torch, ndim):
+    return {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+            5: torch.nn.BatchNorm3d}[ndim]
+
+
+def torch_dtype(torch, dtype):
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]

@@ -1,0 +1,393 @@
+// Kernel parity test: every KernelTable function of every backend this machine can run
+// (batchnorm::supported_isas()), for float and double, against plain float64 loops written here
+// (an independent reference: it shares no code with the kernels). Sizes are awkward on purpose:
+// every tail length of every vector width, runs with gaps between them (stride > len), row counts
+// on both sides of the flush interval. Outputs carry sentinel guard elements after the end and in
+// the gaps, which must come back untouched; inputs are allocated to their exact size, so
+// AddressSanitizer sees any read past the end. No test framework: prints each failure (the first
+// few), one `N passed, M failed` line, and exits non-zero on any failure.
+//
+//   x86:     g++ -std=c++17 -O2 -fsanitize=address,undefined -Icpp/include
+//                tests/cpp/kernel_parity_test.cpp -o kernel_parity_test && ./kernel_parity_test
+//   aarch64: .ci/neon.sh   (cross-compiled, run under qemu-aarch64)
+//
+// Tolerances. u is the unit roundoff of T (2^-24 float, 2^-53 double), u64 = 2^-53.
+//  - Reductions sum terms t (x, x - shift, (x - shift)^2, dy, dy*(x - shift)). Forming a term costs
+//    at most 2u relative; a lane of T holds at most kFlushVectors = 16 terms per accumulator (plus
+//    one add joining two accumulators) before it is widened, exactly, to float64: at most 16u of
+//    sum|t|; the float64 additions after that, in the kernel and in this reference, cost at most
+//    n*u64 of sum|t| each for n terms. Bound: (18u + 2n*u64) * sum|t|. Allowed:
+//    (32u + 2(n+1)*u64) * sum|t|, under 2x the bound. A lost or doubled lane, a wrong tail fill or
+//    a misread element is off by about one |t|, millions of times this.
+//  - Element-wise outputs, y = (x - s)*a + b (+ r) and gx = dy*k + (x - s)*m + q, take at most 5
+//    roundings in T (fused or not), each at most u times mag = |(x - s)a| + |b| + |r| (resp.
+//    |dy k| + |(x - s)m| + |q|). Allowed: (8u + 4u64) * mag. relu is 1-Lipschitz: same bound.
+#include <batchnorm/dispatch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using batchnorm::Isa;
+using batchnorm::detail::KernelTable;
+using batchnorm::detail::Sums;
+using i64 = std::int64_t;
+
+constexpr i64 kGuard = 16;        // past-the-end guard elements: the widest vector (AVX-512 float)
+constexpr double kSentinel = -12345.5;  // exact in float and double; no kernel output equals it
+constexpr double kU64 = std::numeric_limits<double>::epsilon() / 2;
+
+template <class T>
+constexpr double unit_roundoff() { return std::numeric_limits<T>::epsilon() / 2; }
+
+template <class T>
+double sum_tol(double abs_sum, i64 n) { return (32 * unit_roundoff<T>() + 2.0 * double(n + 1) * kU64) * abs_sum; }
+
+template <class T>
+double elem_tol(double mag) { return (8 * unit_roundoff<T>() + 4 * kU64) * mag; }
+
+template <class T> const char* type_name();
+template <> const char* type_name<float>() { return "float"; }
+template <> const char* type_name<double>() { return "double"; }
+
+struct Checker {
+    i64 passed = 0, failed = 0;
+    static constexpr i64 kMaxPrinted = 40;
+
+    void check(bool ok, const std::string& where, const std::string& what) {
+        if (ok) { ++passed; return; }
+        if (failed < kMaxPrinted) std::fprintf(stderr, "FAIL %s: %s\n", where.c_str(), what.c_str());
+        if (failed == kMaxPrinted) std::fprintf(stderr, "(further failures not printed)\n");
+        ++failed;
+    }
+};
+
+std::string fmt(const char* f, double a, double b, double c) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, f, a, b, c);
+    return buf;
+}
+
+// A scalar reduction result against its reference.
+void check_sum(Checker& ck, const std::string& where, const char* name, double got, double ref, double tol) {
+    const bool ok = std::fabs(got - ref) <= tol;  // false for NaN
+    ck.check(ok, where, std::string(name) + fmt(": got %.17g, expected %.17g, tolerance %.3g", got, ref, tol));
+}
+
+// Expected contents of an output buffer: ref where the kernel writes (mag for its tolerance),
+// the sentinel everywhere else (gaps between runs and the guard after the end).
+struct Expected {
+    std::vector<double> ref, mag;
+    std::vector<char> written;
+    explicit Expected(i64 size) : ref(size_t(size), kSentinel), mag(size_t(size), 0.0), written(size_t(size), 0) {}
+    void set(i64 i, double value, double magnitude) { ref[size_t(i)] = value; mag[size_t(i)] = magnitude; written[size_t(i)] = 1; }
+};
+
+template <class T>
+void check_output(Checker& ck, const std::string& where, const char* name, const std::vector<T>& y, const Expected& e) {
+    for (size_t i = 0; i < y.size(); ++i) {
+        const double got = double(y[i]);
+        bool ok;
+        if (e.written[i]) {
+            ok = std::isnan(e.ref[i]) ? std::isnan(got) : std::fabs(got - e.ref[i]) <= elem_tol<T>(e.mag[i]);
+        } else {
+            ok = got == kSentinel;
+        }
+        if (!ok) {
+            ck.check(false, where, std::string(name) + (e.written[i] ? "" : " wrote outside its range") +
+                                       fmt(": element %.0f: got %.17g, expected %.17g", double(i), got, e.ref[i]));
+            return;
+        }
+    }
+    ck.check(true, where, name);
+}
+
+template <class T>
+std::vector<T> random_vec(std::mt19937_64& rng, i64 n, double mean, double sd) {
+    std::normal_distribution<double> normal(mean, sd);
+    std::vector<T> v(static_cast<size_t>(n));
+    for (T& x : v) x = T(normal(rng));
+    return v;
+}
+
+template <class T>
+std::vector<T> sentinel_vec(i64 n) { return std::vector<T>(size_t(n), T(kSentinel)); }
+
+// Data means cycle through these: a large mean is where float statistics go wrong.
+constexpr double kMeans[] = {0.0, 1.0, -50.0, 1e4, 1e6};
+
+// ---- channels-first ------------------------------------------------------------------------
+
+template <class T>
+void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    std::vector<i64> lens;
+    for (i64 n = 0; n <= 70; ++n) lens.push_back(n);
+    for (i64 n : {127, 128, 129, 511, 512, 513, 1031, 4099}) lens.push_back(n);  // across flushes
+    int ci = 0;
+    for (i64 len : lens) {
+        for (i64 count : {1, 2, 3}) {
+            for (i64 gap : {0, 3}) {
+                if (count == 1 && gap != 0) continue;
+                const i64 stride = len + gap;
+                const i64 size = count == 0 ? 0 : (count - 1) * stride + len;  // exact: no slack
+                const double mean = kMeans[ci++ % 5];
+                const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
+                const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
+                const T shift = T(mean + 0.25 * std::normal_distribution<double>()(rng));
+                const double s = double(shift);
+                std::normal_distribution<double> coef(0.0, 2.0);
+                const T alpha = T(coef(rng)), beta = T(coef(rng)), k = T(coef(rng)), m = T(coef(rng)), q = T(coef(rng));
+                const std::string where = tag + " count=" + std::to_string(count) + " len=" + std::to_string(len) +
+                                          " stride=" + std::to_string(stride) + fmt(" mean=%g", mean, 0, 0);
+
+                double sx = 0, ax = 0, d1 = 0, ad1 = 0, d2 = 0, g = 0, ag = 0, gd = 0, agd = 0;
+                Expected ey(size + kGuard), eg(size + kGuard);
+                for (i64 r = 0; r < count; ++r) {
+                    for (i64 i = r * stride; i < r * stride + len; ++i) {
+                        const double xv = double(x[size_t(i)]), gv = double(dy[size_t(i)]), d = xv - s;
+                        sx += xv; ax += std::fabs(xv);
+                        d1 += d; ad1 += std::fabs(d); d2 += d * d;
+                        g += gv; ag += std::fabs(gv); gd += gv * d; agd += std::fabs(gv * d);
+                        ey.set(i, d * double(alpha) + double(beta), std::fabs(d * double(alpha)) + std::fabs(double(beta)));
+                        eg.set(i, gv * double(k) + d * double(m) + double(q),
+                               std::fabs(gv * double(k)) + std::fabs(d * double(m)) + std::fabs(double(q)));
+                    }
+                }
+                const i64 n = count * len;
+
+                check_sum(ck, where, "cf_sum", t.cf_sum(x.data(), count, len, stride), sx, sum_tol<T>(ax, n));
+                const Sums dev = t.cf_dev(x.data(), count, len, stride, shift);
+                check_sum(ck, where, "cf_dev.first", dev.first, d1, sum_tol<T>(ad1, n));
+                check_sum(ck, where, "cf_dev.second", dev.second, d2, sum_tol<T>(d2, n));
+                const Sums dot = t.cf_dot(dy.data(), x.data(), count, len, stride, shift);
+                check_sum(ck, where, "cf_dot.first", dot.first, g, sum_tol<T>(ag, n));
+                check_sum(ck, where, "cf_dot.second", dot.second, gd, sum_tol<T>(agd, n));
+
+                std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta);
+                check_output(ck, where, "cf_affine", y, ey);
+
+                std::vector<T> gx = sentinel_vec<T>(size + kGuard);
+                t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q);
+                check_output(ck, where, "cf_grad", gx, eg);
+            }
+        }
+    }
+}
+
+// ---- whole planes, eval (rows_affine) ------------------------------------------------------
+
+template <class T>
+void test_rows(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    int ci = 0;
+    for (i64 len = 0; len <= 70; ++len) {
+        for (i64 planes : {1, 2, 7}) {
+            const i64 channels = 3, first = (len + planes) % channels, size = planes * len;
+            const double mean = kMeans[ci++ % 5];
+            const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
+            const std::vector<T> res = random_vec<T>(rng, size, 0.0, 1.0);
+            const std::vector<T> shift = random_vec<T>(rng, channels, mean, 0.25);
+            const std::vector<T> alpha = random_vec<T>(rng, channels, 0.0, 2.0);
+            const std::vector<T> beta = random_vec<T>(rng, channels, 0.0, 2.0);
+            for (int variant = 0; variant < 4; ++variant) {
+                const bool residual = variant & 1, relu = variant & 2;
+                const std::string where = tag + " planes=" + std::to_string(planes) + " len=" + std::to_string(len) +
+                                          " first_channel=" + std::to_string(first) + fmt(" mean=%g", mean, 0, 0) +
+                                          (residual ? " residual" : "") + (relu ? " relu" : "");
+                Expected e(size + kGuard);
+                for (i64 p = 0; p < planes; ++p) {
+                    const size_t c = size_t((first + p) % channels);
+                    for (i64 i = p * len; i < (p + 1) * len; ++i) {
+                        const double d = double(x[size_t(i)]) - double(shift[c]);
+                        const double r = residual ? double(res[size_t(i)]) : 0.0;
+                        double v = d * double(alpha[c]) + double(beta[c]) + r;
+                        if (relu) v = std::max(v, 0.0);
+                        e.set(i, v, std::fabs(d * double(alpha[c])) + std::fabs(double(beta[c])) + std::fabs(r));
+                    }
+                }
+                std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                t.rows_affine(x.data(), residual ? res.data() : nullptr, y.data(), planes, len, first, channels,
+                              shift.data(), alpha.data(), beta.data(), relu);
+                check_output(ck, where, "rows_affine", y, e);
+            }
+        }
+    }
+}
+
+// ---- channels-last -------------------------------------------------------------------------
+
+template <class T>
+void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    std::vector<i64> row_counts;
+    for (i64 r = 0; r <= 40; ++r) row_counts.push_back(r);
+    for (i64 r : {64, 100}) row_counts.push_back(r);
+    int ci = 0;
+    for (i64 rows : row_counts) {
+        for (i64 cols = 0; cols <= 70; ++cols) {
+            const i64 size = rows * cols;
+            const double mean = kMeans[ci++ % 5];
+            const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
+            const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
+            const std::vector<T> res = random_vec<T>(rng, size, 0.0, 1.0);
+            const std::vector<T> shift = random_vec<T>(rng, cols, mean, 0.25);
+            const std::vector<T> alpha = random_vec<T>(rng, cols, 0.0, 2.0), beta = random_vec<T>(rng, cols, 0.0, 2.0);
+            const std::vector<T> k = random_vec<T>(rng, cols, 0.0, 2.0), m = random_vec<T>(rng, cols, 0.0, 2.0),
+                                 q = random_vec<T>(rng, cols, 0.0, 2.0);
+            // Column sums start non-zero (the kernels add into them) and carry a guard after cols.
+            const std::vector<double> init = random_vec<double>(rng, cols, 0.0, 10.0);
+            const std::string where = tag + " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                                      fmt(" mean=%g", mean, 0, 0);
+
+            std::vector<double> sx(size_t(cols), 0), ax(size_t(cols), 0), d1(size_t(cols), 0), ad1(size_t(cols), 0),
+                d2(size_t(cols), 0), g(size_t(cols), 0), ag(size_t(cols), 0), gd(size_t(cols), 0), agd(size_t(cols), 0);
+            Expected eg(size + kGuard);
+            for (i64 r = 0; r < rows; ++r) {
+                for (i64 j = 0; j < cols; ++j) {
+                    const size_t i = size_t(r * cols + j), c = size_t(j);
+                    const double xv = double(x[i]), gv = double(dy[i]), d = xv - double(shift[c]);
+                    sx[c] += xv; ax[c] += std::fabs(xv);
+                    d1[c] += d; ad1[c] += std::fabs(d); d2[c] += d * d;
+                    g[c] += gv; ag[c] += std::fabs(gv); gd[c] += gv * d; agd[c] += std::fabs(gv * d);
+                    eg.set(i64(i), gv * double(k[c]) + d * double(m[c]) + double(q[c]),
+                           std::fabs(gv * double(k[c])) + std::fabs(d * double(m[c])) + std::fabs(double(q[c])));
+                }
+            }
+
+            // One reduction output: init + column sums; the guard after cols must stay the sentinel.
+            auto check_cols = [&](const char* name, const std::vector<double>& got, const std::vector<double>& ref,
+                                  const std::vector<double>& abs_sum) {
+                for (i64 j = 0; j < cols + kGuard; ++j) {
+                    const size_t c = size_t(j);
+                    if (j >= cols) {
+                        if (got[c] != kSentinel) {
+                            ck.check(false, where, std::string(name) + " wrote past cols" + fmt(" at column %.0f: %.17g", double(j), got[c], 0));
+                            return;
+                        }
+                        continue;
+                    }
+                    const double expected = init[c] + ref[c], tol = sum_tol<T>(std::fabs(init[c]) + abs_sum[c], rows);
+                    if (!(std::fabs(got[c] - expected) <= tol)) {
+                        ck.check(false, where, std::string(name) + fmt(" column %.0f: got %.17g, expected %.17g", double(j), got[c], expected));
+                        return;
+                    }
+                }
+                ck.check(true, where, name);
+            };
+            auto start = [&]() {
+                std::vector<double> v(size_t(cols + kGuard), kSentinel);
+                for (i64 j = 0; j < cols; ++j) v[size_t(j)] = init[size_t(j)];
+                return v;
+            };
+
+            std::vector<double> o1 = start(), o2 = start();
+            t.cl_sum(x.data(), rows, cols, o1.data());
+            check_cols("cl_sum", o1, sx, ax);
+
+            o1 = start(); o2 = start();
+            t.cl_dev(x.data(), rows, cols, shift.data(), o1.data(), o2.data());
+            check_cols("cl_dev.s1", o1, d1, ad1);
+            check_cols("cl_dev.s2", o2, d2, d2);
+
+            o1 = start(); o2 = start();
+            t.cl_dot(dy.data(), x.data(), rows, cols, shift.data(), o1.data(), o2.data());
+            check_cols("cl_dot.sdy", o1, g, ag);
+            check_cols("cl_dot.sdyx", o2, gd, agd);
+
+            for (int variant = 0; variant < 4; ++variant) {
+                const bool residual = variant & 1, relu = variant & 2;
+                Expected e(size + kGuard);
+                for (i64 r = 0; r < rows; ++r) {
+                    for (i64 j = 0; j < cols; ++j) {
+                        const size_t i = size_t(r * cols + j), c = size_t(j);
+                        const double d = double(x[i]) - double(shift[c]), rv = residual ? double(res[i]) : 0.0;
+                        double v = d * double(alpha[c]) + double(beta[c]) + rv;
+                        if (relu) v = std::max(v, 0.0);
+                        e.set(i64(i), v, std::fabs(d * double(alpha[c])) + std::fabs(double(beta[c])) + std::fabs(rv));
+                    }
+                }
+                const std::string w = where + (residual ? " residual" : "") + (relu ? " relu" : "");
+                std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                t.cl_affine(x.data(), residual ? res.data() : nullptr, y.data(), rows, cols, shift.data(),
+                            alpha.data(), beta.data(), relu);
+                check_output(ck, w, "cl_affine", y, e);
+
+                // In place (y == x), as `out=x` does: same values, guard untouched.
+                std::vector<T> z = sentinel_vec<T>(size + kGuard);
+                std::copy(x.begin(), x.end(), z.begin());
+                t.cl_affine(z.data(), residual ? res.data() : nullptr, z.data(), rows, cols, shift.data(),
+                            alpha.data(), beta.data(), relu);
+                check_output(ck, w + " in-place", "cl_affine", z, e);
+            }
+
+            std::vector<T> gx = sentinel_vec<T>(size + kGuard);
+            t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, shift.data(), k.data(), m.data(), q.data());
+            check_output(ck, where, "cl_grad", gx, eg);
+        }
+    }
+}
+
+// ---- relu keeps NaN -------------------------------------------------------------------------
+// A NaN input (or residual) must come out NaN through the fused relu, as std::max(NaN, 0) in the
+// scalar reference backend and torch.relu do, not be flushed to 0. Checked in every lane position.
+
+template <class T>
+void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (i64 cols : {1, 5, 19, 37}) {
+        for (int variant = 0; variant < 2; ++variant) {
+            const bool nan_in_residual = variant == 1;
+            const i64 rows = 2, size = rows * cols;
+            std::vector<T> x(size_t(size), T(1)), res(size_t(size), T(0.5));
+            std::vector<T> shift(size_t(cols), T(0)), alpha(size_t(cols), T(1)), beta(size_t(cols), T(0));
+            Expected e(size + kGuard);
+            for (i64 i = 0; i < size; ++i) {
+                const bool is_nan = i % 3 == 1;
+                if (is_nan) (nan_in_residual ? res : x)[size_t(i)] = nan;
+                e.set(i, is_nan ? double(nan) : 1.5, 2.0);
+            }
+            const std::string where = tag + " cols=" + std::to_string(cols) + (nan_in_residual ? " NaN residual" : " NaN x");
+            std::vector<T> y = sentinel_vec<T>(size + kGuard);
+            t.cl_affine(x.data(), res.data(), y.data(), rows, cols, shift.data(), alpha.data(), beta.data(), true);
+            check_output(ck, where, "cl_affine relu NaN", y, e);
+            // The same data as `rows` planes of one channel each.
+            y = sentinel_vec<T>(size + kGuard);
+            t.rows_affine(x.data(), res.data(), y.data(), rows, cols, 0, 1, shift.data(), alpha.data(), beta.data(), true);
+            check_output(ck, where, "rows_affine relu NaN", y, e);
+        }
+    }
+}
+
+template <class T>
+void test_backend(Isa isa, Checker& ck) {
+    const KernelTable<T>& t = batchnorm::detail::kernels_for<T>(isa);
+    const std::string tag = std::string(batchnorm::isa_name(isa)) + "/" + type_name<T>();
+    std::mt19937_64 rng(20240611u + unsigned(isa) * 7919u + sizeof(T));
+    const i64 before = ck.failed;
+    test_cf<T>(t, tag, rng, ck);
+    test_rows<T>(t, tag, rng, ck);
+    test_cl<T>(t, tag, rng, ck);
+    test_relu_nan<T>(t, tag, ck);
+    std::printf("%-14s %s\n", tag.c_str(), ck.failed == before ? "ok" : "FAILED");
+}
+
+}  // namespace
+
+int main() {
+    Checker ck;
+    std::string names;
+    for (Isa isa : batchnorm::supported_isas()) names += std::string(" ") + batchnorm::isa_name(isa);
+    std::printf("backends:%s\n", names.c_str());
+    for (Isa isa : batchnorm::supported_isas()) {
+        test_backend<float>(isa, ck);
+        test_backend<double>(isa, ck);
+    }
+    std::printf("%lld passed, %lld failed\n", static_cast<long long>(ck.passed), static_cast<long long>(ck.failed));
+    return ck.failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,227 @@
+"""Backward passes (module and functional) against the float64 reference and PyTorch autograd.
+
+Tolerances (helpers.py): grad_x element-wise with rtol=1e-5 (float32) / 1e-12 (float64)
+and atol scaled by max|weight*invstd| * max|grad_y| (the magnitude of the terms grad_x is
+built from); grad_weight / grad_bias are sums over n elements, checked against
+rtol * sum(|terms|).
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+import reference as ref
+from helpers import (DTYPE_IDS, DTYPES, LAYOUTS, SHAPE_IDS, SHAPES, arrange, assert_close,
+                     assert_close_sum, channels, layout_ok, logical_data, make_input, module_cls,
+                     rand_params)
+
+
+def check_grads(gx, gw, gb, x, gy, mean, invstd, w, axis, dtype, training=True, eps=None):
+    x64 = np.asarray(x, np.float64)
+    gy64 = np.asarray(gy, np.float64)
+    nd = x64.ndim
+    c = channels(x64, axis)
+    w64 = np.ones(c) if w is None else np.asarray(w, np.float64)
+    if training:
+        egx, egw, egb = ref.backward_train(gy64, x64, mean, invstd, w64, axis)
+    else:
+        egx, egw, egb = ref.backward_eval(gy64, x64, mean, 1.0 / invstd**2 - eps, w64, eps, axis)
+    scale = np.max(np.abs(w64 * invstd)) * max(1.0, np.max(np.abs(gy64), initial=0.0))
+    assert_close(gx, egx, dtype, scale=scale, err_msg="grad_x")
+    xhat = (x64 - ref.bshape(mean, nd, axis)) * ref.bshape(invstd, nd, axis)
+    if gw is not None:
+        assert_close_sum(gw, egw, ref.per_channel(np.abs(gy64 * xhat), axis).sum(0), dtype, "grad_weight")
+    if gb is not None:
+        assert_close_sum(gb, egb, ref.per_channel(np.abs(gy64), axis).sum(0), dtype, "grad_bias")
+
+
+def cases():
+    for s, sid in zip(SHAPES, SHAPE_IDS):
+        for lay in LAYOUTS:
+            if layout_ok(lay, len(s)):
+                yield pytest.param(s, lay, id=f"{sid}-{lay}")
+
+
+@pytest.mark.parametrize("shape,layout", list(cases()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_module_backward_train(shape, layout, dtype, threads, rng):
+    c = shape[1]
+    x, axis = make_input(rng, shape, dtype, layout)
+    gy, _ = arrange(rng.standard_normal(shape), dtype, layout)
+    m = module_cls(len(shape))(c, dtype=dtype, axis=axis)
+    w, b = rand_params(rng, c, dtype)
+    m.weight[:] = w
+    m.bias[:] = b
+    y = m(x)
+    gx = m.backward(gy)
+    assert isinstance(gx, np.ndarray) and gx.shape == x.shape and gx.dtype == dtype
+    assert m.weight_grad.shape == (c,) and m.weight_grad.dtype == dtype
+    assert m.bias_grad.shape == (c,) and m.bias_grad.dtype == dtype
+    mean, var = ref.stats(x, axis)
+    invstd = 1.0 / np.sqrt(var + 1e-5)
+    check_grads(gx, m.weight_grad, m.bias_grad, x, gy, mean, invstd, w, axis, dtype)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 17, 5), (2, 3, 4, 5), (1, 33, 3, 3), (2, 3, 2, 3, 4)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_module_backward_eval_uses_running_stats(shape, layout, dtype, rng):
+    c = shape[1]
+    m = module_cls(len(shape))(c, dtype=dtype, axis=1 if layout != "channels_last" else -1)
+    w, b = rand_params(rng, c, dtype)
+    m.weight[:] = w
+    m.bias[:] = b
+    for _ in range(2):
+        warm, axis = make_input(rng, shape, dtype, layout)
+        m(warm)
+    m.eval()
+    x, axis = make_input(rng, shape, dtype, layout, offset=0.5)
+    gy, _ = arrange(rng.standard_normal(shape), dtype, layout)
+    m(x)
+    gx = m.backward(gy)
+    rmean = m.running_mean.astype(np.float64)
+    invstd = 1.0 / np.sqrt(m.running_var.astype(np.float64) + 1e-5)
+    check_grads(gx, m.weight_grad, m.bias_grad, x, gy, rmean, invstd, w, axis, dtype,
+                training=False, eps=1e-5)
+    # grad_x is dy * weight * invstd_running: independent of x
+    gx2 = m.backward(gy)
+    np.testing.assert_array_equal(gx2, gx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_module_backward_eval_without_running_stats_uses_batch_stats(dtype, rng):
+    x = logical_data(rng, (3, 4, 5, 2)).astype(dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    m = bn.BatchNorm2d(4, track_running_stats=False, dtype=dtype).eval()
+    w, b = rand_params(rng, 4, dtype)
+    m.weight[:] = w
+    m.bias[:] = b
+    m(x)
+    gx = m.backward(gy)
+    mean, var = ref.stats(x)
+    check_grads(gx, m.weight_grad, m.bias_grad, x, gy, mean, 1 / np.sqrt(var + 1e-5), w, 1, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_uses_last_forward(dtype, rng):
+    m = bn.BatchNorm1d(3, dtype=dtype)
+    x1 = logical_data(rng, (6, 3)).astype(dtype)
+    x2 = logical_data(rng, (4, 3, 5), offset=2).astype(dtype)
+    m(x1)
+    m(x2)
+    gy = rng.standard_normal(x2.shape).astype(dtype)
+    gx = m.backward(gy)
+    mean, var = ref.stats(x2)
+    check_grads(gx, m.weight_grad, m.bias_grad, x2, gy, mean, 1 / np.sqrt(var + 1e-5), None, 1, dtype)
+
+
+def test_backward_no_affine(rng):
+    x = logical_data(rng, (4, 3, 5))
+    gy = rng.standard_normal(x.shape)
+    m = bn.BatchNorm1d(3, affine=False, dtype=np.float64)
+    m(x)
+    gx = m.backward(gy)
+    mean, var = ref.stats(x)
+    check_grads(gx, None, None, x, gy, mean, 1 / np.sqrt(var + 1e-5), None, 1, np.float64)
+
+
+def test_backward_after_in_place_forward(rng):
+    """out=x overwrites x.  DESIGN.md does not say whether backward is possible afterwards:
+    it must either refuse clearly (RuntimeError naming the in-place forward) or give the
+    gradient of the original x -- never a gradient computed from the overwritten x."""
+    x = logical_data(rng, (4, 3, 5, 5)).astype(np.float32)
+    x0 = x.copy()
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    m = bn.BatchNorm2d(3)
+    m.weight[:] = [0.5, -1.0, 2.0]
+    m(x, out=x)
+    try:
+        gx = m.backward(gy)
+    except RuntimeError as e:
+        assert re.search(r"in-place|in place|out=x", str(e)), str(e)
+        return
+    mean, var = ref.stats(x0)
+    check_grads(gx, m.weight_grad, m.bias_grad, x0, gy, mean, 1 / np.sqrt(var + 1e-5), m.weight, 1, np.float32)
+
+
+@pytest.mark.parametrize("shape,layout", [
+    pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
+    for s in [(5, 3), (2, 17, 5), (2, 3, 4, 5), (1, 33, 3, 3), (2, 1, 2, 3, 4)]
+    for lay in LAYOUTS if layout_ok(lay, len(s))])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_weight", [True, False], ids=["w", "now"])
+def test_functional_backward(shape, layout, dtype, with_weight, threads, rng):
+    x, axis = make_input(rng, shape, dtype, layout)
+    gy, _ = arrange(rng.standard_normal(shape), dtype, layout)
+    c = channels(x, axis)
+    w = rand_params(rng, c, dtype)[0] if with_weight else None
+    mean64, var64 = ref.stats(x, axis)
+    mean = mean64.astype(dtype)
+    invstd = (1.0 / np.sqrt(var64 + 1e-5)).astype(dtype)
+    gx, gw, gb = bn.batch_norm_backward(gy, x, mean, invstd, w, axis=axis)
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert gw.shape == gb.shape == (c,)
+    check_grads(gx, gw, gb, x, gy, mean.astype(np.float64), invstd.astype(np.float64), w, axis, dtype)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 17, 33), (1, 3, 17, 3), (2, 33, 3, 1), (2, 3, 3, 1, 17)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_backward_matches_torch_autograd(torch, shape, dtype, training, rng):
+    tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+    c = shape[1]
+    tcls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+            5: torch.nn.BatchNorm3d}[len(shape)]
+    tm = tcls(c, dtype=tdt)
+    m = module_cls(len(shape))(c, dtype=dtype)
+    w, b = rand_params(rng, c, dtype)
+    m.weight[:] = w
+    m.bias[:] = b
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(w))
+        tm.bias.copy_(torch.from_numpy(b))
+    warm = logical_data(rng, shape).astype(dtype)
+    m(warm)
+    tm(torch.from_numpy(warm))
+    m.train(training)
+    tm.train(training)
+    x = logical_data(rng, shape, offset=0.3).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    tm(xt).backward(torch.from_numpy(gy))
+    m(x)
+    gx = m.backward(gy)
+    gy64 = gy.astype(np.float64)
+    scale = np.max(np.abs(w.astype(np.float64))) * 2 * max(1.0, np.abs(gy64).max())
+    assert_close(gx, xt.grad.numpy(), dtype, scale=scale)
+    if training:
+        xhat = np.abs(ref.forward_train(x)[0])
+    else:
+        xhat = np.abs(ref.forward_eval(x, m.running_mean, m.running_var))
+    assert_close_sum(m.weight_grad, tm.weight.grad.numpy(), ref.per_channel(np.abs(gy64) * xhat).sum(0), dtype)
+    assert_close_sum(m.bias_grad, tm.bias.grad.numpy(), ref.per_channel(np.abs(gy64)).sum(0), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_functional_backward_matches_torch_autograd(torch, dtype, with_weight, rng):
+    F = torch.nn.functional
+    x = logical_data(rng, (4, 5, 3, 6)).astype(dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    w = rand_params(rng, 5, dtype)[0] if with_weight else None
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    wt = torch.from_numpy(w.copy()).requires_grad_(True) if with_weight else None
+    bt = torch.zeros(5, dtype=xt.dtype, requires_grad=True)
+    F.batch_norm(xt, None, None, wt, bt, True, 0.1, 1e-5).backward(torch.from_numpy(gy))
+    mean, var = bn.batch_norm_stats(x)
+    invstd = (1.0 / np.sqrt(var.astype(np.float64) + 1e-5)).astype(dtype)
+    gx, gw, gb = bn.batch_norm_backward(gy, x, mean, invstd, w)
+    gy64 = gy.astype(np.float64)
+    assert_close(gx, xt.grad.numpy(), dtype, scale=4 * max(1.0, np.abs(gy64).max()))
+    xhat = np.abs(ref.forward_train(x)[0])
+    if with_weight:
+        assert_close_sum(gw, wt.grad.numpy(), ref.per_channel(np.abs(gy64) * xhat).sum(0), dtype)
+    assert_close_sum(gb, bt.grad.numpy(), ref.per_channel(np.abs(gy64)).sum(0), dtype)

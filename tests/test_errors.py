@@ -1,0 +1,774 @@
+"""Bad-input battery (DESIGN.md "Errors").
+
+Every case asserts
+  * the exception class (TypeError for types/dtypes, ValueError for shapes, ranks, channel
+    counts, values, out; RuntimeError where PyTorch raises it: load_state_dict and
+    backward-before-forward),
+  * that the message names the argument (and, where DESIGN.md asks for it, what was
+    expected and what came), via pytest.raises(match=...),
+  * that every output, running statistic, parameter, gradient and counter involved is
+    bit-for-bit unchanged by the failed call (helpers.snapshot / assert_unchanged).
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from helpers import assert_unchanged, snapshot
+
+X = r"(\bx\b|\binput\b)"          # the data argument: `x` (module/_core) or `input` (torch name)
+CH = r"(\bx\b|\binput\b|num_features|channel)"
+
+
+def all_of(*patterns):
+    """A regex that matches when every pattern occurs somewhere in the message."""
+    return "(?s)^" + "".join(f"(?=.*?{p})" for p in patterns)
+
+
+def f32(*shape, seed=0, value=None):
+    rng = np.random.default_rng(seed)
+    if value is not None:
+        return np.full(shape, value, np.float32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def trained(cls=None, c=3, dtype=np.float32, shape=(4, 3, 5, 5), **kw):
+    """A module with non-trivial state (weights, running stats, counter, saved forward)."""
+    cls = cls or bn.BatchNorm2d
+    m = cls(c, dtype=dtype, **kw)
+    rng = np.random.default_rng(1)
+    if m.weight is not None:
+        m.weight[:] = rng.uniform(0.5, 1.5, c)
+        m.bias[:] = rng.uniform(-1, 1, c)
+    x = (rng.standard_normal(shape) + 3).astype(dtype)
+    m(x)
+    m(x * 2)
+    m.backward(np.ones(shape, dtype))  # weight_grad / bias_grad set too
+    return m
+
+
+def fstate(c=3, dtype=np.float32):
+    rng = np.random.default_rng(2)
+    return dict(rm=rng.standard_normal(c).astype(dtype), rv=rng.uniform(0.5, 2, c).astype(dtype),
+                w=rng.standard_normal(c).astype(dtype), b=rng.standard_normal(c).astype(dtype))
+
+
+CASES = {}
+
+
+def case(name, exc, *patterns):
+    def deco(builder):
+        assert name not in CASES
+        CASES[name] = (exc, all_of(*patterns), builder)
+        return builder
+    return deco
+
+
+# ----------------------------------------------------------------- dtypes (TypeError)
+
+@case("f64_into_f32_module", TypeError, X, "float32", "float64")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4).astype(np.float64)
+    return (lambda: m(x)), [m, x]
+
+
+@case("f32_into_f64_module", TypeError, X, "float32", "float64")
+def _():
+    m = trained(dtype=np.float64)
+    x = f32(2, 3, 4, 4)
+    return (lambda: m(x)), [m, x]
+
+
+@case("f64_into_f32_module_eval", TypeError, X, "float32", "float64")
+def _():
+    m = trained().eval()
+    x = f32(2, 3, 4, 4).astype(np.float64)
+    return (lambda: m(x)), [m, x]
+
+
+@case("int32_x_module", TypeError, X, "int32")
+def _():
+    m = trained()
+    x = np.ones((2, 3, 4, 4), np.int32)
+    return (lambda: m(x)), [m, x]
+
+
+@case("int64_x_functional", TypeError, X)
+def _():
+    s = fstate()
+    x = np.ones((4, 3), np.int64)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True)), [x, *s.values()]
+
+
+@case("float16_x_stats", TypeError, X, "float16")
+def _():
+    x = np.ones((4, 3), np.float16)
+    return (lambda: bn.batch_norm_stats(x)), [x]
+
+
+@case("weight_other_dtype", TypeError, "weight", "float32", "float64")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    w = s["w"].astype(np.float64)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], w, s["b"], training=True)), [x, w, *s.values()]
+
+
+@case("bias_other_dtype", TypeError, "bias")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    b = s["b"].astype(np.float64)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], s["w"], b, training=True)), [x, b, *s.values()]
+
+
+@case("running_mean_other_dtype", TypeError, "running_mean")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    rm = s["rm"].astype(np.float64)
+    return (lambda: bn.batch_norm(x, rm, s["rv"], training=True)), [x, rm, *s.values()]
+
+
+@case("running_var_int", TypeError, "running_var")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    rv = np.ones(3, np.int32)
+    return (lambda: bn.batch_norm(x, s["rm"], rv, training=False)), [x, rv, *s.values()]
+
+
+@case("running_mean_f32_into_f64_eval", TypeError, "running_mean")
+def _():
+    s = fstate(dtype=np.float64)
+    x = f32(4, 3).astype(np.float64)
+    rm = s["rm"].astype(np.float32)
+    return (lambda: bn.batch_norm(x, rm, s["rv"], training=False)), [x, rm, *s.values()]
+
+
+@case("grad_y_other_dtype_module", TypeError, "grad_y")
+def _():
+    m = trained()
+    g = np.ones((4, 3, 5, 5), np.float64)
+    return (lambda: m.backward(g)), [m, g]
+
+
+@case("backward_mean_other_dtype", TypeError, r"\bmean\b")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd = np.zeros(3, np.float64), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd)), [x, g, mean, invstd]
+
+
+@case("backward_invstd_other_dtype", TypeError, "invstd")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float64)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd)), [x, g, mean, invstd]
+
+
+@case("backward_weight_other_dtype", TypeError, "weight")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd, w = np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(3, np.float64)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd, w)), [x, g, mean, invstd, w]
+
+
+@case("backward_grad_y_other_dtype", TypeError, "grad_y")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1).astype(np.float64)
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd)), [x, g, mean, invstd]
+
+
+# ----------------------------------------------------------------- ranks (torch messages)
+
+@case("2d_gets_3d", ValueError, re.escape("expected 4D input (got 3D input)"))
+def _():
+    m = trained()
+    x = f32(2, 3, 4)
+    return (lambda: m(x)), [m, x]
+
+
+@case("2d_gets_5d", ValueError, re.escape("expected 4D input (got 5D input)"))
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4, 4)
+    return (lambda: m(x)), [m, x]
+
+
+@case("1d_gets_4d", ValueError, re.escape("expected 2D or 3D input (got 4D input)"))
+def _():
+    m = trained(bn.BatchNorm1d, shape=(4, 3))
+    x = f32(2, 3, 4, 4)
+    return (lambda: m(x)), [m, x]
+
+
+@case("1d_gets_1d", ValueError, re.escape("expected 2D or 3D input (got 1D input)"))
+def _():
+    m = trained(bn.BatchNorm1d, shape=(4, 3, 2))
+    x = f32(3)
+    return (lambda: m(x)), [m, x]
+
+
+@case("3d_gets_4d", ValueError, re.escape("expected 5D input (got 4D input)"))
+def _():
+    m = trained(bn.BatchNorm3d, shape=(2, 3, 2, 2, 2))
+    x = f32(2, 3, 4, 4)
+    return (lambda: m(x)), [m, x]
+
+
+@case("3d_eval_gets_4d", ValueError, re.escape("expected 5D input (got 4D input)"))
+def _():
+    m = trained(bn.BatchNorm3d, shape=(2, 3, 2, 2, 2)).eval()
+    x = f32(2, 3, 4, 4)
+    return (lambda: m(x)), [m, x]
+
+
+@case("functional_rank1", ValueError, X)
+def _():
+    s = fstate()
+    x = f32(3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True)), [x, *s.values()]
+
+
+# ----------------------------------------------------------------- channels / shapes
+
+@case("channel_mismatch_module", ValueError, CH, r"\b3\b", r"\b4\b")
+def _():
+    m = trained()
+    x = f32(2, 4, 5, 5)
+    return (lambda: m(x)), [m, x]
+
+
+@case("channel_mismatch_axis_last", ValueError, CH, r"\b3\b", r"\b5\b")
+def _():
+    m = trained(axis=-1, shape=(2, 4, 4, 3))
+    x = f32(2, 3, 4, 5)        # NCHW data given to an axis=-1 module: W=5 channels
+    return (lambda: m(x)), [m, x]
+
+
+@case("channel_mismatch_eval", ValueError, CH, r"\b3\b", r"\b4\b")
+def _():
+    m = trained().eval()
+    x = f32(2, 4, 5, 5)
+    return (lambda: m(x)), [m, x]
+
+
+@case("weight_wrong_length", ValueError, "weight", r"\b3\b", r"\b4\b")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    w = np.ones(4, np.float32)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], w, s["b"], training=True)), [x, w, *s.values()]
+
+
+@case("running_var_2d", ValueError, "running_var")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    rv = np.ones((3, 1), np.float32)
+    return (lambda: bn.batch_norm(x, s["rm"], rv, training=True)), [x, rv, *s.values()]
+
+
+@case("running_mean_wrong_length_eval", ValueError, "running_mean")
+def _():
+    s = fstate()
+    x = f32(4, 3, 2)
+    rm = np.zeros(2, np.float32)
+    return (lambda: bn.batch_norm(x, rm, s["rv"], training=False)), [x, rm, *s.values()]
+
+
+@case("only_running_mean_given", ValueError, "running_var")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], None, training=True)), [x, *s.values()]
+
+
+@case("one_value_per_channel_2d", ValueError, "Expected more than 1 value per channel when training")
+def _():
+    m = trained(bn.BatchNorm1d, shape=(4, 3))
+    x = f32(1, 3)
+    return (lambda: m(x)), [m, x]
+
+
+@case("one_value_per_channel_4d", ValueError, "Expected more than 1 value per channel when training")
+def _():
+    m = trained()
+    x = f32(1, 3, 1, 1)
+    return (lambda: m(x)), [m, x]
+
+
+@case("one_value_per_channel_functional", ValueError, "Expected more than 1 value per channel when training")
+def _():
+    s = fstate()
+    x = f32(1, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True)), [x, *s.values()]
+
+
+# ----------------------------------------------------------------- eps / momentum / num_features
+
+@pytest.mark.parametrize("kwargs,arg", [
+    ({"eps": 0.0}, "eps"), ({"eps": -1e-5}, "eps"), ({"eps": float("nan")}, "eps"),
+    ({"eps": float("inf")}, "eps"),
+    ({"momentum": -0.1}, "momentum"), ({"momentum": 1.5}, "momentum"),
+    ({"momentum": float("nan")}, "momentum"),
+    ({"num_features": 0}, "num_features"), ({"num_features": -2}, "num_features"),
+], ids=lambda v: str(v) if isinstance(v, dict) else "")
+@pytest.mark.parametrize("cls", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_constructor_rejects(cls, kwargs, arg):
+    kw = dict(num_features=3)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=arg):
+        getattr(bn, cls)(**kw)
+
+
+@case("functional_eps_zero", ValueError, "eps")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, eps=0.0)), [x, *s.values()]
+
+
+@case("functional_eps_nan_eval", ValueError, "eps")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    out = f32(4, 3, value=7.0)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], eps=float("nan"), out=out)), [x, out, *s.values()]
+
+
+@case("functional_momentum_2", ValueError, "momentum")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, momentum=2.0)), [x, *s.values()]
+
+
+@case("functional_momentum_negative", ValueError, "momentum")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, momentum=-0.5)), [x, *s.values()]
+
+
+# ----------------------------------------------------------------- out
+
+@case("out_read_only", ValueError, r"\bout\b")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    out = f32(2, 3, 4, 4, value=7.0)
+    out.flags.writeable = False
+    return (lambda: m(x, out=out)), [m, x, out]
+
+
+@case("out_read_only_is_x", ValueError, r"\bout\b")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    x.flags.writeable = False
+    return (lambda: m(x, out=x)), [m, x]
+
+
+@case("out_broadcast_view", ValueError, r"\bout\b")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    out = np.broadcast_to(np.float32(7.0), (4, 3))
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], out=out)), [x, out, *s.values()]
+
+
+@case("out_mis_shaped", ValueError, r"\bout\b")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    out = f32(2, 3, 4, 5, value=7.0)
+    return (lambda: m(x, out=out)), [m, x, out]
+
+
+@case("out_mis_shaped_same_size", ValueError, r"\bout\b")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    out = f32(2, 3, 2, 8, value=7.0)   # same size, different shape
+    return (lambda: m(x, out=out)), [m, x, out]
+
+
+@case("out_wrong_dtype", TypeError, r"\bout\b")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    out = np.full((2, 3, 4, 4), 7.0, np.float64)
+    return (lambda: m(x, out=out)), [m, x, out]
+
+
+@case("out_is_list", TypeError, r"\bout\b")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    out = [[0.0] * 3] * 4
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], out=out)), [x, *s.values()]
+
+
+@case("out_overlaps_weight_functional", ValueError, r"\bout\b")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    out = f32(4, 3, value=7.0)
+    w = out[1]            # the weight lives inside out
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], w, s["b"], training=True, out=out)), \
+        [x, out, s["rm"], s["rv"], s["b"]]
+
+
+@case("out_overlaps_running_mean_functional", ValueError, r"\bout\b")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    out = f32(4, 3, value=7.0)
+    rm = out[0]
+    return (lambda: bn.batch_norm(x, rm, s["rv"], s["w"], s["b"], training=True, out=out)), \
+        [x, out, s["rv"], s["w"], s["b"]]
+
+
+@case("out_overlaps_module_running_mean", ValueError, r"\bout\b")
+def _():
+    m = trained(bn.BatchNorm1d, shape=(4, 3)).eval()
+    x = f32(1, 3)
+    return (lambda: m(x, out=m.running_mean.reshape(1, 3))), [m, x]
+
+
+@case("out_overlaps_module_weight", ValueError, r"\bout\b")
+def _():
+    m = trained(bn.BatchNorm1d, shape=(4, 3)).eval()
+    x = f32(1, 3)
+    return (lambda: m(x, out=m.weight.reshape(1, 3))), [m, x]
+
+
+# ----------------------------------------------------------------- backward
+
+@case("backward_before_forward", RuntimeError, "forward")
+def _():
+    m = bn.BatchNorm2d(3)
+    m.weight[:] = 2.0
+    g = f32(2, 3, 4, 4)
+    return (lambda: m.backward(g)), [m, g]
+
+
+@case("backward_wrong_shape", ValueError, "grad_y")
+def _():
+    m = trained()
+    g = f32(4, 3, 5, 4)
+    return (lambda: m.backward(g)), [m, g]
+
+
+@case("backward_functional_wrong_shape", ValueError, "grad_y")
+def _():
+    x, g = f32(4, 3), f32(4, 2, seed=1)
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd)), [x, g, mean, invstd]
+
+
+@case("backward_functional_mean_wrong_length", ValueError, r"\bmean\b")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd = np.zeros(4, np.float32), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd)), [x, g, mean, invstd]
+
+
+@case("backward_grad_y_is_list", TypeError, "grad_y")
+def _():
+    m = trained(bn.BatchNorm1d, shape=(4, 3))
+    return (lambda: m.backward([[1.0, 2.0, 3.0]] * 4)), [m]
+
+
+# ----------------------------------------------------------------- load_state_dict (torch semantics)
+
+def _sd(m):
+    return {k: np.array(v, copy=True) for k, v in m.state_dict().items()}
+
+
+@case("load_missing_strict", RuntimeError, "Missing", "running_var")
+def _():
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    del sd["running_var"]
+    return (lambda: m.load_state_dict(sd)), [m]
+
+
+@case("load_unexpected_strict", RuntimeError, "Unexpected", "bogus")
+def _():
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    sd["bogus"] = np.zeros(3, np.float32)
+    return (lambda: m.load_state_dict(sd)), [m]
+
+
+@case("load_mis_shaped_strict", RuntimeError, "size mismatch", "weight")
+def _():
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    sd["weight"] = np.ones(4, np.float32)
+    return (lambda: m.load_state_dict(sd)), [m]
+
+
+@case("load_mis_shaped_non_strict", RuntimeError, "size mismatch", "running_mean")
+def _():
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    sd["running_mean"] = np.zeros((3, 1), np.float32)
+    return (lambda: m.load_state_dict(sd, strict=False)), [m]
+
+
+@case("load_mis_shaped_after_valid_keys", RuntimeError, "size mismatch", "running_var")
+def _():
+    """torch copies the valid entries before raising; DESIGN.md: no write at all."""
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    sd["weight"][:] = 42.0
+    sd["running_var"] = np.ones(5, np.float32)
+    return (lambda: m.load_state_dict(sd)), [m]
+
+
+# ----------------------------------------------------------------- axis
+
+@case("functional_axis_out_of_range", ValueError, "axis")
+def _():
+    s = fstate()
+    x = f32(4, 3, 2)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, axis=3)), [x, *s.values()]
+
+
+@case("stats_axis_negative_out_of_range", ValueError, "axis")
+def _():
+    x = f32(4, 3, 2)
+    return (lambda: bn.batch_norm_stats(x, axis=-4)), [x]
+
+
+@case("module_axis_out_of_range_for_2d_input", ValueError, "axis")
+def _():
+    m = trained(bn.BatchNorm1d, axis=2, shape=(4, 5, 3))
+    x = f32(4, 3)     # valid rank for BatchNorm1d, but axis 2 does not exist
+    return (lambda: m(x)), [m, x]
+
+
+@case("module_axis_out_of_range", ValueError, "axis")
+def _():
+    return (lambda: bn.BatchNorm2d(3, axis=4)(f32(2, 3, 4, 4))), []
+
+
+@case("backward_axis_out_of_range", ValueError, "axis")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd, axis=2)), [x, g, mean, invstd]
+
+
+# ----------------------------------------------------------------- not arrays
+
+@pytest.mark.parametrize("obj", [[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], None, "abc", 3.0],
+                         ids=["list", "None", "str", "float"])
+def test_not_an_array_module(obj):
+    m = trained(bn.BatchNorm1d, shape=(4, 3))
+    snap = snapshot(m)
+    with pytest.raises(TypeError, match=X):
+        m(obj)
+    assert_unchanged(snap, m)
+
+
+@case("stats_of_list", TypeError, X)
+def _():
+    return (lambda: bn.batch_norm_stats([[1.0, 2.0], [3.0, 4.0]])), []
+
+
+@case("functional_x_none", TypeError, X)
+def _():
+    s = fstate()
+    return (lambda: bn.batch_norm(None, s["rm"], s["rv"], training=True)), [*s.values()]
+
+
+@case("functional_weight_list", TypeError, "weight")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], [1.0, 1.0, 1.0], training=True)), [x, *s.values()]
+
+
+@case("functional_running_mean_string", TypeError, "running_mean")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, "abc", s["rv"], training=False)), [x, *s.values()]
+
+
+# ----------------------------------------------------------------- zero-size inputs are still checked
+
+@case("zero_size_wrong_dtype", TypeError, X, "float64")
+def _():
+    m = trained()
+    x = np.zeros((0, 3, 4, 4), np.float64)
+    return (lambda: m(x)), [m, x]
+
+
+@case("zero_size_channel_mismatch", ValueError, CH, r"\b3\b", r"\b0\b")
+def _():
+    m = trained()
+    x = np.zeros((2, 0, 4, 4), np.float32)
+    return (lambda: m(x)), [m, x]
+
+
+@case("zero_size_bad_out", ValueError, r"\bout\b")
+def _():
+    m = trained()
+    x = np.zeros((0, 3, 4, 4), np.float32)
+    out = np.zeros((0, 3, 4, 5), np.float32)
+    return (lambda: m(x, out=out)), [m, x, out]
+
+
+@case("zero_size_wrong_rank", ValueError, re.escape("expected 4D input (got 3D input)"))
+def _():
+    m = trained()
+    x = np.zeros((0, 3, 4), np.float32)
+    return (lambda: m(x)), [m, x]
+
+
+# ----------------------------------------------------------------- fusion
+
+@case("residual_in_training", ValueError, "residual")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    r = f32(2, 3, 4, 4, seed=3)
+    return (lambda: m(x, residual=r)), [m, x, r]
+
+
+@case("activation_in_training", ValueError, "activation")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    return (lambda: m(x, activation="relu")), [m, x]
+
+
+@case("functional_residual_in_training", ValueError, "residual")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    r = f32(4, 3, seed=3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, residual=r)), [x, r, *s.values()]
+
+
+@case("unknown_activation", ValueError, "activation", "gelu")
+def _():
+    m = trained().eval()
+    x = f32(2, 3, 4, 4)
+    out = f32(2, 3, 4, 4, value=7.0)
+    return (lambda: m(x, activation="gelu", out=out)), [m, x, out]
+
+
+@case("unknown_activation_functional", ValueError, "activation", "sigmoid")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], activation="sigmoid")), [x, *s.values()]
+
+
+@case("residual_wrong_shape", ValueError, "residual")
+def _():
+    m = trained().eval()
+    x = f32(2, 3, 4, 4)
+    r = f32(2, 3, 4, 1, seed=3)     # broadcastable, but DESIGN: residual has the shape of x
+    return (lambda: m(x, residual=r)), [m, x, r]
+
+
+@case("residual_wrong_dtype", TypeError, "residual")
+def _():
+    m = trained().eval()
+    x = f32(2, 3, 4, 4)
+    r = f32(2, 3, 4, 4, seed=3).astype(np.float64)
+    return (lambda: m(x, residual=r)), [m, x, r]
+
+
+# ----------------------------------------------------------------- attribute assignment
+
+@case("assign_weight_wrong_shape", ValueError, "weight")
+def _():
+    m = trained()
+
+    def f():
+        m.weight = np.ones(4, np.float32)
+    return f, [m]
+
+
+@case("assign_weight_wrong_dtype", TypeError, "weight")
+def _():
+    m = trained()
+
+    def f():
+        m.weight = np.ones(3, np.float64)
+    return f, [m]
+
+
+@case("assign_running_var_wrong_shape", ValueError, "running_var")
+def _():
+    m = trained()
+
+    def f():
+        m.running_var = np.ones((1, 3), np.float32)
+    return f, [m]
+
+
+# ----------------------------------------------------------------- misc
+
+@case("set_num_threads_zero", ValueError, r"(thread|\bn\b)")
+def _():
+    return (lambda: bn.set_num_threads(0)), []
+
+
+@case("fold_weight_channel_mismatch", ValueError, "weight")
+def _():
+    m = trained().eval()
+    W = np.ones((4, 2, 1, 1), np.float32)
+    return (lambda: bn.fold(m, W)), [m, W]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input(name):
+    exc, pattern, builder = CASES[name]
+    call, objs = builder()
+    snap = snapshot(*objs)
+    threads_before = bn.get_num_threads()
+    with pytest.raises(exc, match=pattern):
+        call()
+    assert_unchanged(snap, *objs)
+    assert bn.get_num_threads() == threads_before
+
+
+def test_battery_size():
+    assert len(CASES) >= 40
+
+
+def test_failed_forward_keeps_saved_forward():
+    """A failed forward must not replace what backward uses."""
+    m = trained()
+    x = f32(4, 3, 5, 5, seed=9)
+    m(x)
+    g = f32(4, 3, 5, 5, seed=10)
+    gx = m.backward(g)
+    with pytest.raises(TypeError):
+        m(x.astype(np.float64))
+    with pytest.raises(ValueError):
+        m(f32(2, 4, 5, 5))
+    np.testing.assert_array_equal(m.backward(g), gx)
+
+
+def test_failed_calls_do_not_count_batches():
+    m = bn.BatchNorm1d(3)
+    m(f32(4, 3))
+    for bad in (f32(1, 3), f32(4, 2), f32(4, 3).astype(np.float64)):
+        with pytest.raises((TypeError, ValueError)):
+            m(bad)
+    assert int(m.num_batches_tracked) == 1

@@ -1,0 +1,258 @@
+"""Module API: state_dict / load_state_dict (NumPy and torch), train/eval, resets, repr,
+parameter assignment.  Tolerances as in helpers.py (float32 1e-5, float64 1e-12).
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+import reference as ref
+from helpers import (DTYPE_IDS, DTYPES, assert_close, logical_data, module_cls, rand_params,
+                     torch_cls, torch_dtype)
+
+CLASSES = [(bn.BatchNorm1d, (6, 4, 5)), (bn.BatchNorm2d, (3, 4, 5, 2)), (bn.BatchNorm3d, (2, 4, 3, 2, 2))]
+CLS_IDS = ["1d", "2d", "3d"]
+
+
+def expected_keys(affine, track):
+    keys = []
+    if affine:
+        keys += ["weight", "bias"]
+    if track:
+        keys += ["running_mean", "running_var", "num_batches_tracked"]
+    return keys
+
+
+def to_np(v):
+    if hasattr(v, "detach"):
+        return v.detach().numpy()
+    return np.asarray(v)
+
+
+@pytest.mark.parametrize("cls,shape", CLASSES, ids=CLS_IDS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_state_dict_equals_torch(torch, cls, shape, affine, track, dtype, rng):
+    c = shape[1]
+    m = cls(c, affine=affine, track_running_stats=track, dtype=dtype)
+    tm = torch_cls(torch, len(shape))(c, affine=affine, track_running_stats=track,
+                                      dtype=torch_dtype(torch, dtype))
+    if affine:
+        w, b = rand_params(rng, c, dtype)
+        m.weight[:] = w
+        m.bias[:] = b
+        with torch.no_grad():
+            tm.weight.copy_(torch.from_numpy(w))
+            tm.bias.copy_(torch.from_numpy(b))
+    for step in range(3):
+        x = logical_data(rng, shape, offset=step).astype(dtype)
+        m(x)
+        tm(torch.from_numpy(x))
+    sd, tsd = m.state_dict(), tm.state_dict()
+    assert list(sd.keys()) == list(tsd.keys()) == expected_keys(affine, track)
+    for k in sd:
+        v, tv = np.asarray(sd[k]), tsd[k].numpy()
+        assert v.shape == tv.shape, k
+        if k == "num_batches_tracked":
+            assert v.dtype == np.int64 and int(v) == int(tv) == 3
+        else:
+            assert v.dtype == dtype, k
+            assert_close(v, tv, dtype, err_msg=k)
+
+
+@pytest.mark.parametrize("cls,shape", CLASSES, ids=CLS_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_load_state_dict_from_torch_tensors(torch, cls, shape, dtype, rng):
+    c = shape[1]
+    tm = torch_cls(torch, len(shape))(c, dtype=torch_dtype(torch, dtype))
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(rand_params(rng, c, dtype)[0]))
+        tm.bias.copy_(torch.from_numpy(rand_params(rng, c, dtype)[1]))
+    for step in range(4):
+        tm(torch.from_numpy(logical_data(rng, shape, offset=step).astype(dtype)))
+    m = cls(c, dtype=dtype)
+    m.load_state_dict(tm.state_dict())
+    for k, tv in tm.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(getattr(m, k)), tv.numpy(), err_msg=k)
+    assert int(m.num_batches_tracked) == 4
+    m.eval()
+    tm.eval()
+    x = logical_data(rng, shape).astype(dtype)
+    assert_close(m(x), tm(torch.from_numpy(x)).detach().numpy(), dtype)
+    # training continues from the loaded state exactly like torch
+    m.train()
+    tm.train()
+    x = logical_data(rng, shape).astype(dtype)
+    assert_close(m(x), tm(torch.from_numpy(x)).detach().numpy(), dtype)
+    assert_close(m.running_var, tm.running_var.numpy(), dtype)
+    assert int(m.num_batches_tracked) == int(tm.num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_load_state_dict_numpy_roundtrip(dtype, rng):
+    m = bn.BatchNorm2d(5, dtype=dtype)
+    m.weight[:] = rng.standard_normal(5)
+    for step in range(2):
+        m(logical_data(rng, (3, 5, 2, 2), offset=step).astype(dtype))
+    sd = {k: np.array(v, copy=True) for k, v in m.state_dict().items()}
+    m2 = bn.BatchNorm2d(5, dtype=dtype)
+    res = m2.load_state_dict(sd)
+    for k in sd:
+        np.testing.assert_array_equal(np.asarray(getattr(m2, k)), sd[k], err_msg=k)
+    # the loaded arrays are copied in: mutating the source dict does not alias the module
+    sd["running_mean"][:] = 123.0
+    assert not np.any(m2.running_mean == 123.0)
+    if res is not None:  # torch returns (missing_keys, unexpected_keys)
+        assert list(res.missing_keys) == [] and list(res.unexpected_keys) == []
+    x = logical_data(rng, (3, 5, 2, 2)).astype(dtype)
+    m.eval()
+    m2.eval()
+    np.testing.assert_array_equal(m(x), m2(x))
+
+
+def test_load_state_dict_non_strict_like_torch(torch, rng):
+    tm = torch.nn.BatchNorm2d(3)
+    m = bn.BatchNorm2d(3)
+    w = rng.standard_normal(3).astype(np.float32)
+    sd = {"weight": w, "extra": np.zeros(2, np.float32)}
+    tres = tm.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    snap_rm = m.running_mean.copy()
+    res = m.load_state_dict(sd, strict=False)
+    np.testing.assert_array_equal(m.weight, w)
+    np.testing.assert_array_equal(m.running_mean, snap_rm)
+    assert sorted(res.missing_keys) == sorted(tres.missing_keys)
+    assert sorted(res.unexpected_keys) == sorted(tres.unexpected_keys) == ["extra"]
+
+
+@pytest.mark.parametrize("cls", [bn.BatchNorm1d, bn.BatchNorm2d, bn.BatchNorm3d], ids=CLS_IDS)
+def test_train_eval_return_self(cls):
+    m = cls(3)
+    assert m.training is True
+    assert m.eval() is m and m.training is False
+    assert m.train() is m and m.training is True
+    assert m.train(False) is m and m.training is False
+    assert m.train(mode=True) is m and m.training is True
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_reset_running_stats_and_parameters(dtype, rng):
+    m = bn.BatchNorm2d(4, dtype=dtype)
+    m.weight[:] = rng.standard_normal(4)
+    m.bias[:] = rng.standard_normal(4)
+    for _ in range(2):
+        m(logical_data(rng, (2, 4, 3, 3), offset=5).astype(dtype))
+    w = m.weight.copy()
+    m.reset_running_stats()
+    np.testing.assert_array_equal(m.running_mean, np.zeros(4))
+    np.testing.assert_array_equal(m.running_var, np.ones(4))
+    assert int(m.num_batches_tracked) == 0
+    assert m.running_mean.dtype == dtype
+    np.testing.assert_array_equal(m.weight, w)  # parameters untouched
+    m(logical_data(rng, (2, 4, 3, 3), offset=5).astype(dtype))
+    m.reset_parameters()  # torch: resets running stats too, weight=1, bias=0
+    np.testing.assert_array_equal(m.weight, np.ones(4))
+    np.testing.assert_array_equal(m.bias, np.zeros(4))
+    np.testing.assert_array_equal(m.running_mean, np.zeros(4))
+    np.testing.assert_array_equal(m.running_var, np.ones(4))
+    assert int(m.num_batches_tracked) == 0
+    assert m.weight.dtype == dtype
+
+
+def test_reset_momentum_none_restarts_average(rng):
+    m = bn.BatchNorm1d(3, momentum=None, dtype=np.float64)
+    m(logical_data(rng, (5, 3), offset=100))
+    m.reset_running_stats()
+    x = logical_data(rng, (5, 3))
+    m(x)
+    mu, var = ref.stats(x)
+    assert_close(m.running_mean, mu, np.float64)  # first batch after reset: factor 1
+    assert_close(m.running_var, var * 5 / 4, np.float64)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"eps": 1e-3}, {"momentum": None}, {"momentum": 0.25, "affine": False},
+    {"track_running_stats": False}, {"eps": 2e-5, "momentum": 0.5, "affine": False, "track_running_stats": False},
+], ids=str)
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def test_repr_like_torch(torch, name, kwargs):
+    m = getattr(bn, name)(7, **kwargs)
+    t = repr(getattr(torch.nn, name)(7, **kwargs))
+    # torch >= 2.x may print a `bias=` field (its newer constructor argument); accept either form
+    pattern = re.escape(t).replace(re.escape(", bias=True"), "(, bias=True)?").replace(
+        re.escape(", bias=False"), "(, bias=False)?")
+    assert re.fullmatch(pattern, repr(m)), (repr(m), t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_weight_slice_assignment_takes_effect(dtype, rng):
+    m = bn.BatchNorm2d(3, dtype=dtype)
+    w, b = rand_params(rng, 3, dtype)
+    m.weight[:] = w
+    m.bias[:] = b
+    x = logical_data(rng, (2, 3, 4, 4)).astype(dtype)
+    y = m(x)
+    assert_close(y, ref.forward_train(x, w, b)[0], dtype)
+    m.weight[1] = 0.0
+    y = m(x)
+    assert_close(y[:, 1], np.full_like(y[:, 1], b[1]), dtype)
+    m.eval()
+    m.running_mean[:] = 1.0
+    m.running_var[:] = 4.0
+    assert_close(m(x), ref.forward_eval(x, np.ones(3), np.full(3, 4.0), m.weight, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_weight_attribute_assignment_takes_effect(dtype, rng):
+    m = bn.BatchNorm1d(3, dtype=dtype)
+    w, b = rand_params(rng, 3, dtype)
+    m.weight = w.copy()
+    m.bias = b.copy()
+    np.testing.assert_array_equal(m.weight, w)
+    x = logical_data(rng, (6, 3)).astype(dtype)
+    assert_close(m(x), ref.forward_train(x, w, b)[0], dtype)
+
+
+def test_modules_are_independent():
+    a, b = bn.BatchNorm1d(3), bn.BatchNorm1d(3)
+    a.weight[:] = 5
+    a.running_mean[:] = 2
+    np.testing.assert_array_equal(b.weight, np.ones(3))
+    np.testing.assert_array_equal(b.running_mean, np.zeros(3))
+
+
+def test_dtype_and_defaults():
+    m = bn.BatchNorm2d(3)
+    assert m.weight.dtype == np.float32
+    assert m.eps == 1e-5 and m.momentum == 0.1
+    assert m.num_features == 3
+    assert m.affine is True and m.track_running_stats is True
+    m64 = bn.BatchNorm3d(2, dtype=np.float64)
+    assert m64.running_var.dtype == np.float64
+
+
+def test_version_and_threads_api():
+    assert isinstance(bn.__version__, str) and bn.__version__
+    assert bn.isa() in ("avx512", "avx2", "neon", "scalar")
+    old = bn.get_num_threads()
+    assert isinstance(old, int) and old >= 1
+    try:
+        bn.set_num_threads(2)
+        assert bn.get_num_threads() == 2
+        bn.set_num_threads(1)
+        assert bn.get_num_threads() == 1
+    finally:
+        bn.set_num_threads(old)
+    assert bn.get_num_threads() == old
+
+
+def test_get_include_and_cmake_dir():
+    import os
+    inc = bn.get_include()
+    assert os.path.isfile(os.path.join(inc, "batchnorm", "batchnorm.hpp")), inc
+    cm = bn.get_cmake_dir()
+    assert os.path.isdir(cm)
+    names = [f.lower() for f in os.listdir(cm)]
+    assert "batchnormconfig.cmake" in names or "batchnorm-config.cmake" in names, names

@@ -1,0 +1,181 @@
+"""Accuracy of the statistics and of the output at large means (DESIGN.md "Statistics must
+be accurate"), and NaN/Inf confinement.
+
+Targets (DESIGN.md), measured against float64 statistics OF THE SAME float32 data
+(reference.stats, corrected two-pass in float64):
+
+* float32: batch-variance relative error <= 1e-6, output absolute error <= 1e-5.
+* float64: variance relative error <= 1e-12; output absolute error <= 1e-12 plus the
+  representability floor of the mean: a float64 mean near `offset` is only defined to
+  half an ulp (offset * 2^-53), and both the library and the reference round it, so
+  their outputs may differ by up to ~2 ulps(offset) / std = 4 * eps64 * offset / std.
+  (1e-12 itself is what the target says; the floor only matters at offset/std >= 1e3.)
+* means are compared with the same rule: error <= rtol * std + one ulp of the stored dtype.
+"""
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+import reference as ref
+from helpers import DTYPE_IDS, DTYPES
+
+# (offset, std)
+DISTS = [(0.0, 1.0), (1e2, 1.0), (1e4, 1.0), (1e6, 1.0), (1e3, 1e-2)]
+DIST_IDS = ["off0", "off1e2", "off1e4", "off1e6", "off1e3-std1e-2"]
+# (shape, axis)
+LAYOUTS = [((8, 16, 28, 28), 1), ((4096, 16), 1), ((8, 28, 28, 16), -1)]
+LAYOUT_IDS = ["NCHW", "NC", "NHWC-axis-1"]
+
+VAR_RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
+OUT_ATOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+EPS64 = np.finfo(np.float64).eps
+
+
+def data(shape, dtype, offset, std, seed):
+    rng = np.random.default_rng(seed)
+    return (offset + std * rng.standard_normal(shape)).astype(dtype)
+
+
+def out_atol(dtype, offset, std):
+    d = np.dtype(dtype)
+    floor = 4 * EPS64 * abs(offset) / std if d == np.float64 else 0.0
+    return OUT_ATOL[d] + floor
+
+
+def mean_atol(dtype, offset, std):
+    """float32 means come out rounded to float32 (half an ulp, one ulp allowed); float64
+    means have the same representability floor as the output (see the module docstring)."""
+    d = np.dtype(dtype)
+    if d == np.float64:
+        return VAR_RTOL[d] * std + 4 * EPS64 * abs(offset)
+    return VAR_RTOL[d] * std + float(np.spacing(np.asarray(abs(offset) + 6 * std, dtype=d)))
+
+
+@pytest.mark.parametrize("dist", DISTS, ids=DIST_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_stats_accuracy(dist, layout, dtype, threads):
+    offset, std = dist
+    shape, axis = layout
+    x = data(shape, dtype, offset, std, 1)
+    mean, var = bn.batch_norm_stats(x, axis=axis)
+    m_ref, v_ref = ref.stats(x, axis)
+    d = np.dtype(dtype)
+    rel = np.abs(var.astype(np.float64) - v_ref) / v_ref
+    # float32 results are rounded to float32 once (<= 2^-24 = 6e-8 relative), inside the bound
+    assert rel.max() <= VAR_RTOL[d], f"variance relative error {rel.max():.3g} > {VAR_RTOL[d]}"
+    merr = np.abs(mean.astype(np.float64) - m_ref).max()
+    assert merr <= mean_atol(dtype, offset, std), f"mean error {merr:.3g}"
+
+
+@pytest.mark.parametrize("dist", DISTS, ids=DIST_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_train_output_accuracy(dist, layout, dtype, threads):
+    offset, std = dist
+    shape, axis = layout
+    c = shape[axis]
+    x = data(shape, dtype, offset, std, 2)
+    cls = {2: bn.BatchNorm1d, 4: bn.BatchNorm2d}[len(shape)]
+    m = cls(c, momentum=1.0, dtype=dtype, axis=axis)   # momentum 1: running = this batch's stats
+    y = m(x)
+    y_ref, m_ref, _, rm_ref, rv_ref = ref.forward_train(x, None, None, np.zeros(c), np.ones(c),
+                                                       1.0, 1e-5, axis)
+    err = np.abs(y.astype(np.float64) - y_ref).max()
+    assert err <= out_atol(dtype, offset, std), f"output abs error {err:.3g}"
+    d = np.dtype(dtype)
+    rel = np.abs(m.running_var.astype(np.float64) - rv_ref) / rv_ref
+    assert rel.max() <= VAR_RTOL[d], f"running_var relative error {rel.max():.3g}"
+    merr = np.abs(m.running_mean.astype(np.float64) - rm_ref).max()
+    assert merr <= mean_atol(dtype, offset, std), f"running_mean error {merr:.3g}"
+
+    # eval with those running stats, as stored (the reference uses the stored values)
+    m.eval()
+    x2 = data(shape, dtype, offset, std, 3)
+    y2 = m(x2)
+    y2_ref = ref.forward_eval(x2, m.running_mean, m.running_var, None, None, 1e-5, axis)
+    err = np.abs(y2.astype(np.float64) - y2_ref).max()
+    assert err <= out_atol(dtype, offset, std), f"eval output abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("dist", DISTS, ids=DIST_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_functional_output_accuracy(dist, dtype, threads):
+    offset, std = dist
+    x = data((8, 28, 28, 16), dtype, offset, std, 4)
+    y = bn.batch_norm(x, None, None, training=True, axis=-1)
+    y_ref = ref.forward_train(x, axis=-1)[0]
+    err = np.abs(y.astype(np.float64) - y_ref).max()
+    assert err <= out_atol(dtype, offset, std), f"output abs error {err:.3g}"
+
+
+# ------------------------------------------------------------------ NaN / Inf confinement
+
+NAN_CASES = [((4, 5, 6, 7), 1), ((4, 6, 7, 5), -1), ((64, 5), 1), ((3, 5, 40), 1)]
+NAN_IDS = ["NCHW", "NHWC", "NC", "NCL"]
+
+
+def poison(x, axis):
+    """NaN at one element of channel 1, +Inf at one element of channel 3."""
+    x = x.copy()
+    xm = np.moveaxis(x, axis, -1)   # view
+    xm[(0,) * (x.ndim - 1) + (1,)] = np.nan
+    xm[(-1,) * (x.ndim - 1) + (3,)] = np.inf
+    return x
+
+
+def chan(a, axis, c):
+    return np.take(a, c, axis=axis)
+
+
+@pytest.mark.parametrize("case", NAN_CASES, ids=NAN_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nonfinite_stays_in_its_channel_training(case, dtype, threads):
+    shape, axis = case
+    rng = np.random.default_rng(5)
+    x = poison(rng.standard_normal(shape).astype(dtype), axis)
+    clean = [0, 2, 4]
+    mean, var = bn.batch_norm_stats(x, axis=axis)
+    assert np.isnan(mean[1]) and np.isnan(var[1])
+    assert not np.isfinite(mean[3]) and not np.isfinite(var[3])
+    m_ref, v_ref = ref.stats(np.take(x, clean, axis=axis), axis)
+    np.testing.assert_allclose(mean[clean], m_ref, rtol=1e-5, atol=1e-6 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(var[clean], v_ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+    m = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d}[len(shape)](5, dtype=dtype, axis=axis)
+    y = m(x)
+    for c in (1, 3):
+        assert not np.isfinite(chan(y, axis, c)).any(), f"channel {c} should be non-finite"
+    y_ref = ref.forward_train(np.take(x, clean, axis=axis), axis=axis)[0]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.take(y, clean, axis=axis), y_ref, **tol)
+    assert np.isfinite(m.running_mean[clean]).all() and np.isfinite(m.running_var[clean]).all()
+    assert np.isnan(m.running_mean[1]) and not np.isfinite(m.running_mean[3])
+    assert np.isnan(m.running_var[1]) and not np.isfinite(m.running_var[3]), m.running_var
+
+    gy = rng.standard_normal(shape).astype(dtype)
+    gx = m.backward(gy)
+    assert np.isfinite(np.take(gx, clean, axis=axis)).all()
+    assert np.isfinite(m.weight_grad[clean]).all() and np.isfinite(m.bias_grad).all()
+    assert np.isnan(m.weight_grad[1])
+
+
+@pytest.mark.parametrize("case", NAN_CASES, ids=NAN_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nonfinite_stays_in_its_element_eval(case, dtype, threads):
+    shape, axis = case
+    rng = np.random.default_rng(6)
+    x = poison(rng.standard_normal(shape).astype(dtype), axis)
+    m = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d}[len(shape)](5, dtype=dtype, axis=axis).eval()
+    m.running_mean[:] = np.arange(5) * 0.1
+    m.running_var[:] = 1.0 + np.arange(5) * 0.2
+    y = m(x)
+    bad = ~np.isfinite(x)
+    assert bad.sum() == 2
+    assert np.isnan(y[np.isnan(x)]).all()
+    assert (y[np.isposinf(x)] == np.inf).all()
+    assert np.isfinite(y[~bad]).all()
+    y_ref = ref.forward_eval(np.where(bad, 0, x), m.running_mean, m.running_var, None, None, 1e-5, axis)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y[~bad], y_ref[~bad], **tol)

@@ -44,25 +44,47 @@ void for_each_run(const Shape& s, std::int64_t c, std::int64_t begin, std::int64
     if (begin < end) f(offset(begin), std::int64_t(1), end - begin, stride);
 }
 
-// Moments of channel c over [begin, end): per tile, a sum gives the tile's mean, then
-// deviations from that mean (rounded to T) give the exact correction and the squares; tiles
-// merge with Chan's formula.
+// Values whose mean gives the first tile's shift.
+constexpr std::int64_t kProbeValues = 64;
+
+// Sums of deviations of channel c's values [begin, end) from shift.
+template <class T>
+Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c, std::int64_t begin,
+               std::int64_t end, T shift) {
+    Sums dev;
+    for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
+        dev += k.cf_dev(x + at, n, len, stride, shift);
+    });
+    return dev;
+}
+
+// Moments of channel c over [begin, end), one pass per tile in the usual case: deviations from
+// a shift near the mean (the mean of the first few values, then the mean of the tiles so far)
+// give exact moments through the correction s1^2/n. A shift more than a standard deviation off
+// (data that drifts) costs a second pass around the tile's own mean, while the tile is in cache.
+// Tiles merge with Chan's formula.
 template <class T>
 Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c,
                       std::int64_t begin, std::int64_t end) {
     Moments total;
     for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
         const std::int64_t t_end = std::min(end, t + kTileValues<T>);
-        double sum = 0;
-        for_each_run(s, c, t, t_end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-            sum += k.cf_sum(x + at, n, len, stride);
-        });
         const double count = double(t_end - t);
-        const T shift = T(sum / count);
-        Sums dev;
-        for_each_run(s, c, t, t_end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-            dev += k.cf_dev(x + at, n, len, stride, shift);
-        });
+        double guess = total.mean;
+        if (total.count == 0) {
+            const std::int64_t probe_end = std::min(t_end, t + kProbeValues);
+            double sum = 0;
+            for_each_run(s, c, t, probe_end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
+                sum += k.cf_sum(x + at, n, len, stride);
+            });
+            guess = sum / double(probe_end - t);
+        }
+        T shift = T(guess);
+        Sums dev = range_dev(k, x, s, c, t, t_end, shift);
+        if (!shift_is_close(count, dev.first, dev.second)) {
+            shift = T(double(shift) + dev.first / count);
+            dev = range_dev(k, x, s, c, t, t_end, shift);
+        }
         total = merge(total, from_shifted_sums(count, double(shift), dev.first, dev.second));
     }
     return total;

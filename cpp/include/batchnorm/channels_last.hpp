@@ -40,23 +40,43 @@ struct ColumnScratch {
           s1(std::size_t(cols)), s2(std::size_t(cols)), shift(std::size_t(cols)) {}
     std::vector<double> mean, m2;       // the thread's moments so far (backward: its two dot sums)
     std::vector<double> sum, s1, s2;    // one tile's sums
-    std::vector<T> shift;               // one tile's means, rounded to T
+    std::vector<T> shift;               // one tile's shifts, near its means
 };
 
-// Moments of every column over `rows` rows, tile by tile, into scratch.mean / scratch.m2.
+// Rows whose mean gives the first tile's shift per column.
+constexpr std::int64_t kProbeRows = 8;
+
+// Moments of every column over `rows` rows into scratch.mean / scratch.m2, one pass per tile in
+// the usual case (as range_moments in channels_first.hpp): deviations from the mean of the first
+// rows, then from the mean so far; a tile where some column's shift is more than a standard
+// deviation off is summed again around its own means while it is in cache.
 template <class T>
 void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols,
                   ColumnScratch<T>& w) {
     const std::int64_t step = tile_rows<T>(cols);
+    const auto sum_deviations = [&](const T* tile, std::int64_t n) {
+        std::fill(w.s1.begin(), w.s1.end(), 0.0);
+        std::fill(w.s2.begin(), w.s2.end(), 0.0);
+        k.cl_dev(tile, n, cols, w.shift.data(), w.s1.data(), w.s2.data());
+    };
     for (std::int64_t r = 0; r < rows; r += step) {
         const std::int64_t n = std::min(step, rows - r);
         const T* tile = x + r * cols;
-        std::fill(w.sum.begin(), w.sum.end(), 0.0);
-        std::fill(w.s1.begin(), w.s1.end(), 0.0);
-        std::fill(w.s2.begin(), w.s2.end(), 0.0);
-        k.cl_sum(tile, n, cols, w.sum.data());
-        for (std::int64_t j = 0; j < cols; ++j) w.shift[std::size_t(j)] = T(w.sum[std::size_t(j)] / double(n));
-        k.cl_dev(tile, n, cols, w.shift.data(), w.s1.data(), w.s2.data());
+        if (r == 0) {
+            const std::int64_t probe = std::min(n, kProbeRows);
+            std::fill(w.sum.begin(), w.sum.end(), 0.0);
+            k.cl_sum(tile, probe, cols, w.sum.data());
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.sum[j] / double(probe));
+        } else {
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.mean[j]);
+        }
+        sum_deviations(tile, n);
+        bool close = true;
+        for (std::size_t j = 0; j < std::size_t(cols); ++j) close = close && shift_is_close(double(n), w.s1[j], w.s2[j]);
+        if (!close) {
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(double(w.shift[j]) + w.s1[j] / double(n));
+            sum_deviations(tile, n);
+        }
         for (std::size_t j = 0; j < std::size_t(cols); ++j) {
             const Moments m = merge(Moments{double(r), w.mean[j], w.m2[j]},
                                     from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]));

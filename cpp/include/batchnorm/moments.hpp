@@ -33,6 +33,11 @@ inline Moments from_shifted_sums(double count, double shift, double s1, double s
     return {count, shift + s1 / count, std::max(0.0, s2 - s1 * s1 / count)};
 }
 
+// Whether sums around `shift` give the variance without losing digits: the correction
+// s1^2/n may cancel at most half of s2, i.e. the shift is within one standard deviation of the
+// mean. Otherwise the caller sums again around the mean that s1 reveals.
+inline bool shift_is_close(double count, double s1, double s2) { return 2 * s1 * s1 <= s2 * count; }
+
 // Two sums that reductions return together, in float64.
 struct Sums {
     double first = 0;

@@ -218,10 +218,12 @@ class _BatchNorm:
     # ---- forward / backward -----------------------------------------------------------
 
     def _check_input(self, x: Any) -> bool:
-        """Check rank and channel count like torch; return whether ``x`` has no elements."""
-        shape = getattr(x, "shape", None)
-        if shape is None:
-            shape = np.shape(x)
+        """Check type, rank and channel count like torch; return whether ``x`` is empty."""
+        if not hasattr(x, "__dlpack__"):  # ndarray and torch.Tensor both have it
+            raise TypeError(
+                f"x must be a NumPy array or a CPU tensor supporting DLPack, got {type(x).__name__}"
+            )
+        shape = x.shape if hasattr(x, "shape") else np.from_dlpack(x).shape
         rank = len(shape)
         if rank not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)

@@ -310,6 +310,15 @@ def _():
     return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True)), [x, *s.values()]
 
 
+@case("one_value_per_channel_eval_without_running_stats", ValueError,
+      "Expected more than 1 value per channel when training")
+def _():
+    """Eval without running stats uses batch statistics, so torch's check applies."""
+    m = trained(bn.BatchNorm1d, shape=(4, 3), track_running_stats=False).eval()
+    x = f32(1, 3)
+    return (lambda: m(x)), [m, x]
+
+
 # ----------------------------------------------------------------- eps / momentum / num_features
 
 @pytest.mark.parametrize("kwargs,arg", [

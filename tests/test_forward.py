@@ -206,7 +206,14 @@ def test_zero_size_functional(rng):
 @pytest.mark.parametrize("with_running", [True, False], ids=["rs", "nors"])
 def test_functional_batch_norm(shape, layout, dtype, training, with_running, rng):
     if not training and not with_running:
-        pytest.skip("torch.nn.functional.batch_norm requires running stats in evaluation mode")
+        # torch.nn.functional.batch_norm: "running_mean must be defined in evaluation mode"
+        # (RuntimeError in torch; DESIGN.md does not fix the class, so either is accepted)
+        x, axis = make_input(rng, shape, dtype, layout)
+        x0 = x.copy()
+        with pytest.raises((RuntimeError, ValueError), match="running_mean"):
+            bn.batch_norm(x, None, None, training=False, axis=axis)
+        np.testing.assert_array_equal(x, x0)
+        return
     x, axis = make_input(rng, shape, dtype, layout)
     c = channels(x, axis)
     w, b = rand_params(rng, c, dtype)
@@ -340,9 +347,14 @@ def test_module_matches_torch(torch, shape, dtype, momentum, rng):
 @pytest.mark.parametrize("with_running", [True, False], ids=["rs", "nors"])
 @pytest.mark.parametrize("affine", [True, False])
 def test_functional_matches_torch(torch, dtype, training, with_running, affine, rng):
-    if not training and not with_running:
-        pytest.skip("torch.nn.functional.batch_norm requires running stats in evaluation mode")
     F = torch.nn.functional
+    if not training and not with_running:
+        x = logical_data(rng, (4, 5, 3, 7)).astype(dtype)
+        with pytest.raises(RuntimeError, match="running_mean"):
+            F.batch_norm(torch.from_numpy(x), None, None, training=False)
+        with pytest.raises((RuntimeError, ValueError), match="running_mean"):
+            bn.batch_norm(x, None, None, training=False)
+        return
     x = logical_data(rng, (4, 5, 3, 7)).astype(dtype)
     w, b = rand_params(rng, 5, dtype) if affine else (None, None)
     rm = rng.standard_normal(5).astype(dtype) if with_running else None
@@ -367,3 +379,61 @@ def test_channels_last_matches_torch_channels_last(torch, rng):
     yt = tm(xt).detach().numpy()
     assert_close(np.moveaxis(y, -1, 1), yt, np.float32)
     assert_close(m.running_var, tm.running_var.numpy(), np.float32)
+
+
+# ------------------------------------------------------------------ vector-width edges
+
+EDGE = [7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129]
+
+
+@pytest.mark.parametrize("size", EDGE)
+@pytest.mark.parametrize("where", ["inner", "channels_last_C"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_vector_width_edges(size, where, dtype, threads, rng):
+    """Sizes around every SIMD width (4/8/16 lanes, unrolled x2/x4): tails by mask or epilogue."""
+    if where == "inner":
+        shape, layout = (3, 2, size), "contiguous"          # inner = size, channels-first kernel
+    else:
+        shape, layout = (5, size, 3), "channels_last"       # C = size across lanes, channels-last kernel
+    x, axis = make_input(rng, shape, dtype, layout, offset=4.0)
+    c = channels(x, axis)
+    w, b = rand_params(rng, c, dtype)
+    rm, rv = np.zeros(c, dtype), np.ones(c, dtype)
+    y = bn.batch_norm(x, rm, rv, w, b, training=True, axis=axis)
+    ey, em, einv, erm, erv = ref.forward_train(x, w, b, np.zeros(c), np.ones(c), 0.1, 1e-5, axis)
+    assert_close(y, ey, dtype)
+    assert_close(rm, erm, dtype)
+    assert_close(rv, erv, dtype)
+    assert_close(bn.batch_norm(x, rm, rv, w, b, axis=axis), ref.forward_eval(x, rm, rv, w, b, 1e-5, axis), dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    gx, gw, gb = bn.batch_norm_backward(gy, x, em.astype(dtype), einv.astype(dtype), w, axis=axis)
+    egx, egw, egb = ref.backward_train(gy, x, em.astype(dtype), einv.astype(dtype), w, axis)
+    n = x.size // c
+    assert_close(gx, egx, dtype, scale=4 * np.abs(gy).max())
+    assert_close(gw, egw, dtype, scale=4 * n)
+    assert_close(gb, egb, dtype, scale=4 * n)
+
+
+def test_eval_accepts_one_value_per_channel(rng):
+    m = bn.BatchNorm1d(4).eval()
+    m.running_mean[:] = [1, 2, 3, 4]
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    assert_close(m(x), ref.forward_eval(x, m.running_mean, m.running_var), np.float32)
+    assert int(m.num_batches_tracked) == 0
+
+
+def test_out_partially_overlapping_x(rng):
+    """out overlapping x without being x: either refused (ValueError naming out, nothing
+    written) or computed as if x had been read first -- never a half-overwritten mix."""
+    buf = logical_data(rng, (5, 3)).astype(np.float32)
+    x, out = buf[0:4], buf[1:5]
+    x0, buf0 = x.copy(), buf.copy()
+    m = bn.BatchNorm1d(3)
+    try:
+        m(x, out=out)
+    except ValueError as e:
+        assert "out" in str(e)
+        np.testing.assert_array_equal(buf, buf0)
+        assert int(m.num_batches_tracked) == 0
+        return
+    assert_close(out, ref.forward_train(x0)[0], np.float32)

@@ -43,6 +43,12 @@ def test_one_and_two_threads_agree(case, dtype, rng):
     gy = rng.standard_normal(x.shape).astype(dtype)
     r1 = run_all(x, axis, gy, dtype, 1)
     r2 = run_all(x, axis, gy, dtype, 2)
+    _check_agree(x, axis, gy, dtype, r1, r2)
+    # 3 threads on 2 cores: an uneven split must still be right
+    _check_agree(x, axis, gy, dtype, r1, run_all(x, axis, gy, dtype, 3))
+
+
+def _check_agree(x, axis, gy, dtype, r1, r2):
     mean, var = ref.stats(x, axis)
     for k in ("y", "ye", "gx"):
         assert_close(r2[k], r1[k], dtype, scale=4, err_msg=k)

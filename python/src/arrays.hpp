@@ -1,10 +1,17 @@
 // Array plumbing for the bindings: taking NumPy / DLPack arguments with clear errors, reading
 // any layout as the kernels' (outer, C, inner) view (zero-copy whenever the memory is dense in
 // some axis order, else one copy), and making outputs in the input's memory layout.
+//
+// NumPy arrays are read through the NumPy C API: a few field reads per array, which keeps a
+// small call at about a microsecond. Other DLPack producers (torch tensors, JAX arrays) go
+// through nanobind's ndarray import.
 #pragma once
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#include <numpy/arrayobject.h>
 
 #include <batchnorm/shape.hpp>
 
@@ -13,7 +20,6 @@
 #include <cstring>
 #include <memory>
 #include <new>
-#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,20 +28,12 @@ namespace batchnorm::python {
 
 namespace nb = nanobind;
 
-using InArray = nb::ndarray<nb::ro, nb::device::cpu>;
-using OutArray = nb::ndarray<nb::device::cpu>;
+[[noreturn]] inline void type_error(const std::string& message) { throw nb::type_error(message.c_str()); }
+[[noreturn]] inline void value_error(const std::string& message) { throw nb::value_error(message.c_str()); }
 
-inline std::string dtype_name(nb::dlpack::dtype dt) {
-    const char* kind = "unknown";
-    switch (nb::dlpack::dtype_code(dt.code)) {
-        case nb::dlpack::dtype_code::Int: kind = "int"; break;
-        case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
-        case nb::dlpack::dtype_code::Float: kind = "float"; break;
-        case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
-        case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
-        case nb::dlpack::dtype_code::Bool: return "bool";
-    }
-    return kind + std::to_string(dt.bits);
+template <class T>
+constexpr int numpy_type() {
+    return sizeof(T) == 4 ? NPY_FLOAT32 : NPY_FLOAT64;
 }
 
 template <class T>
@@ -43,329 +41,351 @@ const char* dtype_name() {
     return sizeof(T) == 4 ? "float32" : "float64";
 }
 
-inline std::string shape_string(const std::vector<std::size_t>& shape) {
+constexpr int kMaxRank = 32;
+
+// A borrowed view of an array argument: data pointer, shape, strides in elements.
+struct ArrayRef {
+    char* data = nullptr;
+    int rank = 0;
+    std::int64_t shape[kMaxRank] = {};
+    std::int64_t strides[kMaxRank] = {};  // in elements
+    int type = NPY_NOTYPE;                // NPY_FLOAT32 or NPY_FLOAT64; NPY_NOTYPE for any other
+    bool writable = false;
+    PyObject* descr = nullptr;            // NumPy dtype, named in messages (borrowed)
+    nb::dlpack::dtype dl_dtype{};         // DLPack dtype, when not NumPy
+    nb::object keep_alive;                // a DLPack import stays valid while this lives
+
+    std::string dtype_name() const;
+
+    std::int64_t size() const {
+        std::int64_t n = 1;
+        for (int d = 0; d < rank; ++d) n *= shape[d];
+        return n;
+    }
+    std::vector<std::int64_t> shape_vector() const { return {shape, shape + rank}; }
+    std::vector<std::int64_t> stride_vector() const { return {strides, strides + rank}; }
+};
+
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
     std::string s = "(";
     for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-template <class Array>
-std::vector<std::size_t> shape_of(const Array& a) {
-    std::vector<std::size_t> shape(a.ndim());
-    for (std::size_t d = 0; d < a.ndim(); ++d) shape[d] = a.shape(d);
-    return shape;
-}
-
-[[noreturn]] inline void type_error(const std::string& message) { throw nb::type_error(message.c_str()); }
-[[noreturn]] inline void value_error(const std::string& message) { throw nb::value_error(message.c_str()); }
-
 inline std::string kind_of(nb::handle h) { return nb::type_name(h.type()).c_str(); }
 
-// Takes a read-only array argument; anything else is a TypeError naming the argument.
-inline InArray take_input(nb::handle h, const char* name) {
-    InArray a;
-    if (h.is_none() || !nb::try_cast(h, a, false))
-        type_error(std::string(name) + " must be a NumPy array or a CPU tensor supporting DLPack, got " +
-                   kind_of(h));
-    return a;
+inline std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
+    switch (nb::dlpack::dtype_code(dt.code)) {
+        case nb::dlpack::dtype_code::Int: return "int" + std::to_string(dt.bits);
+        case nb::dlpack::dtype_code::UInt: return "uint" + std::to_string(dt.bits);
+        case nb::dlpack::dtype_code::Float: return "float" + std::to_string(dt.bits);
+        case nb::dlpack::dtype_code::Bfloat: return "bfloat" + std::to_string(dt.bits);
+        case nb::dlpack::dtype_code::Complex: return "complex" + std::to_string(dt.bits);
+        case nb::dlpack::dtype_code::Bool: return "bool";
+    }
+    return "unknown";
 }
 
-// Takes an array that will be written; a read-only one is a ValueError naming the argument.
-inline OutArray take_output(nb::handle h, const char* name) {
-    OutArray a;
-    if (nb::try_cast(h, a, false)) return a;
-    take_input(h, name);  // raises TypeError if it is not an array at all
-    value_error(std::string(name) + " is read-only; pass a writable array");
+inline std::string ArrayRef::dtype_name() const {
+    if (descr) return nb::str(nb::handle(descr)).c_str();
+    return dlpack_dtype_name(dl_dtype);
 }
 
-template <class T, class Array>
-void check_dtype(const Array& a, const char* name) {
-    if (a.dtype() != nb::dtype<T>())
-        type_error(std::string(name) + " must have dtype " + dtype_name<T>() + " like the input, got " +
-                   dtype_name(a.dtype()) + " (batchnorm never casts silently)");
+inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
+    if (!PyArray_Check(h.ptr())) return false;
+    auto* array = reinterpret_cast<PyArrayObject*>(h.ptr());
+    a.rank = PyArray_NDIM(array);
+    if (a.rank > kMaxRank) value_error("arrays of more than " + std::to_string(kMaxRank) + " dimensions are not supported");
+    a.data = static_cast<char*>(PyArray_DATA(array));
+    a.type = PyArray_TYPE(array);
+    const bool native = PyArray_ISNOTSWAPPED(array);
+    if ((a.type != NPY_FLOAT32 && a.type != NPY_FLOAT64) || !native) a.type = NPY_NOTYPE;
+    a.descr = reinterpret_cast<PyObject*>(PyArray_DESCR(array));
+    a.writable = PyArray_ISWRITEABLE(array);
+    const npy_intp item = PyArray_ITEMSIZE(array);
+    bool aligned = PyArray_ISALIGNED(array);
+    for (int d = 0; d < a.rank; ++d) {
+        a.shape[d] = PyArray_DIM(array, d);
+        const npy_intp stride = PyArray_STRIDE(array, d);
+        aligned = aligned && stride % item == 0;
+        a.strides[d] = stride / item;
+    }
+    // Strides that are not whole elements cannot be walked by typed pointers.
+    if (!aligned) a.type = NPY_NOTYPE;
+    return true;
 }
 
-// Memory extent [first, last) in bytes of an array, for overlap checks.
-template <class Array>
-std::pair<const char*, const char*> extent(const Array& a) {
-    const char* base = static_cast<const char*>(a.data_handle()) + a.byte_offset();
+inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
+    using ReadOnly = nb::ndarray<nb::ro, nb::device::cpu>;
+    using Writable = nb::ndarray<nb::device::cpu>;
+    ReadOnly ro;
+    if (!nb::try_cast(h, ro, false)) return false;
+    Writable rw;
+    a.writable = nb::try_cast(h, rw, false);
+    a.rank = int(ro.ndim());
+    if (a.rank > kMaxRank) value_error("arrays of more than " + std::to_string(kMaxRank) + " dimensions are not supported");
+    a.data = static_cast<char*>(const_cast<void*>(ro.data()));
+    a.type = ro.dtype() == nb::dtype<float>() ? NPY_FLOAT32 : ro.dtype() == nb::dtype<double>() ? NPY_FLOAT64 : NPY_NOTYPE;
+    a.dl_dtype = ro.dtype();
+    for (int d = 0; d < a.rank; ++d) {
+        a.shape[d] = std::int64_t(ro.shape(std::size_t(d)));
+        a.strides[d] = ro.stride(std::size_t(d));
+    }
+    a.keep_alive = nb::cast(ro);
+    return true;
+}
+
+// Takes an array argument; anything else is a TypeError naming the argument.
+inline ArrayRef take_array(nb::handle h, const char* name) {
+    ArrayRef a;
+    if (!h.is_none() && (fill_from_numpy(h, a) || fill_from_dlpack(h, a))) return a;
+    type_error(std::string(name) + " must be a NumPy array or a CPU tensor supporting DLPack, got " + kind_of(h));
+}
+
+template <class T>
+void check_dtype(const ArrayRef& a, const char* name) {
+    if (a.type != numpy_type<T>())
+        type_error(std::string(name) + " must have dtype " + dtype_name<T>() + " like the input, got " + a.dtype_name() +
+                   " (batchnorm never casts silently)");
+}
+
+inline void check_writable(const ArrayRef& a, const char* name) {
+    if (!a.writable) value_error(std::string(name) + " is read-only; pass a writable array");
+}
+
+// Memory extent [first, last) in bytes, for overlap checks.
+inline std::pair<const char*, const char*> extent(const ArrayRef& a, std::int64_t itemsize) {
     std::int64_t lo = 0, hi = 0;
-    for (std::size_t d = 0; d < a.ndim(); ++d) {
-        if (a.shape(d) == 0) return {base, base};
-        const std::int64_t span = (std::int64_t(a.shape(d)) - 1) * a.stride(d);
+    for (int d = 0; d < a.rank; ++d) {
+        if (a.shape[d] == 0) return {a.data, a.data};
+        const std::int64_t span = (a.shape[d] - 1) * a.strides[d];
         (span < 0 ? lo : hi) += span;
     }
-    const std::int64_t item = std::int64_t(a.itemsize());
-    return {base + lo * item, base + (hi + 1) * item};
+    return {a.data + lo * itemsize, a.data + (hi + 1) * itemsize};
 }
 
-template <class A, class B>
-bool overlaps(const A& a, const B& b) {
-    const auto [a0, a1] = extent(a);
-    const auto [b0, b1] = extent(b);
+inline bool overlaps(const ArrayRef& a, const ArrayRef& b, std::int64_t itemsize) {
+    const auto [a0, a1] = extent(a, itemsize);
+    const auto [b0, b1] = extent(b, itemsize);
     return a0 < b1 && b0 < a1;
 }
 
-// 64-byte aligned storage, released by a capsule when the NumPy array that owns it dies.
+// A new NumPy array of T with the given shape and element strides (a dense permutation).
 template <class T>
-T* allocate(std::size_t count) {
-    return static_cast<T*>(::operator new(std::max<std::size_t>(count, 1) * sizeof(T), std::align_val_t(64)));
+nb::object new_array(int rank, const std::int64_t* shape, const std::int64_t* strides) {
+    npy_intp dims[kMaxRank], steps[kMaxRank];
+    for (int d = 0; d < rank; ++d) {
+        dims[d] = npy_intp(shape[d]);
+        steps[d] = npy_intp(strides[d] * std::int64_t(sizeof(T)));
+    }
+    PyObject* array = PyArray_New(&PyArray_Type, rank, dims, numpy_type<T>(), steps, nullptr, 0, 0, nullptr);
+    if (!array) throw nb::python_error();
+    return nb::steal(array);
 }
 
 template <class T>
-nb::capsule owner_of(T* data) {
-    return nb::capsule(data, [](void* p) noexcept { ::operator delete(p, std::align_val_t(64)); });
+T* data_of(const nb::object& array) {
+    return static_cast<T*>(PyArray_DATA(reinterpret_cast<PyArrayObject*>(array.ptr())));
 }
 
 template <class T>
-using NumpyArray = nb::ndarray<nb::numpy, T>;
-
-template <class T>
-NumpyArray<T> new_array(const std::vector<std::size_t>& shape, const std::vector<std::int64_t>& strides) {
-    const std::size_t count = std::accumulate(shape.begin(), shape.end(), std::size_t(1), std::multiplies<>());
-    T* data = allocate<T>(count);
-    return NumpyArray<T>(data, shape.size(), shape.data(), owner_of(data), strides.data());
-}
-
-template <class T>
-NumpyArray<T> new_vector(std::size_t n) {
-    return new_array<T>({n}, {1});
+nb::object new_vector(std::int64_t n) {
+    const std::int64_t one = 1;
+    return new_array<T>(1, &n, &one);
 }
 
 // Element-wise copy between two strided views of the same shape (strides in elements).
 template <class T>
 void copy_strided(const T* src, const std::int64_t* src_strides, T* dst, const std::int64_t* dst_strides,
-                  const std::size_t* shape, std::size_t ndim) {
-    if (ndim == 0) {
+                  const std::int64_t* shape, int rank) {
+    if (rank == 0) {
         *dst = *src;
         return;
     }
-    for (std::size_t i = 0; i < shape[0]; ++i)
-        copy_strided(src + std::int64_t(i) * src_strides[0], src_strides + 1, dst + std::int64_t(i) * dst_strides[0],
-                     dst_strides + 1, shape + 1, ndim - 1);
-}
-
-template <class Array>
-std::vector<std::int64_t> strides_of(const Array& a) {
-    std::vector<std::int64_t> strides(a.ndim());
-    for (std::size_t d = 0; d < a.ndim(); ++d) strides[d] = a.stride(d);
-    return strides;
-}
-
-inline std::vector<std::int64_t> c_order_strides(const std::vector<std::size_t>& shape) {
-    std::vector<std::int64_t> strides(shape.size());
-    std::int64_t step = 1;
-    for (std::size_t d = shape.size(); d-- > 0;) {
-        strides[d] = step;
-        step *= std::int64_t(shape[d]);
-    }
-    return strides;
+    for (std::int64_t i = 0; i < shape[0]; ++i)
+        copy_strided(src + i * src_strides[0], src_strides + 1, dst + i * dst_strides[0], dst_strides + 1, shape + 1,
+                     rank - 1);
 }
 
 // The memory the kernels see for one call: the shape and element strides of the input's
-// buffer (its own memory when dense, else a C-ordered copy) and the (outer, C, inner) view.
+// buffer (its own memory when dense in some axis order, else a C-ordered copy) and the
+// (outer, C, inner) view of it.
 struct Layout {
-    std::vector<std::size_t> shape;
-    std::vector<std::int64_t> strides;
+    int rank = 0;
+    std::int64_t shape[kMaxRank] = {};
+    std::int64_t strides[kMaxRank] = {};
     Shape view;
 
     // Same element positions, ignoring axes of length 1 (their stride is arbitrary).
-    bool matches(const std::vector<std::int64_t>& other) const {
-        for (std::size_t d = 0; d < shape.size(); ++d)
-            if (shape[d] > 1 && strides[d] != other[d]) return false;
+    bool matches(const ArrayRef& a) const {
+        for (int d = 0; d < rank; ++d)
+            if (shape[d] > 1 && strides[d] != a.strides[d]) return false;
         return true;
     }
-    std::size_t size() const { return std::size_t(view.size()); }
+    bool same_shape(const ArrayRef& a) const {
+        return a.rank == rank && std::equal(shape, shape + rank, a.shape);
+    }
+    std::vector<std::int64_t> shape_vector() const { return {shape, shape + rank}; }
 };
 
 // If the elements are dense in some order of the axes (C order, channels-last, any
 // permutation), the (outer, C, inner) view of that memory; else nothing.
-inline std::optional<Shape> dense_view(const std::vector<std::size_t>& shape,
-                                       const std::vector<std::int64_t>& strides, std::size_t axis) {
-    std::vector<std::size_t> axes;
-    for (std::size_t d = 0; d < shape.size(); ++d)
-        if (shape[d] != 1) axes.push_back(d);
-    std::stable_sort(axes.begin(), axes.end(), [&](std::size_t a, std::size_t b) { return strides[a] > strides[b]; });
+inline std::optional<Shape> dense_view(const ArrayRef& a, int axis) {
+    int axes[kMaxRank], n = 0;
+    for (int d = 0; d < a.rank; ++d)
+        if (a.shape[d] != 1) axes[n++] = d;
+    std::stable_sort(axes, axes + n, [&](int x, int y) { return a.strides[x] > a.strides[y]; });
     std::int64_t expected = 1;
-    for (std::size_t i = axes.size(); i-- > 0;) {
-        if (strides[axes[i]] != expected) return std::nullopt;
-        expected *= std::int64_t(shape[axes[i]]);
+    for (int i = n; i-- > 0;) {
+        if (a.strides[axes[i]] != expected) return std::nullopt;
+        expected *= a.shape[axes[i]];
     }
-    const std::int64_t total = expected, channels = std::int64_t(shape[axis]);
+    const std::int64_t total = expected, channels = a.shape[axis];
     if (channels == 1) return Shape{1, 1, total};
     std::int64_t inner = 1;
-    for (std::size_t d : axes)
-        if (strides[d] < strides[axis]) inner *= std::int64_t(shape[d]);
+    for (int i = 0; i < n; ++i)
+        if (a.strides[axes[i]] < a.strides[axis]) inner *= a.shape[axes[i]];
     return Shape{total / (channels * inner), channels, inner};
 }
 
-inline Layout layout_of(const InArray& x, std::size_t axis) {
-    Layout L{shape_of(x), strides_of(x), {}};
-    const std::size_t count = x.size();
-    if (count != 0) {
-        if (const auto view = dense_view(L.shape, L.strides, axis)) {
+inline Layout layout_of(const ArrayRef& x, int axis) {
+    Layout L;
+    L.rank = x.rank;
+    std::copy(x.shape, x.shape + x.rank, L.shape);
+    if (x.size() != 0) {
+        if (const auto view = dense_view(x, axis)) {
+            std::copy(x.strides, x.strides + x.rank, L.strides);
             L.view = *view;
             return L;
         }
     }
-    L.strides = c_order_strides(L.shape);
-    std::int64_t outer = 1, inner = 1;
-    for (std::size_t d = 0; d < axis; ++d) outer *= std::int64_t(L.shape[d]);
-    for (std::size_t d = axis + 1; d < L.shape.size(); ++d) inner *= std::int64_t(L.shape[d]);
-    L.view = Shape{outer, std::int64_t(L.shape[axis]), inner};
+    std::int64_t step = 1, outer = 1, inner = 1;
+    for (int d = x.rank; d-- > 0;) {
+        L.strides[d] = step;
+        step *= x.shape[d];
+        if (d < axis) outer *= x.shape[d];
+        if (d > axis) inner *= x.shape[d];
+    }
+    L.view = Shape{outer, x.shape[axis], inner};
     return L;
 }
 
-// An array argument read in the layout L: its own memory when it already has that layout,
-// else a copy arranged like L.
+template <class T>
+struct AlignedRelease {
+    void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }
+};
+
+template <class T>
+using Buffer = std::unique_ptr<T, AlignedRelease<T>>;
+
+template <class T>
+Buffer<T> new_buffer(std::int64_t count) {
+    return Buffer<T>(static_cast<T*>(::operator new(std::size_t(std::max<std::int64_t>(count, 1)) * sizeof(T),
+                                                      std::align_val_t(64))));
+}
+
+// An array argument read in layout L: its own memory when it has that layout, else a copy.
 template <class T>
 class ReadAs {
 public:
-    ReadAs(const InArray& a, const Layout& L) {
-        const T* src = static_cast<const T*>(a.data());
-        const std::vector<std::int64_t> strides = strides_of(a);
-        if (L.size() == 0 || L.matches(strides)) {
+    ReadAs(const ArrayRef& a, const Layout& L) {
+        const T* src = reinterpret_cast<const T*>(a.data);
+        if (L.view.size() == 0 || L.matches(a)) {
             data_ = src;
             return;
         }
-        // The buffer spans exactly L.size() elements: L's strides are dense.
-        copy_.reset(allocate<T>(L.size()));
-        copy_strided(src, strides.data(), copy_.get(), L.strides.data(), L.shape.data(), L.shape.size());
+        copy_ = new_buffer<T>(L.view.size());  // L's strides are dense: exactly size() elements
+        copy_strided(src, a.strides, copy_.get(), L.strides, L.shape, L.rank);
         data_ = copy_.get();
     }
     const T* data() const { return data_; }
 
 private:
-    struct Release {
-        void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }
-    };
-    std::unique_ptr<T, Release> copy_;
+    Buffer<T> copy_;
     const T* data_ = nullptr;
 };
 
-}  // namespace batchnorm::python
-
-namespace batchnorm::python {
-
-// Where a same-shaped result goes: a new array in layout L, or the caller's `out`. `out` is
-// written directly when it has layout L and does not partly overlap an input; otherwise
-// through a buffer in layout L that finish() copies into it.
+// Where a same-shaped result goes: a new array in layout L, or the caller's `out`, written
+// directly when it has layout L and does not partly overlap an input, else through a buffer
+// in layout L that finish() copies into it.
 template <class T>
 class WriteAs {
 public:
-    WriteAs(nb::handle out, const Layout& L, const char* name, const std::vector<const InArray*>& inputs)
+    WriteAs(nb::handle out, const Layout& L, const char* name, std::initializer_list<const ArrayRef*> inputs)
         : layout_(L) {
         if (out.is_none()) {
-            fresh_ = new_array<T>(L.shape, L.strides);
-            data_ = fresh_.data();
+            result_ = new_array<T>(L.rank, L.shape, L.strides);
+            data_ = data_of<T>(result_);
             return;
         }
-        out_ = take_output(out, name);
+        out_ = take_array(out, name);
         check_dtype<T>(out_, name);
-        if (shape_of(out_) != L.shape)
-            value_error(std::string(name) + " must have the input's shape " + shape_string(L.shape) + ", got " +
-                        shape_string(shape_of(out_)));
-        out_object_ = nb::borrow(out);
-        bool direct = layout_.matches(strides_of(out_));
-        for (const InArray* input : inputs)
-            if (input && overlaps(*input, out_) && input->data() != out_.data()) direct = false;
+        if (!L.same_shape(out_))
+            value_error(std::string(name) + " must have the input's shape " + shape_string(L.shape_vector()) +
+                        ", got " + shape_string(out_.shape_vector()));
+        check_writable(out_, name);
+        result_ = nb::borrow(out);
+        bool direct = L.matches(out_);
+        for (const ArrayRef* input : inputs)
+            if (input && input->data != out_.data && overlaps(*input, out_, sizeof(T))) direct = false;
         if (direct) {
-            data_ = out_.data() ? static_cast<T*>(out_.data()) : nullptr;
+            data_ = reinterpret_cast<T*>(out_.data);
         } else {
-            buffer_.reset(allocate<T>(L.size()));
+            buffer_ = new_buffer<T>(L.view.size());
             data_ = buffer_.get();
         }
     }
 
     T* data() const { return data_; }
+    const ArrayRef* out() const { return out_.data ? &out_ : nullptr; }
 
     nb::object finish() {
-        if (!out_object_.is_valid()) return nb::cast(fresh_);
-        if (buffer_) {
-            const std::vector<std::int64_t> strides = strides_of(out_);
-            copy_strided<T>(buffer_.get(), layout_.strides.data(), static_cast<T*>(out_.data()), strides.data(),
-                            layout_.shape.data(), layout_.shape.size());
-        }
-        return out_object_;
+        if (buffer_)
+            copy_strided<T>(buffer_.get(), layout_.strides, reinterpret_cast<T*>(out_.data), out_.strides,
+                            layout_.shape, layout_.rank);
+        return result_;
     }
 
 private:
-    struct Release {
-        void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }
-    };
-    Layout layout_;
-    NumpyArray<T> fresh_;
-    OutArray out_;
-    nb::object out_object_;
-    std::unique_ptr<T, Release> buffer_;
+    const Layout& layout_;
+    ArrayRef out_;
+    nb::object result_;
+    Buffer<T> buffer_;
     T* data_ = nullptr;
 };
 
-// A per-channel argument (1-D, C values, dtype T), or null for None. Strided ones are copied.
+// A per-channel argument: 1-D with C values of dtype T, or null for None. Strided ones are
+// copied; `writable` ones (running statistics) are written back by commit().
 template <class T>
-class ChannelValues {
+class ChannelArray {
 public:
-    ChannelValues(nb::handle h, const char* name, std::int64_t channels, bool optional = true) {
-        if (h.is_none()) {
-            if (!optional) type_error(std::string(name) + " must be an array of " + std::to_string(channels) +
-                                      " values, got None");
-            return;
-        }
-        array_ = take_input(h, name);
-        check_channels<T>(array_, name, channels);
-        const T* src = static_cast<const T*>(array_.data());
-        if (channels <= 1 || array_.stride(0) == 1) {
-            data_ = src;
-        } else {
-            copy_.resize(std::size_t(channels));
-            for (std::int64_t c = 0; c < channels; ++c) copy_[std::size_t(c)] = src[c * array_.stride(0)];
-            data_ = copy_.data();
-        }
-    }
-    const T* data() const { return data_; }
-    const InArray* array() const { return data_ ? &array_ : nullptr; }
-
-    template <class U, class Array>
-    static void check_channels(const Array& a, const char* name, std::int64_t channels) {
-        check_dtype<U>(a, name);
-        if (a.ndim() != 1 || std::int64_t(a.shape(0)) != channels)
-            value_error(std::string(name) + " must have shape (" + std::to_string(channels) +
-                        ",), one value per channel of the input, got " + shape_string(shape_of(a)));
-    }
-
-private:
-    InArray array_;
-    std::vector<T> copy_;
-    const T* data_ = nullptr;
-};
-
-// A per-channel array updated in place (running statistics). Strided ones go through a copy
-// that commit() writes back.
-template <class T>
-class ChannelUpdate {
-public:
-    ChannelUpdate(nb::handle h, const char* name, std::int64_t channels) {
+    ChannelArray(nb::handle h, const char* name, std::int64_t channels, bool writable = false) {
         if (h.is_none()) return;
-        array_ = take_output(h, name);
-        ChannelValues<T>::template check_channels<T>(array_, name, channels);
-        target_ = static_cast<T*>(array_.data());
-        stride_ = channels > 1 ? array_.stride(0) : 1;
+        array_ = take_array(h, name);
+        check_dtype<T>(array_, name);
+        if (array_.rank != 1 || array_.shape[0] != channels)
+            value_error(std::string(name) + " must have shape (" + std::to_string(channels) +
+                        ",), one value per channel of the input, got " + shape_string(array_.shape_vector()));
+        if (writable) check_writable(array_, name);
+        target_ = reinterpret_cast<T*>(array_.data);
+        stride_ = channels > 1 ? array_.strides[0] : 1;
         if (stride_ == 1) {
             data_ = target_;
-        } else {
-            copy_.resize(std::size_t(channels));
-            for (std::int64_t c = 0; c < channels; ++c) copy_[std::size_t(c)] = target_[c * stride_];
-            data_ = copy_.data();
+            return;
         }
+        copy_.resize(std::size_t(channels));
+        for (std::int64_t c = 0; c < channels; ++c) copy_[std::size_t(c)] = target_[c * stride_];
+        data_ = copy_.data();
     }
+
     T* data() const { return data_; }
-    const OutArray* array() const { return data_ ? &array_ : nullptr; }
+    const ArrayRef* array() const { return data_ ? &array_ : nullptr; }
     void commit() const {
         for (std::size_t c = 0; c < copy_.size(); ++c) target_[std::int64_t(c) * stride_] = copy_[c];
     }
 
 private:
-    OutArray array_;
+    ArrayRef array_;
     std::vector<T> copy_;
     T* target_ = nullptr;
     T* data_ = nullptr;

@@ -1,13 +1,11 @@
 // batchnorm._core: the nanobind module. It checks every argument (types, dtypes, shapes,
 // writability, overlaps) before anything is written, resolves layouts, releases the GIL and
 // calls the C++ entry points. The contract is docs/core-module.md.
-#include <nanobind/nanobind.h>
-#include <nanobind/ndarray.h>
-#include <nanobind/stl/string.h>
-#include <nanobind/stl/vector.h>
-
 #include "arrays.hpp"
 #include "instantiations.hpp"
+
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -16,48 +14,51 @@ namespace batchnorm::python {
 namespace {
 
 struct Input {
-    InArray array;
-    std::size_t axis;
+    ArrayRef array;
     Layout layout;
 };
 
-// The main input: a float32/float64 array of rank >= 2, with its channel axis and layout.
+// The main input: a float32/float64 array of rank >= 2, with the layout its channel axis gives.
 Input take_main_input(nb::handle h, const char* name, int axis) {
-    InArray x = take_input(h, name);
-    if (x.dtype() != nb::dtype<float>() && x.dtype() != nb::dtype<double>())
-        type_error(std::string(name) + " must have dtype float32 or float64, got " + dtype_name(x.dtype()));
-    const int rank = int(x.ndim());
-    if (rank < 2)
+    Input in{take_array(h, name), {}};
+    const ArrayRef& x = in.array;
+    if (x.type != NPY_FLOAT32 && x.type != NPY_FLOAT64)
+        type_error(std::string(name) + " must have dtype float32 or float64, got " + x.dtype_name());
+    if (x.rank < 2)
         value_error(std::string(name) + " must have at least 2 dimensions (N, C, ...), got shape " +
-                    shape_string(shape_of(x)));
-    if (axis < -rank || axis >= rank)
+                    shape_string(x.shape_vector()));
+    if (axis < -x.rank || axis >= x.rank)
         value_error("axis " + std::to_string(axis) + " is out of range for " + name + " of rank " +
-                    std::to_string(rank));
-    const std::size_t channel_axis = std::size_t(axis < 0 ? axis + rank : axis);
-    Layout layout = layout_of(x, channel_axis);
-    return {std::move(x), channel_axis, std::move(layout)};
+                    std::to_string(x.rank));
+    in.layout = layout_of(x, axis < 0 ? axis + x.rank : axis);
+    return in;
 }
 
 template <class F>
 nb::object with_element_type(const Input& in, F&& f) {
-    if (in.array.dtype() == nb::dtype<float>()) return f(float{});
+    if (in.array.type == NPY_FLOAT32) return f(float{});
     return f(double{});
 }
 
-template <class Array>
-void check_no_overlap(const OutArray* out, const Array* other, const char* out_name, const char* other_name) {
-    if (out && other && overlaps(*out, *other))
-        value_error(std::string(out_name) + " overlaps " + other_name + "; pass a separate array");
+// A same-shaped array argument (residual, grad_y) of dtype T, or nothing for None.
+template <class T>
+std::optional<ArrayRef> take_like_input(nb::handle h, const char* name, const Layout& L) {
+    if (h.is_none()) return std::nullopt;
+    ArrayRef a = take_array(h, name);
+    check_dtype<T>(a, name);
+    if (!L.same_shape(a))
+        value_error(std::string(name) + " must have the input's shape " + shape_string(L.shape_vector()) + ", got " +
+                    shape_string(a.shape_vector()));
+    return a;
 }
 
-// `out` must not share memory with a per-channel array that the call reads or writes.
+// `out` must not share memory with a per-channel array the call reads or writes.
 template <class T>
-void check_out_apart(nb::handle out, const char* out_name,
-                     const std::vector<std::pair<const InArray*, const char*>>& per_channel) {
-    if (out.is_none()) return;
-    OutArray o;
-    if (!nb::try_cast(out, o, false)) return;  // WriteAs reports what is wrong with it
-    for (const auto& [array, name] : per_channel) check_no_overlap(&o, array, out_name, name);
+void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays) {
+    if (!out.out()) return;
+    for (const auto& [array, name] : arrays)
+        if (array && overlaps(*out.out(), *array, sizeof(T)))
+            value_error(std::string("out overlaps ") + name + "; pass a separate array");
 }
 
 nb::object stats(nb::handle x_obj, int axis) {
@@ -65,11 +66,11 @@ nb::object stats(nb::handle x_obj, int axis) {
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const ReadAs<T> x(in.array, in.layout);
-        const std::int64_t C = in.layout.view.channels;
-        NumpyArray<T> mean = new_vector<T>(std::size_t(C)), var = new_vector<T>(std::size_t(C));
+        const std::int64_t channels = in.layout.view.channels;
+        nb::object mean = new_vector<T>(channels), var = new_vector<T>(channels);
         {
             nb::gil_scoped_release unlocked;
-            batchnorm::batch_stats<T>(x.data(), in.layout.view, mean.data(), var.data());
+            batchnorm::batch_stats<T>(x.data(), in.layout.view, data_of<T>(mean), data_of<T>(var));
         }
         return nb::make_tuple(mean, var);
     });
@@ -81,31 +82,26 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        const ChannelValues<T> weight(weight_obj, "weight", view.channels), bias(bias_obj, "bias", view.channels);
-        const ChannelUpdate<T> running_mean(rmean_obj, "running_mean", view.channels);
-        const ChannelUpdate<T> running_var(rvar_obj, "running_var", view.channels);
+        const ChannelArray<T> weight(weight_obj, "weight", view.channels), bias(bias_obj, "bias", view.channels);
+        const ChannelArray<T> running_mean(rmean_obj, "running_mean", view.channels, true);
+        const ChannelArray<T> running_var(rvar_obj, "running_var", view.channels, true);
         if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
             value_error("running_mean and running_var must both be arrays or both be None");
-        check_no_overlap(running_mean.array(), running_var.array(), "running_mean", "running_var");
+        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(T)))
+            value_error("running_mean overlaps running_var; pass separate arrays");
         if (view.per_channel() == 1)
             value_error("Expected more than 1 value per channel when training, got input size " +
-                        shape_string(in.layout.shape));
-        check_out_apart<T>(out, "out", {{weight.array(), "weight"}, {bias.array(), "bias"}});
-        if (!out.is_none()) {
-            OutArray o;
-            if (nb::try_cast(out, o, false)) {
-                check_no_overlap(&o, running_mean.array(), "out", "running_mean");
-                check_no_overlap(&o, running_var.array(), "out", "running_var");
-            }
-        }
-        const ReadAs<T> x(in.array, in.layout);
+                        shape_string(in.layout.shape_vector()));
         WriteAs<T> y(out, in.layout, "out", {&in.array});
-        NumpyArray<T> save_mean = new_vector<T>(std::size_t(view.channels));
-        NumpyArray<T> save_invstd = new_vector<T>(std::size_t(view.channels));
+        check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}, {running_mean.array(), "running_mean"},
+                        {running_var.array(), "running_var"}});
+        const ReadAs<T> x(in.array, in.layout);
+        nb::object save_mean = new_vector<T>(view.channels), save_invstd = new_vector<T>(view.channels);
         {
             nb::gil_scoped_release unlocked;
             batchnorm::forward_train<T>(x.data(), y.data(), view, weight.data(), bias.data(), running_mean.data(),
-                                        running_var.data(), momentum, eps, save_mean.data(), save_invstd.data());
+                                        running_var.data(), momentum, eps, data_of<T>(save_mean),
+                                        data_of<T>(save_invstd));
         }
         running_mean.commit();
         running_var.commit();
@@ -120,23 +116,18 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        const ChannelValues<T> mean(mean_obj, "running_mean", view.channels, false);
-        const ChannelValues<T> var(var_obj, "running_var", view.channels, false);
-        const ChannelValues<T> weight(weight_obj, "weight", view.channels), bias(bias_obj, "bias", view.channels);
-        std::optional<InArray> residual_array;
-        if (!residual_obj.is_none()) {
-            residual_array = take_input(residual_obj, "residual");
-            check_dtype<T>(*residual_array, "residual");
-            if (shape_of(*residual_array) != in.layout.shape)
-                value_error("residual must have the input's shape " + shape_string(in.layout.shape) + ", got " +
-                            shape_string(shape_of(*residual_array)));
-        }
-        check_out_apart<T>(out, "out", {{mean.array(), "running_mean"}, {var.array(), "running_var"},
-                                        {weight.array(), "weight"}, {bias.array(), "bias"}});
+        if (mean_obj.is_none() || var_obj.is_none())
+            value_error("running_mean and running_var are required in eval mode");
+        const ChannelArray<T> mean(mean_obj, "running_mean", view.channels);
+        const ChannelArray<T> var(var_obj, "running_var", view.channels);
+        const ChannelArray<T> weight(weight_obj, "weight", view.channels), bias(bias_obj, "bias", view.channels);
+        const std::optional<ArrayRef> residual_array = take_like_input<T>(residual_obj, "residual", in.layout);
+        WriteAs<T> y(out, in.layout, "out", {&in.array, residual_array ? &*residual_array : nullptr});
+        check_apart(y, {{mean.array(), "running_mean"}, {var.array(), "running_var"}, {weight.array(), "weight"},
+                        {bias.array(), "bias"}});
         const ReadAs<T> x(in.array, in.layout);
         std::optional<ReadAs<T>> residual;
         if (residual_array) residual.emplace(*residual_array, in.layout);
-        WriteAs<T> y(out, in.layout, "out", {&in.array, residual_array ? &*residual_array : nullptr});
         {
             nb::gil_scoped_release unlocked;
             batchnorm::forward_eval<T>(x.data(), y.data(), view, mean.data(), var.data(), weight.data(), bias.data(),
@@ -153,23 +144,19 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        const InArray grad_array = take_input(grad_obj, "grad_y");
-        check_dtype<T>(grad_array, "grad_y");
-        if (shape_of(grad_array) != in.layout.shape)
-            value_error("grad_y must have the shape of x " + shape_string(in.layout.shape) + ", got " +
-                        shape_string(shape_of(grad_array)));
-        const ChannelValues<T> mean(mean_obj, "mean", view.channels, false);
-        const ChannelValues<T> invstd(invstd_obj, "invstd", view.channels, false);
-        const ChannelValues<T> weight(weight_obj, "weight", view.channels);
-        check_out_apart<T>(out, "out", {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
-        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
+        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
+        const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
+        const ChannelArray<T> weight(weight_obj, "weight", view.channels);
         WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_array});
-        NumpyArray<T> grad_weight = new_vector<T>(std::size_t(view.channels));
-        NumpyArray<T> grad_bias = new_vector<T>(std::size_t(view.channels));
+        check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
+        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        nb::object grad_weight = new_vector<T>(view.channels), grad_bias = new_vector<T>(view.channels);
         {
             nb::gil_scoped_release unlocked;
             batchnorm::backward<T>(grad_y.data(), x.data(), grad_x.data(), view, mean.data(), invstd.data(),
-                                   weight.data(), grad_weight.data(), grad_bias.data(), training);
+                                   weight.data(), data_of<T>(grad_weight), data_of<T>(grad_bias), training);
         }
         return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
     });
@@ -181,11 +168,18 @@ std::vector<std::string> available_isas() {
     return names;
 }
 
+// import_array() is a macro that returns a value on failure; wrap it to report a Python error.
+bool import_numpy() {
+    import_array1(false);
+    return true;
+}
+
 }  // namespace
 }  // namespace batchnorm::python
 
 NB_MODULE(_core, m) {
     namespace py = batchnorm::python;
+    if (!py::import_numpy()) throw nb::python_error();
     m.doc() = "batchnorm's C++ kernels. Internal: use the batchnorm package.";
     // Resolve BATCHNORM_ISA now, so a backend this machine cannot run fails the import.
     batchnorm::active_isa();
@@ -196,15 +190,15 @@ NB_MODULE(_core, m) {
           "Every backend this CPU and build can run, best first (values for BATCHNORM_ISA).");
     m.def("get_num_threads", &batchnorm::get_num_threads, "Threads a large call may use.");
     m.def("set_num_threads", &batchnorm::set_num_threads, "n"_a, "Sets the threads for later calls (n >= 1).");
-    m.def("stats", &py::stats, "input"_a, nb::kw_only(), "axis"_a = 1,
+    m.def("stats", &py::stats, "input"_a.none(), nb::kw_only(), "axis"_a = 1,
           "Per-channel mean and biased variance.");
-    m.def("forward_train", &py::forward_train, "input"_a, "weight"_a.none(), "bias"_a.none(),
+    m.def("forward_train", &py::forward_train, "input"_a.none(), "weight"_a.none(), "bias"_a.none(),
           "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, nb::kw_only(), "axis"_a = 1,
           "out"_a.none() = nb::none(), "Training forward; returns (y, save_mean, save_invstd).");
-    m.def("forward_eval", &py::forward_eval, "input"_a, "running_mean"_a.none(), "running_var"_a.none(),
+    m.def("forward_eval", &py::forward_eval, "input"_a.none(), "running_mean"_a.none(), "running_var"_a.none(),
           "weight"_a.none(), "bias"_a.none(), "eps"_a, nb::kw_only(), "axis"_a = 1, "out"_a.none() = nb::none(),
           "residual"_a.none() = nb::none(), "relu"_a = false, "Eval forward: act(bn(x) + residual).");
-    m.def("backward", &py::backward, "grad_y"_a, "x"_a, "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(),
-          nb::kw_only(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
+    m.def("backward", &py::backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(), "invstd"_a.none(),
+          "weight"_a.none(), nb::kw_only(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
           "Backward; returns (grad_x, grad_weight, grad_bias).");
 }

@@ -17,10 +17,12 @@ struct ChannelAffine {
 };
 
 template <class T>
-ChannelAffine<T> affine_for(double mean, double invstd, double weight, double bias) {
-    const T shift = T(mean);
+ChannelAffine<T> affine_for(const Moments& m, double invstd, double weight, double bias) {
+    const T shift = T(m.mean());
     const double alpha = weight * invstd;
-    return {shift, T(alpha), T(bias - (mean - double(shift)) * alpha)};
+    // mean - shift, without first rounding the mean: (m.shift - shift) is exact when close.
+    const double rest = (m.shift - double(shift)) + m.offset;
+    return {shift, T(alpha), T(bias - rest * alpha)};
 }
 
 inline double invstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
@@ -49,12 +51,12 @@ ChannelAffine<T> finish_train_channel(std::int64_t c, const Moments& m, const Tr
     const double invstd = invstd_of(m.biased_var(), a.eps);
     if (a.running_mean) {
         const double keep = 1.0 - a.momentum;
-        a.running_mean[c] = T(keep * double(a.running_mean[c]) + a.momentum * m.mean);
+        a.running_mean[c] = T(keep * double(a.running_mean[c]) + a.momentum * m.mean());
         a.running_var[c] = T(keep * double(a.running_var[c]) + a.momentum * m.unbiased_var());
     }
-    if (a.save_mean) a.save_mean[c] = T(m.mean);
+    if (a.save_mean) a.save_mean[c] = T(m.mean());
     if (a.save_invstd) a.save_invstd[c] = T(invstd);
-    return affine_for<T>(m.mean, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
+    return affine_for<T>(m, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
 }
 
 // Arguments of a backward pass.

@@ -70,7 +70,7 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
     for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
         const std::int64_t t_end = std::min(end, t + kTileValues<T>);
         const double count = double(t_end - t);
-        double guess = total.mean;
+        double guess = total.mean();
         if (total.count == 0) {
             const std::int64_t probe_end = std::min(t_end, t + kProbeValues);
             double sum = 0;
@@ -161,7 +161,7 @@ void stats_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, T
         s, s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
         [&](std::int64_t c, const Moments& m) {
-            mean[c] = T(m.mean);
+            mean[c] = T(m.mean());
             var[c] = T(m.biased_var());
         },
         NoApply{});

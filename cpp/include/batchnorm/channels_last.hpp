@@ -36,17 +36,17 @@ std::int64_t tile_rows(std::int64_t cols) {
 template <class T>
 struct ColumnScratch {
     explicit ColumnScratch(std::int64_t cols)
-        : mean(std::size_t(cols)), m2(std::size_t(cols)), sum(std::size_t(cols)),
-          s1(std::size_t(cols)), s2(std::size_t(cols)), shift(std::size_t(cols)) {}
-    std::vector<double> mean, m2;       // the thread's moments so far (backward: its two dot sums)
-    std::vector<double> sum, s1, s2;    // one tile's sums
-    std::vector<T> shift;               // one tile's shifts, near its means
+        : moments(std::size_t(cols)), sum(std::size_t(cols)), s1(std::size_t(cols)), s2(std::size_t(cols)),
+          shift(std::size_t(cols)) {}
+    std::vector<Moments> moments;     // the thread's moments so far
+    std::vector<double> sum, s1, s2;  // one tile's sums (backward: the thread's two dot sums)
+    std::vector<T> shift;             // one tile's shifts, near its means
 };
 
 // Rows whose mean gives the first tile's shift per column.
 constexpr std::int64_t kProbeRows = 8;
 
-// Moments of every column over `rows` rows into scratch.mean / scratch.m2, one pass per tile in
+// Moments of every column over `rows` rows into scratch.moments, one pass per tile in
 // the usual case (as range_moments in channels_first.hpp): deviations from the mean of the first
 // rows, then from the mean so far; a tile where some column's shift is more than a standard
 // deviation off is summed again around its own means while it is in cache.
@@ -68,7 +68,7 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::i
             k.cl_sum(tile, probe, cols, w.sum.data());
             for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.sum[j] / double(probe));
         } else {
-            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.mean[j]);
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.moments[j].mean());
         }
         sum_deviations(tile, n);
         bool close = true;
@@ -77,12 +77,8 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::i
             for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(double(w.shift[j]) + w.s1[j] / double(n));
             sum_deviations(tile, n);
         }
-        for (std::size_t j = 0; j < std::size_t(cols); ++j) {
-            const Moments m = merge(Moments{double(r), w.mean[j], w.m2[j]},
-                                    from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]));
-            w.mean[j] = m.mean;
-            w.m2[j] = m.m2;
-        }
+        for (std::size_t j = 0; j < std::size_t(cols); ++j)
+            w.moments[j] = merge(w.moments[j], from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]));
     }
 }
 
@@ -106,7 +102,7 @@ BATCHNORM_OMP(parallel num_threads(threads) if (threads > 1))
         }
 BATCHNORM_OMP(barrier)
 BATCHNORM_OMP(for schedule(static))
-        for (std::int64_t c = 0; c < s.channels; ++c) finish(c, scratch, row_begin);
+        for (std::int64_t c = 0; c < s.channels; ++c) finish(c, scratch);
         for (int t = thread_index(); t < threads; t += team_size()) {
             const std::int64_t b = row_begin[std::size_t(t)], e = row_begin[std::size_t(t) + 1];
             apply(b, e);
@@ -116,14 +112,10 @@ BATCHNORM_OMP(for schedule(static))
 
 // Channel c's moments, merged over every thread's block and over the channel's inner columns.
 template <class T>
-Moments channel_moments(const Shape& s, std::int64_t c, const std::vector<ColumnScratch<T>>& scratch,
-                        const std::vector<std::int64_t>& row_begin) {
+Moments channel_moments(const Shape& s, std::int64_t c, const std::vector<ColumnScratch<T>>& scratch) {
     Moments total;
-    for (std::size_t t = 0; t < scratch.size(); ++t) {
-        const double n = double(row_begin[t + 1] - row_begin[t]);
-        for (std::int64_t j = c * s.inner; j < (c + 1) * s.inner; ++j)
-            total = merge(total, Moments{n, scratch[t].mean[std::size_t(j)], scratch[t].m2[std::size_t(j)]});
-    }
+    for (const ColumnScratch<T>& w : scratch)
+        for (std::int64_t j = c * s.inner; j < (c + 1) * s.inner; ++j) total = merge(total, w.moments[std::size_t(j)]);
     return total;
 }
 
@@ -133,9 +125,9 @@ void stats_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, T*
     for_each_row_block<T>(
         s, s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
-        [&](std::int64_t c, const auto& scratch, const auto& row_begin) {
-            const Moments m = channel_moments(s, c, scratch, row_begin);
-            mean[c] = T(m.mean);
+        [&](std::int64_t c, const auto& scratch) {
+            const Moments m = channel_moments(s, c, scratch);
+            mean[c] = T(m.mean());
             var[c] = T(m.biased_var());
         },
         [](std::int64_t, std::int64_t) {});
@@ -163,8 +155,8 @@ void train_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape&
     for_each_row_block<T>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
-        [&](std::int64_t c, const auto& scratch, const auto& row_begin) {
-            const ChannelAffine<T> a = finish_train_channel(c, channel_moments(s, c, scratch, row_begin), args);
+        [&](std::int64_t c, const auto& scratch) {
+            const ChannelAffine<T> a = finish_train_channel(c, channel_moments(s, c, scratch), args);
             shift.set(c, a.shift);
             alpha.set(c, a.alpha);
             beta.set(c, a.beta);
@@ -185,15 +177,15 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
     for_each_row_block<T>(
         s, 4 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) {
-            std::fill(w.mean.begin(), w.mean.end(), 0.0);
-            std::fill(w.m2.begin(), w.m2.end(), 0.0);
-            k.cl_dot(dy + b * cols, x + b * cols, e - b, cols, shift.data(), w.mean.data(), w.m2.data());
+            std::fill(w.s1.begin(), w.s1.end(), 0.0);
+            std::fill(w.s2.begin(), w.s2.end(), 0.0);
+            k.cl_dot(dy + b * cols, x + b * cols, e - b, cols, shift.data(), w.s1.data(), w.s2.data());
         },
-        [&](std::int64_t c, const auto& scratch, const auto&) {
+        [&](std::int64_t c, const auto& scratch) {
             Sums sums;
             for (const auto& w : scratch)
                 for (std::size_t j = std::size_t(c * s.inner); j < std::size_t((c + 1) * s.inner); ++j)
-                    sums += Sums{w.mean[j], w.m2[j]};
+                    sums += Sums{w.s1[j], w.s2[j]};
             const GradCoefficients<T> g = finish_backward_channel(c, sums, n, args);
             k_coef.set(c, g.k);
             m_coef.set(c, g.m);

@@ -141,8 +141,8 @@ void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* 
         beta(std::size_t(shape.channels));
     for (std::int64_t c = 0; c < shape.channels; ++c) {
         const detail::ChannelAffine<T> a = detail::affine_for<T>(
-            double(mean[c]), detail::invstd_of(double(var[c]), eps), detail::value_or(weight, c, 1.0),
-            detail::value_or(bias, c, 0.0));
+            detail::Moments{1, double(mean[c]), 0, 0}, detail::invstd_of(double(var[c]), eps),
+            detail::value_or(weight, c, 1.0), detail::value_or(bias, c, 0.0));
         alpha[std::size_t(c)] = a.alpha;
         beta[std::size_t(c)] = a.beta;
     }

@@ -2,15 +2,18 @@
 // of one channel, the partials of several threads and, later, of several processes.
 #pragma once
 
-#include <algorithm>
-
 namespace batchnorm::detail {
 
+// The mean is kept as shift + offset, with the shift near the mean: offsets are small, so the
+// difference of two means in a merge keeps its digits even when the data sit far from zero
+// (at 1e6, a plain mean carries an absolute error of 1e-10, which would reach the variance).
 struct Moments {
     double count = 0;
-    double mean = 0;
-    double m2 = 0;  // sum of squared deviations from mean
+    double shift = 0;   // a reference point near the mean
+    double offset = 0;  // mean - shift
+    double m2 = 0;      // sum of squared deviations from the mean
 
+    double mean() const { return shift + offset; }
     double biased_var() const { return m2 / count; }
     double unbiased_var() const { return m2 / (count - 1); }
 };
@@ -21,16 +24,17 @@ inline Moments merge(const Moments& a, const Moments& b) {
     if (a.count == 0) return b;
     if (b.count == 0) return a;
     const double n = a.count + b.count;
-    const double delta = b.mean - a.mean;
-    return {n, a.mean + delta * (b.count / n), a.m2 + b.m2 + delta * delta * (a.count * b.count / n)};
+    const double delta = (b.shift - a.shift) + (b.offset - a.offset);
+    return {n, a.shift, a.offset + delta * (b.count / n), a.m2 + b.m2 + delta * delta * (a.count * b.count / n)};
 }
 
 // Moments from sums of deviations from a shift close to the mean:
-// s1 = sum(x - shift), s2 = sum((x - shift)^2). The correction s1^2/n is tiny because the
-// shift is the block's own (rounded) mean, so nothing cancels.
+// s1 = sum(x - shift), s2 = sum((x - shift)^2). The correction s1^2/n is small when the shift
+// is near the mean, so little cancels (see shift_is_close). NaN stays NaN.
 inline Moments from_shifted_sums(double count, double shift, double s1, double s2) {
     if (count == 0) return {};
-    return {count, shift + s1 / count, std::max(0.0, s2 - s1 * s1 / count)};
+    const double m2 = s2 - s1 * s1 / count;
+    return {count, shift, s1 / count, m2 < 0 ? 0.0 : m2};
 }
 
 // Whether sums around `shift` give the variance without losing digits: the correction

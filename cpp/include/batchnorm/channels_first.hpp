@@ -28,6 +28,10 @@ constexpr std::int64_t kMinPartValues = 16 << 10;
 template <class F>
 void for_each_run(const Shape& s, std::int64_t c, std::int64_t begin, std::int64_t end, F&& f) {
     const std::int64_t stride = s.channels * s.inner;
+    if (begin == 0 && end == s.per_channel()) {  // the whole channel: no divisions needed
+        if (end > 0) f(c * s.inner, s.outer, s.inner, stride);
+        return;
+    }
     const auto offset = [&](std::int64_t value) {
         return (value / s.inner) * stride + c * s.inner + value % s.inner;
     };
@@ -117,11 +121,13 @@ void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finis
     const int threads = threads_for(bytes, channels * std::max<std::int64_t>(1, n / kMinPartValues));
     const std::int64_t parts = channel_splits(channels, n, threads, kMinPartValues);
     if (parts == 1) {
-BATCHNORM_OMP(parallel for num_threads(threads) schedule(static) if (threads > 1))
-        for (std::int64_t c = 0; c < channels; ++c) {
-            finish(c, reduce(c, std::int64_t(0), n));
-            apply(c, std::int64_t(0), n);
-        }
+        run_parallel(threads, [&] {
+            BATCHNORM_OMP(for schedule(static))
+            for (std::int64_t c = 0; c < channels; ++c) {
+                finish(c, reduce(c, std::int64_t(0), n));
+                apply(c, std::int64_t(0), n);
+            }
+        });
         return;
     }
     const std::int64_t items = channels * parts;
@@ -130,25 +136,24 @@ BATCHNORM_OMP(parallel for num_threads(threads) schedule(static) if (threads > 1
         return std::pair<std::int64_t, std::int64_t>{n * part / parts, n * (part + 1) / parts};
     };
     std::vector<R> partials(std::size_t(items), R{});
-BATCHNORM_OMP(parallel num_threads(threads))
-    {
-BATCHNORM_OMP(for schedule(static))
+    run_parallel(threads, [&] {
+        BATCHNORM_OMP(for schedule(static))
         for (std::int64_t item = 0; item < items; ++item) {
             const auto [begin, end] = bounds(item);
             partials[std::size_t(item)] = reduce(item / parts, begin, end);
         }
-BATCHNORM_OMP(for schedule(static))
+        BATCHNORM_OMP(for schedule(static))
         for (std::int64_t c = 0; c < channels; ++c) {
             R total{};
             for (std::int64_t p = 0; p < parts; ++p) total = merge(total, partials[std::size_t(c * parts + p)]);
             finish(c, total);
         }
-BATCHNORM_OMP(for schedule(static))
+        BATCHNORM_OMP(for schedule(static))
         for (std::int64_t item = 0; item < items; ++item) {
             const auto [begin, end] = bounds(item);
             apply(item / parts, begin, end);
         }
-    }
+    });
 }
 
 struct NoApply {
@@ -208,15 +213,13 @@ void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual,
     const std::int64_t planes = s.outer * s.channels;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), planes);
-BATCHNORM_OMP(parallel num_threads(threads) if (threads > 1))
-    {
-        const int t = thread_index(), nt = team_size();
-        const std::int64_t begin = planes * t / nt, end = planes * (t + 1) / nt;
+    run_parallel(threads, [&] {
+        const auto [begin, end] = my_share(planes);
         const std::int64_t at = begin * s.inner;
         if (begin < end)
             k.rows_affine(x + at, residual ? residual + at : nullptr, y + at, end - begin, s.inner,
                           begin % s.channels, s.channels, shift, alpha, beta, relu);
-    }
+    });
 }
 
 }  // namespace batchnorm::detail

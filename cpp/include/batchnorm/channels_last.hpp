@@ -93,21 +93,16 @@ void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Fin
     std::vector<ColumnScratch<T>> scratch(std::size_t(threads), ColumnScratch<T>{cols});
     std::vector<std::int64_t> row_begin(std::size_t(threads) + 1);
     for (int t = 0; t <= threads; ++t) row_begin[std::size_t(t)] = rows * t / threads;
-BATCHNORM_OMP(parallel num_threads(threads) if (threads > 1))
-    {
-        // Without OpenMP (or with a smaller team) one thread walks every block in turn.
-        for (int t = thread_index(); t < threads; t += team_size()) {
-            const std::int64_t b = row_begin[std::size_t(t)], e = row_begin[std::size_t(t) + 1];
-            reduce(b, e, scratch[std::size_t(t)]);
-        }
-BATCHNORM_OMP(barrier)
-BATCHNORM_OMP(for schedule(static))
+    // Equal static schedules over the same count give block t to the same thread in both loops.
+    run_parallel(threads, [&] {
+        BATCHNORM_OMP(for schedule(static))
+        for (int t = 0; t < threads; ++t)
+            reduce(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], scratch[std::size_t(t)]);
+        BATCHNORM_OMP(for schedule(static))
         for (std::int64_t c = 0; c < s.channels; ++c) finish(c, scratch);
-        for (int t = thread_index(); t < threads; t += team_size()) {
-            const std::int64_t b = row_begin[std::size_t(t)], e = row_begin[std::size_t(t) + 1];
-            apply(b, e);
-        }
-    }
+        BATCHNORM_OMP(for schedule(static))
+        for (int t = 0; t < threads; ++t) apply(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1]);
+    });
 }
 
 // Channel c's moments, merged over every thread's block and over the channel's inner columns.
@@ -204,14 +199,12 @@ void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, 
     const std::int64_t rows = s.outer, cols = s.channels * s.inner;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), rows);
-BATCHNORM_OMP(parallel num_threads(threads) if (threads > 1))
-    {
-        const int t = thread_index(), nt = team_size();
-        const std::int64_t b = rows * t / nt, e = rows * (t + 1) / nt;
+    run_parallel(threads, [&] {
+        const auto [b, e] = my_share(rows);
         if (b < e)
-            k.cl_affine(x + b * cols, residual ? residual + b * cols : nullptr, y + b * cols, e - b,
-                        cols, shift, alpha, beta, relu);
-    }
+            k.cl_affine(x + b * cols, residual ? residual + b * cols : nullptr, y + b * cols, e - b, cols, shift,
+                        alpha, beta, relu);
+    });
 }
 
 }  // namespace batchnorm::detail

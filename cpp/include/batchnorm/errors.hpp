@@ -3,6 +3,7 @@
 // standard type; the Python bindings map them to ValueError and RuntimeError.
 #pragma once
 
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -24,8 +25,15 @@ namespace detail {
 
 [[noreturn]] inline void fail(const std::string& message) { throw invalid_argument(message); }
 
-inline void require(bool condition, const std::string& message) {
-    if (!condition) fail(message);
+// Throws invalid_argument with the parts streamed into one message. The message is built only
+// on failure: checks sit on every call's path, and formatting numbers costs more than a small
+// call's whole computation.
+template <class... Parts>
+void require(bool condition, const Parts&... parts) {
+    if (condition) return;
+    std::ostringstream message;
+    (message << ... << parts);
+    fail(message.str());
 }
 
 }  // namespace detail

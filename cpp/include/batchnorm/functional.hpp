@@ -32,18 +32,16 @@ void check_element_type() {
 }
 
 inline void check_eps(double eps) {
-    require(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got " + std::to_string(eps));
+    require(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got ", eps);
 }
 
 inline void check_pointer(const void* p, const char* name) {
-    require(p != nullptr, std::string(name) + " must not be null");
+    require(p != nullptr, name, " must not be null");
 }
 
 inline void check_training_size(const Shape& s) {
-    require(s.per_channel() != 1,
-            "Expected more than 1 value per channel when training, got input size (" +
-                std::to_string(s.outer) + ", " + std::to_string(s.channels) + ", " +
-                std::to_string(s.inner) + ")");
+    require(s.per_channel() != 1, "Expected more than 1 value per channel when training, got input size (",
+            s.outer, ", ", s.channels, ", ", s.inner, ")");
 }
 
 }  // namespace detail
@@ -79,8 +77,7 @@ void forward_train(const T* x, T* y, const Shape& shape, const T* weight, const 
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_eps(eps);
-    detail::require(momentum >= 0 && momentum <= 1,
-                    "momentum must be in [0, 1], got " + std::to_string(momentum));
+    detail::require(momentum >= 0 && momentum <= 1, "momentum must be in [0, 1], got ", momentum);
     detail::require((running_mean == nullptr) == (running_var == nullptr),
                     "running_mean and running_var must be given together");
     detail::check_training_size(shape);
@@ -137,16 +134,19 @@ void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* 
     if (shape.size() == 0) return;
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
-    std::vector<T> shift(mean, mean + shape.channels), alpha(std::size_t(shape.channels)),
-        beta(std::size_t(shape.channels));
+    // Per-channel factors in a buffer this thread keeps: no allocation per call once warm.
+    thread_local std::vector<T> factors;
+    factors.resize(2 * std::size_t(shape.channels));
+    T* alpha = factors.data();
+    T* beta = alpha + shape.channels;
     for (std::int64_t c = 0; c < shape.channels; ++c) {
         const detail::ChannelAffine<T> a = detail::affine_for<T>(
             detail::Moments{1, double(mean[c]), 0, 0}, detail::invstd_of(double(var[c]), eps),
             detail::value_or(weight, c, 1.0), detail::value_or(bias, c, 0.0));
-        alpha[std::size_t(c)] = a.alpha;
-        beta[std::size_t(c)] = a.beta;
+        alpha[c] = a.alpha;
+        beta[c] = a.beta;
     }
-    detail::apply_affine(x, residual, y, shape, shift.data(), alpha.data(), beta.data(), act);
+    detail::apply_affine(x, residual, y, shape, mean, alpha, beta, act);
 }
 
 // Backward. With training = true, the gradient through the batch statistics (mean, invstd as

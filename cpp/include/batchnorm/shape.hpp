@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 #include "errors.hpp"
 
@@ -23,9 +22,8 @@ namespace detail {
 
 inline void check_shape(const Shape& s) {
     require(s.outer >= 0 && s.channels >= 0 && s.inner >= 0,
-            "shape: outer, channels and inner must be non-negative, got (" +
-                std::to_string(s.outer) + ", " + std::to_string(s.channels) + ", " +
-                std::to_string(s.inner) + ")");
+            "shape: outer, channels and inner must be non-negative, got (", s.outer, ", ", s.channels, ", ",
+            s.inner, ")");
 }
 
 }  // namespace detail

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <utility>
 #include <string>
 
 #include "errors.hpp"
@@ -32,7 +33,7 @@ inline int get_num_threads() {
 
 // Sets the threads for later calls from this thread (OpenMP's per-thread setting).
 inline void set_num_threads(int n) {
-    detail::require(n >= 1, "set_num_threads: n must be at least 1, got " + std::to_string(n));
+    detail::require(n >= 1, "set_num_threads: n must be at least 1, got ", n);
 #if defined(_OPENMP)
     omp_set_num_threads(n);
 #endif
@@ -64,6 +65,26 @@ inline int team_size() {
 #else
     return 1;
 #endif
+}
+
+// Runs body() on a team of `threads` threads, or directly on this one when one is asked for:
+// entering an OpenMP region costs more than a small call's whole computation. Inside body,
+// thread_index()/team_size() tell the share, and orphaned `omp for` loops split across the team
+// (or run whole without one).
+template <class Body>
+void run_parallel(int threads, Body&& body) {
+    if (threads <= 1) {
+        body();
+        return;
+    }
+    BATCHNORM_OMP(parallel num_threads(threads))
+    body();
+}
+
+// The share [begin, end) of `count` items for this thread of the team.
+inline std::pair<std::int64_t, std::int64_t> my_share(std::int64_t count) {
+    const std::int64_t t = thread_index(), n = team_size();
+    return {count * t / n, count * (t + 1) / n};
 }
 
 // How many parts to cut each channel into so that every thread gets the same number of

@@ -100,25 +100,16 @@ def batch_norm(
     if training:
         if residual is not None or activation is not None:
             _reject_fusion(residual, activation)
-        return _forward_train(
-            input, weight, bias, running_mean, running_var, momentum, eps, axis=axis, out=out
-        )[0]
+        # Positional: _core parses positional arguments faster than keywords.
+        return _forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, out)[0]
     # torch raises "running_mean must be defined in evaluation mode" here; same words.
     if running_mean is None:
         raise ValueError("running_mean must be defined in evaluation mode (training=False)")
     if running_var is None:
         raise ValueError("running_var must be defined in evaluation mode (training=False)")
     return _forward_eval(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        eps,
-        axis=axis,
-        out=out,
-        residual=residual,
-        relu=activation is not None and _relu_flag(activation),  # no call in the common case
+        input, running_mean, running_var, weight, bias, eps, axis, out, residual,
+        activation is not None and _relu_flag(activation),  # no call in the common case
     )
 
 
@@ -132,7 +123,7 @@ def batch_norm_stats(x: ArrayIn, *, axis: int = 1) -> Tuple[FloatArray, FloatArr
     -------
     (mean, var) : two new (C,) arrays of the dtype of ``x``.
     """
-    return _stats(x, axis=axis)
+    return _stats(x, axis)
 
 
 def batch_norm_backward(
@@ -155,6 +146,4 @@ def batch_norm_backward(
         ``grad_x`` like ``x``; ``grad_weight = sum(grad_y*(x - mean))*invstd`` and
         ``grad_bias = sum(grad_y)``, both (C,). ``weight`` None means 1.
     """
-    return _backward(
-        grad_y, x, mean, invstd, weight, axis=axis, training=True
-    )
+    return _backward(grad_y, x, mean, invstd, weight, axis, True)

@@ -63,6 +63,7 @@ class _Saved(NamedTuple):
     weight: Optional[FloatArray]
     axis: int
     batch_stats: bool
+    out: Any  # where the forward wrote; overlapping x makes backward impossible
     why_not: Optional[str]  # set when this forward cannot be differentiated
 
 
@@ -219,23 +220,26 @@ class _BatchNorm:
 
     def _check_input(self, x: Any) -> bool:
         """Check type, rank and channel count like torch; return whether ``x`` is empty."""
-        if not hasattr(x, "__dlpack__"):  # ndarray and torch.Tensor both have it
-            raise TypeError(
-                f"x must be a NumPy array or a CPU tensor supporting DLPack, got {type(x).__name__}"
-            )
-        shape = x.shape if hasattr(x, "shape") else np.from_dlpack(x).shape
+        shape = getattr(x, "shape", None)
+        if shape is None or not hasattr(x, "__dlpack__"):  # ndarray and torch.Tensor have both
+            if not hasattr(x, "__dlpack__"):
+                raise TypeError(
+                    f"x must be a NumPy array or a CPU tensor supporting DLPack, got {type(x).__name__}"
+                )
+            shape = np.from_dlpack(x).shape
         rank = len(shape)
         if rank not in self._ranks:
             expected = " or ".join(f"{r}D" for r in self._ranks)
             raise ValueError(f"expected {expected} input (got {rank}D input)")
-        if not -rank <= self.axis < rank:
-            raise ValueError(f"axis {self.axis} is out of range for {rank}D input")
-        if shape[self.axis] != self.num_features:
+        axis = self.axis
+        if not -rank <= axis < rank:
+            raise ValueError(f"axis {axis} is out of range for {rank}D input")
+        if shape[axis] != self.num_features:
             raise ValueError(
-                f"x: expected {self.num_features} channels (num_features) on axis {self.axis}, "
+                f"x: expected {self.num_features} channels (num_features) on axis {axis}, "
                 f"got input of shape {tuple(shape)}"
             )
-        return 0 in tuple(shape)
+        return 0 in shape
 
     def __call__(
         self,
@@ -263,37 +267,38 @@ class _BatchNorm:
         and ``num_batches_tracked``; a zero-size batch changes no state.
         """
         empty = self._check_input(x)
-        running_mean, running_var = self.running_mean, self.running_var
+        # The attributes' own slots, read directly: this is the per-call path, and each
+        # descriptor lookup costs as much as a tenth of a small eval.
+        state = self.__dict__
+        weight, bias = state["_weight"], state["_bias"]
+        running_mean, running_var = state["_running_mean"], state["_running_var"]
         # torch: bn_training = training or (running_mean is None and running_var is None)
         if self.training or (running_mean is None and running_var is None):
             if residual is not None or activation is not None:
                 _reject_fusion(residual, activation)
             counting = self.training and self.track_running_stats
-            counter = self.num_batches_tracked if counting else None
+            counter = state["_num_batches_tracked"] if counting else None
             if not self.track_running_stats:  # torch passes no running stats then
                 running_mean = running_var = None
             y, mean, invstd = _forward_train(
-                x, self.weight, self.bias, running_mean, running_var,
-                self._momentum_factor(counter), self.eps, axis=self.axis, out=out,
+                x, weight, bias, running_mean, running_var,
+                self._momentum_factor(counter), self.eps, self.axis, out,
             )
             # Only after _core succeeded (a failed call must not count a batch); an empty
             # batch carries no statistics and is not counted either.
             if counter is not None and not empty:
                 counter += 1
-            saved = _Saved(x, mean, invstd, None, self.eps, self.weight, self.axis, True, None)
+            fields = (x, mean, invstd, None, self.eps, weight, self.axis, True, out, None)
         else:
-            y = _forward_eval(
-                x, running_mean, running_var, self.weight, self.bias, self.eps,
-                axis=self.axis, out=out, residual=residual, relu=_relu_flag(activation),
-            )
             fused = residual is not None or activation is not None
-            saved = _Saved(
-                x, running_mean, None, running_var, self.eps, self.weight, self.axis, False,
-                _NO_BACKWARD_FUSED if fused else None,
+            y = _forward_eval(
+                x, running_mean, running_var, weight, bias, self.eps, self.axis, out, residual,
+                fused and _relu_flag(activation),
             )
-        if out is not None and np.may_share_memory(out, x):
-            saved = saved._replace(why_not=_NO_BACKWARD_IN_PLACE)
-        self._saved = saved
+            why_not = _NO_BACKWARD_FUSED if fused else None
+            fields = (x, running_mean, None, running_var, self.eps, weight, self.axis, False, out, why_not)
+        # tuple.__new__ skips the NamedTuple constructor's argument handling (per-call path).
+        self._saved = tuple.__new__(_Saved, fields)
         return y
 
     forward = __call__
@@ -328,14 +333,15 @@ class _BatchNorm:
             raise RuntimeError("backward needs a forward first: call the module on an input")
         if saved.why_not is not None:
             raise RuntimeError(saved.why_not)
+        if saved.out is not None and np.may_share_memory(saved.out, saved.x):
+            raise RuntimeError(_NO_BACKWARD_IN_PLACE)
         invstd = saved.invstd
         if invstd is None:  # running-stat forward: invstd from the running variance
             var = saved.var
             assert var is not None
             invstd = (1.0 / np.sqrt(var.astype(np.float64) + saved.eps)).astype(var.dtype)
         grad_x, grad_weight, grad_bias = _backward(
-            grad_y, saved.x, saved.mean, invstd, saved.weight,
-            axis=saved.axis, training=saved.batch_stats, out=out,
+            grad_y, saved.x, saved.mean, invstd, saved.weight, saved.axis, saved.batch_stats, out,
         )
         self.weight_grad = None if saved.weight is None else grad_weight
         self.bias_grad = None if self.bias is None else grad_bias

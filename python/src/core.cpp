@@ -190,15 +190,15 @@ NB_MODULE(_core, m) {
           "Every backend this CPU and build can run, best first (values for BATCHNORM_ISA).");
     m.def("get_num_threads", &batchnorm::get_num_threads, "Threads a large call may use.");
     m.def("set_num_threads", &batchnorm::set_num_threads, "n"_a, "Sets the threads for later calls (n >= 1).");
-    m.def("stats", &py::stats, "input"_a.none(), nb::kw_only(), "axis"_a = 1,
+    m.def("stats", &py::stats, "input"_a.none(), "axis"_a = 1,
           "Per-channel mean and biased variance.");
     m.def("forward_train", &py::forward_train, "input"_a.none(), "weight"_a.none(), "bias"_a.none(),
-          "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, nb::kw_only(), "axis"_a = 1,
+          "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "axis"_a = 1,
           "out"_a.none() = nb::none(), "Training forward; returns (y, save_mean, save_invstd).");
     m.def("forward_eval", &py::forward_eval, "input"_a.none(), "running_mean"_a.none(), "running_var"_a.none(),
-          "weight"_a.none(), "bias"_a.none(), "eps"_a, nb::kw_only(), "axis"_a = 1, "out"_a.none() = nb::none(),
+          "weight"_a.none(), "bias"_a.none(), "eps"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
           "residual"_a.none() = nb::none(), "relu"_a = false, "Eval forward: act(bn(x) + residual).");
     m.def("backward", &py::backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(), "invstd"_a.none(),
-          "weight"_a.none(), nb::kw_only(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
+          "weight"_a.none(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
           "Backward; returns (grad_x, grad_weight, grad_bias).");
 }

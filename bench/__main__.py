@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="OMP_WAIT_POLICY=passive and no ONNX Runtime spinning: idle pool "
                         "threads sleep instead of spinning (see README)")
     p.add_argument("--no-latency", action="store_true", help="skip the tiny-input latency")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to SECONDS for the CPUs to be idle (< 10 %% busy)")
     p.add_argument("--readme", action="store_true",
                    help="also copy the tables into the results section of bench/README.md")
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR)
@@ -57,9 +59,9 @@ def collect(args: argparse.Namespace) -> dict:
     for impl in loaded:
         if impl.unavailable:
             print(f"skipping {impl.name}: {impl.unavailable}", file=sys.stderr)
+    before = machine.wait_until_quiet(args.wait_quiet)
     info = machine.describe()
-    before = machine.conditions()
-    if before["busy_processes"] or before["cpu_busy"] > 0.1:
+    if machine.disturbed(before):
         print(f"warning: the machine is busy ({before}); the ratios will be noisy",
               file=sys.stderr)
     settings = runner.Settings(rounds, target_s, SETTLE_S, machine.l2_bytes())

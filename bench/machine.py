@@ -18,6 +18,8 @@ _ISA_FLAGS = (
 _ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "BATCHNORM_ISA", "OPENBLAS_CORETYPE",
              "OPENBLAS_L2_SIZE", "MKL_NUM_THREADS")
 _FALLBACK_L2_BYTES = 1 << 20
+# Share of all CPU time used by others above which a run counts as disturbed.
+QUIET_BUSY = 0.1
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -122,7 +124,7 @@ def parallel_speedup(workers: int = 2) -> float | None:
 
 
 def busy_processes() -> list[str]:
-    """Other processes using a CPU right now (a build next door ruins every ratio)."""
+    """Other processes with high average CPU use: who to blame for a disturbed run."""
     try:
         out = subprocess.run(["ps", "-eo", "pid=,pcpu=,comm="], capture_output=True, text=True,
                              check=True).stdout
@@ -181,3 +183,18 @@ def describe() -> dict:
         "repository_commit": _git_commit(),
         "environment": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
     }
+
+
+def disturbed(reading: dict) -> bool:
+    return (reading["cpu_busy"] or 0.0) > QUIET_BUSY
+
+
+def wait_until_quiet(timeout_s: float) -> dict:
+    """Poll conditions() until the CPUs are idle or `timeout_s` passed; the last reading."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = conditions()
+        if not disturbed(now) or time.monotonic() >= deadline:
+            return now
+        print(f"waiting for a quiet machine: {now['cpu_busy']:.0%} busy", file=sys.stderr)
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))

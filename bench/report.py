@@ -2,14 +2,16 @@
 
 Markdown cells read `ratio (IQR)`: the median over rounds of time / copy-floor time, and
 the interquartile range of those per-round ratios. batchnorm ratios above their target
-are bold; the worst of them are listed at the end, since they say where kernel work is left.
+are bold; the worst of them are listed first, since they say where kernel work is left.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
 import pathlib
+import re
+
+from . import machine
 
 OURS = "batchnorm"
 WORST_LISTED = 12
@@ -87,26 +89,37 @@ def _not_applicable(results: dict) -> list[str]:
 
 
 def _worst_offenders(results: dict) -> list[str]:
+    """Per thread count: broken cells first, then the largest ratio / target.
+
+    Cells whose floor is a microsecond or less rank high on call overhead alone; the µs
+    columns tell them apart from kernels that lose bandwidth.
+    """
     if OURS not in available_impls(results):
-        return [f"batchnorm not measured: {results['implementations'][OURS]['unavailable']}"]
-    broken, scored = [], []
-    for c in results["cells"]:
-        r = c["results"].get(OURS)
-        if r is None:
-            continue
-        where = f"{c['op']} t={c['threads']} {c['label']} {c['layout']}"
-        if r["status"] in ("error", "wrong"):
-            broken.append(f"- {where}: **{r['status']}**: {r['note']}")
-        elif r["status"] == "ok":
-            scored.append((r["ratio"]["median"] / c["target"], where, r["ratio"]["median"],
-                           c["target"]))
-    scored.sort(reverse=True)
-    over = [s for s in scored if s[0] > 1.0]
-    lines = broken + [f"{len(over)} of {len(scored)} measured batchnorm cells exceed their "
-                      f"target. Worst, as ratio / target:", "",
-                      "| cell | ratio | target | ratio / target |", "|---|---:|---:|---:|"]
-    lines += [f"| {where} | {ratio:.2f} | {target:.2f} | {score:.2f} |"
-              for score, where, ratio, target in scored[:WORST_LISTED]]
+        return [f"batchnorm not measured: {results['implementations'][OURS]['unavailable']}", ""]
+    lines = []
+    for threads in results["config"]["threads"]:
+        broken, scored = [], []
+        for c in results["cells"]:
+            r = c["results"].get(OURS)
+            if r is None or c["threads"] != threads:
+                continue
+            where = f"{c['op']} {c['label']} {c['layout']}"
+            if r["status"] in ("error", "wrong"):
+                broken.append(f"- {where}: **{r['status']}**: {r['note']}")
+            elif r["status"] == "ok":
+                ratio = r["ratio"]["median"]
+                scored.append((ratio / c["target"], where, ratio, c["target"],
+                               c["floor"]["median_us"], r["median_us"]))
+        scored.sort(reverse=True)
+        over = sum(score > 1.0 for score, *_ in scored)
+        lines += [f"### {threads} thread{'s' if threads > 1 else ''}: {over} of {len(scored)} "
+                  "cells over target", ""] + broken + ([""] if broken else [])
+        lines += ["| cell | ratio | target | ratio / target | floor µs | batchnorm µs |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {where} | {ratio:.2f} | {target:.2f} | {score:.2f} | {floor:.1f} | "
+                  f"{ours:.1f} |" for score, where, ratio, target, floor, ours in
+                  scored[:WORST_LISTED]]
+        lines.append("")
     return lines
 
 
@@ -150,7 +163,7 @@ def _header(results: dict, chart_name: str | None) -> list[str]:
     ]
     when = results["conditions"]
     busy = sorted({p for c in when.values() for p in c["busy_processes"]})
-    if busy or any((c["cpu_busy"] or 0) > 0.1 for c in when.values()):
+    if any(machine.disturbed(c) for c in when.values()):
         lines += [f"- **Disturbed run**: CPU busy before/after: {when['before']['cpu_busy']}"
                   f"/{when['after']['cpu_busy']}; busy processes: {', '.join(busy) or 'none'}",
                   ""]
@@ -164,7 +177,7 @@ def _header(results: dict, chart_name: str | None) -> list[str]:
 
 def markdown(results: dict, chart_path: str | None) -> str:
     lines = _header(results, chart_path)
-    lines += ["## Worst batchnorm cells", ""] + _worst_offenders(results) + [""]
+    lines += ["## Worst batchnorm cells", ""] + _worst_offenders(results)
     lines += ["## Ratio to copy floor", ""]
     for op, threads in op_thread_groups(results):
         lines += _table(results, op, threads)

@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, overload
 
 import numpy as np
 import numpy.typing as npt
 
+from .functional import _like
 from .modules import _BatchNorm, _to_numpy
 
 __all__ = ["fold"]
 
 
+@overload
 def fold(
     m: _BatchNorm,
-    weight: npt.ArrayLike,
-    bias: Optional[npt.ArrayLike] = None,
+    weight: npt.NDArray[Any],
+    bias: Optional[Any] = ...,
+    *,
+    axis: int = ...,
+) -> Tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+@overload
+def fold(
+    m: _BatchNorm,
+    weight: Any,
+    bias: Optional[Any] = ...,
+    *,
+    axis: int = ...,
+) -> Tuple[Any, Any]: ...
+def fold(
+    m: _BatchNorm,
+    weight: Any,
+    bias: Optional[Any] = None,
     *,
     axis: int = 0,
-) -> Tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+) -> Tuple[Any, Any]:
     """Fold eval-mode batch norm ``m`` into the layer that feeds it.
 
     With ``alpha = m.weight / sqrt(m.running_var + m.eps)``, returns
@@ -32,7 +49,8 @@ def fold(
     m : BatchNorm1d/2d/3d in eval mode, with running statistics.
     weight : array
         The layer's weight, output channels on ``axis`` (0 for Conv/Linear,
-        1 for ConvTranspose).
+        1 for ConvTranspose): a NumPy array, a torch tensor (also a ``Parameter``) or
+        another DLPack producer.
     bias : (C,) array or None
         The layer's bias; None means 0.
     axis : int
@@ -40,7 +58,8 @@ def fold(
 
     Returns
     -------
-    (weight, bias) : new arrays of ``weight``'s dtype, computed in float64.
+    (weight, bias) : new arrays of ``weight``'s dtype and kind (torch tensors for a
+        torch weight), computed in float64.
     """
     if m.training:
         raise ValueError("m: fold needs an eval-mode batch norm (call m.eval() first)")
@@ -69,4 +88,7 @@ def fold(
     broadcast[axis] = channels
     folded_weight = w.astype(np.float64) * alpha.reshape(broadcast)
     folded_bias = (b.astype(np.float64) - mean) * alpha + shift
-    return folded_weight.astype(w.dtype), folded_bias.astype(w.dtype)
+    new_weight, new_bias = folded_weight.astype(w.dtype), folded_bias.astype(w.dtype)
+    if type(weight) is np.ndarray:
+        return new_weight, new_bias
+    return _like(weight, new_weight), _like(weight, new_bias)

@@ -2,11 +2,17 @@
 
 Every array check (types, dtypes, shapes, ``out``) happens in ``_core``, in C++, before
 any write; this layer only routes the call, so that a call on a tiny input stays cheap.
+
+Results come back as the kind of array the call was given (see ``_like``): ``_core`` reads
+any CPU DLPack producer in place and writes new NumPy arrays, which are handed back as
+zero-copy views of the caller's kind (a torch tensor for a torch tensor). NumPy input takes
+the shortest path: one ``type(x) is ndarray`` test.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Tuple, Union
+import sys
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +37,43 @@ _forward_train: Callable[..., Triple] = _core.forward_train
 _forward_eval: Callable[..., FloatArray] = _core.forward_eval
 _stats: Callable[..., Tuple[FloatArray, FloatArray]] = _core.stats
 _backward: Callable[..., Triple] = _core.backward
+_ndarray = np.ndarray
+
+# type of a source array -> how a new NumPy array becomes that kind of array (zero-copy)
+_WRAPPERS: Dict[type, Callable[[FloatArray], Any]] = {}
+
+
+def _as_numpy(array: FloatArray) -> FloatArray:
+    return array
+
+
+def _wrapper_for(source: object) -> Callable[[FloatArray], Any]:
+    """How to hand a NumPy result back as the kind of ``source``, without a copy.
+
+    torch tensors (and subclasses such as ``Parameter``): ``torch.from_numpy``, which keeps
+    the strides, so a channels_last input gives a channels_last result. Array API objects
+    (JAX, ...): their namespace's ``from_dlpack``. NumPy subclasses and anything else: the
+    NumPy array itself.
+    """
+    kind = type(source)
+    if issubclass(kind, np.ndarray):
+        return _as_numpy
+    if kind.__module__.partition(".")[0] == "torch":  # torch is imported: it made `source`
+        return sys.modules["torch"].from_numpy  # type: ignore[no-any-return]
+    namespace = getattr(source, "__array_namespace__", None)
+    if namespace is not None:
+        from_dlpack = getattr(namespace(), "from_dlpack", None)
+        if callable(from_dlpack):
+            return from_dlpack  # type: ignore[no-any-return]
+    return _as_numpy
+
+
+def _like(source: object, array: FloatArray) -> Any:
+    """``array`` (new, written by ``_core``) as the kind of array ``source`` is; no copy."""
+    wrap = _WRAPPERS.get(type(source))
+    if wrap is None:
+        wrap = _WRAPPERS[type(source)] = _wrapper_for(source)
+    return wrap(array)
 
 
 def _relu_flag(activation: Optional[str]) -> bool:
@@ -52,6 +95,38 @@ def _reject_fusion(residual: object, activation: object) -> None:
         raise ValueError("activation is only supported in eval mode with running statistics")
 
 
+@overload
+def batch_norm(
+    input: npt.NDArray[Any],
+    running_mean: Optional[ArrayIn],
+    running_var: Optional[ArrayIn],
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    training: bool = ...,
+    momentum: float = ...,
+    eps: float = ...,
+    *,
+    axis: int = ...,
+    out: Optional[npt.NDArray[Any]] = ...,
+    residual: Optional[ArrayIn] = ...,
+    activation: Optional[str] = ...,
+) -> FloatArray: ...
+@overload
+def batch_norm(
+    input: ArrayIn,
+    running_mean: Optional[ArrayIn],
+    running_var: Optional[ArrayIn],
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    training: bool = ...,
+    momentum: float = ...,
+    eps: float = ...,
+    *,
+    axis: int = ...,
+    out: Optional[ArrayIn] = ...,
+    residual: Optional[ArrayIn] = ...,
+    activation: Optional[str] = ...,
+) -> Any: ...
 def batch_norm(
     input: ArrayIn,
     running_mean: Optional[ArrayIn],
@@ -63,10 +138,10 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     axis: int = 1,
-    out: Optional[npt.NDArray[Any]] = None,
+    out: Optional[ArrayIn] = None,
     residual: Optional[ArrayIn] = None,
     activation: Optional[str] = None,
-) -> FloatArray:
+) -> Any:
     """Batch normalization over the channel axis ``axis``.
 
     Equivalent to ``torch.nn.functional.batch_norm`` (same arguments, same order), plus
@@ -75,6 +150,7 @@ def batch_norm(
     Parameters
     ----------
     input : array, shape (N, C, ...) with C on ``axis``; float32 or float64.
+        A NumPy array or any CPU DLPack producer (a torch tensor), read in place.
     running_mean, running_var : (C,) arrays or None.
         Required when ``training`` is False. When ``training`` is True and they are
         given, they are updated in place with ``momentum`` (``running_var`` unbiased).
@@ -94,26 +170,36 @@ def batch_norm(
 
     Returns
     -------
-    ndarray
-        The normalized array (``out`` when given).
+    array
+        ``out`` itself when given; else a new array of the kind of ``input`` (NumPy for
+        NumPy, a torch tensor for a torch tensor: a zero-copy view of the NumPy array the
+        kernels wrote) in the memory layout of ``input``.
     """
     if training:
         if residual is not None or activation is not None:
             _reject_fusion(residual, activation)
         # Positional: _core parses positional arguments faster than keywords.
-        return _forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, out)[0]
-    # torch raises "running_mean must be defined in evaluation mode" here; same words.
-    if running_mean is None:
-        raise ValueError("running_mean must be defined in evaluation mode (training=False)")
-    if running_var is None:
-        raise ValueError("running_var must be defined in evaluation mode (training=False)")
-    return _forward_eval(
-        input, running_mean, running_var, weight, bias, eps, axis, out, residual,
-        activation is not None and _relu_flag(activation),  # no call in the common case
-    )
+        y = _forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, out)[0]
+    else:
+        # torch raises "running_mean must be defined in evaluation mode" here; same words.
+        if running_mean is None:
+            raise ValueError("running_mean must be defined in evaluation mode (training=False)")
+        if running_var is None:
+            raise ValueError("running_var must be defined in evaluation mode (training=False)")
+        y = _forward_eval(
+            input, running_mean, running_var, weight, bias, eps, axis, out, residual,
+            activation is not None and _relu_flag(activation),  # no call in the common case
+        )
+    if type(input) is _ndarray or out is not None:  # NumPy in, or `out` (returned as given)
+        return y
+    return _like(input, y)
 
 
-def batch_norm_stats(x: ArrayIn, *, axis: int = 1) -> Tuple[FloatArray, FloatArray]:
+@overload
+def batch_norm_stats(x: npt.NDArray[Any], *, axis: int = ...) -> Tuple[FloatArray, FloatArray]: ...
+@overload
+def batch_norm_stats(x: ArrayIn, *, axis: int = ...) -> Tuple[Any, Any]: ...
+def batch_norm_stats(x: ArrayIn, *, axis: int = 1) -> Tuple[Any, Any]:
     """Per-channel mean and biased variance of ``x`` over every axis but ``axis``.
 
     Equivalent to ``x.mean(dims)`` and ``x.var(dims, unbiased=False)`` in torch, with
@@ -121,11 +207,34 @@ def batch_norm_stats(x: ArrayIn, *, axis: int = 1) -> Tuple[FloatArray, FloatArr
 
     Returns
     -------
-    (mean, var) : two new (C,) arrays of the dtype of ``x``.
+    (mean, var) : two new (C,) arrays of the dtype and kind of ``x`` (NumPy or torch).
     """
-    return _stats(x, axis)
+    moments = _stats(x, axis)
+    if type(x) is _ndarray:
+        return moments
+    return _like(x, moments[0]), _like(x, moments[1])
 
 
+@overload
+def batch_norm_backward(
+    grad_y: npt.NDArray[Any],
+    x: ArrayIn,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    axis: int = ...,
+) -> Triple: ...
+@overload
+def batch_norm_backward(
+    grad_y: ArrayIn,
+    x: ArrayIn,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    axis: int = ...,
+) -> Tuple[Any, Any, Any]: ...
 def batch_norm_backward(
     grad_y: ArrayIn,
     x: ArrayIn,
@@ -134,7 +243,7 @@ def batch_norm_backward(
     weight: Optional[ArrayIn] = None,
     *,
     axis: int = 1,
-) -> Triple:
+) -> Tuple[Any, Any, Any]:
     """Gradients of a training-mode (batch statistics) batch norm.
 
     Equivalent to ``torch.ops.aten.native_batch_norm_backward`` with ``train=True``:
@@ -144,6 +253,10 @@ def batch_norm_backward(
     -------
     (grad_x, grad_weight, grad_bias)
         ``grad_x`` like ``x``; ``grad_weight = sum(grad_y*(x - mean))*invstd`` and
-        ``grad_bias = sum(grad_y)``, both (C,). ``weight`` None means 1.
+        ``grad_bias = sum(grad_y)``, both (C,). ``weight`` None means 1. All three are
+        of the kind of ``grad_y`` (NumPy for NumPy, torch tensors for a torch tensor).
     """
-    return _backward(grad_y, x, mean, invstd, weight, axis, True)
+    grads = _backward(grad_y, x, mean, invstd, weight, axis, True)
+    if type(grad_y) is _ndarray:
+        return grads
+    return _like(grad_y, grads[0]), _like(grad_y, grads[1]), _like(grad_y, grads[2])

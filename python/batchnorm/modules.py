@@ -20,6 +20,8 @@ from .functional import (
     _backward,
     _forward_eval,
     _forward_train,
+    _like,
+    _ndarray,
     _reject_fusion,
     _relu_flag,
 )
@@ -68,9 +70,14 @@ class _Saved(NamedTuple):
 
 
 def _to_numpy(value: Any) -> npt.NDArray[Any]:
-    """NumPy array from an array or a torch tensor (duck-typed: torch is never imported)."""
+    """NumPy array from an array, a torch tensor or a DLPack producer (torch is never imported)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        try:
+            return np.from_dlpack(value)
+        except (TypeError, RuntimeError, BufferError):
+            pass  # e.g. a dtype NumPy cannot take through DLPack: try the array protocol
     return np.asarray(value)
 
 
@@ -241,24 +248,48 @@ class _BatchNorm:
             )
         return 0 in shape
 
+    @overload
+    def __call__(
+        self,
+        x: npt.NDArray[Any],
+        out: Optional[npt.NDArray[Any]] = ...,
+        *,
+        residual: Optional[ArrayIn] = ...,
+        activation: Optional[str] = ...,
+    ) -> FloatArray: ...
+    @overload
     def __call__(
         self,
         x: ArrayIn,
-        out: Optional[npt.NDArray[Any]] = None,
+        out: Optional[ArrayIn] = ...,
+        *,
+        residual: Optional[ArrayIn] = ...,
+        activation: Optional[str] = ...,
+    ) -> Any: ...
+    def __call__(
+        self,
+        x: ArrayIn,
+        out: Optional[ArrayIn] = None,
         *,
         residual: Optional[ArrayIn] = None,
         activation: Optional[str] = None,
-    ) -> FloatArray:
+    ) -> Any:
         """Normalize ``x``; same result and state updates as the torch module's forward.
 
         Parameters
         ----------
-        x : array with the channels on ``axis`` (NumPy or a DLPack producer).
+        x : array with the channels on ``axis`` (NumPy or a CPU DLPack producer).
         out : array, optional
             Destination; may be ``x`` itself (then ``backward`` is impossible).
         residual, activation : optional
             Inference fusion ``act(bn(x) + residual)``, act in {None, "relu"}; only in
             eval mode with running statistics (no ``backward`` after it).
+
+        Returns
+        -------
+        array
+            ``out`` itself when given; else a new array of the kind of ``x`` (a torch
+            tensor for a torch tensor, zero-copy) in the memory layout of ``x``.
 
         Notes
         -----
@@ -288,7 +319,7 @@ class _BatchNorm:
             # batch carries no statistics and is not counted either.
             if counter is not None and not empty:
                 counter += 1
-            fields = (x, mean, invstd, None, self.eps, weight, self.axis, True, out, None)
+            fields: Tuple[Any, ...] = (x, mean, invstd, None, self.eps, weight, self.axis, True, out, None)
         else:
             fused = residual is not None or activation is not None
             y = _forward_eval(
@@ -299,7 +330,9 @@ class _BatchNorm:
             fields = (x, running_mean, None, running_var, self.eps, weight, self.axis, False, out, why_not)
         # tuple.__new__ skips the NamedTuple constructor's argument handling (per-call path).
         self._saved = tuple.__new__(_Saved, fields)
-        return y
+        if type(x) is _ndarray or out is not None:  # NumPy in, or `out` (returned as given)
+            return y
+        return _like(x, y)
 
     forward = __call__
 
@@ -310,7 +343,11 @@ class _BatchNorm:
         # momentum=None: cumulative average, factor 1/num_batches_tracked including this batch
         return 0.0 if counter is None else 1.0 / float(counter + 1)
 
-    def backward(self, grad_y: ArrayIn, out: Optional[npt.NDArray[Any]] = None) -> FloatArray:
+    @overload
+    def backward(self, grad_y: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ...) -> FloatArray: ...
+    @overload
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = ...) -> Any: ...
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = None) -> Any:
         """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``.
 
         After a batch-statistics forward this is torch's training-mode batch-norm
@@ -320,7 +357,9 @@ class _BatchNorm:
 
         Returns
         -------
-        grad_x : array like ``x`` (``out`` when given).
+        grad_x : array like ``x`` (``out`` when given), of the kind of ``grad_y`` (a torch
+            tensor for a torch tensor). ``weight_grad`` and ``bias_grad`` are NumPy arrays,
+            like the module's parameters.
 
         Raises
         ------
@@ -333,7 +372,7 @@ class _BatchNorm:
             raise RuntimeError("backward needs a forward first: call the module on an input")
         if saved.why_not is not None:
             raise RuntimeError(saved.why_not)
-        if saved.out is not None and np.may_share_memory(saved.out, saved.x):
+        if saved.out is not None and np.may_share_memory(_to_numpy(saved.out), _to_numpy(saved.x)):
             raise RuntimeError(_NO_BACKWARD_IN_PLACE)
         invstd = saved.invstd
         if invstd is None:  # running-stat forward: invstd from the running variance
@@ -345,7 +384,9 @@ class _BatchNorm:
         )
         self.weight_grad = None if saved.weight is None else grad_weight
         self.bias_grad = None if self.bias is None else grad_bias
-        return grad_x
+        if type(grad_y) is _ndarray or out is not None:
+            return grad_x
+        return _like(grad_y, grad_x)
 
     # ---- state ------------------------------------------------------------------------
 

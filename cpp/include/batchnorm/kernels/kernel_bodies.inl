@@ -5,7 +5,7 @@
 //   add_lanes_to(double* dst, v), add_lanes_to_partial(double* dst, v, n).
 // So the algorithms exist once, and each ISA is compiled with its own instructions enabled.
 // No include guard: it is meant to be included once per backend namespace. No lambdas either:
-// Clang does not carry a target attribute into a lambda's body.
+// Clang does not carry a target attribute into a lambda's body (functor structs instead).
 
 using i64 = std::int64_t;
 using ::batchnorm::detail::KernelTable;
@@ -34,71 +34,72 @@ inline void add_lanes_n(double* dst, typename Ops<T>::V v, i64 n) {
 
 // ---- channels-first: one contiguous run ----------------------------------------------------
 
+// Two float64 sums, sum(u) and sum(v*w), fed from lanes of T: two pairs of vector
+// accumulators (two chains hide the latency), flushed into float64 every kFlushVectors vectors.
+// They persist across runs, so a channel of many short planes pays one final reduction, not one
+// per plane.
 template <class T>
-double run_sum(const T* x, i64 n) {
+struct PairSum {
     using O = Ops<T>;
     using V = typename O::V;
+    V a1, a2, b1, b2;
+    i64 pending = 0;
+    Sums total;
+
+    // Spelled out, so GCC compiles it inside the backend's target region.
+    PairSum() : a1(O::zero()), a2(O::zero()), b1(O::zero()), b2(O::zero()) {}
+
+    void add(V u, V v, V w) {
+        a1 = O::add(a1, u);
+        a2 = O::fma(v, w, a2);
+        if (++pending >= kFlushVectors) flush();
+    }
+    void add2(V u, V v, V w, V u2, V v2, V w2) {
+        a1 = O::add(a1, u);
+        a2 = O::fma(v, w, a2);
+        b1 = O::add(b1, u2);
+        b2 = O::fma(v2, w2, b2);
+        if ((pending += 2) >= kFlushVectors) flush();
+    }
+    Sums flush() {
+        total += Sums{O::sum_lanes(O::add(a1, b1)), O::sum_lanes(O::add(a2, b2))};
+        a1 = a2 = b1 = b2 = O::zero();
+        pending = 0;
+        return total;
+    }
+};
+
+// {sum(x - shift), sum((x - shift)^2)} over one run, into acc.
+template <class T>
+void run_dev(const T* x, i64 n, typename Ops<T>::V s, PairSum<T>& acc) {
+    using O = Ops<T>;
     constexpr i64 W = O::W;
-    double total = 0;
     i64 i = 0;
-    while (n - i >= 2 * W) {
-        const i64 end = i + 2 * W * std::min<i64>((n - i) / (2 * W), kFlushVectors);
-        V a0 = O::zero(), a1 = O::zero();
-        for (; i < end; i += 2 * W) {
-            a0 = O::add(a0, O::load(x + i));
-            a1 = O::add(a1, O::load(x + i + W));
-        }
-        total += O::sum_lanes(O::add(a0, a1));
+    for (; i + 2 * W <= n; i += 2 * W) {
+        const auto d = O::sub(O::load(x + i), s), e = O::sub(O::load(x + i + W), s);
+        acc.add2(d, d, d, e, e, e);
     }
-    if (i < n) {
-        V a = O::zero();
-        for (; i < n; i += W) a = O::add(a, load_n(x + i, n - i, O::zero()));
-        total += O::sum_lanes(a);
+    for (; i < n; i += W) {
+        // Tail lanes load `shift`, so they add zero to both sums.
+        const auto d = O::sub(load_n(x + i, n - i, s), s);
+        acc.add(d, d, d);
     }
-    return total;
 }
 
+// {sum(dy), sum(dy * (x - shift))} over one run, into acc.
 template <class T>
-Sums run_dev(const T* x, i64 n, T shift) {
+void run_dot(const T* dy, const T* x, i64 n, typename Ops<T>::V s, PairSum<T>& acc) {
     using O = Ops<T>;
-    using V = typename O::V;
     constexpr i64 W = O::W;
-    const V s = O::set1(shift);
-    Sums total;
     i64 i = 0;
-    while (i < n) {
-        const i64 end = std::min(n, i + W * kFlushVectors);
-        V d1 = O::zero(), d2 = O::zero();
-        for (; i < end; i += W) {
-            // Tail lanes load `shift`, so they add zero to both sums.
-            const V d = O::sub(load_n(x + i, end - i, s), s);
-            d1 = O::add(d1, d);
-            d2 = O::fma(d, d, d2);
-        }
-        total += Sums{O::sum_lanes(d1), O::sum_lanes(d2)};
+    for (; i + 2 * W <= n; i += 2 * W) {
+        const auto g = O::load(dy + i), h = O::load(dy + i + W);
+        acc.add2(g, g, O::sub(O::load(x + i), s), h, h, O::sub(O::load(x + i + W), s));
     }
-    return total;
-}
-
-template <class T>
-Sums run_dot(const T* dy, const T* x, i64 n, T shift) {
-    using O = Ops<T>;
-    using V = typename O::V;
-    constexpr i64 W = O::W;
-    const V s = O::set1(shift);
-    Sums total;
-    i64 i = 0;
-    while (i < n) {
-        const i64 end = std::min(n, i + W * kFlushVectors);
-        V g = O::zero(), gd = O::zero();
-        for (; i < end; i += W) {
-            const V gy = load_n(dy + i, end - i, O::zero());
-            g = O::add(g, gy);
-            gd = O::fma(gy, O::sub(load_n(x + i, end - i, s), s), gd);
-        }
-        total += Sums{O::sum_lanes(g), O::sum_lanes(gd)};
+    for (; i < n; i += W) {
+        const auto g = load_n(dy + i, n - i, O::zero());
+        acc.add(g, g, O::sub(load_n(x + i, n - i, s), s));
     }
-    return total;
 }
 
 template <class T, bool kResidual, bool kRelu>
@@ -128,41 +129,34 @@ void run_grad(const T* dy, const T* x, T* gx, i64 n, typename Ops<T>::V shift,
 // ---- channels-first: runs of one channel -----------------------------------------------------
 
 template <class T>
-double cf_sum(const T* x, i64 count, i64 len, i64 stride) {
-    double total = 0;
-    for (i64 r = 0; r < count; ++r) total += run_sum(x + r * stride, len);
-    return total;
-}
-
-template <class T>
 Sums cf_dev(const T* x, i64 count, i64 len, i64 stride, T shift) {
-    Sums total;
-    for (i64 r = 0; r < count; ++r) total += run_dev(x + r * stride, len, shift);
-    return total;
+    PairSum<T> acc;
+    const auto s = Ops<T>::set1(shift);
+    for (i64 r = 0; r < count; ++r) run_dev(x + r * stride, len, s, acc);
+    return acc.flush();
 }
 
 template <class T>
 Sums cf_dot(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift) {
-    Sums total;
-    for (i64 r = 0; r < count; ++r) total += run_dot(dy + r * stride, x + r * stride, len, shift);
-    return total;
+    PairSum<T> acc;
+    const auto s = Ops<T>::set1(shift);
+    for (i64 r = 0; r < count; ++r) run_dot(dy + r * stride, x + r * stride, len, s, acc);
+    return acc.flush();
 }
 
 template <class T>
 void cf_affine(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta) {
     using O = Ops<T>;
-    for (i64 r = 0; r < count; ++r)
-        run_affine<T, false, false>(x + r * stride, nullptr, y + r * stride, len, O::set1(shift),
-                                    O::set1(alpha), O::set1(beta));
+    const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
+    for (i64 r = 0; r < count; ++r) run_affine<T, false, false>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
 }
 
 template <class T>
 void cf_grad(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, T shift, T k, T m,
              T q) {
     using O = Ops<T>;
-    for (i64 r = 0; r < count; ++r)
-        run_grad(dy + r * stride, x + r * stride, gx + r * stride, len, O::set1(shift),
-                 O::set1(k), O::set1(m), O::set1(q));
+    const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
+    for (i64 r = 0; r < count; ++r) run_grad(dy + r * stride, x + r * stride, gx + r * stride, len, s, kv, mv, qv);
 }
 
 template <class T, bool kResidual, bool kRelu>
@@ -191,88 +185,198 @@ void rows_affine(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 f
 }
 
 // ---- channels-last: row-major tiles, one column per channel ----------------------------------
-// Reductions walk one column vector down the rows (two rows at a time, two accumulators) and
-// flush into the float64 column sums every kFlushVectors rows.
+// Each kernel walks L1-sized tiles of rows; within a tile, blocks of up to kBlock column vectors
+// go down the rows with their accumulators (or per-column factors) in registers. When a row is
+// one block wide (C <= kBlock * W), that is a plain linear stream. Reductions flush their lanes
+// into the float64 column sums every kFlushVectors rows.
+
+constexpr i64 kBlock = 4;
+
+template <class T>
+i64 l1_tile_rows(i64 cols) {
+    return std::max<i64>(1, (i64(32) << 10) / (cols * i64(sizeof(T))));
+}
+
+// Lanes in vector k of a block of nb vectors whose last vector has `last` lanes.
+template <class T>
+inline i64 lanes_of(int k, int nb, i64 last) {
+    return k == nb - 1 ? last : Ops<T>::W;
+}
+
+// Runs op.template block<NB>(row0, rows, j, last) over every tile of rows and every column
+// block: NB vectors from column j, the last with `last` lanes.
+template <class T, class Op>
+void for_each_block(i64 rows, i64 cols, Op& op) {
+    constexpr i64 W = Ops<T>::W;
+    const i64 tile = l1_tile_rows<T>(cols);
+    for (i64 r = 0; r < rows; r += tile) {
+        const i64 n = std::min(tile, rows - r);
+        for (i64 j = 0; j < cols; j += kBlock * W) {
+            const i64 vectors = std::min<i64>(kBlock, (cols - j + W - 1) / W);
+            const i64 last = cols - j - (vectors - 1) * W;
+            switch (vectors) {
+                case 1: op.template block<1>(r, n, j, std::min(last, W)); break;
+                case 2: op.template block<2>(r, n, j, std::min(last, W)); break;
+                case 3: op.template block<3>(r, n, j, std::min(last, W)); break;
+                default: op.template block<4>(r, n, j, std::min(last, W)); break;
+            }
+        }
+    }
+}
+
+template <class T>
+struct ClSum {
+    const T* x_;
+    i64 cols_;
+    double* sum_;
+
+    template <int NB>
+    void block(i64 row0, i64 rows, i64 j, i64 last) {
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const T* const x = x_;
+        const i64 cols = cols_;
+        double* const sum = sum_;
+        using O = Ops<T>;
+        for (i64 r = row0; r < row0 + rows;) {
+            const i64 end = std::min(row0 + rows, r + kFlushVectors);
+            typename O::V a[NB];
+            for (int k = 0; k < NB; ++k) a[k] = O::zero();
+            for (; r < end; ++r)
+                for (int k = 0; k < NB; ++k)
+                    a[k] = O::add(a[k], load_n(x + r * cols + j + k * O::W, lanes_of<T>(k, NB, last), O::zero()));
+            for (int k = 0; k < NB; ++k) add_lanes_n<T>(sum + j + k * O::W, a[k], lanes_of<T>(k, NB, last));
+        }
+    }
+};
 
 template <class T>
 void cl_sum(const T* x, i64 rows, i64 cols, double* sum) {
-    using O = Ops<T>;
-    using V = typename O::V;
-    for (i64 j = 0; j < cols; j += O::W) {
-        const i64 n = cols - j;
-        for (i64 r = 0; r < rows;) {
-            const i64 end = std::min(rows, r + 2 * kFlushVectors);
-            V a0 = O::zero(), a1 = O::zero();
-            for (; r + 1 < end; r += 2) {
-                a0 = O::add(a0, load_n(x + r * cols + j, n, O::zero()));
-                a1 = O::add(a1, load_n(x + (r + 1) * cols + j, n, O::zero()));
+    ClSum<T> op{x, cols, sum};
+    for_each_block<T>(rows, cols, op);
+}
+
+template <class T>
+struct ClDev {
+    const T* x_;
+    i64 cols_;
+    const T* shift_;
+    double *s1_, *s2_;
+
+    template <int NB>
+    void block(i64 row0, i64 rows, i64 j, i64 last) {
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const T* const x = x_;
+        const i64 cols = cols_;
+        double *const s1 = s1_, *const s2 = s2_;
+        const T* const shift = shift_;
+        using O = Ops<T>;
+        typename O::V s[NB];
+        for (int k = 0; k < NB; ++k) s[k] = load_n(shift + j + k * O::W, lanes_of<T>(k, NB, last), O::zero());
+        for (i64 r = row0; r < row0 + rows;) {
+            const i64 end = std::min(row0 + rows, r + kFlushVectors);
+            typename O::V d1[NB], d2[NB];
+            for (int k = 0; k < NB; ++k) d1[k] = d2[k] = O::zero();
+            for (; r < end; ++r)
+                for (int k = 0; k < NB; ++k) {
+                    const auto d = O::sub(load_n(x + r * cols + j + k * O::W, lanes_of<T>(k, NB, last), s[k]), s[k]);
+                    d1[k] = O::add(d1[k], d);
+                    d2[k] = O::fma(d, d, d2[k]);
+                }
+            for (int k = 0; k < NB; ++k) {
+                add_lanes_n<T>(s1 + j + k * O::W, d1[k], lanes_of<T>(k, NB, last));
+                add_lanes_n<T>(s2 + j + k * O::W, d2[k], lanes_of<T>(k, NB, last));
             }
-            if (r < end) a0 = O::add(a0, load_n(x + (r++) * cols + j, n, O::zero()));
-            add_lanes_n<T>(sum + j, O::add(a0, a1), n);
         }
     }
-}
+};
 
 template <class T>
 void cl_dev(const T* x, i64 rows, i64 cols, const T* shift, double* s1, double* s2) {
-    using O = Ops<T>;
-    using V = typename O::V;
-    for (i64 j = 0; j < cols; j += O::W) {
-        const i64 n = cols - j;
-        const V s = load_n(shift + j, n, O::zero());
-        for (i64 r = 0; r < rows;) {
-            const i64 end = std::min(rows, r + kFlushVectors);
-            V d1 = O::zero(), d2 = O::zero();
-            for (; r < end; ++r) {
-                const V d = O::sub(load_n(x + r * cols + j, n, s), s);
-                d1 = O::add(d1, d);
-                d2 = O::fma(d, d, d2);
-            }
-            add_lanes_n<T>(s1 + j, d1, n);
-            add_lanes_n<T>(s2 + j, d2, n);
-        }
-    }
+    ClDev<T> op{x, cols, shift, s1, s2};
+    for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
-void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, const T* shift, double* sdy,
-            double* sdyx) {
-    using O = Ops<T>;
-    using V = typename O::V;
-    for (i64 j = 0; j < cols; j += O::W) {
-        const i64 n = cols - j;
-        const V s = load_n(shift + j, n, O::zero());
-        for (i64 r = 0; r < rows;) {
-            const i64 end = std::min(rows, r + kFlushVectors);
-            V g = O::zero(), gd = O::zero();
-            for (; r < end; ++r) {
-                const V gy = load_n(dy + r * cols + j, n, O::zero());
-                g = O::add(g, gy);
-                gd = O::fma(gy, O::sub(load_n(x + r * cols + j, n, s), s), gd);
+struct ClDot {
+    const T *dy_, *x_;
+    i64 cols_;
+    const T* shift_;
+    double *sdy_, *sdyx_;
+
+    template <int NB>
+    void block(i64 row0, i64 rows, i64 j, i64 last) {
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const T *const dy = dy_, *const x = x_;
+        const i64 cols = cols_;
+        double *const sdy = sdy_, *const sdyx = sdyx_;
+        const T* const shift = shift_;
+        using O = Ops<T>;
+        typename O::V s[NB];
+        for (int k = 0; k < NB; ++k) s[k] = load_n(shift + j + k * O::W, lanes_of<T>(k, NB, last), O::zero());
+        for (i64 r = row0; r < row0 + rows;) {
+            const i64 end = std::min(row0 + rows, r + kFlushVectors);
+            typename O::V g[NB], gd[NB];
+            for (int k = 0; k < NB; ++k) g[k] = gd[k] = O::zero();
+            for (; r < end; ++r)
+                for (int k = 0; k < NB; ++k) {
+                    const i64 at = r * cols + j + k * O::W, n = lanes_of<T>(k, NB, last);
+                    const auto gy = load_n(dy + at, n, O::zero());
+                    g[k] = O::add(g[k], gy);
+                    gd[k] = O::fma(gy, O::sub(load_n(x + at, n, s[k]), s[k]), gd[k]);
+                }
+            for (int k = 0; k < NB; ++k) {
+                add_lanes_n<T>(sdy + j + k * O::W, g[k], lanes_of<T>(k, NB, last));
+                add_lanes_n<T>(sdyx + j + k * O::W, gd[k], lanes_of<T>(k, NB, last));
             }
-            add_lanes_n<T>(sdy + j, g, n);
-            add_lanes_n<T>(sdyx + j, gd, n);
         }
     }
+};
+
+template <class T>
+void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, const T* shift, double* sdy, double* sdyx) {
+    ClDot<T> op{dy, x, cols, shift, sdy, sdyx};
+    for_each_block<T>(rows, cols, op);
 }
 
 template <class T, bool kResidual, bool kRelu>
-void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift,
-                  const T* alpha, const T* beta) {
-    using O = Ops<T>;
-    using V = typename O::V;
-    for (i64 r = 0; r < rows; ++r) {
-        const i64 at = r * cols;
-        for (i64 j = 0; j < cols; j += O::W) {
-            const i64 n = cols - j;
-            const V s = load_n(shift + j, n, O::zero());
-            V v = O::fma(O::sub(load_n(x + at + j, n, s), s), load_n(alpha + j, n, O::zero()),
-                         load_n(beta + j, n, O::zero()));
-            if constexpr (kResidual) v = O::add(v, load_n(residual + at + j, n, O::zero()));
-            if constexpr (kRelu) v = O::max(v, O::zero());
-            store_n(y + at + j, v, n);
+struct ClAffine {
+    const T* x_;
+    const T* residual_;
+    T* y_;
+    i64 cols_;
+    const T *shift_, *alpha_, *beta_;
+
+    template <int NB>
+    void block(i64 row0, i64 rows, i64 j, i64 last) {
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const T *const x = x_, *const residual = residual_;
+        T* const y = y_;
+        const i64 cols = cols_;
+        const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
+        using O = Ops<T>;
+        typename O::V s[NB], a[NB], b[NB];
+        for (int k = 0; k < NB; ++k) {
+            const i64 c = j + k * O::W, n = lanes_of<T>(k, NB, last);
+            s[k] = load_n(shift + c, n, O::zero());
+            a[k] = load_n(alpha + c, n, O::zero());
+            b[k] = load_n(beta + c, n, O::zero());
         }
+        for (i64 r = row0; r < row0 + rows; ++r)
+            for (int k = 0; k < NB; ++k) {
+                const i64 at = r * cols + j + k * O::W, n = lanes_of<T>(k, NB, last);
+                auto v = O::fma(O::sub(load_n(x + at, n, s[k]), s[k]), a[k], b[k]);
+                if constexpr (kResidual) v = O::add(v, load_n(residual + at, n, O::zero()));
+                if constexpr (kRelu) v = O::max(v, O::zero());
+                store_n(y + at, v, n);
+            }
     }
+};
+
+template <class T, bool kResidual, bool kRelu>
+void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift, const T* alpha,
+                  const T* beta) {
+    ClAffine<T, kResidual, kRelu> op{x, residual, y, cols, shift, alpha, beta};
+    for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
@@ -288,25 +392,46 @@ void cl_affine(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T*
 }
 
 template <class T>
+struct ClGrad {
+    const T *dy_, *x_;
+    T* gx_;
+    i64 cols_;
+    const T *shift_, *k_coef_, *m_coef_, *q_coef_;
+
+    template <int NB>
+    void block(i64 row0, i64 rows, i64 j, i64 last) {
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const T *const dy = dy_, *const x = x_;
+        T* const gx = gx_;
+        const i64 cols = cols_;
+        const T *const shift = shift_, *const k_coef = k_coef_, *const m_coef = m_coef_, *const q_coef = q_coef_;
+        using O = Ops<T>;
+        typename O::V s[NB], kc[NB], mc[NB], qc[NB];
+        for (int k = 0; k < NB; ++k) {
+            const i64 c = j + k * O::W, n = lanes_of<T>(k, NB, last);
+            s[k] = load_n(shift + c, n, O::zero());
+            kc[k] = load_n(k_coef + c, n, O::zero());
+            mc[k] = load_n(m_coef + c, n, O::zero());
+            qc[k] = load_n(q_coef + c, n, O::zero());
+        }
+        for (i64 r = row0; r < row0 + rows; ++r)
+            for (int k = 0; k < NB; ++k) {
+                const i64 at = r * cols + j + k * O::W, n = lanes_of<T>(k, NB, last);
+                const auto d = O::sub(load_n(x + at, n, s[k]), s[k]);
+                store_n(gx + at, O::fma(load_n(dy + at, n, O::zero()), kc[k], O::fma(d, mc[k], qc[k])), n);
+            }
+    }
+};
+
+template <class T>
 void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, const T* shift, const T* k,
              const T* m, const T* q) {
-    using O = Ops<T>;
-    using V = typename O::V;
-    for (i64 r = 0; r < rows; ++r) {
-        const i64 at = r * cols;
-        for (i64 j = 0; j < cols; j += O::W) {
-            const i64 n = cols - j;
-            const V s = load_n(shift + j, n, O::zero());
-            const V d = O::sub(load_n(x + at + j, n, s), s);
-            const V g = O::fma(load_n(dy + at + j, n, O::zero()), load_n(k + j, n, O::zero()),
-                               O::fma(d, load_n(m + j, n, O::zero()), load_n(q + j, n, O::zero())));
-            store_n(gx + at + j, g, n);
-        }
-    }
+    ClGrad<T> op{dy, x, gx, cols, shift, k, m, q};
+    for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
 KernelTable<T> make_table() {
-    return {&cf_sum<T>, &cf_dev<T>, &cf_dot<T>,  &cf_affine<T>, &cf_grad<T>, &rows_affine<T>,
-            &cl_sum<T>, &cl_dev<T>, &cl_dot<T>,  &cl_affine<T>, &cl_grad<T>};
+    return {&cf_dev<T>, &cf_dot<T>, &cf_affine<T>, &cf_grad<T>, &rows_affine<T>,
+            &cl_sum<T>, &cl_dev<T>, &cl_dot<T>, &cl_affine<T>, &cl_grad<T>};
 }

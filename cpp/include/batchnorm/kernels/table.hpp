@@ -17,8 +17,6 @@ namespace batchnorm::detail {
 template <class T>
 struct KernelTable {
     using i64 = std::int64_t;
-    // sum(x)
-    double (*cf_sum)(const T* x, i64 count, i64 len, i64 stride);
     // {sum(x - shift), sum((x - shift)^2)}
     Sums (*cf_dev)(const T* x, i64 count, i64 len, i64 stride, T shift);
     // {sum(dy), sum(dy * (x - shift))}

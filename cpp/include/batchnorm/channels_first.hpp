@@ -51,6 +51,27 @@ void for_each_run(const Shape& s, std::int64_t c, std::int64_t begin, std::int64
 // Values whose mean gives the first tile's shift.
 constexpr std::int64_t kProbeValues = 64;
 
+// Mean of up to kProbeValues values spread evenly over channel c's [begin, end): a shift near
+// the mean even when the values are ordered (sorted, or one image after another).
+template <class T>
+double probe_mean(const T* x, const Shape& s, std::int64_t c, std::int64_t begin, std::int64_t end) {
+    const std::int64_t n = end - begin, k = std::min(n, kProbeValues), step = n / k;
+    const std::int64_t stride = s.channels * s.inner, step_planes = step / s.inner, step_values = step % s.inner;
+    const T* plane = x + (begin / s.inner) * stride + c * s.inner;
+    std::int64_t i = begin % s.inner;
+    double sum = 0;
+    for (std::int64_t taken = 0; taken < k; ++taken) {  // (plane, i) advance by `step` values
+        sum += double(plane[i]);
+        plane += step_planes * stride;
+        i += step_values;
+        if (i >= s.inner) {
+            i -= s.inner;
+            plane += stride;
+        }
+    }
+    return sum / double(k);
+}
+
 // Sums of deviations of channel c's values [begin, end) from shift.
 template <class T>
 Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c, std::int64_t begin,
@@ -63,10 +84,10 @@ Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t
 }
 
 // Moments of channel c over [begin, end), one pass per tile in the usual case: deviations from
-// a shift near the mean (the mean of the first few values, then the mean of the tiles so far)
-// give exact moments through the correction s1^2/n. A shift more than a standard deviation off
-// (data that drifts) costs a second pass around the tile's own mean, while the tile is in cache.
-// Tiles merge with Chan's formula.
+// a shift near the mean (a probe's mean, then the mean of the tiles so far) give exact moments
+// through the correction s1^2/n. A shift more than a standard deviation off (data that drift)
+// costs a second pass around the tile's own mean, while the tile is in cache. Tiles merge with
+// Chan's formula.
 template <class T>
 Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c,
                       std::int64_t begin, std::int64_t end) {
@@ -74,16 +95,7 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
     for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
         const std::int64_t t_end = std::min(end, t + kTileValues<T>);
         const double count = double(t_end - t);
-        double guess = total.mean();
-        if (total.count == 0) {
-            const std::int64_t probe_end = std::min(t_end, t + kProbeValues);
-            double sum = 0;
-            for_each_run(s, c, t, probe_end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                sum += k.cf_sum(x + at, n, len, stride);
-            });
-            guess = sum / double(probe_end - t);
-        }
-        T shift = T(guess);
+        T shift = T(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
         Sums dev = range_dev(k, x, s, c, t, t_end, shift);
         if (!shift_is_close(count, dev.first, dev.second)) {
             shift = T(double(shift) + dev.first / count);

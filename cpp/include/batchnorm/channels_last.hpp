@@ -25,10 +25,11 @@ bool reads_as_rows(const Shape& s) {
     return s.inner * std::int64_t(sizeof(T)) < kMinPlaneBytes;
 }
 
-// Rows per statistics tile: the tile stays in L1/L2 between its two passes.
+// Rows per statistics tile: the tile stays in L2 for a second pass, should it need one; large
+// enough that the per-column merge after each tile costs little.
 template <class T>
 std::int64_t tile_rows(std::int64_t cols) {
-    constexpr std::int64_t kTileBytes = std::int64_t(64) << 10;
+    constexpr std::int64_t kTileBytes = std::int64_t(256) << 10;
     return std::max<std::int64_t>(1, kTileBytes / (cols * std::int64_t(sizeof(T))));
 }
 
@@ -43,12 +44,12 @@ struct ColumnScratch {
     std::vector<T> shift;             // one tile's shifts, near its means
 };
 
-// Rows whose mean gives the first tile's shift per column.
+// Rows, spread over the first tile, whose mean gives its shift per column.
 constexpr std::int64_t kProbeRows = 8;
 
 // Moments of every column over `rows` rows into scratch.moments, one pass per tile in
-// the usual case (as range_moments in channels_first.hpp): deviations from the mean of the first
-// rows, then from the mean so far; a tile where some column's shift is more than a standard
+// the usual case (as range_moments in channels_first.hpp): deviations from the mean of a few rows
+// spread over the first tile, then from the mean so far; a tile where some column's shift is more than a standard
 // deviation off is summed again around its own means while it is in cache.
 template <class T>
 void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols,
@@ -65,7 +66,7 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::i
         if (r == 0) {
             const std::int64_t probe = std::min(n, kProbeRows);
             std::fill(w.sum.begin(), w.sum.end(), 0.0);
-            k.cl_sum(tile, probe, cols, w.sum.data());
+            for (std::int64_t i = 0; i < probe; ++i) k.cl_sum(tile + i * (n / probe) * cols, 1, cols, w.sum.data());
             for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.sum[j] / double(probe));
         } else {
             for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.moments[j].mean());

@@ -18,8 +18,9 @@
 #elif defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
-// GCC 12's own AVX-512 intrinsics trip -Wmaybe-uninitialized (_mm512_undefined_* operands).
+// GCC 12's own AVX-512 intrinsics trip -W(maybe-)uninitialized (_mm512_undefined_* operands).
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
@@ -45,7 +46,9 @@ struct Ops<double> {
     static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
     static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-    static V max(V a, V b) { return _mm512_max_pd(a, b); }
+    // Operands swapped: maxp[sd](b, a) = b > a ? b : a is exactly std::max(a, b) (the scalar
+    // backend), so relu's max(v, 0) keeps a NaN v; maxp[sd](v, 0) would turn it into 0.
+    static V max(V a, V b) { return _mm512_max_pd(b, a); }
     static double sum_lanes(V v) { return _mm512_reduce_add_pd(v); }
     static void add_lanes_to(double* dst, V v) { _mm512_storeu_pd(dst, _mm512_add_pd(_mm512_loadu_pd(dst), v)); }
     static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
@@ -68,7 +71,7 @@ struct Ops<float> {
     static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
     static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static V max(V a, V b) { return _mm512_max_ps(b, a); }
     static __m512d low(V v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
     static __m512d high(V v) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); }
     static double sum_lanes(V v) { return _mm512_reduce_add_pd(_mm512_add_pd(low(v), high(v))); }

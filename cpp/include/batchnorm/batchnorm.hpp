@@ -7,12 +7,18 @@
 //   batchnorm::forward_eval(x, y, shape, running_mean, running_var, weight, bias, 1e-5);
 //
 // See functional.hpp for every operation, isa.hpp for backend selection (BATCHNORM_ISA) and
-// threads.hpp for the thread count.
+// threads.hpp for the thread count. Beyond the functions: inference.hpp (Inference<T>, eval
+// with the per-channel factors computed once, residual + ReLU fusion), layer.hpp (BatchNorm<T>,
+// the stateful layer with PyTorch's train/eval semantics) and fold.hpp (fold a batch norm into
+// the preceding convolution or linear weights). docs/cpp.md has the whole C++ guide.
 #pragma once
 
 #include "errors.hpp"
+#include "fold.hpp"
 #include "functional.hpp"
+#include "inference.hpp"
 #include "isa.hpp"
+#include "layer.hpp"
 #include "shape.hpp"
 #include "threads.hpp"
 

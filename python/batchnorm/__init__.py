@@ -68,5 +68,5 @@ def get_include() -> str:
 
 
 def get_cmake_dir() -> str:
-    """Directory holding ``batchnormConfig.cmake``: pass it as ``batchnorm_DIR`` to CMake."""
+    """Directory holding ``batchnorm-config.cmake``: pass it as ``batchnorm_DIR`` to CMake."""
     return os.path.join(_PACKAGE_DIR, "share", "cmake", "batchnorm")

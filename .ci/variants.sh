@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds the Python extension in other configurations, each into its own directory, and runs
+# the test suite against it (PYTHONPATH puts the variant before the installed package):
+#   clang     Clang instead of GCC (OpenMP from libomp)          whole suite
+#   no-openmp BATCHNORM_USE_OPENMP=OFF: the serial build          whole suite
+#   sanitize  GCC with -fsanitize=address,undefined, -O1          whole suite, torch-free (see below)
+# Usage: .ci/variants.sh [clang] [no-openmp] [sanitize]   (default: all three)
+# Needs clang and libomp-dev for `clang`; nanobind, scikit-build-core and numpy installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+work=${VARIANTS_DIR:-build/variants}
+mkdir -p "$work"
+
+build() {  # build NAME [pip config settings...]: installs the variant into $work/NAME
+    local name=$1; shift
+    rm -rf "$work/$name"
+    "$python" -m pip install -q --no-build-isolation --no-deps --target "$work/$name" \
+        -Cbuild-dir="$work/$name-build" "$@" .
+}
+
+suite() {  # suite NAME [pytest args...]
+    local name=$1; shift
+    echo "--- $name: $(PYTHONPATH="$work/$name" "$python" -c 'import batchnorm; print(batchnorm.__file__)')"
+    PYTHONPATH="$work/$name" "$python" -m pytest -q "$@"
+}
+
+for variant in "${@:-clang no-openmp sanitize}"; do
+  for v in $variant; do
+    case $v in
+      clang)
+        CC=clang CXX=clang++ build clang
+        suite clang ;;
+      no-openmp)
+        build no-openmp -Ccmake.define.BATCHNORM_USE_OPENMP=OFF
+        PYTHONPATH="$work/no-openmp" "$python" -c \
+          'import batchnorm as bn; bn.set_num_threads(4); assert bn.get_num_threads() == 1, "serial build must report 1 thread"'
+        suite no-openmp ;;
+      sanitize)
+        # The sanitizer runtimes must come first in the process, so they are preloaded into
+        # Python. Leak checking is off: CPython keeps interned objects alive at exit. torch is
+        # hidden (its own allocator and libraries do not load under a preloaded ASan), so the
+        # torch parity tests skip here and run in the plain builds.
+        flags="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+        build sanitize -Ccmake.build-type=RelWithDebInfo \
+          "-Ccmake.define.CMAKE_CXX_FLAGS=$flags" \
+          "-Ccmake.define.CMAKE_SHARED_LINKER_FLAGS=-fsanitize=address,undefined"
+        mkdir -p "$work/no-torch/torch"
+        echo 'raise ImportError("torch is hidden in the sanitizer run")' > "$work/no-torch/torch/__init__.py"
+        LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
+        ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+          PYTHONPATH="$work/sanitize:$work/no-torch" "$python" -m pytest -q -p no:cacheprovider ;;
+      *) echo "variants.sh: unknown variant $v" >&2; exit 2 ;;
+    esac
+  done
+done

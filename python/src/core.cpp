@@ -191,14 +191,31 @@ NB_MODULE(_core, m) {
     m.def("get_num_threads", &batchnorm::get_num_threads, "Threads a large call may use.");
     m.def("set_num_threads", &batchnorm::set_num_threads, "n"_a, "Sets the threads for later calls (n >= 1).");
     m.def("stats", &py::stats, "input"_a.none(), "axis"_a = 1,
+          nb::sig("def stats(input: object, axis: int = 1) "
+                  "-> tuple[numpy.typing.NDArray[numpy.floating[typing.Any]], "
+                  "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
           "Per-channel mean and biased variance.");
     m.def("forward_train", &py::forward_train, "input"_a.none(), "weight"_a.none(), "bias"_a.none(),
           "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "axis"_a = 1,
-          "out"_a.none() = nb::none(), "Training forward; returns (y, save_mean, save_invstd).");
+          "out"_a.none() = nb::none(),
+          nb::sig("def forward_train(input: object, weight: object | None, bias: object | None, "
+                  "running_mean: object | None, running_var: object | None, momentum: float, eps: float, "
+                  "axis: int = 1, out: object | None = None) "
+                  "-> tuple[typing.Any, numpy.typing.NDArray[numpy.floating[typing.Any]], "
+                  "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
+          "Training forward; returns (y, save_mean, save_invstd).");
     m.def("forward_eval", &py::forward_eval, "input"_a.none(), "running_mean"_a.none(), "running_var"_a.none(),
           "weight"_a.none(), "bias"_a.none(), "eps"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
-          "residual"_a.none() = nb::none(), "relu"_a = false, "Eval forward: act(bn(x) + residual).");
+          "residual"_a.none() = nb::none(), "relu"_a = false,
+          nb::sig("def forward_eval(input: object, running_mean: object | None, running_var: object | None, "
+                  "weight: object | None, bias: object | None, eps: float, axis: int = 1, "
+                  "out: object | None = None, residual: object | None = None, relu: bool = False) -> typing.Any"),
+          "Eval forward: act(bn(x) + residual).");
     m.def("backward", &py::backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(), "invstd"_a.none(),
           "weight"_a.none(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
+          nb::sig("def backward(grad_y: object, x: object, mean: object, invstd: object, weight: object | None, "
+                  "axis: int = 1, training: bool = True, out: object | None = None) "
+                  "-> tuple[typing.Any, numpy.typing.NDArray[numpy.floating[typing.Any]], "
+                  "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
           "Backward; returns (grad_x, grad_weight, grad_bias).");
 }

@@ -457,6 +457,19 @@ class _BatchNorm:
         self.reset_running_stats()
         _fill((self.weight, 1), (self.bias, 0))
 
+    # ---- pickling and copies ------------------------------------------------------------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """State for ``pickle`` and ``copy``: every attribute and array, but not the saved
+        forward context (a reference to the last input), so ``backward`` on a copy needs a
+        forward first. ``copy.deepcopy`` and a pickle round trip give independent arrays."""
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     # ---- repr -------------------------------------------------------------------------
 
     def extra_repr(self) -> str:

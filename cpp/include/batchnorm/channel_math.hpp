@@ -32,6 +32,15 @@ double value_or(const T* values, std::int64_t c, double fallback) {
     return values ? double(values[c]) : fallback;
 }
 
+// Channel c's eval factors from given statistics (usually the running ones). The mean is
+// already a T, so the shift is the mean itself and nothing moves into beta.
+template <class T>
+ChannelAffine<T> eval_affine(std::int64_t c, const T* mean, const T* var, const T* weight, const T* bias,
+                             double eps) {
+    return affine_for<T>(Moments{1, double(mean[c]), 0, 0}, invstd_of(double(var[c]), eps),
+                         value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+}
+
 // Arguments of a training forward, as the public API documents them.
 template <class T>
 struct TrainArgs {

@@ -95,7 +95,10 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
     for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
         const std::int64_t t_end = std::min(end, t + kTileValues<T>);
         const double count = double(t_end - t);
-        T shift = T(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
+        T shift = T(total.mean());
+        if (total.count == 0)  // a short range is cheaper to sum once than to probe
+            shift = T(count <= kProbeValues * 64 ? range_dev(k, x, s, c, t, t_end, T(0)).first / count
+                                                 : probe_mean(x, s, c, t, t_end));
         Sums dev = range_dev(k, x, s, c, t, t_end, shift);
         if (!shift_is_close(count, dev.first, dev.second)) {
             shift = T(double(shift) + dev.first / count);
@@ -184,6 +187,10 @@ void stats_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, T
         NoApply{});
 }
 
+// reversed_runs: the second pass over a channel walks its planes last to first. Planes of one
+// channel lie C*inner apart, often a multiple of a large power of two, so they crowd into a few
+// cache sets; the cache then keeps the most recently read planes, and a pass that starts with
+// them finds them, where a pass from the first plane would evict each plane just before use.
 template <class T>
 void train_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s,
                           const TrainArgs<T>& args) {
@@ -195,7 +202,8 @@ void train_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<T> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta);
+                const std::int64_t last = at + (n - 1) * stride;  // backwards: see reversed_runs
+                k.cf_affine(x + last, y + last, n, len, -stride, a.shift, a.alpha, a.beta);
             });
         });
 }
@@ -213,7 +221,8 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
             if (!gx) return;
             const GradCoefficients<T> g = coef[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t cnt, std::int64_t len, std::int64_t stride) {
-                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q);
+                const std::int64_t last = at + (cnt - 1) * stride;  // backwards: see reversed_runs
+                k.cf_grad(dy + last, x + last, gx + last, cnt, len, -stride, g.shift, g.k, g.m, g.q);
             });
         });
 }

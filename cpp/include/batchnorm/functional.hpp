@@ -5,6 +5,7 @@
 // is written.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -107,13 +108,18 @@ void apply_affine(const T* x, const T* residual, T* y, const Shape& shape, const
     } else if (shape.inner == 1) {
         eval_channels_last(k, x, residual, y, shape, shift, alpha, beta, relu);
     } else {
-        PerColumn<T> s(shape), a(shape), b(shape);
+        // Small planes, read as rows of C*inner columns: each factor repeated over its channel's
+        // columns, in a buffer this thread keeps.
+        thread_local std::vector<T> columns;
+        const std::int64_t cols = shape.channels * shape.inner;
+        columns.resize(3 * std::size_t(cols));
+        T *s = columns.data(), *a = s + cols, *b = a + cols;
         for (std::int64_t c = 0; c < shape.channels; ++c) {
-            s.set(c, shift[c]);
-            a.set(c, alpha[c]);
-            b.set(c, beta[c]);
+            std::fill_n(s + c * shape.inner, shape.inner, shift[c]);
+            std::fill_n(a + c * shape.inner, shape.inner, alpha[c]);
+            std::fill_n(b + c * shape.inner, shape.inner, beta[c]);
         }
-        eval_channels_last(k, x, residual, y, shape, s.data(), a.data(), b.data(), relu);
+        eval_channels_last(k, x, residual, y, Shape{shape.outer, cols, 1}, s, a, b, relu);
     }
 }
 
@@ -140,9 +146,7 @@ void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* 
     T* alpha = factors.data();
     T* beta = alpha + shape.channels;
     for (std::int64_t c = 0; c < shape.channels; ++c) {
-        const detail::ChannelAffine<T> a = detail::affine_for<T>(
-            detail::Moments{1, double(mean[c]), 0, 0}, detail::invstd_of(double(var[c]), eps),
-            detail::value_or(weight, c, 1.0), detail::value_or(bias, c, 0.0));
+        const detail::ChannelAffine<T> a = detail::eval_affine(c, mean, var, weight, bias, eps);
         alpha[c] = a.alpha;
         beta[c] = a.beta;
     }

@@ -59,10 +59,8 @@ public:
         alpha_.resize(n);
         beta_.resize(n);
         for (std::int64_t c = 0; c < channels; ++c) {
-            // Exactly forward_eval's factors: the mean as a Moments with no offset.
-            const detail::ChannelAffine<T> a = detail::affine_for<T>(
-                detail::Moments{1, double(mean[c]), 0, 0}, detail::invstd_of(double(var[c]), eps),
-                detail::value_or(weight, c, 1.0), detail::value_or(bias, c, 0.0));
+            // Exactly forward_eval's factors.
+            const detail::ChannelAffine<T> a = detail::eval_affine(c, mean, var, weight, bias, eps);
             shift_[std::size_t(c)] = a.shift;
             alpha_[std::size_t(c)] = a.alpha;
             beta_[std::size_t(c)] = a.beta;

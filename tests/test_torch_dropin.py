@@ -405,3 +405,48 @@ def test_small_cnn_trains_like_torch(fmt, no_fallback):
     with torch.no_grad():
         np.testing.assert_allclose(converted.eval()(x).numpy(), plain.eval()(x).numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- graph capture
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript
+def test_torchscript_scripts_and_saves_with_torchs_op(rng):
+    """TorchScript cannot call the kernels (Python-bound): a scripted module runs torch's op."""
+    for training in (True, False):
+        ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnt.BatchNorm2d(4, momentum=None))
+        ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None))
+        ref.load_state_dict(ours.state_dict())
+        ours.train(training)
+        ref.train(training)
+        scripted = torch.jit.script(ours)
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        x = torch.randn(2, 3, 8, 8)
+        expected = ref(x)
+        torch.testing.assert_close(scripted(x), expected)
+        torch.testing.assert_close(loaded(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript
+def test_trace_records_torchs_batch_norm(fallback_calls):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnt.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    traced = torch.jit.trace(m, x)
+    assert "aten::batch_norm" in str(traced.inlined_graph)
+    traced_calls = len(fallback_calls)
+    assert traced_calls >= 1  # while tracing (and trace's check run)
+    torch.testing.assert_close(traced(x), m(x))
+    assert len(fallback_calls) == traced_calls  # the eager module runs the kernels again
+
+
+def test_torch_compile_sees_torchs_op(fallback_calls):
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnt.BatchNorm2d(4))
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    compiled = torch.compile(m, backend="eager")
+    y = compiled(x)
+    y.sum().backward()
+    assert fallback_calls  # dynamo traced torch's batch_norm
+    assert x.grad is not None and int(m[1].num_batches_tracked) == 1

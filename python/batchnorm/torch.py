@@ -14,6 +14,9 @@ tracing, CPU autocast, ...) it calls ``torch.nn.functional.batch_norm`` itself.
 its parameter and buffer tensors. This is the only module of the package that imports torch.
 """
 
+# torch's own annotations leave some methods untyped (e.g. _check_input_dim); TorchScript,
+# which compiles forward, reads "# type:" comments, so no per-line ignore there.
+# mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple, Type
@@ -34,6 +37,7 @@ _STRIDED = torch.strided
 _has_torch_function = torch.overrides.has_torch_function_variadic
 _is_compiling = torch.compiler.is_compiling
 _is_tracing: Callable[[], bool] = getattr(torch.jit, "is_tracing")
+_is_scripting: Callable[[], bool] = getattr(torch.jit, "is_scripting")
 # vmap / grad transforms wrap tensors: their batch norm must be torch's own
 _is_functorch_wrapped: Callable[[Tensor], bool] = getattr(
     getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False
@@ -63,6 +67,8 @@ def _kernels_apply(
     eps: float,
 ) -> bool:
     """Whether batchnorm's kernels compute this call exactly as torch would."""
+    if _is_compiling() or _is_tracing():  # first: graph capture must not see the checks below
+        return False
     if type(x) not in _TENSORS or x.dtype not in _FLOATS or not x.is_cpu or x.layout != _STRIDED:
         return False
     if x.dim() < 2 or x.numel() == 0:  # torch's own messages and empty-batch behaviour
@@ -82,7 +88,7 @@ def _kernels_apply(
         return False
     if _has_torch_function(x, running_mean, running_var, weight, bias):
         return False
-    if _is_compiling() or _is_tracing() or torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu"):
         return False
     return not _is_functorch_wrapped(x)
 
@@ -217,7 +223,7 @@ class _DropIn(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` as ``torch.nn.BatchNorm*d.forward`` does, on batchnorm's kernels."""
-        self._check_input_dim(input)  # type: ignore[no-untyped-call, unused-ignore]
+        self._check_input_dim(input)
         # momentum=None: cumulative average, factor 1/num_batches_tracked (after the
         # increment), exactly torch's exponential_average_factor.
         if self.momentum is None:
@@ -236,16 +242,25 @@ class _DropIn(_BatchNorm):
         else:
             bn_training = (self.running_mean is None) and (self.running_var is None)
         buffers = not self.training or self.track_running_stats
-        return batch_norm(
-            input,
-            self.running_mean if buffers else None,
-            self.running_var if buffers else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
+        running_mean = self.running_mean if buffers else None
+        running_var = self.running_var if buffers else None
+        if _is_scripting():  # TorchScript: torch's own op (the kernels are Python-bound)
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                bn_training, exponential_average_factor, self.eps)
+        return self._batch_norm(input, running_mean, running_var, bn_training,
+                                exponential_average_factor)
+
+    @torch.jit.unused
+    def _batch_norm(
+        self,
+        input: Tensor,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        training: bool,
+        momentum: float,
+    ) -> Tensor:
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                          momentum, self.eps)
 
 
 class BatchNorm1d(_DropIn, torch.nn.BatchNorm1d):

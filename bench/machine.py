@@ -138,19 +138,47 @@ def busy_processes() -> list[str]:
     return busy
 
 
+def _cpu_counters() -> tuple[int, int]:
+    """All CPUs' (total, idle + iowait) clock ticks since boot, from /proc/stat."""
+    fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+class OthersMeter:
+    """Share of all CPUs' time used by other processes between start and share().
+
+    Busy ticks of the whole machine minus this process's own CPU time: a cell measured
+    while a build ran next door shows it, instead of silently carrying slower ratios.
+    """
+
+    def __init__(self) -> None:
+        self._tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        try:
+            self._start = (_cpu_counters(), time.process_time())
+        except (OSError, ValueError, IndexError):
+            self._start = None
+
+    def share(self) -> float | None:
+        if self._start is None:
+            return None
+        (total0, idle0), own0 = self._start
+        try:
+            total1, idle1 = _cpu_counters()
+        except (OSError, ValueError, IndexError):
+            return None
+        total = total1 - total0
+        if total <= 0:
+            return None
+        own_ticks = (time.process_time() - own0) / self._tick_s
+        others = (total - (idle1 - idle0)) - own_ticks
+        return round(min(1.0, max(0.0, others / total)), 3)
+
+
 def _cpu_busy_fraction(seconds: float = 0.5) -> float | None:
     """Share of all CPUs' time spent outside idle during the next `seconds`."""
-    def counters():
-        fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = counters()
-        time.sleep(seconds)
-        total1, idle1 = counters()
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(1.0 - (idle1 - idle0) / max(1, total1 - total0), 3)
+    meter = OthersMeter()
+    time.sleep(seconds)
+    return meter.share()
 
 
 def conditions() -> dict:

@@ -48,6 +48,14 @@ def _ratio_text(result: dict, name: str, target: float) -> str:
     return text + (" WRONG" if status == "wrong" else "")
 
 
+def _others_text(cell: dict) -> str:
+    """CPU share other processes took during the cell; bold where it disturbs the ratios."""
+    share = cell.get("others_cpu")
+    if share is None:
+        return "?"
+    return f"**{share:.0%}**" if share > machine.QUIET_BUSY else f"{share:.0%}"
+
+
 def _geomean(values: list[float]) -> str:
     return f"{math.exp(sum(map(math.log, values)) / len(values)):.2f}" if values else ""
 
@@ -61,8 +69,8 @@ def _table(results: dict, op: str, threads: int) -> list[str]:
         "",
         f"Floor: {spec['floor']}. Target for batchnorm: {spec['target']}.",
         "",
-        "| shape | layout | copy floor µs | " + " | ".join(names) + " | target |",
-        "|---|---|---:|" + "---:|" * len(names) + "---:|",
+        "| shape | layout | copy floor µs | " + " | ".join(names) + " | target | others' CPU |",
+        "|---|---|---:|" + "---:|" * len(names) + "---:|---:|",
     ]
     problems = []
     for cell in cells:
@@ -72,13 +80,14 @@ def _table(results: dict, op: str, threads: int) -> list[str]:
             row.append(_ratio_text(result, name, cell["target"]))
             if result and result["status"] in ("error", "wrong"):
                 problems.append(f"- {name}, {cell['label']} {cell['layout']}: {result['note']}")
-        lines.append("| " + " | ".join(row) + f" | {cell['target']:.2f} |")
+        lines.append("| " + " | ".join(row) + f" | {cell['target']:.2f} | "
+                     f"{_others_text(cell)} |")
     geomeans = [
         _geomean([c["results"][n]["ratio"]["median"] for c in cells
                   if c["results"].get(n, {}).get("status") == "ok"])
         for n in names
     ]
-    lines += ["| geomean (own cells) | | | " + " | ".join(geomeans) + " | |", ""]
+    lines += ["| geomean (own cells) | | | " + " | ".join(geomeans) + " | | |", ""]
     return lines + problems + ([""] if problems else [])
 
 
@@ -163,10 +172,13 @@ def _header(results: dict, chart_name: str | None) -> list[str]:
     ]
     when = results["conditions"]
     busy = sorted({p for c in when.values() for p in c["busy_processes"]})
-    if any(machine.disturbed(c) for c in when.values()):
-        lines += [f"- **Disturbed run**: CPU busy before/after: {when['before']['cpu_busy']}"
-                  f"/{when['after']['cpu_busy']}; busy processes: {', '.join(busy) or 'none'}",
-                  ""]
+    noisy = [c for c in results["cells"] if (c.get("others_cpu") or 0) > machine.QUIET_BUSY]
+    if noisy or any(machine.disturbed(c) for c in when.values()):
+        lines += [f"- **Disturbed run**: other processes took more than "
+                  f"{machine.QUIET_BUSY:.0%} of the CPUs during {len(noisy)} of "
+                  f"{len(results['cells'])} cells (column `others' CPU`); CPU busy before/after:"
+                  f" {when['before']['cpu_busy']}/{when['after']['cpu_busy']}; busy processes: "
+                  f"{', '.join(busy) or 'none'}", ""]
     skipped = [f"- {n} skipped: {i['unavailable']}"
                for n, i in results["implementations"].items() if i["unavailable"]]
     lines += skipped + _not_applicable(results) + results.get("notes", []) + [""]

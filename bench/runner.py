@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from . import timing
+from . import machine, timing
 from .cases import Arrays, Case, make_arrays
 from .impls import Impl, NotApplicable, Prepared
 from .ops import OPS, Op
@@ -65,6 +65,7 @@ def _prepare_all(impls, op: Op, case: Case, arrays: Arrays, reference, threads: 
 
 def run_cell(impls: list[Impl], op: Op, case: Case, arrays: Arrays, reference, threads: int,
              settings: Settings) -> dict:
+    others = machine.OthersMeter()
     runs, results = _prepare_all(impls, op, case, arrays, reference, threads)
     samples = timing.interleaved({FLOOR: op.make_floor(arrays), **runs}, settings.rounds,
                                  settings.target_s, settings.settle_s)
@@ -84,6 +85,7 @@ def run_cell(impls: list[Impl], op: Op, case: Case, arrays: Arrays, reference, t
         "target": op.target(case, settings.l2_bytes),
         "floor": timing.Spread.of(floor).microseconds(),
         "results": results,
+        "others_cpu": others.share(),  # CPU share other processes took during the cell
     }
 
 
@@ -92,8 +94,11 @@ def _progress(cell: dict) -> None:
         f"{name} {r['ratio']['median']:.2f}" if "ratio" in r else f"{name} {r['status']}"
         for name, r in cell["results"].items()
     )
+    busy = cell["others_cpu"]
+    noise = f"  [others used {busy:.0%} CPU]" if busy and busy > machine.QUIET_BUSY else ""
     print(f"{cell['op']:8} t={cell['threads']} {cell['label']:>14} {cell['layout']:4} "
-          f"floor {cell['floor']['median_us']:9.1f} us | {ratios}", file=sys.stderr, flush=True)
+          f"floor {cell['floor']['median_us']:9.1f} us | {ratios}{noise}", file=sys.stderr,
+          flush=True)
 
 
 def run_suite(impls: list[Impl], cases: list[Case], op_names, thread_counts,

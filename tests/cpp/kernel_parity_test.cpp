@@ -1,11 +1,13 @@
 // Kernel parity test: every KernelTable function of every backend this machine can run
 // (batchnorm::supported_isas()), for float and double, against plain float64 loops written here
 // (an independent reference: it shares no code with the kernels). Sizes are awkward on purpose:
-// every tail length of every vector width, runs with gaps between them (stride > len), row counts
-// on both sides of the flush interval. Outputs carry sentinel guard elements after the end and in
-// the gaps, which must come back untouched; inputs are allocated to their exact size, so
-// AddressSanitizer sees any read past the end. No test framework: prints each failure (the first
-// few), one `N passed, M failed` line, and exits non-zero on any failure.
+// every tail length of every vector width, zero sizes, runs with gaps between them (stride > len),
+// row counts on both sides of the flush interval, shapes across the channels-last row tiles and
+// column blocks. Outputs carry sentinel guard elements after the end and in the gaps, which must
+// come back untouched (this catches stray writes without a sanitizer, e.g. under qemu); inputs,
+// and a second copy of the outputs that are read back (column sums, in-place y), are allocated to
+// their exact size, so AddressSanitizer sees any access past the end. No test framework: prints
+// each failure (the first few), one `N passed, M failed` line, and exits non-zero on any failure.
 //
 //   x86:     g++ -std=c++17 -O2 -fsanitize=address,undefined -Icpp/include
 //                tests/cpp/kernel_parity_test.cpp -o kernel_parity_test && ./kernel_parity_test
@@ -31,6 +33,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -87,12 +90,16 @@ struct Expected {
     std::vector<double> ref, mag;
     std::vector<char> written;
     explicit Expected(i64 size) : ref(size_t(size), kSentinel), mag(size_t(size), 0.0), written(size_t(size), 0) {}
-    void set(i64 i, double value, double magnitude) { ref[size_t(i)] = value; mag[size_t(i)] = magnitude; written[size_t(i)] = 1; }
+    void set(i64 i, double value, double magnitude) {
+        ref[size_t(i)] = value;
+        mag[size_t(i)] = magnitude;
+        written[size_t(i)] = 1;
+    }
 };
 
 template <class T>
 void check_output(Checker& ck, const std::string& where, const char* name, const std::vector<T>& y, const Expected& e) {
-    for (size_t i = 0; i < y.size(); ++i) {
+    for (size_t i = 0; i < y.size(); ++i) {  // y may be shorter than e: an exact-size buffer, no guard
         const double got = double(y[i]);
         bool ok;
         if (e.written[i]) {
@@ -132,7 +139,7 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
     for (i64 n : {127, 128, 129, 511, 512, 513, 1031, 4099}) lens.push_back(n);  // across flushes
     int ci = 0;
     for (i64 len : lens) {
-        for (i64 count : {1, 2, 3}) {
+        for (i64 count : {1, 2, 3, 7}) {  // channel reductions persist across a channel's runs
             for (i64 gap : {0, 3}) {
                 if (count == 1 && gap != 0) continue;
                 const i64 stride = len + gap;
@@ -147,22 +154,21 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 const std::string where = tag + " count=" + std::to_string(count) + " len=" + std::to_string(len) +
                                           " stride=" + std::to_string(stride) + fmt(" mean=%g", mean, 0, 0);
 
-                double sx = 0, ax = 0, d1 = 0, ad1 = 0, d2 = 0, g = 0, ag = 0, gd = 0, agd = 0;
+                double d1 = 0, ad1 = 0, d2 = 0, g = 0, ag = 0, gd = 0, agd = 0;
                 Expected ey(size + kGuard), eg(size + kGuard);
                 for (i64 r = 0; r < count; ++r) {
                     for (i64 i = r * stride; i < r * stride + len; ++i) {
                         const double xv = double(x[size_t(i)]), gv = double(dy[size_t(i)]), d = xv - s;
-                        sx += xv; ax += std::fabs(xv);
                         d1 += d; ad1 += std::fabs(d); d2 += d * d;
                         g += gv; ag += std::fabs(gv); gd += gv * d; agd += std::fabs(gv * d);
-                        ey.set(i, d * double(alpha) + double(beta), std::fabs(d * double(alpha)) + std::fabs(double(beta)));
+                        ey.set(i, d * double(alpha) + double(beta),
+                               std::fabs(d * double(alpha)) + std::fabs(double(beta)));
                         eg.set(i, gv * double(k) + d * double(m) + double(q),
                                std::fabs(gv * double(k)) + std::fabs(d * double(m)) + std::fabs(double(q)));
                     }
                 }
                 const i64 n = count * len;
 
-                check_sum(ck, where, "cf_sum", t.cf_sum(x.data(), count, len, stride), sx, sum_tol<T>(ax, n));
                 const Sums dev = t.cf_dev(x.data(), count, len, stride, shift);
                 check_sum(ck, where, "cf_dev.first", dev.first, d1, sum_tol<T>(ad1, n));
                 check_sum(ck, where, "cf_dev.second", dev.second, d2, sum_tol<T>(d2, n));
@@ -225,67 +231,79 @@ void test_rows(const KernelTable<T>& t, const std::string& tag, std::mt19937_64&
 
 template <class T>
 void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    // Every rows x cols in 0..40 (and 64, 100) x 0..70, plus shapes that cross the kernels' L1 row
+    // tiles (32 KiB of rows) and span several column blocks.
     std::vector<i64> row_counts;
     for (i64 r = 0; r <= 40; ++r) row_counts.push_back(r);
-    for (i64 r : {64, 100}) row_counts.push_back(r);
+    row_counts.insert(row_counts.end(), {64, 100});
+    std::vector<std::pair<i64, i64>> shapes;
+    for (i64 rows : row_counts)
+        for (i64 cols = 0; cols <= 70; ++cols) shapes.emplace_back(rows, cols);
+    for (auto rc : {std::pair<i64, i64>{300, 13}, {300, 64}, {300, 70}, {150, 127}, {150, 128}, {150, 129},
+                    {80, 257}, {40, 1031}})
+        shapes.push_back(rc);
     int ci = 0;
-    for (i64 rows : row_counts) {
-        for (i64 cols = 0; cols <= 70; ++cols) {
-            const i64 size = rows * cols;
-            const double mean = kMeans[ci++ % 5];
-            const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
-            const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
-            const std::vector<T> res = random_vec<T>(rng, size, 0.0, 1.0);
-            const std::vector<T> shift = random_vec<T>(rng, cols, mean, 0.25);
-            const std::vector<T> alpha = random_vec<T>(rng, cols, 0.0, 2.0), beta = random_vec<T>(rng, cols, 0.0, 2.0);
-            const std::vector<T> k = random_vec<T>(rng, cols, 0.0, 2.0), m = random_vec<T>(rng, cols, 0.0, 2.0),
-                                 q = random_vec<T>(rng, cols, 0.0, 2.0);
-            // Column sums start non-zero (the kernels add into them) and carry a guard after cols.
-            const std::vector<double> init = random_vec<double>(rng, cols, 0.0, 10.0);
-            const std::string where = tag + " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
-                                      fmt(" mean=%g", mean, 0, 0);
+    for (const auto& shape : shapes) {
+        const i64 rows = shape.first, cols = shape.second;  // not a structured binding: lambdas capture these
+        const i64 size = rows * cols;
+        const double mean = kMeans[ci++ % 5];
+        const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
+        const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
+        const std::vector<T> res = random_vec<T>(rng, size, 0.0, 1.0);
+        const std::vector<T> shift = random_vec<T>(rng, cols, mean, 0.25);
+        const std::vector<T> alpha = random_vec<T>(rng, cols, 0.0, 2.0), beta = random_vec<T>(rng, cols, 0.0, 2.0);
+        const std::vector<T> k = random_vec<T>(rng, cols, 0.0, 2.0), m = random_vec<T>(rng, cols, 0.0, 2.0),
+                             q = random_vec<T>(rng, cols, 0.0, 2.0);
+        // Column sums start non-zero (the kernels add into them) and carry a guard after cols.
+        const std::vector<double> init = random_vec<double>(rng, cols, 0.0, 10.0);
+        const std::string where = tag + " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                                  fmt(" mean=%g", mean, 0, 0);
 
-            std::vector<double> sx(size_t(cols), 0), ax(size_t(cols), 0), d1(size_t(cols), 0), ad1(size_t(cols), 0),
-                d2(size_t(cols), 0), g(size_t(cols), 0), ag(size_t(cols), 0), gd(size_t(cols), 0), agd(size_t(cols), 0);
-            Expected eg(size + kGuard);
-            for (i64 r = 0; r < rows; ++r) {
-                for (i64 j = 0; j < cols; ++j) {
-                    const size_t i = size_t(r * cols + j), c = size_t(j);
-                    const double xv = double(x[i]), gv = double(dy[i]), d = xv - double(shift[c]);
-                    sx[c] += xv; ax[c] += std::fabs(xv);
-                    d1[c] += d; ad1[c] += std::fabs(d); d2[c] += d * d;
-                    g[c] += gv; ag[c] += std::fabs(gv); gd[c] += gv * d; agd[c] += std::fabs(gv * d);
-                    eg.set(i64(i), gv * double(k[c]) + d * double(m[c]) + double(q[c]),
-                           std::fabs(gv * double(k[c])) + std::fabs(d * double(m[c])) + std::fabs(double(q[c])));
-                }
+        std::vector<double> sx(size_t(cols), 0), ax(size_t(cols), 0), d1(size_t(cols), 0), ad1(size_t(cols), 0),
+            d2(size_t(cols), 0), g(size_t(cols), 0), ag(size_t(cols), 0), gd(size_t(cols), 0), agd(size_t(cols), 0);
+        Expected eg(size + kGuard);
+        for (i64 r = 0; r < rows; ++r) {
+            for (i64 j = 0; j < cols; ++j) {
+                const size_t i = size_t(r * cols + j), c = size_t(j);
+                const double xv = double(x[i]), gv = double(dy[i]), d = xv - double(shift[c]);
+                sx[c] += xv; ax[c] += std::fabs(xv);
+                d1[c] += d; ad1[c] += std::fabs(d); d2[c] += d * d;
+                g[c] += gv; ag[c] += std::fabs(gv); gd[c] += gv * d; agd[c] += std::fabs(gv * d);
+                eg.set(i64(i), gv * double(k[c]) + d * double(m[c]) + double(q[c]),
+                       std::fabs(gv * double(k[c])) + std::fabs(d * double(m[c])) + std::fabs(double(q[c])));
             }
+        }
 
-            // One reduction output: init + column sums; the guard after cols must stay the sentinel.
-            auto check_cols = [&](const char* name, const std::vector<double>& got, const std::vector<double>& ref,
-                                  const std::vector<double>& abs_sum) {
-                for (i64 j = 0; j < cols + kGuard; ++j) {
-                    const size_t c = size_t(j);
-                    if (j >= cols) {
-                        if (got[c] != kSentinel) {
-                            ck.check(false, where, std::string(name) + " wrote past cols" + fmt(" at column %.0f: %.17g", double(j), got[c], 0));
-                            return;
-                        }
-                        continue;
-                    }
-                    const double expected = init[c] + ref[c], tol = sum_tol<T>(std::fabs(init[c]) + abs_sum[c], rows);
-                    if (!(std::fabs(got[c] - expected) <= tol)) {
-                        ck.check(false, where, std::string(name) + fmt(" column %.0f: got %.17g, expected %.17g", double(j), got[c], expected));
+        // One reduction output: init + column sums. Each reduction runs twice: into a buffer with
+        // a guard after cols, which must stay -0.0 (the tail lanes a kernel must not add hold
+        // exactly +0, and -0.0 + +0 = +0 shows), and into an exact-size buffer for ASan.
+        auto check_cols = [&](const char* name, const std::vector<double>& got, const std::vector<double>& ref,
+                              const std::vector<double>& abs_sum) {
+            for (i64 j = 0; j < i64(got.size()); ++j) {
+                const size_t c = size_t(j);
+                if (j >= cols) {
+                    if (!(got[c] == 0.0 && std::signbit(got[c]))) {
+                        ck.check(false, where, std::string(name) + " wrote past cols" +
+                                                   fmt(" at column %.0f: %.17g (the guard must stay -0.0)", double(j), got[c], 0));
                         return;
                     }
+                    continue;
                 }
-                ck.check(true, where, name);
-            };
+                const double expected = init[c] + ref[c], tol = sum_tol<T>(std::fabs(init[c]) + abs_sum[c], rows);
+                if (!(std::fabs(got[c] - expected) <= tol)) {
+                    ck.check(false, where, std::string(name) +
+                                               fmt(" column %.0f: got %.17g, expected %.17g", double(j), got[c], expected));
+                    return;
+                }
+            }
+            ck.check(true, where, name);
+        };
+        for (i64 guard : {kGuard, i64(0)}) {
             auto start = [&]() {
-                std::vector<double> v(size_t(cols + kGuard), kSentinel);
+                std::vector<double> v(size_t(cols + guard), -0.0);
                 for (i64 j = 0; j < cols; ++j) v[size_t(j)] = init[size_t(j)];
                 return v;
             };
-
             std::vector<double> o1 = start(), o2 = start();
             t.cl_sum(x.data(), rows, cols, o1.data());
             check_cols("cl_sum", o1, sx, ax);
@@ -299,37 +317,36 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
             t.cl_dot(dy.data(), x.data(), rows, cols, shift.data(), o1.data(), o2.data());
             check_cols("cl_dot.sdy", o1, g, ag);
             check_cols("cl_dot.sdyx", o2, gd, agd);
-
-            for (int variant = 0; variant < 4; ++variant) {
-                const bool residual = variant & 1, relu = variant & 2;
-                Expected e(size + kGuard);
-                for (i64 r = 0; r < rows; ++r) {
-                    for (i64 j = 0; j < cols; ++j) {
-                        const size_t i = size_t(r * cols + j), c = size_t(j);
-                        const double d = double(x[i]) - double(shift[c]), rv = residual ? double(res[i]) : 0.0;
-                        double v = d * double(alpha[c]) + double(beta[c]) + rv;
-                        if (relu) v = std::max(v, 0.0);
-                        e.set(i64(i), v, std::fabs(d * double(alpha[c])) + std::fabs(double(beta[c])) + std::fabs(rv));
-                    }
-                }
-                const std::string w = where + (residual ? " residual" : "") + (relu ? " relu" : "");
-                std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.cl_affine(x.data(), residual ? res.data() : nullptr, y.data(), rows, cols, shift.data(),
-                            alpha.data(), beta.data(), relu);
-                check_output(ck, w, "cl_affine", y, e);
-
-                // In place (y == x), as `out=x` does: same values, guard untouched.
-                std::vector<T> z = sentinel_vec<T>(size + kGuard);
-                std::copy(x.begin(), x.end(), z.begin());
-                t.cl_affine(z.data(), residual ? res.data() : nullptr, z.data(), rows, cols, shift.data(),
-                            alpha.data(), beta.data(), relu);
-                check_output(ck, w + " in-place", "cl_affine", z, e);
-            }
-
-            std::vector<T> gx = sentinel_vec<T>(size + kGuard);
-            t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, shift.data(), k.data(), m.data(), q.data());
-            check_output(ck, where, "cl_grad", gx, eg);
         }
+
+        for (int variant = 0; variant < 4; ++variant) {
+            const bool residual = variant & 1, relu = variant & 2;
+            Expected e(size + kGuard);
+            for (i64 r = 0; r < rows; ++r) {
+                for (i64 j = 0; j < cols; ++j) {
+                    const size_t i = size_t(r * cols + j), c = size_t(j);
+                    const double d = double(x[i]) - double(shift[c]), rv = residual ? double(res[i]) : 0.0;
+                    double v = d * double(alpha[c]) + double(beta[c]) + rv;
+                    if (relu) v = std::max(v, 0.0);
+                    e.set(i64(i), v, std::fabs(d * double(alpha[c])) + std::fabs(double(beta[c])) + std::fabs(rv));
+                }
+            }
+            const std::string w = where + (residual ? " residual" : "") + (relu ? " relu" : "");
+            std::vector<T> y = sentinel_vec<T>(size + kGuard);
+            t.cl_affine(x.data(), residual ? res.data() : nullptr, y.data(), rows, cols, shift.data(),
+                        alpha.data(), beta.data(), relu);
+            check_output(ck, w, "cl_affine", y, e);
+
+            // In place (y == x), as `out=x` does, in an exact-size buffer: ASan sees any access past it.
+            std::vector<T> z = x;
+            t.cl_affine(z.data(), residual ? res.data() : nullptr, z.data(), rows, cols, shift.data(),
+                        alpha.data(), beta.data(), relu);
+            check_output(ck, w + " in-place", "cl_affine", z, e);
+        }
+
+        std::vector<T> gx = sentinel_vec<T>(size + kGuard);
+        t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, shift.data(), k.data(), m.data(), q.data());
+        check_output(ck, where, "cl_grad", gx, eg);
     }
 }
 
@@ -352,13 +369,15 @@ void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck)
                 if (is_nan) (nan_in_residual ? res : x)[size_t(i)] = nan;
                 e.set(i, is_nan ? double(nan) : 1.5, 2.0);
             }
-            const std::string where = tag + " cols=" + std::to_string(cols) + (nan_in_residual ? " NaN residual" : " NaN x");
+            const std::string where =
+                tag + " cols=" + std::to_string(cols) + (nan_in_residual ? " NaN residual" : " NaN x");
             std::vector<T> y = sentinel_vec<T>(size + kGuard);
             t.cl_affine(x.data(), res.data(), y.data(), rows, cols, shift.data(), alpha.data(), beta.data(), true);
             check_output(ck, where, "cl_affine relu NaN", y, e);
             // The same data as `rows` planes of one channel each.
             y = sentinel_vec<T>(size + kGuard);
-            t.rows_affine(x.data(), res.data(), y.data(), rows, cols, 0, 1, shift.data(), alpha.data(), beta.data(), true);
+            t.rows_affine(x.data(), res.data(), y.data(), rows, cols, 0, 1, shift.data(), alpha.data(), beta.data(),
+                          true);
             check_output(ck, where, "rows_affine relu NaN", y, e);
         }
     }

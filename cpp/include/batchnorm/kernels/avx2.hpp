@@ -49,7 +49,9 @@ struct Ops<double> {
     static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
     static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-    static V max(V a, V b) { return _mm256_max_pd(a, b); }
+    // Operands swapped: maxp[sd](b, a) = b > a ? b : a is exactly std::max(a, b) (the scalar
+    // backend), so relu's max(v, 0) keeps a NaN v; maxp[sd](v, 0) would turn it into 0.
+    static V max(V a, V b) { return _mm256_max_pd(b, a); }
     static double sum_lanes(V v) {
         const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
         return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
@@ -78,7 +80,7 @@ struct Ops<float> {
     static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
     static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-    static V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static V max(V a, V b) { return _mm256_max_ps(b, a); }
     static __m256d low(V v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
     static __m256d high(V v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
     static double sum_lanes(V v) { return Ops<double>::sum_lanes(_mm256_add_pd(low(v), high(v))); }

@@ -194,7 +194,7 @@ constexpr i64 kBlock = 4;
 
 template <class T>
 i64 l1_tile_rows(i64 cols) {
-    return std::max<i64>(1, (i64(32) << 10) / (cols * i64(sizeof(T))));
+    return std::max<i64>(1, (i64(32) << 10) / (std::max<i64>(cols, 1) * i64(sizeof(T))));  // cols may be 0
 }
 
 // Lanes in vector k of a block of nb vectors whose last vector has `last` lanes.

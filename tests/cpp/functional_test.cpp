@@ -177,6 +177,22 @@ TYPED_TEST(Functional, EmptyInputs) {
     }
 }
 
+// A batch with no channels (N > 0, C = 0) has nothing to compute; it used to divide by zero
+// in the channels-last tiling.
+TYPED_TEST(Functional, NoChannels) {
+    using T = TypeParam;
+    for (const Shape& s : {Shape{4, 0, 1}, Shape{4, 0, 3}, Shape{4, 0, 100}}) {
+        SCOPED_TRACE(ref::str(s));
+        T x[1] = {T(5)}, y[1] = {T(6)}, none[1] = {T(7)};
+        batchnorm::batch_stats(x, s, none, none);
+        batchnorm::forward_train<T>(x, y, s, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, none, none);
+        batchnorm::forward_eval<T>(x, y, s, none, none, nullptr, nullptr, 1e-5);
+        batchnorm::backward<T>(x, x, y, s, none, none, nullptr, none, none);
+        EXPECT_EQ(y[0], T(6));
+        EXPECT_EQ(none[0], T(7));
+    }
+}
+
 // The ISA in use is one this machine supports (BATCHNORM_ISA may force another; ctest runs the
 // suite once per backend).
 TEST(Isa, ActiveIsSupported) {

@@ -30,7 +30,7 @@ bool reads_as_rows(const Shape& s) {
 template <class T>
 std::int64_t tile_rows(std::int64_t cols) {
     constexpr std::int64_t kTileBytes = std::int64_t(256) << 10;
-    return std::max<std::int64_t>(1, kTileBytes / (cols * std::int64_t(sizeof(T))));
+    return std::max<std::int64_t>(1, kTileBytes / (std::max<std::int64_t>(cols, 1) * std::int64_t(sizeof(T))));
 }
 
 // Per-column scratch of one thread.

@@ -54,7 +54,7 @@ void batch_stats(const T* x, const Shape& shape, T* mean, T* var) {
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
     detail::check_pointer(var, "var");
-    if (shape.per_channel() == 0) {
+    if (shape.size() == 0) {  // no values: NaN statistics for every channel there is
         std::fill_n(mean, shape.channels, std::numeric_limits<T>::quiet_NaN());
         std::fill_n(var, shape.channels, std::numeric_limits<T>::quiet_NaN());
         return;
@@ -167,7 +167,7 @@ void backward(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const 
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
     detail::check_pointer(invstd, "invstd");
-    if (shape.per_channel() == 0) {
+    if (shape.size() == 0) {
         if (grad_weight) std::fill_n(grad_weight, shape.channels, T(0));
         if (grad_bias) std::fill_n(grad_bias, shape.channels, T(0));
         return;

@@ -39,7 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "threads sleep instead of spinning (see README)")
     p.add_argument("--no-latency", action="store_true", help="skip the tiny-input latency")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to SECONDS for the CPUs to be idle (< 10 %% busy)")
+                   help="first wait up to SECONDS for idle CPUs (others below "
+                        f"{machine.QUIET_BUSY * 100:.0f}%%)")
+    p.add_argument("--retry-disturbed", type=int, default=0, metavar="N",
+                   help="re-measure a cell up to N times while other processes take over "
+                        f"{machine.QUIET_BUSY * 100:.0f}%% of the CPUs (each retry first waits "
+                        "--wait-quiet seconds at most); the quietest attempt is kept")
     p.add_argument("--readme", action="store_true",
                    help="also copy the tables into the results section of bench/README.md")
     p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR)
@@ -64,7 +69,8 @@ def collect(args: argparse.Namespace) -> dict:
     if machine.disturbed(before):
         print(f"warning: the machine is busy ({before}); the ratios will be noisy",
               file=sys.stderr)
-    settings = runner.Settings(rounds, target_s, SETTLE_S, machine.l2_bytes())
+    settings = runner.Settings(rounds, target_s, SETTLE_S, machine.l2_bytes(),
+                               args.retry_disturbed, args.wait_quiet)
     cases = list(iter_cases(args.shapes, args.dtype))
     cells = runner.run_suite(loaded, cases, args.ops, args.threads, settings)
     tiny = None if args.no_latency else latency.measure(loaded, args.dtype, rounds, target_s)
@@ -74,7 +80,8 @@ def collect(args: argparse.Namespace) -> dict:
                    "rounds": rounds, "target_ms": target_s * 1e3,
                    "settle_ms": SETTLE_S * 1e3, "quick": args.quick,
                    "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library defaults"),
-                   "l2_bytes_for_targets": settings.l2_bytes},
+                   "l2_bytes_for_targets": settings.l2_bytes,
+                   "retry_disturbed": args.retry_disturbed, "wait_quiet_s": args.wait_quiet},
         "implementations": {i.name: {"version": i.version, "unavailable": i.unavailable}
                             for i in loaded},
         "ops": {name: {"title": op.title, "floor": op.floor_text, "target": op.target_text}

@@ -25,6 +25,8 @@ class Settings:
     target_s: float  # duration of one sample
     settle_s: float  # pause before each sample (thread pools stop spinning)
     l2_bytes: int
+    retries: int = 0  # re-measurements of a cell that other processes disturbed
+    wait_quiet_s: float = 0.0  # how long each re-measurement waits for idle CPUs
 
 
 def _tolerance(dtype: str) -> float:
@@ -112,7 +114,26 @@ def run_suite(impls: list[Impl], cases: list[Case], op_names, thread_counts,
             arrays.fresh_running_stats()
             reference = op.reference(case, arrays)
             for threads in thread_counts:
-                cell = run_cell(usable, op, case, arrays, reference, threads, settings)
-                _progress(cell)
-                cells.append(cell)
+                cells.append(_least_disturbed_cell(usable, op, case, arrays, reference,
+                                                   threads, settings))
     return cells
+
+
+def _least_disturbed_cell(impls, op, case, arrays, reference, threads, settings) -> dict:
+    """run_cell, repeated while other processes took the CPUs; the quietest attempt wins.
+
+    A 2-thread cell sharing its cores with a build measures the build, not the kernel
+    (spin-waiting OpenMP teams lose whole scheduler slices), so waiting pays off.
+    """
+    best = None
+    for attempt in range(settings.retries + 1):
+        if attempt:
+            machine.wait_until_quiet(settings.wait_quiet_s)
+        cell = run_cell(impls, op, case, arrays, reference, threads, settings)
+        cell["attempts"] = attempt + 1
+        _progress(cell)
+        if best is None or (cell["others_cpu"] or 0) < (best["others_cpu"] or 0):
+            best = cell
+        if not machine.disturbed({"cpu_busy": best["others_cpu"]}):
+            break
+    return best

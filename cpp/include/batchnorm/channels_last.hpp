@@ -29,7 +29,7 @@ bool reads_as_rows(const Shape& s) {
 // enough that the per-column merge after each tile costs little.
 template <class T>
 std::int64_t tile_rows(std::int64_t cols) {
-    constexpr std::int64_t kTileBytes = std::int64_t(256) << 10;
+    constexpr std::int64_t kTileBytes = std::int64_t(1) << 20;
     return std::max<std::int64_t>(1, kTileBytes / (std::max<std::int64_t>(cols, 1) * std::int64_t(sizeof(T))));
 }
 

@@ -185,41 +185,75 @@ void rows_affine(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 f
 }
 
 // ---- channels-last: row-major tiles, one column per channel ----------------------------------
-// Each kernel walks L1-sized tiles of rows; within a tile, blocks of up to kBlock column vectors
-// go down the rows with their accumulators (or per-column factors) in registers. When a row is
-// one block wide (C <= kBlock * W), that is a plain linear stream. Reductions flush their lanes
-// into the float64 column sums every kFlushVectors rows.
+// Each kernel walks tiles of rows (see tile_rows_for_blocks) in column blocks (see
+// for_each_block). Reductions flush their lanes into the float64 column sums every
+// kFlushVectors rows.
 
-constexpr i64 kBlock = 4;
+constexpr i64 kBlock = 4;   // whole vectors a row may have to run as one register block
+constexpr i64 kWide = 32;   // vectors per chunk of a wider row
 
+// Rows per tile: L1-sized, but at least four flushes' worth, so that a wide row's many column
+// blocks do not each flush after a handful of rows.
 template <class T>
-i64 l1_tile_rows(i64 cols) {
-    return std::max<i64>(1, (i64(32) << 10) / (std::max<i64>(cols, 1) * i64(sizeof(T))));  // cols may be 0
+i64 tile_rows_for_blocks(i64 cols) {
+    const i64 l1_rows = (i64(32) << 10) / (std::max<i64>(cols, 1) * i64(sizeof(T)));  // cols may be 0
+    return std::max<i64>(4 * kFlushVectors, l1_rows);
 }
 
-// Lanes in vector k of a block of nb vectors whose last vector has `last` lanes.
-template <class T>
-inline i64 lanes_of(int k, int nb, i64 last) {
-    return k == nb - 1 ? last : Ops<T>::W;
+// Loads vector k of a column block: whole vectors, except the last one of a tail block
+// (kTail), which has `last` lanes. With kTail false there is no branch left to take, so the
+// block's accumulators stay in registers.
+template <class T, bool kTail>
+inline typename Ops<T>::V load_block(const T* p, int k, int nb, i64 last, typename Ops<T>::V fill) {
+    if (kTail && k == nb - 1) return Ops<T>::load_partial(p, last, fill);
+    return Ops<T>::load(p);
 }
 
-// Runs op.template block<NB>(row0, rows, j, last) over every tile of rows and every column
-// block: NB vectors from column j, the last with `last` lanes.
+template <class T, bool kTail>
+inline void store_block(T* p, typename Ops<T>::V v, int k, int nb, i64 last) {
+    if (kTail && k == nb - 1) Ops<T>::store_partial(p, v, last);
+    else Ops<T>::store(p, v);
+}
+
+template <class T, bool kTail>
+inline void add_lanes_block(double* dst, typename Ops<T>::V v, int k, int nb, i64 last) {
+    if (kTail && k == nb - 1) Ops<T>::add_lanes_to_partial(dst, v, last);
+    else Ops<T>::add_lanes_to(dst, v);
+}
+
+// A block of N vectors from column 0, the last with `last` lanes (partial when last < W).
+template <int N, class T, class Op>
+void narrow_block(Op& op, i64 row0, i64 rows, i64 last) {
+    if (last < Ops<T>::W) op.template block<true>(row0, rows, 0, last, std::integral_constant<int, N>{});
+    else op.template block<false>(row0, rows, 0, last, std::integral_constant<int, N>{});
+}
+
+// Runs op.template block<kTail>(row0, rows, j, last, nb) over every tile of rows: nb vectors from
+// column j, the last with `last` lanes when kTail. A row of at most kBlock vectors is one block
+// whose count is a compile-time constant, so its accumulators (or factors) live in registers and
+// the row streams linearly. Wider rows go in chunks of up to kWide vectors, row by row, their
+// accumulators in an L1-resident array: walking a few vectors down many rows would touch a new
+// page per row and defeat the prefetchers.
 template <class T, class Op>
 void for_each_block(i64 rows, i64 cols, Op& op) {
     constexpr i64 W = Ops<T>::W;
-    const i64 tile = l1_tile_rows<T>(cols);
+    const i64 tile = tile_rows_for_blocks<T>(cols), vectors = (cols + W - 1) / W;
+    const i64 last = cols - (vectors - 1) * W;  // lanes of the last vector, 1..W
     for (i64 r = 0; r < rows; r += tile) {
         const i64 n = std::min(tile, rows - r);
-        for (i64 j = 0; j < cols; j += kBlock * W) {
-            const i64 vectors = std::min<i64>(kBlock, (cols - j + W - 1) / W);
-            const i64 last = cols - j - (vectors - 1) * W;
-            switch (vectors) {
-                case 1: op.template block<1>(r, n, j, std::min(last, W)); break;
-                case 2: op.template block<2>(r, n, j, std::min(last, W)); break;
-                case 3: op.template block<3>(r, n, j, std::min(last, W)); break;
-                default: op.template block<4>(r, n, j, std::min(last, W)); break;
-            }
+        switch (vectors) {
+            case 0: break;
+            case 1: narrow_block<1, T>(op, r, n, last); break;
+            case 2: narrow_block<2, T>(op, r, n, last); break;
+            case 3: narrow_block<3, T>(op, r, n, last); break;
+            case 4: narrow_block<4, T>(op, r, n, last); break;
+            static_assert(kBlock == 4, "one case per block width up to kBlock");
+            default:
+                for (i64 v = 0; v < vectors; v += kWide) {
+                    const int nb = int(std::min(kWide, vectors - v));
+                    if (v + nb == vectors && last < W) op.template block<true>(r, n, v * W, last, nb);
+                    else op.template block<false>(r, n, v * W, W, nb);
+                }
         }
     }
 }
@@ -230,8 +264,8 @@ struct ClSum {
     i64 cols_;
     double* sum_;
 
-    template <int NB>
-    void block(i64 row0, i64 rows, i64 j, i64 last) {
+    template <bool kTail, class Count>
+    void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T* const x = x_;
         const i64 cols = cols_;
@@ -239,12 +273,12 @@ struct ClSum {
         using O = Ops<T>;
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
-            typename O::V a[NB];
-            for (int k = 0; k < NB; ++k) a[k] = O::zero();
+            typename O::V a[kWide];
+            for (int k = 0; k < int(nb); ++k) a[k] = O::zero();
             for (; r < end; ++r)
-                for (int k = 0; k < NB; ++k)
-                    a[k] = O::add(a[k], load_n(x + r * cols + j + k * O::W, lanes_of<T>(k, NB, last), O::zero()));
-            for (int k = 0; k < NB; ++k) add_lanes_n<T>(sum + j + k * O::W, a[k], lanes_of<T>(k, NB, last));
+                for (int k = 0; k < int(nb); ++k)
+                    a[k] = O::add(a[k], load_block<T, kTail>(x + r * cols + j + k * O::W, k, int(nb), last, O::zero()));
+            for (int k = 0; k < int(nb); ++k) add_lanes_block<T, kTail>(sum + j + k * O::W, a[k], k, int(nb), last);
         }
     }
 };
@@ -262,29 +296,29 @@ struct ClDev {
     const T* shift_;
     double *s1_, *s2_;
 
-    template <int NB>
-    void block(i64 row0, i64 rows, i64 j, i64 last) {
+    template <bool kTail, class Count>
+    void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T* const x = x_;
         const i64 cols = cols_;
         double *const s1 = s1_, *const s2 = s2_;
         const T* const shift = shift_;
         using O = Ops<T>;
-        typename O::V s[NB];
-        for (int k = 0; k < NB; ++k) s[k] = load_n(shift + j + k * O::W, lanes_of<T>(k, NB, last), O::zero());
+        typename O::V s[kWide];
+        for (int k = 0; k < int(nb); ++k) s[k] = load_block<T, kTail>(shift + j + k * O::W, k, int(nb), last, O::zero());
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
-            typename O::V d1[NB], d2[NB];
-            for (int k = 0; k < NB; ++k) d1[k] = d2[k] = O::zero();
+            typename O::V d1[kWide], d2[kWide];
+            for (int k = 0; k < int(nb); ++k) d1[k] = d2[k] = O::zero();
             for (; r < end; ++r)
-                for (int k = 0; k < NB; ++k) {
-                    const auto d = O::sub(load_n(x + r * cols + j + k * O::W, lanes_of<T>(k, NB, last), s[k]), s[k]);
+                for (int k = 0; k < int(nb); ++k) {
+                    const auto d = O::sub(load_block<T, kTail>(x + r * cols + j + k * O::W, k, int(nb), last, s[k]), s[k]);
                     d1[k] = O::add(d1[k], d);
                     d2[k] = O::fma(d, d, d2[k]);
                 }
-            for (int k = 0; k < NB; ++k) {
-                add_lanes_n<T>(s1 + j + k * O::W, d1[k], lanes_of<T>(k, NB, last));
-                add_lanes_n<T>(s2 + j + k * O::W, d2[k], lanes_of<T>(k, NB, last));
+            for (int k = 0; k < int(nb); ++k) {
+                add_lanes_block<T, kTail>(s1 + j + k * O::W, d1[k], k, int(nb), last);
+                add_lanes_block<T, kTail>(s2 + j + k * O::W, d2[k], k, int(nb), last);
             }
         }
     }
@@ -303,30 +337,30 @@ struct ClDot {
     const T* shift_;
     double *sdy_, *sdyx_;
 
-    template <int NB>
-    void block(i64 row0, i64 rows, i64 j, i64 last) {
+    template <bool kTail, class Count>
+    void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T *const dy = dy_, *const x = x_;
         const i64 cols = cols_;
         double *const sdy = sdy_, *const sdyx = sdyx_;
         const T* const shift = shift_;
         using O = Ops<T>;
-        typename O::V s[NB];
-        for (int k = 0; k < NB; ++k) s[k] = load_n(shift + j + k * O::W, lanes_of<T>(k, NB, last), O::zero());
+        typename O::V s[kWide];
+        for (int k = 0; k < int(nb); ++k) s[k] = load_block<T, kTail>(shift + j + k * O::W, k, int(nb), last, O::zero());
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
-            typename O::V g[NB], gd[NB];
-            for (int k = 0; k < NB; ++k) g[k] = gd[k] = O::zero();
+            typename O::V g[kWide], gd[kWide];
+            for (int k = 0; k < int(nb); ++k) g[k] = gd[k] = O::zero();
             for (; r < end; ++r)
-                for (int k = 0; k < NB; ++k) {
-                    const i64 at = r * cols + j + k * O::W, n = lanes_of<T>(k, NB, last);
-                    const auto gy = load_n(dy + at, n, O::zero());
+                for (int k = 0; k < int(nb); ++k) {
+                    const i64 at = r * cols + j + k * O::W;
+                    const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
                     g[k] = O::add(g[k], gy);
-                    gd[k] = O::fma(gy, O::sub(load_n(x + at, n, s[k]), s[k]), gd[k]);
+                    gd[k] = O::fma(gy, O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), gd[k]);
                 }
-            for (int k = 0; k < NB; ++k) {
-                add_lanes_n<T>(sdy + j + k * O::W, g[k], lanes_of<T>(k, NB, last));
-                add_lanes_n<T>(sdyx + j + k * O::W, gd[k], lanes_of<T>(k, NB, last));
+            for (int k = 0; k < int(nb); ++k) {
+                add_lanes_block<T, kTail>(sdy + j + k * O::W, g[k], k, int(nb), last);
+                add_lanes_block<T, kTail>(sdyx + j + k * O::W, gd[k], k, int(nb), last);
             }
         }
     }
@@ -346,28 +380,28 @@ struct ClAffine {
     i64 cols_;
     const T *shift_, *alpha_, *beta_;
 
-    template <int NB>
-    void block(i64 row0, i64 rows, i64 j, i64 last) {
+    template <bool kTail, class Count>
+    void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T *const x = x_, *const residual = residual_;
         T* const y = y_;
         const i64 cols = cols_;
         const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
         using O = Ops<T>;
-        typename O::V s[NB], a[NB], b[NB];
-        for (int k = 0; k < NB; ++k) {
-            const i64 c = j + k * O::W, n = lanes_of<T>(k, NB, last);
-            s[k] = load_n(shift + c, n, O::zero());
-            a[k] = load_n(alpha + c, n, O::zero());
-            b[k] = load_n(beta + c, n, O::zero());
+        typename O::V s[kWide], a[kWide], b[kWide];
+        for (int k = 0; k < int(nb); ++k) {
+            const i64 c = j + k * O::W;
+            s[k] = load_block<T, kTail>(shift + c, k, int(nb), last, O::zero());
+            a[k] = load_block<T, kTail>(alpha + c, k, int(nb), last, O::zero());
+            b[k] = load_block<T, kTail>(beta + c, k, int(nb), last, O::zero());
         }
         for (i64 r = row0; r < row0 + rows; ++r)
-            for (int k = 0; k < NB; ++k) {
-                const i64 at = r * cols + j + k * O::W, n = lanes_of<T>(k, NB, last);
-                auto v = O::fma(O::sub(load_n(x + at, n, s[k]), s[k]), a[k], b[k]);
-                if constexpr (kResidual) v = O::add(v, load_n(residual + at, n, O::zero()));
+            for (int k = 0; k < int(nb); ++k) {
+                const i64 at = r * cols + j + k * O::W;
+                auto v = O::fma(O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), a[k], b[k]);
+                if constexpr (kResidual) v = O::add(v, load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()));
                 if constexpr (kRelu) v = O::max(v, O::zero());
-                store_n(y + at, v, n);
+                store_block<T, kTail>(y + at, v, k, int(nb), last);
             }
     }
 };
@@ -398,27 +432,28 @@ struct ClGrad {
     i64 cols_;
     const T *shift_, *k_coef_, *m_coef_, *q_coef_;
 
-    template <int NB>
-    void block(i64 row0, i64 rows, i64 j, i64 last) {
+    template <bool kTail, class Count>
+    void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T *const dy = dy_, *const x = x_;
         T* const gx = gx_;
         const i64 cols = cols_;
         const T *const shift = shift_, *const k_coef = k_coef_, *const m_coef = m_coef_, *const q_coef = q_coef_;
         using O = Ops<T>;
-        typename O::V s[NB], kc[NB], mc[NB], qc[NB];
-        for (int k = 0; k < NB; ++k) {
-            const i64 c = j + k * O::W, n = lanes_of<T>(k, NB, last);
-            s[k] = load_n(shift + c, n, O::zero());
-            kc[k] = load_n(k_coef + c, n, O::zero());
-            mc[k] = load_n(m_coef + c, n, O::zero());
-            qc[k] = load_n(q_coef + c, n, O::zero());
+        typename O::V s[kWide], kc[kWide], mc[kWide], qc[kWide];
+        for (int k = 0; k < int(nb); ++k) {
+            const i64 c = j + k * O::W;
+            s[k] = load_block<T, kTail>(shift + c, k, int(nb), last, O::zero());
+            kc[k] = load_block<T, kTail>(k_coef + c, k, int(nb), last, O::zero());
+            mc[k] = load_block<T, kTail>(m_coef + c, k, int(nb), last, O::zero());
+            qc[k] = load_block<T, kTail>(q_coef + c, k, int(nb), last, O::zero());
         }
         for (i64 r = row0; r < row0 + rows; ++r)
-            for (int k = 0; k < NB; ++k) {
-                const i64 at = r * cols + j + k * O::W, n = lanes_of<T>(k, NB, last);
-                const auto d = O::sub(load_n(x + at, n, s[k]), s[k]);
-                store_n(gx + at, O::fma(load_n(dy + at, n, O::zero()), kc[k], O::fma(d, mc[k], qc[k])), n);
+            for (int k = 0; k < int(nb); ++k) {
+                const i64 at = r * cols + j + k * O::W;
+                const auto d = O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]);
+                const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
+                store_block<T, kTail>(gx + at, O::fma(gy, kc[k], O::fma(d, mc[k], qc[k])), k, int(nb), last);
             }
     }
 };

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
 
 #include "../moments.hpp"
 

@@ -187,10 +187,6 @@ void stats_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, T
         NoApply{});
 }
 
-// reversed_runs: the second pass over a channel walks its planes last to first. Planes of one
-// channel lie C*inner apart, often a multiple of a large power of two, so they crowd into a few
-// cache sets; the cache then keeps the most recently read planes, and a pass that starts with
-// them finds them, where a pass from the first plane would evict each plane just before use.
 template <class T>
 void train_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s,
                           const TrainArgs<T>& args) {
@@ -202,8 +198,7 @@ void train_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<T> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                const std::int64_t last = at + (n - 1) * stride;  // backwards: see reversed_runs
-                k.cf_affine(x + last, y + last, n, len, -stride, a.shift, a.alpha, a.beta);
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta);
             });
         });
 }
@@ -221,8 +216,7 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
             if (!gx) return;
             const GradCoefficients<T> g = coef[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t cnt, std::int64_t len, std::int64_t stride) {
-                const std::int64_t last = at + (cnt - 1) * stride;  // backwards: see reversed_runs
-                k.cf_grad(dy + last, x + last, gx + last, cnt, len, -stride, g.shift, g.k, g.m, g.q);
+                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q);
             });
         });
 }

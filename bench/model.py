@@ -43,6 +43,8 @@ def build(torch, channels: int, blocks: int, seed: int = 0):  # type: ignore[no-
     nn = torch.nn
 
     class Block(nn.Module):
+        """pointwise conv - BN - ReLU - depthwise 3x3 conv - BN, + skip, ReLU."""
+
         def __init__(self) -> None:
             super().__init__()
             self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
@@ -51,6 +53,7 @@ def build(torch, channels: int, blocks: int, seed: int = 0):  # type: ignore[no-
             self.bn2 = nn.BatchNorm2d(channels)
 
         def forward(self, x):  # type: ignore[no-untyped-def]
+            """The block on x."""
             y = torch.relu(self.bn1(self.pointwise(x)))
             return torch.relu(self.bn2(self.depthwise(y)) + x)
 
@@ -60,10 +63,12 @@ def build(torch, channels: int, blocks: int, seed: int = 0):  # type: ignore[no-
 
 
 def make_step(torch, model, x, target) -> Tuple[Callable[[], object], object]:  # type: ignore[no-untyped-def]
+    """A training step of ``model`` on (x, target) with its own SGD optimizer."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.functional.cross_entropy
 
     def step() -> object:
+        """zero_grad, forward, loss, backward, SGD step; returns the loss."""
         opt.zero_grad()
         loss = loss_fn(model(x), target)
         loss.backward()
@@ -74,7 +79,9 @@ def make_step(torch, model, x, target) -> Tuple[Callable[[], object], object]:  
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Check that both models agree, then time them at each thread count; print a table."""
     args = _parse(argv)
+    before = machine.conditions()  # before this process starts any thread pool
     try:
         import torch
     except ImportError:
@@ -98,7 +105,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not np.isclose(first[0], first[1], rtol=1e-4):
         sys.exit(f"WRONG: first-step losses differ: torch {first[0]}, converted {first[1]}")
 
-    before = machine.conditions()
     print(f"model: {args.blocks} blocks of conv1x1-BN-ReLU-dwconv3x3-BN(+skip)-ReLU "
           f"({swapped} BatchNorm2d), linear head; input {shape} float32 "
           f"{'channels_last' if args.channels_last else 'NCHW'}; SGD(momentum=0.9)")

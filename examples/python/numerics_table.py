@@ -40,6 +40,7 @@ def exact(x: Array) -> Tuple[Array, Array]:
 
 
 def run_batchnorm(x: Array, channels_last: bool) -> Tuple[Array, Array]:
+    """batchnorm's running_var (momentum 1) and output, in NCHW order."""
     c = x.shape[1]
     rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
     if channels_last:
@@ -51,12 +52,14 @@ def run_batchnorm(x: Array, channels_last: bool) -> Tuple[Array, Array]:
 
 
 def torch_runner() -> Optional[Callable[[Array, bool], Tuple[Array, Array]]]:
+    """The same measurement with torch.nn.functional.batch_norm, or None without torch."""
     try:
         import torch
     except ImportError:
         return None
 
     def run(x: Array, channels_last: bool) -> Tuple[Array, Array]:
+        """torch's running_var (momentum 1) and output, in NCHW order."""
         t = torch.from_numpy(x)
         if channels_last:
             t = t.contiguous(memory_format=torch.channels_last)
@@ -69,6 +72,7 @@ def torch_runner() -> Optional[Callable[[Array, bool], Tuple[Array, Array]]]:
 
 
 def measure(shape: Tuple[int, ...], seed: int = 0) -> List[Dict[str, Any]]:
+    """One row per (offset, layout): each library's variance and output errors."""
     rng = np.random.default_rng(seed)
     runners: Dict[str, Callable[[Array, bool], Tuple[Array, Array]]] = {"batchnorm": run_batchnorm}
     torch_run = torch_runner()
@@ -89,6 +93,7 @@ def measure(shape: Tuple[int, ...], seed: int = 0) -> List[Dict[str, Any]]:
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
     names = [k[:-4] for k in rows[0] if k.endswith("_var")]
     head = ["mean (offset)", "layout"]
     head += [f"{n} variance rel. error" for n in names] + [f"{n} output error" for n in names]
@@ -101,6 +106,7 @@ def markdown(rows: List[Dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    """Parse --shape, measure, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=(8, 16, 32, 32),
                         metavar=("N", "C", "H", "W"))

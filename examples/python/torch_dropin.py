@@ -11,6 +11,7 @@ import batchnorm.torch as bnt
 
 
 def make_model() -> torch.nn.Module:
+    """A small CNN with two BatchNorm2d, the same weights on every call (seed 0)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
@@ -20,6 +21,7 @@ def make_model() -> torch.nn.Module:
 
 
 def train(model: torch.nn.Module, steps: int = 5) -> list:
+    """A few SGD steps on the same data each time; returns the losses."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
     losses = []

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from typing_extensions import assert_type
 else:
     def assert_type(value: object, _type: object) -> object:
+        """Run-time stand-in for typing_extensions.assert_type (checked by mypy only)."""
         return value
 
 FloatArray = npt.NDArray[np.floating[Any]]
@@ -34,6 +35,7 @@ def train_step(
 
 
 def main() -> None:
+    """Train, backward, eval, fuse, fold and state round trip, with checked types."""
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, size=(8, 4, 5, 5)).astype(np.float32)
 

@@ -143,6 +143,7 @@ class _BatchNormFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> Tensor:
+        """Run the kernels; save what backward needs (batch or running statistics)."""
         y, mean, invstd = _forward(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if training:
             save_mean, save_invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
@@ -156,6 +157,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight, mean, second = ctx.saved_tensors
         training, eps = ctx.training, ctx.eps
         mask = list(ctx.needs_input_grad[:3])

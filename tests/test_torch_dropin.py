@@ -317,7 +317,8 @@ def test_convert_swaps_every_batch_norm_in_place_keeping_state(rng):
         Custom(4),
     )
     model[1].eval()
-    model[1].register_forward_hook(lambda *args: None)
+    calls = []
+    handle = model[1].register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         model[1].running_mean.fill_(0.5)
     before = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
@@ -332,6 +333,11 @@ def test_convert_swaps_every_batch_norm_in_place_keeping_state(rng):
     assert type(model[6]) is Custom
     assert model[1].training is False and model[2][2].training is True
     assert len(model[1]._forward_hooks) == 1
+    model[1](torch.randn(2, 4, 3, 3))
+    assert calls == [1]
+    handle.remove()  # a handle from before convert still works
+    model[1](torch.randn(2, 4, 3, 3))
+    assert calls == [1]
     after = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
     assert after.keys() == before.keys()
     for name, t in before.items():

@@ -296,14 +296,19 @@ _REPLACEMENTS: Dict[type, Type[_DropIn]] = {
 }
 
 
+_OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+
 def _replacement(module: torch.nn.Module, cls: Type[_DropIn]) -> _DropIn:
     """A ``cls`` with the state of ``module``: the same parameter and buffer tensors, flags,
-    hooks and attributes (in new containers, so the two modules stay independent)."""
+    hooks and attributes. The parameter/buffer registries are new containers (registering
+    a tensor on one module does not touch the other); hook dictionaries are shared, so the
+    handles returned by ``register_*_hook`` before ``convert`` still remove their hooks."""
     new = cls.__new__(cls)
     state = dict(module.__dict__)
-    for key, value in state.items():
-        if isinstance(value, (dict, set)):
-            state[key] = value.copy()  # _parameters, _buffers, hook dicts, ...
+    for key in _OWN_CONTAINERS:
+        if key in state:
+            state[key] = state[key].copy()
     new.__dict__.update(state)
     return new
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import timing
+from . import report, timing
 from .cases import CHANNELS_FIRST, EPS, Arrays, Case, make_arrays
 from .impls import Impl, NotApplicable
 
@@ -56,7 +56,7 @@ def _calls(impls: list[Impl], case: Case, a: Arrays) -> tuple[dict, dict]:
     calls, missing = {}, {}
     for impl in impls:
         for op, training in (("eval", False), ("train", True)):
-            key = f"{impl.name} | {op} functional"
+            key = (impl.name, f"{op} functional")
             try:
                 calls[key] = impl.prepare(op, case, a).run
             except NotApplicable as reason:
@@ -66,7 +66,7 @@ def _calls(impls: list[Impl], case: Case, a: Arrays) -> tuple[dict, dict]:
             builder = _MODULE_BUILDERS.get(impl.name)
             if builder is None:
                 continue
-            key = f"{impl.name} | {op} module"
+            key = (impl.name, f"{op} module")
             try:
                 calls[key] = builder(impl, case, a, training)
             except Exception as error:
@@ -81,11 +81,11 @@ def measure(impls: list[Impl], dtype: str, rounds: int, target_s: float) -> dict
     case = Case(TINY_SHAPE, CHANNELS_FIRST, dtype)
     a = make_arrays(case)
     calls, missing = _calls(usable, case, a)
-    calls["copy floor | np.copyto"] = lambda: np.copyto(a.out, a.x)
-    samples = timing.interleaved(calls, rounds, target_s)
-    rows = {}
-    for key, values in samples.items():
-        rows[key] = timing.Spread.of(values).microseconds()
-        print(f"latency {key:36} {rows[key]['median_us']:8.2f} us", file=sys.stderr)
+    calls[(report.FLOOR, "np.copyto")] = lambda: np.copyto(a.out, a.x)
+    rows = []
+    for (impl, call), values in timing.interleaved(calls, rounds, target_s).items():
+        rows.append({"impl": impl, "call": call, **timing.Spread.of(values).microseconds()})
+        print(f"latency {impl:12} {call:17} {rows[-1]['median_us']:8.2f} us", file=sys.stderr)
     return {"shape": list(TINY_SHAPE), "dtype": dtype, "threads": 1, "calls": rows,
-            "missing": missing}
+            "missing": [{"impl": impl, "call": call, "why": why}
+                        for (impl, call), why in missing.items()]}

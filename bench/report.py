@@ -14,6 +14,7 @@ import re
 from . import machine
 
 OURS = "batchnorm"
+FLOOR = "copy floor"  # the latency table's name for np.copyto
 WORST_LISTED = 12
 
 
@@ -107,7 +108,7 @@ def _worst_offenders(results: dict) -> list[str]:
         return [f"batchnorm not measured: {results['implementations'][OURS]['unavailable']}", ""]
     lines = []
     for threads in results["config"]["threads"]:
-        broken, scored = [], []
+        broken, scored, disturbed = [], [], []
         for c in results["cells"]:
             r = c["results"].get(OURS)
             if r is None or c["threads"] != threads:
@@ -115,6 +116,9 @@ def _worst_offenders(results: dict) -> list[str]:
             where = f"{c['op']} {c['label']} {c['layout']}"
             if r["status"] in ("error", "wrong"):
                 broken.append(f"- {where}: **{r['status']}**: {r['note']}")
+            elif (c.get("others_cpu") or 0) > machine.QUIET_BUSY:
+                disturbed.append(f"{where} ({r['ratio']['median']:.2f}, others "
+                                 f"{c['others_cpu']:.0%})")
             elif r["status"] == "ok":
                 ratio = r["ratio"]["median"]
                 scored.append((ratio / c["target"], where, ratio, c["target"],
@@ -122,26 +126,41 @@ def _worst_offenders(results: dict) -> list[str]:
         scored.sort(reverse=True)
         over = sum(score > 1.0 for score, *_ in scored)
         lines += [f"### {threads} thread{'s' if threads > 1 else ''}: {over} of {len(scored)} "
-                  "cells over target", ""] + broken + ([""] if broken else [])
+                  "undisturbed cells over target", ""] + broken + ([""] if broken else [])
         lines += ["| cell | ratio | target | ratio / target | floor µs | batchnorm µs |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {where} | {ratio:.2f} | {target:.2f} | {score:.2f} | {floor:.1f} | "
                   f"{ours:.1f} |" for score, where, ratio, target, floor, ours in
                   scored[:WORST_LISTED]]
         lines.append("")
+        if disturbed:
+            lines += ["Not ranked, other processes took the CPUs: " + "; ".join(disturbed), ""]
     return lines
 
 
+def _us_text(row: dict) -> str:
+    return f"{row['median_us']:.2f} ({row['q3_us'] - row['q1_us']:.2f})"
+
+
 def _latency(results: dict) -> list[str]:
+    """Rows: call kinds; columns: implementations; µs per call (IQR)."""
     latency = results.get("latency")
     if not latency:
         return []
     shape = "x".join(map(str, latency["shape"]))
+    floor = [row for row in latency["calls"] if row["impl"] == FLOOR]
+    table = {(row["impl"], row["call"]): row for row in latency["calls"] if row["impl"] != FLOOR}
+    impls = list(dict.fromkeys(impl for impl, _ in table))
+    calls = list(dict.fromkeys(call for _, call in table))
     lines = [f"## Per-call latency, {shape} {latency['dtype']}, 1 thread", "",
-             "| call | µs per call (IQR) |", "|---|---:|"]
-    for key, row in latency["calls"].items():
-        lines.append(f"| {key} | {row['median_us']:.2f} ({row['q3_us'] - row['q1_us']:.2f}) |")
-    lines += [f"- {key}: not measured: {why}" for key, why in latency["missing"].items()]
+             "µs per call (IQR); torch modules run under `no_grad`. Copy floor (`np.copyto` of "
+             f"the same bytes): {' '.join(_us_text(row) for row in floor)} µs.", "",
+             "| call | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+    for call in calls:
+        cells = [_us_text(table[i, call]) if (i, call) in table else "" for i in impls]
+        lines.append(f"| {call} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"- {m['impl']} {m['call']}: not measured: {m['why']}"
+                     for m in latency["missing"]]
     return lines + [""]
 
 
@@ -158,7 +177,8 @@ def _header(results: dict, chart_name: str | None) -> list[str]:
         f"- batchnorm backend: {m['batchnorm']}",
         f"- Versions: Python {m['python']}, {versions}",
         f"- Parallel throughput of 2 busy processes: {m['parallel_speedup_2_processes']}x one "
-        f"process (2.0 = two real cores; near 1.0 = the cores share one physical core, so "
+        f"process, measured while others used {results['conditions']['before']['cpu_busy']:.0%}"
+        f" of the CPUs (2.0 = two free cores; near 1.0 = only one core is free, and "
         f"2-thread figures measure contention, not scaling)",
         f"- Run: dtype {cfg['dtype']}, threads {cfg['threads']}, {cfg['rounds']} rounds, "
         f"samples of ~{cfg['target_ms']:g} ms, pool waiting: {cfg['wait_policy']}"

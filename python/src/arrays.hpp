@@ -139,14 +139,18 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
 inline ArrayRef take_array(nb::handle h, const char* name) {
     ArrayRef a;
     if (!h.is_none() && (fill_from_numpy(h, a) || fill_from_dlpack(h, a))) return a;
+    // torch refuses to export a tensor that requires grad; say so rather than "not an array".
+    if (nb::hasattr(h, "requires_grad") && nb::bool_(h.attr("requires_grad")))
+        type_error(std::string(name) + " is a tensor that requires grad, which DLPack cannot export; pass " +
+                   "tensor.detach(), or use batchnorm.torch for autograd");
     type_error(std::string(name) + " must be a NumPy array or a CPU tensor supporting DLPack, got " + kind_of(h));
 }
 
 template <class T>
 void check_dtype(const ArrayRef& a, const char* name) {
     if (a.type != numpy_type<T>())
-        type_error(std::string(name) + " must have dtype " + dtype_name<T>() + " like the input, got " + a.dtype_name() +
-                   " (batchnorm never casts silently)");
+        type_error(std::string(name) + " has dtype " + a.dtype_name() + " but the input has dtype " +
+                   dtype_name<T>() + ": pass arrays of one dtype (batchnorm never casts silently)");
 }
 
 inline void check_writable(const ArrayRef& a, const char* name) {

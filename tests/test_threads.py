@@ -1,7 +1,8 @@
 """Results at 1 and 2 threads agree (and both agree with the reference).
 
-Problems are large enough that the library actually splits them (channels-first with
-C=1 and C=3 < threads so a channel is split; channels-last with many rows).  Agreement is
+Problems are large enough that the library actually splits them (it runs calls that move
+less than 2 MiB on one thread; every case here moves more in float32): channels-first with
+C=1 and C=3 < threads so a channel is split; channels-last with many rows.  Agreement is
 within float tolerance (the split changes summation order): element-wise outputs
 rtol=atol=1e-5 (float32) / 1e-12 (float64); reductions rtol * sum|terms|.
 """
@@ -13,8 +14,8 @@ import batchnorm as bn
 import reference as ref
 from helpers import DTYPE_IDS, DTYPES, assert_close, assert_close_sum, make_input, module_cls
 
-BIG = [((2, 1, 256, 256), "contiguous"), ((4, 3, 96, 96), "contiguous"),
-       ((8, 33, 40, 40), "channels_last"), ((20000, 5), "contiguous"), ((4, 7, 64, 64), "cl_view")]
+BIG = [((2, 1, 512, 512), "contiguous"), ((4, 3, 192, 192), "contiguous"),
+       ((8, 33, 40, 40), "channels_last"), ((120000, 5), "contiguous"), ((4, 7, 128, 128), "cl_view")]
 BIG_IDS = ["C1", "C3", "NHWC33", "NC-rows", "clview"]
 
 

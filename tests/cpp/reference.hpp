@@ -211,12 +211,13 @@ inline std::vector<Shape> shapes() {
     };
 }
 
-// Large enough to use several threads (each call touches well over 256 KiB).
+// Large enough to use several threads: in float, each call moves more than the 2 MiB below
+// which batchnorm stays on one thread (threads.hpp, kMinParallelBytes).
 inline std::vector<Shape> large_shapes() {
     return {
         {8, 6, 8192},   // channels-first, C < threads on most machines: channels are split
-        {40000, 7, 1},  // rows (NHWC-like)
-        {5000, 5, 6},   // rows with inner 6
+        {80000, 7, 1},  // rows (NHWC-like)
+        {20000, 5, 6},  // rows with inner 6
     };
 }
 

@@ -33,10 +33,19 @@ EXPECT = {
 }
 
 
+def importable(name: str) -> bool:
+    """Whether `import name` works (a package can be present and still fail to import)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 def missing_requirement(path: pathlib.Path) -> str | None:
     text = path.read_text()
     for name in OPTIONAL:
-        if re.search(rf"^\s*(import|from) {name}\b", text, re.M) and importlib.util.find_spec(name) is None:
+        if re.search(rf"^\s*(import|from) {name}\b", text, re.M) and not importable(name):
             # an example may handle its absence itself (try/except ImportError)
             if not re.search(r"except ImportError", text):
                 return name

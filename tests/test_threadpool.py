@@ -56,6 +56,11 @@ def test_threadpool_info_lists_batchnorm_openmp_and_limits_it():
     assert out["after"] == 2
 
 
+needs_openmp = pytest.mark.skipif(not bn._core.openmp_enabled(),
+                                  reason="batchnorm was built without OpenMP: it is serial, nothing to limit")
+
+
+@needs_openmp
 def test_limits_inside_this_process_and_restored_after():
     old = bn.get_num_threads()
     try:
@@ -72,6 +77,7 @@ def test_limits_inside_this_process_and_restored_after():
         bn.set_num_threads(old)
 
 
+@needs_openmp
 def test_limits_torch_and_batchnorm_together():
     torch = pytest.importorskip("torch")
     old, old_torch = bn.get_num_threads(), torch.get_num_threads()

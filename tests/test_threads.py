@@ -73,6 +73,7 @@ def test_set_num_threads_roundtrip():
     try:
         for n in (1, 2, 4):
             bn.set_num_threads(n)
-            assert bn.get_num_threads() == n
+            # A serial build (no OpenMP) accepts the setting and keeps running on one thread.
+            assert bn.get_num_threads() == (n if bn._core.openmp_enabled() else 1)
     finally:
         bn.set_num_threads(old)

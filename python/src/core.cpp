@@ -189,6 +189,8 @@ NB_MODULE(_core, m) {
     m.def("available_isas", &py::available_isas,
           "Every backend this CPU and build can run, best first (values for BATCHNORM_ISA).");
     m.def("get_num_threads", &batchnorm::get_num_threads, "Threads a large call may use.");
+    m.def("openmp_enabled", &batchnorm::openmp_enabled,
+          "Whether this build runs in parallel (OpenMP); without it get_num_threads() is always 1.");
     m.def("set_num_threads", &batchnorm::set_num_threads, "n"_a, "Sets the threads for later calls (n >= 1).");
     m.def("stats", &py::stats, "input"_a.none(), "axis"_a = 1,
           nb::sig("def stats(input: object, axis: int = 1) "

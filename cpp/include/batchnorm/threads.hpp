@@ -22,6 +22,16 @@
 
 namespace batchnorm {
 
+// Whether this build can run in parallel (compiled with OpenMP). Without it, calls are serial
+// and get_num_threads() is 1 whatever set_num_threads() was given.
+constexpr bool openmp_enabled() {
+#if defined(_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+}
+
 // Threads a large call may use.
 inline int get_num_threads() {
 #if defined(_OPENMP)

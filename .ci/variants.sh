@@ -50,7 +50,7 @@ for variant in "${@:-clang no-openmp sanitize}"; do
         cp "$("$python" -c 'import batchnorm, os; print(os.path.dirname(batchnorm.__file__))')/_core.pyi" \
            "$work/sanitize/batchnorm/"
         mkdir -p "$work/no-torch/torch"
-        echo 'raise ImportError("torch is hidden in the sanitizer run")' > "$work/no-torch/torch/__init__.py"
+        echo 'raise ModuleNotFoundError("torch is hidden in the sanitizer run")' > "$work/no-torch/torch/__init__.py"
         LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
         ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
           PYTHONPATH="$work/sanitize:$work/no-torch" "$python" -m pytest -q -p no:cacheprovider ;;

@@ -732,6 +732,13 @@ def _():
 
 # ----------------------------------------------------------------- misc
 
+@case("functional_momentum_none", TypeError, "momentum")
+def _():
+    x = f32(4, 3, seed=5)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm(x, rm, rv, training=True, momentum=None)), [x, rm, rv]
+
+
 @case("set_num_threads_zero", ValueError, r"(thread|\bn\b)")
 def _():
     return (lambda: bn.set_num_threads(0)), []

@@ -3,7 +3,7 @@
 ``BatchNorm1d/2d/3d`` are stateful layers like ``torch.nn.BatchNorm*``;
 ``batch_norm`` is ``torch.nn.functional.batch_norm``; ``fold`` merges an eval-mode
 batch norm into the preceding layer. Arrays are NumPy arrays or DLPack producers
-(torch CPU tensors); results are NumPy arrays.
+(torch CPU tensors); results come back as the kind given (a torch tensor for a tensor).
 """
 
 from __future__ import annotations

@@ -178,6 +178,9 @@ def batch_norm(
     if training:
         if residual is not None or activation is not None:
             _reject_fusion(residual, activation)
+        if momentum is None:  # torch's F.batch_norm refuses it too; say what to do instead
+            raise TypeError("momentum must be a float; the cumulative average (momentum=None) needs "
+                            "num_batches_tracked: use a BatchNorm module, or pass 1/num_batches_tracked")
         # Positional: _core parses positional arguments faster than keywords.
         y = _forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, out)[0]
     else:

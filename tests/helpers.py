@@ -187,5 +187,17 @@ def torch_cls(torch, ndim):
             5: torch.nn.BatchNorm3d}[ndim]
 
 
+def same_random_params(rng, m, tm, dtype):
+    """Give a batchnorm module and a torch module the same random weight and bias."""
+    import torch
+
+    w, b = rand_params(rng, m.num_features, dtype)
+    m.weight[:] = w
+    m.bias[:] = b
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(w))
+        tm.bias.copy_(torch.from_numpy(b))
+
+
 def torch_dtype(torch, dtype):
     return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]

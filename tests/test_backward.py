@@ -13,7 +13,7 @@ import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import (DTYPE_IDS, DTYPES, LAYOUTS, SHAPE_IDS, SHAPES, arrange, assert_close,
+from helpers import (same_random_params, torch_cls, DTYPE_IDS, DTYPES, LAYOUTS, SHAPE_IDS, SHAPES, arrange, assert_close,
                      assert_close_sum, channels, layout_ok, logical_data, make_input, module_cls,
                      rand_params)
 
@@ -173,16 +173,10 @@ def test_functional_backward(shape, layout, dtype, with_weight, threads, rng):
 def test_module_backward_matches_torch_autograd(torch, shape, dtype, training, rng):
     tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
     c = shape[1]
-    tcls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-            5: torch.nn.BatchNorm3d}[len(shape)]
+    tcls = torch_cls(torch, len(shape))
     tm = tcls(c, dtype=tdt)
     m = module_cls(len(shape))(c, dtype=dtype)
-    w, b = rand_params(rng, c, dtype)
-    m.weight[:] = w
-    m.bias[:] = b
-    with torch.no_grad():
-        tm.weight.copy_(torch.from_numpy(w))
-        tm.bias.copy_(torch.from_numpy(b))
+    same_random_params(rng, m, tm, dtype)
     warm = logical_data(rng, shape).astype(dtype)
     m(warm)
     tm(torch.from_numpy(warm))
@@ -195,7 +189,7 @@ def test_module_backward_matches_torch_autograd(torch, shape, dtype, training, r
     m(x)
     gx = m.backward(gy)
     gy64 = gy.astype(np.float64)
-    scale = np.max(np.abs(w.astype(np.float64))) * 2 * max(1.0, np.abs(gy64).max())
+    scale = np.max(np.abs(m.weight.astype(np.float64))) * 2 * max(1.0, np.abs(gy64).max())
     assert_close(gx, xt.grad.numpy(), dtype, scale=scale)
     if training:
         xhat = np.abs(ref.forward_train(x)[0])

@@ -9,7 +9,7 @@ import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import (DTYPE_IDS, DTYPES, LAYOUTS, SHAPE_IDS, SHAPES, assert_close, channels,
+from helpers import (same_random_params, torch_cls, DTYPE_IDS, DTYPES, LAYOUTS, SHAPE_IDS, SHAPES, assert_close, channels,
                      layout_ok, logical_data, make_input, module_cls, rand_params)
 
 def cases():
@@ -320,16 +320,10 @@ def test_functional_out_and_in_place(rng):
 def test_module_matches_torch(torch, shape, dtype, momentum, rng):
     tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
     c = shape[1]
-    tcls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-            5: torch.nn.BatchNorm3d}[len(shape)]
+    tcls = torch_cls(torch, len(shape))
     tm = tcls(c, momentum=momentum, dtype=tdt)
     m = module_cls(len(shape))(c, momentum=momentum, dtype=dtype)
-    w, b = rand_params(rng, c, dtype)
-    m.weight[:] = w
-    m.bias[:] = b
-    with torch.no_grad():
-        tm.weight.copy_(torch.from_numpy(w))
-        tm.bias.copy_(torch.from_numpy(b))
+    same_random_params(rng, m, tm, dtype)
     for step in range(3):
         x = logical_data(rng, shape, offset=step).astype(dtype)
         assert_close(m(x), tm(torch.from_numpy(x)).detach().numpy(), dtype)

@@ -9,7 +9,7 @@ import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import (DTYPE_IDS, DTYPES, assert_close, logical_data, module_cls, rand_params,
+from helpers import (same_random_params, DTYPE_IDS, DTYPES, assert_close, logical_data, module_cls, rand_params,
                      torch_cls, torch_dtype)
 
 CLASSES = [(bn.BatchNorm1d, (6, 4, 5)), (bn.BatchNorm2d, (3, 4, 5, 2)), (bn.BatchNorm3d, (2, 4, 3, 2, 2))]
@@ -41,12 +41,7 @@ def test_state_dict_equals_torch(torch, cls, shape, affine, track, dtype, rng):
     tm = torch_cls(torch, len(shape))(c, affine=affine, track_running_stats=track,
                                       dtype=torch_dtype(torch, dtype))
     if affine:
-        w, b = rand_params(rng, c, dtype)
-        m.weight[:] = w
-        m.bias[:] = b
-        with torch.no_grad():
-            tm.weight.copy_(torch.from_numpy(w))
-            tm.bias.copy_(torch.from_numpy(b))
+        same_random_params(rng, m, tm, dtype)
     for step in range(3):
         x = logical_data(rng, shape, offset=step).astype(dtype)
         m(x)

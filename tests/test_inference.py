@@ -10,7 +10,7 @@ import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import (DTYPE_IDS, DTYPES, assert_close, channels, logical_data, make_input,
+from helpers import (DTYPE_IDS, DTYPES, assert_close, logical_data, make_input,
                      module_cls, rand_params)
 
 FUSION_SHAPES = [(5, 3), (2, 17, 33), (2, 3, 17, 33), (1, 33, 3, 3), (2, 1, 3, 3, 17)]

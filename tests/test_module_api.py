@@ -9,7 +9,7 @@ import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import (same_random_params, DTYPE_IDS, DTYPES, assert_close, logical_data, module_cls, rand_params,
+from helpers import (same_random_params, DTYPE_IDS, DTYPES, assert_close, logical_data, rand_params,
                      torch_cls, torch_dtype)
 
 CLASSES = [(bn.BatchNorm1d, (6, 4, 5)), (bn.BatchNorm2d, (3, 4, 5, 2)), (bn.BatchNorm3d, (2, 4, 3, 2, 2))]

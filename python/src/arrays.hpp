@@ -63,7 +63,6 @@ struct ArrayRef {
         return n;
     }
     std::vector<std::int64_t> shape_vector() const { return {shape, shape + rank}; }
-    std::vector<std::int64_t> stride_vector() const { return {strides, strides + rank}; }
 };
 
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {

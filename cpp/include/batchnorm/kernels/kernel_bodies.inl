@@ -26,12 +26,6 @@ inline void store_n(T* p, typename Ops<T>::V v, i64 n) {
     else Ops<T>::store_partial(p, v, n);
 }
 
-template <class T>
-inline void add_lanes_n(double* dst, typename Ops<T>::V v, i64 n) {
-    if (n >= Ops<T>::W) Ops<T>::add_lanes_to(dst, v);
-    else Ops<T>::add_lanes_to_partial(dst, v, n);
-}
-
 // ---- channels-first: one contiguous run ----------------------------------------------------
 
 // Two float64 sums, sum(u) and sum(v*w), fed from lanes of T: two pairs of vector

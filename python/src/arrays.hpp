@@ -54,6 +54,7 @@ struct ArrayRef {
     PyObject* descr = nullptr;            // NumPy dtype, named in messages (borrowed)
     nb::dlpack::dtype dl_dtype{};         // DLPack dtype, when not NumPy
     nb::object keep_alive;                // a DLPack import stays valid while this lives
+    nb::object misaligned;                // the caller's array when `data` is an aligned copy of it
 
     std::string dtype_name() const;
 
@@ -109,9 +110,27 @@ inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
         aligned = aligned && stride % item == 0;
         a.strides[d] = stride / item;
     }
-    // Strides that are not whole elements cannot be walked by typed pointers.
-    if (!aligned) a.type = NPY_NOTYPE;
+    if (!aligned && a.type != NPY_NOTYPE) {
+        // A float at a misaligned address or stride (a slice of a byte buffer): the kernels'
+        // scalar code reads it through T*, which must be aligned, so they get one aligned copy
+        // in the same memory order; outputs are copied back to the caller's array (copy_back).
+        nb::object copy = nb::steal(PyArray_NewCopy(array, NPY_KEEPORDER));
+        if (!copy.is_valid()) throw nb::python_error();
+        const bool writable = a.writable;
+        fill_from_numpy(copy, a);
+        a.writable = writable;
+        a.keep_alive = copy;
+        a.misaligned = nb::borrow(h);
+    }
     return true;
+}
+
+// Writes an output that was computed in an aligned copy back to the caller's misaligned array.
+inline void copy_back(const ArrayRef& a) {
+    if (a.misaligned.is_valid() &&
+        PyArray_CopyInto(reinterpret_cast<PyArrayObject*>(a.misaligned.ptr()),
+                         reinterpret_cast<PyArrayObject*>(a.keep_alive.ptr())) < 0)
+        throw nb::python_error();
 }
 
 inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
@@ -131,6 +150,23 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
         a.strides[d] = ro.stride(std::size_t(d));
     }
     a.keep_alive = nb::cast(ro);
+    if (a.type != NPY_NOTYPE && reinterpret_cast<std::uintptr_t>(a.data) % (a.type == NPY_FLOAT32 ? 4 : 8) != 0) {
+        // Misaligned (torch.frombuffer with an offset): view it as NumPy, which takes an aligned copy.
+        npy_intp dims[kMaxRank], steps[kMaxRank];
+        const std::int64_t item = a.type == NPY_FLOAT32 ? 4 : 8;
+        for (int d = 0; d < a.rank; ++d) {
+            dims[d] = npy_intp(a.shape[d]);
+            steps[d] = npy_intp(a.strides[d] * item);
+        }
+        PyObject* view = PyArray_NewFromDescr(&PyArray_Type, PyArray_DescrFromType(a.type), a.rank, dims, steps, a.data,
+                                              a.writable ? NPY_ARRAY_WRITEABLE : 0, nullptr);
+        if (!view) throw nb::python_error();
+        nb::object owner = nb::steal(view);
+        if (PyArray_SetBaseObject(reinterpret_cast<PyArrayObject*>(view), a.keep_alive.release().ptr()) < 0)
+            throw nb::python_error();
+        a = ArrayRef{};
+        fill_from_numpy(owner, a);
+    }
     return true;
 }
 
@@ -346,6 +382,7 @@ public:
         if (buffer_)
             copy_strided<T>(buffer_.get(), layout_.strides, reinterpret_cast<T*>(out_.data), out_.strides,
                             layout_.shape, layout_.rank);
+        copy_back(out_);
         return result_;
     }
 
@@ -385,6 +422,7 @@ public:
     const ArrayRef* array() const { return data_ ? &array_ : nullptr; }
     void commit() const {
         for (std::size_t c = 0; c < copy_.size(); ++c) target_[std::int64_t(c) * stride_] = copy_[c];
+        copy_back(array_);
     }
 
 private:

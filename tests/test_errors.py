@@ -751,6 +751,30 @@ def _():
     return (lambda: bn.fold(m, W)), [m, W]
 
 
+@case("f64_into_f32_module_says_how_to_make_f64", TypeError, X, r"float32 \(its weight",
+      r"BatchNorm2d\(3, dtype=np\.float64\)")
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4).astype(np.float64)
+    return (lambda: m(x)), [m, x]
+
+
+@case("f32_into_f64_module_eval_says_how_to_make_f32", TypeError, X, r"float64 \(its weight",
+      r"BatchNorm1d\(3, dtype=np\.float32\)")
+def _():
+    m = trained(bn.BatchNorm1d, dtype=np.float64, shape=(4, 3)).eval()
+    x = f32(2, 3)
+    return (lambda: m(x)), [m, x]
+
+
+@case("fold_training_module_without_running_stats", ValueError, r"\bm\b", "has no running statistics",
+      "track_running_stats=False")
+def _():
+    m = bn.BatchNorm2d(3, track_running_stats=False)
+    W = np.ones((3, 2, 1, 1), np.float32)
+    return (lambda: bn.fold(m, W)), [m, W]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name):
     exc, pattern, builder = CASES[name]

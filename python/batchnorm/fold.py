@@ -61,10 +61,12 @@ def fold(
     (weight, bias) : new arrays of ``weight``'s dtype and kind (torch tensors for a
         torch weight), computed in float64.
     """
+    # No running statistics first: eval() would not help such a module.
+    if m.running_mean is None or m.running_var is None:
+        raise ValueError("m: fold needs running statistics, and this batch norm has no running "
+                         "statistics (it was made with track_running_stats=False)")
     if m.training:
         raise ValueError("m: fold needs an eval-mode batch norm (call m.eval() first)")
-    if m.running_mean is None or m.running_var is None:
-        raise ValueError("m: fold needs running statistics (track_running_stats=True)")
     w = _to_numpy(weight)
     if not np.issubdtype(w.dtype, np.floating):
         raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")

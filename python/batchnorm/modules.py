@@ -311,10 +311,14 @@ class _BatchNorm:
             counter = state["_num_batches_tracked"] if counting else None
             if not self.track_running_stats:  # torch passes no running stats then
                 running_mean = running_var = None
-            y, mean, invstd = _forward_train(
-                x, weight, bias, running_mean, running_var,
-                self._momentum_factor(counter), self.eps, self.axis, out,
-            )
+            try:
+                y, mean, invstd = _forward_train(
+                    x, weight, bias, running_mean, running_var,
+                    self._momentum_factor(counter), self.eps, self.axis, out,
+                )
+            except TypeError:
+                self._blame_dtype(x)
+                raise
             # Only after _core succeeded (a failed call must not count a batch); an empty
             # batch carries no statistics and is not counted either.
             if counter is not None and not empty:
@@ -322,10 +326,14 @@ class _BatchNorm:
             fields: Tuple[Any, ...] = (x, mean, invstd, None, self.eps, weight, self.axis, True, out, None)
         else:
             fused = residual is not None or activation is not None
-            y = _forward_eval(
-                x, running_mean, running_var, weight, bias, self.eps, self.axis, out, residual,
-                fused and _relu_flag(activation),
-            )
+            try:
+                y = _forward_eval(
+                    x, running_mean, running_var, weight, bias, self.eps, self.axis, out, residual,
+                    fused and _relu_flag(activation),
+                )
+            except TypeError:
+                self._blame_dtype(x)
+                raise
             why_not = _NO_BACKWARD_FUSED if fused else None
             fields = (x, running_mean, None, running_var, self.eps, weight, self.axis, False, out, why_not)
         # tuple.__new__ skips the NamedTuple constructor's argument handling (per-call path).
@@ -335,6 +343,18 @@ class _BatchNorm:
         return _like(x, y)
 
     forward = __call__
+
+    def _blame_dtype(self, x: ArrayIn) -> None:
+        """After a failed call: when ``x`` is the other float dtype, say that the module's own
+        arrays have this module's dtype (the core can only blame the first of them it checks)."""
+        dtype = _to_numpy(x).dtype
+        if dtype != self.dtype and dtype in (np.float32, np.float64):
+            name = type(self).__name__
+            raise TypeError(
+                f"x has dtype {dtype} but this {name} is {self.dtype} (its weight, bias and running "
+                f"statistics): pass {self.dtype} input, or make a {dtype} module with "
+                f"{name}({self.num_features}, dtype=np.{dtype})"
+            ) from None
 
     def _momentum_factor(self, counter: Optional[npt.NDArray[Any]]) -> float:
         """torch's exponential_average_factor; ``counter`` is incremented after the batch."""

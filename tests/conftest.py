@@ -4,7 +4,7 @@
   whatever import mode pytest runs in.
 * ``threads``: runs a test at bn.set_num_threads(1) and (2), restoring the previous value.
 * ``rng``: a NumPy Generator seeded from the test's node id (reproducible per test).
-* ``torch``: PyTorch or a clean skip (PyTorch is optional).
+* ``torch`` (PyTorch or a clean skip) is in the repository's root conftest.py.
 """
 
 from __future__ import annotations
@@ -50,11 +50,6 @@ def threads(request):
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture
-def torch():
-    return pytest.importorskip("torch")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,8 @@
 """python -m bench [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
 
-Writes <out-dir>/<name>.json, .md and .png (default bench/results/latest.*).
+Writes <out-dir>/<name>.json, .md and .png: bench/results/latest.* for a full run; a --quick
+run goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
+committed results.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .cases import DEFAULT_SHAPES, iter_cases, parse_shape
 from .ops import OPS
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+LOCAL_DIR = RESULTS_DIR / "local"
 # (rounds, sample length): the default keeps a full run well under 10 minutes on 2 cores.
 FULL = (15, 0.008)
 QUICK = (3, 0.001)
@@ -50,9 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also copy the tables into the results section of bench/README.md")
     p.add_argument("--from-json", type=pathlib.Path, metavar="PATH",
                    help="measure nothing: rewrite the report (and --readme) from a results file")
-    p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR)
+    p.add_argument("--save", action="store_true",
+                   help="write a --quick run to bench/results/ as a full run does (without it: "
+                        "bench/results/local/, ignored by git)")
+    p.add_argument("--out-dir", type=pathlib.Path,
+                   help="where the files go (default: see --save)")
     p.add_argument("--name", default="latest", help="base name of the output files")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = LOCAL_DIR if args.quick and not args.save else RESULTS_DIR
+    return args
 
 
 def collect(args: argparse.Namespace) -> dict:

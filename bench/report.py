@@ -83,13 +83,27 @@ def _table(results: dict, op: str, threads: int) -> list[str]:
                 problems.append(f"- {name}, {cell['label']} {cell['layout']}: {result['note']}")
         lines.append("| " + " | ".join(row) + f" | {cell['target']:.2f} | "
                      f"{_others_text(cell)} |")
-    geomeans = [
-        _geomean([c["results"][n]["ratio"]["median"] for c in cells
-                  if c["results"].get(n, {}).get("status") == "ok"])
-        for n in names
-    ]
-    lines += ["| geomean (own cells) | | | " + " | ".join(geomeans) + " | | |", ""]
+    lines += geomean_rows(cells, names) + [""]
     return lines + problems + ([""] if problems else [])
+
+
+def geomean_rows(cells: list[dict], names: list[str]) -> list[str]:
+    """Geometric means of the ratios, every figure of a row over the same cells: all cells
+    (blank for an implementation that did not run them all), then, when that leaves some
+    out, the cells every implementation ran."""
+    def ran(cell: dict, name: str) -> bool:
+        return cell["results"].get(name, {}).get("status") == "ok"
+
+    def row(label: str, subset: list[dict]) -> str:
+        means = [_geomean([c["results"][n]["ratio"]["median"] for c in subset])
+                 if all(ran(c, n) for c in subset) else "" for n in names]
+        return f"| {label} | | | " + " | ".join(means) + " | | |"
+
+    rows = [row(f"geomean, all {len(cells)} cells", cells)]
+    common = [c for c in cells if all(ran(c, n) for n in names)]
+    if common and len(common) < len(cells):
+        rows.append(row(f"geomean, the {len(common)} cells all ran", common))
+    return rows
 
 
 def _not_applicable(results: dict) -> list[str]:

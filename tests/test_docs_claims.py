@@ -1,0 +1,100 @@
+"""The figures README.md and docs/ quote are the committed bench results', and the bench
+does not overwrite those results on a smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the bench package lives at the repository root
+
+from bench import report  # noqa: E402
+from bench.__main__ import LOCAL_DIR, RESULTS_DIR, parse_args  # noqa: E402
+
+RESULTS = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+
+
+def cells(op, threads=1):
+    return [c for c in RESULTS["cells"] if c["op"] == op and c["threads"] == threads]
+
+
+def ratio(cell, name):
+    r = cell["results"][name]
+    return r["ratio"]["median"] if r["status"] == "ok" else None
+
+
+def geomean(values):
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def test_geomean_rows_cover_the_same_cells_for_every_implementation():
+    def cell(**ratios):
+        return {"results": {n: ({"status": "ok", "ratio": {"median": r}} if r else {"status": "n/a"})
+                            for n, r in ratios.items()}}
+
+    rows = report.geomean_rows([cell(a=1.0, b=4.0), cell(a=4.0, b=None), cell(a=2.0, b=2.0)], ["a", "b"])
+    assert rows == ["| geomean, all 3 cells | | | 2.00 |  | | |",
+                    "| geomean, the 2 cells all ran | | | 1.41 | 2.83 | | |"]
+
+
+def readme_row(label):
+    for line in (ROOT / "README.md").read_text("utf8").splitlines():
+        if line.startswith(f"| {label}"):
+            return [[None if v == "n/a" else float(v) for v in part.split(" / ")] if part.strip() else []
+                    for part in (p.strip() for p in line.strip("|").split("|")[1:])]
+    raise AssertionError(f"README has no row {label!r}")
+
+
+def test_readme_geometric_means_are_each_over_one_set_of_cells():
+    ops = ["eval", "train", "backward"]
+    names = [["batchnorm", "torch", "onnxruntime"], ["batchnorm", "torch"], ["batchnorm", "torch"]]
+    everything = readme_row("geometric mean, all 14 cells")
+    for op, row_names, figures in zip(ops, names, everything):
+        assert len(cells(op)) == 14
+        for name, figure in zip(row_names, figures):
+            values = [ratio(c, name) for c in cells(op)]
+            expected = None if None in values else geomean(values)
+            assert figure == (None if expected is None else pytest.approx(expected, abs=0.005)), (op, name)
+    common = [c for c in cells("eval") if None not in (ratio(c, n) for n in names[0])]
+    figures = readme_row(f"geometric mean, the {len(common)} channels-first cells ONNX Runtime runs")[0]
+    assert all(c["layout"] in ("NCHW", "NC") for c in common)
+    assert figures == [pytest.approx(geomean([ratio(c, n) for c in common]), abs=0.005) for n in names[0]]
+
+
+def latency_us(impl, call):
+    (row,) = [r for r in RESULTS["latency"]["calls"] if r["impl"] == impl and r["call"] == call]
+    return row["median_us"]
+
+
+def test_tiny_call_figures_are_the_committed_latency_table():
+    readme = " ".join((ROOT / "README.md").read_text("utf8").split())
+    python_md = " ".join((ROOT / "docs" / "python.md").read_text("utf8").split())
+    ours = [latency_us("batchnorm", "eval functional"), latency_us("batchnorm", "eval module")]
+    torch = [latency_us("torch", "eval functional"), latency_us("torch", "eval module")]
+    assert (f"costs {ours[0]:.1f} µs through `bn.batch_norm` and {ours[1]:.1f} µs through a module"
+            f" in eval mode (torch: {torch[0]:.1f} and {torch[1]:.1f} µs") in readme
+    assert f"({ours[0]:.1f} µs for an eval call on (1, 64, 7, 7), {ours[1]:.1f} µs through a module" in python_md
+
+
+def test_quick_runs_do_not_replace_the_committed_results():
+    assert parse_args([]).out_dir == RESULTS_DIR
+    assert parse_args(["--quick"]).out_dir == LOCAL_DIR
+    assert parse_args(["--quick", "--save"]).out_dir == RESULTS_DIR
+    assert parse_args(["--quick", "--out-dir", "x"]).out_dir == pathlib.Path("x")
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(LOCAL_DIR / "latest.json")], cwd=ROOT)
+        assert ignored.returncode == 0, "bench/results/local/ must be ignored by git"
+
+
+def test_docs_cite_no_missing_design_doc():
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]:
+        for target in re.findall(r"\b[\w./-]*DESIGN\.md", path.read_text("utf8")):
+            assert (path.parent / target).exists(), f"{path.name} cites {target}, which is not in the repository"

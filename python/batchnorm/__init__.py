@@ -9,17 +9,21 @@ batch norm into the preceding layer. Arrays are NumPy arrays or DLPack producers
 from __future__ import annotations
 
 import os
-from importlib import metadata
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
+from ._version import __version__  # written by the build from cpp/include/batchnorm/version.hpp
 from .fold import fold
 from .functional import batch_norm, batch_norm_backward, batch_norm_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
 try:
-    __version__: str = metadata.version("batchnorm")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
+    import threadpoolctl as _threadpoolctl  # type: ignore[import-untyped, unused-ignore]
+except ImportError:  # optional: without it there is nothing to register with
+    pass
+else:
+    from ._threadpool import register as _register_with_threadpoolctl
+
+    _register_with_threadpoolctl(_threadpoolctl)
 
 __all__ = [
     "__version__",
@@ -50,15 +54,21 @@ def isa() -> str:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads used by the kernels (``n >= 1``).
+    """Set the number of threads used by the kernels (``n >= 1``), for the whole process.
 
-    Like ``torch.set_num_threads``; small problems still run on one thread.
+    Like ``torch.set_num_threads``, one setting seen by calls from every Python thread, and
+    independent of torch's. Small problems still run on one thread, and so does a process
+    created by fork (its parent's OpenMP pool cannot be used there).
     """
     _core.set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """Number of threads the kernels may use (default: ``OMP_NUM_THREADS`` or the cores)."""
+    """Number of threads the kernels may use.
+
+    Default: the first value of ``OMP_NUM_THREADS``, else the CPUs this process may run on;
+    1 in a forked child.
+    """
     return int(_core.get_num_threads())
 
 

@@ -42,7 +42,10 @@ __all__ = [
     "fold",
 ]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The headers and the CMake package are installed next to the extension module. That is this
+# package's directory in a regular install, but not in an editable one, where this file stays
+# in the source tree and the built files live in site-packages.
+_DATA_DIR = os.path.dirname(os.path.abspath(_core.__file__))
 
 
 def isa() -> str:
@@ -74,9 +77,9 @@ def get_num_threads() -> int:
 
 def get_include() -> str:
     """Directory to add to the include path for ``#include <batchnorm/batchnorm.hpp>``."""
-    return os.path.join(_PACKAGE_DIR, "include")
+    return os.path.join(_DATA_DIR, "include")
 
 
 def get_cmake_dir() -> str:
     """Directory holding ``batchnorm-config.cmake``: pass it as ``batchnorm_DIR`` to CMake."""
-    return os.path.join(_PACKAGE_DIR, "share", "cmake", "batchnorm")
+    return os.path.join(_DATA_DIR, "share", "cmake", "batchnorm")

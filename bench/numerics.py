@@ -15,6 +15,7 @@ process (the backend is chosen once per process, BATCHNORM_ISA). Run: python -m 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -55,8 +56,14 @@ def measure(dtype: Any, threads: int) -> List[Dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+def main(argv: List[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.numerics",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    # Internal: one ISA's rows as JSON, run by the parent with BATCHNORM_ISA set.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    if parser.parse_args(argv).worker:
         rows = [r for dtype in (np.float32, np.float64) for t in (1, 2) for r in measure(dtype, t)]
         print(json.dumps(rows))
         return

@@ -57,3 +57,26 @@ def test_default_threads_follow_omp_num_threads(n):
     r = run(["-c", code], {"OMP_NUM_THREADS": n})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() in (n, "serial")  # a serial build (no OpenMP) has no thread setting
+
+
+def test_main_version():
+    r = run(["-m", "batchnorm", "--version"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"batchnorm {bn.__version__}"
+
+
+def test_bench_numerics_help():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "bench.numerics", "--help"], capture_output=True,
+                       text=True, timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m bench.numerics")
+    assert "| dtype |" not in r.stdout  # help only: the matrix did not run
+
+
+def test_import_does_not_read_package_metadata():
+    """__version__ comes from the generated batchnorm/_version.py, not importlib.metadata
+    (which cost tens of milliseconds per import)."""
+    r = run(["-c", "import sys, batchnorm; print('importlib.metadata' in sys.modules)"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

@@ -7,6 +7,8 @@ within float tolerance (the split changes summation order): element-wise outputs
 rtol=atol=1e-5 (float32) / 1e-12 (float64); reductions rtol * sum|terms|.
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -75,5 +77,32 @@ def test_set_num_threads_roundtrip():
             bn.set_num_threads(n)
             # A serial build (no OpenMP) accepts the setting and keeps running on one thread.
             assert bn.get_num_threads() == (n if bn._core.openmp_enabled() else 1)
+    finally:
+        bn.set_num_threads(old)
+
+
+@pytest.mark.skipif(not bn._core.openmp_enabled(), reason="serial build: the count is always 1")
+def test_count_is_process_wide():
+    """A count set in one Python thread is the count of calls made from every other one."""
+    old = bn.get_num_threads()
+    seen = []
+
+    def look():
+        seen.append(bn.get_num_threads())
+
+    def set_to(n):
+        bn.set_num_threads(n)
+
+    try:
+        for n in (1, 3):
+            bn.set_num_threads(n)  # from this thread, seen by a new one
+            worker = threading.Thread(target=look)
+            worker.start()
+            worker.join()
+            assert seen.pop() == n
+        setter = threading.Thread(target=set_to, args=(5,))  # from another thread, seen here
+        setter.start()
+        setter.join()
+        assert bn.get_num_threads() == 5
     finally:
         bn.set_num_threads(old)

@@ -1,7 +1,7 @@
 """Threads: batchnorm.set_num_threads, and threadpoolctl limiting every OpenMP pool at once.
 
-batchnorm's thread count is its OpenMP runtime's setting, so threadpoolctl sees and limits
-it (next to NumPy's BLAS and torch's OpenMP). Run: ``python examples/python/threads.py``.
+batchnorm's thread count is one process-wide setting of its own; batchnorm registers it with
+threadpoolctl, which sees and limits it (next to NumPy's BLAS and torch's OpenMP). Run: ``python examples/python/threads.py``.
 """
 
 import numpy as np
@@ -21,8 +21,8 @@ try:
 except ImportError:
     print("threadpoolctl is not installed: pip install threadpoolctl")
 else:
-    openmp = [i["filepath"] for i in threadpool_info() if i["user_api"] == "openmp"]
-    print(f"OpenMP runtimes threadpoolctl sees: {openmp}")
+    openmp = [(i["internal_api"], i["filepath"]) for i in threadpool_info() if i["user_api"] == "openmp"]
+    print(f"OpenMP pools threadpoolctl sees (batchnorm's own among them): {openmp}")
     with threadpool_limits(1):  # e.g. inside a process pool, to avoid oversubscription
         print(f"inside threadpool_limits(1): {bn.get_num_threads()} thread")
         m(x)

@@ -9,17 +9,21 @@ batch norm into the preceding layer. Arrays are NumPy arrays or DLPack producers
 from __future__ import annotations
 
 import os
-from importlib import metadata
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
+from ._version import __version__  # written by the build from cpp/include/batchnorm/version.hpp
 from .fold import fold
 from .functional import batch_norm, batch_norm_backward, batch_norm_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
 try:
-    __version__: str = metadata.version("batchnorm")
-except metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
+    import threadpoolctl as _threadpoolctl  # type: ignore[import-untyped, unused-ignore]
+except ImportError:  # optional: without it there is nothing to register with
+    pass
+else:
+    from ._threadpool import register as _register_with_threadpoolctl
+
+    _register_with_threadpoolctl(_threadpoolctl)
 
 __all__ = [
     "__version__",
@@ -38,7 +42,10 @@ __all__ = [
     "fold",
 ]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The headers and the CMake package are installed next to the extension module. That is this
+# package's directory in a regular install, but not in an editable one, where this file stays
+# in the source tree and the built files live in site-packages.
+_DATA_DIR = os.path.dirname(os.path.abspath(_core.__file__))
 
 
 def isa() -> str:
@@ -50,23 +57,29 @@ def isa() -> str:
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads used by the kernels (``n >= 1``).
+    """Set the number of threads used by the kernels (``n >= 1``), for the whole process.
 
-    Like ``torch.set_num_threads``; small problems still run on one thread.
+    Like ``torch.set_num_threads``, one setting seen by calls from every Python thread, and
+    independent of torch's. Small problems still run on one thread, and so does a process
+    created by fork (its parent's OpenMP pool cannot be used there).
     """
     _core.set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """Number of threads the kernels may use (default: ``OMP_NUM_THREADS`` or the cores)."""
+    """Number of threads the kernels may use.
+
+    Default: the first value of ``OMP_NUM_THREADS``, else the CPUs this process may run on;
+    1 in a forked child.
+    """
     return int(_core.get_num_threads())
 
 
 def get_include() -> str:
     """Directory to add to the include path for ``#include <batchnorm/batchnorm.hpp>``."""
-    return os.path.join(_PACKAGE_DIR, "include")
+    return os.path.join(_DATA_DIR, "include")
 
 
 def get_cmake_dir() -> str:
     """Directory holding ``batchnorm-config.cmake``: pass it as ``batchnorm_DIR`` to CMake."""
-    return os.path.join(_PACKAGE_DIR, "share", "cmake", "batchnorm")
+    return os.path.join(_DATA_DIR, "share", "cmake", "batchnorm")

@@ -177,6 +177,13 @@ bool import_numpy() {
 }  // namespace
 }  // namespace batchnorm::python
 
+// batchnorm's thread count for threadpoolctl, which finds a pool by the exported symbols of a
+// loaded library and calls them through ctypes (python/batchnorm/_threadpool.py).
+extern "C" NB_EXPORT int batchnorm_get_num_threads() { return batchnorm::get_num_threads(); }
+extern "C" NB_EXPORT void batchnorm_set_num_threads(int n) {
+    if (n >= 1) batchnorm::set_num_threads(n);
+}
+
 NB_MODULE(_core, m) {
     namespace py = batchnorm::python;
     if (!py::import_numpy()) throw nb::python_error();

@@ -126,6 +126,65 @@ TYPED_TEST(Errors, Inference) {
     watch.expect_invalid("prepare: wrong channels", [&] { bn.prepare(Shape{5, 4, 3}); }, "channels");
 }
 
+// Shapes whose element count overflows int64 are refused before anything is read or written
+// (they used to segfault or overflow the heap): every entry point checks the products.
+TYPED_TEST(Errors, ShapesBeyondInt64) {
+    using T = TypeParam;
+    const std::int64_t big = (std::int64_t(1) << 62) + 3;
+    const Shape huge_outer{big, 4, 1}, huge_channels{8, std::int64_t(1) << 61, 1}, huge_inner{2, 4, big};
+    std::vector<T> x(64, T(1)), y(64, T(-7)), stats(64, T(-7)), stats2(64, T(-7));
+    Watch<T> watch;
+    watch.add(y);
+    watch.add(stats);
+    watch.add(stats2);
+    for (const Shape& s : {huge_outer, huge_channels, huge_inner}) {
+        SCOPED_TRACE(ref::str(s));
+        watch.expect_invalid("batch_stats", [&] { batchnorm::batch_stats(x.data(), s, stats.data(), stats2.data()); },
+                             "shape");
+        watch.expect_invalid("forward_train", [&] {
+            batchnorm::forward_train(x.data(), y.data(), s, nullptr, nullptr, stats.data(), stats2.data(), 0.1, 1e-5);
+        }, "shape");
+        watch.expect_invalid("forward_eval", [&] {
+            batchnorm::forward_eval(x.data(), y.data(), s, stats.data(), stats2.data(), nullptr, nullptr, 1e-5);
+        }, "shape");
+        watch.expect_invalid("backward", [&] {
+            batchnorm::backward(x.data(), x.data(), y.data(), s, x.data(), x.data(), nullptr, stats.data(),
+                                stats2.data());
+        }, "shape");
+    }
+    const Inference<T> bn(x.data(), x.data(), nullptr, nullptr, 4, 1e-5);
+    watch.expect_invalid("Inference::run", [&] { bn.run(x.data(), y.data(), huge_outer); }, "shape");
+    watch.expect_invalid("Inference::prepare", [&] { bn.prepare(Shape{big, 4, 2}); }, "shape");
+    BatchNorm<T> layer(4);
+    watch.expect_invalid("BatchNorm::forward", [&] { layer.forward(x.data(), y.data(), huge_outer); }, "shape");
+    // The largest accepted shapes: products right at the bound do not overflow either.
+    const std::int64_t max = batchnorm::detail::kMaxElements;
+    EXPECT_NO_THROW(batchnorm::detail::check_shape(Shape{max, 1, 1}));
+    EXPECT_NO_THROW(batchnorm::detail::check_shape(Shape{0, max, 0}));
+    EXPECT_THROW(batchnorm::detail::check_shape(Shape{max, 1, 2}), batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::detail::check_shape(Shape{1, max + 1, 0}), batchnorm::invalid_argument);
+}
+
+// A moved-from Inference has nothing to run with: run() and prepare() throw (they segfaulted).
+TYPED_TEST(Errors, MovedFromInference) {
+    using T = TypeParam;
+    const Shape s{4, 3, 5};
+    const std::vector<T> x = ref::random_input<T>(s, 402), mean(3, T(0)), var(3, T(1));
+    std::vector<T> y(x.size(), T(-7));
+    Watch<T> watch;
+    watch.add(y);
+    Inference<T> from(mean.data(), var.data(), nullptr, nullptr, 3, 1e-5);
+    Inference<T> to(std::move(from));
+    watch.expect_invalid("run", [&] { from.run(x.data(), y.data(), s); }, "moved from");
+    watch.expect_invalid("prepare", [&] { from.prepare(Shape{4, 3, 2}); }, "moved from");
+    std::vector<T> z(x.size());
+    to.run(x.data(), z.data(), s);  // the object moved to runs as the original would
+    EXPECT_TRUE(ref::close(z, ref::normalize(x, s, ref::widen(mean), ref::widen(var), {}, {}, 1e-5), ref::tol<T>()));
+    from = to;  // and a moved-from object is usable again once assigned
+    from.run(x.data(), y.data(), s);
+    EXPECT_TRUE(ref::same_bits(y, z));
+}
+
 // A failed layer call changes neither the output nor any state.
 TYPED_TEST(Errors, Layer) {
     using T = TypeParam;

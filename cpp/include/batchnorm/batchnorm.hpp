@@ -21,7 +21,4 @@
 #include "layer.hpp"
 #include "shape.hpp"
 #include "threads.hpp"
-
-#define BATCHNORM_VERSION_MAJOR 0
-#define BATCHNORM_VERSION_MINOR 1
-#define BATCHNORM_VERSION_PATCH 0
+#include "version.hpp"

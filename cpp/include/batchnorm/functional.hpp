@@ -1,5 +1,6 @@
 // The C++ API: batch normalization over raw pointers to contiguous memory seen as
-// (outer, channels, inner) -- see shape.hpp. T is float or double. Per-channel arrays hold
+// (outer, channels, inner) -- see shape.hpp. T is float or double, deduced from the first array
+// argument alone, so a null optional pointer needs no <T>. Per-channel arrays hold
 // `channels` values. Optional pointers may be null. Outputs may alias their input (in place).
 // Invalid arguments throw batchnorm::invalid_argument (a std::invalid_argument) before anything
 // is written.
@@ -49,7 +50,7 @@ inline void check_training_size(const Shape& s) {
 
 // Per-channel mean and biased variance of x.
 template <class T>
-void batch_stats(const T* x, const Shape& shape, T* mean, T* var) {
+void batch_stats(const T* x, const Shape& shape, detail::identity_t<T>* mean, detail::identity_t<T>* var) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
@@ -72,9 +73,10 @@ void batch_stats(const T* x, const Shape& shape, T* mean, T* var) {
 // weight null means 1, bias null means 0. Needs more than one value per channel; an empty
 // input writes NaN to save_mean/save_invstd and touches nothing else.
 template <class T>
-void forward_train(const T* x, T* y, const Shape& shape, const T* weight, const T* bias,
-                   T* running_mean, T* running_var, double momentum, double eps,
-                   T* save_mean = nullptr, T* save_invstd = nullptr) {
+void forward_train(const T* x, detail::identity_t<T>* y, const Shape& shape, const detail::identity_t<T>* weight,
+                   const detail::identity_t<T>* bias, detail::identity_t<T>* running_mean, detail::identity_t<T>* running_var,
+                   double momentum, double eps, detail::identity_t<T>* save_mean = nullptr,
+                   detail::identity_t<T>* save_invstd = nullptr) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_eps(eps);
@@ -129,9 +131,9 @@ void apply_affine(const T* x, const T* residual, T* y, const Shape& shape, const
 // y = act((x - mean) / sqrt(var + eps) * weight + bias + residual). residual (same shape as x)
 // may be null; act is none or relu.
 template <class T>
-void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* var,
-                  const T* weight, const T* bias, double eps, const T* residual = nullptr,
-                  Activation act = Activation::none) {
+void forward_eval(const T* x, detail::identity_t<T>* y, const Shape& shape, const detail::identity_t<T>* mean,
+                  const detail::identity_t<T>* var, const detail::identity_t<T>* weight, const detail::identity_t<T>* bias, double eps,
+                  const detail::identity_t<T>* residual = nullptr, Activation act = Activation::none) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_eps(eps);
@@ -161,8 +163,9 @@ void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* 
 // Always grad_weight = sum(dy*(x - mean))*invstd and grad_bias = sum(dy) per channel.
 // grad_x, grad_weight, grad_bias may each be null (not wanted); weight null means 1.
 template <class T>
-void backward(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const T* mean,
-              const T* invstd, const T* weight, T* grad_weight, T* grad_bias, bool training = true) {
+void backward(const T* grad_y, const detail::identity_t<T>* x, detail::identity_t<T>* grad_x, const Shape& shape,
+              const detail::identity_t<T>* mean, const detail::identity_t<T>* invstd, const detail::identity_t<T>* weight,
+              detail::identity_t<T>* grad_weight, detail::identity_t<T>* grad_bias, bool training = true) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");

@@ -101,6 +101,7 @@ public:
     // Builds now what run() on this shape would otherwise build on first use (see the top of
     // this file), so later run() calls allocate nothing. Checks the shape like run().
     void prepare(const Shape& shape) const {
+        check_not_moved_from("prepare");
         detail::check_shape(shape);
         check_channels(shape);
         if (shape.size() > 0) columns_for(shape);
@@ -125,12 +126,19 @@ private:
         std::vector<std::unique_ptr<const Columns>> owned;   // guarded by `build`
     };
 
+    // A moved-from Inference has no factors and no cache left to run with.
+    void check_not_moved_from(const char* method) const {
+        detail::require(cache_ != nullptr, "Inference::", method,
+                        ": this object was moved from; assign it a new Inference first");
+    }
+
     void check_channels(const Shape& shape) const {
         detail::require(shape.channels == channels_, "shape: expected ", channels_, " channels, got ",
                         shape.channels);
     }
 
     void check_run(const T* x, const T* y, const Shape& shape) const {
+        check_not_moved_from("run");
         detail::check_shape(shape);
         check_channels(shape);
         if (shape.size() == 0) return;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "errors.hpp"
 
@@ -20,10 +21,35 @@ struct Shape {
 
 namespace detail {
 
+// T, but not deducible: the entry points take T from their first array, so the others may be
+// nullptr (which deduces nothing) without an explicit <T>.
+template <class T>
+struct identity {
+    using type = T;
+};
+template <class T>
+using identity_t = typename identity<T>::type;
+
+// The most elements a shape may hold. Calls compute sizes and byte counts of several arrays of
+// up to 8-byte values in int64; this bound keeps every such product far from overflow (and is
+// far beyond any memory).
+constexpr std::int64_t kMaxElements = std::numeric_limits<std::int64_t>::max() / 64;
+
+// a * b <= limit, for non-negative a and b, without computing an overflowing product.
+constexpr bool product_within(std::int64_t a, std::int64_t b, std::int64_t limit) {
+    return a == 0 || b <= limit / a;
+}
+
+// Every entry point calls this first: afterwards per_channel(), size() and their byte counts
+// cannot overflow.
 inline void check_shape(const Shape& s) {
     require(s.outer >= 0 && s.channels >= 0 && s.inner >= 0,
             "shape: outer, channels and inner must be non-negative, got (", s.outer, ", ", s.channels, ", ",
             s.inner, ")");
+    require(s.channels <= kMaxElements && product_within(s.outer, s.inner, kMaxElements) &&
+                product_within(s.outer * s.inner, s.channels, kMaxElements),
+            "shape: (", s.outer, ", ", s.channels, ", ", s.inner, ") has more than ", kMaxElements,
+            " elements (or channels, or values per channel)");
 }
 
 }  // namespace detail

@@ -1,13 +1,26 @@
 // Thread control. OpenMP is optional at compile time: without it everything runs serially.
-// The thread count is OpenMP's own setting (OMP_NUM_THREADS, omp_set_num_threads), so tools
-// that limit OpenMP pools (threadpoolctl) limit batchnorm too.
+//
+// The thread count is batchnorm's own, one setting for the whole process (an atomic, not
+// OpenMP's per-thread ICV): set from any thread, seen by calls from every thread, and left
+// alone by other libraries that share the OpenMP runtime (torch.set_num_threads calls
+// omp_set_num_threads on the same libgomp). Every parallel region names its team size.
+//
+// Fork. GNU libgomp's thread pool does not survive fork(): a child that enters a parallel
+// region of the parent's pool waits forever for threads that do not exist. A pthread_atfork
+// child handler, registered when this header's settings are first used (at the latest when the
+// library is loaded), marks a forked child, and from then on that process runs every call on
+// one thread (what PyTorch does in DataLoader workers). A fresh process (spawn, exec) is not
+// forked: it has its full count.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <numeric>
-#include <utility>
 #include <string>
+#include <thread>
+#include <utility>
 
 #include "errors.hpp"
 
@@ -18,6 +31,11 @@
 #define BATCHNORM_OMP(directive) BATCHNORM_PRAGMA(omp directive)
 #else
 #define BATCHNORM_OMP(directive)
+#endif
+
+#if defined(_OPENMP) && defined(__unix__)
+#include <pthread.h>
+#include <sched.h>
 #endif
 
 namespace batchnorm {
@@ -32,21 +50,58 @@ constexpr bool openmp_enabled() {
 #endif
 }
 
-// Threads a large call may use.
+namespace detail {
+
+// The default count: the first value of OMP_NUM_THREADS when it is a positive number (it may
+// be a list, one value per nesting level), else the CPUs this process may run on.
+inline int default_num_threads() {
+    if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+        char* end = nullptr;
+        const long n = std::strtol(env, &end, 10);
+        if (end != env && n >= 1 && (*end == '\0' || *end == ',')) return int(std::min(n, 1L << 20));
+    }
+#if defined(_OPENMP) && defined(__linux__)
+    cpu_set_t cpus;
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && CPU_COUNT(&cpus) > 0) return CPU_COUNT(&cpus);
+#endif
+    return int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+struct ThreadSettings {
+    std::atomic<int> count{default_num_threads()};
+    std::atomic<bool> forked_child{false};
+
+    ThreadSettings() {
+#if defined(_OPENMP) && defined(__unix__)
+        pthread_atfork(nullptr, nullptr, [] { settings().forked_child.store(true); });
+#endif
+    }
+    static ThreadSettings& settings() {
+        static ThreadSettings one;  // thread-safe first use; the handler is registered once
+        return one;
+    }
+};
+
+// Loading a program or module that includes this header registers the fork handler, so a
+// fork before the first call is handled too.
+inline const bool fork_handler_registered = (ThreadSettings::settings(), true);
+
+}  // namespace detail
+
+// Threads a large call may use: the process-wide count; 1 in a forked child, or without OpenMP.
 inline int get_num_threads() {
 #if defined(_OPENMP)
-    return omp_get_max_threads();
+    const detail::ThreadSettings& s = detail::ThreadSettings::settings();
+    return s.forked_child.load(std::memory_order_relaxed) ? 1 : s.count.load(std::memory_order_relaxed);
 #else
     return 1;
 #endif
 }
 
-// Sets the threads for later calls from this thread (OpenMP's per-thread setting).
+// Sets the threads for later calls from every thread of the process.
 inline void set_num_threads(int n) {
     detail::require(n >= 1, "set_num_threads: n must be at least 1, got ", n);
-#if defined(_OPENMP)
-    omp_set_num_threads(n);
-#endif
+    detail::ThreadSettings::settings().count.store(n, std::memory_order_relaxed);
 }
 
 namespace detail {

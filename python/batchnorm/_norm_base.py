@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import numpy as np
 import numpy.typing as npt
 
-from .functional import ArrayIn, FloatArray, _like, _ndarray
+from .functional import ArrayIn, FloatArray, _backward, _returned
 
 _Self = TypeVar("_Self", bound="_Module")
 
@@ -129,6 +129,20 @@ def _axis(module: _Module, axis: object, top: int) -> int:
     if not -top <= result < top:
         raise ValueError(f"axis must be in [{-top}, {top - 1}] for {type(module).__name__}, got {axis}")
     return result
+
+
+def _eval_grads(x: Any, running_mean: FloatArray, running_var: FloatArray,
+                weight: Optional[FloatArray], eps: float, axis: int) -> Any:
+    """Backward of a running-statistics forward: the statistics are copied now, so later
+    updates of the running buffers do not reach this gradient (PyTorch's rule: as saved at
+    forward)."""
+    mean, var = running_mean.copy(), running_var.copy()
+
+    def grads(grad_y: Any, out: Any) -> Any:
+        invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(var.dtype)
+        return _backward(grad_y, x, mean, invstd, weight, axis, False, out)
+
+    return grads
 
 
 class _ArrayAttribute:
@@ -257,9 +271,7 @@ class _Module:
         grad_x, grad_weight, grad_bias = saved.grads(grad_y, out)
         self.weight_grad = None if saved.weight is None else grad_weight
         self.bias_grad = None if self.bias is None else grad_bias
-        if type(grad_y) is _ndarray or out is not None:
-            return grad_x
-        return _like(grad_y, grad_x)
+        return _returned(grad_y, out, grad_x)
 
     # ---- state ------------------------------------------------------------------------
 

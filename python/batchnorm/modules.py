@@ -12,7 +12,7 @@ from typing import Any, Optional, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._norm_base import IncompatibleKeys, _NormBase, _shape_of
+from ._norm_base import IncompatibleKeys, _eval_grads, _NormBase, _shape_of
 from ._norm_base import _to_numpy as _to_numpy  # fold.py takes it from here
 from .functional import (
     ArrayIn,
@@ -29,20 +29,6 @@ from .functional import (
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
 
 _NO_BACKWARD_FUSED = "backward is not available after a forward with residual or activation"
-
-
-def _eval_grads(x: Any, running_mean: FloatArray, running_var: FloatArray,
-                weight: Optional[FloatArray], eps: float, axis: int) -> Any:
-    """Backward of a running-statistics forward: the statistics are copied now, so later
-    updates of the running buffers do not reach this gradient (PyTorch's rule: as saved at
-    forward)."""
-    mean, var = running_mean.copy(), running_var.copy()
-
-    def grads(grad_y: Any, out: Any) -> Any:
-        invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(var.dtype)
-        return _backward(grad_y, x, mean, invstd, weight, axis, False, out)
-
-    return grads
 
 
 class _BatchNorm(_NormBase):

@@ -13,6 +13,7 @@
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <batchnorm/dtype.hpp>
 #include <batchnorm/shape.hpp>
 
 #include <algorithm>
@@ -31,14 +32,17 @@ namespace nb = nanobind;
 [[noreturn]] inline void type_error(const std::string& message) { throw nb::type_error(message.c_str()); }
 [[noreturn]] inline void value_error(const std::string& message) { throw nb::value_error(message.c_str()); }
 
+// NumPy's type number for a storage type of the registry (batchnorm/dtype.hpp).
 template <class T>
 constexpr int numpy_type() {
-    return sizeof(T) == 4 ? NPY_FLOAT32 : NPY_FLOAT64;
+    using S = StorageType<T>;
+    static_assert(S::code == DLPackCode::float_ && (S::bits == 32 || S::bits == 64), "a NumPy float type");
+    return S::bits == 32 ? NPY_FLOAT32 : NPY_FLOAT64;
 }
 
 template <class T>
 const char* dtype_name() {
-    return sizeof(T) == 4 ? "float32" : "float64";
+    return StorageType<T>::name;
 }
 
 constexpr int kMaxRank = 32;

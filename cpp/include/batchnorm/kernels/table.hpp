@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
 
-#include "../moments.hpp"
+#include "../engine/moments.hpp"
 
 namespace batchnorm::detail {
 

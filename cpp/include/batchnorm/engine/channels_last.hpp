@@ -10,10 +10,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "channel_math.hpp"
-#include "kernels/table.hpp"
-#include "shape.hpp"
-#include "threads.hpp"
+#include "../kernels/table.hpp"
+#include "../shape.hpp"
+#include "../threads.hpp"
+#include "affine.hpp"
 
 namespace batchnorm::detail {
 
@@ -115,17 +115,14 @@ Moments channel_moments(const Shape& s, std::int64_t c, const std::vector<Column
     return total;
 }
 
-template <class T>
-void stats_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, T* mean, T* var) {
+// Moments of every channel, handed to finish(c, Moments).
+template <class T, class Finish>
+void moments_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
     const std::int64_t cols = s.channels * s.inner;
     for_each_row_block<T>(
         s, s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
-        [&](std::int64_t c, const auto& scratch) {
-            const Moments m = channel_moments(s, c, scratch);
-            mean[c] = T(m.mean());
-            var[c] = T(m.biased_var());
-        },
+        [&](std::int64_t c, const auto& scratch) { finish(c, channel_moments(s, c, scratch)); },
         [](std::int64_t, std::int64_t) {});
 }
 
@@ -143,16 +140,16 @@ private:
     std::vector<T> values_;
 };
 
-template <class T>
-void train_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s,
-                         const TrainArgs<T>& args) {
+// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize, each thread its rows.
+template <class T, class Finish>
+void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
     const std::int64_t cols = s.channels * s.inner;
     PerColumn<T> shift(s), alpha(s), beta(s);
     for_each_row_block<T>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
         [&](std::int64_t c, const auto& scratch) {
-            const ChannelAffine<T> a = finish_train_channel(c, channel_moments(s, c, scratch), args);
+            const ChannelAffine<T> a = finish(c, channel_moments(s, c, scratch));
             shift.set(c, a.shift);
             alpha.set(c, a.alpha);
             beta.set(c, a.beta);
@@ -163,13 +160,14 @@ void train_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape&
         });
 }
 
-template <class T>
-void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx,
-                            const Shape& s, const BackwardArgs<T>& args) {
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<T>,
+// and the gradient apply (skipped when gx is null).
+template <class T, class Finish>
+void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
+                            const T* shift_of, Finish&& finish) {
     const std::int64_t cols = s.channels * s.inner;
     PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
-    for (std::int64_t c = 0; c < s.channels; ++c) shift.set(c, args.mean[c]);
-    const double n = double(s.per_channel());
+    for (std::int64_t c = 0; c < s.channels; ++c) shift.set(c, shift_of[c]);
     for_each_row_block<T>(
         s, 4 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) {
@@ -182,7 +180,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             for (const auto& w : scratch)
                 for (std::size_t j = std::size_t(c * s.inner); j < std::size_t((c + 1) * s.inner); ++j)
                     sums += Sums{w.s1[j], w.s2[j]};
-            const GradCoefficients<T> g = finish_backward_channel(c, sums, n, args);
+            const GradCoefficients<T> g = finish(c, sums);
             k_coef.set(c, g.k);
             m_coef.set(c, g.m);
             q_coef.set(c, g.q);

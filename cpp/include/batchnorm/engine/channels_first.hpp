@@ -196,7 +196,7 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<T> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta);
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, false);
             });
         });
 }

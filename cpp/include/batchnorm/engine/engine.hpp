@@ -62,19 +62,19 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
         return;
     }
     PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
-    for (std::int64_t c = 0; c < s.channels; ++c) {
-        shift.set(c, coef[c].shift);
-        k_coef.set(c, coef[c].k);
-        m_coef.set(c, coef[c].m);
-        q_coef.set(c, coef[c].q);
-    }
-    const std::int64_t rows = s.outer, cols = s.channels * s.inner;
-    run_parallel(threads_for(bytes, rows), [&] {
-        const auto [b, e] = my_share(rows);
-        if (b < e)
-            k.cl_grad(dy + b * cols, x + b * cols, gx + b * cols, e - b, cols, shift.data(), k_coef.data(),
-                      m_coef.data(), q_coef.data());
-    });
+    for_each_row_block<T>(
+        s, bytes, [](std::int64_t, std::int64_t, const ColumnBlock&, ColumnScratch<T>&) {},
+        [&](std::int64_t c, const ColumnBlock& blk, const auto&) {
+            shift.set(blk, c, coef[c].shift);
+            k_coef.set(blk, c, coef[c].k);
+            m_coef.set(blk, c, coef[c].m);
+            q_coef.set(blk, c, coef[c].q);
+        },
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
+            const std::int64_t at = b * blk.ld + blk.col;
+            k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), k_coef.data(), m_coef.data(),
+                      q_coef.data());
+        });
 }
 
 // Applies per-channel (shift, alpha, beta) in one pass: y = act((x - shift)*alpha + beta + residual).

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../engine/engine.hpp"
@@ -56,28 +57,27 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         for (std::int64_t i = 0; i < per_group; ++i) {
             const std::int64_t c = g * per_group + i;
             const ChannelAffine<T> a = affine_for<T>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
-            if (shift) shift[i] = a.shift;
+            shift[i] = a.shift;
             alpha[i] = a.alpha;
             beta[i] = a.beta;
         }
     };
     if (!s.channels_last) {
+        // Per segment its moments and invstd; each plane's factors are derived as it is applied,
+        // so the scratch is per group, not per (sample, channel).
         const Shape seg{1, s.batch * groups, per_group * hw};
-        std::vector<T> shift(std::size_t(seg.channels)), alpha(std::size_t(s.batch * C)), beta(alpha.size());
+        std::vector<std::pair<Moments, double>> stats(static_cast<std::size_t>(seg.channels));
         for_each_channel<Moments>(
             seg, 2 * s.size() * std::int64_t(sizeof(T)),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e); },
-            [&](std::int64_t sg, const Moments& m) {
-                shift[std::size_t(sg)] = T(m.mean());
-                const std::size_t at = std::size_t(sg * per_group);
-                factors(sg % groups, m, finish(sg, m), nullptr, alpha.data() + at, beta.data() + at);
-            },
+            [&](std::int64_t sg, const Moments& m) { stats[std::size_t(sg)] = {m, finish(sg, m)}; },
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
+                const auto& [m, invstd] = stats[std::size_t(sg)];
                 for (std::int64_t v = b; v < e;) {
-                    const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), plane = sg * per_group + p;
+                    const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), c = (sg % groups) * per_group + p;
+                    const ChannelAffine<T> a = affine_for<T>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
                     const std::int64_t at = sg * seg.inner + v;
-                    k.cf_affine(x + at, y + at, 1, end - v, 0, shift[std::size_t(sg)], alpha[std::size_t(plane)],
-                                beta[std::size_t(plane)], relu);
+                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu);
                     v = end;
                 }
             });
@@ -148,7 +148,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
     };
     if (!s.channels_last) {
         const Shape seg{1, s.batch * groups, per_group * hw};
-        std::vector<T> kc(sdy.size()), mc(std::size_t(seg.channels)), qc(mc.size());
+        std::vector<T> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
         for_each_channel<PlaneSums>(
             seg, 3 * s.size() * std::int64_t(sizeof(T)),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
@@ -166,15 +166,15 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     sdy[at + std::size_t(i)] = r.planes[std::size_t(i)].first;
                     sdyx[at + std::size_t(i)] = r.planes[std::size_t(i)].second;
                 }
-                coefficients(sg, sdy.data() + at, sdyx.data() + at, kc.data() + at, mc[std::size_t(sg)],
-                             qc[std::size_t(sg)]);
+                coefficients(sg, sdy.data() + at, sdyx.data() + at, nullptr, mc[std::size_t(sg)], qc[std::size_t(sg)]);
             },
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
                 if (!gx) return;
                 for (std::int64_t v = b; v < e;) {
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
-                    k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc[std::size_t(sg * per_group + p)],
-                              mc[std::size_t(sg)], qc[std::size_t(sg)]);
+                    const T kc = T(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
+                    k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc, mc[std::size_t(sg)],
+                              qc[std::size_t(sg)]);
                     v = end;
                 }
             });

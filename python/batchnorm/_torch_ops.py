@@ -145,10 +145,18 @@ def backward_of(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean:
     (eval: PyTorch's rule). With grad mode on (``create_graph=True``) torch's differentiable
     ``native_batch_norm_backward`` runs, so that higher-order gradients exist."""
     mask = [needs[0], needs[1] and weight is not None, needs[2]]
-    if torch.is_grad_enabled():
-        rm, rv, sm, si = (None, None, mean, second) if training else (mean, second, None, None)
+    if torch.is_grad_enabled() and not training:
+        # eval backward is linear in grad_out: composite ops (functorch has no batching rule
+        # for an eval-mode native_batch_norm_backward)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        invstd = torch.rsqrt(second + eps).view(shape)
+        dims = [d for d in range(input.dim()) if d != 1]
+        gx = grad_out * (invstd if weight is None else invstd * weight.view(shape))
+        gw = (grad_out * (input - mean.view(shape)) * invstd).sum(dims)
+        gb = grad_out.sum(dims)
+    elif torch.is_grad_enabled():
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_out, input, weight, rm, rv, sm, si, training, eps, mask)
+            grad_out, input, weight, None, None, mean, second, training, eps, mask)
     else:
         invstd = second if training else eval_invstd(second, eps)
         gx, gw, gb = batch_norm_backward(grad_out, input, weight, mean, invstd, training)

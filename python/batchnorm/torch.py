@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
+from torch.ao.quantization import fuser_method_mappings as fuser_methods
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from . import _torch_ops as ops
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert", "fold_model",
-           "revert"]
+__all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
+           "convert", "fold_model", "revert"]
 
 _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests can watch it)
 _FLOATS = (torch.float32, torch.float64)
@@ -489,28 +490,52 @@ class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
     _ranks = (5,)
 
 
-_REPLACEMENTS: Dict[type, Type[_DropIn]] = {
+_REPLACEMENTS: Dict[type, type] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
+_ORIGINALS: Dict[type, type] = {new: old for old, new in _REPLACEMENTS.items()}
 
+# For torch.ao.quantization.fuse_modules, which looks fusers up by exact type:
+# fuse_modules(model, names, fuse_custom_config_dict={"additional_fuser_method_mapping":
+# batchnorm.torch.FUSER_METHOD_MAPPING}).
+FUSER_METHOD_MAPPING: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = {
+    (conv, bn, *relu): fuser
+    for conv, bn in ((torch.nn.Conv1d, BatchNorm1d), (torch.nn.Conv2d, BatchNorm2d),
+                     (torch.nn.Conv3d, BatchNorm3d))
+    for relu, fuser in (((), fuser_methods.fuse_conv_bn), ((torch.nn.ReLU,), fuser_methods.fuse_conv_bn_relu))
+}
+FUSER_METHOD_MAPPING[(torch.nn.Linear, BatchNorm1d)] = fuser_methods.fuse_linear_bn
 
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
-def _replacement(module: torch.nn.Module, cls: Type[_DropIn]) -> _DropIn:
+def _replacement(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     """A ``cls`` with the state of ``module``: the same parameter and buffer tensors, flags,
     hooks and attributes. The parameter/buffer registries are new containers (registering
     a tensor on one module does not touch the other); hook dictionaries are shared, so the
     handles returned by ``register_*_hook`` before ``convert`` still remove their hooks."""
     new = cls.__new__(cls)
     state = dict(module.__dict__)
+    state.pop("_views", None)
     for key in _OWN_CONTAINERS:
         if key in state:
             state[key] = state[key].copy()
     new.__dict__.update(state)
     return new
+
+
+def _swap(module: torch.nn.Module, classes: Dict[type, type]) -> torch.nn.Module:
+    """Replace every module whose exact type is a key of ``classes``, recursively, in place."""
+    cls = classes.get(type(module))
+    if cls is not None:
+        return _replacement(module, cls)
+    for name, child in module.named_children():
+        new_child = _swap(child, classes)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:
@@ -524,11 +549,67 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     ``BatchNorm1d/2d/3d`` are swapped: subclasses (which may override ``forward``),
     ``SyncBatchNorm`` and uninitialized ``LazyBatchNorm*d`` are left alone.
     """
-    cls = _REPLACEMENTS.get(type(module))
-    if cls is not None:
-        return _replacement(module, cls)
-    for name, child in module.named_children():
-        new_child = convert(child)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+    return _swap(module, _REPLACEMENTS)
+
+
+def revert(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of ``convert``: every drop-in becomes a plain ``torch.nn.BatchNorm1d/2d/3d``
+    again, in place, holding the same parameter and buffer tensors, flags and hooks.
+
+    For tools that match exact torch types (``torch.ao.quantization.fuse_modules``,
+    ``torch.fx``'s conv-BN fusion, TorchScript export of a model for C++).
+    """
+    return _swap(module, _ORIGINALS)
+
+
+_FOLDABLE: Tuple[type, ...] = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+
+def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
+    """(layer, batch norm) names of consecutive children of ``nn.Sequential`` containers,
+    where the order of the children is the order of the computation."""
+    pairs: List[Tuple[str, str]] = []
+    children = list(module.named_children())
+    if isinstance(module, torch.nn.Sequential):
+        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            if type(a) in _FOLDABLE and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm:
+                pairs.append((prefix + name_a, prefix + name_b))
+    for name, child in children:
+        pairs.extend(_foldable_pairs(child, prefix + name + "."))
+    return pairs
+
+
+def fold_model(model: torch.nn.Module,
+               pairs: Optional[List[Tuple[str, str]]] = None) -> torch.nn.Module:
+    """Fold eval-mode batch norms into the convolutions / linear layers that feed them.
+
+    ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in
+    ``torch.ao.quantization.fuse_modules``; by default every conv/linear followed directly by
+    a batch norm (plain torch or converted) inside an ``nn.Sequential``. Each layer is
+    replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval`` /
+    ``fuse_linear_bn_eval``) and each batch norm by ``nn.Identity``, in place; returns
+    ``model`` (unchanged when nothing folds). No fx: works on any model, traceable or not.
+    A model in training mode is a ValueError (the batch statistics cannot be folded).
+    """
+    if model.training or any(m.training for m in model.modules()):
+        raise ValueError("model: fold_model needs an eval-mode model (call model.eval() first)")
+    for layer_name, bn_name in _foldable_pairs(model) if pairs is None else pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        if type(layer) not in _FOLDABLE or not isinstance(bn, _BatchNorm):
+            raise TypeError(f"pairs: ({layer_name!r}, {bn_name!r}) is not a conv/linear and a "
+                            f"batch norm, got {type(layer).__name__} and {type(bn).__name__}")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
+                             "(track_running_stats=False), so it cannot be folded")
+        if type(layer) is torch.nn.Linear:
+            folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
+        else:
+            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)
+        _set_submodule(model, layer_name, folded)
+        _set_submodule(model, bn_name, torch.nn.Identity())
+    return model
+
+
+def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    model.get_submodule(parent).add_module(leaf, new)

@@ -63,7 +63,7 @@ def to_channels(x: Tensor, dim: Optional[int], size: int) -> Tensor:
 
 def from_channels(y: Tensor, size: int) -> Tensor:
     """(N, B*C, *rest) -> (N, B, C, *rest), the vmapped dimension at 1 (a view)."""
-    return y.unflatten(1, (size, -1))
+    return y.view(*y.shape[:1], size, -1, *y.shape[2:])
 
 
 def per_channel(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:

@@ -194,7 +194,7 @@ def _forward(
             xn, _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
             momentum, eps, 1, None,
         )
-        if running_mean is not None:
+        if running_mean is not None and running_var is not None:
             _increment_version((running_mean, running_var))  # updated in place, as torch's op does
         return torch.from_numpy(y), mean, invstd
     y = _core.forward_eval(xn, _numpy(running_mean), _numpy(running_var), _numpy(weight),
@@ -396,7 +396,7 @@ class _DropIn(_BatchNorm):
     def _count_batch(self, input: Tensor) -> None:
         """``num_batches_tracked += 1``; recorded in the graph under ``torch.fx`` tracing."""
         if not isinstance(input, _Proxy):
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
             return
         if self.momentum is None:
             raise RuntimeError("torch.fx cannot trace a training-mode batch norm with momentum=None "
@@ -490,12 +490,12 @@ class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
     _ranks = (5,)
 
 
-_REPLACEMENTS: Dict[type, type] = {
+_REPLACEMENTS: Dict[type, Type[torch.nn.Module]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
-_ORIGINALS: Dict[type, type] = {new: old for old, new in _REPLACEMENTS.items()}
+_ORIGINALS: Dict[type, Type[torch.nn.Module]] = {new: old for old, new in _REPLACEMENTS.items()}
 
 # For torch.ao.quantization.fuse_modules, which looks fusers up by exact type:
 # fuse_modules(model, names, fuse_custom_config_dict={"additional_fuser_method_mapping":
@@ -511,7 +511,7 @@ FUSER_METHOD_MAPPING[(torch.nn.Linear, BatchNorm1d)] = fuser_methods.fuse_linear
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
-def _replacement(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+def _replacement(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.nn.Module:
     """A ``cls`` with the state of ``module``: the same parameter and buffer tensors, flags,
     hooks and attributes. The parameter/buffer registries are new containers (registering
     a tensor on one module does not touch the other); hook dictionaries are shared, so the
@@ -526,7 +526,7 @@ def _replacement(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return new
 
 
-def _swap(module: torch.nn.Module, classes: Dict[type, type]) -> torch.nn.Module:
+def _swap(module: torch.nn.Module, classes: Dict[type, Type[torch.nn.Module]]) -> torch.nn.Module:
     """Replace every module whose exact type is a key of ``classes``, recursively, in place."""
     cls = classes.get(type(module))
     if cls is not None:
@@ -601,10 +601,11 @@ def fold_model(model: torch.nn.Module,
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
                              "(track_running_stats=False), so it cannot be folded")
-        if type(layer) is torch.nn.Linear:
+        folded: torch.nn.Module
+        if isinstance(layer, torch.nn.Linear):
             folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
         else:
-            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)
+            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)  # type: ignore[type-var]
         _set_submodule(model, layer_name, folded)
         _set_submodule(model, bn_name, torch.nn.Identity())
     return model

@@ -72,11 +72,18 @@ def test_torch_module_db_case(case, dtype):
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("eps", [-1.0, 0.0])
 def test_torch_module_db_error_case(dim, eps):
-    """Training with eps <= 0 is torch's ValueError; eval mode computes as torch does."""
+    """Training with eps <= 0 is torch's ValueError; eval mode does what torch does (eps < 0:
+    its ValueError; eps = 0: a result)."""
     shape = {1: (2, 10), 2: (2, 10, 5, 5), 3: (2, 10, 4, 4, 4)}[dim]
     ours_cls, torch_cls = CLASSES[dim]
     x = torch.rand(shape) + 1
     with pytest.raises(ValueError, match="eps must be positive"):
         ours_cls(10, eps=eps)(x)
     ref, ours = torch_cls(10, eps=eps).eval(), ours_cls(10, eps=eps).eval()
-    torch.testing.assert_close(ours(x), ref(x), equal_nan=True)
+    try:
+        expected = ref(x)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=str(e)):
+            ours(x)
+        return
+    torch.testing.assert_close(ours(x), expected)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -202,10 +203,80 @@ def _forward(
     return torch.from_numpy(y), None, None
 
 
+def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, eps: float,
+                     needs: Tuple[bool, ...]) -> Optional[Tuple[Optional[Tensor], ...]]:
+    """The kernels' backward on NumPy views, or None where ``grad_y`` is not a plain tensor
+    (double backward, a vmap over the backward: the caller uses ``ops.backward_of``).
+    ``arrays`` = (x, weight, mean, second): batch mean and invstd in training, running mean
+    and variance in eval."""
+    if type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled():
+        return None
+    try:
+        grad_y_numpy = grad_y.numpy()
+    except RuntimeError:  # is_grads_batched: a (legacy vmap) batched tensor has no memory
+        return None
+    x, weight, mean, second = arrays
+    if grad_y_numpy.dtype != x.dtype:
+        return None
+    invstd = second if training else (1.0 / np.sqrt(second.astype(np.float64) + eps)).astype(second.dtype)
+    grad_x, grad_weight, grad_bias = _core.backward(grad_y_numpy, x, mean, invstd, weight, 1, training, None)
+    return (torch.from_numpy(grad_x) if needs[0] else None,
+            torch.from_numpy(grad_weight) if needs[1] and weight is not None else None,
+            torch.from_numpy(grad_bias) if needs[2] else None)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """Plain eager calls that need grad: the kernels on NumPy views passed in (the
+    module caches them), a minimal autograd node. Applied through ``_eager_apply``, which
+    skips ``Function.apply``'s argument binding (about 10 us; this class has no
+    ``setup_context`` and never sees a functorch transform)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        arrays: Tuple[Any, Any, Any, Any],
+        training: bool,
+        momentum: float,
+        eps: float,
+        stats: Tuple[Optional[Tensor], Optional[Tensor]],
+    ) -> Tensor:
+        """Run the kernels; keep the NumPy views backward needs."""
+        xn = x.detach().numpy()
+        w, b, rm, rv = arrays
+        if training:
+            y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)
+            if rm is not None:
+                _increment_version(stats)  # updated in place, as torch's op does
+        else:
+            y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
+            mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
+        ctx.save_for_backward(x, weight)  # version checks, and the ops' fallback
+        ctx.arrays, ctx.training, ctx.eps = (xn, w, mean, second), training, eps
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        """Gradients of input, weight and bias (those needed); None for the rest."""
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        grads = _kernel_backward(grad_y, ctx.arrays, ctx.training, ctx.eps, needs)
+        if grads is None:  # create_graph (double backward), batched gradients: the ops
+            _, _, mean, second = ctx.arrays
+            grads = ops.backward_of(grad_y, x, weight, torch.from_numpy(mean), torch.from_numpy(second),
+                                    ctx.training, ctx.eps, needs)
+        return (*grads, None, None, None, None, None)
+
+
+_eager_apply: Callable[..., Tensor] = getattr(super(torch.autograd.Function, _EagerFunction), "apply")
+
+
 class _BatchNormFunction(torch.autograd.Function):
-    """Batch norm with autograd on batchnorm's kernels: directly for plain eager tensors,
-    through the ``batchnorm::`` ops under ``torch.func`` transforms (``setup_context`` and a
-    generated vmap rule make it usable there). Returns (y, a, b): the batch mean and invstd
+    """Batch norm with autograd under ``torch.func`` transforms (``setup_context`` and a
+    generated vmap rule make it usable there): the kernels directly where the transform
+    hands plain tensors down (grad), the ``batchnorm::`` ops where not (vmap). Returns (y, a, b): the batch mean and invstd
     in training, copies of the running mean and variance in eval (PyTorch's rule: backward
     uses the running statistics as they were at forward)."""
 
@@ -228,10 +299,10 @@ class _BatchNormFunction(torch.autograd.Function):
                 return _graph_train(x, running_mean, running_var, weight, bias, momentum, eps)
             y = ops.batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
             return y, running_mean.clone(), running_var.clone()  # type: ignore[union-attr]
-        y, mean, invstd = _forward(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        y, mean, second = _forward(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if not training:
             return y, running_mean.detach().clone(), running_var.detach().clone()  # type: ignore[union-attr]
-        return y, torch.from_numpy(mean), torch.from_numpy(invstd)
+        return y, torch.from_numpy(mean), torch.from_numpy(second)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
@@ -244,26 +315,14 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight, mean, second = ctx.saved_tensors
-        training, eps = ctx.training, ctx.eps
-        needs = ctx.needs_input_grad
-        grad_y_numpy = None
-        if (type(grad_y) is Tensor and _transform_active() is None and not torch.is_grad_enabled()
-                and grad_y.dtype == x.dtype):
-            try:
-                grad_y_numpy = _numpy(grad_y)
-            except RuntimeError:  # is_grads_batched: a (legacy vmap) batched tensor has no memory
-                pass
-        if grad_y_numpy is not None:
-            invstd = second if training else ops.eval_invstd(second, eps)
-            grad_x, grad_weight, grad_bias = _core.backward(
-                grad_y_numpy, _numpy(x), _numpy(mean), _numpy(invstd), _numpy(weight), 1, training, None)
-            return (torch.from_numpy(grad_x) if needs[0] else None,
-                    torch.from_numpy(grad_weight) if needs[1] and weight is not None else None,
-                    torch.from_numpy(grad_bias) if needs[2] else None,
-                    None, None, None, None, None)
-        # create_graph (double backward), batched gradients (vmap over backward): the ops
-        return (*ops.backward_of(grad_y, x, weight, mean, second, training, eps, needs[:3]),
-                None, None, None, None, None)
+        needs = ctx.needs_input_grad[:3]
+        grads = None
+        if type(x) is Tensor and _transform_active() is None:
+            arrays = (_numpy(x), _numpy(weight), _numpy(mean), _numpy(second))
+            grads = _kernel_backward(grad_y, arrays, ctx.training, ctx.eps, needs)
+        if grads is None:  # create_graph, vmap over the backward: the ops
+            grads = ops.backward_of(grad_y, x, weight, mean, second, ctx.training, ctx.eps, needs)
+        return (*grads, None, None, None, None, None)
 
 
 _apply: Callable[..., Tuple[Tensor, Tensor, Tensor]] = _BatchNormFunction.apply
@@ -328,7 +387,11 @@ def batch_norm(
             or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad)
         ):
-            return _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+            if training and running_mean is None:
+                momentum = 0.0  # no running statistics: torch ignores momentum
+            arrays = (_numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var))
+            return _eager_apply(input, weight, bias, arrays, training, momentum, eps,
+                                (running_mean, running_var))
         return _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
     route = _route(input, running_mean, running_var, weight, bias)
     if route is not None and (
@@ -342,15 +405,15 @@ def batch_norm(
 
 class _DropIn(_BatchNorm):
     """torch's ``_BatchNorm.forward``, line for line, calling ``batch_norm`` above; with a
-    shortcut for plain eager inference (the per-call cost of a small layer is mostly Python)."""
+    shortcut for plain eager calls (the per-call cost of a small layer is mostly Python)."""
 
     _ranks: Tuple[int, ...] = ()  # input ranks _check_input_dim accepts
-    _views: Optional[Tuple[Any, ...]] = None  # NumPy views of the eval-mode arguments
+    _views: Optional[Tuple[Any, ...]] = None  # cached NumPy views of the module's tensors
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` as ``torch.nn.BatchNorm*d.forward`` does, on batchnorm's kernels."""
-        if not self.training and not _is_scripting():
-            y = self._eval_shortcut(input)
+        if not _is_scripting():
+            y = self._shortcut(input)
             if y is not None:
                 return y
         if _is_scripting():
@@ -423,27 +486,29 @@ class _DropIn(_BatchNorm):
         return state
 
     @torch.jit.unused
-    def _eval_shortcut(self, input: Tensor) -> Optional[Tensor]:
-        """Eval mode with running statistics, nothing that needs grad, a plain eager call:
-        the kernels on cached NumPy views of the module's tensors; None where this does not
-        apply. Reads the tensors from ``_buffers`` / ``_parameters`` directly (``Module``'s
-        ``__getattr__`` costs about a microsecond per name)."""
+    def _shortcut(self, input: Tensor) -> Optional[Tensor]:
+        """``forward`` for a plain eager call (CPU tensors of torch's own classes, no graph
+        capture, transform, mode, forward AD or autocast) with the usual arguments: the
+        kernels on cached NumPy views of the module's tensors. None where this does not
+        apply (``forward`` then takes the general route). Reads the tensors from
+        ``_buffers`` / ``_parameters`` directly (``Module.__getattr__`` costs about a
+        microsecond per name)."""
         if (type(input) is not Tensor or _is_compiling() or _tracing_state() is not None
                 or _transform_active() is not None or forward_ad._current_level >= 0
                 or _has_torch_function_unary(input) or _autocast_enabled("cpu")):
             return None
+        training = self.training
         buffers, params = self._buffers, self._parameters
-        rm, rv, w, b = (buffers.get("running_mean"), buffers.get("running_var"),
-                        params.get("weight"), params.get("bias"))
-        if rm is None or rv is None:
-            return None
-        if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
-                                or (b is not None and b.requires_grad)):
-            return None
+        w, b = params.get("weight"), params.get("bias")
+        rm = rv = None
+        if not training or self.track_running_stats:
+            rm, rv = buffers.get("running_mean"), buffers.get("running_var")
+            if rm is None or rv is None:
+                return None  # eval without running statistics: batch statistics, general route
         # the cache holds for the same tensors over the same memory (``.data =`` and
         # ``.to()`` swap the memory under the same Parameter) and the same eps
-        key = (rm.data_ptr(), rv.data_ptr(), w is not None and w.data_ptr(),
-               b is not None and b.data_ptr(), self.eps)
+        key = (rm is not None and rm.data_ptr(), rv is not None and rv.data_ptr(),
+               w is not None and w.data_ptr(), b is not None and b.data_ptr(), self.eps)
         views = self._views
         if (views is None or views[0] != key or views[1] is not rm or views[2] is not rv
                 or views[3] is not w or views[4] is not b):
@@ -451,12 +516,35 @@ class _DropIn(_BatchNorm):
                     and _kernels_apply(input, rm, rv, w, b, False, 0.0, self.eps)):
                 return None
             views = self._views = (key, rm, rv, w, b, input.dtype,
-                                   _numpy(rm), _numpy(rv), _numpy(w), _numpy(b))
+                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)))
         if (input.dtype != views[5] or input.dim() not in self._ranks or not input.is_cpu
                 or input.layout != _STRIDED or input.numel() == 0):
             return None
-        y = _core.forward_eval(input.detach().numpy() if input.requires_grad else input.numpy(),
-                               views[6], views[7], views[8], views[9], self.eps, 1, None, None, False)
+        momentum = 0.0
+        if training:
+            if input.numel() == input.shape[1]:
+                return None  # one value per channel: torch's error
+            if rm is not None:
+                momentum = self.momentum  # type: ignore[assignment]
+                if momentum is not None and not 0.0 <= momentum <= 1.0:
+                    return None
+                counter = buffers.get("num_batches_tracked")
+                if counter is not None:
+                    counter.add_(1)
+                    if momentum is None:  # cumulative average
+                        momentum = 1.0 / float(counter)
+                if momentum is None:
+                    momentum = 0.0
+        w_np, b_np, rm_np, rv_np = views[6]
+        if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
+                                or (b is not None and b.requires_grad)):
+            return _eager_apply(input, w, b, views[6], training, momentum, self.eps, (rm, rv))
+        x = input.detach().numpy() if input.requires_grad else input.numpy()
+        if not training:
+            return torch.from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
+        y = _core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0]
+        if rm is not None:
+            _increment_version((rm, rv))  # updated in place, as torch's op does
         return torch.from_numpy(y)
 
 

@@ -141,11 +141,12 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
 // Takes an array argument; anything else is a TypeError naming the argument.
 inline ArrayRef take_array(nb::handle h, const char* name) {
     ArrayRef a;
-    if (!h.is_none() && (fill_from_numpy(h, a) || fill_from_dlpack(h, a))) return a;
-    // torch refuses to export a tensor that requires grad; say so rather than "not an array".
+    if (!h.is_none() && fill_from_numpy(h, a)) return a;
+    // A tensor that requires grad would be read (or written) outside autograd, cutting its graph.
     if (nb::hasattr(h, "requires_grad") && nb::bool_(h.attr("requires_grad")))
-        type_error(std::string(name) + " is a tensor that requires grad, which DLPack cannot export; pass " +
-                   "tensor.detach(), or use batchnorm.torch for autograd");
+        type_error(std::string(name) + " is a tensor that requires grad; batchnorm's NumPy API would cut its " +
+                   "autograd graph: pass tensor.detach(), or use batchnorm.torch for autograd");
+    if (!h.is_none() && fill_from_dlpack(h, a)) return a;
     type_error(std::string(name) + " must be a NumPy array or a CPU tensor supporting DLPack, got " + kind_of(h));
 }
 
@@ -350,6 +351,10 @@ public:
         if (buffer_)
             copy_strided<T>(buffer_.get(), layout_.strides, reinterpret_cast<T*>(out_.data), out_.strides,
                             layout_.shape, layout_.rank);
+        // out= a torch tensor is an in-place write: bump its version counter as torch's in-place
+        // ops do, so that a backward recorded earlier with it saved raises instead of using new values.
+        if (out_.data && !PyArray_Check(result_.ptr()) && nb::hasattr(result_, "_version"))
+            nb::module_::import_("torch.autograd.graph").attr("increment_version")(result_);
         return result_;
     }
 

@@ -41,8 +41,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from . import _torch_ops as ops
 
-__all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm",
-           "convert", "fold_model", "revert"]
+__all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "batch_norm",
+           "convert", "fold_model", "group_norm", "instance_norm", "layer_norm", "revert", "rms_norm"]
 
 _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests can watch it)
 _FLOATS = (torch.float32, torch.float64)
@@ -578,10 +579,16 @@ class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
     _ranks = (5,)
 
 
+# the other norms' drop-ins use the routing above (hence imported here, not at the top)
+from ._torch_norms import (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,  # noqa: E402
+                           LayerNorm, RMSNorm, group_norm, instance_norm, layer_norm, rms_norm)
+from ._torch_norms import REPLACEMENTS as _NORM_REPLACEMENTS  # noqa: E402
+
 _REPLACEMENTS: Dict[type, Type[torch.nn.Module]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
+    **dict(_NORM_REPLACEMENTS),
 }
 _ORIGINALS: Dict[type, Type[torch.nn.Module]] = {new: old for old, new in _REPLACEMENTS.items()}
 
@@ -627,22 +634,23 @@ def _swap(module: torch.nn.Module, classes: Dict[type, Type[torch.nn.Module]]) -
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:
-    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
+    """Swap every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
+    and ``InstanceNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: recursive, in place (the
     children are replaced in their parents), returns ``module``; a batch norm passed at
     the top level returns its replacement. A replacement holds the same parameter and
     buffer tensors (an optimizer built before ``convert`` keeps training them), the
-    training flag, hooks and attributes of the module it replaces. Only exact
-    ``BatchNorm1d/2d/3d`` are swapped: subclasses (which may override ``forward``),
+    training flag, hooks and attributes of the module it replaces. Only exact torch
+    classes are swapped: subclasses (which may override ``forward``),
     ``SyncBatchNorm`` and uninitialized ``LazyBatchNorm*d`` are left alone.
     """
     return _swap(module, _REPLACEMENTS)
 
 
 def revert(module: torch.nn.Module) -> torch.nn.Module:
-    """The inverse of ``convert``: every drop-in becomes a plain ``torch.nn.BatchNorm1d/2d/3d``
-    again, in place, holding the same parameter and buffer tensors, flags and hooks.
+    """The inverse of ``convert``: every drop-in becomes a plain torch module (``BatchNorm1d``,
+    ``LayerNorm``, ``GroupNorm``, ...) again, in place, holding the same parameter and buffer tensors, flags and hooks.
 
     For tools that match exact torch types (``torch.ao.quantization.fuse_modules``,
     ``torch.fx``'s conv-BN fusion, TorchScript export of a model for C++).

@@ -104,7 +104,21 @@ def _real(name: str, value: object) -> float:
     return float(value)
 
 
+_TORCH_DTYPES = {"torch.float32": np.float32, "torch.float64": np.float64}
+
+
+def _cpu_device(device: Any) -> None:
+    """Accepts the CPU as torch users name it (None, "cpu", torch.device("cpu")); the
+    modules hold NumPy arrays, so any other device is an error."""
+    if device is None or str(device) in ("cpu", "cpu:0"):
+        return
+    raise ValueError(f"device: batchnorm's NumPy modules run on the CPU, got {device!r}; for "
+                     "tensors on other devices use batchnorm.torch (torch's own op runs there)")
+
+
 def _float_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    # torch.float32 / torch.float64 (torch users' habit), without importing torch
+    dtype = _TORCH_DTYPES.get(str(dtype), dtype) if type(dtype).__name__ == "dtype" else dtype
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -178,7 +192,9 @@ class _BatchNorm:
         *,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
+        device: Any = None,
     ) -> None:
+        _cpu_device(device)
         self.num_features = _integer("num_features", num_features)
         if self.num_features <= 0:
             raise ValueError(f"num_features must be > 0, got {num_features}")
@@ -504,9 +520,12 @@ class BatchNorm1d(_BatchNorm):
     track_running_stats : bool
         Keep ``running_mean``, ``running_var``, ``num_batches_tracked``; None when False.
     dtype : float32 or float64
-        Dtype of the parameters, buffers and accepted inputs.
+        Dtype of the parameters, buffers and accepted inputs (NumPy's, or
+        ``torch.float32`` / ``torch.float64``).
     axis : int
         Channel axis of the input; -1 for channels-last data.
+    device : None, "cpu" or ``torch.device("cpu")``
+        Accepted for torch users; any other device is a ValueError.
 
     Attributes
     ----------

@@ -229,7 +229,7 @@ class _EagerFunction(torch.autograd.Function):
     ``setup_context`` and never sees a functorch transform)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Optional[Tensor],
@@ -252,7 +252,7 @@ class _EagerFunction(torch.autograd.Function):
         return torch.from_numpy(y)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]

@@ -48,3 +48,34 @@ def test_out_tensor_version_counter_is_bumped():
     # NumPy out: unchanged behaviour
     out_np = np.empty((4, 3), np.float32)
     assert batchnorm.batch_norm(x.numpy(), None, None, training=True, out=out_np) is out_np
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=["None", "str", "device"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_numpy_modules_take_torch_device_and_dtype(device, dtype):
+    m = batchnorm.BatchNorm2d(3, device=device, dtype=dtype)
+    expected = np.float32 if dtype == torch.float32 else np.float64
+    assert m.dtype == expected and m.weight.dtype == expected
+    y = m(np.ones((2, 3, 2, 2), expected))
+    assert y.dtype == expected
+
+
+@pytest.mark.parametrize("device", ["cuda", "meta", torch.device("meta"), "cpu:1"])
+def test_numpy_modules_name_other_devices(device):
+    with pytest.raises(ValueError, match=f"device.*{device}"):
+        batchnorm.BatchNorm1d(3, device=device)
+
+
+def test_numpy_modules_refuse_other_torch_dtypes():
+    with pytest.raises(TypeError, match="dtype"):
+        batchnorm.BatchNorm1d(3, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["str", "device"])
+def test_drop_ins_take_cpu_device_and_torch_dtype(device):
+    import batchnorm.torch as bnt
+    for dtype in (torch.float32, torch.float64):
+        m = bnt.BatchNorm2d(3, device=device, dtype=dtype)
+        assert m.weight.dtype == dtype and m.weight.device.type == "cpu"
+        x = torch.randn(2, 3, 4, 4, dtype=dtype)
+        torch.testing.assert_close(m(x), torch.nn.functional.batch_norm(x, None, None, training=True))

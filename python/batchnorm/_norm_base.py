@@ -113,7 +113,21 @@ def _eps(value: object) -> float:
     return eps
 
 
+_TORCH_DTYPES = {"torch.float32": np.float32, "torch.float64": np.float64}
+
+
+def _cpu_device(device: Any) -> None:
+    """Accepts the CPU as torch users name it (None, "cpu", torch.device("cpu")); the
+    modules hold NumPy arrays, so any other device is an error."""
+    if device is None or str(device) in ("cpu", "cpu:0"):
+        return
+    raise ValueError(f"device: batchnorm's NumPy modules run on the CPU, got {device!r}; for "
+                     "tensors on other devices use batchnorm.torch (torch's own op runs there)")
+
+
 def _float_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    # torch.float32 / torch.float64 (torch users' habit), without importing torch
+    dtype = _TORCH_DTYPES.get(str(dtype), dtype) if type(dtype).__name__ == "dtype" else dtype
     try:
         dt = np.dtype(dtype)
     except TypeError:

@@ -110,7 +110,7 @@ def _layer_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
     shape = x.shape[x.dim() - ctx.normalized_ndim:]
     if torch.is_grad_enabled():
         if ctx.rms:
-            gx, gw, _ = _torch_grads(lambda x_, w_, _b: F.rms_norm(x_, shape, w_, ctx.eps),
+            gx, gw, _no_bias = _torch_grads(lambda x_, w_, _b: F.rms_norm(x_, shape, w_, ctx.eps),
                                      grad_y, (x, weight, None), needs)
             return gx, None, gw, None, None, None
         gx, gw, gb = _torch_grads(lambda x_, w_, b_: F.layer_norm(x_, shape, w_, b_, ctx.eps),

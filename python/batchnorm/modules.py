@@ -12,7 +12,7 @@ from typing import Any, Optional, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._norm_base import IncompatibleKeys, _eval_grads, _NormBase, _shape_of
+from ._norm_base import IncompatibleKeys, _cpu_device, _eval_grads, _NormBase, _shape_of
 from ._norm_base import _to_numpy as _to_numpy  # fold.py takes it from here
 from .functional import (
     ArrayIn,
@@ -44,7 +44,9 @@ class _BatchNorm(_NormBase):
         *,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
+        device: Any = None,
     ) -> None:
+        _cpu_device(device)
         self._init_norm_base(num_features, eps, momentum, affine, track_running_stats, dtype, axis)
 
     # ---- forward / backward -----------------------------------------------------------
@@ -180,9 +182,12 @@ class BatchNorm1d(_BatchNorm):
     track_running_stats : bool
         Keep ``running_mean``, ``running_var``, ``num_batches_tracked``; None when False.
     dtype : float32 or float64
-        Dtype of the parameters, buffers and accepted inputs.
+        Dtype of the parameters, buffers and accepted inputs (NumPy's, or
+        ``torch.float32`` / ``torch.float64``).
     axis : int
         Channel axis of the input; -1 for channels-last data.
+    device : None, "cpu" or ``torch.device("cpu")``
+        Accepted for torch users; any other device is a ValueError.
 
     Attributes
     ----------

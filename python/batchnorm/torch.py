@@ -55,7 +55,6 @@ _is_tracing: Callable[[], bool] = getattr(torch.jit, "is_tracing")
 _is_scripting: Callable[[], bool] = getattr(torch.jit, "is_scripting")
 _functorch = torch._C._functorch
 _transform_active: Callable[[], Any] = _functorch.peek_interpreter_stack
-_increment_version: Callable[[Tuple[Tensor, ...]], None] = getattr(torch._C, "_increment_version")
 _Proxy = torch.fx.Proxy
 _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack")
 # tensors of graph capture (fake and functional tensors) run the ops, whose fake rules they use
@@ -196,8 +195,6 @@ def _forward(
             xn, _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
             momentum, eps, 1, None,
         )
-        if running_mean is not None and running_var is not None:
-            _increment_version((running_mean, running_var))  # updated in place, as torch's op does
         return torch.from_numpy(y), mean, invstd
     y = _core.forward_eval(xn, _numpy(running_mean), _numpy(running_var), _numpy(weight),
                            _numpy(bias), eps, 1, None, None, False)
@@ -233,7 +230,7 @@ class _EagerFunction(torch.autograd.Function):
     ``setup_context`` and never sees a functorch transform)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Optional[Tensor],
@@ -242,15 +239,12 @@ class _EagerFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
-        stats: Tuple[Optional[Tensor], Optional[Tensor]],
     ) -> Tensor:
         """Run the kernels; keep the NumPy views backward needs."""
         xn = x.detach().numpy()
         w, b, rm, rv = arrays
         if training:
             y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)
-            if rm is not None:
-                _increment_version(stats)  # updated in place, as torch's op does
         else:
             y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
             mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
@@ -259,7 +253,7 @@ class _EagerFunction(torch.autograd.Function):
         return torch.from_numpy(y)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -268,7 +262,7 @@ class _EagerFunction(torch.autograd.Function):
             _, _, mean, second = ctx.arrays
             grads = ops.backward_of(grad_y, x, weight, torch.from_numpy(mean), torch.from_numpy(second),
                                     ctx.training, ctx.eps, needs)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 _eager_apply: Callable[..., Tensor] = getattr(super(torch.autograd.Function, _EagerFunction), "apply")
@@ -391,8 +385,7 @@ def batch_norm(
             if training and running_mean is None:
                 momentum = 0.0  # no running statistics: torch ignores momentum
             arrays = (_numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var))
-            return _eager_apply(input, weight, bias, arrays, training, momentum, eps,
-                                (running_mean, running_var))
+            return _eager_apply(input, weight, bias, arrays, training, momentum, eps)
         return _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
     route = _route(input, running_mean, running_var, weight, bias)
     if route is not None and (
@@ -539,14 +532,11 @@ class _DropIn(_BatchNorm):
         w_np, b_np, rm_np, rv_np = views[6]
         if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
                                 or (b is not None and b.requires_grad)):
-            return _eager_apply(input, w, b, views[6], training, momentum, self.eps, (rm, rv))
+            return _eager_apply(input, w, b, views[6], training, momentum, self.eps)
         x = input.detach().numpy() if input.requires_grad else input.numpy()
         if not training:
             return torch.from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
-        y = _core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0]
-        if rm is not None:
-            _increment_version((rm, rv))  # updated in place, as torch's op does
-        return torch.from_numpy(y)
+        return torch.from_numpy(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
 
 
 class BatchNorm1d(_DropIn, torch.nn.BatchNorm1d):

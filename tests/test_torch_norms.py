@@ -234,3 +234,27 @@ def test_script_and_trace_match_torch():
     x2 = data((2, 3, 6, 6), torch.float32, seed=5)
     for module in (scripted, traced):
         torch.testing.assert_close(module(x2), ref(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_calls_without_grad_run_the_kernels(monkeypatch):
+    """No graph to record (no_grad, or nothing requires grad): the kernels run without the
+    dispatcher, and give torch's results and running statistics."""
+    calls = []
+    real = ops._core
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(real, name)(*args)
+            return call
+    monkeypatch.setattr(ops, "_core", Spy())
+    for name, args, kwargs, shape, op in CASES:
+        ref, ours = pair(name, args, kwargs, torch.float32)
+        x = data(shape, torch.float32)
+        calls.clear()
+        with torch.no_grad():
+            y, names = ops_run(lambda: ours(x))
+            torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        assert not names and calls == [op.replace("_train", "")], (name, calls)
+        assert_states_match(ours, ref, (1e-6, 1e-6))

@@ -11,7 +11,7 @@ Imported by ``batchnorm._torch_norms`` only (this module imports torch).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -245,3 +245,7 @@ instance_norm_train = register_op(
     schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
            "float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     setup_context=_instance_setup, backward=_instance_backward)
+
+# The kernels themselves, for plain eager calls that record no autograd graph (the
+# dispatcher's round trip costs about as much as a small call's work)
+KERNELS: Dict[str, Callable[..., Tuple[Tensor, ...]]] = {"layer_norm": _layer_kernel, "group_norm": _group_kernel, "instance_norm_train": _instance_kernel}

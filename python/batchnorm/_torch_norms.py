@@ -13,7 +13,7 @@ gives torch's own error messages).
 # mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,15 @@ def _graph_or_eager(x: Tensor, *params: Optional[Tensor]) -> bool:
     (fx, dynamo / export, dispatch-mode tracing); torch's own function otherwise."""
     padded = (list(params) + [None] * 4)[:4]
     return _eager(x, *padded) or _route(x, *padded) == "graph"
+
+
+def _run(name: str, x: Tensor, *args: Any) -> Any:
+    """The op ``batchnorm::<name>`` on ``(x, *args)``; its kernel directly for a plain eager
+    call that needs no graph (no grad mode, or nothing requiring grad)."""
+    if type(x) is Tensor and _eager(x, None, None, None, None) and not (torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (x, *args))):
+        return ops.KERNELS[name](x, *args)
+    return getattr(ops, name)(x, *args)
 
 
 def _same_kind(x: Tensor, *params: Optional[Tensor]) -> bool:
@@ -59,7 +68,7 @@ def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor]
     """``torch.nn.functional.layer_norm`` on batchnorm's kernels (torch's where they do not apply)."""
     shape = _shape(normalized_shape)
     if isinstance(input, _Proxy) or (_graph_or_eager(input, weight, bias) and _layer_applies(input, shape, eps, weight, bias)):
-        return ops.layer_norm(input, len(shape), weight, bias, eps, False)[0]  # type: ignore[no-any-return]
+        return _run("layer_norm", input, len(shape), weight, bias, eps, False)[0]  # type: ignore[no-any-return]
     return F.layer_norm(input, list(shape), weight, bias, eps)
 
 
@@ -73,7 +82,7 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
         if not (_graph_or_eager(input, weight) and value is not None and _layer_applies(input, shape, value, weight)):
             return F.rms_norm(input, list(shape), weight, eps)
         eps = value
-    return ops.layer_norm(input, len(shape), weight, None, eps, True)[0]  # type: ignore[no-any-return]
+    return _run("layer_norm", input, len(shape), weight, None, eps, True)[0]  # type: ignore[no-any-return]
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -83,7 +92,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
             and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
-        return ops.group_norm(input, num_groups, weight, bias, eps)[0]  # type: ignore[no-any-return]
+        return _run("group_norm", input, num_groups, weight, bias, eps)[0]  # type: ignore[no-any-return]
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 
@@ -115,7 +124,8 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
         return _torch_ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)  # type: ignore[no-any-return]
-    y, _, _, new_mean, new_var = ops.instance_norm_train(input, weight, bias, running_mean, running_var, momentum, eps)
+    y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, running_mean, running_var,
+                                       momentum, eps)
     if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
         with torch.no_grad():
             running_mean.copy_(new_mean)

@@ -9,6 +9,8 @@ Modules, by what they hold:
   timing   calibrated, interleaved, paired timing with median and IQR
   runner   the loop over cases x operations x thread counts
   latency  per-call latency of a tiny input (call overhead, not bandwidth)
+  torch_overhead  per-call cost of one layer: torch.nn.BatchNorm2d vs batchnorm.torch
+  model    whole torch models (BN-heavy stack, ResNet-18 shape), with and without convert
   machine  CPU, caches, library versions
   report   latest.json and latest.md;  chart: latest.png
 """

@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
+"""python -m bench [--family norms] [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
 
 Writes <out-dir>/<name>.json, .md and .png: bench/results/latest.* for a full run; a --quick
 run goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
@@ -14,8 +14,8 @@ import sys
 import time
 
 from . import chart, impls, latency, machine, report, runner
-from .cases import DEFAULT_SHAPES, iter_cases, parse_shape
-from .ops import OPS
+from .cases import DEFAULT_SHAPES, iter_cases, iter_norm_cases, make_arrays, make_norm_arrays, parse_shape
+from .ops import NORM_OPS, OPS
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 LOCAL_DIR = RESULTS_DIR / "local"
@@ -32,7 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 rounds of ~1 ms samples")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    p.add_argument("--family", choices=("batch", "norms"), default="batch",
+                   help="batch norm (default) or LayerNorm/RMSNorm/GroupNorm/InstanceNorm "
+                        "on the issue's fixed shapes (--shapes and the latency do not apply)")
+    p.add_argument("--ops", nargs="+", choices=[*OPS, *NORM_OPS],
+                   help="default: every op of the family")
     p.add_argument("--impls", nargs="+", choices=impls.NAMES, default=list(impls.NAMES))
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=list(DEFAULT_SHAPES),
                    metavar="N,C,...", help="logical shapes, channels second")
@@ -58,10 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bench/results/local/, ignored by git)")
     p.add_argument("--out-dir", type=pathlib.Path,
                    help="where the files go (default: see --save)")
-    p.add_argument("--name", default="latest", help="base name of the output files")
+    p.add_argument("--name", help="base name of the output files (default: latest, or norms "
+                                   "with --family norms)")
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = LOCAL_DIR if args.quick and not args.save else RESULTS_DIR
+    family_ops = NORM_OPS if args.family == "norms" else OPS
+    args.ops = args.ops or list(family_ops)
+    if not set(args.ops) <= set(family_ops):
+        p.error(f"--ops of --family {args.family}: {', '.join(family_ops)}")
+    args.name = args.name or ("norms" if args.family == "norms" else "latest")
     return args
 
 
@@ -84,12 +94,18 @@ def collect(args: argparse.Namespace) -> dict:
               file=sys.stderr)
     settings = runner.Settings(rounds, target_s, SETTLE_S, machine.l2_bytes(),
                                args.retry_disturbed, args.wait_quiet)
-    cases = list(iter_cases(args.shapes, args.dtype))
-    cells = runner.run_suite(loaded, cases, args.ops, args.threads, settings)
-    tiny = None if args.no_latency else latency.measure(loaded, args.dtype, rounds, target_s)
+    norms = args.family == "norms"
+    family_ops = NORM_OPS if norms else OPS
+    if norms:
+        cells = runner.run_suite(loaded, list(iter_norm_cases(args.dtype)), args.ops, args.threads,
+                                 settings, NORM_OPS, make_norm_arrays)
+    else:
+        cells = runner.run_suite(loaded, list(iter_cases(args.shapes, args.dtype)), args.ops,
+                                 args.threads, settings, OPS, make_arrays)
+    tiny = None if args.no_latency or norms else latency.measure(loaded, args.dtype, rounds, target_s)
     return {
         "machine": info,
-        "config": {"dtype": args.dtype, "threads": args.threads, "ops": args.ops,
+        "config": {"family": args.family, "dtype": args.dtype, "threads": args.threads, "ops": args.ops,
                    "rounds": rounds, "target_ms": target_s * 1e3,
                    "settle_ms": SETTLE_S * 1e3, "quick": args.quick,
                    "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library defaults"),
@@ -98,7 +114,7 @@ def collect(args: argparse.Namespace) -> dict:
         "implementations": {i.name: {"version": i.version, "unavailable": i.unavailable}
                             for i in loaded},
         "ops": {name: {"title": op.title, "floor": op.floor_text, "target": op.target_text}
-                for name, op in OPS.items() if name in args.ops},
+                for name, op in family_ops.items() if name in args.ops},
         "conditions": {"before": before, "after": machine.conditions()},
         "notes": [],
         "cells": cells,

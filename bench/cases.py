@@ -181,3 +181,109 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if len(shape) < 2:
         raise ValueError(f"shape needs at least (N, C), got {text!r}")
     return shape
+
+
+# ---------------------------------------------------------------- the other norms (--family norms)
+
+NORM_TITLES = {"layer": "LayerNorm", "rms": "RMSNorm", "group": "GroupNorm", "instance": "InstanceNorm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NormCase:
+    """One LayerNorm / RMSNorm / GroupNorm / InstanceNorm call on channels-first memory.
+
+    Each norm sees ``x`` as (rows, cols): one row per group of values that share a mean and
+    a variance (a token for LayerNorm/RMSNorm over the last dim, a (sample, group) for
+    GroupNorm, a (sample, channel) for InstanceNorm)."""
+
+    norm: str  # a key of NORM_TITLES
+    shape: tuple[int, ...]
+    dtype: str
+    groups: int = 0  # GroupNorm only
+
+    @property
+    def layout(self) -> str:
+        """The report's second column: which norm (all cases are channels-first)."""
+        title = NORM_TITLES[self.norm]
+        return f"{title} g={self.groups}" if self.norm == "group" else title
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.shape))
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * np.dtype(self.dtype).itemsize
+
+    @property
+    def rows(self) -> int:
+        if self.norm in ("layer", "rms"):
+            return self.numel // self.shape[-1]
+        return self.shape[0] * (self.groups if self.norm == "group" else self.shape[1])
+
+    @property
+    def group_bytes(self) -> int:
+        """Bytes of one row (what a one-pass kernel keeps in L2 between its two reads)."""
+        return self.nbytes // self.rows
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of weight/bias as they broadcast against x."""
+        if self.norm in ("layer", "rms"):
+            return (self.shape[-1],)
+        return (self.shape[1],) + (1,) * (len(self.shape) - 2)
+
+
+# The issue's shapes: a transformer token and a batch of sequences, a LLaMA-size RMSNorm
+# token, a diffusion U-Net GroupNorm, a style-transfer InstanceNorm.
+NORM_CASES: tuple[tuple[str, tuple[int, ...], int], ...] = (
+    ("layer", (1, 768), 0),
+    ("layer", (32, 128, 768), 0),
+    ("rms", (1, 4096), 0),
+    ("group", (8, 320, 64, 64), 32),
+    ("instance", (8, 64, 128, 128), 0),
+)
+
+
+@dataclasses.dataclass
+class NormArrays:
+    """Every buffer of one norm case, shared by all implementations."""
+
+    x: np.ndarray
+    grad_y: np.ndarray
+    out: np.ndarray
+    weight: np.ndarray  # flat: (D,) for LayerNorm/RMSNorm, (C,) for GroupNorm/InstanceNorm
+    bias: np.ndarray
+    save_mean: np.ndarray  # (rows,) float64-accurate statistics of x, as a forward saves them
+    save_invstd: np.ndarray
+
+    def fresh_running_stats(self) -> None:
+        """No running statistics here (the runner calls this for every case)."""
+
+
+def make_norm_arrays(case: NormCase, seed: int = 0) -> NormArrays:
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(case.dtype)
+    x = rng.normal(0.5, 2.0, size=case.shape).astype(dtype)
+    rows = x.astype(np.float64).reshape(case.rows, -1)
+    mean = rows.mean(axis=1)
+    second = (rows**2).mean(axis=1) if case.norm == "rms" else rows.var(axis=1)
+    params = int(np.prod(case.param_shape))
+    return NormArrays(
+        x=x,
+        grad_y=rng.normal(0.0, 1.0, size=case.shape).astype(dtype),
+        out=np.zeros_like(x),
+        weight=rng.uniform(0.5, 1.5, size=params).astype(dtype),
+        bias=rng.uniform(-0.5, 0.5, size=params).astype(dtype),
+        save_mean=mean.astype(dtype),
+        save_invstd=(1.0 / np.sqrt(second + EPS)).astype(dtype),
+    )
+
+
+def iter_norm_cases(dtype: str) -> Iterator[NormCase]:
+    for norm, shape, groups in NORM_CASES:
+        yield NormCase(norm, shape, dtype, groups)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import CHANNELS_LAST, EPS, MOMENTUM, Arrays, Case
+from .cases import CHANNELS_LAST, EPS, MOMENTUM, Arrays, Case, NormArrays, NormCase
 
 
 class NotApplicable(Exception):
@@ -41,6 +41,15 @@ class Impl:
 
     def prepare(self, op: str, case: Case, a: Arrays) -> Prepared:
         raise NotImplementedError
+
+    def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
+        raise NotApplicable(f"{self.name} has no {case.layout}")
+
+    def prepare_case(self, op: str, case: Case | NormCase, a: Arrays | NormArrays) -> Prepared:
+        """``prepare`` for batch norm's cases, ``prepare_norm`` for the other norms'."""
+        if isinstance(case, NormCase):
+            return self.prepare_norm(op, case, a)  # type: ignore[arg-type]
+        return self.prepare(op, case, a)  # type: ignore[arg-type]
 
 
 class Batchnorm(Impl):
@@ -83,6 +92,32 @@ class Batchnorm(Impl):
             raise NotApplicable(op)
         return Prepared(run, _returns_out(a.out))
 
+    def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
+        bn, x, w, b, out = self.bn, a.x, a.weight, a.bias, a.out
+        d, stats_shape = (case.shape[-1],), case.shape[:-1]
+        if op == "norm_forward":
+            run = {
+                "layer": lambda: bn.layer_norm(x, d, w, b, EPS, out=out),
+                "rms": lambda: bn.rms_norm(x, d, w, EPS, out=out),
+                "group": lambda: bn.group_norm(x, case.groups, w, b, EPS, out=out),
+                "instance": lambda: bn.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS, out=out),
+            }[case.norm]
+            return Prepared(run, _returns_out(out))
+        if op != "norm_backward":
+            raise NotApplicable(op)
+        gy, n = a.grad_y, case.shape[0]
+        mean, invstd = a.save_mean, a.save_invstd
+        run = {
+            "layer": lambda: bn.layer_norm_backward(gy, x, d, mean.reshape(stats_shape),
+                                                    invstd.reshape(stats_shape), w),
+            "rms": lambda: bn.rms_norm_backward(gy, x, d, invstd.reshape(stats_shape), w),
+            "group": lambda: bn.group_norm_backward(gy, x, case.groups, mean.reshape(n, -1),
+                                                    invstd.reshape(n, -1), w),
+            "instance": lambda: bn.instance_norm_backward(gy, x, mean.reshape(n, -1),
+                                                          invstd.reshape(n, -1), w),
+        }[case.norm]
+        return Prepared(run, lambda result: np.asarray(result[0]))
+
 
 class Torch(Impl):
     """torch.nn.functional.batch_norm on zero-copy views; channels_last for NHWC cases."""
@@ -124,6 +159,45 @@ class Torch(Impl):
             run = lambda: backward(gy, x, w, rm, rv, mean, invstd, True, EPS, mask)
             return Prepared(run, lambda result: as_numpy(result[0]))
         raise NotApplicable(op)
+
+    def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
+        F, torch = self.F, self.torch
+        x, gy, w, b = (torch.from_numpy(v) for v in (a.x, a.grad_y, a.weight, a.bias))
+        d, n, c = [case.shape[-1]], case.shape[0], case.shape[1]
+        if op == "norm_forward":
+            run = {
+                "layer": lambda: F.layer_norm(x, d, w, b, EPS),
+                "rms": lambda: F.rms_norm(x, d, w, EPS),
+                "group": lambda: F.group_norm(x, case.groups, w, b, EPS),
+                "instance": lambda: F.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS),
+            }[case.norm]
+            return Prepared(run, lambda y: y.numpy())
+        if op != "norm_backward":
+            raise NotApplicable(op)
+        # ATen's backward kernels themselves (RMSNorm: its autograd graph): no forward recomputation
+        aten = torch.ops.aten
+        mean, invstd = torch.from_numpy(a.save_mean), torch.from_numpy(a.save_invstd)
+        stats = (*case.shape[:-1], 1)
+        spatial = case.numel // (n * c)
+        if case.norm == "rms":
+            return Prepared(self._rms_backward(x, gy, w, d), lambda result: result[0].numpy())
+        run = {
+            "layer": lambda: aten.native_layer_norm_backward(
+                gy, x, d, mean.view(stats), invstd.view(stats), w, b, [True, True, True]),
+            "group": lambda: aten.native_group_norm_backward(
+                gy, x, mean.view(n, -1), invstd.view(n, -1), w, n, c, spatial, case.groups, [True, True, True]),
+            "instance": lambda: aten.native_group_norm_backward(
+                gy, x, mean.view(n, -1), invstd.view(n, -1), w, n, c, spatial, c, [True, True, True]),
+        }[case.norm]
+        return Prepared(run, lambda result: result[0].numpy())
+
+    def _rms_backward(self, x, gy, w, d):
+        """torch has no CPU backward kernel for RMSNorm: its autograd graph (recorded once,
+        replayed by each call; the forward is not recomputed)."""
+        torch = self.torch
+        x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = self.F.rms_norm(x, d, w, EPS)
+        return lambda: torch.autograd.grad(y, (x, w), gy, retain_graph=True)
 
 
 class OnnxRuntime(Impl):
@@ -173,6 +247,31 @@ class OnnxRuntime(Impl):
         outputs = [helper.make_tensor_value_info("y", element, case.shape)]
         graph = helper.make_graph(nodes, "bench", inputs, outputs, initializers)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.OPSET)])
+
+    def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
+        if op != "norm_forward":
+            raise NotApplicable("ONNX Runtime runs inference only")
+        helper, numpy_helper = self.onnx.helper, self.onnx.numpy_helper
+        element = helper.np_dtype_to_tensor_dtype(np.dtype(case.dtype))
+        weight, bias = a.weight, a.bias
+        # node, opset (domain "" unless com.microsoft), attributes, and whether it takes a bias
+        node, opset, attributes, with_bias = {
+            "layer": ("LayerNormalization", 17, {"axis": -1}, True),
+            "rms": ("RMSNormalization", 23, {"axis": -1}, False),
+            "group": ("GroupNormalization", 21, {"num_groups": case.groups}, True),
+            "instance": ("InstanceNormalization", 17, {}, True),
+        }[case.norm]
+        params = {"scale": weight, "B": bias} if with_bias else {"scale": weight}
+        initializers = [numpy_helper.from_array(value, name) for name, value in params.items()]
+        nodes = [helper.make_node(node, ["x", *params], ["y"], epsilon=EPS, **attributes)]
+        graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("x", element, case.shape)],
+                                  [helper.make_tensor_value_info("y", element, case.shape)], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        session = self._session(model)
+        binding = session.io_binding()
+        binding.bind_cpu_input("x", a.x)
+        binding.bind_output("y", "cpu", 0, a.out.dtype, a.out.shape, a.out.ctypes.data)
+        return Prepared(lambda: session.run_with_iobinding(binding), _returns_out(a.out))
 
     def _session(self, model):
         options = self.ort.SessionOptions()
@@ -232,6 +331,36 @@ class NumPy(Impl):
         if op not in runs:
             raise NotApplicable(op)
         return Prepared(runs[op], _returns_out(y))
+
+
+    def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
+        rows = a.x.reshape(case.rows, -1)
+        w, b = a.weight.reshape(case.param_shape), a.bias.reshape(case.param_shape)
+        rms = case.norm == "rms"
+
+        def forward():
+            centred = rows if rms else rows - rows.mean(axis=1, keepdims=True)
+            second = (centred * centred).mean(axis=1, keepdims=True)
+            y = (centred / np.sqrt(second + EPS)).reshape(case.shape) * w
+            return y if rms else np.add(y, b, out=y)
+
+        def backward():
+            invstd = a.save_invstd[:, None]
+            xhat = (rows if rms else rows - a.save_mean[:, None]) * invstd
+            g = (a.grad_y * w).reshape(case.rows, -1)
+            centred = g if rms else g - g.mean(axis=1, keepdims=True)
+            grad_x = invstd * (centred - xhat * (g * xhat).mean(axis=1, keepdims=True))
+            gy_xhat = a.grad_y * xhat.reshape(case.shape)
+            axes = tuple(range(len(case.shape) - 1)) if case.norm in ("layer", "rms") else \
+                (0, *range(2, len(case.shape)))
+            return grad_x.reshape(case.shape), gy_xhat.sum(axis=axes), a.grad_y.sum(axis=axes)
+
+        runs = {"norm_forward": forward, "norm_backward": backward}
+        if op not in runs:
+            raise NotApplicable(op)
+        if op == "norm_backward":
+            return Prepared(backward, lambda result: result[0])
+        return Prepared(forward, lambda y: y)
 
 
 IMPLEMENTATIONS = (Batchnorm, Torch, OnnxRuntime, NumPy)

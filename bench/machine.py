@@ -191,12 +191,17 @@ def conditions() -> dict:
             "busy_processes": busy_processes()}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (cheap: no measurement)."""
+    return str(_cpuinfo().get("model name") or platform.processor() or platform.machine())
+
+
 def describe() -> dict:
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

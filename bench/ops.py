@@ -143,3 +143,56 @@ OPS: dict[str, Op] = {
         ),
     )
 }
+
+
+# ---------------------------------------------------------------- the other norms (--family norms)
+
+NORM_FORWARD_TARGET = 1.3  # a row fits in L2 (two reads of it cost one from memory)
+NORM_FORWARD_BEYOND_L2_TARGET = 1.6
+NORM_BACKWARD_TARGET = 2.0
+
+
+def _norm_rows(case, a) -> tuple[np.ndarray, np.ndarray]:
+    """(xhat, weight broadcast) in float64, xhat as (rows, cols)."""
+    rows = a.x.astype(np.float64).reshape(case.rows, -1)
+    if case.norm == "rms":
+        xhat = rows / np.sqrt((rows**2).mean(axis=1, keepdims=True) + EPS)
+    else:
+        xhat = (rows - rows.mean(axis=1, keepdims=True)) / np.sqrt(rows.var(axis=1, keepdims=True) + EPS)
+    return xhat, a.weight.astype(np.float64).reshape(case.param_shape)
+
+
+def _norm_forward_reference(case, a) -> np.ndarray:
+    xhat, w = _norm_rows(case, a)
+    y = xhat.reshape(case.shape) * w
+    return y if case.norm == "rms" else y + a.bias.astype(np.float64).reshape(case.param_shape)
+
+
+def _norm_backward_reference(case, a) -> np.ndarray:
+    """grad_x from the saved statistics of x (as the kernels take them)."""
+    rows = a.x.astype(np.float64).reshape(case.rows, -1)
+    invstd = a.save_invstd.astype(np.float64)[:, None]
+    mean = 0.0 if case.norm == "rms" else a.save_mean.astype(np.float64)[:, None]
+    xhat = (rows - mean) * invstd
+    g = (a.grad_y.astype(np.float64) * a.weight.astype(np.float64).reshape(case.param_shape))
+    g = g.reshape(case.rows, -1)
+    centred = g if case.norm == "rms" else g - g.mean(axis=1, keepdims=True)
+    return (invstd * (centred - xhat * (g * xhat).mean(axis=1, keepdims=True))).reshape(case.shape)
+
+
+def _norm_forward_target(case, l2_bytes: int) -> float:
+    return NORM_FORWARD_TARGET if case.group_bytes <= l2_bytes else NORM_FORWARD_BEYOND_L2_TARGET
+
+
+NORM_OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("norm_forward", "LayerNorm / RMSNorm / GroupNorm / InstanceNorm forward (batch statistics)",
+           "copy x (1R+1W)",
+           f"<= {NORM_FORWARD_TARGET} where a row fits in L2, <= {NORM_FORWARD_BEYOND_L2_TARGET} otherwise",
+           _copy_x, _norm_forward_target, _norm_forward_reference),
+        Op("norm_backward", "LayerNorm / RMSNorm / GroupNorm / InstanceNorm backward (grad_x, grad_weight, "
+           "grad_bias from saved statistics)", "copy x (1R+1W)", f"<= {NORM_BACKWARD_TARGET}",
+           _copy_x, lambda case, l2: NORM_BACKWARD_TARGET, _norm_backward_reference),
+    )
+}

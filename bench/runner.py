@@ -51,7 +51,7 @@ def _prepare_all(impls, op: Op, case: Case, arrays: Arrays, reference, threads: 
     for impl in impls:
         try:
             impl.set_threads(threads)
-            prepared = impl.prepare(op.name, case, arrays)
+            prepared = impl.prepare_case(op.name, case, arrays)
             problem = _check(prepared, case, reference)
         except NotApplicable as reason:
             status[impl.name] = {"status": "n/a", "note": str(reason)}
@@ -103,14 +103,16 @@ def _progress(cell: dict) -> None:
           flush=True)
 
 
-def run_suite(impls: list[Impl], cases: list[Case], op_names, thread_counts,
-              settings: Settings) -> list[dict]:
+def run_suite(impls: list[Impl], cases: list, op_names, thread_counts,
+              settings: Settings, ops: dict[str, Op] = OPS, make=make_arrays) -> list[dict]:
+    """Every (case, op, threads) cell; ``ops`` and ``make`` (the arrays of a case) are
+    batch norm's by default, the other norms' with ``NORM_OPS`` and ``make_norm_arrays``."""
     usable = [impl for impl in impls if impl.unavailable is None]
     cells = []
     for case in cases:  # arrays are made once per case: the largest dominate set-up time
-        arrays = make_arrays(case)
+        arrays = make(case)
         for op_name in op_names:
-            op = OPS[op_name]
+            op = ops[op_name]
             arrays.fresh_running_stats()
             reference = op.reference(case, arrays)
             for threads in thread_counts:

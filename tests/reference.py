@@ -29,6 +29,15 @@ __all__ = [
     "conv2d",
     "conv_transpose2d_1x1",
     "RefBatchNorm",
+    "moments",
+    "layer_norm",
+    "rms_norm",
+    "layer_norm_backward",
+    "rms_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
 ]
 
 
@@ -56,7 +65,13 @@ def bshape(v, ndim: int, axis: int) -> np.ndarray:
 
 def stats(x, axis: int = 1):
     """Per-channel mean and *biased* variance (float64), corrected two-pass."""
-    p = per_channel(x, axis)
+    return moments(per_channel(x, axis))
+
+
+def moments(p):
+    """Mean and *biased* variance of each column of a float64 (rows, cols) array,
+    corrected two-pass."""
+    p = np.asarray(p, dtype=np.float64)
     n = p.shape[0]
     if n == 0:
         nan = np.full(p.shape[1], np.nan)
@@ -282,3 +297,151 @@ class RefBatchNorm:
         if kind == "train":
             return backward_train(grad_y, x64, a, b, self.weight, self.axis)
         return backward_eval(grad_y, x64, a, b, self.weight, self.eps, self.axis)
+
+
+# ----------------------------------------------------------------- the other normalizations
+#
+# Each normalizes "groups" of values that share a mean and a variance. The helpers below
+# view the data as float64 (groups, elements-of-a-group) rows, so one pair of formulas
+# serves all of them:
+#   y = (x - mean) * invstd * w + b,  invstd = 1/sqrt(var + eps)          (biased var)
+#   grad_x = invstd * (g - mean(g) - xhat * mean(g * xhat)),  g = grad_y * w,
+#   xhat = (x - mean) * invstd;  grad_w = sum(grad_y * xhat), grad_b = sum(grad_y)
+# RMS: y = x * r * w, r = 1/sqrt(mean(x^2) + eps);
+#   grad_x = r * (g - x * r^2 * mean(g * x)),  grad_w = sum(grad_y * x * r).
+
+
+def _rows_stats(rows):
+    mean, var = moments(rows.T)
+    return mean, var
+
+
+def _rows_backward(g, xhat, invstd):
+    """grad_x of rows normalized with per-row invstd (mean and variance from the row)."""
+    return invstd[:, None] * (g - g.mean(axis=1, keepdims=True)
+                              - xhat * (g * xhat).mean(axis=1, keepdims=True))
+
+
+def _trailing(x, nd):
+    x64 = np.asarray(x, dtype=np.float64)
+    lead = x64.shape[:x64.ndim - nd]
+    return x64.reshape(int(np.prod(lead, dtype=np.int64)), -1), lead
+
+
+def layer_norm(x, nd, weight=None, bias=None, eps=1e-5, residual=None):
+    """LayerNorm over the last ``nd`` dims of ``x`` (plus ``residual`` first, when given).
+
+    Returns ``(y, mean, invstd)``; mean/invstd of shape ``x.shape[:-nd]``."""
+    x64 = np.asarray(x, dtype=np.float64)
+    if residual is not None:
+        x64 = x64 + np.asarray(residual, dtype=np.float64)
+    rows, lead = _trailing(x64, nd)
+    mean, var = _rows_stats(rows)
+    invstd = 1.0 / np.sqrt(var + eps)
+    y = (rows - mean[:, None]) * invstd[:, None]
+    if weight is not None:
+        y = y * np.asarray(weight, dtype=np.float64).reshape(1, -1)
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64).reshape(1, -1)
+    return y.reshape(x64.shape), mean.reshape(lead), invstd.reshape(lead)
+
+
+def rms_norm(x, nd, weight=None, eps=1e-5, residual=None):
+    """RMSNorm over the last ``nd`` dims. Returns ``(y, invstd)``, invstd = 1/rms."""
+    x64 = np.asarray(x, dtype=np.float64)
+    if residual is not None:
+        x64 = x64 + np.asarray(residual, dtype=np.float64)
+    rows, lead = _trailing(x64, nd)
+    invstd = 1.0 / np.sqrt((rows * rows).mean(axis=1) + eps)
+    y = rows * invstd[:, None]
+    if weight is not None:
+        y = y * np.asarray(weight, dtype=np.float64).reshape(1, -1)
+    return y.reshape(x64.shape), invstd.reshape(lead)
+
+
+def layer_norm_backward(grad_y, x, nd, mean, invstd, weight=None):
+    """Returns ``(grad_x, grad_weight, grad_bias)``; the last two of shape x.shape[-nd:]."""
+    rows, _ = _trailing(x, nd)
+    gy, _ = _trailing(grad_y, nd)
+    mean = np.asarray(mean, np.float64).reshape(-1)
+    invstd = np.asarray(invstd, np.float64).reshape(-1)
+    w = 1.0 if weight is None else np.asarray(weight, np.float64).reshape(1, -1)
+    xhat = (rows - mean[:, None]) * invstd[:, None]
+    gx = _rows_backward(gy * w, xhat, invstd)
+    shape = np.shape(x)[np.ndim(x) - nd:]
+    return (gx.reshape(np.shape(x)), (gy * xhat).sum(axis=0).reshape(shape),
+            gy.sum(axis=0).reshape(shape))
+
+
+def rms_norm_backward(grad_y, x, nd, invstd, weight=None):
+    """Returns ``(grad_x, grad_weight)``."""
+    rows, _ = _trailing(x, nd)
+    gy, _ = _trailing(grad_y, nd)
+    r = np.asarray(invstd, np.float64).reshape(-1, 1)
+    w = 1.0 if weight is None else np.asarray(weight, np.float64).reshape(1, -1)
+    g = gy * w
+    gx = r * (g - rows * r * r * (g * rows).mean(axis=1, keepdims=True))
+    shape = np.shape(x)[np.ndim(x) - nd:]
+    return gx.reshape(np.shape(x)), (gy * rows * r).sum(axis=0).reshape(shape)
+
+
+def _groups(x, num_groups, axis):
+    """(N*G, C/G*spatial) rows of ``x`` with its channel axis moved to 1, and that array."""
+    xc = np.moveaxis(np.asarray(x, dtype=np.float64), norm_axis(axis, np.ndim(x)), 1)
+    n = xc.shape[0]
+    return xc.reshape(n * num_groups, -1), xc
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, axis: int = 1):
+    """GroupNorm; returns ``(y, mean, invstd)`` with mean/invstd of shape (N, G)."""
+    rows, xc = _groups(x, num_groups, axis)
+    mean, var = _rows_stats(rows)
+    invstd = 1.0 / np.sqrt(var + eps)
+    yc = ((rows - mean[:, None]) * invstd[:, None]).reshape(xc.shape)
+    c, nd = xc.shape[1], xc.ndim
+    w, b = _wb(weight, bias, c)
+    yc = yc * bshape(w, nd, 1) + bshape(b, nd, 1)
+    n = xc.shape[0]
+    return np.moveaxis(yc, 1, norm_axis(axis, nd)), mean.reshape(n, -1), invstd.reshape(n, -1)
+
+
+def group_norm_backward(grad_y, x, num_groups, mean, invstd, weight=None, axis: int = 1):
+    """Returns ``(grad_x, grad_weight, grad_bias)``, the last two (C,)."""
+    rows, xc = _groups(x, num_groups, axis)
+    gy, gyc = _groups(grad_y, num_groups, axis)
+    c, nd = xc.shape[1], xc.ndim
+    w, _ = _wb(weight, None, c)
+    mean = np.asarray(mean, np.float64).reshape(-1)
+    invstd = np.asarray(invstd, np.float64).reshape(-1)
+    xhat = (rows - mean[:, None]) * invstd[:, None]
+    g = (gyc * bshape(w, nd, 1)).reshape(rows.shape)
+    gx = _rows_backward(g, xhat, invstd).reshape(xc.shape)
+    ax = norm_axis(axis, nd)
+    grad_weight = per_channel((gy * xhat).reshape(xc.shape), 1).sum(axis=0)
+    grad_bias = per_channel(gyc, 1).sum(axis=0)
+    return np.moveaxis(gx, 1, ax), grad_weight, grad_bias
+
+
+def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+                  momentum=0.1, eps=1e-5, axis: int = 1):
+    """InstanceNorm with per-instance statistics (use_input_stats=True).
+
+    Returns ``(y, mean, invstd, new_running_mean, new_running_var)``, mean/invstd (N, C);
+    the running statistics move towards the batch mean of the per-instance means and of
+    the per-instance *unbiased* variances (torch's rule), None when not given."""
+    c = np.shape(x)[norm_axis(axis, np.ndim(x))]
+    y, mean, invstd = group_norm(x, c, weight, bias, eps, axis)
+    new_rm = new_rv = None
+    if running_mean is not None:
+        n = np.size(x) // (np.shape(x)[0] * c)
+        rows, _ = _groups(x, c, axis)
+        var = _rows_stats(rows)[1].reshape(mean.shape)
+        unbiased = var * n / (n - 1)
+        new_rm = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean.mean(axis=0)
+        new_rv = (1 - momentum) * np.asarray(running_var, np.float64) + momentum * unbiased.mean(axis=0)
+    return y, mean, invstd, new_rm, new_rv
+
+
+def instance_norm_backward(grad_y, x, mean, invstd, weight=None, axis: int = 1):
+    c = np.shape(x)[norm_axis(axis, np.ndim(x))]
+    return group_norm_backward(grad_y, x, c, mean, invstd, weight, axis)

@@ -2,7 +2,8 @@
 
 ``BatchNorm1d/2d/3d`` are stateful layers like ``torch.nn.BatchNorm*``;
 ``batch_norm`` is ``torch.nn.functional.batch_norm``; ``fold`` merges an eval-mode
-batch norm into the preceding layer. Arrays are NumPy arrays or DLPack producers
+batch norm into the preceding layer. Its siblings ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
+and ``InstanceNorm1d/2d/3d`` (and their functional forms) follow ``torch.nn`` likewise. Arrays are NumPy arrays or DLPack producers
 (torch CPU tensors); results come back as the kind given (a torch tensor for a tensor).
 """
 
@@ -14,6 +15,22 @@ from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._version import __version__  # written by the build from cpp/include/batchnorm/version.hpp
 from .fold import fold
 from .functional import batch_norm, batch_norm_backward, batch_norm_stats
+from .group_norm import GroupNorm, group_norm, group_norm_backward
+from .instance_norm import (
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    instance_norm,
+    instance_norm_backward,
+)
+from .layer_norm import (
+    LayerNorm,
+    RMSNorm,
+    layer_norm,
+    layer_norm_backward,
+    rms_norm,
+    rms_norm_backward,
+)
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
 
 try:
@@ -40,6 +57,20 @@ __all__ = [
     "batch_norm_stats",
     "batch_norm_backward",
     "fold",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "layer_norm",
+    "layer_norm_backward",
+    "rms_norm",
+    "rms_norm_backward",
+    "group_norm",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_backward",
 ]
 
 # The headers and the CMake package are installed next to the extension module. That is this

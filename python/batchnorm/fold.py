@@ -46,7 +46,8 @@ def fold(
 
     Parameters
     ----------
-    m : BatchNorm1d/2d/3d in eval mode, with running statistics.
+    m : BatchNorm1d/2d/3d in eval mode, with running statistics: batchnorm's NumPy
+        modules, or torch's ``torch.nn.BatchNorm1d/2d/3d`` (also ``batchnorm.torch``'s).
     weight : array
         The layer's weight, output channels on ``axis`` (0 for Conv/Linear,
         1 for ConvTranspose): a NumPy array, a torch tensor (also a ``Parameter``) or
@@ -81,11 +82,12 @@ def fold(
     if b.shape != (channels,):
         raise ValueError(f"bias: expected shape ({channels},), got {b.shape}")
 
-    mean = m.running_mean.astype(np.float64)
-    alpha = 1.0 / np.sqrt(m.running_var.astype(np.float64) + m.eps)
+    # a NumPy module's arrays, or a torch module's tensors (plain or batchnorm.torch)
+    mean = _to_numpy(m.running_mean).astype(np.float64)
+    alpha = 1.0 / np.sqrt(_to_numpy(m.running_var).astype(np.float64) + m.eps)
     if m.weight is not None:
-        alpha *= m.weight
-    shift = 0.0 if m.bias is None else m.bias.astype(np.float64)
+        alpha *= _to_numpy(m.weight)
+    shift = 0.0 if m.bias is None else _to_numpy(m.bias).astype(np.float64)
     broadcast = [1] * w.ndim
     broadcast[axis] = channels
     folded_weight = w.astype(np.float64) * alpha.reshape(broadcast)

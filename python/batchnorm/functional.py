@@ -76,6 +76,23 @@ def _like(source: object, array: FloatArray) -> Any:
     return wrap(array)
 
 
+def _returned(source: object, out: object, array: Any) -> Any:
+    """What a call returns: ``out`` when given (written in place), else ``array`` as the
+    kind of ``source`` (see ``_like``)."""
+    if out is not None:
+        return out
+    if type(source) is _ndarray:
+        return array
+    return _like(source, array)
+
+
+def _returned_all(source: object, arrays: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """Several new arrays (gradients, statistics) as the kind of ``source``; None kept."""
+    if type(source) is _ndarray:
+        return arrays
+    return tuple(None if a is None else _like(source, a) for a in arrays)
+
+
 def _relu_flag(activation: Optional[str]) -> bool:
     """Map the public ``activation`` argument onto ``_core``'s ``relu`` flag."""
     if activation is None:

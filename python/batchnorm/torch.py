@@ -2,16 +2,25 @@
 
 ``BatchNorm1d/2d/3d`` here *are* torch modules (subclasses of ``torch.nn.BatchNorm1d/2d/3d``):
 same constructor, parameters, buffers, ``state_dict``, ``repr`` and input checks; only
-``forward`` differs. It computes exactly what torch's ``forward`` computes, with
-batchnorm's kernels inside a ``torch.autograd.Function``: the training forward updates
-the running statistics in place in the buffers' memory, the backward returns the
-gradients of the input, ``weight`` and ``bias``. Where the kernels do not apply (a
-non-CPU device, a dtype other than float32/float64, running statistics that require
-grad, an empty batch, tensor subclasses or torch-function modes, ``torch.compile`` /
-tracing, CPU autocast, ...) it calls ``torch.nn.functional.batch_norm`` itself.
+``forward`` differs. It computes exactly what torch's ``forward`` computes, on batchnorm's
+kernels, by one of two routes:
+
+- eager calls on plain CPU tensors call the kernels directly (a lean
+  ``torch.autograd.Function``; a few microseconds per call);
+- graph capture and transforms (``torch.compile``, ``torch.export``, ``torch.fx``,
+  ``torch.func`` grad / vmap, batched gradients) call the registered operators
+  ``torch.ops.batchnorm.batch_norm_train / batch_norm_eval / batch_norm_backward``
+  (``_torch_ops``), which carry fake, autograd and vmap rules.
+
+Where the kernels do not apply (a non-CPU device, a dtype other than float32/float64,
+running statistics that require grad, an empty batch, tensor subclasses or torch-function
+modes, forward-mode AD, ``torch.jit``, CPU autocast, ...) it calls
+``torch.nn.functional.batch_norm`` itself.
 
 ``convert(model)`` swaps every ``torch.nn.BatchNorm1d/2d/3d`` of a model for these, keeping
-its parameter and buffer tensors. This is the only module of the package that imports torch.
+its parameter and buffer tensors; ``revert(model)`` swaps them back; ``fold_model(model)``
+folds eval-mode batch norms into the convolutions / linear layers that feed them. This is
+the only module of the package that imports torch at import time.
 """
 
 # torch's own annotations leave some methods untyped (e.g. _check_input_dim); TorchScript,
@@ -19,16 +28,22 @@ its parameter and buffer tensors. This is the only module of the package that im
 # mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
+from torch.ao.quantization import fuser_method_mappings as fuser_methods
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
+from . import _torch_ops as ops
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "batch_norm",
+           "convert", "fold_model", "group_norm", "instance_norm", "layer_norm", "revert", "rms_norm"]
 
 _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests can watch it)
 _FLOATS = (torch.float32, torch.float64)
@@ -38,18 +53,37 @@ _has_torch_function = torch.overrides.has_torch_function_variadic
 _is_compiling = torch.compiler.is_compiling
 _is_tracing: Callable[[], bool] = getattr(torch.jit, "is_tracing")
 _is_scripting: Callable[[], bool] = getattr(torch.jit, "is_scripting")
-# vmap / grad transforms wrap tensors: their batch norm must be torch's own
-_is_functorch_wrapped: Callable[[Tensor], bool] = getattr(
-    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False
-)
+_functorch = torch._C._functorch
+_transform_active: Callable[[], Any] = _functorch.peek_interpreter_stack
+_Proxy = torch.fx.Proxy
+_dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack")
+# tensors of graph capture (fake and functional tensors) run the ops, whose fake rules they use
+_GRAPH_TENSORS = (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
+_grad_enabled = torch.is_grad_enabled
+_tracing_state: Callable[[], Any] = getattr(torch._C, "_get_tracing_state")
+_has_torch_function_unary = torch.overrides.has_torch_function_unary
+_autocast_enabled = torch.is_autocast_enabled
+
+
+def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
+    """Whether a tangent would flow through this call: an eager dual tensor among
+    ``tensors`` or a ``torch.func.jvp`` transform. The kernels have no forward-mode rule,
+    so torch's op runs (never a silently dropped tangent)."""
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    if _transform_active() is None:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
 def _per_channel_ok(t: Optional[Tensor], x: Tensor, channels: int) -> bool:
     """A weight/bias/running-stat argument the kernels can take as is (or None)."""
     return t is None or (
-        type(t) in _TENSORS
-        and t.dtype == x.dtype
-        and t.is_cpu
+        t.dtype == x.dtype
+        and t.device == x.device
         and t.layout == _STRIDED
         and t.dim() == 1
         and t.shape[0] == channels
@@ -66,10 +100,9 @@ def _kernels_apply(
     momentum: float,
     eps: float,
 ) -> bool:
-    """Whether batchnorm's kernels compute this call exactly as torch would."""
-    if _is_compiling() or _is_tracing():  # first: graph capture must not see the checks below
-        return False
-    if type(x) not in _TENSORS or x.dtype not in _FLOATS or not x.is_cpu or x.layout != _STRIDED:
+    """Whether batchnorm's kernels (directly or as ``batchnorm::`` ops) compute this call
+    exactly as torch would. Reads only metadata, so it also holds for fake tensors."""
+    if x.dtype not in _FLOATS or x.device.type != "cpu" or x.layout != _STRIDED:
         return False
     if x.dim() < 2 or x.numel() == 0:  # torch's own messages and empty-batch behaviour
         return False
@@ -84,13 +117,56 @@ def _kernels_apply(
         return False
     if not 0.0 < eps < float("inf"):
         return False
-    if not all(_per_channel_ok(t, x, channels) for t in (running_mean, running_var, weight, bias)):
-        return False
-    if _has_torch_function(x, running_mean, running_var, weight, bias):
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    return not _is_functorch_wrapped(x)
+    return all(_per_channel_ok(t, x, channels) for t in (running_mean, running_var, weight, bias))
+
+
+def _eager(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> bool:
+    """Whether this is a plain eager call: CPU tensors of torch's own classes, no graph
+    capture, transform, torch-function mode, forward AD or autocast."""
+    return (
+        type(x) is Tensor
+        and not _is_compiling()
+        and not _is_tracing()
+        and _transform_active() is None
+        and forward_ad._current_level < 0
+        and not _has_torch_function(x, running_mean, running_var, weight, bias)
+        and not torch.is_autocast_enabled("cpu")
+        and all(t is None or type(t) in _TENSORS for t in (running_mean, running_var, weight, bias))
+    )
+
+
+def _route(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> Optional[str]:
+    """How a call that is not plain eager runs batchnorm's kernels: "graph" (the
+    ``batchnorm::`` ops with their own autograd: fx, dynamo / export, dispatch-mode tracing
+    such as make_fx), "transform" (``torch.func`` grad / vmap: the autograd.Function over
+    the ops), or None (torch's op: TorchScript tracing, autocast, forward-mode AD, tensor
+    subclasses and torch-function modes)."""
+    if isinstance(x, _Proxy):  # fx.symbolic_trace: record the op
+        return "graph"
+    if _is_tracing() or torch.is_autocast_enabled("cpu"):
+        return None
+    if _is_compiling():
+        return "graph"
+    if _forward_ad_active(x, weight, bias):
+        return None
+    tensors = [t for t in (x, running_mean, running_var, weight, bias) if t is not None]
+    if any(type(t) in _GRAPH_TENSORS for t in tensors) or _dispatch_modes() > 0:
+        return "graph"
+    if _transform_active() is not None and all(type(t) in _TENSORS for t in tensors):
+        return "transform"
+    return None
 
 
 def _numpy(t: Optional[Tensor]) -> Any:
@@ -109,31 +185,100 @@ def _forward(
     eps: float,
 ) -> Tuple[Tensor, Any, Any]:
     """Run the kernels; return (y, mean, invstd) where mean/invstd are NumPy (C,) arrays
-    (the batch's in training, None in eval). ``y`` is allocated by torch in the memory
-    format of ``x`` and written by the kernels through a NumPy view of it."""
+    (the batch's in training, None in eval). ``y`` is allocated by the kernels in the
+    memory layout of ``x`` (channels_last in, channels_last out)."""
     xn = _numpy(x)
-    y = torch.empty_like(x, memory_format=torch.preserve_format)
     if training:
         if running_mean is None:
             momentum = 0.0  # no running statistics: torch ignores momentum
-        _, mean, invstd = _core.forward_train(
+        y, mean, invstd = _core.forward_train(
             xn, _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
-            momentum, eps, 1, y.numpy(),
+            momentum, eps, 1, None,
         )
-        return y, mean, invstd
-    _core.forward_eval(
-        xn, _numpy(running_mean), _numpy(running_var), _numpy(weight), _numpy(bias), eps, 1,
-        y.numpy(), None, False,
-    )
-    return y, None, None
+        return torch.from_numpy(y), mean, invstd
+    y = _core.forward_eval(xn, _numpy(running_mean), _numpy(running_var), _numpy(weight),
+                           _numpy(bias), eps, 1, None, None, False)
+    return torch.from_numpy(y), None, None
 
 
-class _BatchNormFunction(torch.autograd.Function):
-    """Batch norm forward and backward on batchnorm's kernels (CPU, float32/float64)."""
+def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, eps: float,
+                     needs: Tuple[bool, ...]) -> Optional[Tuple[Optional[Tensor], ...]]:
+    """The kernels' backward on NumPy views, or None where ``grad_y`` is not a plain tensor
+    (double backward, a vmap over the backward: the caller uses ``ops.backward_of``).
+    ``arrays`` = (x, weight, mean, second): batch mean and invstd in training, running mean
+    and variance in eval."""
+    if type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled():
+        return None
+    try:
+        grad_y_numpy = grad_y.numpy()
+    except RuntimeError:  # is_grads_batched: a (legacy vmap) batched tensor has no memory
+        return None
+    x, weight, mean, second = arrays
+    if grad_y_numpy.dtype != x.dtype:
+        return None
+    invstd = second if training else (1.0 / np.sqrt(second.astype(np.float64) + eps)).astype(second.dtype)
+    grad_x, grad_weight, grad_bias = _core.backward(grad_y_numpy, x, mean, invstd, weight, 1, training, None)
+    return (torch.from_numpy(grad_x) if needs[0] else None,
+            torch.from_numpy(grad_weight) if needs[1] and weight is not None else None,
+            torch.from_numpy(grad_bias) if needs[2] else None)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """Plain eager calls that need grad: the kernels on NumPy views passed in (the
+    module caches them), a minimal autograd node. Applied through ``_eager_apply``, which
+    skips ``Function.apply``'s argument binding (about 10 us; this class has no
+    ``setup_context`` and never sees a functorch transform)."""
 
     @staticmethod
     def forward(
         ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        arrays: Tuple[Any, Any, Any, Any],
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        """Run the kernels; keep the NumPy views backward needs."""
+        xn = x.detach().numpy()
+        w, b, rm, rv = arrays
+        if training:
+            y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)
+        else:
+            y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
+            mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
+        ctx.save_for_backward(x, weight)  # version checks, and the ops' fallback
+        ctx.arrays, ctx.training, ctx.eps = (xn, w, mean, second), training, eps
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """Gradients of input, weight and bias (those needed); None for the rest."""
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        grads = _kernel_backward(grad_y, ctx.arrays, ctx.training, ctx.eps, needs)
+        if grads is None:  # create_graph (double backward), batched gradients: the ops
+            _, _, mean, second = ctx.arrays
+            grads = ops.backward_of(grad_y, x, weight, torch.from_numpy(mean), torch.from_numpy(second),
+                                    ctx.training, ctx.eps, needs)
+        return (*grads, None, None, None, None)
+
+
+_eager_apply: Callable[..., Tensor] = getattr(super(torch.autograd.Function, _EagerFunction), "apply")
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Batch norm with autograd under ``torch.func`` transforms (``setup_context`` and a
+    generated vmap rule make it usable there): the kernels directly where the transform
+    hands plain tensors down (grad), the ``batchnorm::`` ops where not (vmap). Returns (y, a, b): the batch mean and invstd
+    in training, copies of the running mean and variance in eval (PyTorch's rule: backward
+    uses the running statistics as they were at forward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
         x: Tensor,
         weight: Optional[Tensor],
         bias: Optional[Tensor],
@@ -142,55 +287,75 @@ class _BatchNormFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
-    ) -> Tensor:
-        """Run the kernels; save what backward needs (batch or running statistics)."""
-        y, mean, invstd = _forward(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        if training:
-            save_mean, save_invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
-            ctx.save_for_backward(x, weight, save_mean, save_invstd)
-        else:
-            # eval: the gradient goes through the running statistics as they are now
-            assert running_mean is not None and running_var is not None
-            ctx.save_for_backward(x, weight, running_mean.detach().clone(), running_var.detach().clone())
-        ctx.training, ctx.eps = training, eps
-        return y
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Run the kernels (in-place running-statistics update in training)."""
+        if type(x) is not Tensor or _transform_active() is not None:  # e.g. vmap's batched tensors
+            if training:
+                return _graph_train(x, running_mean, running_var, weight, bias, momentum, eps)
+            y = ops.batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+            return y, running_mean.clone(), running_var.clone()  # type: ignore[union-attr]
+        y, mean, second = _forward(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if not training:
+            return y, running_mean.detach().clone(), running_var.detach().clone()  # type: ignore[union-attr]
+        return y, torch.from_numpy(mean), torch.from_numpy(second)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
+        """Save the input, weight and the statistics backward needs."""
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+        ctx.training, ctx.eps = inputs[5], inputs[7]
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight, mean, second = ctx.saved_tensors
-        training, eps = ctx.training, ctx.eps
-        mask = list(ctx.needs_input_grad[:3])
-        if weight is None:
-            mask[1] = False
-        if torch.is_grad_enabled():
-            # create_graph=True: torch's own backward op, which is differentiable (double backward).
-            if training:
-                rm = rv = None
-                save_mean, save_invstd = mean, second
-            else:
-                rm, rv, save_mean, save_invstd = mean, second, None, None
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                grad_y, x, weight, rm, rv, save_mean, save_invstd, training, eps, mask
-            )
-        else:
-            invstd = second if training else torch.rsqrt(second.double() + eps).to(second.dtype)
-            grad_x = torch.empty_like(x, memory_format=torch.preserve_format)
-            _, grad_weight, grad_bias = _core.backward(
-                _numpy(grad_y), _numpy(x), _numpy(mean), _numpy(invstd), _numpy(weight), 1, training,
-                grad_x.numpy(),
-            )
-            gx = grad_x
-            gw, gb = torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
-        return (
-            gx if mask[0] else None,
-            gw if mask[1] else None,
-            gb if mask[2] else None,
-            None, None, None, None, None,
-        )
+        needs = ctx.needs_input_grad[:3]
+        grads = None
+        if type(x) is Tensor and _transform_active() is None:
+            arrays = (_numpy(x), _numpy(weight), _numpy(mean), _numpy(second))
+            grads = _kernel_backward(grad_y, arrays, ctx.training, ctx.eps, needs)
+        if grads is None:  # create_graph, vmap over the backward: the ops
+            grads = ops.backward_of(grad_y, x, weight, mean, second, ctx.training, ctx.eps, needs)
+        return (*grads, None, None, None, None, None)
 
 
-_apply: Callable[..., Tensor] = _BatchNormFunction.apply
+_apply: Callable[..., Tuple[Tensor, Tensor, Tensor]] = _BatchNormFunction.apply
+
+
+def _graph_train(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: float,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """A training call as the ``batchnorm::batch_norm_train`` op: (y, batch mean, invstd);
+    the running statistics are updated in place."""
+    y, mean, invstd, new_mean, new_var = ops.batch_norm_train(
+        input, weight, bias, running_mean, running_var, momentum, eps)
+    if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+    return y, mean, invstd
+
+
+def _graph_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """The call as ``batchnorm::`` ops (graph capture: their own autograd rules)."""
+    if not training:
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)  # type: ignore[no-any-return]
+    return _graph_train(input, running_mean, running_var, weight, bias, momentum, eps)[0]
 
 
 def batch_norm(
@@ -209,23 +374,46 @@ def batch_norm(
     ``torch.nn.functional.batch_norm``; falls back to it where the kernels do not apply
     (see the module docstring). The output has the memory format of ``input``.
     """
-    if not _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps):
-        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        return _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    return _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+    if _eager(input, running_mean, running_var, weight, bias):
+        if not _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps):
+            return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if torch.is_grad_enabled() and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            if training and running_mean is None:
+                momentum = 0.0  # no running statistics: torch ignores momentum
+            arrays = (_numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var))
+            return _eager_apply(input, weight, bias, arrays, training, momentum, eps)
+        return _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+    route = _route(input, running_mean, running_var, weight, bias)
+    if route is not None and (
+            isinstance(input, _Proxy)
+            or _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps)):
+        if route == "transform":
+            return _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+        return _graph_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 class _DropIn(_BatchNorm):
-    """torch's ``_BatchNorm.forward``, line for line, calling ``batch_norm`` above."""
+    """torch's ``_BatchNorm.forward``, line for line, calling ``batch_norm`` above; with a
+    shortcut for plain eager calls (the per-call cost of a small layer is mostly Python)."""
+
+    _ranks: Tuple[int, ...] = ()  # input ranks _check_input_dim accepts
+    _views: Optional[Tuple[Any, ...]] = None  # cached NumPy views of the module's tensors
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` as ``torch.nn.BatchNorm*d.forward`` does, on batchnorm's kernels."""
-        self._check_input_dim(input)
+        if not _is_scripting():
+            y = self._shortcut(input)
+            if y is not None:
+                return y
+        if _is_scripting():
+            self._check_input_dim(input)
+        else:
+            self._check_dim(input)
         # momentum=None: cumulative average, factor 1/num_batches_tracked (after the
         # increment), exactly torch's exponential_average_factor.
         if self.momentum is None:
@@ -234,7 +422,10 @@ class _DropIn(_BatchNorm):
             exponential_average_factor = self.momentum
         if self.training and self.track_running_stats:
             if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
+                if _is_scripting():
+                    self.num_batches_tracked.add_(1)
+                else:
+                    self._count_batch(input)
                 if self.momentum is None:
                     exponential_average_factor = 1.0 / float(self.num_batches_tracked)
                 else:
@@ -253,6 +444,24 @@ class _DropIn(_BatchNorm):
                                 exponential_average_factor)
 
     @torch.jit.unused
+    def _check_dim(self, input: Tensor) -> None:
+        """torch's rank check, except on ``torch.fx`` proxies (the rank is unknown while tracing)."""
+        if not isinstance(input, _Proxy):
+            self._check_input_dim(input)
+
+    @torch.jit.unused
+    def _count_batch(self, input: Tensor) -> None:
+        """``num_batches_tracked += 1``; recorded in the graph under ``torch.fx`` tracing."""
+        if not isinstance(input, _Proxy):
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            return
+        if self.momentum is None:
+            raise RuntimeError("torch.fx cannot trace a training-mode batch norm with momentum=None "
+                               "(its factor 1/num_batches_tracked is data); trace it in eval mode "
+                               "or give a momentum")
+        input.tracer.create_proxy("call_method", "add_", (self.num_batches_tracked, 1), {})
+
+    @torch.jit.unused
     def _batch_norm(
         self,
         input: Tensor,
@@ -264,6 +473,71 @@ class _DropIn(_BatchNorm):
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
                           momentum, self.eps)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled and copied without the cached views (they alias this module's tensors)."""
+        state = self.__dict__.copy()
+        state.pop("_views", None)
+        return state
+
+    @torch.jit.unused
+    def _shortcut(self, input: Tensor) -> Optional[Tensor]:
+        """``forward`` for a plain eager call (CPU tensors of torch's own classes, no graph
+        capture, transform, mode, forward AD or autocast) with the usual arguments: the
+        kernels on cached NumPy views of the module's tensors. None where this does not
+        apply (``forward`` then takes the general route). Reads the tensors from
+        ``_buffers`` / ``_parameters`` directly (``Module.__getattr__`` costs about a
+        microsecond per name)."""
+        if (type(input) is not Tensor or _is_compiling() or _tracing_state() is not None
+                or _transform_active() is not None or forward_ad._current_level >= 0
+                or _has_torch_function_unary(input) or _autocast_enabled("cpu")):
+            return None
+        training = self.training
+        buffers, params = self._buffers, self._parameters
+        w, b = params.get("weight"), params.get("bias")
+        rm = rv = None
+        if not training or self.track_running_stats:
+            rm, rv = buffers.get("running_mean"), buffers.get("running_var")
+            if rm is None or rv is None:
+                return None  # eval without running statistics: batch statistics, general route
+        # the cache holds for the same tensors over the same memory (``.data =`` and
+        # ``.to()`` swap the memory under the same Parameter) and the same eps
+        key = (rm is not None and rm.data_ptr(), rv is not None and rv.data_ptr(),
+               w is not None and w.data_ptr(), b is not None and b.data_ptr(), self.eps)
+        views = self._views
+        if (views is None or views[0] != key or views[1] is not rm or views[2] is not rv
+                or views[3] is not w or views[4] is not b):
+            if not (all(t is None or type(t) in _TENSORS for t in (rm, rv, w, b))
+                    and _kernels_apply(input, rm, rv, w, b, False, 0.0, self.eps)):
+                return None
+            views = self._views = (key, rm, rv, w, b, input.dtype,
+                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)))
+        if (input.dtype != views[5] or input.dim() not in self._ranks or not input.is_cpu
+                or input.layout != _STRIDED or input.numel() == 0):
+            return None
+        momentum = 0.0
+        if training:
+            if input.numel() == input.shape[1]:
+                return None  # one value per channel: torch's error
+            if rm is not None:
+                momentum = self.momentum  # type: ignore[assignment]
+                if momentum is not None and not 0.0 <= momentum <= 1.0:
+                    return None
+                counter = buffers.get("num_batches_tracked")
+                if counter is not None:
+                    counter.add_(1)
+                    if momentum is None:  # cumulative average
+                        momentum = 1.0 / float(counter)
+                if momentum is None:
+                    momentum = 0.0
+        w_np, b_np, rm_np, rv_np = views[6]
+        if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
+                                or (b is not None and b.requires_grad)):
+            return _eager_apply(input, w, b, views[6], training, momentum, self.eps)
+        x = input.detach().numpy() if input.requires_grad else input.numpy()
+        if not training:
+            return torch.from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
+        return torch.from_numpy(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+
 
 class BatchNorm1d(_DropIn, torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` ((N, C) or (N, C, L) input) on batchnorm's kernels.
@@ -271,6 +545,8 @@ class BatchNorm1d(_DropIn, torch.nn.BatchNorm1d):
     Constructor, parameters, buffers, ``state_dict`` and ``repr`` are torch's; see
     ``torch.nn.BatchNorm1d``. ``isinstance(m, torch.nn.BatchNorm1d)`` holds.
     """
+
+    _ranks = (2, 3)
 
 
 class BatchNorm2d(_DropIn, torch.nn.BatchNorm2d):
@@ -280,6 +556,8 @@ class BatchNorm2d(_DropIn, torch.nn.BatchNorm2d):
     ``torch.nn.BatchNorm2d``. ``isinstance(m, torch.nn.BatchNorm2d)`` holds.
     """
 
+    _ranks = (4,)
+
 
 class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` ((N, C, D, H, W) input, also channels_last_3d) on batchnorm's kernels.
@@ -288,24 +566,44 @@ class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
     ``torch.nn.BatchNorm3d``. ``isinstance(m, torch.nn.BatchNorm3d)`` holds.
     """
 
+    _ranks = (5,)
 
-_REPLACEMENTS: Dict[type, Type[_DropIn]] = {
+
+# the other norms' drop-ins use the routing above (hence imported here, not at the top)
+from ._torch_norms import (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,  # noqa: E402
+                           LayerNorm, RMSNorm, group_norm, instance_norm, layer_norm, rms_norm)
+from ._torch_norms import REPLACEMENTS as _NORM_REPLACEMENTS  # noqa: E402
+
+_REPLACEMENTS: Dict[type, Type[torch.nn.Module]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
+    **dict(_NORM_REPLACEMENTS),
 }
+_ORIGINALS: Dict[type, Type[torch.nn.Module]] = {new: old for old, new in _REPLACEMENTS.items()}
 
+# For torch.ao.quantization.fuse_modules, which looks fusers up by exact type:
+# fuse_modules(model, names, fuse_custom_config_dict={"additional_fuser_method_mapping":
+# batchnorm.torch.FUSER_METHOD_MAPPING}).
+FUSER_METHOD_MAPPING: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = {
+    (conv, bn, *relu): fuser
+    for conv, bn in ((torch.nn.Conv1d, BatchNorm1d), (torch.nn.Conv2d, BatchNorm2d),
+                     (torch.nn.Conv3d, BatchNorm3d))
+    for relu, fuser in (((), fuser_methods.fuse_conv_bn), ((torch.nn.ReLU,), fuser_methods.fuse_conv_bn_relu))
+}
+FUSER_METHOD_MAPPING[(torch.nn.Linear, BatchNorm1d)] = fuser_methods.fuse_linear_bn
 
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
-def _replacement(module: torch.nn.Module, cls: Type[_DropIn]) -> _DropIn:
+def _replacement(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.nn.Module:
     """A ``cls`` with the state of ``module``: the same parameter and buffer tensors, flags,
     hooks and attributes. The parameter/buffer registries are new containers (registering
     a tensor on one module does not touch the other); hook dictionaries are shared, so the
     handles returned by ``register_*_hook`` before ``convert`` still remove their hooks."""
     new = cls.__new__(cls)
     state = dict(module.__dict__)
+    state.pop("_views", None)
     for key in _OWN_CONTAINERS:
         if key in state:
             state[key] = state[key].copy()
@@ -313,22 +611,92 @@ def _replacement(module: torch.nn.Module, cls: Type[_DropIn]) -> _DropIn:
     return new
 
 
+def _swap(module: torch.nn.Module, classes: Dict[type, Type[torch.nn.Module]]) -> torch.nn.Module:
+    """Replace every module whose exact type is a key of ``classes``, recursively, in place."""
+    cls = classes.get(type(module))
+    if cls is not None:
+        return _replacement(module, cls)
+    for name, child in module.named_children():
+        new_child = _swap(child, classes)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module
+
+
 def convert(module: torch.nn.Module) -> torch.nn.Module:
-    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
+    """Swap every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
+    and ``InstanceNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: recursive, in place (the
     children are replaced in their parents), returns ``module``; a batch norm passed at
     the top level returns its replacement. A replacement holds the same parameter and
     buffer tensors (an optimizer built before ``convert`` keeps training them), the
-    training flag, hooks and attributes of the module it replaces. Only exact
-    ``BatchNorm1d/2d/3d`` are swapped: subclasses (which may override ``forward``),
+    training flag, hooks and attributes of the module it replaces. Only exact torch
+    classes are swapped: subclasses (which may override ``forward``),
     ``SyncBatchNorm`` and uninitialized ``LazyBatchNorm*d`` are left alone.
     """
-    cls = _REPLACEMENTS.get(type(module))
-    if cls is not None:
-        return _replacement(module, cls)
-    for name, child in module.named_children():
-        new_child = convert(child)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+    return _swap(module, _REPLACEMENTS)
+
+
+def revert(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of ``convert``: every drop-in becomes a plain torch module (``BatchNorm1d``,
+    ``LayerNorm``, ``GroupNorm``, ...) again, in place, holding the same parameter and buffer tensors, flags and hooks.
+
+    For tools that match exact torch types (``torch.ao.quantization.fuse_modules``,
+    ``torch.fx``'s conv-BN fusion, TorchScript export of a model for C++).
+    """
+    return _swap(module, _ORIGINALS)
+
+
+_FOLDABLE: Tuple[type, ...] = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+
+def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
+    """(layer, batch norm) names of consecutive children of ``nn.Sequential`` containers,
+    where the order of the children is the order of the computation."""
+    pairs: List[Tuple[str, str]] = []
+    children = list(module.named_children())
+    if isinstance(module, torch.nn.Sequential):
+        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            if type(a) in _FOLDABLE and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm:
+                pairs.append((prefix + name_a, prefix + name_b))
+    for name, child in children:
+        pairs.extend(_foldable_pairs(child, prefix + name + "."))
+    return pairs
+
+
+def fold_model(model: torch.nn.Module,
+               pairs: Optional[List[Tuple[str, str]]] = None) -> torch.nn.Module:
+    """Fold eval-mode batch norms into the convolutions / linear layers that feed them.
+
+    ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in
+    ``torch.ao.quantization.fuse_modules``; by default every conv/linear followed directly by
+    a batch norm (plain torch or converted) inside an ``nn.Sequential``. Each layer is
+    replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval`` /
+    ``fuse_linear_bn_eval``) and each batch norm by ``nn.Identity``, in place; returns
+    ``model`` (unchanged when nothing folds). No fx: works on any model, traceable or not.
+    A model in training mode is a ValueError (the batch statistics cannot be folded).
+    """
+    if model.training or any(m.training for m in model.modules()):
+        raise ValueError("model: fold_model needs an eval-mode model (call model.eval() first)")
+    for layer_name, bn_name in _foldable_pairs(model) if pairs is None else pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        if type(layer) not in _FOLDABLE or not isinstance(bn, _BatchNorm):
+            raise TypeError(f"pairs: ({layer_name!r}, {bn_name!r}) is not a conv/linear and a "
+                            f"batch norm, got {type(layer).__name__} and {type(bn).__name__}")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
+                             "(track_running_stats=False), so it cannot be folded")
+        folded: torch.nn.Module
+        if isinstance(layer, torch.nn.Linear):
+            folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
+        else:
+            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)  # type: ignore[type-var]
+        _set_submodule(model, layer_name, folded)
+        _set_submodule(model, bn_name, torch.nn.Identity())
+    return model
+
+
+def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    model.get_submodule(parent).add_module(leaf, new)

@@ -1,0 +1,443 @@
+"""What every NumPy normalization module shares, written once: validated parameter and
+buffer attributes, train/eval, ``backward`` bookkeeping, ``state_dict`` /
+``load_state_dict`` under PyTorch's keys, resets, pickling and ``repr``.
+
+``_Module`` is the base of all of them (like ``torch.nn.Module`` for LayerNorm, RMSNorm,
+GroupNorm); ``_NormBase`` adds the running statistics of BatchNorm and InstanceNorm, as
+torch's ``_NormBase`` does. A module owns its arrays; ``_core`` reads them (and updates
+running statistics) in place, so ``m.weight[:] = ...`` is seen by the next call.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from .functional import ArrayIn, FloatArray, _backward, _returned
+
+_Self = TypeVar("_Self", bound="_Module")
+
+_NO_BACKWARD_IN_PLACE = (
+    "backward is impossible after an in-place forward (out=x): "
+    "the input it needs was overwritten by the output"
+)
+
+
+class IncompatibleKeys(NamedTuple):
+    """Result of ``load_state_dict``, like torch's ``_IncompatibleKeys``."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+    def __repr__(self) -> str:
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return (
+            f"IncompatibleKeys(missing_keys={self.missing_keys}, "
+            f"unexpected_keys={self.unexpected_keys})"
+        )
+
+
+class _Saved(NamedTuple):
+    """What ``backward`` needs from the last forward (references, not copies)."""
+
+    x: Any
+    out: Any  # where the forward wrote; overlapping x makes backward impossible
+    why_not: Optional[str]  # set when this forward cannot be differentiated
+    weight: Optional[FloatArray]
+    grads: Optional[Callable[[Any, Any], Any]]  # (grad_y, out) -> (grad_x, grad_w, grad_b)
+
+
+def _to_numpy(value: Any) -> npt.NDArray[Any]:
+    """NumPy array from an array, a torch tensor or a DLPack producer (torch is never imported)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        try:
+            return np.from_dlpack(value)
+        except (TypeError, RuntimeError, BufferError):
+            pass  # e.g. a dtype NumPy cannot take through DLPack: try the array protocol
+    return np.asarray(value)
+
+
+def _shape_of(x: Any) -> Tuple[int, ...]:
+    """Shape of an ndarray, a torch tensor or any DLPack producer; TypeError otherwise."""
+    shape = getattr(x, "shape", None)
+    if shape is None or not hasattr(x, "__dlpack__"):  # ndarray and torch.Tensor have both
+        if not hasattr(x, "__dlpack__"):
+            raise TypeError(
+                f"x must be a NumPy array or a CPU tensor supporting DLPack, got {type(x).__name__}"
+            )
+        shape = np.from_dlpack(x).shape
+    return tuple(shape)
+
+
+def _quoted(keys: List[str]) -> str:
+    return ", ".join(f'"{key}"' for key in keys)
+
+
+def _fill(*pairs: Tuple[Optional[npt.NDArray[Any]], int]) -> None:
+    """Fill each array that exists with its value, in place (holders keep seeing it)."""
+    for array, value in pairs:
+        if array is not None:
+            array.fill(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    result = _integer(name, value)
+    if result <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return result
+
+
+def _eps(value: object) -> float:
+    eps = _real("eps", value)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be positive and finite, got {value}")
+    return eps
+
+
+_TORCH_DTYPES = {"torch.float32": np.float32, "torch.float64": np.float64}
+
+
+def _cpu_device(device: Any) -> None:
+    """Accepts the CPU as torch users name it (None, "cpu", torch.device("cpu")); the
+    modules hold NumPy arrays, so any other device is an error."""
+    if device is None or str(device) in ("cpu", "cpu:0"):
+        return
+    raise ValueError(f"device: batchnorm's NumPy modules run on the CPU, got {device!r}; for "
+                     "tensors on other devices use batchnorm.torch (torch's own op runs there)")
+
+
+def _float_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    # torch.float32 / torch.float64 (torch users' habit), without importing torch
+    dtype = _TORCH_DTYPES.get(str(dtype), dtype) if type(dtype).__name__ == "dtype" else dtype
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _axis(module: _Module, axis: object, top: int) -> int:
+    """The channel axis, checked against the highest rank the module takes."""
+    result = _integer("axis", axis)
+    if not -top <= result < top:
+        raise ValueError(f"axis must be in [{-top}, {top - 1}] for {type(module).__name__}, got {axis}")
+    return result
+
+
+def _eval_grads(x: Any, running_mean: FloatArray, running_var: FloatArray,
+                weight: Optional[FloatArray], eps: float, axis: int) -> Any:
+    """Backward of a running-statistics forward: the statistics are copied now, so later
+    updates of the running buffers do not reach this gradient (PyTorch's rule: as saved at
+    forward)."""
+    mean, var = running_mean.copy(), running_var.copy()
+
+    def grads(grad_y: Any, out: Any) -> Any:
+        invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(var.dtype)
+        return _backward(grad_y, x, mean, invstd, weight, axis, False, out)
+
+    return grads
+
+
+class _ArrayAttribute:
+    """A validated array attribute: None, or the module's own writable array.
+
+    Assignment stores the array itself (no copy), so the kernels read and update the
+    memory the caller holds; it must therefore have the exact shape (the module's
+    ``_param_shape``, or () for the int64 counter) and dtype and be writable and
+    C-contiguous (``_core`` updates running statistics and ``load_state_dict`` copies
+    values in place).
+    """
+
+    def __init__(self, counter: bool = False) -> None:
+        self.counter = counter
+        self.name = self.slot = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    @overload
+    def __get__(self, module: None, owner: type) -> _ArrayAttribute: ...
+    @overload
+    def __get__(self, module: _Module, owner: type) -> Optional[npt.NDArray[Any]]: ...
+    def __get__(self, module: Optional[_Module], owner: type) -> Any:
+        return self if module is None else module.__dict__[self.slot]
+
+    def __set__(self, module: _Module, value: Optional[npt.NDArray[Any]]) -> None:
+        if value is not None:
+            if self.counter:
+                shape: Tuple[int, ...] = ()
+                dtype: np.dtype[Any] = np.dtype(np.int64)
+            else:
+                shape, dtype = module._param_shape, module.dtype
+            if not isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{self.name} must be a NumPy array or None, got {type(value).__name__}"
+                )
+            if value.dtype != dtype:
+                raise TypeError(f"{self.name} must have dtype {dtype}, got {value.dtype}")
+            if value.shape != shape:
+                raise ValueError(f"{self.name} must have shape {shape}, got {value.shape}")
+            if not (value.flags.c_contiguous and value.flags.writeable):
+                raise ValueError(f"{self.name} must be a writable C-contiguous array")
+        module.__dict__[self.slot] = value
+
+
+class _Module:
+    """Base of the NumPy normalization modules: parameters ``weight`` and ``bias`` of shape
+    ``_param_shape`` (None when absent), plus the buffers a subclass lists in
+    ``_state_keys`` (torch's ``state_dict`` order)."""
+
+    _state_keys: Tuple[str, ...] = ("weight", "bias")
+    _optional_keys: Tuple[str, ...] = ()  # missing from a state_dict: keep the current value
+
+    weight = _ArrayAttribute()
+    bias = _ArrayAttribute()
+
+    dtype: np.dtype[Any]
+    _param_shape: Tuple[int, ...]
+
+    def _init_module(self, dtype: npt.DTypeLike, shape: Tuple[int, ...]) -> None:
+        """Common attributes; call before assigning any array attribute."""
+        self.dtype = _float_dtype(dtype)
+        self._param_shape = shape
+        self.training = True
+        self.weight_grad: Optional[FloatArray] = None
+        self.bias_grad: Optional[FloatArray] = None
+        self._saved: Optional[_Saved] = None
+
+    def _init_affine(self, weight: bool, bias: bool) -> None:
+        """weight = ones and bias = zeros of ``_param_shape``, or None."""
+        shape = self._param_shape
+        self.weight = np.ones(shape, self.dtype) if weight else None
+        self.bias = np.zeros(shape, self.dtype) if weight and bias else None
+
+    # ---- mode -------------------------------------------------------------------------
+
+    def train(self: _Self, mode: bool = True) -> _Self:
+        """Set training mode; returns self, like ``nn.Module.train``."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        return self
+
+    def eval(self: _Self) -> _Self:
+        """Set evaluation mode; returns self, like ``nn.Module.eval``."""
+        return self.train(False)
+
+    # ---- backward -----------------------------------------------------------------------
+
+    def _save(self, x: Any, out: Any, weight: Optional[FloatArray],
+              grads: Optional[Callable[[Any, Any], Any]], why_not: Optional[str] = None) -> None:
+        # tuple.__new__ skips the NamedTuple constructor's argument handling (per-call path).
+        self._saved = tuple.__new__(_Saved, (x, out, why_not, weight, grads))
+
+    @overload
+    def backward(self, grad_y: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ...) -> FloatArray: ...
+    @overload
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = ...) -> Any: ...
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = None) -> Any:
+        """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``.
+
+        Uses the ``x`` and ``weight`` arrays of the last forward, by reference, and the
+        statistics that forward used, as they were then (PyTorch's rule).
+
+        Returns
+        -------
+        grad_x : array like ``x`` (``out`` when given), of the kind of ``grad_y`` (a torch
+            tensor for a torch tensor). ``weight_grad`` and ``bias_grad`` are NumPy arrays,
+            like the module's parameters.
+
+        Raises
+        ------
+        RuntimeError
+            Before any forward, after an in-place forward (``out=x`` overwrote the input)
+            and after a fused forward (``residual`` or ``activation``).
+        """
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError("backward needs a forward first: call the module on an input")
+        if saved.why_not is not None:
+            raise RuntimeError(saved.why_not)
+        if saved.out is not None and np.may_share_memory(_to_numpy(saved.out), _to_numpy(saved.x)):
+            raise RuntimeError(_NO_BACKWARD_IN_PLACE)
+        assert saved.grads is not None  # only a forward with why_not set saves none
+        grad_x, grad_weight, grad_bias = saved.grads(grad_y, out)
+        self.weight_grad = None if saved.weight is None else grad_weight
+        self.bias_grad = None if self.bias is None else grad_bias
+        return _returned(grad_y, out, grad_x)
+
+    # ---- state ------------------------------------------------------------------------
+
+    def _state_arrays(self) -> Dict[str, npt.NDArray[Any]]:
+        """The module's own parameter and buffer arrays under torch's keys, None left out."""
+        arrays = {key: getattr(self, key) for key in self._state_keys}
+        return {key: array for key, array in arrays.items() if array is not None}
+
+    def state_dict(self) -> Dict[str, npt.NDArray[Any]]:
+        """Copies of the parameters and buffers under PyTorch's keys (absent when None)."""
+        return {key: array.copy() for key, array in self._state_arrays().items()}
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> IncompatibleKeys:
+        """Copy values (NumPy arrays or torch tensors) into the existing arrays.
+
+        Like ``nn.Module.load_state_dict``: with ``strict``, missing or unexpected keys
+        raise ``RuntimeError``; a shape mismatch (or a dtype that cannot be cast, e.g.
+        float into the int64 counter) always does. Everything is checked before
+        anything is written. A missing ``num_batches_tracked`` keeps the current value,
+        as torch does for checkpoints without that key.
+
+        Returns
+        -------
+        IncompatibleKeys(missing_keys, unexpected_keys)
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
+        targets = self._state_arrays()
+        optional = self._optional_keys
+        missing = [k for k in targets if k not in state_dict and k not in optional]
+        unexpected = [k for k in state_dict if k not in targets]
+        errors = []  # torch's wording and order, so messages read the same
+        if strict and missing:
+            errors.append(f"Missing key(s) in state_dict: {_quoted(missing)}. ")
+        if strict and unexpected:
+            errors.append(f"Unexpected key(s) in state_dict: {_quoted(unexpected)}. ")
+        values = {}
+        for key, target in targets.items():
+            if key not in state_dict:
+                continue
+            value = _to_numpy(state_dict[key])
+            if value.shape != target.shape:
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                    f"checkpoint, the shape in current model is {target.shape}."
+                )
+            elif not np.can_cast(value.dtype, target.dtype, "same_kind"):
+                errors.append(
+                    f"dtype mismatch for {key}: cannot copy {value.dtype} into {target.dtype}."
+                )
+            else:
+                values[key] = value
+        if errors:
+            name = type(self).__name__
+            details = "\n\t".join(errors)
+            raise RuntimeError(f"Error(s) in loading state_dict for {name}:\n\t{details}")
+        for key, value in values.items():
+            np.copyto(targets[key], value, casting="same_kind")
+        return IncompatibleKeys(missing, unexpected)
+
+    def reset_parameters(self) -> None:
+        """Set weight 1, bias 0, in place (torch's method)."""
+        _fill((self.weight, 1), (self.bias, 0))
+
+    # ---- pickling and copies ------------------------------------------------------------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """State for ``pickle`` and ``copy``: every attribute and array, but not the saved
+        forward context (a reference to the last input), so ``backward`` on a copy needs a
+        forward first. ``copy.deepcopy`` and a pickle round trip give independent arrays."""
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # ---- repr -------------------------------------------------------------------------
+
+    def _torch_repr(self) -> str:
+        """torch's ``extra_repr`` for this module."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        """Constructor arguments in torch's format; dtype and axis when not the default."""
+        text = self._torch_repr()
+        if self.dtype != np.float32:
+            text += f", dtype={self.dtype}"
+        axis = getattr(self, "axis", 1)
+        if axis != 1:
+            text += f", axis={axis}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class _NormBase(_Module):
+    """Modules with optional running statistics (BatchNorm, InstanceNorm), as torch's
+    ``_NormBase``: ``num_features`` channels on ``axis``, ``weight``/``bias`` when
+    ``affine``, ``running_mean``/``running_var``/``num_batches_tracked`` when
+    ``track_running_stats``. Subclasses set ``_ranks``, the input ranks they take."""
+
+    _ranks: Tuple[int, ...] = ()
+    _state_keys = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    _optional_keys = ("num_batches_tracked",)
+    _bias_argument = False  # whether the constructor takes torch's newer `bias` flag
+
+    running_mean = _ArrayAttribute()
+    running_var = _ArrayAttribute()
+    num_batches_tracked = _ArrayAttribute(counter=True)
+
+    def _init_norm_base(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: Optional[float],
+        affine: bool,
+        track_running_stats: bool,
+        dtype: npt.DTypeLike,
+        axis: int,
+        bias: bool = True,
+    ) -> None:
+        self.num_features = _positive_int("num_features", num_features)
+        self.eps = _eps(eps)
+        self.momentum = None if momentum is None else _real("momentum", momentum)
+        if self.momentum is not None and not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be None or in [0, 1], got {momentum}")
+        self._init_module(dtype, (self.num_features,))
+        self.axis = _axis(self, axis, max(self._ranks))
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self._init_affine(self.affine, bool(bias))
+        channels, tracking = self.num_features, self.track_running_stats
+        self.running_mean = np.zeros(channels, self.dtype) if tracking else None
+        self.running_var = np.ones(channels, self.dtype) if tracking else None
+        self.num_batches_tracked = np.zeros((), np.int64) if tracking else None
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, counter 0, in place (torch's method)."""
+        _fill((self.running_mean, 0), (self.running_var, 1), (self.num_batches_tracked, 0))
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and set weight 1, bias 0, in place (torch's method)."""
+        self.reset_running_stats()
+        super().reset_parameters()
+
+    def _torch_repr(self) -> str:
+        bias = f"bias={self.bias is not None}, " if self._bias_argument else ""
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, {bias}track_running_stats={self.track_running_stats}"
+        )

@@ -1,0 +1,215 @@
+"""PyTorch drop-ins for ``torch.nn.LayerNorm``, ``RMSNorm``, ``GroupNorm`` and
+``InstanceNorm1d/2d/3d`` on batchnorm's kernels (exported by ``batchnorm.torch``).
+
+Each class *is* torch's (a subclass: same constructor, parameters, buffers, ``state_dict``,
+``repr`` and input checks); only the call of the normalization differs. Eager calls,
+``torch.compile``, ``torch.export`` and ``torch.fx`` run the ``batchnorm::`` operators of
+``_torch_norm_ops`` (with their autograd rules); TorchScript, ``torch.jit.trace``,
+``torch.func`` transforms, forward-mode AD, autocast, tensor subclasses, other devices and
+dtypes, and every argument the kernels refuse take torch's own function (which then also
+gives torch's own error messages).
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _torch_norm_ops as ops
+from . import _torch_ops
+from .torch import _eager, _is_scripting, _Proxy, _route
+
+__all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
+           "group_norm", "instance_norm", "layer_norm", "rms_norm"]
+
+_FLOATS = (torch.float32, torch.float64)
+_Shape = Union[int, Sequence[int], torch.Size]
+
+
+def _graph_or_eager(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Whether the ``batchnorm::`` ops serve this call: a plain eager call or graph capture
+    (fx, dynamo / export, dispatch-mode tracing); torch's own function otherwise."""
+    padded = (list(params) + [None] * 4)[:4]
+    return _eager(x, *padded) or _route(x, *padded) == "graph"
+
+
+def _run(name: str, x: Tensor, *args: Any) -> Any:
+    """The op ``batchnorm::<name>`` on ``(x, *args)``; its kernel directly for a plain eager
+    call that needs no graph (no grad mode, or nothing requiring grad)."""
+    if type(x) is Tensor and _eager(x, None, None, None, None) and not (torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (x, *args))):
+        return ops.KERNELS[name](x, *args)
+    return getattr(ops, name)(x, *args)
+
+
+def _same_kind(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """A float32/float64 CPU strided non-empty ``x`` and parameters of its dtype and device."""
+    if x.dtype not in _FLOATS or x.device.type != "cpu" or x.layout != torch.strided or x.numel() == 0:
+        return False
+    return all(t is None or (t.dtype == x.dtype and t.device == x.device and t.layout == torch.strided)
+               for t in params)
+
+
+def _shape(normalized_shape: _Shape) -> Tuple[int, ...]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def _layer_applies(x: Tensor, shape: Tuple[int, ...], eps: float, *params: Optional[Tensor]) -> bool:
+    return (_same_kind(x, *params) and 0 < len(shape) <= x.dim() and tuple(x.shape[x.dim() - len(shape):]) == shape
+            and all(t is None or tuple(t.shape) == shape for t in params) and 0.0 < eps < float("inf"))
+
+
+def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.layer_norm`` on batchnorm's kernels (torch's where they do not apply)."""
+    shape = _shape(normalized_shape)
+    if isinstance(input, _Proxy) or (_graph_or_eager(input, weight, bias) and _layer_applies(input, shape, eps, weight, bias)):
+        return _run("layer_norm", input, len(shape), weight, bias, eps, False)[0]  # type: ignore[no-any-return]
+    return F.layer_norm(input, list(shape), weight, bias, eps)
+
+
+def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """``torch.nn.functional.rms_norm`` on batchnorm's kernels; ``eps=None`` is the machine
+    epsilon of the input's dtype, as in torch."""
+    shape = _shape(normalized_shape)
+    if not isinstance(input, _Proxy):
+        value = torch.finfo(input.dtype).eps if eps is None and input.is_floating_point() else eps
+        if not (_graph_or_eager(input, weight) and value is not None and _layer_applies(input, shape, value, weight)):
+            return F.rms_norm(input, list(shape), weight, eps)
+        eps = value
+    return _run("layer_norm", input, len(shape), weight, None, eps, True)[0]  # type: ignore[no-any-return]
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.group_norm`` on batchnorm's kernels (channels-last memory read in place)."""
+    if isinstance(input, _Proxy) or (
+            _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
+            and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
+            and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
+        return _run("group_norm", input, num_groups, weight, bias, eps)[0]  # type: ignore[no-any-return]
+    return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def _instance_applies(x: Tensor, params: List[Optional[Tensor]], use_input_stats: bool, momentum: float,
+                      eps: float) -> bool:
+    running_mean, running_var = params[2], params[3]
+    if not (_graph_or_eager(x, *params) and _same_kind(x, *params) and x.dim() >= 3 and 0.0 < eps < float("inf")):
+        return False
+    if any(t is not None and tuple(t.shape) != (x.shape[1],) for t in params):
+        return False
+    if (running_mean is None) != (running_var is None):
+        return False
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):  # type: ignore[union-attr]
+        return False
+    if not use_input_stats:
+        return running_mean is not None
+    # one value per instance: torch's error
+    return x[0, 0].numel() > 1 and (running_mean is None or 0.0 <= momentum <= 1.0)
+
+
+def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``torch.nn.functional.instance_norm`` on batchnorm's kernels: per-instance statistics
+    (updating the running statistics in place when given), or the running statistics when
+    ``use_input_stats`` is False."""
+    params = [weight, bias, running_mean, running_var]
+    if not isinstance(input, _Proxy) and not _instance_applies(input, params, use_input_stats, momentum, eps):
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    if not use_input_stats:
+        return _torch_ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)  # type: ignore[no-any-return]
+    y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, running_mean, running_var,
+                                       momentum, eps)
+    if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y  # type: ignore[no-any-return]
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` on batchnorm's kernels; constructor, parameters, ``state_dict``
+    and ``repr`` are torch's. ``isinstance(m, torch.nn.LayerNorm)`` holds."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize the trailing ``normalized_shape`` dimensions, as torch's ``forward``."""
+        if _is_scripting():
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._kernels(input)
+
+    @torch.jit.unused
+    def _kernels(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` on batchnorm's kernels; constructor, parameters, ``state_dict``
+    and ``repr`` are torch's. ``isinstance(m, torch.nn.RMSNorm)`` holds."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Divide by the root mean square of the trailing dimensions, as torch's ``forward``."""
+        if _is_scripting():
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return self._kernels(x)
+
+    @torch.jit.unused
+    def _kernels(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` ((N, C, *) input, also channels_last) on batchnorm's kernels;
+    constructor, parameters, ``state_dict`` and ``repr`` are torch's."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize over each group of channels per sample, as torch's ``forward``."""
+        if _is_scripting():
+            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return self._kernels(input)
+
+    @torch.jit.unused
+    def _kernels(self, input: Tensor) -> Tensor:
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _InstanceDropIn(torch.nn.modules.instancenorm._InstanceNorm):
+    """torch's ``_InstanceNorm`` (its rank checks, unbatched inputs and warnings) with the
+    normalization itself on batchnorm's kernels."""
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        if _is_scripting():
+            return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.training or not self.track_running_stats,
+                                   self.momentum if self.momentum is not None else 0.0, self.eps)
+        return self._kernels(input)
+
+    @torch.jit.unused
+    def _kernels(self, input: Tensor) -> Tensor:
+        return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.training or not self.track_running_stats,
+                             self.momentum if self.momentum is not None else 0.0, self.eps)
+
+
+class InstanceNorm1d(_InstanceDropIn, torch.nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` ((N, C, L) or (C, L) input) on batchnorm's kernels."""
+
+
+class InstanceNorm2d(_InstanceDropIn, torch.nn.InstanceNorm2d):
+    """``torch.nn.InstanceNorm2d`` ((N, C, H, W) or (C, H, W) input) on batchnorm's kernels."""
+
+
+class InstanceNorm3d(_InstanceDropIn, torch.nn.InstanceNorm3d):
+    """``torch.nn.InstanceNorm3d`` ((N, C, D, H, W) or (C, D, H, W) input) on batchnorm's kernels."""
+
+
+REPLACEMENTS: List[Tuple[type, type]] = [
+    (torch.nn.LayerNorm, LayerNorm), (torch.nn.RMSNorm, RMSNorm), (torch.nn.GroupNorm, GroupNorm),
+    (torch.nn.InstanceNorm1d, InstanceNorm1d), (torch.nn.InstanceNorm2d, InstanceNorm2d),
+    (torch.nn.InstanceNorm3d, InstanceNorm3d),
+]

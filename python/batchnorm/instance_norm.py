@@ -1,0 +1,263 @@
+"""Instance normalization, the counterpart of ``torch.nn.InstanceNorm1d/2d/3d`` and
+``torch.nn.functional.instance_norm``: each (sample, channel) is normalized over its spatial
+extent; optional running statistics (the mean over the batch of the per-instance
+statistics) serve evaluation, as in torch. ``axis`` names the channel axis of the batched
+input (-1 for channels-last data)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core  # type: ignore[attr-defined, unused-ignore]
+from ._norm_base import _eval_grads, _NormBase, _shape_of, _to_numpy
+from .functional import (
+    ArrayIn,
+    Triple,
+    _forward_eval,
+    _relu_flag,
+    _returned,
+    _returned_all,
+)
+
+__all__ = [
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "instance_norm",
+    "instance_norm_backward",
+]
+
+_instance_norm: Callable[..., Triple] = _core.instance_norm
+_group_norm_backward: Callable[..., Triple] = _core.group_norm_backward
+
+_NO_BACKWARD_FUSED = "backward is not available after a forward with activation"
+
+
+def _eval_inputs(running_mean: object, running_var: object) -> None:
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false"
+        )
+
+
+def instance_norm(
+    input: ArrayIn,
+    running_mean: Optional[ArrayIn] = None,
+    running_var: Optional[ArrayIn] = None,
+    weight: Optional[ArrayIn] = None,
+    bias: Optional[ArrayIn] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    out: Optional[ArrayIn] = None,
+    activation: Optional[str] = None,
+) -> Any:
+    """Instance normalization; equivalent to ``torch.nn.functional.instance_norm`` (same
+    arguments, same order), plus ``axis``, ``out`` and a fused ``activation``.
+
+    Parameters
+    ----------
+    input : array (N, C, *) with C on ``axis``, float32 or float64; NumPy or a CPU DLPack
+        producer.
+    running_mean, running_var : (C,) arrays or None (both or neither). With
+        ``use_input_stats`` they are updated in place with ``momentum`` (the batch mean of
+        the per-instance means and unbiased variances); without, they normalize.
+    weight, bias : (C,) arrays or None (None means 1 and 0).
+    use_input_stats : bool, per-instance statistics (True) or the running ones (False).
+    momentum : float in [0, 1]; eps : float > 0.
+    axis : int, the channel axis; -1 for channels-last data.
+    out : array, optional; destination with the shape and dtype of ``input`` (may be it).
+    activation : None or "relu", applied to the normalized output in the same pass.
+
+    Returns
+    -------
+    array
+        ``out`` itself when given; else a new array of the kind of ``input``.
+    """
+    relu = activation is not None and _relu_flag(activation)
+    if use_input_stats:
+        y = _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps, axis, out, relu)[0]
+    else:
+        _eval_inputs(running_mean, running_var)
+        y = _forward_eval(input, running_mean, running_var, weight, bias, eps, axis, out, None, relu)
+    return _returned(input, out, y)
+
+
+def instance_norm_backward(
+    grad_y: ArrayIn,
+    x: ArrayIn,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = None,
+    *,
+    axis: int = 1,
+) -> Tuple[Any, Any, Any]:
+    """Gradients of ``instance_norm`` with ``use_input_stats=True``.
+
+    ``mean`` and ``invstd = 1/sqrt(var + eps)`` are the forward's (N, C) per-instance
+    statistics. ``weight`` None means 1.
+
+    Returns
+    -------
+    (grad_x, grad_weight, grad_bias)
+        ``grad_x`` like ``x``, the others (C,); of the kind of ``grad_y``.
+    """
+    channels = _shape_of(x)[axis]  # an instance is a group of one channel
+    grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis)
+    return _returned_all(grad_y, grads)
+
+
+def _unbatched(grads: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """The backward of a forward that added a batch dim to an unbatched input."""
+
+    def unbatched_grads(grad_y: Any, out: Any) -> Any:
+        grad_x, grad_weight, grad_bias = grads(
+            _to_numpy(grad_y)[None], None if out is None else _to_numpy(out)[None]
+        )
+        return grad_x[0], grad_weight, grad_bias
+
+    return unbatched_grads
+
+
+class _InstanceNorm(_NormBase):
+    """Shared implementation of InstanceNorm1d/2d/3d; ``_ranks`` = (unbatched, batched)."""
+
+    _bias_argument = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        *,
+        bias: bool = True,
+        dtype: npt.DTypeLike = np.float32,
+        axis: int = 1,
+    ) -> None:
+        self._init_norm_base(num_features, eps, momentum, affine, track_running_stats, dtype, axis, bias)
+
+    def _check_input(self, x: Any) -> bool:
+        """torch's checks and warning; return whether ``x`` is unbatched."""
+        shape = _shape_of(x)
+        rank = len(shape)
+        if rank not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {expected} input (got {rank}D input)")
+        unbatched = rank == self._ranks[0]
+        axis = self.axis % self._ranks[1]  # in the batched input's terms
+        if unbatched and axis == 0:
+            raise ValueError(f"axis {self.axis} is the batch axis, absent from unbatched {rank}D input")
+        dim = axis - unbatched
+        if shape[dim] != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={dim} to match num_features"
+                    f" ({self.num_features}), but got: {shape[dim]}."
+                )
+            warnings.warn(
+                f"input's size at dim={dim} does not match num_features. "
+                "You can silence this warning by not passing in num_features, "
+                "which is not used because affine=False",
+                stacklevel=3,
+            )
+        return unbatched
+
+    def __call__(
+        self, x: ArrayIn, out: Optional[ArrayIn] = None, *, activation: Optional[str] = None
+    ) -> Any:
+        """Normalize ``x`` as the torch module does (an unbatched input is one sample).
+
+        In training, or without running statistics, each instance uses its own statistics
+        and the running statistics (when tracked) move by ``momentum``; in evaluation with
+        running statistics those normalize. ``activation="relu"`` fuses a ReLU (no
+        ``backward`` after it). ``out`` may be ``x`` itself (then ``backward`` is
+        impossible); ``x`` is kept by reference for ``backward``. Returns ``out`` when
+        given, else a new array of the kind of ``x``.
+        """
+        unbatched = self._check_input(x)
+        relu = activation is not None and _relu_flag(activation)
+        xb, outb = x, out
+        if unbatched:
+            xb = _to_numpy(x)[None]
+            outb = None if out is None else _to_numpy(out)[None]
+        state = self.__dict__
+        weight, bias = state["_weight"], state["_bias"]
+        running_mean, running_var = state["_running_mean"], state["_running_var"]
+        eps, axis = self.eps, self.axis
+        grads: Optional[Callable[[Any, Any], Any]]
+        if self.training or not self.track_running_stats:
+            momentum = 0.0 if self.momentum is None else self.momentum
+            y, mean, invstd = _instance_norm(
+                xb, weight, bias, running_mean, running_var, momentum, eps, axis, outb, relu
+            )
+            channels = _shape_of(xb)[axis]
+
+            def grads(gy: Any, o: Any) -> Any:
+                return _group_norm_backward(gy, xb, mean, invstd, weight, channels, axis, o)
+        else:
+            y = _forward_eval(xb, running_mean, running_var, weight, bias, eps, axis, outb, None, relu)
+            grads = _eval_grads(xb, running_mean, running_var, weight, eps, axis)
+        if relu:
+            self._save(x, out, weight, None, _NO_BACKWARD_FUSED)
+        else:
+            self._save(x, out, weight, _unbatched(grads) if unbatched else grads)
+        return _returned(x, out, y[0] if unbatched else y)
+
+    forward = __call__
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance norm over (N, C, L) or unbatched (C, L) input; equivalent to
+    ``torch.nn.InstanceNorm1d``.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float
+        Added to the variance. Default 1e-5.
+    momentum : float in [0, 1] or None
+        Running-statistics update factor (None: the statistics stay, as in torch).
+    affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros); None when False (the default).
+    track_running_stats : bool
+        Keep ``running_mean``, ``running_var``, ``num_batches_tracked`` and use them in
+        evaluation; None when False (the default).
+    bias : bool
+        With ``affine``, whether there is a ``bias`` (torch's newer argument).
+    dtype : float32 or float64
+        Dtype of the parameters, buffers and accepted inputs.
+    axis : int
+        Channel axis of the batched input; -1 for channels-last data.
+
+    Attributes
+    ----------
+    weight, bias, running_mean, running_var : (C,) arrays or None
+    num_batches_tracked : 0-d int64 array or None (torch never advances it for InstanceNorm)
+    weight_grad, bias_grad : set by ``backward``
+    """
+
+    _ranks = (2, 3)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance norm over (N, C, H, W) or unbatched (C, H, W) input; equivalent to
+    ``torch.nn.InstanceNorm2d``. Parameters as for ``InstanceNorm1d``."""
+
+    _ranks = (3, 4)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance norm over (N, C, D, H, W) or unbatched (C, D, H, W) input; equivalent to
+    ``torch.nn.InstanceNorm3d``. Parameters as for ``InstanceNorm1d``."""
+
+    _ranks = (4, 5)
+

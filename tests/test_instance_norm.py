@@ -1,0 +1,140 @@
+"""InstanceNorm specifics: running statistics (torch's rule, over several steps, then eval),
+unbatched input, torch's channel warning, the functional form in every layout, bad input
+and accuracy at mean 1e6 (family-wide checks: test_norm_family.py)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+import reference as ref
+from helpers import DTYPE_IDS, DTYPES, assert_close, assert_unchanged, logical_data, snapshot
+from test_numerics import VAR_RTOL, data, out_atol
+
+CLASSES = [("InstanceNorm1d", (3, 4, 17)), ("InstanceNorm2d", (2, 3, 5, 7)), ("InstanceNorm3d", (2, 3, 3, 4, 5))]
+
+
+@pytest.mark.parametrize("name,shape", CLASSES, ids=[c[0] for c in CLASSES])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_running_stats_follow_torch(torch, name, shape, momentum, dtype, rng):
+    c = shape[1]
+    m = getattr(bn, name)(c, momentum=momentum, affine=True, track_running_stats=True, dtype=dtype)
+    tm = getattr(torch.nn, name)(c, momentum=momentum, affine=True, track_running_stats=True,
+                                 dtype={np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)])
+    for step in range(3):
+        x = logical_data(rng, shape, offset=step).astype(dtype)
+        y = m(x)
+        assert_close(y, tm(torch.from_numpy(x)).detach().numpy(), dtype)
+    assert_close(m.running_mean, tm.running_mean.numpy(), dtype)
+    assert_close(m.running_var, tm.running_var.numpy(), dtype)
+    assert int(m.num_batches_tracked) == int(tm.num_batches_tracked) == 0  # torch never counts
+    m.eval()
+    tm.eval()
+    x = logical_data(rng, shape).astype(dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tm(xt)
+    gy = rng.standard_normal(shape).astype(dtype)
+    yt.backward(torch.from_numpy(gy))
+    assert_close(m(x), yt.detach().numpy(), dtype)
+    invstd = 1 / np.sqrt(m.running_var.astype(np.float64) + 1e-5)
+    assert_close(m.backward(gy), xt.grad.numpy(), dtype, scale=np.max(invstd) * np.max(np.abs(gy)) * 1.5)
+
+
+@pytest.mark.parametrize("name,shape", CLASSES, ids=[c[0] for c in CLASSES])
+@pytest.mark.parametrize("axis", [1, -1], ids=["cf", "cl"])
+def test_unbatched_input_is_one_sample(name, shape, axis, rng):
+    c = shape[1]
+    m = getattr(bn, name)(c, affine=True, track_running_stats=True, dtype=np.float64, axis=axis)
+    one = np.moveaxis(logical_data(rng, shape)[:1], 1, axis)
+    y_batched = m(np.ascontiguousarray(one))
+    rm = m.running_mean.copy()
+    m.reset_running_stats()
+    y = m(np.ascontiguousarray(one[0]))
+    assert y.shape == one.shape[1:]
+    np.testing.assert_array_equal(y, y_batched[0])
+    np.testing.assert_array_equal(m.running_mean, rm)
+    gx = m.backward(np.ones(one.shape[1:]))
+    assert gx.shape == one.shape[1:]
+
+
+def test_unbatched_matches_torch(torch, rng):
+    x = logical_data(rng, (1, 3, 9))[0].astype(np.float32)
+    m, tm = bn.InstanceNorm1d(3), torch.nn.InstanceNorm1d(3)
+    assert_close(m(x), tm(torch.from_numpy(x)).numpy(), np.float32)
+
+
+def test_channel_mismatch_warns_without_affine_and_raises_with(rng):
+    x = logical_data(rng, (2, 5, 8))
+    with pytest.warns(UserWarning, match="does not match num_features"):
+        y = bn.InstanceNorm1d(3, dtype=np.float64)(x)
+    assert_close(y, ref.instance_norm(x)[0], np.float64)
+    m = bn.InstanceNorm1d(3, affine=True, dtype=np.float64)
+    before = snapshot(m, x)
+    with pytest.raises(ValueError, match=r"expected input's size at dim=1 to match num_features \(3\), but got: 5"):
+        m(x)
+    assert_unchanged(before, m, x)
+
+
+@pytest.mark.parametrize("rank_shape", [(5,), (2, 3, 4, 5)], ids=str)
+def test_wrong_rank_raises_torchs_message(rank_shape):
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got \d+D input\)"):
+        bn.InstanceNorm1d(3)(np.ones(rank_shape, np.float32))
+
+
+@pytest.mark.parametrize("axis", [1, -1, 2], ids=lambda a: f"axis{a}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_functional_every_layout(axis, dtype, threads, rng):
+    x = np.ascontiguousarray(np.moveaxis(logical_data(rng, (3, 5, 6, 7)), 1, axis)).astype(dtype)
+    w = rng.uniform(0.5, 1.5, 5).astype(dtype)
+    b = rng.uniform(-1, 1, 5).astype(dtype)
+    rm, rv = np.zeros(5, dtype), np.ones(5, dtype)
+    ey, mean, invstd, erm, erv = ref.instance_norm(x, rm, rv, w, b, 0.2, 1e-5, axis)
+    y = bn.instance_norm(x, rm, rv, w, b, True, 0.2, axis=axis)
+    assert_close(y, ey, dtype)
+    assert_close(rm, erm, dtype)
+    assert_close(rv, erv, dtype)
+    assert_close(bn.instance_norm(x, None, None, w, b, axis=axis, activation="relu"), np.maximum(ey, 0), dtype)
+    # use_input_stats=False: the running statistics normalize
+    eval_y = bn.instance_norm(x, rm, rv, w, b, use_input_stats=False, axis=axis)
+    assert_close(eval_y, ref.forward_eval(x, rm, rv, w, b, 1e-5, axis), dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    gx, gw, gb = bn.instance_norm_backward(gy, x, mean.astype(dtype), invstd.astype(dtype), w, axis=axis)
+    egx, egw, egb = ref.instance_norm_backward(gy, x, mean, invstd, w, axis)
+    assert_close(gx, egx, dtype, scale=np.max(np.abs(w)) * np.max(invstd) * np.max(np.abs(gy)))
+    assert_close(gw, egw, dtype, scale=3 * x.size // 5)
+    assert_close(gb, egb, dtype, scale=3 * x.size // 5)
+
+
+def test_functional_bad_input_changes_nothing(rng):
+    x = logical_data(rng, (2, 3, 4)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    before = snapshot(x, rm, rv)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        bn.instance_norm(x, None, None, use_input_stats=False)
+    with pytest.raises(ValueError, match="running_mean"):
+        bn.instance_norm(x, np.zeros(4, np.float32), rv)
+    with pytest.raises(ValueError, match="spatial"):
+        bn.instance_norm(x[:, :, :1], rm, rv)
+    with pytest.raises(TypeError):
+        bn.instance_norm(x, rm.astype(np.float64), rv)
+    assert_unchanged(before, x, rm, rv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,axis", [((4, 16, 32, 32), 1), ((4, 32, 32, 16), -1)], ids=["NCHW", "NHWC"])
+def test_accuracy_at_mean_1e6(dtype, shape, axis, threads):
+    x = data(shape, dtype, 1e6, 1.0, 5)
+    y, mean, invstd = bn._core.instance_norm(x, None, None, None, None, 0.1, 1e-5, axis)
+    ey, _, inv_ref, _, _ = ref.instance_norm(x, axis=axis)
+    var = 1.0 / invstd.astype(np.float64) ** 2 - 1e-5
+    v_ref = 1.0 / inv_ref**2 - 1e-5
+    assert np.max(np.abs(var - v_ref) / v_ref) <= VAR_RTOL[np.dtype(dtype)]
+    assert np.max(np.abs(y - ey)) <= out_atol(dtype, 1e6, 1.0)
+
+
+def test_no_warning_when_channels_match(rng):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn.InstanceNorm2d(3)(logical_data(rng, (2, 3, 4, 4)))

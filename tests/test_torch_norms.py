@@ -1,0 +1,260 @@
+"""batchnorm.torch's LayerNorm, RMSNorm, GroupNorm and InstanceNorm1d/2d/3d drop-ins against
+torch's own modules on the same parameters and data: forward, backward, running statistics,
+state_dict, repr, gradcheck, convert / revert, the batchnorm:: ops (opcheck, torch.compile,
+torch.export) and TorchScript (script and trace run torch's own op).
+
+Each eager comparison also checks that batchnorm's kernels ran (the batchnorm:: ops in the
+profiler), so a silent fallback to torch cannot pass for the kernels.
+"""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import batchnorm.torch as bnt  # noqa: E402
+from batchnorm import _torch_norm_ops as ops  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64]
+# per dtype: (rtol, atol) for outputs and for gradients (sums over many elements)
+TOL = {torch.float32: ((1e-5, 1e-5), (1e-4, 1e-4)), torch.float64: ((1e-12, 1e-12), (1e-11, 1e-11))}
+
+# (class name, constructor args, kwargs, input shape, op the kernels run in training)
+CASES = [
+    ("LayerNorm", (16,), {}, (4, 5, 16), "layer_norm"),
+    ("LayerNorm", ((5, 16),), {"bias": False}, (4, 5, 16), "layer_norm"),
+    ("LayerNorm", (16,), {"elementwise_affine": False}, (3, 16), "layer_norm"),
+    ("RMSNorm", (16,), {}, (4, 5, 16), "layer_norm"),
+    ("RMSNorm", ((5, 16),), {"eps": 1e-6}, (4, 5, 16), "layer_norm"),
+    ("GroupNorm", (4, 12), {}, (3, 12, 5, 6), "group_norm"),
+    ("GroupNorm", (3, 6), {"affine": False}, (2, 6, 7), "group_norm"),
+    ("InstanceNorm1d", (6,), {"affine": True, "track_running_stats": True}, (3, 6, 9), "instance_norm_train"),
+    ("InstanceNorm2d", (6,), {}, (3, 6, 5, 4), "instance_norm_train"),
+    ("InstanceNorm2d", (6,), {"affine": True, "track_running_stats": True, "momentum": None}, (3, 6, 5, 4),
+     "instance_norm_train"),
+    ("InstanceNorm3d", (4,), {"affine": True}, (2, 4, 3, 4, 5), "instance_norm_train"),
+]
+CASE_IDS = [f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[2].items()) or 'default'}" for c in CASES]
+
+
+def pair(name, args, kwargs, dtype, seed=0):
+    """(torch's module, batchnorm's drop-in) with the same random parameters and statistics."""
+    torch.manual_seed(seed)
+    ref = getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(0.5, 1.5)
+        for key in ("running_mean", "running_var"):
+            if getattr(ref, key, None) is not None:
+                getattr(ref, key).uniform_(0.5, 1.5)
+    ours = getattr(bnt, name)(*args, **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def data(shape, dtype, seed=1):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 3 + 2)
+
+
+def ops_run(fn):
+    """``fn()`` and the names of the batchnorm:: ops it ran."""
+    with torch.profiler.profile() as prof:
+        result = fn()
+    return result, {e.name for e in prof.events() if e.name.startswith("batchnorm::")}
+
+
+def assert_states_match(ours, ref, tol):
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for (key, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1], msg=key)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name,args,kwargs,shape,op", CASES, ids=CASE_IDS)
+def test_matches_torch(name, args, kwargs, shape, op, dtype, training):
+    ref, ours = pair(name, args, kwargs, dtype)
+    assert repr(ours) == repr(ref) and isinstance(ours, type(ref))
+    out_tol, grad_tol = TOL[dtype]
+    for step in range(2):  # twice: running statistics carry over
+        ref.train(training)
+        ours.train(training)
+        x_ref = data(shape, dtype, seed=step).requires_grad_(True)
+        x = x_ref.detach().clone().requires_grad_(True)
+        y_ref = ref(x_ref)
+        y, names = ops_run(lambda: ours(x))
+        torch.testing.assert_close(y, y_ref, rtol=out_tol[0], atol=out_tol[1])
+        uses_running = name.startswith("Instance") and not training and ours.track_running_stats
+        assert f"batchnorm::{'batch_norm_eval' if uses_running else op}" in names
+        grad = data(shape, dtype, seed=10 + step)
+        y_ref.backward(grad)
+        y.backward(grad)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=grad_tol[0], atol=grad_tol[1])
+        for (key, p), q in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=grad_tol[0], atol=grad_tol[1], msg=key)
+        assert_states_match(ours, ref, out_tol)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape,op", CASES, ids=CASE_IDS)
+def test_gradcheck(name, args, kwargs, shape, op):
+    _, ours = pair(name, args, kwargs, torch.float64)
+    x = data((2,) + shape[1:], torch.float64).requires_grad_(True)
+    params = tuple(ours.parameters())
+    ours.train()
+
+    def fn(x, *p):
+        return torch.func.functional_call(ours, dict(zip([k for k, _ in ours.named_parameters()], p)), (x,))
+
+    if getattr(ours, "track_running_stats", False):  # gradcheck calls forward repeatedly
+        ours.momentum = 0.0
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    assert torch.autograd.gradgradcheck(fn, (x, *params))
+
+
+def test_channels_last_and_unbatched_inputs():
+    ref, ours = pair("GroupNorm", (2, 8), {}, torch.float32)
+    x = data((2, 8, 5, 6), torch.float32).to(memory_format=torch.channels_last).requires_grad_(True)
+    y, names = ops_run(lambda: ours(x))
+    assert "batchnorm::group_norm" in names and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    ref, ours = pair("InstanceNorm2d", (8,), {"affine": True, "track_running_stats": True}, torch.float32)
+    x = data((8, 5, 6), torch.float32)  # (C, H, W): one sample
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert_states_match(ours, ref, (1e-6, 1e-6))
+
+
+def test_rms_norm_default_eps_is_the_dtype_epsilon():
+    for dtype in DTYPES:
+        ref, ours = pair("RMSNorm", (4,), {}, dtype)
+        x = torch.full((2, 4), 1e-5, dtype=dtype)  # tiny values: eps decides the result
+        torch.testing.assert_close(ours(x), ref(x), rtol=TOL[dtype][0][0], atol=0.0)
+
+
+def test_torch_keeps_what_the_kernels_do_not_take():
+    """float16, a shape mismatch, one value per instance in training: torch's result or error."""
+    ref, ours = pair("LayerNorm", (8,), {}, torch.float32)
+    x = data((2, 8), torch.float16)
+    y, names = ops_run(lambda: ours.half()(x))
+    assert not names and y.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        ours.float()(torch.ones(2, 7))
+    _, inorm = pair("InstanceNorm1d", (3,), {}, torch.float32)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        inorm(torch.ones(2, 3, 1))
+    _, gn = pair("GroupNorm", (2, 4), {}, torch.float32)
+    with pytest.raises(RuntimeError, match="channels"):
+        gn(torch.ones(2, 6, 3))
+
+
+def test_convert_and_revert_swap_every_norm():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.InstanceNorm2d(8, affine=True),
+        torch.nn.BatchNorm2d(8), torch.nn.Flatten(1), torch.nn.LayerNorm(8 * 4 * 4),
+        torch.nn.Linear(128, 16), torch.nn.RMSNorm(16))
+    ref = copy.deepcopy(model)
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    converted = bnt.convert(model)
+    assert [type(m) for m in converted] == [torch.nn.Conv2d, bnt.GroupNorm, bnt.InstanceNorm2d, bnt.BatchNorm2d,
+                                            torch.nn.Flatten, bnt.LayerNorm, torch.nn.Linear, bnt.RMSNorm]
+    assert all(v is tensors[k] for k, v in converted.state_dict(keep_vars=True).items())
+    x = data((2, 3, 6, 6), torch.float32)
+    y, names = ops_run(lambda: converted(x))
+    assert {"batchnorm::group_norm", "batchnorm::instance_norm_train", "batchnorm::layer_norm"} <= names
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    reverted = bnt.revert(converted)
+    assert [type(m) for m in reverted] == [type(m) for m in ref]
+    assert all(v is tensors[k] for k, v in reverted.state_dict(keep_vars=True).items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_opcheck(dtype):
+    """torch's own operator checks: schema, fake kernels, autograd registration, AOT dispatch."""
+    x = data((3, 6, 4, 5), dtype).requires_grad_(True)
+    w = torch.rand(6, dtype=dtype, requires_grad=True) + 0.5
+    b = torch.randn(6, dtype=dtype, requires_grad=True)
+    lw = torch.rand(4, 5, dtype=dtype, requires_grad=True) + 0.5
+    lb = torch.randn(4, 5, dtype=dtype, requires_grad=True)
+    rm, rv = torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    checks = [
+        (ops.layer_norm, (x, 2, lw, lb, 1e-5, False)),
+        (ops.layer_norm, (x, 1, None, None, 1e-5, False)),
+        (ops.layer_norm, (x, 2, lw, None, 1e-6, True)),
+        (ops.group_norm, (x, 3, w, b, 1e-5)),
+        (ops.group_norm, (x_cl, 2, None, None, 1e-5)),
+        (ops.instance_norm_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (ops.instance_norm_train, (x_cl, None, None, None, None, 0.1, 1e-5)),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def norms_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.InstanceNorm2d(8, affine=True),
+        torch.nn.Flatten(2), torch.nn.LayerNorm(16), torch.nn.RMSNorm(16)).to(dtype)
+
+
+def test_compile_runs_the_ops():
+    torch._dynamo.reset()
+    ref = norms_model()
+    compiled = torch.compile(bnt.convert(copy.deepcopy(ref)))
+    x = data((2, 3, 6, 6), torch.float32)
+    x_ref = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
+    y, names = ops_run(lambda: compiled(x))
+    assert {"batchnorm::group_norm", "batchnorm::instance_norm_train", "batchnorm::layer_norm"} <= names
+    y_ref = ref(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_export_records_the_ops():
+    ref = norms_model()
+    ep = torch.export.export(bnt.convert(copy.deepcopy(ref)), (data((2, 3, 6, 6), torch.float32),))
+    names = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"batchnorm.group_norm.default", "batchnorm.instance_norm_train.default",
+            "batchnorm.layer_norm.default"} <= names
+    x = data((2, 3, 6, 6), torch.float32, seed=3)
+    torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_script_and_trace_match_torch():
+    ref = norms_model()
+    ours = bnt.convert(copy.deepcopy(ref))
+    x = data((2, 3, 6, 6), torch.float32)
+    scripted = torch.jit.script(ours)
+    traced = torch.jit.trace(ours, (x,))
+    x2 = data((2, 3, 6, 6), torch.float32, seed=5)
+    for module in (scripted, traced):
+        torch.testing.assert_close(module(x2), ref(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_calls_without_grad_run_the_kernels(monkeypatch):
+    """No graph to record (no_grad, or nothing requires grad): the kernels run without the
+    dispatcher, and give torch's results and running statistics."""
+    calls = []
+    real = ops._core
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                calls.append(name)
+                return getattr(real, name)(*args)
+            return call
+    monkeypatch.setattr(ops, "_core", Spy())
+    for name, args, kwargs, shape, op in CASES:
+        ref, ours = pair(name, args, kwargs, torch.float32)
+        x = data(shape, torch.float32)
+        calls.clear()
+        with torch.no_grad():
+            y, names = ops_run(lambda: ours(x))
+            torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        assert not names and calls == [op.replace("_train", "")], (name, calls)
+        assert_states_match(ours, ref, (1e-6, 1e-6))

@@ -1,0 +1,81 @@
+"""batchnorm's NumPy API given torch tensors: tensors that require grad are refused (the API
+would cut their autograd graph), and out= a tensor bumps its version counter as torch's
+in-place ops do, so an earlier-recorded backward that saved it raises."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import batchnorm  # noqa: E402
+
+
+@pytest.mark.parametrize("argument", ["input", "weight", "bias"])
+def test_tensors_that_require_grad_are_refused(argument):
+    args = {"input": torch.randn(4, 3), "weight": torch.ones(3), "bias": torch.zeros(3)}
+    args[argument] = args[argument].requires_grad_(True)
+    with pytest.raises(TypeError, match=rf"{argument}.*requires grad.*detach\(\).*batchnorm\.torch"):
+        batchnorm.batch_norm(args["input"], None, None, args["weight"], args["bias"], training=True)
+
+
+def test_module_refuses_input_that_requires_grad():
+    m = batchnorm.BatchNorm1d(3)
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(TypeError, match="requires grad"):
+        m(x)
+    y = m(x.detach())  # detached: accepted, a plain tensor out
+    assert isinstance(y, torch.Tensor) and not y.requires_grad
+
+
+def test_out_tensor_that_requires_grad_is_refused_and_unchanged():
+    out = torch.zeros(4, 3, requires_grad=True)
+    with pytest.raises(TypeError, match="out.*requires grad"):
+        batchnorm.batch_norm(torch.randn(4, 3), None, None, training=True, out=out)
+    assert torch.equal(out, torch.zeros(4, 3))
+
+
+def test_out_tensor_version_counter_is_bumped():
+    x = torch.randn(4, 3)
+    out = torch.empty(4, 3)
+    w = torch.ones(4, 3, requires_grad=True)
+    loss = (w * out).sum()  # saves `out` for backward
+    version = out._version
+    y = batchnorm.batch_norm(x, None, None, training=True, out=out)
+    assert y is out and out._version > version
+    np.testing.assert_allclose(out.numpy().mean(0), 0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # NumPy out: unchanged behaviour
+    out_np = np.empty((4, 3), np.float32)
+    assert batchnorm.batch_norm(x.numpy(), None, None, training=True, out=out_np) is out_np
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")], ids=["None", "str", "device"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_numpy_modules_take_torch_device_and_dtype(device, dtype):
+    m = batchnorm.BatchNorm2d(3, device=device, dtype=dtype)
+    expected = np.float32 if dtype == torch.float32 else np.float64
+    assert m.dtype == expected and m.weight.dtype == expected
+    y = m(np.ones((2, 3, 2, 2), expected))
+    assert y.dtype == expected
+
+
+@pytest.mark.parametrize("device", ["cuda", "meta", torch.device("meta"), "cpu:1"])
+def test_numpy_modules_name_other_devices(device):
+    with pytest.raises(ValueError, match=f"device.*{device}"):
+        batchnorm.BatchNorm1d(3, device=device)
+
+
+def test_numpy_modules_refuse_other_torch_dtypes():
+    with pytest.raises(TypeError, match="dtype"):
+        batchnorm.BatchNorm1d(3, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["str", "device"])
+def test_drop_ins_take_cpu_device_and_torch_dtype(device):
+    import batchnorm.torch as bnt
+    for dtype in (torch.float32, torch.float64):
+        m = bnt.BatchNorm2d(3, device=device, dtype=dtype)
+        assert m.weight.dtype == dtype and m.weight.device.type == "cpu"
+        x = torch.randn(2, 3, 4, 4, dtype=dtype)
+        torch.testing.assert_close(m(x), torch.nn.functional.batch_norm(x, None, None, training=True))

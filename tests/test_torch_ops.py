@@ -1,0 +1,373 @@
+"""batchnorm.torch under graph capture and function transforms: the batchnorm:: ops.
+
+torch.compile (inductor), torch.export, torch.fx, torch.func (grad, vmap, jacrev), batched
+gradients and forward-mode AD, each compared with torch's own BatchNorm on the same
+parameters and data, and each checked to run batchnorm's kernels (the batchnorm:: ops in
+the graph or the profiler, or torch's batch_norm made unreachable) -- except forward-mode
+AD, which must hand off to torch's op (the kernels have no forward-mode rule).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import batchnorm.torch as bnt  # noqa: E402
+from batchnorm import _torch_ops  # noqa: E402
+
+F = torch.nn.functional
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Makes torch's own batch_norm unreachable from batchnorm.torch: the kernels must run."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("batchnorm.torch fell back to torch.nn.functional.batch_norm")
+    monkeypatch.setattr(bnt, "_torch_batch_norm", refuse)
+
+
+@pytest.fixture
+def fallback_calls(monkeypatch):
+    calls = []
+    real = F.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bnt, "_torch_batch_norm", counting)
+    return calls
+
+
+def conv_bn(seed=0, channels_last=False, dtype=torch.float32):
+    """(torch model, converted copy): conv - BN - ReLU, random BN parameters and statistics."""
+    torch.manual_seed(seed)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5)
+        ref[1].bias.uniform_(-1, 1)
+        ref[1].running_mean.uniform_(-1, 1)
+        ref[1].running_var.uniform_(0.5, 2)
+    ref = ref.to(dtype)
+    if channels_last:
+        ref = ref.to(memory_format=torch.channels_last)
+    return ref, bnt.convert(copy.deepcopy(ref))
+
+
+def data(channels_last=False, dtype=torch.float32, seed=1):
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2 + 1
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def assert_models_match(ours, ref, rtol=1e-5, atol=1e-5):
+    for (name, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
+def op_names(graph):
+    return [str(n.target) for n in graph.nodes if n.op == "call_function"]
+
+
+def profiled_ops(fn):
+    with torch.profiler.profile() as prof:
+        result = fn()
+    return result, {e.name for e in prof.events() if e.name.startswith("batchnorm::")}
+
+
+# ---------------------------------------------------------------- the ops themselves
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_opcheck(dtype, fmt, affine):
+    """torch's own operator checks: schema, fake kernels, autograd registration, AOT dispatch."""
+    x = data(fmt == "NHWC", dtype).requires_grad_(True)
+    w = torch.rand(3, dtype=dtype, requires_grad=True) + 0.5 if affine else None
+    b = torch.randn(3, dtype=dtype, requires_grad=True) if affine else None
+    rm, rv = torch.randn(3, dtype=dtype), torch.rand(3, dtype=dtype) + 0.5
+    checks = [
+        (_torch_ops.batch_norm_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (_torch_ops.batch_norm_train, (x, w, b, None, None, 0.1, 1e-5)),
+        (_torch_ops.batch_norm_eval, (x, w, b, rm, rv, 1e-5)),
+        (_torch_ops.batch_norm_backward,  # not differentiable itself: double backward uses aten
+         (torch.randn_like(x), x.detach(), None if w is None else w.detach(), rm, rv, True)),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_train_op_matches_torch_native_batch_norm(rng):
+    x = torch.from_numpy(rng.standard_normal((5, 3, 4)) + 2)
+    w, b = torch.from_numpy(rng.uniform(0.5, 1.5, 3)), torch.from_numpy(rng.standard_normal(3))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y, mean, invstd, new_mean, new_var = _torch_ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y_ref, mean_ref, invstd_ref = torch.native_batch_norm(x, w, b, rm_ref, rv_ref, True, 0.1, 1e-5)
+    for got, want in ((y, y_ref), (mean, mean_ref), (invstd, invstd_ref), (new_mean, rm_ref),
+                      (new_var, rv_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(rm, torch.zeros(3, dtype=torch.float64))  # functional: inputs untouched
+
+
+# ---------------------------------------------------------------- torch.fx
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fx_symbolic_trace_records_the_ops(training, no_fallback):
+    ref, ours = conv_bn()
+    ref.train(training)
+    ours.train(training)
+    gm = torch.fx.symbolic_trace(ours)
+    expected = "batchnorm.batch_norm_train.default" if training else "batchnorm.batch_norm_eval.default"
+    assert expected in op_names(gm.graph)
+    x = data()
+    for _ in range(2):  # the traced module updates the running statistics like torch's
+        torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert_models_match(ours, ref)
+    assert int(ours[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == (2 if training else 0)
+    assert not ours[1].running_mean.requires_grad
+
+
+def test_fx_momentum_none_in_training_says_why():
+    model = torch.nn.Sequential(bnt.BatchNorm1d(3, momentum=None))
+    with pytest.raises(RuntimeError, match="momentum=None"):
+        torch.fx.symbolic_trace(model)
+    torch.fx.symbolic_trace(model.eval())  # eval mode traces
+
+
+def test_fx_fusion_and_fuse_modules_on_converted_models():
+    """fx's conv-BN fusion (exact torch types) leaves the converted layer as a batchnorm op;
+    fuse_modules takes the converted types through FUSER_METHOD_MAPPING; both give
+    the unfused model's output."""
+    from torch.fx.experimental.optimization import fuse
+    ref, ours = conv_bn()
+    ref.eval()
+    ours.eval()
+    x = data()
+    fused = fuse(ours)
+    assert "batchnorm.batch_norm_eval.default" in op_names(fused.graph)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    from torch.ao.quantization import fuse_modules
+    q = fuse_modules(ours, [["0", "1", "2"]], fuse_custom_config_dict={
+        "additional_fuser_method_mapping": bnt.FUSER_METHOD_MAPPING})
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in q.modules())
+    torch.testing.assert_close(q(x), ref(x), rtol=1e-5, atol=1e-5)
+    q = fuse_modules(bnt.revert(copy.deepcopy(ours)), [["0", "1"]])  # or: revert first
+    torch.testing.assert_close(torch.relu(q(x)), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- torch.export, torch.compile
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_records_the_ops(training, no_fallback):
+    ref, ours = conv_bn()
+    ref.train(training)
+    ours.train(training)
+    x = data()
+    ep = torch.export.export(ours, (x,))
+    expected = "batchnorm.batch_norm_train.default" if training else "batchnorm.batch_norm_eval.default"
+    assert expected in op_names(ep.graph)
+    exported = ep.module()
+    torch.testing.assert_close(exported(x), ref(x), rtol=1e-5, atol=1e-5)
+    if training:  # the exported program updates its own copies of the buffers, like torch's
+        for name in ("1.running_mean", "1.running_var"):
+            torch.testing.assert_close(exported.state_dict()[name], ref.state_dict()[name],
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
+def test_inductor_training_runs_the_ops(fmt, no_fallback):
+    torch._dynamo.reset()
+    ref, ours = conv_bn(channels_last=fmt == "NHWC")
+    compiled = torch.compile(ours)
+    grads = []
+    for model in (ref, compiled):
+        x = data(fmt == "NHWC").requires_grad_(True)
+        (y, names) = profiled_ops(lambda: model(x))
+        y.square().sum().backward()
+        grads.append((y.detach(), x.grad, names))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-5)
+    assert "batchnorm::batch_norm_train" in grads[1][2]
+    assert_models_match(ours, ref)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours[1], name).grad, getattr(ref[1], name).grad,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_inductor_inference_runs_the_ops(no_fallback):
+    torch._dynamo.reset()
+    ref, ours = conv_bn()
+    ref.eval()
+    ours.eval()
+    compiled = torch.compile(ours)
+    x = data()
+    with torch.no_grad():
+        y, names = profiled_ops(lambda: compiled(x))
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    assert "batchnorm::batch_norm_eval" in names
+
+
+# ---------------------------------------------------------------- torch.func
+
+
+def linear_bn(track=True, seed=0):
+    torch.manual_seed(seed)
+    ref = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=track))
+    return ref, bnt.convert(copy.deepcopy(ref))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_func_grad_over_parameters_with_functional_call(training, no_fallback):
+    """functorch's test_grad_... pattern: grad of a loss over a dict of parameters."""
+    from torch.func import functional_call, grad
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    results = []
+    for model in linear_bn():
+        model.train(training)
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        g = grad(lambda p, b: functional_call(model, (p, b), (x,)).square().sum())(params, buffers)
+        results.append((g, buffers))
+    ref_grads, our_grads = results[0][0], results[1][0]
+    for name in ref_grads:
+        torch.testing.assert_close(our_grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], msg=name)
+
+
+def _ensemble(models, x, in_dims):
+    from torch.func import functional_call, stack_module_state, vmap
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    out = vmap(lambda p, b, xx: functional_call(base, (p, b), (xx,)), in_dims=in_dims)(params, buffers, x)
+    return out, buffers
+
+
+@pytest.mark.parametrize("track", [True, False], ids=["running-stats", "no-running-stats"])
+def test_vmap_model_ensembling(track, no_fallback):
+    """torch's model-ensembling recipe: vmap over stacked parameters (and buffers)."""
+    outs = []
+    for model in linear_bn(track=track):
+        models = [copy.deepcopy(model) for _ in range(3)]
+        for i, m in enumerate(models):
+            with torch.no_grad():
+                m[0].weight.mul_(i + 1)
+                m[1].weight.add_(i)
+        if track:  # training updates the (stacked) running statistics: one batch per model
+            x = torch.randn(3, 8, 3, generator=torch.Generator().manual_seed(3))
+            outs.append(_ensemble(models, x, (0, 0, 0)))
+        else:  # the same minibatch for every model
+            x = torch.randn(8, 3, generator=torch.Generator().manual_seed(3))
+            outs.append(_ensemble(models, x, (0, 0, None)))
+    (ref, ref_buffers), (ours, our_buffers) = outs
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for name in ref_buffers:
+        torch.testing.assert_close(our_buffers[name], ref_buffers[name], msg=name)
+
+
+def test_vmap_training_with_unbatched_running_stats_is_an_error():
+    from torch.func import vmap
+    x = torch.randn(3, 8, 4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(RuntimeError, match="running"):
+        vmap(lambda xx: bnt.batch_norm(xx, rm, rv, training=True))(x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_vmap_over_input_and_weight_in_dims(training, no_fallback):
+    """Independent batch norms per vmapped slice, batch dim not first, equal to a loop."""
+    from torch.func import vmap
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 4, 5, generator=gen, dtype=torch.float64)  # vmapped dim: 2
+    w = torch.rand(4, 3, generator=gen, dtype=torch.float64) + 0.5  # vmapped dim: 0
+    rm = torch.randn(3, 4, generator=gen, dtype=torch.float64)  # vmapped dim: 1
+    rv = torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y = vmap(lambda xx, ww, m, v: bnt.batch_norm(xx, m, v, ww, None, training),
+             in_dims=(2, 0, 1, 1))(x, w, rm, rv)
+    for k in range(4):
+        m, v = rm_ref[:, k].clone(), rv_ref[:, k].clone()
+        expected = F.batch_norm(x[:, :, k], m, v, w[k], None, training)
+        torch.testing.assert_close(y[k], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rm[:, k], m, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv[:, k], v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jacrev_matches_torch(training):
+    from torch.func import jacrev
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    w = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64) * 2
+    ours = jacrev(lambda xx, ww: bnt.batch_norm(xx, rm.clone(), rv.clone(), ww, None, training),
+                  argnums=(0, 1))(x, w)
+    ref = jacrev(lambda xx, ww: F.batch_norm(xx, rm.clone(), rv.clone(), ww, None, training),
+                 argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- batched gradients
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_is_grads_batched_matches_torch(training, no_fallback):
+    ref, ours = linear_bn()
+    results = []
+    for model in (ref, ours):
+        model.train(training)
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        y = model(x)
+        basis = torch.eye(y.numel()).view(-1, *y.shape)
+        results.append(torch.autograd.grad(y, (x, model[1].weight), basis, is_grads_batched=True))
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_with_batched_grad(training, rng):
+    """torch's gradcheck with check_batched_grad (vmap over the backward) in float64."""
+    x = torch.from_numpy(rng.standard_normal((4, 3, 5))).requires_grad_(True)
+    w = torch.from_numpy(rng.uniform(0.5, 1.5, 3)).requires_grad_(True)
+    b = torch.from_numpy(rng.standard_normal(3)).requires_grad_(True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+
+    def f(x, w, b):
+        return bnt.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+    assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)
+
+
+# ---------------------------------------------------------------- forward-mode AD
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_ad_hands_off_to_torch_and_keeps_the_tangent(training, fallback_calls):
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jvp
+    gen = torch.Generator().manual_seed(7)
+    x, t = torch.randn(8, 3, generator=gen), torch.randn(8, 3, generator=gen)
+    w, b = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    stats = (None, None) if training else (torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5)
+    with torch.no_grad():  # nothing requires grad: the tangent must still flow
+        out_ref, tan_ref = jvp(lambda xx: F.batch_norm(xx, *stats, w, b, training), (x,), (t,))
+        out, tan = jvp(lambda xx: bnt.batch_norm(xx, *stats, w, b, training), (x,), (t,))
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(tan, tan_ref)
+    assert len(fallback_calls) == 1
+    ref, ours = linear_bn()
+    ref.train(training)
+    ours.train(training)
+    with fwAD.dual_level():  # eager forward AD through the module
+        y_ref = fwAD.unpack_dual(ref(fwAD.make_dual(x, t))).tangent
+        y = fwAD.unpack_dual(ours(fwAD.make_dual(x, t))).tangent
+    assert y is not None
+    torch.testing.assert_close(y, y_ref)
+    assert len(fallback_calls) == 2
+    assert_models_match(ours, ref)
+    ours(x)  # no dual tensor: the kernels again
+    assert len(fallback_calls) == 2

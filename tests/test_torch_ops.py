@@ -183,7 +183,7 @@ def test_export_records_the_ops(training, no_fallback):
 def test_inductor_training_runs_the_ops(fmt, no_fallback):
     torch._dynamo.reset()
     ref, ours = conv_bn(channels_last=fmt == "NHWC")
-    compiled = torch.compile(ours)
+    compiled = torch.compile(ours, fullgraph=True)  # no graph break around the ops
     grads = []
     for model in (ref, compiled):
         x = data(fmt == "NHWC").requires_grad_(True)
@@ -204,7 +204,7 @@ def test_inductor_inference_runs_the_ops(no_fallback):
     ref, ours = conv_bn()
     ref.eval()
     ours.eval()
-    compiled = torch.compile(ours)
+    compiled = torch.compile(ours, fullgraph=True)  # no graph break around the ops
     x = data()
     with torch.no_grad():
         y, names = profiled_ops(lambda: compiled(x))

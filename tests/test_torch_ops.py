@@ -179,6 +179,7 @@ def test_export_records_the_ops(training, no_fallback):
                                        rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's mkldnn modules use torch.jit
 @pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
 def test_inductor_training_runs_the_ops(fmt, no_fallback):
     torch._dynamo.reset()
@@ -199,6 +200,7 @@ def test_inductor_training_runs_the_ops(fmt, no_fallback):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's mkldnn modules use torch.jit
 def test_inductor_inference_runs_the_ops(no_fallback):
     torch._dynamo.reset()
     ref, ours = conv_bn()

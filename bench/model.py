@@ -147,6 +147,8 @@ def pair(torch, bnt, args: argparse.Namespace, name: str, mode: str, fmt: str,  
     models = {"torch": MODELS[name](torch).to(memory_format=memory_format),
               "converted": bnt.convert(MODELS[name](torch).to(memory_format=memory_format))}
     calls = {}
+    if compiled:
+        torch._dynamo.reset()  # each cell compiles afresh (no recompile limit across cells)
     for key, model in models.items():
         if mode == "infer":
             model.eval()

@@ -179,11 +179,12 @@ def test_export_records_the_ops(training, no_fallback):
                                        rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's mkldnn modules use torch.jit
 @pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
 def test_inductor_training_runs_the_ops(fmt, no_fallback):
     torch._dynamo.reset()
     ref, ours = conv_bn(channels_last=fmt == "NHWC")
-    compiled = torch.compile(ours)
+    compiled = torch.compile(ours, fullgraph=True)  # no graph break around the ops
     grads = []
     for model in (ref, compiled):
         x = data(fmt == "NHWC").requires_grad_(True)
@@ -199,12 +200,13 @@ def test_inductor_training_runs_the_ops(fmt, no_fallback):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's mkldnn modules use torch.jit
 def test_inductor_inference_runs_the_ops(no_fallback):
     torch._dynamo.reset()
     ref, ours = conv_bn()
     ref.eval()
     ours.eval()
-    compiled = torch.compile(ours)
+    compiled = torch.compile(ours, fullgraph=True)  # no graph break around the ops
     x = data()
     with torch.no_grad():
         y, names = profiled_ops(lambda: compiled(x))

@@ -12,6 +12,7 @@ import os
 from importlib import metadata
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
+from .distributed import SyncBatchNorm
 from .fold import fold
 from .functional import batch_norm, batch_norm_backward, batch_norm_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, IncompatibleKeys
@@ -31,6 +32,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "IncompatibleKeys",
     "batch_norm",
     "batch_norm_stats",

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
 
 _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests can watch it)
 _FLOATS = (torch.float32, torch.float64)
@@ -313,8 +313,12 @@ def _replacement(module: torch.nn.Module, cls: Type[_DropIn]) -> _DropIn:
     return new
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
+def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
     """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
+
+    ``sync``: True, or a torch.distributed ProcessGroup, makes every batch norm (also
+    ``torch.nn.SyncBatchNorm``) a ``SyncBatchNorm`` over that group (True: the default
+    group), as ``SyncBatchNorm.convert_sync_batchnorm(module, group)`` does.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: recursive, in place (the
     children are replaced in their parents), returns ``module``; a batch norm passed at
@@ -324,6 +328,8 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     ``BatchNorm1d/2d/3d`` are swapped: subclasses (which may override ``forward``),
     ``SyncBatchNorm`` and uninitialized ``LazyBatchNorm*d`` are left alone.
     """
+    if sync is not False:
+        return convert_sync(module, None if sync is True else sync)
     cls = _REPLACEMENTS.get(type(module))
     if cls is not None:
         return _replacement(module, cls)
@@ -332,3 +338,6 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
         if new_child is not child:
             module.add_module(name, new_child)
     return module
+
+
+from ._torch_sync import SyncBatchNorm, convert_sync  # noqa: E402  (it imports this module lazily)

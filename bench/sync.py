@@ -155,6 +155,62 @@ def run_mpi(world: int, args: Dict[str, Any]) -> List[Dict[str, Any]]:
     return json.loads(line[5:])  # type: ignore[no-any-return]
 
 
+# ---- cost model (Thakur, Rabenseifner, Gropp 2005): alpha per message, beta per byte ----------
+
+NETWORKS = {"InfiniBand HDR (alpha 2 us, 12.5 GB/s)": (2e-6, 0.08e-9),
+            "10 GbE TCP (alpha 30 us, 1.25 GB/s)": (30e-6, 0.8e-9)}
+
+
+def allgather_ring(p: int, m: float, a: float, b: float) -> float:
+    return (p - 1) * (a + m * b)
+
+
+def allgather_doubling(p: int, m: float, a: float, b: float) -> float:
+    return np.log2(p) * a + (p - 1) * m * b  # type: ignore[no-any-return]
+
+
+def allreduce_ring(p: int, n: float, a: float, b: float) -> float:
+    return 2 * (p - 1) * a + 2 * (p - 1) / p * n * b
+
+
+def allreduce_tree(p: int, n: float, a: float, b: float) -> float:
+    return np.log2(p) * (a + n * b)  # type: ignore[no-any-return]  # recursive doubling
+
+
+def protocols(c: int) -> Dict[str, Dict[str, Any]]:
+    """Per layer per step: what is exchanged (bytes per rank) by each protocol."""
+    return {
+        "batchnorm: all-gather (count, mean, M2) f64 + all-reduce (sum_dy, sum_dy_xmu) f64":
+            {"gather": (2 * c + 2) * 8, "reduce": (2 * c + 1) * 8},
+        "all-reduce alternative: 3C f64 forward + 2C f64 backward":
+            {"reduce_fwd": 3 * c * 8, "reduce": (2 * c + 1) * 8},
+        "PyTorch GPU SyncBatchNorm: all-gather (mean, invstd, count) f32 + all-reduce 2C f32":
+            {"gather": (2 * c + 1) * 4, "reduce": 2 * c * 4},
+    }
+
+
+def cost_model(channels: List[int], ranks: List[int]) -> str:
+    out = []
+    for net, (a, b) in NETWORKS.items():
+        for c in channels:
+            out.append(f"\n{net}, C = {c}: microseconds per layer per step (forward + backward exchange)\n")
+            out.append("| protocol | collectives | " + " | ".join(f"P={p}" for p in ranks) + " |")
+            out.append("|" + "---|" * (2 + len(ranks)))
+            for name, sizes in protocols(c).items():
+                for algo in ("ring", "tree"):
+                    cells = []
+                    for p in ranks:
+                        t = 0.0
+                        if "gather" in sizes:
+                            t += (allgather_ring if algo == "ring" else allgather_doubling)(p, sizes["gather"], a, b)
+                        if "reduce_fwd" in sizes:
+                            t += (allreduce_ring if algo == "ring" else allreduce_tree)(p, sizes["reduce_fwd"], a, b)
+                        t += (allreduce_ring if algo == "ring" else allreduce_tree)(p, sizes["reduce"], a, b)
+                        cells.append(f"{t * 1e6:.0f}")
+                    out.append(f"| {name} | {algo} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
     head = ("| engine | module | ranks | local shape (per rank) | local step | sync step | "
             "overhead | exchange alone | bytes/rank/layer/step: fwd send, fwd recv, bwd all-reduce |")
@@ -174,10 +230,13 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument("--engines", nargs="+", default=["gloo", "mpi"], choices=["gloo", "mpi"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--model", action="store_true", help="print the cost model for 64-1024 ranks only")
     p.add_argument("--mpi-rank", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.mpi_rank:
         return mpi_rank(json.loads(a.mpi_rank))
+    if a.model:
+        return print(cost_model([64, 1024], [64, 128, 256, 512, 1024]))
     args = {"shapes": C_SHAPES, "steps": a.steps, "rounds": a.rounds}
     rows = []
     for world in a.worlds:

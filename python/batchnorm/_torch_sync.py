@@ -16,7 +16,7 @@ Exported by ``batchnorm.torch``; importing it imports torch.
 # mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,9 @@ from .distributed import (
 
 __all__ = ["SyncBatchNorm", "convert_sync"]
 
-_FLOATS = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_FLOATS: Dict[torch.dtype, np.dtype[Any]] = {
+    torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)
+}
 
 
 def _numpy(t: Optional[Tensor]) -> Any:
@@ -54,7 +56,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Synchronized training batch norm on CPU tensors; gradients of input, weight, bias."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Optional[Tensor],
@@ -200,7 +202,7 @@ class SyncBatchNorm(_BatchNorm):
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, link, self
             )
         if counting:
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         return y
 
     @classmethod

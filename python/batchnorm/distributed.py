@@ -59,7 +59,8 @@ class _Transport:
 
     def allgather(self, send: FloatArray, what: str) -> FloatArray:
         """(size, len(send)) array: row r is rank r's ``send``."""
-        return self._guarded(self._allgather, send, "all-gather", what)  # type: ignore[no-any-return]
+        gathered: FloatArray = self._guarded(self._allgather, send, "all-gather", what)
+        return gathered
 
     def allreduce(self, buf: FloatArray, what: str) -> None:
         """Sum ``buf`` over the ranks, in place."""
@@ -113,7 +114,8 @@ class _TorchTransport(_Transport):
         # gloo has no all_gather_into_tensor: a list of rows, stacked
         rows = [self.torch.empty(send.size, dtype=self.torch.float64) for _ in range(self.size)]
         self.dist.all_gather(rows, self.torch.from_numpy(send), group=self.group)
-        return self.torch.stack(rows).numpy()  # type: ignore[no-any-return]
+        gathered: FloatArray = self.torch.stack(rows).numpy()
+        return gathered
 
     def _allreduce(self, buf: FloatArray) -> None:
         self.dist.all_reduce(self.torch.from_numpy(buf), group=self.group)
@@ -371,7 +373,7 @@ class SyncBatchNorm(_BatchNorm):
             self._checked = link.key
         return link
 
-    def __call__(  # type: ignore[override]
+    def __call__(
         self,
         x: ArrayIn,
         out: Optional[ArrayIn] = None,
@@ -401,6 +403,7 @@ class SyncBatchNorm(_BatchNorm):
         count, mean, m2 = global_moments(link, channels, local)
         check_count(count, link)
         invstd = invstd_of(count, m2, self.eps)
+        y: Any
         if empty[0]:  # nothing to normalize here (the whole batch may be empty too)
             y = _empty_like(x) if out is None else out
         else:
@@ -419,7 +422,7 @@ class SyncBatchNorm(_BatchNorm):
 
     forward = __call__
 
-    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = None) -> Any:  # type: ignore[override]
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = None) -> Any:
         """Gradient of the last forward: ``grad_x`` for this rank's part; ``weight_grad`` and
         ``bias_grad`` of the whole batch (summed over ranks). After an eval or one-process
         forward it is ``BatchNorm2d.backward``. Every rank must call it in the same step."""
@@ -443,6 +446,7 @@ class SyncBatchNorm(_BatchNorm):
             return backward_sums(grad_y, x, mean, axis, empty)
 
         _, (sum_dy, sum_dy_xmu) = global_grad_sums(link, self.num_features, local)
+        grad_x: Any
         if empty:
             grad_x = _empty_like(grad_y) if out is None else out
         else:

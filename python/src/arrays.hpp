@@ -13,6 +13,7 @@
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <batchnorm/dtype.hpp>
 #include <batchnorm/shape.hpp>
 
 #include <algorithm>
@@ -31,14 +32,17 @@ namespace nb = nanobind;
 [[noreturn]] inline void type_error(const std::string& message) { throw nb::type_error(message.c_str()); }
 [[noreturn]] inline void value_error(const std::string& message) { throw nb::value_error(message.c_str()); }
 
+// NumPy's type number for a storage type of the registry (batchnorm/dtype.hpp).
 template <class T>
 constexpr int numpy_type() {
-    return sizeof(T) == 4 ? NPY_FLOAT32 : NPY_FLOAT64;
+    using S = StorageType<T>;
+    static_assert(S::code == DLPackCode::float_ && (S::bits == 32 || S::bits == 64), "a NumPy float type");
+    return S::bits == 32 ? NPY_FLOAT32 : NPY_FLOAT64;
 }
 
 template <class T>
 const char* dtype_name() {
-    return sizeof(T) == 4 ? "float32" : "float64";
+    return StorageType<T>::name;
 }
 
 constexpr int kMaxRank = 32;
@@ -393,6 +397,70 @@ private:
     T* target_ = nullptr;
     T* data_ = nullptr;
     std::int64_t stride_ = 1;
+};
+
+// A layout whose buffer holds the axes in `order` (outermost first), densely: the input's own
+// memory when it is dense in that order, else what ReadAs copies into. view: all values as one
+// run (callers that need another view set it).
+inline Layout ordered_layout(const ArrayRef& x, const int* order) {
+    Layout L;
+    L.rank = x.rank;
+    std::copy(x.shape, x.shape + x.rank, L.shape);
+    std::int64_t step = 1;
+    for (int i = x.rank; i-- > 0;) {
+        L.strides[order[i]] = step;
+        step *= x.shape[order[i]];
+    }
+    L.view = Shape{1, 1, step};  // ReadAs copies view.size() values
+    return L;
+}
+
+inline Layout c_order_layout(const ArrayRef& x) {
+    int order[kMaxRank];
+    for (int d = 0; d < x.rank; ++d) order[d] = d;
+    return ordered_layout(x, order);
+}
+
+// A parameter argument of any shape (weight, bias of layer norm: the normalized shape), dtype
+// T, read densely in C order (copied when strided), or null for None.
+template <class T>
+class ParamArray {
+public:
+    ParamArray(nb::handle h, const char* name, const std::vector<std::int64_t>& shape) {
+        if (h.is_none()) return;
+        array_ = take_array(h, name);
+        check_dtype<T>(array_, name);
+        if (array_.shape_vector() != shape)
+            value_error(std::string(name) + " must have shape " + shape_string(shape) + ", got " +
+                        shape_string(array_.shape_vector()));
+        const Layout L = c_order_layout(array_);
+        read_.emplace(array_, L);
+    }
+    const T* data() const { return read_ ? read_->data() : nullptr; }
+    const ArrayRef* array() const { return read_ ? &array_ : nullptr; }
+
+private:
+    ArrayRef array_;
+    std::optional<ReadAs<T>> read_;
+};
+
+// A float64 vector argument of n values (exchanged statistics and sums), read densely.
+class Float64Vector {
+public:
+    Float64Vector(nb::handle h, const char* name, std::int64_t n) {
+        array_ = take_array(h, name);
+        if (array_.type != NPY_FLOAT64)
+            type_error(std::string(name) + " must have dtype float64, got " + array_.dtype_name());
+        if (array_.rank != 1 || array_.shape[0] != n)
+            value_error(std::string(name) + " must have shape (" + std::to_string(n) +
+                        ",), one value per channel of the input, got " + shape_string(array_.shape_vector()));
+        read_.emplace(array_, c_order_layout(array_));
+    }
+    const double* data() const { return read_->data(); }
+
+private:
+    ArrayRef array_;
+    std::optional<ReadAs<double>> read_;
 };
 
 }  // namespace batchnorm::python

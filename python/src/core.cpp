@@ -162,6 +162,356 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
     });
 }
 
+// ---- the normalization family ---------------------------------------------------------------
+
+// A float32/float64 array argument of any rank.
+ArrayRef take_float_array(nb::handle h, const char* name) {
+    ArrayRef a = take_array(h, name);
+    if (a.type != NPY_FLOAT32 && a.type != NPY_FLOAT64)
+        type_error(std::string(name) + " must have dtype float32 or float64, got " + a.dtype_name());
+    return a;
+}
+
+template <class F>
+nb::object with_type_of(const ArrayRef& a, F&& f) {
+    if (a.type == NPY_FLOAT32) return f(float{});
+    return f(double{});
+}
+
+template <class T>
+nb::object new_c_array(const std::vector<std::int64_t>& shape) {
+    std::int64_t strides[kMaxRank], step = 1;
+    for (std::size_t d = shape.size(); d-- > 0;) {
+        strides[d] = step;
+        step *= shape[d];
+    }
+    return new_array<T>(int(shape.size()), shape.data(), strides);
+}
+
+std::int64_t product(const std::vector<std::int64_t>& v) {
+    std::int64_t n = 1;
+    for (std::int64_t d : v) n *= d;
+    return n;
+}
+
+// Layer norm's split of the input's shape into rows (leading dims) and normalized (trailing).
+struct RowSplit {
+    std::vector<std::int64_t> batch, normalized;
+};
+
+RowSplit split_rows(const ArrayRef& x, int normalized_ndim) {
+    if (normalized_ndim < 1 || normalized_ndim > x.rank)
+        value_error("normalized_ndim must be in [1, " + std::to_string(x.rank) + "] for input of shape " +
+                    shape_string(x.shape_vector()) + ", got " + std::to_string(normalized_ndim));
+    const std::vector<std::int64_t> shape = x.shape_vector();
+    const auto cut = shape.end() - normalized_ndim;
+    return {{shape.begin(), cut}, {cut, shape.end()}};
+}
+
+// `out` and `sum_out` must be separate memory: one receives LN(x + r), the other x + r.
+template <class T>
+void check_outputs_apart(const WriteAs<T>& y, const std::optional<WriteAs<T>>& sum) {
+    if (sum && y.out() && overlaps(*y.out(), *sum->out(), sizeof(T)))
+        value_error("out overlaps sum_out; pass separate arrays");
+}
+
+nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_obj, nb::handle bias_obj, double eps,
+                      bool rms, nb::handle out, nb::handle residual_obj, nb::handle sum_obj) {
+    const ArrayRef xa = take_float_array(x_obj, "input");
+    const RowSplit split = split_rows(xa, normalized_ndim);
+    const Layout L = c_order_layout(xa);
+    return with_type_of(xa, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const ParamArray<T> weight(weight_obj, "weight", split.normalized), bias(bias_obj, "bias", split.normalized);
+        if (rms && bias.data()) value_error("bias must be None for RMS norm (rms=True)");
+        const std::optional<ArrayRef> residual_array = take_like_input<T>(residual_obj, "residual", L);
+        if (!sum_obj.is_none() && !residual_array) value_error("sum_out needs a residual");
+        const ArrayRef* residual_ptr = residual_array ? &*residual_array : nullptr;
+        WriteAs<T> y(out, L, "out", {&xa, residual_ptr});
+        std::optional<WriteAs<T>> sum;
+        if (!sum_obj.is_none()) sum.emplace(sum_obj, L, "sum_out", std::initializer_list<const ArrayRef*>{&xa, residual_ptr});
+        check_outputs_apart(y, sum);
+        check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}});
+        if (sum) check_apart(*sum, {{weight.array(), "weight"}, {bias.array(), "bias"}});
+        const ReadAs<T> x(xa, L);
+        std::optional<ReadAs<T>> residual;
+        if (residual_array) residual.emplace(*residual_array, L);
+        const std::int64_t rows = product(split.batch), cols = product(split.normalized);
+        nb::object mean = rms ? nb::none() : new_c_array<T>(split.batch), invstd = new_c_array<T>(split.batch);
+        {
+            nb::gil_scoped_release unlocked;
+            const T* r = residual ? residual->data() : nullptr;
+            T* s = sum ? sum->data() : nullptr;
+            if (rms)
+                batchnorm::rms_norm<T>(x.data(), y.data(), rows, cols, weight.data(), eps, data_of<T>(invstd), r, s);
+            else
+                batchnorm::layer_norm<T>(x.data(), y.data(), rows, cols, weight.data(), bias.data(), eps,
+                                         data_of<T>(mean), data_of<T>(invstd), r, s);
+        }
+        if (sum) sum->finish();
+        return nb::make_tuple(y.finish(), mean, invstd);
+    });
+}
+
+nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
+                               nb::handle weight_obj, int normalized_ndim, bool rms, nb::handle out) {
+    const ArrayRef xa = take_float_array(x_obj, "input");
+    const RowSplit split = split_rows(xa, normalized_ndim);
+    const Layout L = c_order_layout(xa);
+    return with_type_of(xa, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
+        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", L);
+        if ((!rms && mean_obj.is_none()) || invstd_obj.is_none())
+            type_error(rms ? "invstd must be an array, got None" : "mean and invstd must be arrays, got None");
+        std::optional<ParamArray<T>> mean;
+        if (!rms) mean.emplace(mean_obj, "mean", split.batch);
+        const ParamArray<T> invstd(invstd_obj, "invstd", split.batch);
+        const ParamArray<T> weight(weight_obj, "weight", split.normalized);
+        WriteAs<T> grad_x(out, L, "out", {&xa, &grad_array});
+        check_apart(grad_x, {{mean ? mean->array() : nullptr, "mean"}, {invstd.array(), "invstd"},
+                             {weight.array(), "weight"}});
+        const ReadAs<T> x(xa, L), grad_y(grad_array, L);
+        const bool affine = weight.data() != nullptr;
+        nb::object grad_weight = affine ? new_c_array<T>(split.normalized) : nb::none();
+        nb::object grad_bias = affine && !rms ? new_c_array<T>(split.normalized) : nb::none();
+        const std::int64_t rows = product(split.batch), cols = product(split.normalized);
+        {
+            nb::gil_scoped_release unlocked;
+            T* gw = affine ? data_of<T>(grad_weight) : nullptr;
+            if (rms)
+                batchnorm::rms_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), rows, cols, invstd.data(),
+                                                weight.data(), gw);
+            else
+                batchnorm::layer_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), rows, cols, mean->data(),
+                                                  invstd.data(), weight.data(), gw,
+                                                  affine ? data_of<T>(grad_bias) : nullptr);
+        }
+        return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
+    });
+}
+
+// Group and instance norm read memory channels-first (N, C, spatial...) or channels-last
+// (N, spatial..., C): a dense input in either order is read in place, others are copied
+// channels-first. The batch axis is axis 0.
+struct GroupInput {
+    ArrayRef array;
+    Layout layout;
+    GroupShape shape;
+};
+
+GroupInput take_group_input(nb::handle h, int axis) {
+    const Input in = take_main_input(h, "input", axis);
+    const ArrayRef& x = in.array;
+    const int a = axis < 0 ? axis + x.rank : axis;
+    if (a == 0) value_error("axis must name the channel axis, not the batch axis 0, got " + std::to_string(axis));
+    int first[kMaxRank], last[kMaxRank], n = 0;
+    first[0] = last[0] = 0;
+    first[1] = a;
+    for (int d = 1; d < x.rank; ++d) {
+        if (d == a) continue;
+        first[2 + n] = d;
+        last[1 + n] = d;
+        ++n;
+    }
+    last[x.rank - 1] = a;
+    GroupInput g{x, ordered_layout(x, first), {}};
+    const Layout channels_last = ordered_layout(x, last);
+    g.shape.batch = x.shape[0];
+    g.shape.channels = x.shape[a];
+    g.shape.spatial = g.shape.batch * g.shape.channels == 0 ? 0 : x.size() / (g.shape.batch * g.shape.channels);
+    if (x.size() != 0 && !g.layout.matches(x) && channels_last.matches(x)) {
+        g.layout = channels_last;
+        g.shape.channels_last = true;
+    }
+    return g;
+}
+
+void check_groups(const GroupInput& in, std::int64_t num_groups) {
+    if (num_groups <= 0) value_error("num_groups must be positive, got " + std::to_string(num_groups));
+    if (in.shape.channels % num_groups != 0)
+        value_error("Expected number of channels in input to be divisible by num_groups, but got input of shape " +
+                    shape_string(in.array.shape_vector()) + " and num_groups=" + std::to_string(num_groups));
+}
+
+nb::object group_norm(nb::handle x_obj, std::int64_t num_groups, nb::handle weight_obj, nb::handle bias_obj,
+                      double eps, int axis, nb::handle out, bool relu) {
+    const GroupInput in = take_group_input(x_obj, axis);
+    check_groups(in, num_groups);
+    return with_type_of(in.array, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const std::int64_t C = in.shape.channels;
+        const ChannelArray<T> weight(weight_obj, "weight", C), bias(bias_obj, "bias", C);
+        WriteAs<T> y(out, in.layout, "out", {&in.array});
+        check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}});
+        const ReadAs<T> x(in.array, in.layout);
+        const std::vector<std::int64_t> stats_shape{in.shape.batch, num_groups};
+        nb::object mean = new_c_array<T>(stats_shape), invstd = new_c_array<T>(stats_shape);
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::group_norm<T>(x.data(), y.data(), in.shape, num_groups, weight.data(), bias.data(), eps,
+                                     data_of<T>(mean), data_of<T>(invstd), relu ? Activation::relu : Activation::none);
+        }
+        return nb::make_tuple(y.finish(), mean, invstd);
+    });
+}
+
+nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
+                               nb::handle weight_obj, std::int64_t num_groups, int axis, nb::handle out) {
+    const GroupInput in = take_group_input(x_obj, axis);
+    check_groups(in, num_groups);
+    return with_type_of(in.array, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const std::int64_t C = in.shape.channels;
+        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
+        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
+        const std::vector<std::int64_t> stats_shape{in.shape.batch, num_groups};
+        const ParamArray<T> mean(mean_obj, "mean", stats_shape), invstd(invstd_obj, "invstd", stats_shape);
+        const ChannelArray<T> weight(weight_obj, "weight", C);
+        WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_array});
+        check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
+        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        const bool affine = weight.data() != nullptr;
+        nb::object grad_weight = affine ? new_vector<T>(C) : nb::none(), grad_bias = affine ? new_vector<T>(C) : nb::none();
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::group_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), in.shape, num_groups,
+                                              mean.data(), invstd.data(), weight.data(),
+                                              affine ? data_of<T>(grad_weight) : nullptr,
+                                              affine ? data_of<T>(grad_bias) : nullptr);
+        }
+        return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
+    });
+}
+
+nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bias_obj, nb::handle rmean_obj,
+                         nb::handle rvar_obj, double momentum, double eps, int axis, nb::handle out, bool relu) {
+    const GroupInput in = take_group_input(x_obj, axis);
+    return with_type_of(in.array, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const std::int64_t C = in.shape.channels;
+        const ChannelArray<T> weight(weight_obj, "weight", C), bias(bias_obj, "bias", C);
+        const ChannelArray<T> running_mean(rmean_obj, "running_mean", C, true);
+        const ChannelArray<T> running_var(rvar_obj, "running_var", C, true);
+        if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
+            value_error("running_mean and running_var must both be arrays or both be None");
+        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(T)))
+            value_error("running_mean overlaps running_var; pass separate arrays");
+        if (in.shape.spatial == 1)
+            value_error("Expected more than 1 spatial element when training, got input size " +
+                        shape_string(in.array.shape_vector()));
+        if (!(momentum >= 0 && momentum <= 1)) value_error("momentum must be in [0, 1], got " + std::to_string(momentum));
+        WriteAs<T> y(out, in.layout, "out", {&in.array});
+        check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}, {running_mean.array(), "running_mean"},
+                        {running_var.array(), "running_var"}});
+        const ReadAs<T> x(in.array, in.layout);
+        const std::vector<std::int64_t> stats_shape{in.shape.batch, C};
+        nb::object mean = new_c_array<T>(stats_shape), invstd = new_c_array<T>(stats_shape);
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::instance_norm<T>(x.data(), y.data(), in.shape, weight.data(), bias.data(), running_mean.data(),
+                                        running_var.data(), momentum, eps, data_of<T>(mean), data_of<T>(invstd),
+                                        relu ? Activation::relu : Activation::none);
+        }
+        running_mean.commit();
+        running_var.commit();
+        return nb::make_tuple(y.finish(), mean, invstd);
+    });
+}
+
+// ---- batch norm's phases (statistics out, normalize from given statistics) ------------------
+
+nb::object batch_moments(nb::handle x_obj, int axis) {
+    const Input in = take_main_input(x_obj, "input", axis);
+    return with_element_type(in, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const ReadAs<T> x(in.array, in.layout);
+        const Shape& view = in.layout.view;
+        std::vector<GroupStats> stats(static_cast<std::size_t>(view.channels));
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::batch_moments<T>(x.data(), view, stats.data());
+        }
+        nb::object mean = new_vector<double>(view.channels), m2 = new_vector<double>(view.channels);
+        for (std::size_t c = 0; c < stats.size(); ++c) {
+            data_of<double>(mean)[c] = stats[c].mean;
+            data_of<double>(m2)[c] = stats[c].m2;
+        }
+        return nb::make_tuple(double(view.per_channel()), mean, m2);
+    });
+}
+
+nb::object batch_norm_apply(nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj, nb::handle weight_obj,
+                            nb::handle bias_obj, int axis, nb::handle out) {
+    const Input in = take_main_input(x_obj, "input", axis);
+    return with_element_type(in, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const Shape& view = in.layout.view;
+        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
+        const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
+        const ChannelArray<T> weight(weight_obj, "weight", view.channels), bias(bias_obj, "bias", view.channels);
+        WriteAs<T> y(out, in.layout, "out", {&in.array});
+        check_apart(y, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"},
+                        {bias.array(), "bias"}});
+        const ReadAs<T> x(in.array, in.layout);
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::batch_norm_apply<T>(x.data(), y.data(), view, mean.data(), invstd.data(), weight.data(),
+                                           bias.data());
+        }
+        return y.finish();
+    });
+}
+
+nb::object batch_norm_backward_reduce(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, int axis) {
+    const Input in = take_main_input(x_obj, "input", axis);
+    return with_element_type(in, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const Shape& view = in.layout.view;
+        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
+        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        if (mean_obj.is_none()) type_error("mean must be an array, got None");
+        const ChannelArray<T> mean(mean_obj, "mean", view.channels);
+        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        nb::object sum_dy = new_vector<double>(view.channels), sum_dy_xmu = new_vector<double>(view.channels);
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::batch_norm_backward_reduce<T>(grad_y.data(), x.data(), view, mean.data(),
+                                                     data_of<double>(sum_dy), data_of<double>(sum_dy_xmu));
+        }
+        return nb::make_tuple(sum_dy, sum_dy_xmu);
+    });
+}
+
+nb::object batch_norm_backward_apply(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj,
+                                     nb::handle invstd_obj, nb::handle weight_obj, nb::handle sum_dy_obj,
+                                     nb::handle sum_dy_xmu_obj, double count, int axis, nb::handle out) {
+    const Input in = take_main_input(x_obj, "input", axis);
+    return with_element_type(in, [&](auto tag) -> nb::object {
+        using T = decltype(tag);
+        const Shape& view = in.layout.view;
+        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
+        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
+        const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
+        const ChannelArray<T> weight(weight_obj, "weight", view.channels);
+        const Float64Vector sum_dy(sum_dy_obj, "sum_dy", view.channels);
+        const Float64Vector sum_dy_xmu(sum_dy_xmu_obj, "sum_dy_xmu", view.channels);
+        if (!(count > 0)) value_error("count must be positive, got " + std::to_string(count));
+        WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_array});
+        check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
+        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        {
+            nb::gil_scoped_release unlocked;
+            batchnorm::batch_norm_backward_apply<T>(grad_y.data(), x.data(), grad_x.data(), view, mean.data(),
+                                                    invstd.data(), weight.data(), sum_dy.data(), sum_dy_xmu.data(),
+                                                    count);
+        }
+        return grad_x.finish();
+    });
+}
+
 std::vector<std::string> available_isas() {
     std::vector<std::string> names;
     for (Isa isa : batchnorm::supported_isas()) names.emplace_back(isa_name(isa));
@@ -220,4 +570,59 @@ NB_MODULE(_core, m) {
                   "-> tuple[typing.Any, numpy.typing.NDArray[numpy.floating[typing.Any]], "
                   "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
           "Backward; returns (grad_x, grad_weight, grad_bias).");
+
+    m.def("layer_norm", &py::layer_norm, "input"_a.none(), "normalized_ndim"_a, "weight"_a.none(), "bias"_a.none(),
+          "eps"_a, "rms"_a = false, "out"_a.none() = nb::none(), "residual"_a.none() = nb::none(),
+          "sum_out"_a.none() = nb::none(),
+          nb::sig("def layer_norm(input: object, normalized_ndim: int, weight: object | None, bias: object | None, "
+                  "eps: float, rms: bool = False, out: object | None = None, residual: object | None = None, "
+                  "sum_out: object | None = None) -> tuple[typing.Any, typing.Any, typing.Any]"),
+          "Layer norm (or RMS norm) over the last normalized_ndim dims; returns (y, mean, invstd).");
+    m.def("layer_norm_backward", &py::layer_norm_backward, "grad_y"_a.none(), "input"_a.none(), "mean"_a.none(),
+          "invstd"_a.none(), "weight"_a.none(), "normalized_ndim"_a, "rms"_a = false, "out"_a.none() = nb::none(),
+          nb::sig("def layer_norm_backward(grad_y: object, input: object, mean: object | None, invstd: object, "
+                  "weight: object | None, normalized_ndim: int, rms: bool = False, out: object | None = None) "
+                  "-> tuple[typing.Any, typing.Any, typing.Any]"),
+          "Layer norm backward; returns (grad_x, grad_weight, grad_bias).");
+    m.def("group_norm", &py::group_norm, "input"_a.none(), "num_groups"_a, "weight"_a.none(), "bias"_a.none(),
+          "eps"_a, "axis"_a = 1, "out"_a.none() = nb::none(), "relu"_a = false,
+          nb::sig("def group_norm(input: object, num_groups: int, weight: object | None, bias: object | None, "
+                  "eps: float, axis: int = 1, out: object | None = None, relu: bool = False) "
+                  "-> tuple[typing.Any, typing.Any, typing.Any]"),
+          "Group norm; returns (y, mean, invstd), statistics of shape (N, num_groups).");
+    m.def("group_norm_backward", &py::group_norm_backward, "grad_y"_a.none(), "input"_a.none(), "mean"_a.none(),
+          "invstd"_a.none(), "weight"_a.none(), "num_groups"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
+          nb::sig("def group_norm_backward(grad_y: object, input: object, mean: object, invstd: object, "
+                  "weight: object | None, num_groups: int, axis: int = 1, out: object | None = None) "
+                  "-> tuple[typing.Any, typing.Any, typing.Any]"),
+          "Group norm backward; returns (grad_x, grad_weight, grad_bias).");
+    m.def("instance_norm", &py::instance_norm, "input"_a.none(), "weight"_a.none(), "bias"_a.none(),
+          "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "axis"_a = 1,
+          "out"_a.none() = nb::none(), "relu"_a = false,
+          nb::sig("def instance_norm(input: object, weight: object | None, bias: object | None, "
+                  "running_mean: object | None, running_var: object | None, momentum: float, eps: float, "
+                  "axis: int = 1, out: object | None = None, relu: bool = False) "
+                  "-> tuple[typing.Any, typing.Any, typing.Any]"),
+          "Instance norm with instance statistics; returns (y, mean, invstd) of shape (N, C).");
+    m.def("batch_moments", &py::batch_moments, "input"_a.none(), "axis"_a = 1,
+          nb::sig("def batch_moments(input: object, axis: int = 1) -> tuple[float, "
+                  "numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]"),
+          "Per-channel (count, mean, m2) in float64, for merging across processes.");
+    m.def("batch_norm_apply", &py::batch_norm_apply, "input"_a.none(), "mean"_a.none(), "invstd"_a.none(),
+          "weight"_a.none(), "bias"_a.none(), "axis"_a = 1, "out"_a.none() = nb::none(),
+          nb::sig("def batch_norm_apply(input: object, mean: object, invstd: object, weight: object | None, "
+                  "bias: object | None, axis: int = 1, out: object | None = None) -> typing.Any"),
+          "y = (x - mean)*invstd*weight + bias from given statistics.");
+    m.def("batch_norm_backward_reduce", &py::batch_norm_backward_reduce, "grad_y"_a.none(), "input"_a.none(),
+          "mean"_a.none(), "axis"_a = 1,
+          nb::sig("def batch_norm_backward_reduce(grad_y: object, input: object, mean: object, axis: int = 1) "
+                  "-> tuple[numpy.typing.NDArray[numpy.float64], numpy.typing.NDArray[numpy.float64]]"),
+          "Per-channel (sum_dy, sum_dy_xmu) in float64.");
+    m.def("batch_norm_backward_apply", &py::batch_norm_backward_apply, "grad_y"_a.none(), "input"_a.none(),
+          "mean"_a.none(), "invstd"_a.none(), "weight"_a.none(), "sum_dy"_a.none(), "sum_dy_xmu"_a.none(),
+          "count"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
+          nb::sig("def batch_norm_backward_apply(grad_y: object, input: object, mean: object, invstd: object, "
+                  "weight: object | None, sum_dy: object, sum_dy_xmu: object, count: float, axis: int = 1, "
+                  "out: object | None = None) -> typing.Any"),
+          "grad_x from sums gathered over every participant.");
 }

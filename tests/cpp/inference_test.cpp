@@ -98,7 +98,7 @@ TYPED_TEST(InferenceTest, NullWeightAndBiasMeanOneAndZero) {
     EXPECT_TRUE(ref::same_bits(got, want));
 }
 
-// Factors follow channel_math's rule: shift is the mean rounded to T, alpha = w/sqrt(var + eps).
+// Factors follow engine/affine.hpp's rule: shift is the mean rounded to T, alpha = w/sqrt(var + eps).
 TYPED_TEST(InferenceTest, ExposesItsFactors) {
     using T = TypeParam;
     const Params<T> p(6);

@@ -177,7 +177,7 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 check_sum(ck, where, "cf_dot.second", dot.second, gd, sum_tol<T>(agd, n));
 
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta);
+                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false);
                 check_output(ck, where, "cf_affine", y, ey);
 
                 std::vector<T> gx = sentinel_vec<T>(size + kGuard);
@@ -305,16 +305,16 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 return v;
             };
             std::vector<double> o1 = start(), o2 = start();
-            t.cl_sum(x.data(), rows, cols, o1.data());
+            t.cl_sum(x.data(), rows, cols, cols, o1.data());
             check_cols("cl_sum", o1, sx, ax);
 
             o1 = start(); o2 = start();
-            t.cl_dev(x.data(), rows, cols, shift.data(), o1.data(), o2.data());
+            t.cl_dev(x.data(), rows, cols, cols, shift.data(), o1.data(), o2.data());
             check_cols("cl_dev.s1", o1, d1, ad1);
             check_cols("cl_dev.s2", o2, d2, d2);
 
             o1 = start(); o2 = start();
-            t.cl_dot(dy.data(), x.data(), rows, cols, shift.data(), o1.data(), o2.data());
+            t.cl_dot(dy.data(), x.data(), rows, cols, cols, shift.data(), o1.data(), o2.data());
             check_cols("cl_dot.sdy", o1, g, ag);
             check_cols("cl_dot.sdyx", o2, gd, agd);
         }
@@ -333,19 +333,19 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
             }
             const std::string w = where + (residual ? " residual" : "") + (relu ? " relu" : "");
             std::vector<T> y = sentinel_vec<T>(size + kGuard);
-            t.cl_affine(x.data(), residual ? res.data() : nullptr, y.data(), rows, cols, shift.data(),
+            t.cl_affine(x.data(), residual ? res.data() : nullptr, y.data(), rows, cols, cols, shift.data(),
                         alpha.data(), beta.data(), relu);
             check_output(ck, w, "cl_affine", y, e);
 
             // In place (y == x), as `out=x` does, in an exact-size buffer: ASan sees any access past it.
             std::vector<T> z = x;
-            t.cl_affine(z.data(), residual ? res.data() : nullptr, z.data(), rows, cols, shift.data(),
+            t.cl_affine(z.data(), residual ? res.data() : nullptr, z.data(), rows, cols, cols, shift.data(),
                         alpha.data(), beta.data(), relu);
             check_output(ck, w + " in-place", "cl_affine", z, e);
         }
 
         std::vector<T> gx = sentinel_vec<T>(size + kGuard);
-        t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, shift.data(), k.data(), m.data(), q.data());
+        t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, cols, shift.data(), k.data(), m.data(), q.data());
         check_output(ck, where, "cl_grad", gx, eg);
     }
 }
@@ -372,7 +372,7 @@ void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck)
             const std::string where =
                 tag + " cols=" + std::to_string(cols) + (nan_in_residual ? " NaN residual" : " NaN x");
             std::vector<T> y = sentinel_vec<T>(size + kGuard);
-            t.cl_affine(x.data(), res.data(), y.data(), rows, cols, shift.data(), alpha.data(), beta.data(), true);
+            t.cl_affine(x.data(), res.data(), y.data(), rows, cols, cols, shift.data(), alpha.data(), beta.data(), true);
             check_output(ck, where, "cl_affine relu NaN", y, e);
             // The same data as `rows` planes of one channel each.
             y = sentinel_vec<T>(size + kGuard);

@@ -17,9 +17,11 @@
 #include "fold.hpp"
 #include "functional.hpp"
 #include "inference.hpp"
+#include "dtype.hpp"
 #include "isa.hpp"
 #include "layer.hpp"
 #include "shape.hpp"
+#include "stats.hpp"
 #include "threads.hpp"
 
 #define BATCHNORM_VERSION_MAJOR 0

@@ -30,7 +30,6 @@
 #include <string>
 #include <vector>
 
-#include "channel_math.hpp"
 #include "errors.hpp"
 #include "functional.hpp"
 #include "shape.hpp"

@@ -111,7 +111,7 @@ public:
                             "activation is only supported in eval mode with running statistics");
             const bool counting = training_ && track_running_stats_;
             double factor = 0.0;
-            if (counting) factor = momentum_ ? *momentum_ : 1.0 / double(num_batches_tracked + 1);
+            if (counting) factor = running_factor(momentum_, num_batches_tracked + 1);
             T* rm = counting ? running_mean.data() : nullptr;
             T* rv = counting ? running_var.data() : nullptr;
             std::vector<T> mean(n), invstd(n);

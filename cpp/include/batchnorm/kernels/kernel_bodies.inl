@@ -139,10 +139,13 @@ Sums cf_dot(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift) {
 }
 
 template <class T>
-void cf_affine(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta) {
+void cf_affine(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu) {
     using O = Ops<T>;
     const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
-    for (i64 r = 0; r < count; ++r) run_affine<T, false, false>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
+    for (i64 r = 0; r < count; ++r) {
+        if (relu) run_affine<T, false, true>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
+        else run_affine<T, false, false>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
+    }
 }
 
 template <class T>
@@ -255,14 +258,14 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
 template <class T>
 struct ClSum {
     const T* x_;
-    i64 cols_;
+    i64 cols_, ld_;
     double* sum_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T* const x = x_;
-        const i64 cols = cols_;
+        const i64 ld = ld_;
         double* const sum = sum_;
         using O = Ops<T>;
         for (i64 r = row0; r < row0 + rows;) {
@@ -271,22 +274,22 @@ struct ClSum {
             for (int k = 0; k < int(nb); ++k) a[k] = O::zero();
             for (; r < end; ++r)
                 for (int k = 0; k < int(nb); ++k)
-                    a[k] = O::add(a[k], load_block<T, kTail>(x + r * cols + j + k * O::W, k, int(nb), last, O::zero()));
+                    a[k] = O::add(a[k], load_block<T, kTail>(x + r * ld + j + k * O::W, k, int(nb), last, O::zero()));
             for (int k = 0; k < int(nb); ++k) add_lanes_block<T, kTail>(sum + j + k * O::W, a[k], k, int(nb), last);
         }
     }
 };
 
 template <class T>
-void cl_sum(const T* x, i64 rows, i64 cols, double* sum) {
-    ClSum<T> op{x, cols, sum};
+void cl_sum(const T* x, i64 rows, i64 cols, i64 ld, double* sum) {
+    ClSum<T> op{x, cols, ld, sum};
     for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
 struct ClDev {
     const T* x_;
-    i64 cols_;
+    i64 cols_, ld_;
     const T* shift_;
     double *s1_, *s2_;
 
@@ -294,7 +297,7 @@ struct ClDev {
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T* const x = x_;
-        const i64 cols = cols_;
+        const i64 ld = ld_;
         double *const s1 = s1_, *const s2 = s2_;
         const T* const shift = shift_;
         using O = Ops<T>;
@@ -306,7 +309,7 @@ struct ClDev {
             for (int k = 0; k < int(nb); ++k) d1[k] = d2[k] = O::zero();
             for (; r < end; ++r)
                 for (int k = 0; k < int(nb); ++k) {
-                    const auto d = O::sub(load_block<T, kTail>(x + r * cols + j + k * O::W, k, int(nb), last, s[k]), s[k]);
+                    const auto d = O::sub(load_block<T, kTail>(x + r * ld + j + k * O::W, k, int(nb), last, s[k]), s[k]);
                     d1[k] = O::add(d1[k], d);
                     d2[k] = O::fma(d, d, d2[k]);
                 }
@@ -319,15 +322,15 @@ struct ClDev {
 };
 
 template <class T>
-void cl_dev(const T* x, i64 rows, i64 cols, const T* shift, double* s1, double* s2) {
-    ClDev<T> op{x, cols, shift, s1, s2};
+void cl_dev(const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2) {
+    ClDev<T> op{x, cols, ld, shift, s1, s2};
     for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
 struct ClDot {
     const T *dy_, *x_;
-    i64 cols_;
+    i64 cols_, ld_;
     const T* shift_;
     double *sdy_, *sdyx_;
 
@@ -335,7 +338,7 @@ struct ClDot {
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T *const dy = dy_, *const x = x_;
-        const i64 cols = cols_;
+        const i64 ld = ld_;
         double *const sdy = sdy_, *const sdyx = sdyx_;
         const T* const shift = shift_;
         using O = Ops<T>;
@@ -347,7 +350,7 @@ struct ClDot {
             for (int k = 0; k < int(nb); ++k) g[k] = gd[k] = O::zero();
             for (; r < end; ++r)
                 for (int k = 0; k < int(nb); ++k) {
-                    const i64 at = r * cols + j + k * O::W;
+                    const i64 at = r * ld + j + k * O::W;
                     const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
                     g[k] = O::add(g[k], gy);
                     gd[k] = O::fma(gy, O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), gd[k]);
@@ -361,8 +364,8 @@ struct ClDot {
 };
 
 template <class T>
-void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, const T* shift, double* sdy, double* sdyx) {
-    ClDot<T> op{dy, x, cols, shift, sdy, sdyx};
+void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy, double* sdyx) {
+    ClDot<T> op{dy, x, cols, ld, shift, sdy, sdyx};
     for_each_block<T>(rows, cols, op);
 }
 
@@ -371,7 +374,7 @@ struct ClAffine {
     const T* x_;
     const T* residual_;
     T* y_;
-    i64 cols_;
+    i64 cols_, ld_;
     const T *shift_, *alpha_, *beta_;
 
     template <bool kTail, class Count>
@@ -379,7 +382,7 @@ struct ClAffine {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T *const x = x_, *const residual = residual_;
         T* const y = y_;
-        const i64 cols = cols_;
+        const i64 ld = ld_;
         const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
         using O = Ops<T>;
         typename O::V s[kWide], a[kWide], b[kWide];
@@ -391,7 +394,7 @@ struct ClAffine {
         }
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
-                const i64 at = r * cols + j + k * O::W;
+                const i64 at = r * ld + j + k * O::W;
                 auto v = O::fma(O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), a[k], b[k]);
                 if constexpr (kResidual) v = O::add(v, load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()));
                 if constexpr (kRelu) v = O::max(v, O::zero());
@@ -401,21 +404,21 @@ struct ClAffine {
 };
 
 template <class T, bool kResidual, bool kRelu>
-void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift, const T* alpha,
-                  const T* beta) {
-    ClAffine<T, kResidual, kRelu> op{x, residual, y, cols, shift, alpha, beta};
+void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, i64 ld, const T* shift,
+                  const T* alpha, const T* beta) {
+    ClAffine<T, kResidual, kRelu> op{x, residual, y, cols, ld, shift, alpha, beta};
     for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
-void cl_affine(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift,
+void cl_affine(const T* x, const T* residual, T* y, i64 rows, i64 cols, i64 ld, const T* shift,
                const T* alpha, const T* beta, bool relu) {
     if (residual) {
-        if (relu) cl_affine_as<T, true, true>(x, residual, y, rows, cols, shift, alpha, beta);
-        else cl_affine_as<T, true, false>(x, residual, y, rows, cols, shift, alpha, beta);
+        if (relu) cl_affine_as<T, true, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
+        else cl_affine_as<T, true, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
     } else {
-        if (relu) cl_affine_as<T, false, true>(x, residual, y, rows, cols, shift, alpha, beta);
-        else cl_affine_as<T, false, false>(x, residual, y, rows, cols, shift, alpha, beta);
+        if (relu) cl_affine_as<T, false, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
+        else cl_affine_as<T, false, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
     }
 }
 
@@ -423,7 +426,7 @@ template <class T>
 struct ClGrad {
     const T *dy_, *x_;
     T* gx_;
-    i64 cols_;
+    i64 cols_, ld_;
     const T *shift_, *k_coef_, *m_coef_, *q_coef_;
 
     template <bool kTail, class Count>
@@ -431,7 +434,7 @@ struct ClGrad {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const T *const dy = dy_, *const x = x_;
         T* const gx = gx_;
-        const i64 cols = cols_;
+        const i64 ld = ld_;
         const T *const shift = shift_, *const k_coef = k_coef_, *const m_coef = m_coef_, *const q_coef = q_coef_;
         using O = Ops<T>;
         typename O::V s[kWide], kc[kWide], mc[kWide], qc[kWide];
@@ -444,7 +447,7 @@ struct ClGrad {
         }
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
-                const i64 at = r * cols + j + k * O::W;
+                const i64 at = r * ld + j + k * O::W;
                 const auto d = O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]);
                 const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
                 store_block<T, kTail>(gx + at, O::fma(gy, kc[k], O::fma(d, mc[k], qc[k])), k, int(nb), last);
@@ -453,14 +456,114 @@ struct ClGrad {
 };
 
 template <class T>
-void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, const T* shift, const T* k,
+void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, i64 ld, const T* shift, const T* k,
              const T* m, const T* q) {
-    ClGrad<T> op{dy, x, gx, cols, shift, k, m, q};
+    ClGrad<T> op{dy, x, gx, cols, ld, shift, k, m, q};
     for_each_block<T>(rows, cols, op);
+}
+
+// ---- rows with per-element parameters (layer norm, RMS norm) ---------------------------------
+// One row of n contiguous values with its own scalars, and optional per-element weight w and
+// bias b (null: 1 and 0), selected once per call so the loops carry no branch.
+
+template <class T>
+void add(const T* a, const T* b, T* out, i64 n) {
+    using O = Ops<T>;
+    for (i64 i = 0; i < n; i += O::W)
+        store_n(out + i, O::add(load_n(a + i, n - i, O::zero()), load_n(b + i, n - i, O::zero())), n - i);
+}
+
+template <class T, bool kWeight, bool kBias>
+void row_scale_as(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* w, const T* b) {
+    using O = Ops<T>;
+    const auto s = O::set1(shift), a = O::set1(scale), o = O::set1(offset);
+    for (i64 i = 0; i < n; i += O::W) {
+        auto v = O::fma(O::sub(load_n(x + i, n - i, s), s), a, o);
+        if constexpr (kWeight) v = O::mul(v, load_n(w + i, n - i, O::zero()));
+        if constexpr (kBias) v = O::add(v, load_n(b + i, n - i, O::zero()));
+        store_n(y + i, v, n - i);
+    }
+}
+
+template <class T>
+void row_scale(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* w, const T* b) {
+    if (w) {
+        if (b) row_scale_as<T, true, true>(x, y, n, shift, scale, offset, w, b);
+        else row_scale_as<T, true, false>(x, y, n, shift, scale, offset, w, b);
+    } else {
+        if (b) row_scale_as<T, false, true>(x, y, n, shift, scale, offset, w, b);
+        else row_scale_as<T, false, false>(x, y, n, shift, scale, offset, w, b);
+    }
+}
+
+template <class T>
+Sums row_wdot(const T* dy, const T* x, const T* w, i64 n, T shift) {
+    using O = Ops<T>;
+    if (!w) return cf_dot(dy, x, 1, n, n, shift);
+    PairSum<T> acc;
+    const auto s = O::set1(shift);
+    for (i64 i = 0; i < n; i += O::W) {
+        const auto g = O::mul(load_n(dy + i, n - i, O::zero()), load_n(w + i, n - i, O::zero()));
+        acc.add(g, g, O::sub(load_n(x + i, n - i, s), s));
+    }
+    return acc.flush();
+}
+
+template <class T>
+void row_wgrad(const T* dy, const T* x, const T* w, T* gx, i64 n, T shift, T k, T m, T q) {
+    using O = Ops<T>;
+    if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q);
+    const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
+    for (i64 i = 0; i < n; i += O::W) {
+        const auto d = O::sub(load_n(x + i, n - i, s), s);
+        const auto g = O::mul(load_n(dy + i, n - i, O::zero()), load_n(w + i, n - i, O::zero()));
+        store_n(gx + i, O::fma(g, kv, O::fma(d, mv, qv)), n - i);
+    }
+}
+
+// Column sums over rows with per-row scalars: sdy[j] += sum_r dy[r][j] and
+// sdyx[j] += sum_r dy[r][j]*(x[r][j] - shift[r])*scale[r]; rows are ld apart. Chunks of up to
+// kWide vectors go row by row (as for_each_block's wide rows), flushed every kFlushVectors rows.
+template <class T>
+void cols_dot(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale, double* sdy,
+              double* sdyx) {
+    using O = Ops<T>;
+    using V = typename O::V;
+    constexpr i64 W = O::W;
+    const i64 vectors = (cols + W - 1) / W;
+    for (i64 v = 0; v < vectors; v += kWide) {
+        const i64 nb = std::min(kWide, vectors - v), j0 = v * W;
+        const i64 width = std::min(cols - j0, nb * W);
+        for (i64 r = 0; r < rows;) {
+            const i64 end = std::min(rows, r + kFlushVectors);
+            V g[kWide], gd[kWide];
+            for (i64 k = 0; k < nb; ++k) g[k] = gd[k] = O::zero();
+            for (; r < end; ++r) {
+                const auto s = O::set1(shift[r]), a = O::set1(scale[r]);
+                for (i64 k = 0; k < nb; ++k) {
+                    const i64 at = r * ld + j0 + k * W, left = width - k * W;
+                    const auto gy = load_n(dy + at, left, O::zero());
+                    g[k] = O::add(g[k], gy);
+                    gd[k] = O::fma(gy, O::mul(O::sub(load_n(x + at, left, s), s), a), gd[k]);
+                }
+            }
+            for (i64 k = 0; k < nb; ++k) {
+                const i64 left = width - k * W;
+                if (left >= W) {
+                    O::add_lanes_to(sdy + j0 + k * W, g[k]);
+                    O::add_lanes_to(sdyx + j0 + k * W, gd[k]);
+                } else {
+                    O::add_lanes_to_partial(sdy + j0 + k * W, g[k], left);
+                    O::add_lanes_to_partial(sdyx + j0 + k * W, gd[k], left);
+                }
+            }
+        }
+    }
 }
 
 template <class T>
 KernelTable<T> make_table() {
-    return {&cf_dev<T>, &cf_dot<T>, &cf_affine<T>, &cf_grad<T>, &rows_affine<T>,
-            &cl_sum<T>, &cl_dev<T>, &cl_dot<T>, &cl_affine<T>, &cl_grad<T>};
+    return {&cf_dev<T>,  &cf_dot<T>,    &cf_affine<T>, &cf_grad<T>,   &rows_affine<T>, &cl_sum<T>,
+            &cl_dev<T>,  &cl_dot<T>,    &cl_affine<T>, &cl_grad<T>,   &add<T>,         &row_scale<T>,
+            &row_wdot<T>, &row_wgrad<T>, &cols_dot<T>};
 }

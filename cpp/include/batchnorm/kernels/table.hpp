@@ -3,7 +3,10 @@
 //  - cf_*: channels-first. One channel's values come as `count` runs of `len` contiguous values,
 //    `stride` apart (a run is one (n, c) plane of NCHW). Vectorized along the run.
 //  - rows_* and cl_*: row-major tiles of `rows` rows x `cols` contiguous columns, one column per
-//    channel (channels-last). Vectorized across columns; per-column results add into float64.
+//    channel (channels-last), rows `ld` values apart (ld = cols for whole rows; more for a block
+//    of columns). Vectorized across columns; per-column results add into float64.
+//  - row_*: one row of n values with per-element weight and bias (layer norm); cols_dot: their
+//    column sums over rows.
 // Reductions accumulate in lanes of T that are flushed to float64 every few vectors, so a float32
 // sum never grows long enough to lose the digits the accuracy targets need.
 #pragma once
@@ -11,7 +14,7 @@
 #include <cstdint>
 #include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
 
-#include "../moments.hpp"
+#include "../engine/moments.hpp"
 
 namespace batchnorm::detail {
 
@@ -22,8 +25,8 @@ struct KernelTable {
     Sums (*cf_dev)(const T* x, i64 count, i64 len, i64 stride, T shift);
     // {sum(dy), sum(dy * (x - shift))}
     Sums (*cf_dot)(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift);
-    // y = (x - shift) * alpha + beta
-    void (*cf_affine)(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta);
+    // y = act((x - shift) * alpha + beta), act relu or none
+    void (*cf_affine)(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu);
     // gx = dy * k + (x - shift) * m + q
     void (*cf_grad)(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, T shift, T k,
                     T m, T q);
@@ -33,18 +36,30 @@ struct KernelTable {
                         i64 channels, const T* shift, const T* alpha, const T* beta, bool relu);
 
     // sum[j] += sum over rows of x[r][j]
-    void (*cl_sum)(const T* x, i64 rows, i64 cols, double* sum);
+    void (*cl_sum)(const T* x, i64 rows, i64 cols, i64 ld, double* sum);
     // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
-    void (*cl_dev)(const T* x, i64 rows, i64 cols, const T* shift, double* s1, double* s2);
+    void (*cl_dev)(const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2);
     // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
-    void (*cl_dot)(const T* dy, const T* x, i64 rows, i64 cols, const T* shift, double* sdy,
+    void (*cl_dot)(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy,
                    double* sdyx);
     // y = act((x - shift[j]) * alpha[j] + beta[j] + residual), residual may be null
-    void (*cl_affine)(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift,
+    void (*cl_affine)(const T* x, const T* residual, T* y, i64 rows, i64 cols, i64 ld, const T* shift,
                       const T* alpha, const T* beta, bool relu);
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
-    void (*cl_grad)(const T* dy, const T* x, T* gx, i64 rows, i64 cols, const T* shift,
+    void (*cl_grad)(const T* dy, const T* x, T* gx, i64 rows, i64 cols, i64 ld, const T* shift,
                     const T* k, const T* m, const T* q);
+
+    // out = a + b
+    void (*add)(const T* a, const T* b, T* out, i64 n);
+    // y = ((x - shift) * scale + offset) * w + b, w and b per element (null: 1 and 0)
+    void (*row_scale)(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* w, const T* b);
+    // {sum(dy * w), sum(dy * w * (x - shift))} (w null: 1)
+    Sums (*row_wdot)(const T* dy, const T* x, const T* w, i64 n, T shift);
+    // gx = dy * w * k + (x - shift) * m + q (w null: 1)
+    void (*row_wgrad)(const T* dy, const T* x, const T* w, T* gx, i64 n, T shift, T k, T m, T q);
+    // sdy[j] += sum(dy[r][j]), sdyx[j] += sum(dy[r][j] * (x[r][j] - shift[r]) * scale[r])
+    void (*cols_dot)(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale,
+                     double* sdy, double* sdyx);
 };
 
 }  // namespace batchnorm::detail

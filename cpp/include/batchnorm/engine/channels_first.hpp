@@ -1,17 +1,18 @@
-// Channels-first driver: planes of `inner` contiguous values (NCHW, NCL, NCDHW). Threads take
-// whole channels, or equal parts of channels when there are too few channels to share out.
-// A training step reads each channel's block from memory once: statistics (two passes) and
-// normalization run back to back while the block is still in cache.
+// Channels-first driver: segments of `inner`-long contiguous planes (NCHW, NCL, NCDHW; a
+// group or instance segment is Shape{1, segments, values}). Threads take whole segments, or
+// equal parts of them when there are too few to share out. A fused step reads each segment's
+// block from memory once: statistics (two passes) and the apply run back to back while the
+// block is still in cache. No norm semantics here: callers pass the finish step.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#include "channel_math.hpp"
-#include "kernels/table.hpp"
-#include "shape.hpp"
-#include "threads.hpp"
+#include "../kernels/table.hpp"
+#include "../shape.hpp"
+#include "../threads.hpp"
+#include "affine.hpp"
 
 namespace batchnorm::detail {
 
@@ -175,43 +176,41 @@ struct NoApply {
     void operator()(std::int64_t, std::int64_t, std::int64_t) const {}
 };
 
-template <class T>
-void stats_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, T* mean, T* var) {
+// Moments of every channel (segment), handed to finish(c, Moments).
+template <class T, class Finish>
+void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
     for_each_channel<Moments>(
         s, s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
-        [&](std::int64_t c, const Moments& m) {
-            mean[c] = T(m.mean());
-            var[c] = T(m.biased_var());
-        },
-        NoApply{});
+        finish, NoApply{});
 }
 
-template <class T>
-void train_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s,
-                          const TrainArgs<T>& args) {
+// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize, fused per channel.
+template <class T, class Finish>
+void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
     std::vector<ChannelAffine<T>> affine(std::size_t(s.channels));
     for_each_channel<Moments>(
         s, 2 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
-        [&](std::int64_t c, const Moments& m) { affine[std::size_t(c)] = finish_train_channel(c, m, args); },
+        [&](std::int64_t c, const Moments& m) { affine[std::size_t(c)] = finish(c, m); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<T> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta);
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, false);
             });
         });
 }
 
-template <class T>
-void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx,
-                             const Shape& s, const BackwardArgs<T>& args) {
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<T>,
+// and the gradient apply (skipped when gx is null), fused per channel.
+template <class T, class Finish>
+void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
+                             const T* shift, Finish&& finish) {
     std::vector<GradCoefficients<T>> coef(std::size_t(s.channels));
-    const double n = double(s.per_channel());
     for_each_channel<Sums>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
-        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, args.mean[c]); },
-        [&](std::int64_t c, const Sums& sums) { coef[std::size_t(c)] = finish_backward_channel(c, sums, n, args); },
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, shift[c]); },
+        [&](std::int64_t c, const Sums& sums) { coef[std::size_t(c)] = finish(c, sums); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             if (!gx) return;
             const GradCoefficients<T> g = coef[std::size_t(c)];

@@ -1,0 +1,251 @@
+// Channels-last driver: rows of `cols` contiguous values, one column per channel (NHWC with
+// axis=-1, (N, C), torch's channels_last memory). Small channels-first planes use it too: with
+// inner < a few vectors, (outer, C, inner) is read as rows of C*inner columns, column j
+// belonging to channel j / inner, so the kernels still stream whole rows.
+// Threads split the rows; each keeps float64 partials per column, merged per channel after a
+// barrier, then normalizes its own rows. Very wide rows go in blocks of columns, so that the
+// per-thread scratch (about 60 bytes per column) stays bounded whatever the width.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/table.hpp"
+#include "../shape.hpp"
+#include "../threads.hpp"
+#include "affine.hpp"
+
+namespace batchnorm::detail {
+
+// Read planes shorter than this many bytes as rows (channels-last kernels).
+constexpr std::int64_t kMinPlaneBytes = 128;
+
+template <class T>
+bool reads_as_rows(const Shape& s) {
+    return s.inner * std::int64_t(sizeof(T)) < kMinPlaneBytes;
+}
+
+// Rows per statistics tile: the tile stays in L2 for a second pass, should it need one; large
+// enough that the per-column merge after each tile costs little.
+template <class T>
+std::int64_t tile_rows(std::int64_t cols) {
+    constexpr std::int64_t kTileBytes = std::int64_t(1) << 20;
+    return std::max<std::int64_t>(1, kTileBytes / (std::max<std::int64_t>(cols, 1) * std::int64_t(sizeof(T))));
+}
+
+// Columns per block: wider rows are processed a block of whole channels at a time, which
+// bounds each thread's scratch at about 1 MiB.
+constexpr std::int64_t kBlockColumns = 16 << 10;
+
+// Channels [first, first + count) of a row-major shape: columns [col, col + cols) of rows
+// `ld` values apart.
+struct ColumnBlock {
+    std::int64_t first, count, col, cols, ld;
+};
+
+// Per-column scratch of one thread.
+template <class T>
+struct ColumnScratch {
+    explicit ColumnScratch(std::int64_t cols)
+        : moments(std::size_t(cols)), sum(std::size_t(cols)), s1(std::size_t(cols)), s2(std::size_t(cols)),
+          shift(std::size_t(cols)) {}
+    std::vector<Moments> moments;     // the thread's moments so far
+    std::vector<double> sum, s1, s2;  // one tile's sums (backward: the thread's two dot sums)
+    std::vector<T> shift;             // one tile's shifts, near its means
+};
+
+// Rows, spread over the first tile, whose mean gives its shift per column.
+constexpr std::int64_t kProbeRows = 8;
+
+// Moments of every column of block b over `rows` rows (x at the block's first row and column)
+// into scratch.moments, one pass per tile in the usual case (as range_moments in
+// channels_first.hpp): deviations from the mean of a few rows spread over the first tile, then
+// from the mean so far; a tile where some column's shift is more than a standard deviation off
+// is summed again around its own means while it is in cache.
+template <class T>
+void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const ColumnBlock& b, ColumnScratch<T>& w) {
+    const std::int64_t cols = b.cols, step = tile_rows<T>(cols);
+    const std::size_t ncols = std::size_t(cols);
+    std::fill_n(w.moments.begin(), ncols, Moments{});
+    const auto sum_deviations = [&](const T* tile, std::int64_t n) {
+        std::fill_n(w.s1.begin(), ncols, 0.0);
+        std::fill_n(w.s2.begin(), ncols, 0.0);
+        k.cl_dev(tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data());
+    };
+    for (std::int64_t r = 0; r < rows; r += step) {
+        const std::int64_t n = std::min(step, rows - r);
+        const T* tile = x + r * b.ld;
+        if (r == 0) {
+            const std::int64_t probe = std::min(n, kProbeRows);
+            std::fill_n(w.sum.begin(), ncols, 0.0);
+            for (std::int64_t i = 0; i < probe; ++i) k.cl_sum(tile + i * (n / probe) * b.ld, 1, cols, b.ld, w.sum.data());
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = T(w.sum[j] / double(probe));
+        } else {
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = T(w.moments[j].mean());
+        }
+        sum_deviations(tile, n);
+        bool close = true;
+        for (std::size_t j = 0; j < ncols; ++j) close = close && shift_is_close(double(n), w.s1[j], w.s2[j]);
+        if (!close) {
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = T(double(w.shift[j]) + w.s1[j] / double(n));
+            sum_deviations(tile, n);
+        }
+        for (std::size_t j = 0; j < ncols; ++j)
+            w.moments[j] = merge(w.moments[j], from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]));
+    }
+}
+
+// The shared shape of every rows operation, per column block: thread t reduces rows
+// [begin_t, end_t) of the block into its scratch (reduce(begin, end, block, scratch)); after a
+// barrier, each channel of the block is finished once from all threads' columns
+// (finish(c, block, scratches)); after a second barrier each thread applies over its own rows
+// (apply(begin, end, block)), which are likely still in its cache.
+template <class T, class Reduce, class Finish, class Apply>
+void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish,
+                        Apply&& apply) {
+    const std::int64_t rows = s.outer, cols = s.channels * s.inner;
+    const int threads = threads_for(bytes, rows);
+    const std::int64_t per_block = std::max<std::int64_t>(1, kBlockColumns / std::max<std::int64_t>(s.inner, 1));
+    const std::int64_t block_cols = std::min(cols, per_block * s.inner);
+    std::vector<ColumnScratch<T>> scratch(std::size_t(threads), ColumnScratch<T>{block_cols});
+    std::vector<std::int64_t> row_begin(std::size_t(threads) + 1);
+    for (int t = 0; t <= threads; ++t) row_begin[std::size_t(t)] = rows * t / threads;
+    for (std::int64_t first = 0; first < s.channels; first += per_block) {
+        const std::int64_t count = std::min(per_block, s.channels - first);
+        const ColumnBlock b{first, count, first * s.inner, count * s.inner, cols};
+        // Equal static schedules over the same count give block t to the same thread in both loops.
+        run_parallel(threads, [&] {
+            BATCHNORM_OMP(for schedule(static))
+            for (int t = 0; t < threads; ++t)
+                reduce(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], b, scratch[std::size_t(t)]);
+            BATCHNORM_OMP(for schedule(static))
+            for (std::int64_t c = first; c < first + count; ++c) finish(c, b, scratch);
+            BATCHNORM_OMP(for schedule(static))
+            for (int t = 0; t < threads; ++t) apply(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], b);
+        });
+    }
+}
+
+// Columns [j0, j1) of a block (block-relative), merged over every thread's rows.
+template <class T>
+Moments columns_moments(std::int64_t j0, std::int64_t j1, const std::vector<ColumnScratch<T>>& scratch) {
+    Moments total;
+    for (const ColumnScratch<T>& w : scratch)
+        for (std::int64_t j = j0; j < j1; ++j) total = merge(total, w.moments[std::size_t(j)]);
+    return total;
+}
+
+// Channel c's moments, merged over every thread's block and over the channel's inner columns.
+template <class T>
+Moments channel_moments(const Shape& s, std::int64_t c, const ColumnBlock& b,
+                        const std::vector<ColumnScratch<T>>& scratch) {
+    const std::int64_t j0 = (c - b.first) * s.inner;
+    return columns_moments(j0, j0 + s.inner, scratch);
+}
+
+template <class T>
+void block_moments(const KernelTable<T>& k, const T* x, std::int64_t begin, std::int64_t end, const ColumnBlock& b,
+                   ColumnScratch<T>& w) {
+    rows_moments(k, x + begin * b.ld + b.col, end - begin, b, w);
+}
+
+// Moments of every channel, handed to finish(c, Moments).
+template <class T, class Finish>
+void moments_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
+    for_each_row_block<T>(
+        s, s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
+        [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) { finish(c, channel_moments(s, c, blk, scratch)); },
+        [](std::int64_t, std::int64_t, const ColumnBlock&) {});
+}
+
+// Per-column values of one column block: a channel's value repeated over its inner columns,
+// for the kernels that vectorize across columns.
+template <class T>
+class PerColumn {
+public:
+    explicit PerColumn(const Shape& s)
+        : inner_(s.inner), values_(std::size_t(std::min(s.channels * s.inner, std::max(kBlockColumns, s.inner)))) {}
+    void set(const ColumnBlock& b, std::int64_t c, T value) {
+        std::fill_n(values_.begin() + (c - b.first) * inner_, inner_, value);
+    }
+    const T* data() const { return values_.data(); }
+    T* data() { return values_.data(); }
+
+private:
+    std::int64_t inner_;
+    std::vector<T> values_;
+};
+
+// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize, each thread its rows.
+template <class T, class Finish>
+void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
+    PerColumn<T> shift(s), alpha(s), beta(s);
+    for_each_row_block<T>(
+        s, 3 * s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
+        [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
+            const ChannelAffine<T> a = finish(c, channel_moments(s, c, blk, scratch));
+            shift.set(blk, c, a.shift);
+            alpha.set(blk, c, a.alpha);
+            beta.set(blk, c, a.beta);
+        },
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
+            const std::int64_t at = b * blk.ld + blk.col;
+            k.cl_affine(x + at, nullptr, y + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
+                        false);
+        });
+}
+
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<T>,
+// and the gradient apply (skipped when gx is null).
+template <class T, class Finish>
+void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
+                            const T* shift_of, Finish&& finish) {
+    PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
+    for_each_row_block<T>(
+        s, 4 * s.size() * std::int64_t(sizeof(T)),
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
+            // Every thread fills the block's shifts with the same values before reading them.
+            for (std::int64_t c = blk.first; c < blk.first + blk.count; ++c)
+                std::fill_n(w.shift.begin() + (c - blk.first) * s.inner, s.inner, shift_of[c]);
+            std::fill_n(w.s1.begin(), blk.cols, 0.0);
+            std::fill_n(w.s2.begin(), blk.cols, 0.0);
+            const std::int64_t at = b * blk.ld + blk.col;
+            k.cl_dot(dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+        },
+        [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
+            Sums sums;
+            const std::int64_t j0 = (c - blk.first) * s.inner;
+            for (const auto& w : scratch)
+                for (std::int64_t j = j0; j < j0 + s.inner; ++j) sums += Sums{w.s1[std::size_t(j)], w.s2[std::size_t(j)]};
+            const GradCoefficients<T> g = finish(c, sums);
+            shift.set(blk, c, g.shift);
+            k_coef.set(blk, c, g.k);
+            m_coef.set(blk, c, g.m);
+            q_coef.set(blk, c, g.q);
+        },
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
+            if (!gx) return;
+            const std::int64_t at = b * blk.ld + blk.col;
+            k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), k_coef.data(), m_coef.data(),
+                      q_coef.data());
+        });
+}
+
+template <class T>
+void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, T* y,
+                        const Shape& s, const T* shift, const T* alpha, const T* beta, bool relu) {
+    const std::int64_t rows = s.outer, cols = s.channels * s.inner;
+    const int inputs = residual ? 3 : 2;
+    const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), rows);
+    run_parallel(threads, [&] {
+        const auto [b, e] = my_share(rows);
+        if (b < e)
+            k.cl_affine(x + b * cols, residual ? residual + b * cols : nullptr, y + b * cols, e - b, cols, cols, shift,
+                        alpha, beta, relu);
+    });
+}
+
+}  // namespace batchnorm::detail

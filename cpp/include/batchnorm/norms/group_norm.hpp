@@ -1,0 +1,280 @@
+// Group normalization (PyTorch's GroupNorm): per sample, the channels split into `groups`
+// consecutive groups, each normalized over its channels and spatial values together, then a
+// per-channel affine map. InstanceNorm (norms/instance_norm.hpp) is the case groups = channels.
+//
+// Channels-first memory (N, C, spatial): a group is one contiguous segment of C/G*spatial
+// values, so the engine sees Shape{1, N*G, C/G*spatial} and each segment is normalized right
+// after its statistics, while it is in cache. Channels-last memory (N, spatial, C): per sample,
+// rows of C columns whose groups are C/G adjacent columns: the rows engine on
+// Shape{spatial, G, C/G}.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../engine/engine.hpp"
+#include "common.hpp"
+
+namespace batchnorm {
+
+// N samples of `channels` channels with `spatial` values each, in memory (N, C, spatial) or,
+// with channels_last, (N, spatial, C).
+struct GroupShape {
+    std::int64_t batch = 0;
+    std::int64_t channels = 0;
+    std::int64_t spatial = 1;
+    bool channels_last = false;
+
+    std::int64_t size() const { return batch * channels * spatial; }
+};
+
+namespace detail {
+
+inline void check_group_shape(const GroupShape& s, std::int64_t groups) {
+    require(s.batch >= 0 && s.channels >= 0 && s.spatial >= 0, "shape: batch, channels and spatial must be non-negative, got (",
+            s.batch, ", ", s.channels, ", ", s.spatial, ")");
+    require(groups > 0, "num_groups must be positive, got ", groups);
+    require(s.channels % groups == 0, "num_groups (", groups, ") must divide the number of channels (", s.channels, ")");
+}
+
+// The per-sample rows view of channels-last memory: rows of C columns, a group's C/G
+// channels as the inner columns of one "channel" of the engine.
+inline Shape group_rows(const GroupShape& s, std::int64_t groups) {
+    return Shape{s.spatial, groups, s.channels / groups};
+}
+
+// Statistics of every (sample, group) segment, finish(segment, Moments) -> invstd, and
+// y = act((x - mean)*invstd*w[c] + b[c]).
+template <class T, class Finish>
+void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups, const T* weight, const T* bias,
+                      bool relu, Finish&& finish) {
+    const auto& k = kernels<T>();
+    const std::int64_t C = s.channels, per_group = C / groups, hw = s.spatial;
+    const auto factors = [&](std::int64_t g, const Moments& m, double invstd, T* shift, T* alpha, T* beta) {
+        for (std::int64_t i = 0; i < per_group; ++i) {
+            const std::int64_t c = g * per_group + i;
+            const ChannelAffine<T> a = affine_for<T>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+            if (shift) shift[i] = a.shift;
+            alpha[i] = a.alpha;
+            beta[i] = a.beta;
+        }
+    };
+    if (!s.channels_last) {
+        const Shape seg{1, s.batch * groups, per_group * hw};
+        std::vector<T> shift(std::size_t(seg.channels)), alpha(std::size_t(s.batch * C)), beta(alpha.size());
+        for_each_channel<Moments>(
+            seg, 2 * s.size() * std::int64_t(sizeof(T)),
+            [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e); },
+            [&](std::int64_t sg, const Moments& m) {
+                shift[std::size_t(sg)] = T(m.mean());
+                const std::size_t at = std::size_t(sg * per_group);
+                factors(sg % groups, m, finish(sg, m), nullptr, alpha.data() + at, beta.data() + at);
+            },
+            [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
+                for (std::int64_t v = b; v < e;) {
+                    const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), plane = sg * per_group + p;
+                    const std::int64_t at = sg * seg.inner + v;
+                    k.cf_affine(x + at, y + at, 1, end - v, 0, shift[std::size_t(sg)], alpha[std::size_t(plane)],
+                                beta[std::size_t(plane)], relu);
+                    v = end;
+                }
+            });
+        return;
+    }
+    const Shape rows = group_rows(s, groups);
+    PerColumn<T> shift(rows), alpha(rows), beta(rows);
+    for (std::int64_t n = 0; n < s.batch; ++n) {
+        const T* xn = x + n * hw * C;
+        T* yn = y + n * hw * C;
+        for_each_row_block<T>(
+            rows, 2 * hw * C * std::int64_t(sizeof(T)),
+            [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
+                block_moments(k, xn, b, e, blk, w);
+            },
+            [&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
+                const Moments m = channel_moments(rows, g, blk, scratch);
+                const std::int64_t at = (g - blk.first) * per_group;
+                factors(g, m, finish(n * groups + g, m), shift.data() + at,
+                        alpha.data() + at, beta.data() + at);
+            },
+            [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
+                const std::int64_t at = b * blk.ld + blk.col;
+                k.cl_affine(xn + at, nullptr, yn + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
+                            relu);
+            });
+    }
+}
+
+// Sums of one segment's planes (channels-first backward), merged plane by plane.
+struct PlaneSums {
+    std::vector<Sums> planes;
+};
+
+inline PlaneSums merge(const PlaneSums& a, const PlaneSums& b) {
+    if (a.planes.empty()) return b;
+    PlaneSums total = a;
+    for (std::size_t p = 0; p < b.planes.size(); ++p) total.planes[p] += b.planes[p];
+    return total;
+}
+
+// Backward of normalize_groups given the saved mean and invstd per (sample, group):
+// per channel and sample {sum(dy), sum(dy*(x - mean))}, then
+// grad_x = invstd*w[c]*dy - invstd*A/M - (x - mean)*invstd^3*B/M with A = sum over the group of
+// w[c]*sum(dy), B = sum of w[c]*sum(dy*(x - mean)), M the group's values;
+// grad_weight[c] = sum over samples of sum(dy*(x - mean))*invstd, grad_bias[c] = sum(dy).
+template <class T>
+void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::int64_t groups, const T* mean,
+                    const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
+    const auto& k = kernels<T>();
+    const std::int64_t C = s.channels, per_group = C / groups, hw = s.spatial;
+    const double count = double(per_group * hw);
+    std::vector<double> sdy(std::size_t(s.batch * C)), sdyx(sdy.size());
+    // Coefficients of one group from its per-channel sums; kc[i] = w[c]*invstd.
+    const auto coefficients = [&](std::int64_t sg, const double* s1, const double* s2, T* kc, T& m, T& q) {
+        const std::int64_t g = sg % groups;
+        const double is = double(invstd[sg]);
+        double a = 0, b = 0;
+        for (std::int64_t i = 0; i < per_group; ++i) {
+            const double w = value_or(weight, g * per_group + i, 1.0);
+            a += w * s1[i];
+            b += w * s2[i];
+            if (kc) kc[i] = T(w * is);
+        }
+        const auto [mm, qq] = through_statistics(is, a, b, count);
+        m = T(mm);
+        q = T(qq);
+    };
+    if (!s.channels_last) {
+        const Shape seg{1, s.batch * groups, per_group * hw};
+        std::vector<T> kc(sdy.size()), mc(std::size_t(seg.channels)), qc(mc.size());
+        for_each_channel<PlaneSums>(
+            seg, 3 * s.size() * std::int64_t(sizeof(T)),
+            [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
+                PlaneSums r{std::vector<Sums>(std::size_t(per_group))};
+                for (std::int64_t v = b; v < e;) {
+                    const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
+                    r.planes[std::size_t(p)] += k.cf_dot(dy + at, x + at, 1, end - v, 0, mean[sg]);
+                    v = end;
+                }
+                return r;
+            },
+            [&](std::int64_t sg, const PlaneSums& r) {
+                const std::size_t at = std::size_t(sg * per_group);
+                for (std::int64_t i = 0; i < per_group; ++i) {
+                    sdy[at + std::size_t(i)] = r.planes[std::size_t(i)].first;
+                    sdyx[at + std::size_t(i)] = r.planes[std::size_t(i)].second;
+                }
+                coefficients(sg, sdy.data() + at, sdyx.data() + at, kc.data() + at, mc[std::size_t(sg)],
+                             qc[std::size_t(sg)]);
+            },
+            [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
+                if (!gx) return;
+                for (std::int64_t v = b; v < e;) {
+                    const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
+                    k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc[std::size_t(sg * per_group + p)],
+                              mc[std::size_t(sg)], qc[std::size_t(sg)]);
+                    v = end;
+                }
+            });
+    } else {
+        const Shape rows = group_rows(s, groups);
+        PerColumn<T> shift(rows), kcol(rows), mcol(rows), qcol(rows);
+        for (std::int64_t n = 0; n < s.batch; ++n) {
+            const std::int64_t base = n * hw * C;
+            for_each_row_block<T>(
+                rows, 3 * hw * C * std::int64_t(sizeof(T)),
+                [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
+                    for (std::int64_t g = blk.first; g < blk.first + blk.count; ++g)
+                        std::fill_n(w.shift.begin() + (g - blk.first) * per_group, per_group, mean[n * groups + g]);
+                    std::fill_n(w.s1.begin(), blk.cols, 0.0);
+                    std::fill_n(w.s2.begin(), blk.cols, 0.0);
+                    const std::int64_t at = base + b * blk.ld + blk.col;
+                    k.cl_dot(dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+                },
+                [&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
+                    const std::int64_t j0 = (g - blk.first) * per_group, c0 = n * C + g * per_group;
+                    for (std::int64_t i = 0; i < per_group; ++i) {
+                        double a = 0, b = 0;
+                        for (const auto& w : scratch) {
+                            a += w.s1[std::size_t(j0 + i)];
+                            b += w.s2[std::size_t(j0 + i)];
+                        }
+                        sdy[std::size_t(c0 + i)] = a;
+                        sdyx[std::size_t(c0 + i)] = b;
+                    }
+                    T m, q;
+                    coefficients(n * groups + g, sdy.data() + c0, sdyx.data() + c0, kcol.data() + j0, m, q);
+                    std::fill_n(shift.data() + j0, per_group, mean[n * groups + g]);
+                    std::fill_n(mcol.data() + j0, per_group, m);
+                    std::fill_n(qcol.data() + j0, per_group, q);
+                },
+                [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
+                    if (!gx) return;
+                    const std::int64_t at = base + b * blk.ld + blk.col;
+                    k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), kcol.data(), mcol.data(),
+                              qcol.data());
+                });
+        }
+    }
+    for (std::int64_t c = 0; c < C; ++c) {
+        double gw = 0, gb = 0;
+        for (std::int64_t n = 0; n < s.batch; ++n) {
+            const std::size_t at = std::size_t(n * C + c);
+            gw += sdyx[at] * double(invstd[n * groups + c / per_group]);
+            gb += sdy[at];
+        }
+        if (grad_weight) grad_weight[c] = T(gw);
+        if (grad_bias) grad_bias[c] = T(gb);
+    }
+}
+
+}  // namespace detail
+
+// GroupNorm forward: y = act((x - mean)/sqrt(var + eps)*weight[c] + bias[c]) with the mean and
+// biased variance of each (sample, group). weight/bias (C values) may be null (1 and 0).
+// save_mean and save_invstd (optional, N*G values, sample-major) receive the statistics.
+template <class T>
+void group_norm(const T* x, T* y, const GroupShape& shape, std::int64_t groups, const T* weight, const T* bias,
+                double eps, T* save_mean = nullptr, T* save_invstd = nullptr, Activation act = Activation::none) {
+    detail::check_element_type<T>();
+    detail::check_group_shape(shape, groups);
+    detail::check_eps(eps);
+    if (shape.size() == 0) {
+        const std::int64_t n = shape.batch * groups;
+        if (save_mean) std::fill_n(save_mean, n, std::numeric_limits<T>::quiet_NaN());
+        if (save_invstd) std::fill_n(save_invstd, n, std::numeric_limits<T>::quiet_NaN());
+        return;
+    }
+    detail::check_pointer(x, "x");
+    detail::check_pointer(y, "y");
+    detail::normalize_groups(x, y, shape, groups, weight, bias, act == Activation::relu,
+                             [&](std::int64_t sg, const detail::Moments& m) {
+                                 const double invstd = detail::invstd_of(m.biased_var(), eps);
+                                 if (save_mean) save_mean[sg] = T(m.mean());
+                                 if (save_invstd) save_invstd[sg] = T(invstd);
+                                 return invstd;
+                             });
+}
+
+// GroupNorm backward from the forward's saved mean and invstd (N*G values each). grad_x,
+// grad_weight and grad_bias may each be null (not wanted); weight null means 1.
+template <class T>
+void group_norm_backward(const T* grad_y, const T* x, T* grad_x, const GroupShape& shape, std::int64_t groups,
+                         const T* mean, const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
+    detail::check_element_type<T>();
+    detail::check_group_shape(shape, groups);
+    if (shape.size() == 0) {
+        if (grad_weight) std::fill_n(grad_weight, shape.channels, T(0));
+        if (grad_bias) std::fill_n(grad_bias, shape.channels, T(0));
+        return;
+    }
+    detail::check_pointer(mean, "mean");
+    detail::check_pointer(invstd, "invstd");
+    detail::check_pointer(grad_y, "grad_y");
+    detail::check_pointer(x, "x");
+    detail::group_backward(grad_y, x, grad_x, shape, groups, mean, invstd, weight, grad_weight, grad_bias);
+}
+
+}  // namespace batchnorm

@@ -1,0 +1,102 @@
+// Layer normalization (PyTorch's LayerNorm): each row of the trailing `cols` values (the
+// normalized shape, flattened) normalized by its own mean and biased variance, then an
+// element-wise affine map along the row. Optionally fused with a residual add:
+// LN(x + residual), writing x + residual to sum_out (ONNX Runtime's SkipLayerNormalization).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../engine/rows.hpp"
+#include "common.hpp"
+
+namespace batchnorm {
+namespace detail {
+
+inline void check_rows(std::int64_t rows, std::int64_t cols) {
+    require(rows >= 0 && cols >= 0, "shape: rows and cols must be non-negative, got (", rows, ", ", cols, ")");
+}
+
+// The checks and empty-input handling layer_norm and rms_norm share; false: nothing to do.
+template <class T>
+bool begin_rows(const T* x, const T* y, std::int64_t rows, std::int64_t cols, double eps, const T* residual,
+                const T* sum_out, T* save_a, T* save_b) {
+    check_element_type<T>();
+    check_rows(rows, cols);
+    check_eps(eps);
+    require(sum_out == nullptr || residual != nullptr, "sum_out needs a residual");
+    if (rows * cols == 0) {
+        if (save_a) std::fill_n(save_a, rows, std::numeric_limits<T>::quiet_NaN());
+        if (save_b) std::fill_n(save_b, rows, std::numeric_limits<T>::quiet_NaN());
+        return false;
+    }
+    check_pointer(x, "x");
+    check_pointer(y, "y");
+    return true;
+}
+
+// grad_weight[j] = sum over rows of dy*(x - shift)*scale, grad_bias[j] = sum of dy.
+template <class T>
+void weight_grads(const T* dy, const T* x, std::int64_t rows, std::int64_t cols, const T* shift, const T* scale,
+                  T* grad_weight, T* grad_bias) {
+    if (!grad_weight && !grad_bias) return;
+    std::vector<double> sdy(static_cast<std::size_t>(cols)), sdyx(sdy.size());
+    row_column_sums(dy, x, rows, cols, shift, scale, sdy.data(), sdyx.data());
+    for (std::int64_t j = 0; j < cols; ++j) {
+        if (grad_weight) grad_weight[j] = T(sdyx[std::size_t(j)]);
+        if (grad_bias) grad_bias[j] = T(sdy[std::size_t(j)]);
+    }
+}
+
+}  // namespace detail
+
+// LayerNorm forward over `rows` rows of `cols` values: y = (x - mean)/sqrt(var + eps)*weight + bias
+// (weight/bias: cols values, null means 1/0). save_mean/save_invstd (optional, rows values).
+// With residual (same size as x) the input is x + residual, also written to sum_out when given.
+template <class T>
+void layer_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const T* weight, const T* bias, double eps,
+                T* save_mean = nullptr, T* save_invstd = nullptr, const T* residual = nullptr, T* sum_out = nullptr) {
+    if (!detail::begin_rows(x, y, rows, cols, eps, residual, sum_out, save_mean, save_invstd)) return;
+    detail::normalize_rows<detail::Moments>(
+        x, y, rows, cols, weight, bias, residual, sum_out,
+        [](const auto& k, const T* src, const Shape& seg, std::int64_t r, std::int64_t b, std::int64_t e) {
+            return detail::range_moments(k, src, seg, r, b, e);
+        },
+        [&](std::int64_t r, const detail::Moments& m) {
+            const double invstd = detail::invstd_of(m.biased_var(), eps);
+            if (save_mean) save_mean[r] = T(m.mean());
+            if (save_invstd) save_invstd[r] = T(invstd);
+            // affine_for's rule with alpha = invstd, beta = 0: the shift's rounding moves into offset.
+            const detail::ChannelAffine<T> a = detail::affine_for<T>(m, invstd, 1.0, 0.0);
+            return detail::RowScale<T>{a.shift, a.alpha, a.beta};
+        });
+}
+
+// LayerNorm backward from the saved mean and invstd (rows values each). grad_x, grad_weight
+// and grad_bias (cols values) may each be null; weight null means 1.
+template <class T>
+void layer_norm_backward(const T* grad_y, const T* x, T* grad_x, std::int64_t rows, std::int64_t cols, const T* mean,
+                         const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
+    detail::check_element_type<T>();
+    detail::check_rows(rows, cols);
+    if (rows * cols == 0) {
+        if (grad_weight) std::fill_n(grad_weight, cols, T(0));
+        if (grad_bias) std::fill_n(grad_bias, cols, T(0));
+        return;
+    }
+    detail::check_pointer(grad_y, "grad_y");
+    detail::check_pointer(x, "x");
+    detail::check_pointer(mean, "mean");
+    detail::check_pointer(invstd, "invstd");
+    const double n = double(cols);
+    detail::backward_rows(grad_y, x, grad_x, rows, cols, weight, mean, [&](std::int64_t r, const detail::Sums& s) {
+        const double is = double(invstd[r]);
+        const auto [m, q] = detail::through_statistics(is, s.first, s.second, n);
+        return detail::GradCoefficients<T>{mean[r], T(is), T(m), T(q)};
+    });
+    detail::weight_grads(grad_y, x, rows, cols, mean, invstd, grad_weight, grad_bias);
+}
+
+}  // namespace batchnorm

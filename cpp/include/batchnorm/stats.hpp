@@ -1,0 +1,121 @@
+// Public per-group statistics and batch norm's phase functions: the seam a distributed batch
+// norm is built on. Each process computes its GroupStats (batch_moments), the statistics are
+// merged exactly (merge: Chan's formula, float64), every process normalizes from the merged
+// statistics (batch_norm_apply); backward the same with float64 sums
+// (batch_norm_backward_reduce, then batch_norm_backward_apply with the summed values).
+// Only the explicit phases pay a second read of x; the fused calls in norms/ do not.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/engine.hpp"
+#include "norms/common.hpp"
+
+namespace batchnorm {
+
+// The statistics of one group of values: count, mean, and M2, the sum of squared deviations
+// from the mean, all in float64. Variance = m2/count (biased) or m2/(count - 1) (unbiased).
+struct GroupStats {
+    double count = 0;
+    double mean = 0;
+    double m2 = 0;
+};
+
+// Chan, Golub & LeVeque: the statistics of the union of two groups.
+inline GroupStats merge(const GroupStats& a, const GroupStats& b) {
+    const detail::Moments m = detail::merge(detail::Moments{a.count, a.mean, 0, a.m2},
+                                            detail::Moments{b.count, b.mean, 0, b.m2});
+    return {m.count, m.mean(), m.m2};
+}
+
+// Per-channel statistics of x into stats[0..channels). An empty input gives count 0, mean 0, m2 0.
+template <class T>
+void batch_moments(const T* x, const Shape& shape, GroupStats* stats) {
+    detail::check_element_type<T>();
+    detail::check_shape(shape);
+    detail::check_pointer(stats, "stats");
+    if (shape.size() == 0) {
+        std::fill_n(stats, shape.channels, GroupStats{});
+        return;
+    }
+    detail::check_pointer(x, "x");
+    detail::segment_moments(x, shape, [&](std::int64_t c, const detail::Moments& m) {
+        stats[c] = GroupStats{m.count, m.mean(), m.m2};
+    });
+}
+
+// y = (x - mean)*invstd*weight + bias per channel, from given statistics (one pass).
+// weight null means 1, bias null means 0.
+template <class T>
+void batch_norm_apply(const T* x, T* y, const Shape& shape, const T* mean, const T* invstd, const T* weight,
+                      const T* bias) {
+    detail::check_element_type<T>();
+    detail::check_shape(shape);
+    detail::check_pointer(mean, "mean");
+    detail::check_pointer(invstd, "invstd");
+    if (shape.size() == 0) return;
+    detail::check_pointer(x, "x");
+    detail::check_pointer(y, "y");
+    std::vector<T> factors(2 * std::size_t(shape.channels));
+    T *alpha = factors.data(), *beta = alpha + shape.channels;
+    for (std::int64_t c = 0; c < shape.channels; ++c) {
+        const auto a = detail::given_affine<T>(mean[c], double(invstd[c]), detail::value_or(weight, c, 1.0),
+                                               detail::value_or(bias, c, 0.0));
+        alpha[c] = a.alpha;
+        beta[c] = a.beta;
+    }
+    detail::apply_affine(x, static_cast<const T*>(nullptr), y, shape, mean, alpha, beta, Activation::none);
+}
+
+// Per channel: sum_dy = sum(grad_y), sum_dy_xmu = sum(grad_y*(x - mean)), in float64.
+template <class T>
+void batch_norm_backward_reduce(const T* grad_y, const T* x, const Shape& shape, const T* mean, double* sum_dy,
+                                double* sum_dy_xmu) {
+    detail::check_element_type<T>();
+    detail::check_shape(shape);
+    detail::check_pointer(mean, "mean");
+    detail::check_pointer(sum_dy, "sum_dy");
+    detail::check_pointer(sum_dy_xmu, "sum_dy_xmu");
+    if (shape.size() == 0) {
+        std::fill_n(sum_dy, shape.channels, 0.0);
+        std::fill_n(sum_dy_xmu, shape.channels, 0.0);
+        return;
+    }
+    detail::check_pointer(grad_y, "grad_y");
+    detail::check_pointer(x, "x");
+    detail::backward_fused(grad_y, x, static_cast<T*>(nullptr), shape, mean,
+                           [&](std::int64_t c, const detail::Sums& s) {
+                               sum_dy[c] = s.first;
+                               sum_dy_xmu[c] = s.second;
+                               return detail::GradCoefficients<T>{};
+                           });
+}
+
+// grad_x = weight*invstd*(grad_y - sum_dy/count - (x - mean)*invstd^2*sum_dy_xmu/count), from
+// sums (and the count of values per channel) gathered over every participant.
+template <class T>
+void batch_norm_backward_apply(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const T* mean,
+                               const T* invstd, const T* weight, const double* sum_dy, const double* sum_dy_xmu,
+                               double count) {
+    detail::check_element_type<T>();
+    detail::check_shape(shape);
+    detail::check_pointer(mean, "mean");
+    detail::check_pointer(invstd, "invstd");
+    detail::check_pointer(sum_dy, "sum_dy");
+    detail::check_pointer(sum_dy_xmu, "sum_dy_xmu");
+    detail::require(count > 0, "count must be positive, got ", count);
+    if (shape.size() == 0) return;
+    detail::check_pointer(grad_y, "grad_y");
+    detail::check_pointer(x, "x");
+    detail::check_pointer(grad_x, "grad_x");
+    std::vector<detail::GradCoefficients<T>> coef(std::size_t(shape.channels));
+    for (std::int64_t c = 0; c < shape.channels; ++c) {
+        const double is = double(invstd[c]), w = detail::value_or(weight, c, 1.0);
+        const auto [m, q] = detail::through_statistics(is, w * sum_dy[c], w * sum_dy_xmu[c], count);
+        coef[std::size_t(c)] = {mean[c], T(w * is), T(m), T(q)};
+    }
+    detail::apply_grad(grad_y, x, grad_x, shape, coef.data());
+}
+
+}  // namespace batchnorm

@@ -37,6 +37,9 @@ from .distributed import (
     global_grad_sums,
     global_moments,
     invstd_of,
+    kernel_stats,
+    shifted_bias,
+    shifted_sum_dy,
     update_running,
 )
 
@@ -80,13 +83,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         count, mean, m2 = global_moments(link, channels, local)
         check_count(count, link)
         invstd = invstd_of(count, m2, eps)
+        stats = kernel_stats(mean, invstd, _FLOATS[x.dtype])
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         if not empty[0]:
-            _core.batch_norm_apply(_numpy(x), mean, invstd, _numpy(weight), _numpy(bias), 1, y.numpy())
+            w = _numpy(weight)
+            _core.batch_norm_apply(_numpy(x), stats.mean, stats.invstd, w, shifted_bias(stats, w, _numpy(bias)),
+                                   1, y.numpy())
         if count > 0:  # an empty whole batch carries no statistics
             update_running(_numpy(running_mean), _numpy(running_var), count, mean, m2, factor)
         ctx.save_for_backward(x, weight)
-        ctx.stats = (mean, invstd, count, empty[0], link, channels)
+        ctx.stats = (stats, invstd, count, empty[0], link, channels)
         return y
 
     @staticmethod
@@ -95,12 +101,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         """torch's rule: grad of weight and bias from this rank's sums (DDP averages them);
         grad of the input from the sums over every rank (one all-reduce)."""
         x, weight = ctx.saved_tensors
-        mean, invstd, count, empty, link, channels = ctx.stats
+        stats, invstd64, count, empty, link, channels = ctx.stats
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         xn, gyn = _numpy(x), _numpy(grad_y)
 
         def local() -> Tuple[Any, Any]:
-            return backward_sums(gyn, xn, mean, 1, empty)
+            return backward_sums(gyn, xn, stats, 1, empty)
 
         grad_x = None
         if need_x:  # every rank decides alike: the same model needs the same gradients
@@ -108,12 +114,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_x = torch.empty_like(x, memory_format=torch.preserve_format)
             if not empty:
                 _core.batch_norm_backward_apply(
-                    gyn, xn, mean, invstd, _numpy(weight), all_dy, all_dy_xmu, count, 1, grad_x.numpy()
+                    gyn, xn, stats.mean, stats.invstd, _numpy(weight), shifted_sum_dy(stats, all_dy, all_dy_xmu),
+                    all_dy_xmu, count, 1, grad_x.numpy(),
                 )
         elif need_w or need_b:
             sum_dy, sum_dy_xmu = local()
         dtype = _FLOATS[x.dtype]
-        grad_w = torch.from_numpy((sum_dy_xmu * invstd).astype(dtype)) if need_w else None
+        grad_w = torch.from_numpy((sum_dy_xmu * invstd64).astype(dtype)) if need_w else None
         grad_b = torch.from_numpy(sum_dy.astype(dtype)) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 

@@ -23,7 +23,7 @@ exchange, merge and running-statistics rule.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -292,6 +292,44 @@ def invstd_of(count: float, m2: FloatArray, eps: float) -> FloatArray:
     return 1.0 / np.sqrt(m2 / max(count, 1.0) + eps)  # type: ignore[no-any-return]
 
 
+class KernelStats(NamedTuple):
+    """The merged statistics as the phase kernels take them (in the input's dtype).
+
+    ``mean`` is the float64 mean rounded to the dtype, and ``shift = mean - exact mean``
+    (float64). The kernels normalize ``x - mean`` exactly; the callers move ``shift`` into
+    the bias (forward) and the sums (backward), as the fused kernels move it into beta, so
+    no digit is lost at a large mean.
+    """
+
+    mean: FloatArray
+    invstd: FloatArray
+    shift: FloatArray
+
+
+def kernel_stats(mean: FloatArray, invstd: FloatArray, dtype: np.dtype[Any]) -> KernelStats:
+    rounded = mean.astype(dtype)
+    return KernelStats(rounded, invstd.astype(dtype), rounded.astype(np.float64) - mean)
+
+
+def shifted_bias(stats: KernelStats, weight: Optional[FloatArray], bias: Optional[FloatArray]) -> FloatArray:
+    """The bias that makes ``(x - stats.mean)*invstd*weight + bias'`` the exact normalization."""
+    scale = stats.invstd.astype(np.float64) * (1.0 if weight is None else weight.astype(np.float64))
+    beta = (0.0 if bias is None else bias.astype(np.float64)) + stats.shift * scale
+    return beta.astype(stats.mean.dtype)  # type: ignore[no-any-return]
+
+
+def exact_sums(stats: KernelStats, sum_dy: FloatArray, sum_dy_xmu: FloatArray) -> Tuple[FloatArray, FloatArray]:
+    """Local (sum_dy, sum(dy*(x - exact mean))) from the kernels' sums about ``stats.mean``."""
+    return sum_dy, sum_dy_xmu + stats.shift * sum_dy
+
+
+def shifted_sum_dy(stats: KernelStats, sum_dy: FloatArray, sum_dy_xmu: FloatArray) -> FloatArray:
+    """The sum_dy to give the backward apply (which centres x on ``stats.mean``) so that its
+    input gradient is that of the exact mean."""
+    invstd = stats.invstd.astype(np.float64)
+    return sum_dy + stats.shift * invstd * invstd * sum_dy_xmu  # type: ignore[no-any-return]
+
+
 def update_running(
     running_mean: Optional[npt.NDArray[Any]],
     running_var: Optional[npt.NDArray[Any]],
@@ -308,12 +346,12 @@ def update_running(
         running_var[...] = (1.0 - factor) * running_var + factor * (m2 / (count - 1.0))
 
 
-def backward_sums(grad_y: ArrayIn, x: ArrayIn, mean: FloatArray, axis: int, empty: bool) -> Tuple[FloatArray, FloatArray]:
-    """Local (sum_dy, sum_dy_xmu) in float64 (zeros for an empty local batch)."""
+def backward_sums(grad_y: ArrayIn, x: ArrayIn, stats: KernelStats, axis: int, empty: bool) -> Tuple[FloatArray, FloatArray]:
+    """Local (sum_dy, sum_dy_xmu) about the exact mean, float64 (zeros for an empty local batch)."""
     if empty:
-        return np.zeros(mean.size), np.zeros(mean.size)
-    sum_dy, sum_dy_xmu = _core.batch_norm_backward_reduce(grad_y, x, mean, axis)
-    return sum_dy, sum_dy_xmu
+        return np.zeros(stats.mean.size), np.zeros(stats.mean.size)
+    sum_dy, sum_dy_xmu = _core.batch_norm_backward_reduce(grad_y, x, stats.mean, axis)
+    return exact_sums(stats, sum_dy, sum_dy_xmu)
 
 
 # ---- the NumPy module ---------------------------------------------------------------------
@@ -403,18 +441,20 @@ class SyncBatchNorm(_BatchNorm):
         count, mean, m2 = global_moments(link, channels, local)
         check_count(count, link)
         invstd = invstd_of(count, m2, self.eps)
+        stats = kernel_stats(mean, invstd, self.dtype)
         y: Any
         if empty[0]:  # nothing to normalize here (the whole batch may be empty too)
             y = _empty_like(x) if out is None else out
         else:
-            y = _core.batch_norm_apply(x, mean, invstd, self.weight, self.bias, axis, out)
+            bias = shifted_bias(stats, self.weight, self.bias)
+            y = _core.batch_norm_apply(x, stats.mean, stats.invstd, self.weight, bias, axis, out)
         # an empty whole batch carries no statistics: no state changes (as BatchNorm2d)
         if self.training and self.track_running_stats and count > 0:
             counter = self.num_batches_tracked
             update_running(self.running_mean, self.running_var, count, mean, m2, self._momentum_factor(counter))
             if counter is not None:
                 counter += 1
-        self._sync_saved = (link, x, mean, invstd, self.weight, count, out, empty[0])
+        self._sync_saved = (link, x, stats, invstd, self.weight, count, out, empty[0])
         self._saved = None
         if type(x) is _ndarray or out is not None:
             return y
@@ -428,7 +468,7 @@ class SyncBatchNorm(_BatchNorm):
         forward it is ``BatchNorm2d.backward``. Every rank must call it in the same step."""
         if self._saved is not None or self.__dict__.get("_sync_saved") is None:
             return super().backward(grad_y, out)
-        link, x, mean, invstd, weight, count, saved_out, empty = self._sync_saved
+        link, x, stats, invstd64, weight, count, saved_out, empty = self._sync_saved
         axis = self.axis
         if count == 0:  # every rank knows: no exchange, nothing to differentiate
             self.weight_grad = None if weight is None else np.zeros_like(weight)
@@ -443,7 +483,7 @@ class SyncBatchNorm(_BatchNorm):
                     f"grad_y must have the shape of the forward's input {_to_numpy(x).shape}, "
                     f"got {_to_numpy(grad_y).shape}"
                 )
-            return backward_sums(grad_y, x, mean, axis, empty)
+            return backward_sums(grad_y, x, stats, axis, empty)
 
         _, (sum_dy, sum_dy_xmu) = global_grad_sums(link, self.num_features, local)
         grad_x: Any
@@ -451,9 +491,10 @@ class SyncBatchNorm(_BatchNorm):
             grad_x = _empty_like(grad_y) if out is None else out
         else:
             grad_x = _core.batch_norm_backward_apply(
-                grad_y, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count, axis, out
+                grad_y, x, stats.mean, stats.invstd, weight, shifted_sum_dy(stats, sum_dy, sum_dy_xmu),
+                sum_dy_xmu, count, axis, out,
             )
-        self.weight_grad = None if weight is None else (sum_dy_xmu * invstd).astype(self.dtype)
+        self.weight_grad = None if weight is None else (sum_dy_xmu * invstd64).astype(self.dtype)
         self.bias_grad = None if self.bias is None else sum_dy.astype(self.dtype)
         if type(grad_y) is _ndarray or out is not None:
             return grad_x

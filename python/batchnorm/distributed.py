@@ -315,7 +315,7 @@ def shifted_bias(stats: KernelStats, weight: Optional[FloatArray], bias: Optiona
     """The bias that makes ``(x - stats.mean)*invstd*weight + bias'`` the exact normalization."""
     scale = stats.invstd.astype(np.float64) * (1.0 if weight is None else weight.astype(np.float64))
     beta = (0.0 if bias is None else bias.astype(np.float64)) + stats.shift * scale
-    return beta.astype(stats.mean.dtype)  # type: ignore[no-any-return]
+    return beta.astype(stats.mean.dtype)
 
 
 def exact_sums(stats: KernelStats, sum_dy: FloatArray, sum_dy_xmu: FloatArray) -> Tuple[FloatArray, FloatArray]:
@@ -327,7 +327,7 @@ def shifted_sum_dy(stats: KernelStats, sum_dy: FloatArray, sum_dy_xmu: FloatArra
     """The sum_dy to give the backward apply (which centres x on ``stats.mean``) so that its
     input gradient is that of the exact mean."""
     invstd = stats.invstd.astype(np.float64)
-    return sum_dy + stats.shift * invstd * invstd * sum_dy_xmu  # type: ignore[no-any-return]
+    return sum_dy + stats.shift * invstd * invstd * sum_dy_xmu
 
 
 def update_running(

@@ -13,6 +13,7 @@ import os
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._version import __version__  # written by the build from cpp/include/batchnorm/version.hpp
+from .distributed import SyncBatchNorm
 from .fold import fold
 from .functional import batch_norm, batch_norm_backward, batch_norm_stats
 from .group_norm import GroupNorm, group_norm, group_norm_backward
@@ -52,6 +53,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "IncompatibleKeys",
     "batch_norm",
     "batch_norm_stats",

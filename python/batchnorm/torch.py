@@ -42,8 +42,9 @@ from . import _core  # type: ignore[attr-defined, unused-ignore]
 from . import _torch_ops as ops
 
 __all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
-           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "batch_norm",
-           "convert", "fold_model", "group_norm", "instance_norm", "layer_norm", "revert", "rms_norm"]
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm",
+           "batch_norm", "convert", "fold_model", "group_norm", "instance_norm", "layer_norm", "revert",
+           "rms_norm"]
 
 _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests can watch it)
 _FLOATS = (torch.float32, torch.float64)
@@ -623,9 +624,13 @@ def _swap(module: torch.nn.Module, classes: Dict[type, Type[torch.nn.Module]]) -
     return module
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
+def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
     """Swap every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
     and ``InstanceNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
+
+    ``sync``: True, or a torch.distributed ProcessGroup, makes every batch norm (also
+    ``torch.nn.SyncBatchNorm``) a ``SyncBatchNorm`` over that group (True: the default
+    group), as ``SyncBatchNorm.convert_sync_batchnorm(module, group)`` does.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: recursive, in place (the
     children are replaced in their parents), returns ``module``; a batch norm passed at
@@ -635,6 +640,8 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     classes are swapped: subclasses (which may override ``forward``),
     ``SyncBatchNorm`` and uninitialized ``LazyBatchNorm*d`` are left alone.
     """
+    if sync is not False:
+        return convert_sync(module, None if sync is True else sync)
     return _swap(module, _REPLACEMENTS)
 
 
@@ -700,3 +707,6 @@ def fold_model(model: torch.nn.Module,
 def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     model.get_submodule(parent).add_module(leaf, new)
+
+
+from ._torch_sync import SyncBatchNorm, convert_sync  # noqa: E402  (it imports this module lazily)

@@ -1,0 +1,512 @@
+"""Batch norm synchronized across processes: the statistics are those of the whole batch.
+
+An existing engine carries the bytes: an mpi4py communicator or a torch.distributed process
+group (gloo, or MPI where torch was built with it). Each step exchanges per-channel float64
+partials, so the merged statistics are exact and identical on every rank:
+
+* forward: local ``(count, mean, M2)`` from the kernels -> one all-gather of
+  ``2 + 2C`` float64 values per rank -> Chan's merge, the same on every rank -> normalize;
+  the running statistics take the global mean and unbiased variance.
+* backward: local ``(sum_dy, sum_dy_xmu)`` -> one all-reduce of ``1 + 2C`` float64 values
+  -> the input gradient from the global sums.
+
+Faults never hang on a check: the first exchange of a module compares channel counts and
+dtypes across ranks, and every exchange carries a status word, so an input that fails its
+checks on one rank raises there and a clear error on the others. A rank that dies or stops
+calling makes the others fail inside the engine (gloo's timeout, or Open MPI aborting the
+job), reported as such.
+
+``batchnorm.torch.SyncBatchNorm`` (the ``torch.nn.SyncBatchNorm`` drop-in) shares this file's
+exchange, merge and running-statistics rule.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core  # type: ignore[attr-defined, unused-ignore]
+from .functional import ArrayIn, FloatArray, _like, _ndarray, _reject_fusion
+from .modules import _BatchNorm, _NO_BACKWARD_IN_PLACE, _to_numpy
+
+__all__ = ["SyncBatchNorm"]
+
+Moments = Tuple[float, FloatArray, FloatArray]  # (count, mean, M2), float64
+
+_DTYPE_CODES = {np.dtype(np.float32): 32.0, np.dtype(np.float64): 64.0}
+_FAILED = 0.0  # status word of a rank whose local part raised
+
+
+# ---- transports: the engines that carry the bytes -----------------------------------------
+
+
+class _Transport:
+    """Collectives over float64 NumPy vectors; errors become one RuntimeError that says what."""
+
+    name = ""
+    rank = 0
+    size = 1
+    key: Any = None  # what a module remembers it compared its peers over
+
+    def _allgather(self, send: FloatArray) -> FloatArray:
+        raise NotImplementedError
+
+    def _allreduce(self, buf: FloatArray) -> None:
+        raise NotImplementedError
+
+    def allgather(self, send: FloatArray, what: str) -> FloatArray:
+        """(size, len(send)) array: row r is rank r's ``send``."""
+        gathered: FloatArray = self._guarded(self._allgather, send, "all-gather", what)
+        return gathered
+
+    def allreduce(self, buf: FloatArray, what: str) -> None:
+        """Sum ``buf`` over the ranks, in place."""
+        self._guarded(self._allreduce, buf, "all-reduce", what)
+
+    def _guarded(self, call: Callable[[FloatArray], Any], array: FloatArray, op: str, what: str) -> Any:
+        try:
+            return call(array)
+        except Exception as error:  # the engine's own error: gloo, MPI, a closed socket
+            raise RuntimeError(
+                f"SyncBatchNorm: the {op} of {what} over {self.name} failed on rank {self.rank} "
+                f"of {self.size}: another rank raised, exited or stopped calling in this step, "
+                f"or the group timed out ({type(error).__name__}: {error})"
+            ) from error
+
+
+class _MPITransport(_Transport):
+    def __init__(self, comm: Any) -> None:
+        self.comm = self.key = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.name = f"MPI communicator {comm.Get_name() or type(comm).__name__}"
+
+    def _allgather(self, send: FloatArray) -> FloatArray:
+        recv = np.empty((self.size, send.size), np.float64)
+        self.comm.Allgather(send, recv)
+        return recv
+
+    def _allreduce(self, buf: FloatArray) -> None:
+        self.comm.Allreduce(sys.modules["mpi4py.MPI"].IN_PLACE, buf)
+
+
+class _TorchTransport(_Transport):
+    def __init__(self, group: Any) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "SyncBatchNorm: the torch.distributed process group is not initialised "
+                "(call torch.distributed.init_process_group first, and before "
+                "destroy_process_group)"
+            )
+        self.torch, self.dist, self.group = torch, dist, group
+        self.key = ("torch.distributed", group)
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        self.name = f"torch.distributed ({backend}, {'default group' if group is None else 'process group'})"
+
+    def _allgather(self, send: FloatArray) -> FloatArray:
+        # gloo has no all_gather_into_tensor: a list of rows, stacked
+        rows = [self.torch.empty(send.size, dtype=self.torch.float64) for _ in range(self.size)]
+        self.dist.all_gather(rows, self.torch.from_numpy(send), group=self.group)
+        gathered: FloatArray = self.torch.stack(rows).numpy()
+        return gathered
+
+    def _allreduce(self, buf: FloatArray) -> None:
+        self.dist.all_reduce(self.torch.from_numpy(buf), group=self.group)
+
+
+def _is_torch_group(comm: Any) -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and isinstance(comm, dist.ProcessGroup)
+
+
+def _is_mpi_comm(comm: Any) -> bool:
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and isinstance(comm, mpi.Comm)
+
+
+def _check_comm(comm: Any) -> None:
+    """TypeError for anything that is neither None, an mpi4py communicator nor a ProcessGroup."""
+    if comm is not None and not (_is_mpi_comm(comm) or _is_torch_group(comm)):
+        raise TypeError(
+            "comm must be None, an mpi4py communicator or a torch.distributed ProcessGroup, "
+            f"got {type(comm).__name__}"
+        )
+
+
+def transport(comm: Any) -> _Transport:
+    """The engine for ``comm``; None: torch's default group when initialised, else
+    ``MPI.COMM_WORLD`` (mpi4py is imported only then)."""
+    if comm is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return _TorchTransport(None)
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise RuntimeError(
+                "SyncBatchNorm(comm=None) found no communicator: torch.distributed is not "
+                "initialised and mpi4py is not installed; initialise a process group or pass comm="
+            ) from None
+        return _MPITransport(MPI.COMM_WORLD)
+    if _is_mpi_comm(comm):
+        if comm == sys.modules["mpi4py.MPI"].COMM_NULL:
+            raise ValueError("comm is MPI.COMM_NULL: this process is not in the communicator")
+        return _MPITransport(comm)
+    _check_comm(comm)
+    return _TorchTransport(comm)
+
+
+# ---- the exchanges ------------------------------------------------------------------------
+
+
+def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> None:
+    """Compare channel counts and dtypes across ranks (one all-gather of 2 values); raise
+    the same error on every rank when they differ, before any per-channel exchange."""
+    mine = np.array([float(channels), _DTYPE_CODES[dtype]])
+    table = link.allgather(mine, "channel counts and dtypes")
+    counts, codes = table[:, 0].astype(np.int64), table[:, 1]
+    if (counts != counts[0]).any():
+        listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+        raise ValueError(
+            f"SyncBatchNorm: num_features differs across the ranks of {link.name} ({listing}); "
+            "every rank must run the same model"
+        )
+    if (codes != codes[0]).any():
+        listing = ", ".join(f"rank {r}: float{int(c)}" for r, c in enumerate(codes))
+        raise TypeError(f"SyncBatchNorm: dtype differs across the ranks of {link.name} ({listing})")
+
+
+def _peers_failed(link: _Transport, statuses: FloatArray, what: str) -> None:
+    """Raise on a rank whose own part succeeded when another rank's did not."""
+    failed = [r for r, s in enumerate(statuses) if s == _FAILED]
+    if failed:
+        raise RuntimeError(
+            f"SyncBatchNorm: rank(s) {failed} of {link.name} raised in their {what} (see their "
+            "error); this rank stopped too, with no state changed"
+        )
+    if (statuses != statuses[0]).any():
+        listing = ", ".join(f"rank {r}: float{int(s)}" for r, s in enumerate(statuses))
+        raise TypeError(f"SyncBatchNorm: input dtype differs across the ranks of {link.name} ({listing})")
+
+
+def merge(counts: FloatArray, means: FloatArray, m2s: FloatArray) -> Moments:
+    """Chan's merge of per-rank partials (rows), pairwise as a tree, in float64.
+
+    Every rank merges the same gathered table in the same order, so every rank gets the
+    same bits. An empty partial (count 0, mean 0, M2 0) leaves the other side exact.
+    """
+    n, mean, m2 = counts[:, None], means, m2s
+    while n.shape[0] > 1:
+        rest = n.shape[0] // 2 * 2
+        na, nb = n[0:rest:2], n[1:rest:2]
+        total = na + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, nb / total, 0.0)
+        delta = mean[1:rest:2] - mean[0:rest:2]
+        merged_mean = mean[0:rest:2] + delta * share
+        merged_m2 = m2[0:rest:2] + m2[1:rest:2] + delta * delta * (na * share)
+        n = np.concatenate([total, n[rest:]])
+        mean = np.concatenate([merged_mean, mean[rest:]])
+        m2 = np.concatenate([merged_m2, m2[rest:]])
+    return float(n[0, 0]), mean[0], m2[0]
+
+
+def _local_moments(x: ArrayIn, axis: int, empty: bool, channels: int) -> Moments:
+    if empty:  # no values: the neutral partial of the merge
+        return 0.0, np.zeros(channels), np.zeros(channels)
+    count, mean, m2 = _core.batch_moments(x, axis)
+    return float(count), mean, m2
+
+
+def global_moments(
+    link: _Transport, channels: int, local: Callable[[], Tuple[Moments, float]]
+) -> Moments:
+    """Run ``local()`` -> ((count, mean, M2), dtype code) on this rank, all-gather, merge.
+
+    ``local`` holds every local check: if it raises, this rank still takes part in the
+    exchange (with a failed status) and re-raises after it, so the others raise too.
+    """
+    error: Optional[Exception] = None
+    send = np.zeros(2 + 2 * channels)
+    try:
+        (count, mean, m2), code = local()
+        send[0], send[1], send[2 : 2 + channels], send[2 + channels :] = code, count, mean, m2
+    except Exception as caught:  # re-raised below, after the others heard of it
+        error, send[:] = caught, 0.0
+    table = link.allgather(send, "batch statistics")
+    if error is not None:
+        raise error
+    _peers_failed(link, table[:, 0], "forward")
+    return merge(table[:, 1], table[:, 2 : 2 + channels], table[:, 2 + channels :])
+
+
+def global_grad_sums(
+    link: _Transport, channels: int, local: Callable[[], Tuple[FloatArray, FloatArray]]
+) -> Tuple[Tuple[FloatArray, FloatArray], Tuple[FloatArray, FloatArray]]:
+    """Run ``local()`` -> (sum_dy, sum_dy_xmu) on this rank; all-reduce them (one call).
+
+    Returns (local sums, global sums). A failed ``local`` is reported as in ``global_moments``.
+    """
+    error: Optional[Exception] = None
+    buf = np.zeros(1 + 2 * channels)
+    mine: Tuple[FloatArray, FloatArray] = (buf[1:1 + channels], buf[1 + channels:])
+    try:
+        mine = local()
+        buf[1 : 1 + channels], buf[1 + channels :] = mine
+    except Exception as caught:
+        error, buf[0] = caught, 1.0
+    link.allreduce(buf, "gradient sums")
+    if error is not None:
+        raise error
+    if buf[0] > 0:
+        raise RuntimeError(
+            f"SyncBatchNorm: {int(buf[0])} rank(s) of {link.name} raised in their backward (see "
+            "their error); this rank stopped too"
+        )
+    return mine, (buf[1 : 1 + channels], buf[1 + channels :])
+
+
+def check_count(count: float, link: _Transport) -> None:
+    """torch's one-value-per-channel error, for the global batch (same on every rank)."""
+    if count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size 1 "
+            f"over all {link.size} ranks"
+        )
+
+
+def _empty_like(x: ArrayIn) -> FloatArray:
+    """A new zero-size NumPy array with the shape and dtype of ``x``."""
+    return np.empty_like(_to_numpy(x))
+
+
+def invstd_of(count: float, m2: FloatArray, eps: float) -> FloatArray:
+    """1/sqrt(biased variance + eps), float64 (1/sqrt(eps) for an empty whole batch)."""
+    return 1.0 / np.sqrt(m2 / max(count, 1.0) + eps)  # type: ignore[no-any-return]
+
+
+class KernelStats(NamedTuple):
+    """The merged statistics as the phase kernels take them (in the input's dtype).
+
+    ``mean`` is the float64 mean rounded to the dtype, and ``shift = mean - exact mean``
+    (float64). The kernels normalize ``x - mean`` exactly; the callers move ``shift`` into
+    the bias (forward) and the sums (backward), as the fused kernels move it into beta, so
+    no digit is lost at a large mean.
+    """
+
+    mean: FloatArray
+    invstd: FloatArray
+    shift: FloatArray
+
+
+def kernel_stats(mean: FloatArray, invstd: FloatArray, dtype: np.dtype[Any]) -> KernelStats:
+    rounded = mean.astype(dtype)
+    return KernelStats(rounded, invstd.astype(dtype), rounded.astype(np.float64) - mean)
+
+
+def shifted_bias(stats: KernelStats, weight: Optional[FloatArray], bias: Optional[FloatArray]) -> FloatArray:
+    """The bias that makes ``(x - stats.mean)*invstd*weight + bias'`` the exact normalization."""
+    scale = stats.invstd.astype(np.float64) * (1.0 if weight is None else weight.astype(np.float64))
+    beta = (0.0 if bias is None else bias.astype(np.float64)) + stats.shift * scale
+    return beta.astype(stats.mean.dtype)
+
+
+def exact_sums(stats: KernelStats, sum_dy: FloatArray, sum_dy_xmu: FloatArray) -> Tuple[FloatArray, FloatArray]:
+    """Local (sum_dy, sum(dy*(x - exact mean))) from the kernels' sums about ``stats.mean``."""
+    return sum_dy, sum_dy_xmu + stats.shift * sum_dy
+
+
+def shifted_sum_dy(stats: KernelStats, sum_dy: FloatArray, sum_dy_xmu: FloatArray) -> FloatArray:
+    """The sum_dy to give the backward apply (which centres x on ``stats.mean``) so that its
+    input gradient is that of the exact mean."""
+    invstd = stats.invstd.astype(np.float64)
+    return sum_dy + stats.shift * invstd * invstd * sum_dy_xmu
+
+
+def update_running(
+    running_mean: Optional[npt.NDArray[Any]],
+    running_var: Optional[npt.NDArray[Any]],
+    count: float,
+    mean: FloatArray,
+    m2: FloatArray,
+    factor: float,
+) -> None:
+    """torch's running-statistics rule with the global mean and unbiased variance, in place;
+    float64 arithmetic, rounded once into the buffers' dtype (the same on every rank)."""
+    if running_mean is not None:
+        running_mean[...] = (1.0 - factor) * running_mean + factor * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - factor) * running_var + factor * (m2 / (count - 1.0))
+
+
+def backward_sums(grad_y: ArrayIn, x: ArrayIn, stats: KernelStats, axis: int, empty: bool) -> Tuple[FloatArray, FloatArray]:
+    """Local (sum_dy, sum_dy_xmu) about the exact mean, float64 (zeros for an empty local batch)."""
+    if empty:
+        return np.zeros(stats.mean.size), np.zeros(stats.mean.size)
+    sum_dy, sum_dy_xmu = _core.batch_norm_backward_reduce(grad_y, x, stats.mean, axis)
+    return exact_sums(stats, sum_dy, sum_dy_xmu)
+
+
+# ---- the NumPy module ---------------------------------------------------------------------
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics span every rank of ``comm``.
+
+    Same parameters, state, ``state_dict``, ``train``/``eval`` and ``backward`` as
+    ``BatchNorm2d``, for (N, C, ...) inputs of any rank >= 2 (channels on ``axis``,
+    ``-1`` for channels-last). In eval mode, and on a communicator of one process, it is
+    plain batch norm. In training, every rank of ``comm`` must call it on its local part
+    of the batch (any size, also empty) in the same step; the output, the running
+    statistics and ``num_batches_tracked`` are those of one process running the whole
+    batch, identical on every rank.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, dtype, axis
+        As for ``BatchNorm1d``.
+    comm : mpi4py communicator, torch.distributed ProcessGroup or None
+        None: torch's default process group when torch.distributed is initialised, else
+        ``MPI.COMM_WORLD`` (decided at each training forward).
+
+    Notes
+    -----
+    ``backward`` gives the gradient of the whole batch's loss: ``grad_x`` for this rank's
+    part, and ``weight_grad``/``bias_grad`` summed over all ranks (the same on every rank;
+    no further averaging is needed). ``num_batches_tracked`` counts a step unless the whole
+    batch is empty. Errors in a training step (bad input on one rank, mismatched channel
+    counts or dtypes) are raised on every rank.
+    """
+
+    _ranks = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        comm: Any = None,
+        dtype: npt.DTypeLike = np.float32,
+        axis: int = 1,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype=dtype, axis=axis)
+        _check_comm(comm)
+        self.comm = comm
+        self._checked: Any = None  # the communicator the peers were last compared over
+
+    def _link(self) -> _Transport:
+        link = transport(self.comm)
+        if link.size > 1 and self._checked != link.key:
+            check_peers(link, self.num_features, self.dtype)
+            self._checked = link.key
+        return link
+
+    def __call__(
+        self,
+        x: ArrayIn,
+        out: Optional[ArrayIn] = None,
+        *,
+        residual: Optional[ArrayIn] = None,
+        activation: Optional[str] = None,
+    ) -> Any:
+        """Normalize ``x`` with the statistics of the whole batch (training) or the running
+        statistics (eval); arguments and result as ``BatchNorm2d.__call__``."""
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if not batch_stats:
+            return super().__call__(x, out, residual=residual, activation=activation)
+        link = self._link()
+        if link.size == 1:
+            return super().__call__(x, out, residual=residual, activation=activation)
+        axis, channels = self.axis, self.num_features
+        empty = [False]
+
+        def local() -> Tuple[Moments, float]:
+            if residual is not None or activation is not None:
+                _reject_fusion(residual, activation)
+            empty[0] = self._check_input(x)
+            if _to_numpy(x).dtype != self.dtype:
+                raise TypeError(f"x must have dtype {self.dtype} (the module's), got {_to_numpy(x).dtype}")
+            return _local_moments(x, axis, empty[0], channels), _DTYPE_CODES[self.dtype]
+
+        count, mean, m2 = global_moments(link, channels, local)
+        check_count(count, link)
+        invstd = invstd_of(count, m2, self.eps)
+        stats = kernel_stats(mean, invstd, self.dtype)
+        y: Any
+        if empty[0]:  # nothing to normalize here (the whole batch may be empty too)
+            y = _empty_like(x) if out is None else out
+        else:
+            bias = shifted_bias(stats, self.weight, self.bias)
+            y = _core.batch_norm_apply(x, stats.mean, stats.invstd, self.weight, bias, axis, out)
+        # an empty whole batch carries no statistics: no state changes (as BatchNorm2d)
+        if self.training and self.track_running_stats and count > 0:
+            counter = self.num_batches_tracked
+            update_running(self.running_mean, self.running_var, count, mean, m2, self._momentum_factor(counter))
+            if counter is not None:
+                counter += 1
+        self._sync_saved = (link, x, stats, invstd, self.weight, count, out, empty[0])
+        self._saved = None
+        if type(x) is _ndarray or out is not None:
+            return y
+        return _like(x, y)
+
+    forward = __call__
+
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = None) -> Any:
+        """Gradient of the last forward: ``grad_x`` for this rank's part; ``weight_grad`` and
+        ``bias_grad`` of the whole batch (summed over ranks). After an eval or one-process
+        forward it is ``BatchNorm2d.backward``. Every rank must call it in the same step."""
+        if self._saved is not None or self.__dict__.get("_sync_saved") is None:
+            return super().backward(grad_y, out)
+        link, x, stats, invstd64, weight, count, saved_out, empty = self._sync_saved
+        axis = self.axis
+        if count == 0:  # every rank knows: no exchange, nothing to differentiate
+            self.weight_grad = None if weight is None else np.zeros_like(weight)
+            self.bias_grad = None if self.bias is None else np.zeros_like(self.bias)
+            return _like(grad_y, _empty_like(grad_y)) if out is None else out
+
+        def local() -> Tuple[FloatArray, FloatArray]:
+            if saved_out is not None and np.may_share_memory(_to_numpy(saved_out), _to_numpy(x)):
+                raise RuntimeError(_NO_BACKWARD_IN_PLACE)
+            if _to_numpy(grad_y).shape != _to_numpy(x).shape:
+                raise ValueError(
+                    f"grad_y must have the shape of the forward's input {_to_numpy(x).shape}, "
+                    f"got {_to_numpy(grad_y).shape}"
+                )
+            return backward_sums(grad_y, x, stats, axis, empty)
+
+        _, (sum_dy, sum_dy_xmu) = global_grad_sums(link, self.num_features, local)
+        grad_x: Any
+        if empty:
+            grad_x = _empty_like(grad_y) if out is None else out
+        else:
+            grad_x = _core.batch_norm_backward_apply(
+                grad_y, x, stats.mean, stats.invstd, weight, shifted_sum_dy(stats, sum_dy, sum_dy_xmu),
+                sum_dy_xmu, count, axis, out,
+            )
+        self.weight_grad = None if weight is None else (sum_dy_xmu * invstd64).astype(self.dtype)
+        self.bias_grad = None if self.bias is None else sum_dy.astype(self.dtype)
+        if type(grad_y) is _ndarray or out is not None:
+            return grad_x
+        return _like(grad_y, grad_x)
+
+    def __getstate__(self) -> Any:
+        state = super().__getstate__()
+        state["_sync_saved"] = None
+        state["_checked"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        """BatchNorm's, plus the communicator when one was given."""
+        text = super().extra_repr()
+        return text if self.comm is None else f"{text}, comm={type(self.comm).__name__}"

@@ -2,7 +2,7 @@
 pytest runs through pytest-markdown-docs. A block asks for a fixture in its info string
 (```python fixture:torch); GitHub shows only the language.
 
-* ``torch``, ``threadpoolctl``: the module, or a clean skip (both are optional).
+* ``torch``, ``threadpoolctl``, ``mpi4py``: the module, or a clean skip (all are optional).
 * Each docs block leaves batchnorm's thread count as it found it (a block may set it).
 """
 
@@ -19,6 +19,11 @@ def torch():
 @pytest.fixture
 def threadpoolctl():
     return pytest.importorskip("threadpoolctl")
+
+
+@pytest.fixture
+def mpi4py():
+    return pytest.importorskip("mpi4py")
 
 
 @pytest.fixture(autouse=True)

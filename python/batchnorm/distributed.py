@@ -30,7 +30,8 @@ import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from .functional import ArrayIn, FloatArray, _like, _ndarray, _reject_fusion
-from .modules import _BatchNorm, _NO_BACKWARD_IN_PLACE, _to_numpy
+from ._norm_base import _NO_BACKWARD_IN_PLACE, _to_numpy
+from .modules import _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 

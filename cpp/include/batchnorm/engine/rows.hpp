@@ -61,7 +61,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
         seg, 3 * seg.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t r, std::int64_t b, std::int64_t e) {
             const std::int64_t at = r * cols + b;
-            return k.row_wdot(dy + at, x + at, weight ? weight + b : nullptr, e - b, shift[r]);
+            return checked_wdot(k, dy + at, x + at, weight ? weight + b : nullptr, e - b, shift[r]);
         },
         [&](std::int64_t r, const Sums& s) { coef[std::size_t(r)] = finish(r, s); },
         [&](std::int64_t r, std::int64_t b, std::int64_t e) {

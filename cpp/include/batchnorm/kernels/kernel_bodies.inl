@@ -74,7 +74,7 @@ struct PairSum {
 
 // {sum(x - shift), sum((x - shift)^2)} over one run, into acc.
 template <class S>
-void run_dev(const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute_t<S>>& acc) {
+BATCHNORM_ALWAYS_INLINE void run_dev(const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute_t<S>>& acc) {
     using T = compute_t<S>;
     using O = Ops<T>;
     constexpr i64 W = O::W;
@@ -92,7 +92,7 @@ void run_dev(const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute
 
 // {sum(dy), sum(dy * (x - shift))} over one run, into acc.
 template <class S>
-void run_dot(const S* dy, const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute_t<S>>& acc) {
+BATCHNORM_ALWAYS_INLINE void run_dot(const S* dy, const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute_t<S>>& acc) {
     using T = compute_t<S>;
     using O = Ops<T>;
     constexpr i64 W = O::W;
@@ -108,7 +108,7 @@ void run_dot(const S* dy, const S* x, i64 n, typename Ops<compute_t<S>>::V s, Pa
 }
 
 template <class S, bool kResidual, bool kRelu>
-void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V alpha, typename Ops<compute_t<S>>::V beta) {
+BATCHNORM_ALWAYS_INLINE void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V alpha, typename Ops<compute_t<S>>::V beta) {
     using T = compute_t<S>;
     using O = Ops<T>;
     using V = typename O::V;
@@ -121,7 +121,7 @@ void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute
 }
 
 template <class S>
-void run_grad(const S* dy, const S* x, S* gx, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V k, typename Ops<compute_t<S>>::V m, typename Ops<compute_t<S>>::V q) {
+BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V k, typename Ops<compute_t<S>>::V m, typename Ops<compute_t<S>>::V q) {
     using T = compute_t<S>;
     using O = Ops<T>;
     for (i64 i = 0; i < n; i += O::W) {

@@ -129,7 +129,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
     const auto& k = kernels<T>();
     const std::int64_t C = s.channels, per_group = C / groups, hw = s.spatial;
-    const double count = double(per_group * hw);
+    const double inv_count = 1.0 / double(per_group * hw);
     std::vector<double> sdy(std::size_t(s.batch * C)), sdyx(sdy.size());
     // Coefficients of one group from its per-channel sums; kc[i] = w[c]*invstd.
     const auto coefficients = [&](std::int64_t sg, const double* s1, const double* s2, T* kc, T& m, T& q) {
@@ -142,7 +142,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
             b += w * s2[i];
             if (kc) kc[i] = T(w * is);
         }
-        const auto [mm, qq] = through_statistics(is, a, b, count);
+        const auto [mm, qq] = through_statistics(is, a, b, inv_count);
         m = T(mm);
         q = T(qq);
     };

@@ -91,11 +91,11 @@ void layer_norm_backward(const T* grad_y, const T* x, T* grad_x, std::int64_t ro
     detail::check_pointer(x, "x");
     detail::check_pointer(mean, "mean");
     detail::check_pointer(invstd, "invstd");
-    const double n = double(cols);
+    const double inv_n = 1.0 / double(cols);
     detail::norm_rows_backward(grad_y, x, grad_x, rows, cols, weight, mean, invstd, grad_weight, grad_bias,
                                [&](std::int64_t r, const detail::Sums& s) {
                                    const double is = double(invstd[r]);
-                                   const auto [m, q] = detail::through_statistics(is, s.first, s.second, n);
+                                   const auto [m, q] = detail::through_statistics(is, s.first, s.second, inv_n);
                                    return detail::GradCoefficients<T>{mean[r], T(is), T(m), T(q)};
                                });
 }

@@ -266,8 +266,7 @@ nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
     const Layout L = c_order_layout(xa);
     return with_type_of(xa, [&](auto tag) -> nb::object {
         using T = decltype(tag);
-        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
-        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", L);
+        const ArrayRef grad_array = take_grad_y<T>(grad_obj, L);
         if ((!rms && mean_obj.is_none()) || invstd_obj.is_none())
             type_error(rms ? "invstd must be an array, got None" : "mean and invstd must be arrays, got None");
         std::optional<ParamArray<T>> mean;

@@ -52,6 +52,13 @@ std::optional<ArrayRef> take_like_input(nb::handle h, const char* name, const La
     return a;
 }
 
+// grad_y of a backward: required, with the input's shape and dtype.
+template <class T>
+ArrayRef take_grad_y(nb::handle h, const Layout& L) {
+    if (h.is_none()) type_error("grad_y must be an array, got None");
+    return *take_like_input<T>(h, "grad_y", L);
+}
+
 // `out` must not share memory with a per-channel array the call reads or writes.
 template <class T>
 void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays) {
@@ -144,8 +151,7 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
-        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
         if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
         const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
         const ChannelArray<T> weight(weight_obj, "weight", view.channels);
@@ -260,8 +266,7 @@ nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
     const Layout L = c_order_layout(xa);
     return with_type_of(xa, [&](auto tag) -> nb::object {
         using T = decltype(tag);
-        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
-        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", L);
+        const ArrayRef grad_array = take_grad_y<T>(grad_obj, L);
         if ((!rms && mean_obj.is_none()) || invstd_obj.is_none())
             type_error(rms ? "invstd must be an array, got None" : "mean and invstd must be arrays, got None");
         std::optional<ParamArray<T>> mean;
@@ -363,8 +368,7 @@ nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
     return with_type_of(in.array, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const std::int64_t C = in.shape.channels;
-        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
-        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
         if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
         const std::vector<std::int64_t> stats_shape{in.shape.batch, num_groups};
         const ParamArray<T> mean(mean_obj, "mean", stats_shape), invstd(invstd_obj, "invstd", stats_shape);
@@ -469,8 +473,7 @@ nb::object batch_norm_backward_reduce(nb::handle grad_obj, nb::handle x_obj, nb:
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
-        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
         if (mean_obj.is_none()) type_error("mean must be an array, got None");
         const ChannelArray<T> mean(mean_obj, "mean", view.channels);
         const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
@@ -491,8 +494,7 @@ nb::object batch_norm_backward_apply(nb::handle grad_obj, nb::handle x_obj, nb::
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        if (grad_obj.is_none()) type_error("grad_y must be an array, got None");
-        const ArrayRef grad_array = *take_like_input<T>(grad_obj, "grad_y", in.layout);
+        const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
         if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
         const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
         const ChannelArray<T> weight(weight_obj, "weight", view.channels);

@@ -110,9 +110,10 @@ void batch_norm_backward_apply(const T* grad_y, const T* x, T* grad_x, const Sha
     detail::check_pointer(x, "x");
     detail::check_pointer(grad_x, "grad_x");
     std::vector<detail::GradCoefficients<T>> coef(std::size_t(shape.channels));
+    const double inv_count = 1.0 / count;
     for (std::int64_t c = 0; c < shape.channels; ++c) {
         const double is = double(invstd[c]), w = detail::value_or(weight, c, 1.0);
-        const auto [m, q] = detail::through_statistics(is, w * sum_dy[c], w * sum_dy_xmu[c], count);
+        const auto [m, q] = detail::through_statistics(is, w * sum_dy[c], w * sum_dy_xmu[c], inv_count);
         coef[std::size_t(c)] = {mean[c], T(w * is), T(m), T(q)};
     }
     detail::apply_grad(grad_y, x, grad_x, shape, coef.data());

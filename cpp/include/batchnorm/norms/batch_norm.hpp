@@ -67,14 +67,14 @@ struct BackwardArgs {
 // grad_x = k*dy + (x - mean)*m + q, from DESIGN.md's formula:
 // k = w*invstd, m = -w*invstd^3*sum_dy_xmu/n, q = -w*invstd*sum_dy/n (m = q = 0 in eval).
 template <class T>
-GradCoefficients<T> finish_backward_channel(std::int64_t c, const Sums& sums, double n,
+GradCoefficients<T> finish_backward_channel(std::int64_t c, const Sums& sums, double inv_n,
                                             const BackwardArgs<T>& a) {
     const double invstd = double(a.invstd[c]);
     const double w = value_or(a.weight, c, 1.0);
     if (a.grad_weight) a.grad_weight[c] = T(sums.second * invstd);
     if (a.grad_bias) a.grad_bias[c] = T(sums.first);
     if (!a.training) return {a.mean[c], T(w * invstd), T(0), T(0)};
-    const auto [m, q] = through_statistics(invstd, w * sums.first, w * sums.second, n);
+    const auto [m, q] = through_statistics(invstd, w * sums.first, w * sums.second, inv_n);
     return {a.mean[c], T(w * invstd), T(m), T(q)};
 }
 
@@ -180,9 +180,9 @@ void backward(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const 
     detail::check_pointer(grad_y, "grad_y");
     detail::check_pointer(x, "x");
     const detail::BackwardArgs<T> args{mean, invstd, weight, grad_weight, grad_bias, training};
-    const double n = double(shape.per_channel());
+    const double inv_n = 1.0 / double(shape.per_channel());
     detail::backward_fused(grad_y, x, grad_x, shape, mean, [&](std::int64_t c, const detail::Sums& sums) {
-        return detail::finish_backward_channel(c, sums, n, args);
+        return detail::finish_backward_channel(c, sums, inv_n, args);
     });
 }
 

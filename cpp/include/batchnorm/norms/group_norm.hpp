@@ -129,7 +129,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
     const auto& k = kernels<T>();
     const std::int64_t C = s.channels, per_group = C / groups, hw = s.spatial;
-    const double count = double(per_group * hw);
+    const double inv_count = 1.0 / double(per_group * hw);
     std::vector<double> sdy(std::size_t(s.batch * C)), sdyx(sdy.size());
     // Coefficients of one group from its per-channel sums; kc[i] = w[c]*invstd.
     const auto coefficients = [&](std::int64_t sg, const double* s1, const double* s2, T* kc, T& m, T& q) {
@@ -142,7 +142,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
             b += w * s2[i];
             if (kc) kc[i] = T(w * is);
         }
-        const auto [mm, qq] = through_statistics(is, a, b, count);
+        const auto [mm, qq] = through_statistics(is, a, b, inv_count);
         m = T(mm);
         q = T(qq);
     };
@@ -155,7 +155,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                 PlaneSums r{std::vector<Sums>(std::size_t(per_group))};
                 for (std::int64_t v = b; v < e;) {
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
-                    r.planes[std::size_t(p)] += k.cf_dot(dy + at, x + at, 1, end - v, 0, mean[sg]);
+                    r.planes[std::size_t(p)] += checked_dot(k, dy + at, x + at, 1, end - v, 0, mean[sg]);
                     v = end;
                 }
                 return r;
@@ -191,7 +191,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     std::fill_n(w.s1.begin(), blk.cols, 0.0);
                     std::fill_n(w.s2.begin(), blk.cols, 0.0);
                     const std::int64_t at = base + b * blk.ld + blk.col;
-                    k.cl_dot(dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+                    checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
                 },
                 [&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
                     const std::int64_t j0 = (g - blk.first) * per_group, c0 = n * C + g * per_group;

@@ -30,8 +30,28 @@ CHANNELS_LAST = "NHWC"
 FLAT = "NC"
 
 
+class _Sized:
+    """What every case says of its array: ``label``, ``numel`` and ``nbytes`` from the
+    ``shape`` and ``dtype`` fields of the dataclass."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.shape))
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * np.dtype(self.dtype).itemsize
+
+
 @dataclasses.dataclass(frozen=True)
-class Case:
+class Case(_Sized):
     shape: tuple[int, ...]  # logical, channels at index 1
     layout: str  # CHANNELS_FIRST, CHANNELS_LAST or FLAT
     dtype: str  # "float32" | "float64"
@@ -71,21 +91,9 @@ class Case:
         return self.layout == CHANNELS_FIRST and len(self.shape) > 2
 
     @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * np.dtype(self.dtype).itemsize
-
-    @property
     def channel_block_bytes(self) -> int:
         """Bytes of one channel: what a channels-first train pass keeps in L2."""
         return self.nbytes // self.channels
-
-    @property
-    def label(self) -> str:
-        return "x".join(map(str, self.shape))
 
     def to_torch(self, array: np.ndarray):
         """Zero-copy torch view in logical (N, C, ...) order; channels_last strides for NHWC."""
@@ -189,7 +197,7 @@ NORM_TITLES = {"layer": "LayerNorm", "rms": "RMSNorm", "group": "GroupNorm", "in
 
 
 @dataclasses.dataclass(frozen=True)
-class NormCase:
+class NormCase(_Sized):
     """One LayerNorm / RMSNorm / GroupNorm / InstanceNorm call on channels-first memory.
 
     Each norm sees ``x`` as (rows, cols): one row per group of values that share a mean and
@@ -206,18 +214,6 @@ class NormCase:
         """The report's second column: which norm (all cases are channels-first)."""
         title = NORM_TITLES[self.norm]
         return f"{title} g={self.groups}" if self.norm == "group" else title
-
-    @property
-    def label(self) -> str:
-        return "x".join(map(str, self.shape))
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * np.dtype(self.dtype).itemsize
 
     @property
     def rows(self) -> int:

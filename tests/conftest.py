@@ -4,6 +4,8 @@
   whatever import mode pytest runs in.
 * ``threads``: runs a test at bn.set_num_threads(1) and (2), restoring the previous value.
 * ``rng``: a NumPy Generator seeded from the test's node id (reproducible per test).
+* ``no_fallback`` / ``fallback_calls``: torch's own batch_norm made unreachable from
+  batchnorm.torch / counted (tests of the drop-in and its ops).
 * ``torch`` (PyTorch or a clean skip) is in the repository's root conftest.py.
 """
 
@@ -50,6 +52,30 @@ def threads(request):
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Makes torch's own batch_norm unreachable from batchnorm.torch: the kernels must run."""
+    bnt = pytest.importorskip("batchnorm.torch")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("batchnorm.torch fell back to torch.nn.functional.batch_norm")
+    monkeypatch.setattr(bnt, "_torch_batch_norm", refuse)
+
+
+@pytest.fixture
+def fallback_calls(monkeypatch):
+    """The argument tuples of every call batchnorm.torch makes to torch's own batch_norm."""
+    bnt = pytest.importorskip("batchnorm.torch")
+    calls = []
+    real = pytest.importorskip("torch").nn.functional.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bnt, "_torch_batch_norm", counting)
+    return calls
 
 
 def pytest_collection_modifyitems(config, items):

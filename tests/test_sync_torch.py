@@ -208,3 +208,23 @@ def test_drop_in_constructor_state_dict_and_conversion():
     assert again[0].process_group is None
     plain = bnt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
     assert type(plain[0]) is bnt.BatchNorm2d  # sync=False (default): the plain drop-in
+
+
+def test_revert_undoes_convert_sync():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4),
+                                torch.nn.Sequential(torch.nn.SyncBatchNorm(4, affine=False)))
+    tensors = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    group = object()  # stored as given, like torch's
+    bnt.convert(model, sync=group)
+    assert type(model[1]) is bnt.SyncBatchNorm and type(model[2][0]) is bnt.SyncBatchNorm
+    model[1]._peers_checked = ("torch.distributed", group)  # as after a training step
+    out = bnt.revert(model)
+    assert out is model
+    assert type(model[1]) is torch.nn.SyncBatchNorm and type(model[2][0]) is torch.nn.SyncBatchNorm
+    assert model[1].process_group is group and model[2][0].process_group is group
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert tensors[n] is t, n
+    assert "_peers_checked" not in model[1].__dict__
+    assert repr(model[1]) == repr(torch.nn.SyncBatchNorm(4))
+    top = bnt.revert(bnt.SyncBatchNorm(3, process_group=group))
+    assert type(top) is torch.nn.SyncBatchNorm and top.process_group is group

@@ -39,26 +39,6 @@ def make_x(rng, shape, dtype, fmt, offset=0.0):
     return x if fmt is None else x.to(memory_format=getattr(torch, fmt))
 
 
-@pytest.fixture
-def no_fallback(monkeypatch):
-    """Makes torch's own batch_norm unreachable from batchnorm.torch: the kernels must run."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("batchnorm.torch fell back to torch.nn.functional.batch_norm")
-    monkeypatch.setattr(bnt, "_torch_batch_norm", refuse)
-
-
-@pytest.fixture
-def fallback_calls(monkeypatch):
-    calls = []
-    real = torch.nn.functional.batch_norm
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(bnt, "_torch_batch_norm", counting)
-    return calls
-
-
 def pair(dim, dtype, **kwargs):
     ours_cls, torch_cls = classes(dim)
     tdt = torch_dtype(torch, dtype)

@@ -20,26 +20,6 @@ from batchnorm import _torch_ops  # noqa: E402
 F = torch.nn.functional
 
 
-@pytest.fixture
-def no_fallback(monkeypatch):
-    """Makes torch's own batch_norm unreachable from batchnorm.torch: the kernels must run."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("batchnorm.torch fell back to torch.nn.functional.batch_norm")
-    monkeypatch.setattr(bnt, "_torch_batch_norm", refuse)
-
-
-@pytest.fixture
-def fallback_calls(monkeypatch):
-    calls = []
-    real = F.batch_norm
-
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(bnt, "_torch_batch_norm", counting)
-    return calls
-
-
 def conv_bn(seed=0, channels_last=False, dtype=torch.float32):
     """(torch model, converted copy): conv - BN - ReLU, random BN parameters and statistics."""
     torch.manual_seed(seed)

@@ -25,6 +25,7 @@ _NO_BACKWARD_IN_PLACE = (
     "backward is impossible after an in-place forward (out=x): "
     "the input it needs was overwritten by the output"
 )
+_NO_BACKWARD_ACTIVATION = "backward is not available after a forward with activation"
 
 
 class IncompatibleKeys(NamedTuple):
@@ -143,6 +144,18 @@ def _axis(module: _Module, axis: object, top: int) -> int:
     if not -top <= result < top:
         raise ValueError(f"axis must be in [{-top}, {top - 1}] for {type(module).__name__}, got {axis}")
     return result
+
+
+def _check_channels(shape: Tuple[int, ...], axis: int, channels: int, name: str) -> None:
+    """The module's channel ``axis`` exists in the input's ``shape`` and holds ``channels``
+    (the module's argument ``name``)."""
+    rank = len(shape)
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} is out of range for {rank}D input")
+    if shape[axis] != channels:
+        raise ValueError(
+            f"x: expected {channels} channels ({name}) on axis {axis}, got input of shape {shape}"
+        )
 
 
 def _eval_grads(x: Any, running_mean: FloatArray, running_var: FloatArray,
@@ -425,6 +438,14 @@ class _NormBase(_Module):
         self.running_mean = np.zeros(channels, self.dtype) if tracking else None
         self.running_var = np.ones(channels, self.dtype) if tracking else None
         self.num_batches_tracked = np.zeros((), np.int64) if tracking else None
+
+    def _check_rank(self, shape: Tuple[int, ...]) -> int:
+        """torch's rank check (and words) against ``_ranks``; returns the rank."""
+        rank = len(shape)
+        if rank not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(f"expected {expected} input (got {rank}D input)")
+        return rank
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counter 0, in place (torch's method)."""

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from .functional import ArrayIn, FloatArray, _like, _ndarray, _reject_fusion
+from .functional import ArrayIn, FloatArray, _like, _reject_fusion, _returned
 from ._norm_base import _NO_BACKWARD_IN_PLACE, _to_numpy
 from .modules import _BatchNorm
 
@@ -167,6 +167,13 @@ def transport(comm: Any) -> _Transport:
 # ---- the exchanges ------------------------------------------------------------------------
 
 
+def _same_dtype(link: _Transport, codes: FloatArray, what: str) -> None:
+    """TypeError, the same on every rank, when the ranks' dtype codes (32.0, 64.0) differ."""
+    if (codes != codes[0]).any():
+        listing = ", ".join(f"rank {r}: float{int(c)}" for r, c in enumerate(codes))
+        raise TypeError(f"SyncBatchNorm: {what} differs across the ranks of {link.name} ({listing})")
+
+
 def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> None:
     """Compare channel counts and dtypes across ranks (one all-gather of 2 values); raise
     the same error on every rank when they differ, before any per-channel exchange."""
@@ -179,9 +186,7 @@ def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> None:
             f"SyncBatchNorm: num_features differs across the ranks of {link.name} ({listing}); "
             "every rank must run the same model"
         )
-    if (codes != codes[0]).any():
-        listing = ", ".join(f"rank {r}: float{int(c)}" for r, c in enumerate(codes))
-        raise TypeError(f"SyncBatchNorm: dtype differs across the ranks of {link.name} ({listing})")
+    _same_dtype(link, codes, "dtype")
 
 
 def _peers_failed(link: _Transport, statuses: FloatArray, what: str) -> None:
@@ -192,9 +197,7 @@ def _peers_failed(link: _Transport, statuses: FloatArray, what: str) -> None:
             f"SyncBatchNorm: rank(s) {failed} of {link.name} raised in their {what} (see their "
             "error); this rank stopped too, with no state changed"
         )
-    if (statuses != statuses[0]).any():
-        listing = ", ".join(f"rank {r}: float{int(s)}" for r, s in enumerate(statuses))
-        raise TypeError(f"SyncBatchNorm: input dtype differs across the ranks of {link.name} ({listing})")
+    _same_dtype(link, statuses, "input dtype")
 
 
 def merge(counts: FloatArray, means: FloatArray, m2s: FloatArray) -> Moments:
@@ -457,9 +460,7 @@ class SyncBatchNorm(_BatchNorm):
                 counter += 1
         self._sync_saved = (link, x, stats, invstd, self.weight, count, out, empty[0])
         self._saved = None
-        if type(x) is _ndarray or out is not None:
-            return y
-        return _like(x, y)
+        return _returned(x, out, y)
 
     forward = __call__
 
@@ -497,9 +498,7 @@ class SyncBatchNorm(_BatchNorm):
             )
         self.weight_grad = None if weight is None else (sum_dy_xmu * invstd64).astype(self.dtype)
         self.bias_grad = None if self.bias is None else sum_dy.astype(self.dtype)
-        if type(grad_y) is _ndarray or out is not None:
-            return grad_x
-        return _like(grad_y, grad_x)
+        return _returned(grad_y, out, grad_x)
 
     def __getstate__(self) -> Any:
         state = super().__getstate__()

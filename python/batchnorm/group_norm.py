@@ -11,15 +11,21 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _eps, _integer, _Module, _positive_int, _shape_of
+from ._norm_base import (
+    _NO_BACKWARD_ACTIVATION,
+    _check_channels,
+    _eps,
+    _integer,
+    _Module,
+    _positive_int,
+    _shape_of,
+)
 from .functional import ArrayIn, Triple, _relu_flag, _returned, _returned_all
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
 
 _group_norm: Callable[..., Triple] = _core.group_norm
 _group_norm_backward: Callable[..., Triple] = _core.group_norm_backward
-
-_NO_BACKWARD_FUSED = "backward is not available after a forward with activation"
 
 
 def group_norm(
@@ -138,14 +144,7 @@ class GroupNorm(_Module):
             raise ValueError(
                 f"Expected at least 2 dimensions for input tensor but received {len(shape)}"
             )
-        axis = self.axis
-        if not -len(shape) <= axis < len(shape):
-            raise ValueError(f"axis {axis} is out of range for {len(shape)}D input")
-        if shape[axis] != self.num_channels:
-            raise ValueError(
-                f"x: expected {self.num_channels} channels (num_channels) on axis {axis}, "
-                f"got input of shape {shape}"
-            )
+        _check_channels(shape, self.axis, self.num_channels, "num_channels")
 
     def __call__(
         self, x: ArrayIn, out: Optional[ArrayIn] = None, *, activation: Optional[str] = None
@@ -160,7 +159,7 @@ class GroupNorm(_Module):
         groups, axis = self.num_groups, self.axis
         y, mean, invstd = _group_norm(x, groups, weight, bias, self.eps, axis, out, relu)
         if relu:
-            self._save(x, out, weight, None, _NO_BACKWARD_FUSED)
+            self._save(x, out, weight, None, _NO_BACKWARD_ACTIVATION)
         else:
             self._save(x, out, weight,
                        lambda gy, o: _group_norm_backward(gy, x, mean, invstd, weight, groups, axis, o))

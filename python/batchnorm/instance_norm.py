@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _eval_grads, _NormBase, _shape_of, _to_numpy
+from ._norm_base import _NO_BACKWARD_ACTIVATION, _eval_grads, _NormBase, _shape_of, _to_numpy
 from .functional import (
     ArrayIn,
     Triple,
@@ -33,8 +33,6 @@ __all__ = [
 
 _instance_norm: Callable[..., Triple] = _core.instance_norm
 _group_norm_backward: Callable[..., Triple] = _core.group_norm_backward
-
-_NO_BACKWARD_FUSED = "backward is not available after a forward with activation"
 
 
 def _eval_inputs(running_mean: object, running_var: object) -> None:
@@ -147,10 +145,7 @@ class _InstanceNorm(_NormBase):
     def _check_input(self, x: Any) -> bool:
         """torch's checks and warning; return whether ``x`` is unbatched."""
         shape = _shape_of(x)
-        rank = len(shape)
-        if rank not in self._ranks:
-            expected = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"expected {expected} input (got {rank}D input)")
+        rank = self._check_rank(shape)
         unbatched = rank == self._ranks[0]
         axis = self.axis % self._ranks[1]  # in the batched input's terms
         if unbatched and axis == 0:
@@ -206,7 +201,7 @@ class _InstanceNorm(_NormBase):
             y = _forward_eval(xb, running_mean, running_var, weight, bias, eps, axis, outb, None, relu)
             grads = _eval_grads(xb, running_mean, running_var, weight, eps, axis)
         if relu:
-            self._save(x, out, weight, None, _NO_BACKWARD_FUSED)
+            self._save(x, out, weight, None, _NO_BACKWARD_ACTIVATION)
         else:
             self._save(x, out, weight, _unbatched(grads) if unbatched else grads)
         return _returned(x, out, y[0] if unbatched else y)

@@ -12,7 +12,7 @@ from typing import Any, Optional, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._norm_base import IncompatibleKeys, _cpu_device, _eval_grads, _NormBase, _shape_of
+from ._norm_base import IncompatibleKeys, _check_channels, _cpu_device, _eval_grads, _NormBase, _shape_of
 from ._norm_base import _to_numpy as _to_numpy  # fold.py takes it from here
 from .functional import (
     ArrayIn,
@@ -54,18 +54,8 @@ class _BatchNorm(_NormBase):
     def _check_input(self, x: Any) -> bool:
         """Check type, rank and channel count like torch; return whether ``x`` is empty."""
         shape = _shape_of(x)
-        rank = len(shape)
-        if rank not in self._ranks:
-            expected = " or ".join(f"{r}D" for r in self._ranks)
-            raise ValueError(f"expected {expected} input (got {rank}D input)")
-        axis = self.axis
-        if not -rank <= axis < rank:
-            raise ValueError(f"axis {axis} is out of range for {rank}D input")
-        if shape[axis] != self.num_features:
-            raise ValueError(
-                f"x: expected {self.num_features} channels (num_features) on axis {axis}, "
-                f"got input of shape {tuple(shape)}"
-            )
+        self._check_rank(shape)
+        _check_channels(shape, self.axis, self.num_features, "num_features")
         return 0 in shape
 
     @overload

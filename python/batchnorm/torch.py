@@ -595,6 +595,7 @@ FUSER_METHOD_MAPPING: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = {
 FUSER_METHOD_MAPPING[(torch.nn.Linear, BatchNorm1d)] = fuser_methods.fuse_linear_bn
 
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+_CACHES = ("_views", "_peers_checked")  # a drop-in's own: never carried to a replacement
 
 
 def _replacement(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.nn.Module:
@@ -604,7 +605,8 @@ def _replacement(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.n
     handles returned by ``register_*_hook`` before ``convert`` still remove their hooks."""
     new = cls.__new__(cls)
     state = dict(module.__dict__)
-    state.pop("_views", None)
+    for cache in _CACHES:
+        state.pop(cache, None)
     for key in _OWN_CONTAINERS:
         if key in state:
             state[key] = state[key].copy()
@@ -648,6 +650,8 @@ def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
 def revert(module: torch.nn.Module) -> torch.nn.Module:
     """The inverse of ``convert``: every drop-in becomes a plain torch module (``BatchNorm1d``,
     ``LayerNorm``, ``GroupNorm``, ...) again, in place, holding the same parameter and buffer tensors, flags and hooks.
+    A ``SyncBatchNorm`` becomes a ``torch.nn.SyncBatchNorm`` over the same process group
+    (``convert(model, sync=...)`` made every batch norm one; which were plain is not kept).
 
     For tools that match exact torch types (``torch.ao.quantization.fuse_modules``,
     ``torch.fx``'s conv-BN fusion, TorchScript export of a model for C++).
@@ -710,3 +714,5 @@ def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> N
 
 
 from ._torch_sync import SyncBatchNorm, convert_sync  # noqa: E402  (it imports this module lazily)
+
+_ORIGINALS[SyncBatchNorm] = torch.nn.SyncBatchNorm

@@ -41,7 +41,7 @@ struct ColumnScratch {
           shift(std::size_t(cols)) {}
     std::vector<Moments> moments;     // the thread's moments so far
     std::vector<double> sum, s1, s2;  // one tile's sums (backward: the thread's two dot sums)
-    std::vector<T> shift;             // one tile's shifts, near its means
+    std::vector<compute_t<T>> shift;  // one tile's shifts, near its means
 };
 
 // Rows, spread over the first tile, whose mean gives its shift per column.
@@ -67,15 +67,15 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, std::i
             const std::int64_t probe = std::min(n, kProbeRows);
             std::fill(w.sum.begin(), w.sum.end(), 0.0);
             for (std::int64_t i = 0; i < probe; ++i) k.cl_sum(tile + i * (n / probe) * cols, 1, cols, w.sum.data());
-            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.sum[j] / double(probe));
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = compute_t<T>(w.sum[j] / double(probe));
         } else {
-            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(w.moments[j].mean());
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = compute_t<T>(w.moments[j].mean());
         }
         sum_deviations(tile, n);
         bool close = true;
         for (std::size_t j = 0; j < std::size_t(cols); ++j) close = close && shift_is_close(double(n), w.s1[j], w.s2[j]);
         if (!close) {
-            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = T(double(w.shift[j]) + w.s1[j] / double(n));
+            for (std::size_t j = 0; j < std::size_t(cols); ++j) w.shift[j] = compute_t<T>(double(w.shift[j]) + w.s1[j] / double(n));
             sum_deviations(tile, n);
         }
         for (std::size_t j = 0; j < std::size_t(cols); ++j)
@@ -140,16 +140,16 @@ private:
     std::vector<T> values_;
 };
 
-// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize, each thread its rows.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, each thread its rows.
 template <class T, class Finish>
 void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
     const std::int64_t cols = s.channels * s.inner;
-    PerColumn<T> shift(s), alpha(s), beta(s);
+    PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
     for_each_row_block<T>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, ColumnScratch<T>& w) { rows_moments(k, x + b * cols, e - b, cols, w); },
         [&](std::int64_t c, const auto& scratch) {
-            const ChannelAffine<T> a = finish(c, channel_moments(s, c, scratch));
+            const ChannelAffine<compute_t<T>> a = finish(c, channel_moments(s, c, scratch));
             shift.set(c, a.shift);
             alpha.set(c, a.alpha);
             beta.set(c, a.beta);
@@ -160,13 +160,13 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
         });
 }
 
-// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<T>,
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<compute_t<T>>,
 // and the gradient apply (skipped when gx is null).
 template <class T, class Finish>
 void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
-                            const T* shift_of, Finish&& finish) {
+                            const compute_t<T>* shift_of, Finish&& finish) {
     const std::int64_t cols = s.channels * s.inner;
-    PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
+    PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     for (std::int64_t c = 0; c < s.channels; ++c) shift.set(c, shift_of[c]);
     for_each_row_block<T>(
         s, 4 * s.size() * std::int64_t(sizeof(T)),
@@ -180,7 +180,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             for (const auto& w : scratch)
                 for (std::size_t j = std::size_t(c * s.inner); j < std::size_t((c + 1) * s.inner); ++j)
                     sums += Sums{w.s1[j], w.s2[j]};
-            const GradCoefficients<T> g = finish(c, sums);
+            const GradCoefficients<compute_t<T>> g = finish(c, sums);
             k_coef.set(c, g.k);
             m_coef.set(c, g.m);
             q_coef.set(c, g.q);
@@ -194,7 +194,8 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
 
 template <class T>
 void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, T* y,
-                        const Shape& s, const T* shift, const T* alpha, const T* beta, bool relu) {
+                        const Shape& s, const compute_t<T>* shift, const compute_t<T>* alpha,
+                        const compute_t<T>* beta, bool relu) {
     const std::int64_t rows = s.outer, cols = s.channels * s.inner;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), rows);

@@ -1,4 +1,4 @@
-// AVX2 + FMA backend (x86-64). Compiled inside a target region, so users need no -mavx2 flag;
+// AVX2 + FMA + F16C backend (x86-64). Compiled inside a target region, so users need no -mavx2 flag;
 // dispatch calls it only after CPUID and XGETBV confirm the CPU and OS support it.
 #pragma once
 
@@ -9,14 +9,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "table.hpp"
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 
 namespace batchnorm::detail::avx2 {
@@ -93,6 +94,59 @@ struct Ops<float> {
         _mm256_store_ps(lanes, v);
         for (std::int64_t i = 0; i < n; ++i) dst[i] += double(lanes[i]);
     }
+};
+
+// Half storage: eight 16-bit values widen to a float vector and narrow back, rounding to
+// nearest even (F16C for float16; integer shifts for bfloat16). AVX2 has no 16-bit masked
+// loads or stores, so tails go through a small buffer.
+template <class H>
+struct HalfOps : Ops<float> {
+    static __m128i load_bits(const H* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+    static __m128i load_bits_partial(const H* p, std::int64_t n) {
+        alignas(16) std::uint16_t lanes[8] = {};
+        std::memcpy(lanes, p, std::size_t(n) * 2);
+        return _mm_load_si128(reinterpret_cast<const __m128i*>(lanes));
+    }
+    static void store_bits_partial(H* p, __m128i bits, std::int64_t n) {
+        alignas(16) std::uint16_t lanes[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(lanes), bits);
+        std::memcpy(p, lanes, std::size_t(n) * 2);
+    }
+};
+
+template <>
+struct Ops<float16> : HalfOps<float16> {
+    static V widen(__m128i bits) { return _mm256_cvtph_ps(bits); }
+    static __m128i narrow(V v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+    static V load(const float16* p) { return widen(load_bits(p)); }
+    static V load_partial(const float16* p, std::int64_t n, V fill) {
+        return _mm256_blendv_ps(fill, widen(load_bits_partial(p, n)), _mm256_castsi256_ps(first_lanes_32(n)));
+    }
+    static void store(float16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(v)); }
+    static void store_partial(float16* p, V v, std::int64_t n) { store_bits_partial(p, narrow(v), n); }
+};
+
+template <>
+struct Ops<bfloat16> : HalfOps<bfloat16> {
+    static V widen(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
+    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet.
+    static __m128i narrow(V v) {
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                               _mm256_set1_epi32(0x7F800000));
+        const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+        const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+        // packus works within 128-bit halves: lanes 0-3 land in qword 0, lanes 4-7 in qword 2.
+        return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08));
+    }
+    static V load(const bfloat16* p) { return widen(load_bits(p)); }
+    static V load_partial(const bfloat16* p, std::int64_t n, V fill) {
+        return _mm256_blendv_ps(fill, widen(load_bits_partial(p, n)), _mm256_castsi256_ps(first_lanes_32(n)));
+    }
+    static void store(bfloat16* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(v)); }
+    static void store_partial(bfloat16* p, V v, std::int64_t n) { store_bits_partial(p, narrow(v), n); }
 };
 
 #include "kernel_bodies.inl"

@@ -3,6 +3,9 @@
 //   V, W (lanes); zero, set1, load, load_partial(p, n, fill), store, store_partial(p, v, n),
 //   add, sub, mul, fma(a, b, c) = a*b + c, max, sum_lanes(v) -> double,
 //   add_lanes_to(double* dst, v), add_lanes_to_partial(double* dst, v, n).
+// T is the storage type; values compute in Math<T> (float for the half types): Ops<T> of a
+// half type loads and stores T, converting in registers, and is Ops<float> in all else.
+// Per-column arrays (shifts, factors) are Math<T> and load through Ops<Math<T>>.
 // So the algorithms exist once, and each ISA is compiled with its own instructions enabled.
 // No include guard: it is meant to be included once per backend namespace. No lambdas either:
 // Clang does not carry a target attribute into a lambda's body (functor structs instead).
@@ -10,6 +13,9 @@
 using i64 = std::int64_t;
 using ::batchnorm::detail::KernelTable;
 using ::batchnorm::detail::Sums;
+
+template <class T>
+using Math = ::batchnorm::compute_t<T>;
 
 // Lanes of T are flushed to float64 after this many vectors (or rows) per accumulator, so a
 // float32 partial sum spans at most a few dozen values.
@@ -123,7 +129,7 @@ void run_grad(const T* dy, const T* x, T* gx, i64 n, typename Ops<T>::V shift,
 // ---- channels-first: runs of one channel -----------------------------------------------------
 
 template <class T>
-Sums cf_dev(const T* x, i64 count, i64 len, i64 stride, T shift) {
+Sums cf_dev(const T* x, i64 count, i64 len, i64 stride, Math<T> shift) {
     PairSum<T> acc;
     const auto s = Ops<T>::set1(shift);
     for (i64 r = 0; r < count; ++r) run_dev(x + r * stride, len, s, acc);
@@ -131,7 +137,7 @@ Sums cf_dev(const T* x, i64 count, i64 len, i64 stride, T shift) {
 }
 
 template <class T>
-Sums cf_dot(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift) {
+Sums cf_dot(const T* dy, const T* x, i64 count, i64 len, i64 stride, Math<T> shift) {
     PairSum<T> acc;
     const auto s = Ops<T>::set1(shift);
     for (i64 r = 0; r < count; ++r) run_dot(dy + r * stride, x + r * stride, len, s, acc);
@@ -139,15 +145,16 @@ Sums cf_dot(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift) {
 }
 
 template <class T>
-void cf_affine(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta) {
+void cf_affine(const T* x, T* y, i64 count, i64 len, i64 stride, Math<T> shift, Math<T> alpha,
+               Math<T> beta) {
     using O = Ops<T>;
     const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
     for (i64 r = 0; r < count; ++r) run_affine<T, false, false>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
 }
 
 template <class T>
-void cf_grad(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, T shift, T k, T m,
-             T q) {
+void cf_grad(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, Math<T> shift, Math<T> k,
+             Math<T> m, Math<T> q) {
     using O = Ops<T>;
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
     for (i64 r = 0; r < count; ++r) run_grad(dy + r * stride, x + r * stride, gx + r * stride, len, s, kv, mv, qv);
@@ -155,7 +162,7 @@ void cf_grad(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, T s
 
 template <class T, bool kResidual, bool kRelu>
 void rows_affine_as(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 first_channel,
-                    i64 channels, const T* shift, const T* alpha, const T* beta) {
+                    i64 channels, const Math<T>* shift, const Math<T>* alpha, const Math<T>* beta) {
     using O = Ops<T>;
     i64 c = first_channel;
     for (i64 r = 0; r < planes; ++r) {
@@ -168,7 +175,7 @@ void rows_affine_as(const T* x, const T* residual, T* y, i64 planes, i64 len, i6
 
 template <class T>
 void rows_affine(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 first_channel,
-                 i64 channels, const T* shift, const T* alpha, const T* beta, bool relu) {
+                 i64 channels, const Math<T>* shift, const Math<T>* alpha, const Math<T>* beta, bool relu) {
     if (residual) {
         if (relu) rows_affine_as<T, true, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
         else rows_affine_as<T, true, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
@@ -287,7 +294,7 @@ template <class T>
 struct ClDev {
     const T* x_;
     i64 cols_;
-    const T* shift_;
+    const Math<T>* shift_;
     double *s1_, *s2_;
 
     template <bool kTail, class Count>
@@ -296,10 +303,10 @@ struct ClDev {
         const T* const x = x_;
         const i64 cols = cols_;
         double *const s1 = s1_, *const s2 = s2_;
-        const T* const shift = shift_;
+        const Math<T>* const shift = shift_;
         using O = Ops<T>;
         typename O::V s[kWide];
-        for (int k = 0; k < int(nb); ++k) s[k] = load_block<T, kTail>(shift + j + k * O::W, k, int(nb), last, O::zero());
+        for (int k = 0; k < int(nb); ++k) s[k] = load_block<Math<T>, kTail>(shift + j + k * O::W, k, int(nb), last, O::zero());
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
             typename O::V d1[kWide], d2[kWide];
@@ -319,7 +326,7 @@ struct ClDev {
 };
 
 template <class T>
-void cl_dev(const T* x, i64 rows, i64 cols, const T* shift, double* s1, double* s2) {
+void cl_dev(const T* x, i64 rows, i64 cols, const Math<T>* shift, double* s1, double* s2) {
     ClDev<T> op{x, cols, shift, s1, s2};
     for_each_block<T>(rows, cols, op);
 }
@@ -328,7 +335,7 @@ template <class T>
 struct ClDot {
     const T *dy_, *x_;
     i64 cols_;
-    const T* shift_;
+    const Math<T>* shift_;
     double *sdy_, *sdyx_;
 
     template <bool kTail, class Count>
@@ -337,10 +344,10 @@ struct ClDot {
         const T *const dy = dy_, *const x = x_;
         const i64 cols = cols_;
         double *const sdy = sdy_, *const sdyx = sdyx_;
-        const T* const shift = shift_;
+        const Math<T>* const shift = shift_;
         using O = Ops<T>;
         typename O::V s[kWide];
-        for (int k = 0; k < int(nb); ++k) s[k] = load_block<T, kTail>(shift + j + k * O::W, k, int(nb), last, O::zero());
+        for (int k = 0; k < int(nb); ++k) s[k] = load_block<Math<T>, kTail>(shift + j + k * O::W, k, int(nb), last, O::zero());
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
             typename O::V g[kWide], gd[kWide];
@@ -361,7 +368,7 @@ struct ClDot {
 };
 
 template <class T>
-void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, const T* shift, double* sdy, double* sdyx) {
+void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, const Math<T>* shift, double* sdy, double* sdyx) {
     ClDot<T> op{dy, x, cols, shift, sdy, sdyx};
     for_each_block<T>(rows, cols, op);
 }
@@ -372,7 +379,7 @@ struct ClAffine {
     const T* residual_;
     T* y_;
     i64 cols_;
-    const T *shift_, *alpha_, *beta_;
+    const Math<T> *shift_, *alpha_, *beta_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
@@ -380,14 +387,14 @@ struct ClAffine {
         const T *const x = x_, *const residual = residual_;
         T* const y = y_;
         const i64 cols = cols_;
-        const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
+        const Math<T> *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
         using O = Ops<T>;
         typename O::V s[kWide], a[kWide], b[kWide];
         for (int k = 0; k < int(nb); ++k) {
             const i64 c = j + k * O::W;
-            s[k] = load_block<T, kTail>(shift + c, k, int(nb), last, O::zero());
-            a[k] = load_block<T, kTail>(alpha + c, k, int(nb), last, O::zero());
-            b[k] = load_block<T, kTail>(beta + c, k, int(nb), last, O::zero());
+            s[k] = load_block<Math<T>, kTail>(shift + c, k, int(nb), last, O::zero());
+            a[k] = load_block<Math<T>, kTail>(alpha + c, k, int(nb), last, O::zero());
+            b[k] = load_block<Math<T>, kTail>(beta + c, k, int(nb), last, O::zero());
         }
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
@@ -401,15 +408,15 @@ struct ClAffine {
 };
 
 template <class T, bool kResidual, bool kRelu>
-void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift, const T* alpha,
-                  const T* beta) {
+void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, const Math<T>* shift,
+                  const Math<T>* alpha, const Math<T>* beta) {
     ClAffine<T, kResidual, kRelu> op{x, residual, y, cols, shift, alpha, beta};
     for_each_block<T>(rows, cols, op);
 }
 
 template <class T>
-void cl_affine(const T* x, const T* residual, T* y, i64 rows, i64 cols, const T* shift,
-               const T* alpha, const T* beta, bool relu) {
+void cl_affine(const T* x, const T* residual, T* y, i64 rows, i64 cols, const Math<T>* shift,
+               const Math<T>* alpha, const Math<T>* beta, bool relu) {
     if (residual) {
         if (relu) cl_affine_as<T, true, true>(x, residual, y, rows, cols, shift, alpha, beta);
         else cl_affine_as<T, true, false>(x, residual, y, rows, cols, shift, alpha, beta);
@@ -424,7 +431,7 @@ struct ClGrad {
     const T *dy_, *x_;
     T* gx_;
     i64 cols_;
-    const T *shift_, *k_coef_, *m_coef_, *q_coef_;
+    const Math<T> *shift_, *k_coef_, *m_coef_, *q_coef_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
@@ -432,15 +439,15 @@ struct ClGrad {
         const T *const dy = dy_, *const x = x_;
         T* const gx = gx_;
         const i64 cols = cols_;
-        const T *const shift = shift_, *const k_coef = k_coef_, *const m_coef = m_coef_, *const q_coef = q_coef_;
+        const Math<T> *const shift = shift_, *const k_coef = k_coef_, *const m_coef = m_coef_, *const q_coef = q_coef_;
         using O = Ops<T>;
         typename O::V s[kWide], kc[kWide], mc[kWide], qc[kWide];
         for (int k = 0; k < int(nb); ++k) {
             const i64 c = j + k * O::W;
-            s[k] = load_block<T, kTail>(shift + c, k, int(nb), last, O::zero());
-            kc[k] = load_block<T, kTail>(k_coef + c, k, int(nb), last, O::zero());
-            mc[k] = load_block<T, kTail>(m_coef + c, k, int(nb), last, O::zero());
-            qc[k] = load_block<T, kTail>(q_coef + c, k, int(nb), last, O::zero());
+            s[k] = load_block<Math<T>, kTail>(shift + c, k, int(nb), last, O::zero());
+            kc[k] = load_block<Math<T>, kTail>(k_coef + c, k, int(nb), last, O::zero());
+            mc[k] = load_block<Math<T>, kTail>(m_coef + c, k, int(nb), last, O::zero());
+            qc[k] = load_block<Math<T>, kTail>(q_coef + c, k, int(nb), last, O::zero());
         }
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
@@ -453,8 +460,8 @@ struct ClGrad {
 };
 
 template <class T>
-void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, const T* shift, const T* k,
-             const T* m, const T* q) {
+void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, const Math<T>* shift, const Math<T>* k,
+             const Math<T>* m, const Math<T>* q) {
     ClGrad<T> op{dy, x, gx, cols, shift, k, m, q};
     for_each_block<T>(rows, cols, op);
 }

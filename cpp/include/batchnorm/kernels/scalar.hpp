@@ -9,15 +9,17 @@
 
 namespace batchnorm::detail::scalar {
 
+// T is the storage type; V its compute type (float for the half types, whose conversions in
+// half.hpp are the reference the vector backends match).
 template <class T>
 struct Ops {
-    using V = T;
+    using V = compute_t<T>;
     static constexpr std::int64_t W = 1;
-    static V zero() { return T(0); }
-    static V set1(T v) { return v; }
-    static V load(const T* p) { return *p; }
+    static V zero() { return V(0); }
+    static V set1(V v) { return v; }
+    static V load(const T* p) { return V(*p); }
     static V load_partial(const T*, std::int64_t, V fill) { return fill; }  // never reached: W = 1
-    static void store(T* p, V v) { *p = v; }
+    static void store(T* p, V v) { *p = T(v); }
     static void store_partial(T*, V, std::int64_t) {}
     static V add(V a, V b) { return a + b; }
     static V sub(V a, V b) { return a - b; }

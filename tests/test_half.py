@@ -252,3 +252,20 @@ def test_backward_mixed_half(dtype, rng):
     mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
     with pytest.raises(TypeError, match="grad_y has dtype"):
         bn.batch_norm_backward(gy, x, mean, invstd)
+
+
+# ---------------------------------------------------------------- fold
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_fold_into_half_conv_weight(dtype, rng):
+    """fold keeps a half conv weight half, each value the float64 fold rounded once."""
+    m = bn.BatchNorm2d(4).eval()
+    m.weight[:], m.bias[:], m.running_mean[:], m.running_var[:] = params(rng, 4)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    fw, fb = bn.fold(m, w, b)
+    assert fw.dtype == fb.dtype == dtype
+    ew, eb = ref.fold(w.astype(np.float64), b.astype(np.float64), m.running_mean, m.running_var, m.weight, m.bias,
+                      m.eps)
+    assert_within_ulp(fw, ew, dtype, n=0.5)
+    assert_within_ulp(fb, eb, dtype, n=0.5)

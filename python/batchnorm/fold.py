@@ -66,7 +66,8 @@ def fold(
     if m.running_mean is None or m.running_var is None:
         raise ValueError("m: fold needs running statistics (track_running_stats=True)")
     w = _to_numpy(weight)
-    if not np.issubdtype(w.dtype, np.floating):
+    # ml_dtypes' bfloat16 is a floating type NumPy does not class as np.floating
+    if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
         raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")
     channels = m.num_features
     if w.ndim == 0 or not -w.ndim <= axis < w.ndim:

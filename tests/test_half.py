@@ -269,3 +269,125 @@ def test_fold_into_half_conv_weight(dtype, rng):
                       m.eps)
     assert_within_ulp(fw, ew, dtype, n=0.5)
     assert_within_ulp(fb, eb, dtype, n=0.5)
+
+
+# ---------------------------------------------------------------- torch drop-in
+
+def _no_fallback(monkeypatch):
+    """The drop-in's fallback to torch's op raises: what passes ran on the kernels."""
+    import batchnorm.torch as bt
+
+    def fallback(*args, **kwargs):
+        raise AssertionError("torch's batch_norm ran instead of the kernels")
+    monkeypatch.setattr(bt, "_torch_batch_norm", fallback)
+    return bt
+
+
+def _bn_reference(torch, x, bn_module, grad_y):
+    """torch's BatchNorm in float64 on the upcast input and float32-valued parameters:
+    (y, grad_x, grad_weight, grad_bias, running_mean, running_var)."""
+    m = torch.nn.BatchNorm2d(bn_module.num_features).double()
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(m, name).copy_(getattr(bn_module, name).double())
+    m.train(bn_module.training)
+    x64 = x.detach().double().requires_grad_()
+    y = m(x64)
+    y.backward(grad_y.double())
+    return y.detach(), x64.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_model_in_half(torch, tdtype, channels_last, monkeypatch, rng):
+    """``model.bfloat16()`` / ``model.half()`` on a converted model: the kernels run (the fallback
+    raises), with float32 copies of the half parameters; the output and gradients are within 1 ulp
+    of float64 on the same upcast values, the parameters' gradients and running statistics come
+    back in their half dtype, rounded once from torch's values."""
+    bt = _no_fallback(monkeypatch)
+    dt = getattr(torch, tdtype)
+    half = ml_dtypes.bfloat16 if tdtype == "bfloat16" else np.float16
+    model = bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(6))).to(dt)
+    layer = model[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(params(rng, 6)[0]))
+        layer.bias.copy_(torch.from_numpy(params(rng, 6)[1]))
+    x = torch.from_numpy(rng.standard_normal((4, 6, 9, 11)).astype(np.float32) * 2 + 3).to(dt)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)).to(dt)
+    expected = _bn_reference(torch, x, layer, grad_y)
+    x.requires_grad_()
+    y = model(x)
+    y.backward(grad_y)
+    assert y.dtype == dt and x.grad.dtype == dt and layer.weight.grad.dtype == dt
+    assert layer.running_mean.dtype == dt and layer.running_var.dtype == dt
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    y64, gx64, gw64, gb64, rm64, rv64 = (t.detach().numpy() for t in expected)
+    b = layer.bias.detach().double().numpy()[None, :, None, None]
+    assert_within_ulp(y.detach().float().numpy(), y64, half, np.abs(y64 - b) + np.abs(b))
+    # grad_x = invstd*w*(dy - mean(dy) - xhat*mean(dy*xhat)): terms of |dy| and |xhat*mean(dy*xhat)|
+    w = layer.weight.detach().double().numpy()[None, :, None, None]
+    xhat = (y64 - b) / w
+    terms = np.abs(gx64) + 4 * np.abs(w) * np.abs(grad_y.double().numpy()) * np.max(np.abs(xhat))
+    assert_within_ulp(x.grad.float().numpy(), gx64, half, terms)
+    for got, want in ((layer.weight.grad, gw64), (layer.bias.grad, gb64), (layer.running_mean, rm64),
+                      (layer.running_var, rv64)):
+        assert_within_ulp(got.float().numpy(), want, half, n=1.0, terms=np.abs(want) * 4)
+    layer.eval()
+    with torch.no_grad():
+        y_eval = model(x)
+    y_eval64 = _bn_reference(torch, x, layer, grad_y)[0].numpy()
+    assert_within_ulp(y_eval.float().numpy(), y_eval64, half, np.abs(y_eval64 - b) + np.abs(b))
+
+
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_autocast(torch, tdtype, monkeypatch, rng):
+    """``torch.autocast("cpu", dtype=...)`` on a converted conv + batch norm model: the conv
+    hands the batch norm a half tensor with float32 parameters, which the kernels take (the
+    fallback raises); the result matches torch's under the same autocast within 1 ulp of the
+    half type, in training (with the running statistics) and in eval."""
+    bt = _no_fallback(monkeypatch)
+    dt = getattr(torch, tdtype)
+    half = ml_dtypes.bfloat16 if tdtype == "bfloat16" else np.float16
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    import copy
+    model = bt.convert(copy.deepcopy(reference))
+    x = torch.from_numpy(rng.standard_normal((4, 3, 12, 12)).astype(np.float32))
+    for training in (True, False):
+        reference.train(training)
+        model.train(training)
+        with monkeypatch.context() as patch, torch.autocast("cpu", dtype=dt):
+            patch.setattr(bt, "_torch_batch_norm", torch.nn.functional.batch_norm)
+            want = reference(x)
+        with torch.autocast("cpu", dtype=dt):
+            got = model(x)
+        assert got.dtype == want.dtype == dt
+        w = want.detach().double().numpy()
+        assert_within_ulp(got.detach().float().numpy(), w, half, terms=np.abs(w) + 1.0)
+        torch.testing.assert_close(model[1].running_mean, reference[1].running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_ops_take_half(torch, tdtype, rng):
+    """The registered ops (graph capture's route) on half tensors with float32 parameters:
+    float32 statistics, the same values as the eager kernels, and fake results that agree."""
+    from batchnorm import _torch_ops as ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    dt = getattr(torch, tdtype)
+    x = torch.from_numpy(rng.standard_normal((4, 5, 6, 7)).astype(np.float32)).to(dt)
+    w, b, rm, rv = (torch.from_numpy(a) for a in params(rng, 5))
+    y, mean, invstd, new_mean, new_var = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5)
+    assert y.dtype == dt and mean.dtype == invstd.dtype == new_mean.dtype == torch.float32
+    rm_e, rv_e = rm.clone(), rv.clone()
+    eager = bn.batch_norm(x, rm_e, rv_e, w, b, training=True)
+    assert torch.equal(y, eager) and torch.equal(new_mean, rm_e) and torch.equal(new_var, rv_e)
+    with FakeTensorMode() as mode:
+        fake = ops.batch_norm_train(*(mode.from_tensor(t) for t in (x, w, b, rm, rv)), 0.1, 1e-5)
+    assert [t.dtype for t in fake] == [t.dtype for t in (y, mean, invstd, new_mean, new_var)]
+    gx, gw, gb = ops.batch_norm_backward(y, x, w, mean, invstd, True)
+    assert gx.dtype == dt and gw.dtype == gb.dtype == torch.float32
+    y_eval = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5)
+    assert torch.equal(y_eval, bn.batch_norm(x, rm, rv, w, b))

@@ -55,7 +55,7 @@ _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests c
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = _FLOATS + _HALVES
-_tensor = functional._torch_from_numpy  # torch.from_numpy, also for bfloat16 results
+_tensor: Callable[[Any], Tensor] = functional._torch_from_numpy  # torch.from_numpy, also bfloat16
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _has_torch_function = torch.overrides.has_torch_function_variadic
@@ -196,6 +196,8 @@ def _half_params(
 ) -> bool:
     """A half-precision input whose per-channel tensors all share its dtype
     (``model.bfloat16()``), which torch accepts and computes with in float32."""
+    if isinstance(x, _Proxy):  # fx tracing: no dtype to look at
+        return False
     given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
     return x.dtype in _HALVES and bool(given) and all(type(t) in _TENSORS and t.dtype == x.dtype for t in given)
 

@@ -47,14 +47,14 @@ class _Sized:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * np.dtype(self.dtype).itemsize
+        return self.numel * numpy_dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
 class Case(_Sized):
     shape: tuple[int, ...]  # logical, channels at index 1
     layout: str  # CHANNELS_FIRST, CHANNELS_LAST or FLAT
-    dtype: str  # "float32" | "float64"
+    dtype: str  # "float32" | "float64" | "float16" | "bfloat16"
 
     @property
     def channels(self) -> int:
@@ -99,7 +99,8 @@ class Case(_Sized):
         """Zero-copy torch view in logical (N, C, ...) order; channels_last strides for NHWC."""
         import torch
 
-        tensor = torch.from_numpy(array)
+        tensor = (torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+                  if array.dtype.name == "bfloat16" else torch.from_numpy(array))
         if self.layout == CHANNELS_LAST:
             rank = array.ndim
             tensor = tensor.permute(0, rank - 1, *range(1, rank - 1))
@@ -110,7 +111,8 @@ class Case(_Sized):
         if self.layout == CHANNELS_LAST:
             rank = tensor.dim()
             tensor = tensor.permute(0, *range(2, rank), 1)
-        return tensor.detach().numpy()
+        tensor = tensor.detach()
+        return tensor.float().numpy() if tensor.dtype is torch_bfloat16() else tensor.numpy()
 
 
 @dataclasses.dataclass
@@ -138,18 +140,39 @@ class Arrays:
 
 EPS = 1e-5
 MOMENTUM = 0.1
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a case's data: bfloat16 is ml_dtypes' (imported only for it)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def param_dtype(name: str) -> np.dtype:
+    """Per-channel arrays (weight, bias, statistics): float32 for half data, as in PyTorch."""
+    return np.dtype(np.float32) if name in HALF_DTYPES else np.dtype(name)
+
+
+def torch_bfloat16():
+    import torch
+
+    return torch.bfloat16
 
 
 def make_arrays(case: Case, seed: int = 0) -> Arrays:
     rng = np.random.default_rng(seed)
-    dtype = np.dtype(case.dtype)
+    dtype, vector_dtype = numpy_dtype(case.dtype), param_dtype(case.dtype)
     channels = case.channels
 
     def tensor(loc: float, scale: float) -> np.ndarray:
         return rng.normal(loc, scale, size=case.memory_shape).astype(dtype)
 
     def vector(low: float, high: float) -> np.ndarray:
-        return rng.uniform(low, high, size=channels).astype(dtype)
+        return rng.uniform(low, high, size=channels).astype(vector_dtype)
 
     x = tensor(0.5, 2.0)
     x64 = x.astype(np.float64)
@@ -166,8 +189,8 @@ def make_arrays(case: Case, seed: int = 0) -> Arrays:
         running_var=running_var,
         weight=vector(0.5, 1.5),
         bias=vector(-0.5, 0.5),
-        save_mean=mean.astype(dtype),
-        save_invstd=(1.0 / np.sqrt(var + EPS)).astype(dtype),
+        save_mean=mean.astype(vector_dtype),
+        save_invstd=(1.0 / np.sqrt(var + EPS)).astype(vector_dtype),
         initial_running_mean=running_mean.copy(),
         initial_running_var=running_var.copy(),
     )

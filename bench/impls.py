@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cases import CHANNELS_LAST, EPS, MOMENTUM, Arrays, Case, NormArrays, NormCase
+from .cases import CHANNELS_LAST, EPS, HALF_DTYPES, MOMENTUM, Arrays, Case, NormArrays, NormCase
 
 
 class NotApplicable(Exception):
@@ -119,6 +119,22 @@ class Batchnorm(Impl):
         return Prepared(run, lambda result: np.asarray(result[0]))
 
 
+class BatchnormFloat32(Batchnorm):
+    """batchnorm on float32 copies of a half-precision case's arrays: the float32 call on the
+    same shape, which a half call's time is compared with (issue 13's goal: 0.6 or less)."""
+
+    name = "batchnorm f32"
+
+    def prepare(self, op: str, case: Case, a: Arrays) -> Prepared:
+        if case.dtype not in HALF_DTYPES:
+            raise NotApplicable("the float32 twin of a half-precision case")
+        single = {name: getattr(a, name).astype(np.float32) for name in ("x", "grad_y", "residual", "out")}
+        return super().prepare(op, case, dataclasses.replace(a, **single))
+
+    def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
+        raise NotApplicable("the float32 twin of a half-precision case")
+
+
 class Torch(Impl):
     """torch.nn.functional.batch_norm on zero-copy views; channels_last for NHWC cases."""
 
@@ -220,6 +236,8 @@ class OnnxRuntime(Impl):
     def prepare(self, op: str, case: Case, a: Arrays) -> Prepared:
         if op not in ("eval", "fused"):
             raise NotApplicable("ONNX Runtime runs inference only")
+        if case.dtype in HALF_DTYPES:
+            raise NotApplicable("half precision is measured for batchnorm and torch")
         if case.layout == CHANNELS_LAST:
             raise NotApplicable("ONNX BatchNormalization is channels-first")
         session = self._session(self._model(op == "fused", case, a))
@@ -292,6 +310,8 @@ class NumPy(Impl):
     version = np.__version__
 
     def prepare(self, op: str, case: Case, a: Arrays) -> Prepared:
+        if case.dtype in HALF_DTYPES:
+            raise NotApplicable("half precision is measured for batchnorm and torch")
         per_channel = lambda v: v.reshape(case.channel_view_shape)
         axes, y = case.reduce_axes, a.out
         n = case.numel // case.channels
@@ -363,7 +383,7 @@ class NumPy(Impl):
         return Prepared(forward, lambda y: y)
 
 
-IMPLEMENTATIONS = (Batchnorm, Torch, OnnxRuntime, NumPy)
+IMPLEMENTATIONS = (Batchnorm, BatchnormFloat32, Torch, OnnxRuntime, NumPy)
 NAMES = tuple(cls.name for cls in IMPLEMENTATIONS)
 
 

@@ -25,8 +25,19 @@ NAMESPACE = "batchnorm"
 
 
 def numpy_view(t: Optional[Tensor]) -> Any:
-    """A NumPy view of a CPU tensor's memory (no copy), or None."""
-    return None if t is None else t.detach().numpy()
+    """A NumPy view of a CPU tensor's memory (no copy), or None; a bfloat16 tensor, which
+    NumPy cannot view, is passed as itself (the bindings take it through DLPack)."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def stats_like(input: Tensor, size: int) -> Tensor:
+    """A new (size,) tensor of the kernels' per-channel dtype for ``input``: float32 for the
+    half-precision types (their statistics and parameter gradients), else the input's."""
+    half = input.dtype in (torch.float16, torch.bfloat16)
+    return input.new_empty(size, dtype=torch.float32 if half else input.dtype)
 
 
 def register_op(
@@ -84,12 +95,12 @@ def _train_kernel(
     # functional (autograd needs it): the updated running statistics are new tensors, which
     # the caller copies into the buffers
     new_mean, new_var = (running_mean.clone(), running_var.clone()) if running_mean is not None \
-        and running_var is not None else (input.new_empty(0), input.new_empty(0))
+        and running_var is not None else (stats_like(input, 0), stats_like(input, 0))
     stats = running_mean is not None
     _, mean, invstd = _core.forward_train(
         numpy_view(input), numpy_view(weight), numpy_view(bias),
         numpy_view(new_mean) if stats else None, numpy_view(new_var) if stats else None,
-        momentum if stats else 0.0, eps, 1, y.numpy())
+        momentum if stats else 0.0, eps, 1, numpy_view(y))
     return y, torch.from_numpy(mean), torch.from_numpy(invstd), new_mean, new_var
 
 
@@ -99,15 +110,15 @@ def _train_fake(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     channels = input.shape[1]
     stats = channels if running_mean is not None else 0
     return (torch.empty_like(input, memory_format=torch.preserve_format),
-            input.new_empty(channels), input.new_empty(channels), input.new_empty(stats),
-            input.new_empty(stats))
+            stats_like(input, channels), stats_like(input, channels), stats_like(input, stats),
+            stats_like(input, stats))
 
 
 def _eval_kernel(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
     y = torch.empty_like(input, memory_format=torch.preserve_format)
     _core.forward_eval(numpy_view(input), numpy_view(running_mean), numpy_view(running_var),
-                       numpy_view(weight), numpy_view(bias), eps, 1, y.numpy(), None, False)
+                       numpy_view(weight), numpy_view(bias), eps, 1, numpy_view(y), None, False)
     return y
 
 
@@ -121,7 +132,7 @@ def _backward_kernel(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], 
     grad_input = torch.empty_like(input, memory_format=torch.preserve_format)
     _, grad_weight, grad_bias = _core.backward(
         numpy_view(grad_out), numpy_view(input), numpy_view(mean), numpy_view(invstd),
-        numpy_view(weight), 1, training, grad_input.numpy())
+        numpy_view(weight), 1, training, numpy_view(grad_input))
     return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
 
 
@@ -129,7 +140,7 @@ def _backward_fake(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], me
                    invstd: Tensor, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     channels = input.shape[1]
     return (torch.empty_like(input, memory_format=torch.preserve_format),
-            input.new_empty(channels), input.new_empty(channels))
+            stats_like(input, channels), stats_like(input, channels))
 
 
 def eval_invstd(running_var: Tensor, eps: float) -> Tensor:

@@ -69,7 +69,8 @@ def fold(
     if m.training:
         raise ValueError("m: fold needs an eval-mode batch norm (call m.eval() first)")
     w = _to_numpy(weight)
-    if not np.issubdtype(w.dtype, np.floating):
+    # ml_dtypes' bfloat16 is a floating type NumPy does not class as np.floating
+    if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
         raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")
     channels = m.num_features
     if w.ndim == 0 or not -w.ndim <= axis < w.ndim:

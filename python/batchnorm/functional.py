@@ -47,6 +47,15 @@ def _as_numpy(array: FloatArray) -> FloatArray:
     return array
 
 
+def _torch_from_numpy(array: FloatArray) -> Any:
+    """``torch.from_numpy``, also for bfloat16 results, which torch cannot take from NumPy:
+    ml_dtypes' bfloat16 (kind "V") or, without ml_dtypes, its bits as uint16 (kind "u")."""
+    torch = sys.modules["torch"]
+    if array.dtype.kind in "Vu":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def _wrapper_for(source: object) -> Callable[[FloatArray], Any]:
     """How to hand a NumPy result back as the kind of ``source``, without a copy.
 
@@ -59,7 +68,7 @@ def _wrapper_for(source: object) -> Callable[[FloatArray], Any]:
     if issubclass(kind, np.ndarray):
         return _as_numpy
     if kind.__module__.partition(".")[0] == "torch":  # torch is imported: it made `source`
-        return sys.modules["torch"].from_numpy  # type: ignore[no-any-return]
+        return _torch_from_numpy
     namespace = getattr(source, "__array_namespace__", None)
     if namespace is not None:
         from_dlpack = getattr(namespace(), "from_dlpack", None)
@@ -166,7 +175,9 @@ def batch_norm(
 
     Parameters
     ----------
-    input : array, shape (N, C, ...) with C on ``axis``; float32 or float64.
+    input : array, shape (N, C, ...) with C on ``axis``; float32, float64, float16 or bfloat16
+        (NumPy's ``ml_dtypes.bfloat16`` or torch's). Half inputs take float32 ``weight``,
+        ``bias`` and running statistics and compute in float32 (docs/dtypes.md).
         A NumPy array or any CPU DLPack producer (a torch tensor), read in place.
     running_mean, running_var : (C,) arrays or None.
         Required when ``training`` is False. When ``training`` is True and they are

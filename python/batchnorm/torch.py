@@ -12,10 +12,14 @@ kernels, by one of two routes:
   ``torch.ops.batchnorm.batch_norm_train / batch_norm_eval / batch_norm_backward``
   (``_torch_ops``), which carry fake, autograd and vmap rules.
 
-Where the kernels do not apply (a non-CPU device, a dtype other than float32/float64,
-running statistics that require grad, an empty batch, tensor subclasses or torch-function
-modes, forward-mode AD, ``torch.jit``, CPU autocast, ...) it calls
-``torch.nn.functional.batch_norm`` itself.
+float16 and bfloat16 inputs run on the kernels too (float32 math inside), with float32
+parameters and statistics (CPU autocast hands batch norm its input that way) or parameters in
+the input's dtype (``model.bfloat16()``: as torch does, the kernels compute with float32
+copies of them and the running statistics are written back in their dtype).
+
+Where the kernels do not apply (a non-CPU device, another dtype, running statistics that
+require grad, an empty batch, tensor subclasses or torch-function modes, forward-mode AD,
+``torch.jit``, ...) it calls ``torch.nn.functional.batch_norm`` itself.
 
 ``convert(model)`` swaps every ``torch.nn.BatchNorm1d/2d/3d`` of a model for these, keeping
 its parameter and buffer tensors; ``revert(model)`` swaps them back; ``fold_model(model)``
@@ -40,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from . import _torch_ops as ops
+from . import functional
 
 __all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm",
@@ -48,6 +53,9 @@ __all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", 
 
 _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests can watch it)
 _FLOATS = (torch.float32, torch.float64)
+_HALVES = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = _FLOATS + _HALVES
+_tensor: Callable[[Any], Tensor] = functional._torch_from_numpy  # torch.from_numpy, also bfloat16
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _has_torch_function = torch.overrides.has_torch_function_variadic
@@ -63,7 +71,6 @@ _GRAPH_TENSORS = (torch._subclasses.FakeTensor, torch._subclasses.functional_ten
 _grad_enabled = torch.is_grad_enabled
 _tracing_state: Callable[[], Any] = getattr(torch._C, "_get_tracing_state")
 _has_torch_function_unary = torch.overrides.has_torch_function_unary
-_autocast_enabled = torch.is_autocast_enabled
 
 
 def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
@@ -81,9 +88,10 @@ def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
 
 
 def _per_channel_ok(t: Optional[Tensor], x: Tensor, channels: int) -> bool:
-    """A weight/bias/running-stat argument the kernels can take as is (or None)."""
+    """A weight/bias/running-stat argument the kernels can take as is (or None): of the
+    input's dtype, or float32 for a half-precision input."""
     return t is None or (
-        t.dtype == x.dtype
+        (t.dtype == x.dtype if x.dtype in _FLOATS else t.dtype == torch.float32)
         and t.device == x.device
         and t.layout == _STRIDED
         and t.dim() == 1
@@ -103,7 +111,7 @@ def _kernels_apply(
 ) -> bool:
     """Whether batchnorm's kernels (directly or as ``batchnorm::`` ops) compute this call
     exactly as torch would. Reads only metadata, so it also holds for fake tensors."""
-    if x.dtype not in _FLOATS or x.device.type != "cpu" or x.layout != _STRIDED:
+    if x.dtype not in _KERNEL_DTYPES or x.device.type != "cpu" or x.layout != _STRIDED:
         return False
     if x.dim() < 2 or x.numel() == 0:  # torch's own messages and empty-batch behaviour
         return False
@@ -129,7 +137,8 @@ def _eager(
     bias: Optional[Tensor],
 ) -> bool:
     """Whether this is a plain eager call: CPU tensors of torch's own classes, no graph
-    capture, transform, torch-function mode, forward AD or autocast."""
+    capture, transform, torch-function mode or forward AD. CPU autocast leaves batch norm
+    alone (it runs in its input's dtype), so it runs here as without autocast."""
     return (
         type(x) is Tensor
         and not _is_compiling()
@@ -137,7 +146,6 @@ def _eager(
         and _transform_active() is None
         and forward_ad._current_level < 0
         and not _has_torch_function(x, running_mean, running_var, weight, bias)
-        and not torch.is_autocast_enabled("cpu")
         and all(t is None or type(t) in _TENSORS for t in (running_mean, running_var, weight, bias))
     )
 
@@ -171,8 +179,51 @@ def _route(
 
 
 def _numpy(t: Optional[Tensor]) -> Any:
-    """A NumPy view of a CPU tensor's memory (no copy), or None."""
-    return None if t is None else t.detach().numpy()
+    """A NumPy view of a CPU tensor's memory (no copy), or None; a bfloat16 tensor, which
+    NumPy cannot view, is passed as itself (the bindings take it through DLPack)."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _half_params(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+) -> bool:
+    """A half-precision input whose per-channel tensors all share its dtype
+    (``model.bfloat16()``), which torch accepts and computes with in float32."""
+    if isinstance(x, _Proxy):  # fx tracing: no dtype to look at
+        return False
+    given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
+    return x.dtype in _HALVES and bool(given) and all(type(t) in _TENSORS and t.dtype == x.dtype for t in given)
+
+
+def _with_float_params(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """``batch_norm`` with float32 copies of half-precision parameters (differentiable casts,
+    so their gradients come back in their dtype) and statistics, which are written back
+    rounded to their dtype, as torch's CPU kernel does."""
+    def up(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.float()
+    rm, rv = up(running_mean), up(running_var)
+    y = batch_norm(input, rm, rv, up(weight), up(bias), training, momentum, eps)
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.copy_(rm)  # type: ignore[arg-type]
+            running_var.copy_(rv)  # type: ignore[arg-type]
+    return y
 
 
 def _forward(
@@ -196,10 +247,10 @@ def _forward(
             xn, _numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var),
             momentum, eps, 1, None,
         )
-        return torch.from_numpy(y), mean, invstd
+        return _tensor(y), mean, invstd
     y = _core.forward_eval(xn, _numpy(running_mean), _numpy(running_var), _numpy(weight),
                            _numpy(bias), eps, 1, None, None, False)
-    return torch.from_numpy(y), None, None
+    return _tensor(y), None, None
 
 
 def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, eps: float,
@@ -211,15 +262,15 @@ def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, ep
     if type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled():
         return None
     try:
-        grad_y_numpy = grad_y.numpy()
+        grad_y_numpy = _numpy(grad_y)
     except RuntimeError:  # is_grads_batched: a (legacy vmap) batched tensor has no memory
         return None
     x, weight, mean, second = arrays
-    if grad_y_numpy.dtype != x.dtype:
+    if type(grad_y_numpy) is not type(x) or grad_y_numpy.dtype != x.dtype:
         return None
     invstd = second if training else (1.0 / np.sqrt(second.astype(np.float64) + eps)).astype(second.dtype)
     grad_x, grad_weight, grad_bias = _core.backward(grad_y_numpy, x, mean, invstd, weight, 1, training, None)
-    return (torch.from_numpy(grad_x) if needs[0] else None,
+    return (_tensor(grad_x) if needs[0] else None,
             torch.from_numpy(grad_weight) if needs[1] and weight is not None else None,
             torch.from_numpy(grad_bias) if needs[2] else None)
 
@@ -242,7 +293,7 @@ class _EagerFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         """Run the kernels; keep the NumPy views backward needs."""
-        xn = x.detach().numpy()
+        xn = _numpy(x)
         w, b, rm, rv = arrays
         if training:
             y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)
@@ -251,7 +302,7 @@ class _EagerFunction(torch.autograd.Function):
             mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
         ctx.save_for_backward(x, weight)  # version checks, and the ops' fallback
         ctx.arrays, ctx.training, ctx.eps = (xn, w, mean, second), training, eps
-        return torch.from_numpy(y)
+        return _tensor(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -375,6 +426,10 @@ def batch_norm(
     ``torch.nn.functional.batch_norm``; falls back to it where the kernels do not apply
     (see the module docstring). The output has the memory format of ``input``.
     """
+    if _half_params(input, running_mean, running_var, weight, bias) and (
+            _eager(input, running_mean, running_var, weight, bias)
+            or _route(input, running_mean, running_var, weight, bias) is not None):
+        return _with_float_params(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if _eager(input, running_mean, running_var, weight, bias):
         if not _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps):
             return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -483,14 +538,14 @@ class _DropIn(_BatchNorm):
     @torch.jit.unused
     def _shortcut(self, input: Tensor) -> Optional[Tensor]:
         """``forward`` for a plain eager call (CPU tensors of torch's own classes, no graph
-        capture, transform, mode, forward AD or autocast) with the usual arguments: the
+        capture, transform, mode or forward AD) with the usual arguments: the
         kernels on cached NumPy views of the module's tensors. None where this does not
         apply (``forward`` then takes the general route). Reads the tensors from
         ``_buffers`` / ``_parameters`` directly (``Module.__getattr__`` costs about a
         microsecond per name)."""
         if (type(input) is not Tensor or _is_compiling() or _tracing_state() is not None
                 or _transform_active() is not None or forward_ad._current_level >= 0
-                or _has_torch_function_unary(input) or _autocast_enabled("cpu")):
+                or _has_torch_function_unary(input)):
             return None
         training = self.training
         buffers, params = self._buffers, self._parameters
@@ -534,10 +589,10 @@ class _DropIn(_BatchNorm):
         if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
                                 or (b is not None and b.requires_grad)):
             return _eager_apply(input, w, b, views[6], training, momentum, self.eps)
-        x = input.detach().numpy() if input.requires_grad else input.numpy()
+        x = input.numpy() if not input.requires_grad and input.dtype is not torch.bfloat16 else _numpy(input)
         if not training:
-            return torch.from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
-        return torch.from_numpy(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+            return _tensor(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
+        return _tensor(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
 
 
 class BatchNorm1d(_DropIn, torch.nn.BatchNorm1d):

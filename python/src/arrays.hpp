@@ -23,6 +23,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace batchnorm::python {
@@ -32,12 +33,56 @@ namespace nb = nanobind;
 [[noreturn]] inline void type_error(const std::string& message) { throw nb::type_error(message.c_str()); }
 [[noreturn]] inline void value_error(const std::string& message) { throw nb::value_error(message.c_str()); }
 
+// bfloat16 is no NumPy type: ml_dtypes registers it at run time, under a type number that
+// varies. ArrayRef::type uses this code for it (NumPy's own numbers for builtin types stay
+// below NPY_USERDEF, so it cannot collide).
+constexpr int kNpyBfloat16 = NPY_USERDEF - 1;
+
 // NumPy's type number for a storage type of the registry (batchnorm/dtype.hpp).
 template <class T>
 constexpr int numpy_type() {
     using S = StorageType<T>;
-    static_assert(S::code == DLPackCode::float_ && (S::bits == 32 || S::bits == 64), "a NumPy float type");
-    return S::bits == 32 ? NPY_FLOAT32 : NPY_FLOAT64;
+    static_assert(S::code == DLPackCode::float_ || S::code == DLPackCode::bfloat, "a float type");
+    if (S::code == DLPackCode::bfloat) return kNpyBfloat16;
+    return S::bits == 16 ? NPY_HALF : S::bits == 32 ? NPY_FLOAT32 : NPY_FLOAT64;
+}
+
+// Whether a NumPy dtype is ml_dtypes' bfloat16, known by what it is (a 2-byte user type
+// named bfloat16), so that ml_dtypes need not be imported here.
+inline bool is_bfloat16_descr(PyArray_Descr* d) {
+    if (d->type_num < NPY_USERDEF || PyDataType_ELSIZE(d) != 2) return false;
+    const char* name = d->typeobj->tp_name;
+    if (const char* dot = std::strrchr(name, '.')) name = dot + 1;
+    return std::strcmp(name, "bfloat16") == 0;
+}
+
+// The NumPy dtype of new arrays of T; `like` (the input) supplies bfloat16's, which exists only
+// once ml_dtypes is loaded. New reference.
+template <class T>
+PyArray_Descr* new_descr(PyArray_Descr* like) {
+    if constexpr (numpy_type<T>() != kNpyBfloat16) {
+        return PyArray_DescrFromType(numpy_type<T>());
+    } else {
+        if (like && is_bfloat16_descr(like)) {
+            Py_INCREF(like);
+            return like;
+        }
+        // A DLPack bfloat16 input (a torch tensor): NumPy's bfloat16 is ml_dtypes', if loaded;
+        // else the result holds the bits as uint16, which the Python layer hands back as a
+        // bfloat16 tensor (functional._like).
+        PyObject* ml_dtypes = PyDict_GetItemString(PyImport_GetModuleDict(), "ml_dtypes");
+        PyObject* type = ml_dtypes ? PyObject_GetAttrString(ml_dtypes, "bfloat16") : nullptr;
+        PyArray_Descr* d = nullptr;
+        if (type) {
+            PyArray_DescrConverter(type, &d);
+            Py_DECREF(type);
+        }
+        if (!d) {
+            PyErr_Clear();
+            d = PyArray_DescrFromType(NPY_UINT16);
+        }
+        return d;
+    }
 }
 
 template <class T>
@@ -53,7 +98,7 @@ struct ArrayRef {
     int rank = 0;
     std::int64_t shape[kMaxRank] = {};
     std::int64_t strides[kMaxRank] = {};  // in elements
-    int type = NPY_NOTYPE;                // NPY_FLOAT32 or NPY_FLOAT64; NPY_NOTYPE for any other
+    int type = NPY_NOTYPE;                // NPY_FLOAT32/64, NPY_HALF, kNpyBfloat16; NPY_NOTYPE for any other
     bool writable = false;
     PyObject* descr = nullptr;            // NumPy dtype, named in messages (borrowed)
     nb::dlpack::dtype dl_dtype{};         // DLPack dtype, when not NumPy
@@ -83,7 +128,7 @@ inline std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
         case nb::dlpack::dtype_code::Int: return "int" + std::to_string(dt.bits);
         case nb::dlpack::dtype_code::UInt: return "uint" + std::to_string(dt.bits);
         case nb::dlpack::dtype_code::Float: return "float" + std::to_string(dt.bits);
-        case nb::dlpack::dtype_code::Bfloat: return "bfloat" + std::to_string(dt.bits);
+        case nb::dlpack::dtype_code::Bfloat: return "bfloat" + std::to_string(dt.bits);  // bfloat16
         case nb::dlpack::dtype_code::Complex: return "complex" + std::to_string(dt.bits);
         case nb::dlpack::dtype_code::Bool: return "bool";
     }
@@ -103,7 +148,8 @@ inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
     a.data = static_cast<char*>(PyArray_DATA(array));
     a.type = PyArray_TYPE(array);
     const bool native = PyArray_ISNOTSWAPPED(array);
-    if ((a.type != NPY_FLOAT32 && a.type != NPY_FLOAT64) || !native) a.type = NPY_NOTYPE;
+    if (is_bfloat16_descr(PyArray_DESCR(array))) a.type = kNpyBfloat16;
+    else if ((a.type != NPY_FLOAT32 && a.type != NPY_FLOAT64 && a.type != NPY_HALF) || !native) a.type = NPY_NOTYPE;
     a.descr = reinterpret_cast<PyObject*>(PyArray_DESCR(array));
     a.writable = PyArray_ISWRITEABLE(array);
     const npy_intp item = PyArray_ITEMSIZE(array);
@@ -147,7 +193,14 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
     a.rank = int(ro.ndim());
     if (a.rank > kMaxRank) value_error("arrays of more than " + std::to_string(kMaxRank) + " dimensions are not supported");
     a.data = static_cast<char*>(const_cast<void*>(ro.data()));
-    a.type = ro.dtype() == nb::dtype<float>() ? NPY_FLOAT32 : ro.dtype() == nb::dtype<double>() ? NPY_FLOAT64 : NPY_NOTYPE;
+    const nb::dlpack::dtype dt = ro.dtype();
+    const bool float_code = dt.code == std::uint8_t(nb::dlpack::dtype_code::Float) && dt.lanes == 1;
+    const bool bfloat_code = dt.code == std::uint8_t(nb::dlpack::dtype_code::Bfloat) && dt.lanes == 1;
+    a.type = float_code && dt.bits == 32   ? NPY_FLOAT32
+             : float_code && dt.bits == 64 ? NPY_FLOAT64
+             : float_code && dt.bits == 16 ? NPY_HALF
+             : bfloat_code && dt.bits == 16 ? kNpyBfloat16
+                                            : NPY_NOTYPE;
     a.dl_dtype = ro.dtype();
     for (int d = 0; d < a.rank; ++d) {
         a.shape[d] = std::int64_t(ro.shape(std::size_t(d)));
@@ -193,6 +246,20 @@ void check_dtype(const ArrayRef& a, const char* name) {
                    dtype_name<T>() + ": pass arrays of one dtype (batchnorm never casts silently)");
 }
 
+// A per-channel array (weight, bias, statistics) for an input of storage type S: of dtype
+// compute_t<S>, which is S itself except for the half types, whose per-channel arrays are float32.
+template <class S>
+void check_channel_dtype(const ArrayRef& a, const char* name) {
+    using P = compute_t<S>;
+    if constexpr (std::is_same_v<S, P>) {
+        check_dtype<S>(a, name);
+    } else if (a.type != numpy_type<P>()) {
+        type_error(std::string(name) + " has dtype " + a.dtype_name() + " but must be " + dtype_name<P>() +
+                   " for an input of dtype " + dtype_name<S>() +
+                   " (weight, bias and statistics stay float32; batchnorm never casts silently)");
+    }
+}
+
 inline void check_writable(const ArrayRef& a, const char* name) {
     if (!a.writable) value_error(std::string(name) + " is read-only; pass a writable array");
 }
@@ -208,21 +275,27 @@ inline std::pair<const char*, const char*> extent(const ArrayRef& a, std::int64_
     return {a.data + lo * itemsize, a.data + (hi + 1) * itemsize};
 }
 
-inline bool overlaps(const ArrayRef& a, const ArrayRef& b, std::int64_t itemsize) {
-    const auto [a0, a1] = extent(a, itemsize);
-    const auto [b0, b1] = extent(b, itemsize);
+inline bool overlaps(const ArrayRef& a, std::int64_t a_itemsize, const ArrayRef& b, std::int64_t b_itemsize) {
+    const auto [a0, a1] = extent(a, a_itemsize);
+    const auto [b0, b1] = extent(b, b_itemsize);
     return a0 < b1 && b0 < a1;
 }
 
+inline bool overlaps(const ArrayRef& a, const ArrayRef& b, std::int64_t itemsize) {
+    return overlaps(a, itemsize, b, itemsize);
+}
+
 // A new NumPy array of T with the given shape and element strides (a dense permutation).
+// `like`: the NumPy dtype of the input, for bfloat16 (see new_descr).
 template <class T>
-nb::object new_array(int rank, const std::int64_t* shape, const std::int64_t* strides) {
+nb::object new_array(int rank, const std::int64_t* shape, const std::int64_t* strides, PyObject* like = nullptr) {
     npy_intp dims[kMaxRank], steps[kMaxRank];
     for (int d = 0; d < rank; ++d) {
         dims[d] = npy_intp(shape[d]);
         steps[d] = npy_intp(strides[d] * std::int64_t(sizeof(T)));
     }
-    PyObject* array = PyArray_New(&PyArray_Type, rank, dims, numpy_type<T>(), steps, nullptr, 0, 0, nullptr);
+    PyArray_Descr* descr = new_descr<T>(reinterpret_cast<PyArray_Descr*>(like));
+    PyObject* array = PyArray_NewFromDescr(&PyArray_Type, descr, rank, dims, steps, nullptr, 0, nullptr);
     if (!array) throw nb::python_error();
     return nb::steal(array);
 }
@@ -358,7 +431,9 @@ public:
     WriteAs(nb::handle out, const Layout& L, const char* name, std::initializer_list<const ArrayRef*> inputs)
         : layout_(L) {
         if (out.is_none()) {
-            result_ = new_array<T>(L.rank, L.shape, L.strides);
+            // the first input is the main one, whose NumPy dtype a new result takes (bfloat16)
+            const ArrayRef* main = inputs.size() ? *inputs.begin() : nullptr;
+            result_ = new_array<T>(L.rank, L.shape, L.strides, main ? main->descr : nullptr);
             data_ = data_of<T>(result_);
             return;
         }
@@ -403,15 +478,16 @@ private:
     T* data_ = nullptr;
 };
 
-// A per-channel argument: 1-D with C values of dtype T, or null for None. Strided ones are
-// copied; `writable` ones (running statistics) are written back by commit().
-template <class T>
+// A per-channel argument for an input of storage type S: 1-D with C values of dtype
+// compute_t<S> (T), or null for None. Strided ones are copied; `writable` ones (running
+// statistics) are written back by commit().
+template <class S, class T = compute_t<S>>
 class ChannelArray {
 public:
     ChannelArray(nb::handle h, const char* name, std::int64_t channels, bool writable = false) {
         if (h.is_none()) return;
         array_ = take_array(h, name);
-        check_dtype<T>(array_, name);
+        check_channel_dtype<S>(array_, name);
         if (array_.rank != 1 || array_.shape[0] != channels)
             value_error(std::string(name) + " must have shape (" + std::to_string(channels) +
                         ",), one value per channel of the input, got " + shape_string(array_.shape_vector()));

@@ -18,12 +18,14 @@ struct Input {
     Layout layout;
 };
 
-// The main input: a float32/float64 array of rank >= 2, with the layout its channel axis gives.
+// The main input: a float32/float64/float16/bfloat16 array of rank >= 2, with the layout its
+// channel axis gives.
 Input take_main_input(nb::handle h, const char* name, int axis) {
     Input in{take_array(h, name), {}};
     const ArrayRef& x = in.array;
-    if (x.type != NPY_FLOAT32 && x.type != NPY_FLOAT64)
-        type_error(std::string(name) + " must have dtype float32 or float64, got " + x.dtype_name());
+    if (x.type != NPY_FLOAT32 && x.type != NPY_FLOAT64 && x.type != NPY_HALF && x.type != kNpyBfloat16)
+        type_error(std::string(name) + " must have dtype float32, float64, float16 or bfloat16, got " +
+                   x.dtype_name());
     if (x.rank < 2)
         value_error(std::string(name) + " must have at least 2 dimensions (N, C, ...), got shape " +
                     shape_string(x.shape_vector()));
@@ -34,10 +36,15 @@ Input take_main_input(nb::handle h, const char* name, int axis) {
     return in;
 }
 
+// f(S{}) with S the input's storage type.
 template <class F>
 nb::object with_element_type(const Input& in, F&& f) {
-    if (in.array.type == NPY_FLOAT32) return f(float{});
-    return f(double{});
+    switch (in.array.type) {
+        case NPY_FLOAT32: return f(float{});
+        case NPY_HALF: return f(float16{});
+        case kNpyBfloat16: return f(bfloat16{});
+        default: return f(double{});
+    }
 }
 
 // A same-shaped array argument (residual, grad_y) of dtype T, or nothing for None.
@@ -59,12 +66,12 @@ ArrayRef take_grad_y(nb::handle h, const Layout& L) {
     return *take_like_input<T>(h, "grad_y", L);
 }
 
-// `out` must not share memory with a per-channel array the call reads or writes.
+// `out` must not share memory with a per-channel array (of compute_t<T>) the call reads or writes.
 template <class T>
 void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays) {
     if (!out.out()) return;
     for (const auto& [array, name] : arrays)
-        if (array && overlaps(*out.out(), *array, sizeof(T)))
+        if (array && overlaps(*out.out(), sizeof(T), *array, sizeof(compute_t<T>)))
             value_error(std::string("out overlaps ") + name + "; pass a separate array");
 }
 
@@ -72,12 +79,13 @@ nb::object stats(nb::handle x_obj, int axis) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
+        using P = compute_t<T>;
         const ReadAs<T> x(in.array, in.layout);
         const std::int64_t channels = in.layout.view.channels;
-        nb::object mean = new_vector<T>(channels), var = new_vector<T>(channels);
+        nb::object mean = new_vector<P>(channels), var = new_vector<P>(channels);
         {
             nb::gil_scoped_release unlocked;
-            batchnorm::batch_stats<T>(x.data(), in.layout.view, data_of<T>(mean), data_of<T>(var));
+            batchnorm::batch_stats<T>(x.data(), in.layout.view, data_of<P>(mean), data_of<P>(var));
         }
         return nb::make_tuple(mean, var);
     });
@@ -94,7 +102,7 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         const ChannelArray<T> running_var(rvar_obj, "running_var", view.channels, true);
         if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
             value_error("running_mean and running_var must both be arrays or both be None");
-        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(T)))
+        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(compute_t<T>)))
             value_error("running_mean overlaps running_var; pass separate arrays");
         if (view.per_channel() == 1)
             value_error("Expected more than 1 value per channel when training, got input size " +
@@ -103,12 +111,13 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}, {running_mean.array(), "running_mean"},
                         {running_var.array(), "running_var"}});
         const ReadAs<T> x(in.array, in.layout);
-        nb::object save_mean = new_vector<T>(view.channels), save_invstd = new_vector<T>(view.channels);
+        using P = compute_t<T>;
+        nb::object save_mean = new_vector<P>(view.channels), save_invstd = new_vector<P>(view.channels);
         {
             nb::gil_scoped_release unlocked;
             batchnorm::forward_train<T>(x.data(), y.data(), view, weight.data(), bias.data(), running_mean.data(),
-                                        running_var.data(), momentum, eps, data_of<T>(save_mean),
-                                        data_of<T>(save_invstd));
+                                        running_var.data(), momentum, eps, data_of<P>(save_mean),
+                                        data_of<P>(save_invstd));
         }
         running_mean.commit();
         running_var.commit();
@@ -158,11 +167,12 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
         WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_array});
         check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
         const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
-        nb::object grad_weight = new_vector<T>(view.channels), grad_bias = new_vector<T>(view.channels);
+        using P = compute_t<T>;
+        nb::object grad_weight = new_vector<P>(view.channels), grad_bias = new_vector<P>(view.channels);
         {
             nb::gil_scoped_release unlocked;
             batchnorm::backward<T>(grad_y.data(), x.data(), grad_x.data(), view, mean.data(), invstd.data(),
-                                   weight.data(), data_of<T>(grad_weight), data_of<T>(grad_bias), training);
+                                   weight.data(), data_of<P>(grad_weight), data_of<P>(grad_bias), training);
         }
         return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
     });

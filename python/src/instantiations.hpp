@@ -1,18 +1,33 @@
-// The C++ entry points the module uses, for float and double. kernels.cpp instantiates them at
+// The C++ entry points the module uses, for every storage type (float, double, float16,
+// bfloat16; per-channel arrays are P = compute_t<T>). kernels.cpp instantiates them at
 // -O3; core.cpp (built at nanobind's -Os) only declares them, so no kernel is compiled at -Os.
 #pragma once
 
 #include <batchnorm/batchnorm.hpp>
 
-#define BATCHNORM_FOR_EACH_ENTRY_POINT(PREFIX, T)                                                 \
-    PREFIX template void batchnorm::batch_stats<T>(const T*, const batchnorm::Shape&, T*, T*);               \
-    PREFIX template void batchnorm::forward_train<T>(const T*, T*, const batchnorm::Shape&, const T*,        \
-                                                     const T*, T*, T*, double, double, T*, T*);   \
-    PREFIX template void batchnorm::forward_eval<T>(const T*, T*, const batchnorm::Shape&, const T*,         \
-                                                    const T*, const T*, const T*, double,         \
+#define BATCHNORM_FOR_EACH_ENTRY_POINT(PREFIX, T, P)                                              \
+    PREFIX template void batchnorm::batch_stats<T>(const T*, const batchnorm::Shape&, P*, P*);               \
+    PREFIX template void batchnorm::forward_train<T>(const T*, T*, const batchnorm::Shape&, const P*,        \
+                                                     const P*, P*, P*, double, double, P*, P*);   \
+    PREFIX template void batchnorm::forward_eval<T>(const T*, T*, const batchnorm::Shape&, const P*,         \
+                                                    const P*, const P*, const P*, double,         \
                                                     const T*, batchnorm::Activation);             \
-    PREFIX template void batchnorm::backward<T>(const T*, const T*, T*, const batchnorm::Shape&, const T*,   \
-                                                const T*, const T*, T*, T*, bool);                \
+    PREFIX template void batchnorm::backward<T>(const T*, const T*, T*, const batchnorm::Shape&, const P*,   \
+                                                const P*, const P*, P*, P*, bool);                \
+    PREFIX template void batchnorm::batch_moments<T>(const T*, const batchnorm::Shape&,                    \
+                                                     batchnorm::GroupStats*);                      \
+    PREFIX template void batchnorm::batch_norm_apply<T>(const T*, T*, const batchnorm::Shape&, const P*,   \
+                                                        const P*, const P*, const P*);             \
+    PREFIX template void batchnorm::batch_norm_backward_reduce<T>(const T*, const T*,                      \
+                                                                  const batchnorm::Shape&, const P*, \
+                                                                  double*, double*);               \
+    PREFIX template void batchnorm::batch_norm_backward_apply<T>(const T*, const T*, T*,                   \
+                                                                 const batchnorm::Shape&, const P*, \
+                                                                 const P*, const P*, const double*, \
+                                                                 const double*, double);
+
+// The other normalizations, float and double storage.
+#define BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(PREFIX, T)                                            \
     PREFIX template void batchnorm::layer_norm<T>(const T*, T*, std::int64_t, std::int64_t, const T*,       \
                                                   const T*, double, T*, T*, const T*, T*);         \
     PREFIX template void batchnorm::layer_norm_backward<T>(const T*, const T*, T*, std::int64_t,            \
@@ -30,18 +45,11 @@
                                                            const T*, const T*, const T*, T*, T*);  \
     PREFIX template void batchnorm::instance_norm<T>(const T*, T*, const batchnorm::GroupShape&, const T*, \
                                                      const T*, T*, T*, double, double, T*, T*,     \
-                                                     batchnorm::Activation);                       \
-    PREFIX template void batchnorm::batch_moments<T>(const T*, const batchnorm::Shape&,                    \
-                                                     batchnorm::GroupStats*);                      \
-    PREFIX template void batchnorm::batch_norm_apply<T>(const T*, T*, const batchnorm::Shape&, const T*,   \
-                                                        const T*, const T*, const T*);             \
-    PREFIX template void batchnorm::batch_norm_backward_reduce<T>(const T*, const T*,                      \
-                                                                  const batchnorm::Shape&, const T*, \
-                                                                  double*, double*);               \
-    PREFIX template void batchnorm::batch_norm_backward_apply<T>(const T*, const T*, T*,                   \
-                                                                 const batchnorm::Shape&, const T*, \
-                                                                 const T*, const T*, const double*, \
-                                                                 const double*, double);
+                                                     batchnorm::Activation);
 
-BATCHNORM_FOR_EACH_ENTRY_POINT(extern, float)
-BATCHNORM_FOR_EACH_ENTRY_POINT(extern, double)
+BATCHNORM_FOR_EACH_ENTRY_POINT(extern, float, float)
+BATCHNORM_FOR_EACH_ENTRY_POINT(extern, double, double)
+BATCHNORM_FOR_EACH_ENTRY_POINT(extern, batchnorm::float16, float)
+BATCHNORM_FOR_EACH_ENTRY_POINT(extern, batchnorm::bfloat16, float)
+BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, float)
+BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, double)

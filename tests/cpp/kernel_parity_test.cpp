@@ -1,5 +1,5 @@
 // Kernel parity test: every KernelTable function of every backend this machine can run
-// (batchnorm::supported_isas()), for float and double, against plain float64 loops written here
+// (batchnorm::supported_isas()), for float, double, float16 and bfloat16, against plain float64 loops written here
 // (an independent reference: it shares no code with the kernels). Sizes are awkward on purpose:
 // every tail length of every vector width, zero sizes, runs with gaps between them (stride > len),
 // row counts on both sides of the flush interval, shapes across the channels-last row tiles and
@@ -24,6 +24,9 @@
 //  - Element-wise outputs, y = (x - s)*a + b (+ r) and gx = dy*k + (x - s)*m + q, take at most 5
 //    roundings in T (fused or not), each at most u times mag = |(x - s)a| + |b| + |r| (resp.
 //    |dy k| + |(x - s)m| + |q|). Allowed: (8u + 4u64) * mag. relu is 1-Lipschitz: same bound.
+//  - Half storage (float16, bfloat16) computes in float (u above is float's) and rounds once more
+//    on store: plus uh * mag, uh the half type's unit roundoff (2^-11, 2^-8). Their conversions
+//    are checked bit for bit against half.hpp's scalar reference (test_conversions).
 #include <batchnorm/dispatch.hpp>
 
 #include <algorithm>
@@ -33,6 +36,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -47,18 +51,32 @@ constexpr i64 kGuard = 16;        // past-the-end guard elements: the widest vec
 constexpr double kSentinel = -12345.5;  // exact in float and double; no kernel output equals it
 constexpr double kU64 = std::numeric_limits<double>::epsilon() / 2;
 
+using batchnorm::bfloat16;
+using batchnorm::compute_t;
+using batchnorm::float16;
+
 template <class T>
 constexpr double unit_roundoff() { return std::numeric_limits<T>::epsilon() / 2; }
+template <> constexpr double unit_roundoff<float16>() { return 1.0 / 2048; }
+template <> constexpr double unit_roundoff<bfloat16>() { return 1.0 / 256; }
+
+// T is a storage type; sums and element-wise math run in compute_t<T>.
+template <class T>
+double sum_tol(double abs_sum, i64 n) {
+    return (32 * unit_roundoff<compute_t<T>>() + 2.0 * double(n + 1) * kU64) * abs_sum;
+}
 
 template <class T>
-double sum_tol(double abs_sum, i64 n) { return (32 * unit_roundoff<T>() + 2.0 * double(n + 1) * kU64) * abs_sum; }
-
-template <class T>
-double elem_tol(double mag) { return (8 * unit_roundoff<T>() + 4 * kU64) * mag; }
+double elem_tol(double mag) {
+    const double store = std::is_same_v<T, compute_t<T>> ? 0.0 : unit_roundoff<T>();
+    return (8 * unit_roundoff<compute_t<T>>() + store + 4 * kU64) * mag;
+}
 
 template <class T> const char* type_name();
 template <> const char* type_name<float>() { return "float"; }
 template <> const char* type_name<double>() { return "double"; }
+template <> const char* type_name<float16>() { return "float16"; }
+template <> const char* type_name<bfloat16>() { return "bfloat16"; }
 
 struct Checker {
     i64 passed = 0, failed = 0;
@@ -105,7 +123,7 @@ void check_output(Checker& ck, const std::string& where, const char* name, const
         if (e.written[i]) {
             ok = std::isnan(e.ref[i]) ? std::isnan(got) : std::fabs(got - e.ref[i]) <= elem_tol<T>(e.mag[i]);
         } else {
-            ok = got == kSentinel;
+            ok = got == double(T(kSentinel));  // the sentinel as T stores it
         }
         if (!ok) {
             ck.check(false, where, std::string(name) + (e.written[i] ? "" : " wrote outside its range") +
@@ -130,6 +148,13 @@ std::vector<T> sentinel_vec(i64 n) { return std::vector<T>(size_t(n), T(kSentine
 // Data means cycle through these: a large mean is where float statistics go wrong.
 constexpr double kMeans[] = {0.0, 1.0, -50.0, 1e4, 1e6};
 
+// float16 ends at 65504: its largest mean is 1e4.
+template <class T>
+double mean_at(int i) {
+    const double m = kMeans[i % 5];
+    return std::is_same_v<T, float16> ? std::min(m, 1e4) : m;
+}
+
 // ---- channels-first ------------------------------------------------------------------------
 
 template <class T>
@@ -144,13 +169,14 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 if (count == 1 && gap != 0) continue;
                 const i64 stride = len + gap;
                 const i64 size = count == 0 ? 0 : (count - 1) * stride + len;  // exact: no slack
-                const double mean = kMeans[ci++ % 5];
+                const double mean = mean_at<T>(ci++);
                 const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
                 const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
-                const T shift = T(mean + 0.25 * std::normal_distribution<double>()(rng));
+                using C = compute_t<T>;
+                const C shift = C(mean + 0.25 * std::normal_distribution<double>()(rng));
                 const double s = double(shift);
                 std::normal_distribution<double> coef(0.0, 2.0);
-                const T alpha = T(coef(rng)), beta = T(coef(rng)), k = T(coef(rng)), m = T(coef(rng)), q = T(coef(rng));
+                const C alpha = C(coef(rng)), beta = C(coef(rng)), k = C(coef(rng)), m = C(coef(rng)), q = C(coef(rng));
                 const std::string where = tag + " count=" + std::to_string(count) + " len=" + std::to_string(len) +
                                           " stride=" + std::to_string(stride) + fmt(" mean=%g", mean, 0, 0);
 
@@ -202,12 +228,13 @@ void test_rows(const KernelTable<T>& t, const std::string& tag, std::mt19937_64&
     for (i64 len = 0; len <= 70; ++len) {
         for (i64 planes : {1, 2, 7}) {
             const i64 channels = 3, first = (len + planes) % channels, size = planes * len;
-            const double mean = kMeans[ci++ % 5];
+            const double mean = mean_at<T>(ci++);
             const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
             const std::vector<T> res = random_vec<T>(rng, size, 0.0, 1.0);
-            const std::vector<T> shift = random_vec<T>(rng, channels, mean, 0.25);
-            const std::vector<T> alpha = random_vec<T>(rng, channels, 0.0, 2.0);
-            const std::vector<T> beta = random_vec<T>(rng, channels, 0.0, 2.0);
+            using C = compute_t<T>;
+            const std::vector<C> shift = random_vec<C>(rng, channels, mean, 0.25);
+            const std::vector<C> alpha = random_vec<C>(rng, channels, 0.0, 2.0);
+            const std::vector<C> beta = random_vec<C>(rng, channels, 0.0, 2.0);
             for (int variant = 0; variant < 4; ++variant) {
                 const bool residual = variant & 1, relu = variant & 2;
                 const std::string where = tag + " planes=" + std::to_string(planes) + " len=" + std::to_string(len) +
@@ -252,14 +279,15 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
     for (const auto& shape : shapes) {
         const i64 rows = shape.first, cols = shape.second;  // not a structured binding: lambdas capture these
         const i64 size = rows * cols;
-        const double mean = kMeans[ci++ % 5];
+        const double mean = mean_at<T>(ci++);
         const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
         const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
         const std::vector<T> res = random_vec<T>(rng, size, 0.0, 1.0);
-        const std::vector<T> shift = random_vec<T>(rng, cols, mean, 0.25);
-        const std::vector<T> alpha = random_vec<T>(rng, cols, 0.0, 2.0), beta = random_vec<T>(rng, cols, 0.0, 2.0);
-        const std::vector<T> k = random_vec<T>(rng, cols, 0.0, 2.0), m = random_vec<T>(rng, cols, 0.0, 2.0),
-                             q = random_vec<T>(rng, cols, 0.0, 2.0);
+        using C = compute_t<T>;
+        const std::vector<C> shift = random_vec<C>(rng, cols, mean, 0.25);
+        const std::vector<C> alpha = random_vec<C>(rng, cols, 0.0, 2.0), beta = random_vec<C>(rng, cols, 0.0, 2.0);
+        const std::vector<C> k = random_vec<C>(rng, cols, 0.0, 2.0), m = random_vec<C>(rng, cols, 0.0, 2.0),
+                             q = random_vec<C>(rng, cols, 0.0, 2.0);
         // Column sums start non-zero (the kernels add into them) and carry a guard after cols.
         const std::vector<double> init = random_vec<double>(rng, cols, 0.0, 10.0);
         const std::string where = tag + " rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
@@ -360,18 +388,19 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
 
 template <class T>
 void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    using C = compute_t<T>;  // per-element parameters and scalars
     std::vector<i64> lens;
     for (i64 n = 0; n <= 70; ++n) lens.push_back(n);
     for (i64 n : {127, 128, 129, 1031, 4099}) lens.push_back(n);
     int ci = 0;
     for (i64 n : lens) {
-        const double mean = kMeans[ci++ % 5];
+        const double mean = mean_at<T>(ci++);
         const std::vector<T> x = random_vec<T>(rng, n, mean, 1.0), r = random_vec<T>(rng, n, 0.0, 1.0);
         const std::vector<T> dy = random_vec<T>(rng, n, 0.0, 1.0);
-        const std::vector<T> w = random_vec<T>(rng, n, 1.0, 0.5), b = random_vec<T>(rng, n, 0.0, 1.0);
+        const std::vector<C> w = random_vec<C>(rng, n, 1.0, 0.5), b = random_vec<C>(rng, n, 0.0, 1.0);
         std::normal_distribution<double> coef(0.0, 2.0);
-        const T shift = T(mean + 0.25 * coef(rng)), scale = T(coef(rng)), offset = T(coef(rng));
-        const T k = T(coef(rng)), m = T(coef(rng)), q = T(coef(rng));
+        const C shift = C(mean + 0.25 * coef(rng)), scale = C(coef(rng)), offset = C(coef(rng));
+        const C k = C(coef(rng)), m = C(coef(rng)), q = C(coef(rng));
         const double s = double(shift);
         const std::string where = tag + " n=" + std::to_string(n) + fmt(" mean=%g", mean, 0, 0);
         Expected ea(n + kGuard);
@@ -381,8 +410,8 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
         t.add(x.data(), r.data(), out.data(), n);
         check_output(ck, where, "add", out, ea);
         for (int variant = 0; variant < 4; ++variant) {
-            const T* wp = variant & 1 ? w.data() : nullptr;
-            const T* bp = variant & 2 ? b.data() : nullptr;
+            const C* wp = variant & 1 ? w.data() : nullptr;
+            const C* bp = variant & 2 ? b.data() : nullptr;
             const std::string wv = where + (wp ? " w" : "") + (bp ? " b" : "");
             Expected ey(n + kGuard), eg(n + kGuard);
             double g1 = 0, ag1 = 0, g2 = 0, ag2 = 0;
@@ -412,9 +441,9 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
     for (const auto& [rows, cols] : std::vector<std::pair<i64, i64>>{{0, 5}, {1, 1}, {3, 17}, {17, 33}, {40, 70},
                                                                      {33, 300}, {5, 1031}}) {
         const i64 ld = cols + 3, size = rows == 0 ? 0 : (rows - 1) * ld + cols;
-        const double mean = kMeans[ci++ % 5];
+        const double mean = mean_at<T>(ci++);
         const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0), dy = random_vec<T>(rng, size, 0.0, 1.0);
-        const std::vector<T> shift = random_vec<T>(rng, rows, mean, 0.25), scale = random_vec<T>(rng, rows, 0.0, 2.0);
+        const std::vector<C> shift = random_vec<C>(rng, rows, mean, 0.25), scale = random_vec<C>(rng, rows, 0.0, 2.0);
         const std::vector<double> init = random_vec<double>(rng, cols, 0.0, 10.0);
         std::vector<double> sdy = init, sdyx = init;
         t.cols_dot(dy.data(), x.data(), rows, cols, ld, shift.data(), scale.data(), sdy.data(), sdyx.data());
@@ -438,8 +467,8 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
     for (const auto& [rows, cols] : std::vector<std::pair<i64, i64>>{{5, 3}, {20, 17}, {70, 40}}) {
         const i64 ld = cols + 5, size = rows * ld;
         const std::vector<T> x = random_vec<T>(rng, size, 3.0, 1.0);
-        const std::vector<T> shift = random_vec<T>(rng, cols, 3.0, 0.25), alpha = random_vec<T>(rng, cols, 0.0, 2.0),
-                             beta = random_vec<T>(rng, cols, 0.0, 2.0);
+        const std::vector<C> shift = random_vec<C>(rng, cols, 3.0, 0.25), alpha = random_vec<C>(rng, cols, 0.0, 2.0),
+                             beta = random_vec<C>(rng, cols, 0.0, 2.0);
         Expected e(size + kGuard);
         for (i64 r = 0; r < rows; ++r)
             for (i64 j = 0; j < cols; ++j) {
@@ -459,13 +488,14 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
 
 template <class T>
 void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck) {
-    const T nan = std::numeric_limits<T>::quiet_NaN();
+    using C = compute_t<T>;
+    const T nan = T(std::numeric_limits<C>::quiet_NaN());
     for (i64 cols : {1, 5, 19, 37}) {
         for (int variant = 0; variant < 2; ++variant) {
             const bool nan_in_residual = variant == 1;
             const i64 rows = 2, size = rows * cols;
-            std::vector<T> x(size_t(size), T(1)), res(size_t(size), T(0.5));
-            std::vector<T> shift(size_t(cols), T(0)), alpha(size_t(cols), T(1)), beta(size_t(cols), T(0));
+            std::vector<T> x(size_t(size), T(C(1))), res(size_t(size), T(C(0.5)));
+            std::vector<C> shift(size_t(cols), C(0)), alpha(size_t(cols), C(1)), beta(size_t(cols), C(0));
             Expected e(size + kGuard);
             for (i64 i = 0; i < size; ++i) {
                 const bool is_nan = i % 3 == 1;
@@ -486,6 +516,55 @@ void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck)
     }
 }
 
+// ---- half conversions, bit for bit --------------------------------------------------------
+// Widening: every one of the 65536 bit patterns through y = (x - 0)*1 + (-0), which is x exactly,
+// must come back with the same bits (a NaN as a NaN). Narrowing: y = (1 - 0)*a + 0 is a exactly
+// (a a float per column), so y's bits must be half.hpp's rounding of a: random floats of every
+// magnitude, and ties (the discarded bits exactly half an ulp) where only round-to-even is right.
+
+template <class T>
+void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    using C = compute_t<T>;
+    const i64 n = 65536;
+    std::vector<T> x(static_cast<size_t>(n));
+    for (i64 i = 0; i < n; ++i) x[size_t(i)] = T::from_bits(std::uint16_t(i));
+    std::vector<T> y = sentinel_vec<T>(n + 3);
+    t.cf_affine(x.data(), y.data(), 1, n - 3, 0, C(0), C(1), C(-0.0), false);  // a tail, then the last 3 by cl
+    const std::vector<C> zero(3, C(0)), one(3, C(1)), minus_zero(3, C(-0.0));
+    t.cl_affine(x.data() + n - 3, nullptr, y.data() + n - 3, 1, 3, 3, zero.data(), one.data(), minus_zero.data(), false);
+    i64 bad = 0;
+    for (i64 i = 0; i < n; ++i) {
+        const bool nan = std::isnan(float(x[size_t(i)]));
+        if (nan ? !std::isnan(float(y[size_t(i)])) : y[size_t(i)].bits != x[size_t(i)].bits) ++bad;
+    }
+    ck.check(bad == 0 && y[size_t(n)].bits == T(kSentinel).bits, tag, fmt("widen: %.0f of 65536 patterns changed", double(bad), 0, 0));
+
+    const i64 cols = 4099;
+    std::vector<C> a(static_cast<size_t>(cols));
+    std::uniform_int_distribution<std::uint32_t> bits;
+    const int drop = std::is_same_v<T, float16> ? 13 : 16;  // float mantissa bits a half type drops
+    for (i64 j = 0; j < cols; ++j) {
+        std::uint32_t u = bits(rng);
+        if (j % 4 == 1) u = (u & ~((1u << drop) - 1)) | (1u << (drop - 1));  // a tie
+        if (j % 4 == 2) u = (u & 0x80FFFFFFu) | ((100u + (u >> 24) % 60) << 23);  // near half's range
+        a[size_t(j)] = batchnorm::detail::bits_float(u);
+    }
+    const std::vector<T> ones(size_t(cols), T(1.0f));
+    const std::vector<C> zeros(size_t(cols), C(0));
+    std::vector<T> out = sentinel_vec<T>(cols + kGuard);
+    t.cl_affine(ones.data(), nullptr, out.data(), 1, cols, cols, zeros.data(), a.data(), zeros.data(), false);
+    bad = 0;
+    for (i64 j = 0; j < cols; ++j) {
+        const T want = T(C(1) * a[size_t(j)] + C(0));
+        if (out[size_t(j)].bits != want.bits) {
+            if (bad++ == 0)
+                ck.check(false, tag, fmt("narrow: float %.9g became bits %.0f, expected %.0f", double(a[size_t(j)]),
+                                         double(out[size_t(j)].bits), double(want.bits)));
+        }
+    }
+    ck.check(bad == 0 && out[size_t(cols)].bits == T(kSentinel).bits, tag, "narrow");
+}
+
 template <class T>
 void test_backend(Isa isa, Checker& ck) {
     const KernelTable<T>& t = batchnorm::detail::kernels_for<T>(isa);
@@ -497,6 +576,7 @@ void test_backend(Isa isa, Checker& ck) {
     test_cl<T>(t, tag, rng, ck);
     test_relu_nan<T>(t, tag, ck);
     test_row_params<T>(t, tag, rng, ck);
+    if constexpr (!std::is_same_v<T, compute_t<T>>) test_conversions<T>(t, tag, rng, ck);
     std::printf("%-14s %s\n", tag.c_str(), ck.failed == before ? "ok" : "FAILED");
 }
 
@@ -510,6 +590,8 @@ int main() {
     for (Isa isa : batchnorm::supported_isas()) {
         test_backend<float>(isa, ck);
         test_backend<double>(isa, ck);
+        test_backend<float16>(isa, ck);
+        test_backend<bfloat16>(isa, ck);
     }
     std::printf("%lld passed, %lld failed\n", static_cast<long long>(ck.passed), static_cast<long long>(ck.failed));
     return ck.failed == 0 ? 0 : 1;

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "half.hpp"
+
 namespace batchnorm {
 
 // DLPack's type codes (dlpack.h, DLDataTypeCode).
@@ -30,6 +32,25 @@ struct StorageType<double> {
     static constexpr int bits = 64;
 };
 
+// Half-precision storage: float math inside; weight, bias and statistics stay float (as in
+// PyTorch, whose batch norm takes float32 parameters with bfloat16/float16 activations).
+template <>
+struct StorageType<float16> {
+    using compute = float;
+    static constexpr const char* name = "float16";
+    static constexpr DLPackCode code = DLPackCode::float_;
+    static constexpr int bits = 16;
+};
+
+template <>
+struct StorageType<bfloat16> {
+    using compute = float;
+    static constexpr const char* name = "bfloat16";
+    static constexpr DLPackCode code = DLPackCode::bfloat;
+    static constexpr int bits = 16;
+};
+
+// The type of compute, and of every per-channel array (weight, bias, statistics).
 template <class S>
 using compute_t = typename StorageType<S>::compute;
 

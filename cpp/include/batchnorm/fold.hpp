@@ -30,8 +30,11 @@ namespace batchnorm {
 // folded_bias (`channels`). Each output may be the same array as its input (in place), or must
 // not overlap it. Throws invalid_argument, before writing anything, for negative sizes, eps not
 // positive and finite, or a missing array.
+// The layer's arrays are T (any storage type: a float16 conv stays float16); the batch norm's
+// are compute_t<T>, as a BatchNorm<T> keeps them.
 template <class T>
-void fold(const T* mean, const T* var, const T* bn_weight, const T* bn_bias, std::int64_t channels,
+void fold(const compute_t<T>* mean, const compute_t<T>* var, const compute_t<T>* bn_weight,
+          const compute_t<T>* bn_bias, std::int64_t channels,
           double eps, const T* weight, const T* bias, std::int64_t per_channel, T* folded_weight,
           T* folded_bias) {
     detail::check_element_type<T>();

@@ -39,11 +39,13 @@ namespace batchnorm {
 template <class T>
 class Inference {
 public:
+    using P = compute_t<T>;  // per-channel arrays: float for the half storage types
+
     // mean and var (the running statistics) must hold `channels` values; weight null means 1,
     // bias null means 0. The arrays are copied: they may be freed or changed afterwards.
     // Throws invalid_argument for channels < 0, eps not positive and finite, or a null mean/var
     // (when channels > 0).
-    Inference(const T* mean, const T* var, const T* weight, const T* bias, std::int64_t channels,
+    Inference(const P* mean, const P* var, const P* weight, const P* bias, std::int64_t channels,
               double eps)
         : channels_(channels), cache_(std::make_unique<Cache>()) {
         detail::check_element_type<T>();
@@ -59,7 +61,7 @@ public:
         beta_.resize(n);
         for (std::int64_t c = 0; c < channels; ++c) {
             // Exactly forward_eval's factors.
-            const detail::ChannelAffine<T> a = detail::eval_affine(c, mean, var, weight, bias, eps);
+            const detail::ChannelAffine<P> a = detail::eval_affine(c, mean, var, weight, bias, eps);
             shift_[std::size_t(c)] = a.shift;
             alpha_[std::size_t(c)] = a.alpha;
             beta_[std::size_t(c)] = a.beta;
@@ -108,14 +110,14 @@ public:
 
     std::int64_t channels() const { return channels_; }
     // The per-channel factors of y = (x - shift)*alpha + beta, `channels()` values each.
-    const T* shift() const { return shift_.data(); }
-    const T* alpha() const { return alpha_.data(); }
-    const T* beta() const { return beta_.data(); }
+    const P* shift() const { return shift_.data(); }
+    const P* alpha() const { return alpha_.data(); }
+    const P* beta() const { return beta_.data(); }
 
 private:
     // Factors repeated per column for one inner size: index c*inner + i holds channel c's.
     struct Columns {
-        std::vector<T> shift, alpha, beta;
+        std::vector<P> shift, alpha, beta;
     };
     // Inner sizes that read as rows are < kMinPlaneBytes / sizeof(T); slot i serves inner = i.
     static constexpr std::size_t kSlots = std::size_t(detail::kMinPlaneBytes) / sizeof(T);
@@ -173,7 +175,7 @@ private:
     }
 
     std::int64_t channels_;
-    std::vector<T> shift_, alpha_, beta_;
+    std::vector<P> shift_, alpha_, beta_;
     std::unique_ptr<Cache> cache_;  // behind a pointer: Inference stays movable
 };
 

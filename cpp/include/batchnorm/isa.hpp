@@ -63,10 +63,13 @@ inline std::uint64_t xcr0() {
 #endif
 }
 
+// AVX2, FMA and F16C (the float16 conversions of the half storage types); every CPU with AVX2
+// has F16C, but a hypervisor may hide it.
 inline bool cpu_has_avx2_fma() {
     const CpuidRegisters l1 = cpuid(1, 0);
     const bool osxsave = l1.ecx & (1u << 27), avx = l1.ecx & (1u << 28), fma = l1.ecx & (1u << 12);
-    if (!(osxsave && avx && fma)) return false;
+    const bool f16c = l1.ecx & (1u << 29);
+    if (!(osxsave && avx && fma && f16c)) return false;
     if ((xcr0() & 0x6) != 0x6) return false;  // XMM and YMM state
     return cpuid(7, 0).ebx & (1u << 5);
 }

@@ -43,6 +43,8 @@ namespace batchnorm {
 template <class T>
 class BatchNorm {
 public:
+    using P = compute_t<T>;  // parameters and statistics: float for the half storage types
+
     // PyTorch's constructor: BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True,
     // track_running_stats=True). momentum std::nullopt is PyTorch's momentum=None.
     explicit BatchNorm(std::int64_t num_features, double eps = 1e-5,
@@ -59,10 +61,10 @@ public:
     }
 
     // ---- state, public like the Python attributes ------------------------------------------
-    std::vector<T> weight, bias;               // channels values each; empty when !affine()
-    std::vector<T> running_mean, running_var;  // channels values each; empty when !track_running_stats()
+    std::vector<P> weight, bias;               // channels values each; empty when !affine()
+    std::vector<P> running_mean, running_var;  // channels values each; empty when !track_running_stats()
     std::int64_t num_batches_tracked = 0;      // batches seen in training (0 when not tracking)
-    std::vector<T> weight_grad, bias_grad;     // set by backward(); empty when !affine()
+    std::vector<P> weight_grad, bias_grad;     // set by backward(); empty when !affine()
 
     // ---- configuration -----------------------------------------------------------------------
     std::int64_t num_features() const { return num_features_; }
@@ -81,8 +83,8 @@ public:
     // running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracking).
     void reset_running_stats() {
         const std::size_t n = std::size_t(num_features_);
-        running_mean.assign(track_running_stats_ ? n : 0, T(0));
-        running_var.assign(track_running_stats_ ? n : 0, T(1));
+        running_mean.assign(track_running_stats_ ? n : 0, P(0));
+        running_var.assign(track_running_stats_ ? n : 0, P(1));
         num_batches_tracked = 0;
     }
 
@@ -90,8 +92,8 @@ public:
     void reset_parameters() {
         reset_running_stats();
         const std::size_t n = std::size_t(num_features_);
-        weight.assign(affine_ ? n : 0, T(1));
-        bias.assign(affine_ ? n : 0, T(0));
+        weight.assign(affine_ ? n : 0, P(1));
+        bias.assign(affine_ ? n : 0, P(0));
     }
 
     // Normalizes x of the given shape (shape.channels == num_features()) into y; y may be x (in
@@ -112,9 +114,9 @@ public:
             const bool counting = training_ && track_running_stats_;
             double factor = 0.0;
             if (counting) factor = running_factor(momentum_, num_batches_tracked + 1);
-            T* rm = counting ? running_mean.data() : nullptr;
-            T* rv = counting ? running_var.data() : nullptr;
-            std::vector<T> mean(n), invstd(n);
+            P* rm = counting ? running_mean.data() : nullptr;
+            P* rv = counting ? running_var.data() : nullptr;
+            std::vector<P> mean(n), invstd(n);
             forward_train(x, y, shape, param(weight), param(bias), rm, rv, factor, eps_, mean.data(),
                           invstd.data());
             // Only after forward_train succeeded; an empty batch is not counted.
@@ -123,9 +125,9 @@ public:
         } else {
             forward_eval(x, y, shape, running_mean.data(), running_var.data(), param(weight),
                          param(bias), eps_, residual, act);
-            std::vector<T> invstd(n);
+            std::vector<P> invstd(n);
             for (std::size_t c = 0; c < n; ++c)
-                invstd[c] = T(detail::invstd_of(double(running_var[c]), eps_));
+                invstd[c] = P(detail::invstd_of(double(running_var[c]), eps_));
             const bool fused = residual != nullptr || act != Activation::none;
             save(shape, running_mean, std::move(invstd), false, x, y,
                  fused ? "backward is not available after a forward with residual or activation" : nullptr);
@@ -151,7 +153,7 @@ public:
             detail::check_pointer(x, "x");
         }
         const std::size_t n = affine_ ? std::size_t(num_features_) : 0;
-        std::vector<T> gw(n), gb(n);
+        std::vector<P> gw(n), gb(n);
         batchnorm::backward(grad_y, x, grad_x, shape, saved_->mean.data(), saved_->invstd.data(),
                             param(weight), affine_ ? gw.data() : nullptr, affine_ ? gb.data() : nullptr,
                             saved_->batch_stats);
@@ -171,7 +173,7 @@ public:
 private:
     struct Saved {
         Shape shape;
-        std::vector<T> mean, invstd;
+        std::vector<P> mean, invstd;
         bool batch_stats;
         const char* why_not;  // set when this forward cannot be differentiated
     };
@@ -179,9 +181,9 @@ private:
     // PyTorch: batch statistics in training, and in eval when there are no running statistics.
     bool use_batch_stats() const { return training_ || !track_running_stats_; }
 
-    static const T* param(const std::vector<T>& v) { return v.empty() ? nullptr : v.data(); }
+    static const P* param(const std::vector<P>& v) { return v.empty() ? nullptr : v.data(); }
 
-    void check_size(const std::vector<T>& v, bool present, const char* name) const {
+    void check_size(const std::vector<P>& v, bool present, const char* name) const {
         const std::size_t want = present ? std::size_t(num_features_) : 0;
         detail::require(v.size() == want, name, " must have ", want, " values, got ", v.size());
     }
@@ -199,7 +201,7 @@ private:
                         shape.inner, ")");
     }
 
-    void save(const Shape& shape, std::vector<T> mean, std::vector<T> invstd, bool batch_stats,
+    void save(const Shape& shape, std::vector<P> mean, std::vector<P> invstd, bool batch_stats,
               const T* x, const T* y, const char* why_not) {
         if (why_not == nullptr && shape.size() > 0 && static_cast<const void*>(x) == static_cast<const void*>(y))
             why_not = "backward is impossible after an in-place forward (y == x): "

@@ -48,8 +48,9 @@ void batch_moments(const T* x, const Shape& shape, GroupStats* stats) {
 // y = (x - mean)*invstd*weight + bias per channel, from given statistics (one pass).
 // weight null means 1, bias null means 0.
 template <class T>
-void batch_norm_apply(const T* x, T* y, const Shape& shape, const T* mean, const T* invstd, const T* weight,
-                      const T* bias) {
+void batch_norm_apply(const T* x, T* y, const Shape& shape, const compute_t<T>* mean, const compute_t<T>* invstd,
+                      const compute_t<T>* weight, const compute_t<T>* bias) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
@@ -57,10 +58,10 @@ void batch_norm_apply(const T* x, T* y, const Shape& shape, const T* mean, const
     if (shape.size() == 0) return;
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
-    std::vector<T> factors(2 * std::size_t(shape.channels));
-    T *alpha = factors.data(), *beta = alpha + shape.channels;
+    std::vector<P> factors(2 * std::size_t(shape.channels));
+    P *alpha = factors.data(), *beta = alpha + shape.channels;
     for (std::int64_t c = 0; c < shape.channels; ++c) {
-        const auto a = detail::given_affine<T>(mean[c], double(invstd[c]), detail::value_or(weight, c, 1.0),
+        const auto a = detail::given_affine<P>(mean[c], double(invstd[c]), detail::value_or(weight, c, 1.0),
                                                detail::value_or(bias, c, 0.0));
         alpha[c] = a.alpha;
         beta[c] = a.beta;
@@ -70,7 +71,7 @@ void batch_norm_apply(const T* x, T* y, const Shape& shape, const T* mean, const
 
 // Per channel: sum_dy = sum(grad_y), sum_dy_xmu = sum(grad_y*(x - mean)), in float64.
 template <class T>
-void batch_norm_backward_reduce(const T* grad_y, const T* x, const Shape& shape, const T* mean, double* sum_dy,
+void batch_norm_backward_reduce(const T* grad_y, const T* x, const Shape& shape, const compute_t<T>* mean, double* sum_dy,
                                 double* sum_dy_xmu) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
@@ -88,16 +89,17 @@ void batch_norm_backward_reduce(const T* grad_y, const T* x, const Shape& shape,
                            [&](std::int64_t c, const detail::Sums& s) {
                                sum_dy[c] = s.first;
                                sum_dy_xmu[c] = s.second;
-                               return detail::GradCoefficients<T>{};
+                               return detail::GradCoefficients<compute_t<T>>{};
                            });
 }
 
 // grad_x = weight*invstd*(grad_y - sum_dy/count - (x - mean)*invstd^2*sum_dy_xmu/count), from
 // sums (and the count of values per channel) gathered over every participant.
 template <class T>
-void batch_norm_backward_apply(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const T* mean,
-                               const T* invstd, const T* weight, const double* sum_dy, const double* sum_dy_xmu,
-                               double count) {
+void batch_norm_backward_apply(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const compute_t<T>* mean,
+                               const compute_t<T>* invstd, const compute_t<T>* weight, const double* sum_dy,
+                               const double* sum_dy_xmu, double count) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
@@ -109,12 +111,12 @@ void batch_norm_backward_apply(const T* grad_y, const T* x, T* grad_x, const Sha
     detail::check_pointer(grad_y, "grad_y");
     detail::check_pointer(x, "x");
     detail::check_pointer(grad_x, "grad_x");
-    std::vector<detail::GradCoefficients<T>> coef(std::size_t(shape.channels));
+    std::vector<detail::GradCoefficients<P>> coef(std::size_t(shape.channels));
     const double inv_count = 1.0 / count;
     for (std::int64_t c = 0; c < shape.channels; ++c) {
         const double is = double(invstd[c]), w = detail::value_or(weight, c, 1.0);
         const auto [m, q] = detail::through_statistics(is, w * sum_dy[c], w * sum_dy_xmu[c], inv_count);
-        coef[std::size_t(c)] = {mean[c], T(w * is), T(m), T(q)};
+        coef[std::size_t(c)] = {mean[c], P(w * is), P(m), P(q)};
     }
     detail::apply_grad(grad_y, x, grad_x, shape, coef.data());
 }

@@ -80,7 +80,7 @@ double probe_mean(const T* x, const Shape& s, std::int64_t c, std::int64_t begin
 // Sums of deviations of channel c's values [begin, end) from shift.
 template <class T>
 Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c, std::int64_t begin,
-               std::int64_t end, T shift) {
+               std::int64_t end, compute_t<T> shift) {
     Sums dev;
     for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
         dev += checked_dev(k, x + at, n, len, stride, shift);
@@ -100,10 +100,10 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
     for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
         const std::int64_t t_end = std::min(end, t + kTileValues<T>);
         const double count = double(t_end - t);
-        T shift = T(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
+        compute_t<T> shift = compute_t<T>(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
         Sums dev = range_dev(k, x, s, c, t, t_end, shift);
         if (!shift_is_close(count, dev.first, dev.second)) {
-            shift = T(double(shift) + dev.first / count);
+            shift = compute_t<T>(double(shift) + dev.first / count);
             dev = range_dev(k, x, s, c, t, t_end, shift);
         }
         total = merge(total, from_shifted_sums(count, double(shift), dev.first, dev.second));
@@ -113,7 +113,7 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
 
 template <class T>
 Sums range_dot(const KernelTable<T>& k, const T* dy, const T* x, const Shape& s, std::int64_t c,
-               std::int64_t begin, std::int64_t end, T shift) {
+               std::int64_t begin, std::int64_t end, compute_t<T> shift) {
     Sums total;
     for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
         total += checked_dot(k, dy + at, x + at, n, len, stride, shift);
@@ -186,35 +186,35 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
         finish, NoApply{});
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize, fused per channel.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, fused per channel.
 template <class T, class Finish>
 void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
-    std::vector<ChannelAffine<T>> affine(std::size_t(s.channels));
+    std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
     for_each_channel<Moments>(
         s, 2 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
         [&](std::int64_t c, const Moments& m) { affine[std::size_t(c)] = finish(c, m); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
-            const ChannelAffine<T> a = affine[std::size_t(c)];
+            const ChannelAffine<compute_t<T>> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
                 k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, false);
             });
         });
 }
 
-// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<T>,
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<compute_t<T>>,
 // and the gradient apply (skipped when gx is null), fused per channel.
 template <class T, class Finish>
 void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
-                             const T* shift, Finish&& finish) {
-    std::vector<GradCoefficients<T>> coef(std::size_t(s.channels));
+                             const compute_t<T>* shift, Finish&& finish) {
+    std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));
     for_each_channel<Sums>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, shift[c]); },
         [&](std::int64_t c, const Sums& sums) { coef[std::size_t(c)] = finish(c, sums); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             if (!gx) return;
-            const GradCoefficients<T> g = coef[std::size_t(c)];
+            const GradCoefficients<compute_t<T>> g = coef[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t cnt, std::int64_t len, std::int64_t stride) {
                 k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q);
             });
@@ -224,7 +224,8 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
 // Eval: planes in memory order, split evenly across threads.
 template <class T>
 void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual, T* y,
-                         const Shape& s, const T* shift, const T* alpha, const T* beta, bool relu) {
+                         const Shape& s, const compute_t<T>* shift, const compute_t<T>* alpha,
+                         const compute_t<T>* beta, bool relu) {
     const std::int64_t planes = s.outer * s.channels;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), planes);

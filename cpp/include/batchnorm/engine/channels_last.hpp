@@ -53,7 +53,7 @@ struct ColumnScratch {
           shift(std::size_t(cols)) {}
     std::vector<Moments> moments;     // the thread's moments so far
     std::vector<double> sum, s1, s2;  // one tile's sums (backward: the thread's two dot sums)
-    std::vector<T> shift;             // one tile's shifts, near its means
+    std::vector<compute_t<T>> shift;  // one tile's shifts, near its means
 };
 
 // Rows, spread over the first tile, whose mean gives its shift per column.
@@ -81,15 +81,15 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
             const std::int64_t probe = std::min(n, kProbeRows);
             std::fill_n(w.sum.begin(), ncols, 0.0);
             for (std::int64_t i = 0; i < probe; ++i) k.cl_sum(tile + i * (n / probe) * b.ld, 1, cols, b.ld, w.sum.data());
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = T(w.sum[j] / double(probe));
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.sum[j] / double(probe));
         } else {
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = T(w.moments[j].mean());
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.moments[j].mean());
         }
         sum_deviations(tile, n);
         bool close = true;
         for (std::size_t j = 0; j < ncols; ++j) close = close && shift_is_close(double(n), w.s1[j], w.s2[j]);
         if (!close) {
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = T(double(w.shift[j]) + w.s1[j] / double(n));
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(double(w.shift[j]) + w.s1[j] / double(n));
             sum_deviations(tile, n);
         }
         for (std::size_t j = 0; j < ncols; ++j)
@@ -179,15 +179,15 @@ private:
     std::vector<T> values_;
 };
 
-// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize, each thread its rows.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, each thread its rows.
 template <class T, class Finish>
 void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
-    PerColumn<T> shift(s), alpha(s), beta(s);
+    PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
     for_each_row_block<T>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
         [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
-            const ChannelAffine<T> a = finish(c, channel_moments(s, c, blk, scratch));
+            const ChannelAffine<compute_t<T>> a = finish(c, channel_moments(s, c, blk, scratch));
             shift.set(blk, c, a.shift);
             alpha.set(blk, c, a.alpha);
             beta.set(blk, c, a.beta);
@@ -199,12 +199,12 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
         });
 }
 
-// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<T>,
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<compute_t<T>>,
 // and the gradient apply (skipped when gx is null).
 template <class T, class Finish>
 void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
-                            const T* shift_of, Finish&& finish) {
-    PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
+                            const compute_t<T>* shift_of, Finish&& finish) {
+    PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     for_each_row_block<T>(
         s, 4 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
@@ -221,7 +221,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             const std::int64_t j0 = (c - blk.first) * s.inner;
             for (const auto& w : scratch)
                 for (std::int64_t j = j0; j < j0 + s.inner; ++j) sums += Sums{w.s1[std::size_t(j)], w.s2[std::size_t(j)]};
-            const GradCoefficients<T> g = finish(c, sums);
+            const GradCoefficients<compute_t<T>> g = finish(c, sums);
             shift.set(blk, c, g.shift);
             k_coef.set(blk, c, g.k);
             m_coef.set(blk, c, g.m);
@@ -237,7 +237,8 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
 
 template <class T>
 void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, T* y,
-                        const Shape& s, const T* shift, const T* alpha, const T* beta, bool relu) {
+                        const Shape& s, const compute_t<T>* shift, const compute_t<T>* alpha,
+                        const compute_t<T>* beta, bool relu) {
     const std::int64_t rows = s.outer, cols = s.channels * s.inner;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), rows);

@@ -27,7 +27,7 @@ void segment_moments(const T* x, const Shape& s, Finish&& finish) {
     else moments_channels_first(k, x, s, finish);
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<T>, and normalize into y.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize into y.
 template <class T, class Finish>
 void normalize_fused(const T* x, T* y, const Shape& s, Finish&& finish) {
     const auto& k = kernels<T>();
@@ -35,10 +35,10 @@ void normalize_fused(const T* x, T* y, const Shape& s, Finish&& finish) {
     else normalize_channels_first(k, x, y, s, finish);
 }
 
-// {sum(dy), sum(dy*(x - shift[c]))} per channel, finish(c, Sums) -> GradCoefficients<T>, and
+// {sum(dy), sum(dy*(x - shift[c]))} per channel, finish(c, Sums) -> GradCoefficients<compute_t<T>>, and
 // grad_x = k*dy + (x - shift)*m + q (when gx is not null).
 template <class T, class Finish>
-void backward_fused(const T* dy, const T* x, T* gx, const Shape& s, const T* shift, Finish&& finish) {
+void backward_fused(const T* dy, const T* x, T* gx, const Shape& s, const compute_t<T>* shift, Finish&& finish) {
     const auto& k = kernels<T>();
     if (reads_as_rows<T>(s)) backward_channels_last(k, dy, x, gx, s, shift, finish);
     else backward_channels_first(k, dy, x, gx, s, shift, finish);
@@ -46,7 +46,7 @@ void backward_fused(const T* dy, const T* x, T* gx, const Shape& s, const T* shi
 
 // grad_x = k*dy + (x - shift)*m + q with given per-channel coefficients, in one pass.
 template <class T>
-void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoefficients<T>* coef) {
+void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoefficients<compute_t<T>>* coef) {
     const auto& k = kernels<T>();
     const std::int64_t bytes = 3 * s.size() * std::int64_t(sizeof(T));
     if (!reads_as_rows<T>(s)) {
@@ -54,14 +54,14 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
             s, bytes, [](std::int64_t, std::int64_t, std::int64_t) { return Sums{}; },
             [](std::int64_t, const Sums&) {},
             [&](std::int64_t c, std::int64_t b, std::int64_t e) {
-                const GradCoefficients<T> g = coef[c];
+                const GradCoefficients<compute_t<T>> g = coef[c];
                 for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
                     k.cf_grad(dy + at, x + at, gx + at, n, len, stride, g.shift, g.k, g.m, g.q);
                 });
             });
         return;
     }
-    PerColumn<T> shift(s), k_coef(s), m_coef(s), q_coef(s);
+    PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     for_each_row_block<T>(
         s, bytes, [](std::int64_t, std::int64_t, const ColumnBlock&, ColumnScratch<T>&) {},
         [&](std::int64_t c, const ColumnBlock& blk, const auto&) {
@@ -79,8 +79,8 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
 
 // Applies per-channel (shift, alpha, beta) in one pass: y = act((x - shift)*alpha + beta + residual).
 template <class T>
-void apply_affine(const T* x, const T* residual, T* y, const Shape& shape, const T* shift,
-                  const T* alpha, const T* beta, Activation act) {
+void apply_affine(const T* x, const T* residual, T* y, const Shape& shape, const compute_t<T>* shift,
+                  const compute_t<T>* alpha, const compute_t<T>* beta, Activation act) {
     const auto& k = kernels<T>();
     const bool relu = act == Activation::relu;
     if (!reads_as_rows<T>(shape)) {
@@ -90,10 +90,10 @@ void apply_affine(const T* x, const T* residual, T* y, const Shape& shape, const
     } else {
         // Small planes, read as rows of C*inner columns: each factor repeated over its channel's
         // columns, in a buffer this thread keeps.
-        thread_local std::vector<T> columns;
+        thread_local std::vector<compute_t<T>> columns;
         const std::int64_t cols = shape.channels * shape.inner;
         columns.resize(3 * std::size_t(cols));
-        T *s = columns.data(), *a = s + cols, *b = a + cols;
+        compute_t<T> *s = columns.data(), *a = s + cols, *b = a + cols;
         for (std::int64_t c = 0; c < shape.channels; ++c) {
             std::fill_n(s + c * shape.inner, shape.inner, shift[c]);
             std::fill_n(a + c * shape.inner, shape.inner, alpha[c]);

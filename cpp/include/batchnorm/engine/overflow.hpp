@@ -3,7 +3,8 @@
 // kernels stay as they are for ordinary data; a reduction whose float32 partial sums come back
 // non-finite is summed again here in float64, one value at a time. Non-finite input gives the
 // same NaN or infinity either way, so the check needs no look at the input. float64 data never
-// takes this path (its lanes do not overflow before float64 sums would).
+// takes this path (its lanes do not overflow before float64 sums would), and float16 data cannot
+// reach it (values below 65520); bfloat16 has float32's range and takes it as float32 does.
 #pragma once
 
 #include <cmath>
@@ -16,13 +17,13 @@ namespace batchnorm::detail {
 
 template <class T>
 bool lanes_overflowed(double a, double b) {
-    return std::is_same_v<T, float> && !std::isfinite(a + b);
+    return std::is_same_v<compute_t<T>, float> && !std::isfinite(a + b);
 }
 
 // {sum(x - shift), sum((x - shift)^2)} over `count` runs of `len` values, `stride` apart.
 template <class T>
 Sums checked_dev(const KernelTable<T>& k, const T* x, std::int64_t count, std::int64_t len, std::int64_t stride,
-                 T shift) {
+                 compute_t<T> shift) {
     Sums s = k.cf_dev(x, count, len, stride, shift);
     if (!lanes_overflowed<T>(s.first, s.second)) return s;
     s = Sums{};
@@ -36,7 +37,7 @@ Sums checked_dev(const KernelTable<T>& k, const T* x, std::int64_t count, std::i
 
 // {sum(dy*w), sum(dy*w*(x - shift))} over one run of n values; w null means 1.
 template <class T>
-Sums checked_wdot(const KernelTable<T>& k, const T* dy, const T* x, const T* w, std::int64_t n, T shift) {
+Sums checked_wdot(const KernelTable<T>& k, const T* dy, const T* x, const compute_t<T>* w, std::int64_t n, compute_t<T> shift) {
     Sums s = w ? k.row_wdot(dy, x, w, n, shift) : k.cf_dot(dy, x, 1, n, n, shift);
     if (!lanes_overflowed<T>(s.first, s.second)) return s;
     s = Sums{};
@@ -50,7 +51,7 @@ Sums checked_wdot(const KernelTable<T>& k, const T* dy, const T* x, const T* w, 
 // {sum(dy), sum(dy*(x - shift))} over `count` runs of `len` values, `stride` apart.
 template <class T>
 Sums checked_dot(const KernelTable<T>& k, const T* dy, const T* x, std::int64_t count, std::int64_t len,
-                 std::int64_t stride, T shift) {
+                 std::int64_t stride, compute_t<T> shift) {
     Sums s = k.cf_dot(dy, x, count, len, stride, shift);
     if (!lanes_overflowed<T>(s.first, s.second)) return s;
     s = Sums{};
@@ -62,7 +63,7 @@ Sums checked_dot(const KernelTable<T>& k, const T* dy, const T* x, std::int64_t 
 // {u, u*v} where u = a(r, j), v = b(r, j): columns that overflowed are summed again in float64.
 template <class T, class First, class Second>
 void recheck_columns(std::int64_t rows, std::int64_t cols, double* s1, double* s2, First&& first, Second&& second) {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<compute_t<T>, float>) {
         for (std::int64_t j = 0; j < cols; ++j) {
             if (!lanes_overflowed<T>(s1[j], s2[j])) continue;
             double a = 0, b = 0;
@@ -80,7 +81,7 @@ void recheck_columns(std::int64_t rows, std::int64_t cols, double* s1, double* s
 // cl_dev with the float64 fallback: s1, s2 must start at zero.
 template <class T>
 void checked_cl_dev(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols, std::int64_t ld,
-                    const T* shift, double* s1, double* s2) {
+                    const compute_t<T>* shift, double* s1, double* s2) {
     k.cl_dev(x, rows, cols, ld, shift, s1, s2);
     const auto dev = [&](std::int64_t r, std::int64_t j) { return double(x[r * ld + j]) - double(shift[j]); };
     recheck_columns<T>(rows, cols, s1, s2, dev, dev);
@@ -89,7 +90,7 @@ void checked_cl_dev(const KernelTable<T>& k, const T* x, std::int64_t rows, std:
 // cl_dot with the float64 fallback: sdy, sdyx must start at zero.
 template <class T>
 void checked_cl_dot(const KernelTable<T>& k, const T* dy, const T* x, std::int64_t rows, std::int64_t cols,
-                    std::int64_t ld, const T* shift, double* sdy, double* sdyx) {
+                    std::int64_t ld, const compute_t<T>* shift, double* sdy, double* sdyx) {
     k.cl_dot(dy, x, rows, cols, ld, shift, sdy, sdyx);
     recheck_columns<T>(
         rows, cols, sdy, sdyx, [&](std::int64_t r, std::int64_t j) { return double(dy[r * ld + j]); },

@@ -1,4 +1,4 @@
-// AVX2 + FMA backend (x86-64). Compiled inside a target region, so users need no -mavx2 flag;
+// AVX2 + FMA + F16C backend (x86-64). Compiled inside a target region, so users need no -mavx2 flag;
 // dispatch calls it only after CPUID and XGETBV confirm the CPU and OS support it.
 #pragma once
 
@@ -9,14 +9,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "table.hpp"
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #endif
 
 namespace batchnorm::detail::avx2 {
@@ -63,6 +64,34 @@ struct Ops<double> {
     }
 };
 
+// Half storage (half.hpp): eight 16-bit values widen to a float vector and narrow back, rounding
+// to nearest even (F16C for float16; integer shifts for bfloat16).
+template <class H>
+struct HalfConvert;
+
+template <>
+struct HalfConvert<float16> {
+    static __m256 widen(__m128i bits) { return _mm256_cvtph_ps(bits); }
+    static __m128i narrow(__m256 v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+};
+
+template <>
+struct HalfConvert<bfloat16> {
+    static __m256 widen(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
+    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet.
+    static __m128i narrow(__m256 v) {
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                               _mm256_set1_epi32(0x7F800000));
+        const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+        const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+        // packus works within 128-bit halves: lanes 0-3 land in qword 0, lanes 4-7 in qword 2.
+        return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08));
+    }
+};
+
 template <>
 struct Ops<float> {
     using V = __m256;
@@ -76,6 +105,26 @@ struct Ops<float> {
     }
     static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
     static void store_partial(float* p, V v, std::int64_t n) { _mm256_maskstore_ps(p, first_lanes_32(n), v); }
+    // Half storage: Ops<float> is the compute type of float16 and bfloat16 (kernel_bodies.inl
+    // loads and stores S through it). AVX2 has no 16-bit masked loads or stores, so tails go
+    // through a small buffer.
+    template <class H>
+    static V load(const H* p) { return HalfConvert<H>::widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    template <class H>
+    static V load_partial(const H* p, std::int64_t n, V fill) {
+        alignas(16) std::uint16_t lanes[8] = {};
+        std::memcpy(lanes, p, std::size_t(n) * 2);
+        const V v = HalfConvert<H>::widen(_mm_load_si128(reinterpret_cast<const __m128i*>(lanes)));
+        return _mm256_blendv_ps(fill, v, _mm256_castsi256_ps(first_lanes_32(n)));
+    }
+    template <class H>
+    static void store(H* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), HalfConvert<H>::narrow(v)); }
+    template <class H>
+    static void store_partial(H* p, V v, std::int64_t n) {
+        alignas(16) std::uint16_t lanes[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(lanes), HalfConvert<H>::narrow(v));
+        std::memcpy(p, lanes, std::size_t(n) * 2);
+    }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
     static V mul(V a, V b) { return _mm256_mul_ps(a, b); }

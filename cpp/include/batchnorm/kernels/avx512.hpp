@@ -57,6 +57,32 @@ struct Ops<double> {
     }
 };
 
+// Half storage (half.hpp): sixteen 16-bit values widen to a float vector and narrow back,
+// rounding to nearest even (vcvtph2ps/vcvtps2ph for float16; integer shifts for bfloat16).
+template <class H>
+struct HalfConvert;
+
+template <>
+struct HalfConvert<float16> {
+    static __m512 widen(__m256i bits) { return _mm512_cvtph_ps(bits); }
+    static __m256i narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+};
+
+template <>
+struct HalfConvert<bfloat16> {
+    static __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet.
+    static __m256i narrow(__m512 v) {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+        const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
+                                                      _mm512_set1_epi32(0x7F800000));
+        const __m512i chosen = _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
+        return _mm512_cvtepi32_epi16(_mm512_srli_epi32(chosen, 16));
+    }
+};
+
 template <>
 struct Ops<float> {
     using V = __m512;
@@ -67,6 +93,21 @@ struct Ops<float> {
     static V load_partial(const float* p, std::int64_t n, V fill) { return _mm512_mask_loadu_ps(fill, first_lanes_16(n), p); }
     static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
     static void store_partial(float* p, V v, std::int64_t n) { _mm512_mask_storeu_ps(p, first_lanes_16(n), v); }
+    // Half storage: Ops<float> is the compute type of float16 and bfloat16 (kernel_bodies.inl
+    // loads and stores S through it); tails by mask.
+    template <class H>
+    static V load(const H* p) { return HalfConvert<H>::widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    template <class H>
+    static V load_partial(const H* p, std::int64_t n, V fill) {
+        const __mmask16 m = first_lanes_16(n);
+        return _mm512_mask_blend_ps(m, fill, HalfConvert<H>::widen(_mm256_maskz_loadu_epi16(m, p)));
+    }
+    template <class H>
+    static void store(H* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), HalfConvert<H>::narrow(v)); }
+    template <class H>
+    static void store_partial(H* p, V v, std::int64_t n) {
+        _mm256_mask_storeu_epi16(p, first_lanes_16(n), HalfConvert<H>::narrow(v));
+    }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
     static V mul(V a, V b) { return _mm512_mul_ps(a, b); }

@@ -45,6 +45,31 @@ struct Ops<double> {
     }
 };
 
+// Half storage (half.hpp): four 16-bit values widen to a float vector and narrow back, rounding
+// to nearest even (FCVTL/FCVTN for float16, in FPCR's default rounding mode; shifts for bfloat16).
+template <class H>
+struct HalfConvert;
+
+template <>
+struct HalfConvert<float16> {
+    static float32x4_t widen(uint16x4_t h) { return vcvt_f32_f16(vreinterpret_f16_u16(h)); }
+    static uint16x4_t narrow(float32x4_t v) { return vreinterpret_u16_f16(vcvt_f16_f32(v)); }
+};
+
+template <>
+struct HalfConvert<bfloat16> {
+    static float32x4_t widen(uint16x4_t h) { return vreinterpretq_f32_u32(vshll_n_u16(h, 16)); }
+    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet.
+    static uint16x4_t narrow(float32x4_t v) {
+        const uint32x4_t u = vreinterpretq_u32_f32(v);
+        const uint32x4_t odd = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+        const uint32x4_t rounded = vaddq_u32(u, vaddq_u32(vdupq_n_u32(0x7FFF), odd));
+        const uint32x4_t nan = vcgtq_u32(vandq_u32(u, vdupq_n_u32(0x7FFFFFFF)), vdupq_n_u32(0x7F800000));
+        const uint32x4_t chosen = vbslq_u32(nan, vorrq_u32(u, vdupq_n_u32(0x400000)), rounded);
+        return vshrn_n_u32(chosen, 16);
+    }
+};
+
 template <>
 struct Ops<float> {
     using V = float32x4_t;
@@ -66,6 +91,38 @@ struct Ops<float> {
             case 3: vst1q_lane_f32(p + 2, v, 2); [[fallthrough]];
             case 2: vst1q_lane_f32(p + 1, v, 1); [[fallthrough]];
             case 1: vst1q_lane_f32(p, v, 0); [[fallthrough]];
+            default: break;
+        }
+    }
+    // Half storage: Ops<float> is the compute type of float16 and bfloat16 (kernel_bodies.inl
+    // loads and stores S through it). Tails move one 16-bit lane at a time, as for float.
+    template <class H>
+    static const std::uint16_t* bits(const H* p) { return reinterpret_cast<const std::uint16_t*>(p); }
+    template <class H>
+    static std::uint16_t* bits(H* p) { return reinterpret_cast<std::uint16_t*>(p); }
+    template <class H>
+    static V load(const H* p) { return HalfConvert<H>::widen(vld1_u16(bits(p))); }
+    template <class H>
+    static V load_partial(const H* p, std::int64_t n, V fill) {
+        uint16x4_t h = vdup_n_u16(0);
+        uint32x4_t keep = vdupq_n_u32(0);  // lanes >= n keep fill
+        switch (n) {
+            case 3: h = vld1_lane_u16(bits(p) + 2, h, 2); keep = vsetq_lane_u32(~0u, keep, 2); [[fallthrough]];
+            case 2: h = vld1_lane_u16(bits(p) + 1, h, 1); keep = vsetq_lane_u32(~0u, keep, 1); [[fallthrough]];
+            case 1: h = vld1_lane_u16(bits(p), h, 0); keep = vsetq_lane_u32(~0u, keep, 0); [[fallthrough]];
+            default: break;
+        }
+        return vbslq_f32(keep, HalfConvert<H>::widen(h), fill);
+    }
+    template <class H>
+    static void store(H* p, V v) { vst1_u16(bits(p), HalfConvert<H>::narrow(v)); }
+    template <class H>
+    static void store_partial(H* p, V v, std::int64_t n) {
+        const uint16x4_t h = HalfConvert<H>::narrow(v);
+        switch (n) {
+            case 3: vst1_lane_u16(bits(p) + 2, h, 2); [[fallthrough]];
+            case 2: vst1_lane_u16(bits(p) + 1, h, 1); [[fallthrough]];
+            case 1: vst1_lane_u16(bits(p), h, 0); [[fallthrough]];
             default: break;
         }
     }

@@ -15,10 +15,16 @@ struct Ops {
     static constexpr std::int64_t W = 1;
     static V zero() { return T(0); }
     static V set1(T v) { return v; }
-    static V load(const T* p) { return *p; }
-    static V load_partial(const T*, std::int64_t, V fill) { return fill; }  // never reached: W = 1
-    static void store(T* p, V v) { *p = v; }
-    static void store_partial(T*, V, std::int64_t) {}
+    // S: any storage type computed in T (T itself, or a half type whose conversions in half.hpp
+    // are the reference the vector backends match).
+    template <class S>
+    static V load(const S* p) { return V(*p); }
+    template <class S>
+    static V load_partial(const S*, std::int64_t, V fill) { return fill; }  // never reached: W = 1
+    template <class S>
+    static void store(S* p, V v) { *p = S(v); }
+    template <class S>
+    static void store_partial(S*, V, std::int64_t) {}
     static V add(V a, V b) { return a + b; }
     static V sub(V a, V b) { return a - b; }
     static V mul(V a, V b) { return a * b; }

@@ -80,22 +80,25 @@ GradCoefficients<T> finish_backward_channel(std::int64_t c, const Sums& sums, do
 
 }  // namespace detail
 
-// Per-channel mean and biased variance of x.
+// Per-channel mean and biased variance of x. T is the storage type of x (and y, residual,
+// gradients): float, double, float16 or bfloat16; per-channel arrays (weight, bias, statistics)
+// are compute_t<T>: float for the half types.
 template <class T>
-void batch_stats(const T* x, const Shape& shape, T* mean, T* var) {
+void batch_stats(const T* x, const Shape& shape, compute_t<T>* mean, compute_t<T>* var) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
     detail::check_pointer(var, "var");
     if (shape.size() == 0) {  // no values: NaN statistics for every channel there is
-        std::fill_n(mean, shape.channels, std::numeric_limits<T>::quiet_NaN());
-        std::fill_n(var, shape.channels, std::numeric_limits<T>::quiet_NaN());
+        std::fill_n(mean, shape.channels, std::numeric_limits<P>::quiet_NaN());
+        std::fill_n(var, shape.channels, std::numeric_limits<P>::quiet_NaN());
         return;
     }
     detail::check_pointer(x, "x");
     detail::segment_moments(x, shape, [&](std::int64_t c, const detail::Moments& m) {
-        mean[c] = T(m.mean());
-        var[c] = T(m.biased_var());
+        mean[c] = P(m.mean());
+        var[c] = P(m.biased_var());
     });
 }
 
@@ -106,9 +109,10 @@ void batch_stats(const T* x, const Shape& shape, T* mean, T* var) {
 // weight null means 1, bias null means 0. Needs more than one value per channel; an empty
 // input writes NaN to save_mean/save_invstd and touches nothing else.
 template <class T>
-void forward_train(const T* x, T* y, const Shape& shape, const T* weight, const T* bias,
-                   T* running_mean, T* running_var, double momentum, double eps,
-                   T* save_mean = nullptr, T* save_invstd = nullptr) {
+void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* weight, const compute_t<T>* bias,
+                   compute_t<T>* running_mean, compute_t<T>* running_var, double momentum, double eps,
+                   compute_t<T>* save_mean = nullptr, compute_t<T>* save_invstd = nullptr) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_eps(eps);
@@ -117,13 +121,13 @@ void forward_train(const T* x, T* y, const Shape& shape, const T* weight, const 
                     "running_mean and running_var must be given together");
     detail::check_training_size(shape);
     if (shape.size() == 0) {
-        if (save_mean) std::fill_n(save_mean, shape.channels, std::numeric_limits<T>::quiet_NaN());
-        if (save_invstd) std::fill_n(save_invstd, shape.channels, std::numeric_limits<T>::quiet_NaN());
+        if (save_mean) std::fill_n(save_mean, shape.channels, std::numeric_limits<P>::quiet_NaN());
+        if (save_invstd) std::fill_n(save_invstd, shape.channels, std::numeric_limits<P>::quiet_NaN());
         return;
     }
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
-    const detail::TrainArgs<T> args{weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd};
+    const detail::TrainArgs<P> args{weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd};
     detail::normalize_fused(x, y, shape, [&](std::int64_t c, const detail::Moments& m) {
         return detail::finish_train_channel(c, m, args);
     });
@@ -134,9 +138,10 @@ void forward_train(const T* x, T* y, const Shape& shape, const T* weight, const 
 // y = act((x - mean) / sqrt(var + eps) * weight + bias + residual). residual (same shape as x)
 // may be null; act is none or relu.
 template <class T>
-void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* var,
-                  const T* weight, const T* bias, double eps, const T* residual = nullptr,
+void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean, const compute_t<T>* var,
+                  const compute_t<T>* weight, const compute_t<T>* bias, double eps, const T* residual = nullptr,
                   Activation act = Activation::none) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_eps(eps);
@@ -146,12 +151,12 @@ void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* 
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
     // Per-channel factors in a buffer this thread keeps: no allocation per call once warm.
-    thread_local std::vector<T> factors;
+    thread_local std::vector<P> factors;
     factors.resize(2 * std::size_t(shape.channels));
-    T* alpha = factors.data();
-    T* beta = alpha + shape.channels;
+    P* alpha = factors.data();
+    P* beta = alpha + shape.channels;
     for (std::int64_t c = 0; c < shape.channels; ++c) {
-        const detail::ChannelAffine<T> a = detail::eval_affine(c, mean, var, weight, bias, eps);
+        const detail::ChannelAffine<P> a = detail::eval_affine(c, mean, var, weight, bias, eps);
         alpha[c] = a.alpha;
         beta[c] = a.beta;
     }
@@ -166,20 +171,22 @@ void forward_eval(const T* x, T* y, const Shape& shape, const T* mean, const T* 
 // Always grad_weight = sum(dy*(x - mean))*invstd and grad_bias = sum(dy) per channel.
 // grad_x, grad_weight, grad_bias may each be null (not wanted); weight null means 1.
 template <class T>
-void backward(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const T* mean,
-              const T* invstd, const T* weight, T* grad_weight, T* grad_bias, bool training = true) {
+void backward(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const compute_t<T>* mean,
+              const compute_t<T>* invstd, const compute_t<T>* weight, compute_t<T>* grad_weight,
+              compute_t<T>* grad_bias, bool training = true) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_pointer(mean, "mean");
     detail::check_pointer(invstd, "invstd");
     if (shape.size() == 0) {
-        if (grad_weight) std::fill_n(grad_weight, shape.channels, T(0));
-        if (grad_bias) std::fill_n(grad_bias, shape.channels, T(0));
+        if (grad_weight) std::fill_n(grad_weight, shape.channels, P(0));
+        if (grad_bias) std::fill_n(grad_bias, shape.channels, P(0));
         return;
     }
     detail::check_pointer(grad_y, "grad_y");
     detail::check_pointer(x, "x");
-    const detail::BackwardArgs<T> args{mean, invstd, weight, grad_weight, grad_bias, training};
+    const detail::BackwardArgs<P> args{mean, invstd, weight, grad_weight, grad_bias, training};
     const double inv_n = 1.0 / double(shape.per_channel());
     detail::backward_fused(grad_y, x, grad_x, shape, mean, [&](std::int64_t c, const detail::Sums& sums) {
         return detail::finish_backward_channel(c, sums, inv_n, args);

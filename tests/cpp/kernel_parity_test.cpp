@@ -179,6 +179,12 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
                 t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false);
                 check_output(ck, where, "cf_affine", y, ey);
+                Expected er = ey;
+                for (size_t i = 0; i < er.ref.size(); ++i)
+                    if (er.written[i]) er.ref[i] = std::max(er.ref[i], 0.0);
+                y = sentinel_vec<T>(size + kGuard);
+                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, true);
+                check_output(ck, where, "cf_affine relu", y, er);
 
                 std::vector<T> gx = sentinel_vec<T>(size + kGuard);
                 t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q);
@@ -350,6 +356,103 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
     }
 }
 
+// ---- rows with per-element weight and bias (layer norm), column sums ---------------------------
+
+template <class T>
+void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    std::vector<i64> lens;
+    for (i64 n = 0; n <= 70; ++n) lens.push_back(n);
+    for (i64 n : {127, 128, 129, 1031, 4099}) lens.push_back(n);
+    int ci = 0;
+    for (i64 n : lens) {
+        const double mean = kMeans[ci++ % 5];
+        const std::vector<T> x = random_vec<T>(rng, n, mean, 1.0), r = random_vec<T>(rng, n, 0.0, 1.0);
+        const std::vector<T> dy = random_vec<T>(rng, n, 0.0, 1.0);
+        const std::vector<T> w = random_vec<T>(rng, n, 1.0, 0.5), b = random_vec<T>(rng, n, 0.0, 1.0);
+        std::normal_distribution<double> coef(0.0, 2.0);
+        const T shift = T(mean + 0.25 * coef(rng)), scale = T(coef(rng)), offset = T(coef(rng));
+        const T k = T(coef(rng)), m = T(coef(rng)), q = T(coef(rng));
+        const double s = double(shift);
+        const std::string where = tag + " n=" + std::to_string(n) + fmt(" mean=%g", mean, 0, 0);
+        Expected ea(n + kGuard);
+        for (i64 i = 0; i < n; ++i)
+            ea.set(i, double(x[size_t(i)]) + double(r[size_t(i)]), std::fabs(double(x[size_t(i)])) + std::fabs(double(r[size_t(i)])));
+        std::vector<T> out = sentinel_vec<T>(n + kGuard);
+        t.add(x.data(), r.data(), out.data(), n);
+        check_output(ck, where, "add", out, ea);
+        for (int variant = 0; variant < 4; ++variant) {
+            const T* wp = variant & 1 ? w.data() : nullptr;
+            const T* bp = variant & 2 ? b.data() : nullptr;
+            const std::string wv = where + (wp ? " w" : "") + (bp ? " b" : "");
+            Expected ey(n + kGuard), eg(n + kGuard);
+            double g1 = 0, ag1 = 0, g2 = 0, ag2 = 0;
+            for (i64 i = 0; i < n; ++i) {
+                const size_t u = size_t(i);
+                const double d = double(x[u]) - s, wi = wp ? double(w[u]) : 1.0, bi = bp ? double(b[u]) : 0.0;
+                const double inner = d * double(scale) + double(offset);
+                ey.set(i, inner * wi + bi, (std::fabs(d * double(scale)) + std::fabs(double(offset))) * std::fabs(wi) + std::fabs(bi));
+                const double g = double(dy[u]) * wi;
+                g1 += g; ag1 += std::fabs(g); g2 += g * d; ag2 += std::fabs(g * d);
+                eg.set(i, g * double(k) + d * double(m) + double(q),
+                       std::fabs(g * double(k)) + std::fabs(d * double(m)) + std::fabs(double(q)));
+            }
+            std::vector<T> y = sentinel_vec<T>(n + kGuard);
+            t.row_scale(x.data(), y.data(), n, shift, scale, offset, wp, bp);
+            check_output(ck, wv, "row_scale", y, ey);
+            if (bp) continue;  // row_wdot and row_wgrad take no bias
+            const Sums dot = t.row_wdot(dy.data(), x.data(), wp, n, shift);
+            check_sum(ck, wv, "row_wdot.first", dot.first, g1, sum_tol<T>(ag1, n) * 2);
+            check_sum(ck, wv, "row_wdot.second", dot.second, g2, sum_tol<T>(ag2, n) * 2);
+            std::vector<T> gx = sentinel_vec<T>(n + kGuard);
+            t.row_wgrad(dy.data(), x.data(), wp, gx.data(), n, shift, k, m, q);
+            check_output(ck, wv, "row_wgrad", gx, eg);
+        }
+    }
+    // cols_dot over a block of columns of wider rows (ld > cols), adding into non-zero sums.
+    for (const auto& [rows, cols] : std::vector<std::pair<i64, i64>>{{0, 5}, {1, 1}, {3, 17}, {17, 33}, {40, 70},
+                                                                     {33, 300}, {5, 1031}}) {
+        const i64 ld = cols + 3, size = rows == 0 ? 0 : (rows - 1) * ld + cols;
+        const double mean = kMeans[ci++ % 5];
+        const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0), dy = random_vec<T>(rng, size, 0.0, 1.0);
+        const std::vector<T> shift = random_vec<T>(rng, rows, mean, 0.25), scale = random_vec<T>(rng, rows, 0.0, 2.0);
+        const std::vector<double> init = random_vec<double>(rng, cols, 0.0, 10.0);
+        std::vector<double> sdy = init, sdyx = init;
+        t.cols_dot(dy.data(), x.data(), rows, cols, ld, shift.data(), scale.data(), sdy.data(), sdyx.data());
+        const std::string where = tag + " cols_dot rows=" + std::to_string(rows) + " cols=" + std::to_string(cols);
+        bool ok = true;
+        for (i64 j = 0; j < cols && ok; ++j) {
+            double g = 0, ag = 0, gd = 0, agd = 0;
+            for (i64 r = 0; r < rows; ++r) {
+                const size_t i = size_t(r * ld + j);
+                const double gv = double(dy[i]), t2 = gv * (double(x[i]) - double(shift[size_t(r)])) * double(scale[size_t(r)]);
+                g += gv; ag += std::fabs(gv); gd += t2; agd += std::fabs(t2);
+            }
+            const size_t c = size_t(j);
+            ok = std::fabs(sdy[c] - init[c] - g) <= sum_tol<T>(std::fabs(init[c]) + ag, rows) &&
+                 std::fabs(sdyx[c] - init[c] - gd) <= sum_tol<T>(std::fabs(init[c]) + agd, rows) * 2;
+            if (!ok) ck.check(false, where, fmt("column %.0f: got %.17g, expected %.17g", double(j), sdyx[c], init[c] + gd));
+        }
+        if (ok) ck.check(true, where, "cols_dot");
+    }
+    // Channels-last kernels on a block of columns (ld > cols): nothing outside the block is touched.
+    for (const auto& [rows, cols] : std::vector<std::pair<i64, i64>>{{5, 3}, {20, 17}, {70, 40}}) {
+        const i64 ld = cols + 5, size = rows * ld;
+        const std::vector<T> x = random_vec<T>(rng, size, 3.0, 1.0);
+        const std::vector<T> shift = random_vec<T>(rng, cols, 3.0, 0.25), alpha = random_vec<T>(rng, cols, 0.0, 2.0),
+                             beta = random_vec<T>(rng, cols, 0.0, 2.0);
+        Expected e(size + kGuard);
+        for (i64 r = 0; r < rows; ++r)
+            for (i64 j = 0; j < cols; ++j) {
+                const double d = double(x[size_t(r * ld + j)]) - double(shift[size_t(j)]);
+                e.set(r * ld + j, d * double(alpha[size_t(j)]) + double(beta[size_t(j)]),
+                      std::fabs(d * double(alpha[size_t(j)])) + std::fabs(double(beta[size_t(j)])));
+            }
+        std::vector<T> y = sentinel_vec<T>(size + kGuard);
+        t.cl_affine(x.data(), nullptr, y.data(), rows, cols, ld, shift.data(), alpha.data(), beta.data(), false);
+        check_output(ck, tag + " ld=" + std::to_string(ld) + " cols=" + std::to_string(cols), "cl_affine block", y, e);
+    }
+}
+
 // ---- relu keeps NaN -------------------------------------------------------------------------
 // A NaN input (or residual) must come out NaN through the fused relu, as std::max(NaN, 0) in the
 // scalar reference backend and torch.relu do, not be flushed to 0. Checked in every lane position.
@@ -393,6 +496,7 @@ void test_backend(Isa isa, Checker& ck) {
     test_rows<T>(t, tag, rng, ck);
     test_cl<T>(t, tag, rng, ck);
     test_relu_nan<T>(t, tag, ck);
+    test_row_params<T>(t, tag, rng, ck);
     std::printf("%-14s %s\n", tag.c_str(), ck.failed == before ? "ok" : "FAILED");
 }
 

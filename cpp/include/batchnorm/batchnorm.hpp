@@ -10,7 +10,9 @@
 // threads.hpp for the thread count. Beyond the functions: inference.hpp (Inference<T>, eval
 // with the per-channel factors computed once, residual + ReLU fusion), layer.hpp (BatchNorm<T>,
 // the stateful layer with PyTorch's train/eval semantics) and fold.hpp (fold a batch norm into
-// the preceding convolution or linear weights). docs/cpp.md has the whole C++ guide.
+// the preceding convolution or linear weights). The other normalizations: layer_norm, rms_norm,
+// group_norm, instance_norm (functions in norms/, layer classes LayerNorm<T>, RMSNorm<T>,
+// GroupNorm<T>, InstanceNorm<T> in layers/). docs/cpp.md has the whole C++ guide.
 #pragma once
 
 #include "errors.hpp"
@@ -20,6 +22,10 @@
 #include "dtype.hpp"
 #include "isa.hpp"
 #include "layer.hpp"
+#include "layers/group_norm.hpp"
+#include "layers/instance_norm.hpp"
+#include "layers/layer_norm.hpp"
+#include "layers/rms_norm.hpp"
 #include "shape.hpp"
 #include "stats.hpp"
 #include "threads.hpp"

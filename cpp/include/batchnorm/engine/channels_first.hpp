@@ -13,6 +13,7 @@
 #include "../shape.hpp"
 #include "../threads.hpp"
 #include "affine.hpp"
+#include "overflow.hpp"
 
 namespace batchnorm::detail {
 
@@ -82,7 +83,7 @@ Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t
                std::int64_t end, T shift) {
     Sums dev;
     for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-        dev += k.cf_dev(x + at, n, len, stride, shift);
+        dev += checked_dev(k, x + at, n, len, stride, shift);
     });
     return dev;
 }
@@ -115,7 +116,7 @@ Sums range_dot(const KernelTable<T>& k, const T* dy, const T* x, const Shape& s,
                std::int64_t begin, std::int64_t end, T shift) {
     Sums total;
     for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-        total += k.cf_dot(dy + at, x + at, n, len, stride, shift);
+        total += checked_dot(k, dy + at, x + at, n, len, stride, shift);
     });
     return total;
 }

@@ -15,6 +15,7 @@
 #include "../shape.hpp"
 #include "../threads.hpp"
 #include "affine.hpp"
+#include "overflow.hpp"
 
 namespace batchnorm::detail {
 
@@ -71,7 +72,7 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
     const auto sum_deviations = [&](const T* tile, std::int64_t n) {
         std::fill_n(w.s1.begin(), ncols, 0.0);
         std::fill_n(w.s2.begin(), ncols, 0.0);
-        k.cl_dev(tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data());
+        checked_cl_dev(k, tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data());
     };
     for (std::int64_t r = 0; r < rows; r += step) {
         const std::int64_t n = std::min(step, rows - r);
@@ -213,7 +214,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             std::fill_n(w.s1.begin(), blk.cols, 0.0);
             std::fill_n(w.s2.begin(), blk.cols, 0.0);
             const std::int64_t at = b * blk.ld + blk.col;
-            k.cl_dot(dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+            checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
         },
         [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
             Sums sums;

@@ -49,29 +49,6 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
         });
 }
 
-// Backward per row: {sum(dy*w), sum(dy*w*(x - shift[row]))}, finish(row, Sums) ->
-// GradCoefficients<T>, then grad_x = dy*w*k + (x - shift)*m + q (when gx is not null).
-template <class T, class Finish>
-void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64_t cols, const T* weight,
-                   const T* shift, Finish&& finish) {
-    const auto& k = kernels<T>();
-    const Shape seg{1, rows, cols};
-    std::vector<GradCoefficients<T>> coef(static_cast<std::size_t>(rows));
-    for_each_channel<Sums>(
-        seg, 3 * seg.size() * std::int64_t(sizeof(T)),
-        [&](std::int64_t r, std::int64_t b, std::int64_t e) {
-            const std::int64_t at = r * cols + b;
-            return k.row_wdot(dy + at, x + at, weight ? weight + b : nullptr, e - b, shift[r]);
-        },
-        [&](std::int64_t r, const Sums& s) { coef[std::size_t(r)] = finish(r, s); },
-        [&](std::int64_t r, std::int64_t b, std::int64_t e) {
-            if (!gx) return;
-            const GradCoefficients<T> g = coef[std::size_t(r)];
-            const std::int64_t at = r * cols + b;
-            k.row_wgrad(dy + at, x + at, weight ? weight + b : nullptr, gx + at, e - b, g.shift, g.k, g.m, g.q);
-        });
-}
-
 // Column sums over rows: sdy[j] = sum(dy[r][j]), sdyx[j] = sum(dy[r][j]*(x[r][j] - shift[r])*scale[r]).
 // Threads take stripes of columns.
 template <class T>
@@ -87,6 +64,70 @@ void row_column_sums(const T* dy, const T* x, std::int64_t rows, std::int64_t co
         const std::int64_t j0 = b * kStripe, j1 = std::min(cols, e * kStripe);
         if (j0 < j1) k.cols_dot(dy + j0, x + j0, rows, j1 - j0, cols, shift, scale, sdy + j0, sdyx + j0);
     });
+}
+
+// Rows per group of the fused backward: the group stays in L2 from the row pass to its column
+// sums, which then flush their float32 lanes once per group rather than once per row.
+template <class T>
+std::int64_t backward_group_rows(std::int64_t cols) {
+    constexpr std::int64_t kGroupBytes = 256 << 10;
+    return std::clamp<std::int64_t>(kGroupBytes / std::max<std::int64_t>(1, 2 * cols * std::int64_t(sizeof(T))), 1, 16);
+}
+
+// Widest rows whose per-thread column partials (two float64 per column) the fused backward keeps.
+constexpr std::int64_t kFusedColumns = 16 << 10;
+
+// Backward per row: {sum(dy*w), sum(dy*w*(x - shift[row]))}, finish(row, Sums) ->
+// GradCoefficients<T>, then grad_x = dy*w*k + (x - shift)*m + q (when gx is not null). When sdy
+// is not null, also the column sums of row_column_sums (with shift and scale per row): fused
+// into the row pass (each thread a block of rows, float64 partials per column) unless rows are
+// too few to share out or too wide, then a second pass.
+template <class T, class Finish>
+void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64_t cols, const T* weight,
+                   const T* shift, const T* scale, double* sdy, double* sdyx, Finish&& finish) {
+    const auto& k = kernels<T>();
+    const Shape seg{1, rows, cols};
+    const std::int64_t bytes = 3 * seg.size() * std::int64_t(sizeof(T));
+    const int threads = threads_for(bytes, rows);
+    const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<T>& g) {
+        if (!gx) return;
+        const std::int64_t at = r * cols + b;
+        k.row_wgrad(dy + at, x + at, weight ? weight + b : nullptr, gx + at, e - b, g.shift, g.k, g.m, g.q);
+    };
+    const auto row_sums = [&](std::int64_t r, std::int64_t b, std::int64_t e) {
+        const std::int64_t at = r * cols + b;
+        return checked_wdot(k, dy + at, x + at, weight ? weight + b : nullptr, e - b, shift[r]);
+    };
+    if (sdy && rows >= threads && cols <= kFusedColumns) {
+        const std::size_t width = static_cast<std::size_t>(cols);
+        std::vector<double> partial(std::size_t(threads) * 2 * width, 0.0);
+        const std::int64_t group = backward_group_rows<T>(cols);
+        run_parallel(threads, [&] {
+            BATCHNORM_OMP(for schedule(static))
+            for (int t = 0; t < threads; ++t) {
+                double* py = partial.data() + std::size_t(t) * 2 * width;
+                const std::int64_t end = rows * (t + 1) / threads;
+                for (std::int64_t r0 = rows * t / threads; r0 < end; r0 += group) {
+                    const std::int64_t n = std::min(group, end - r0);
+                    for (std::int64_t r = r0; r < r0 + n; ++r) row_pass(r, 0, cols, finish(r, row_sums(r, 0, cols)));
+                    k.cols_dot(dy + r0 * cols, x + r0 * cols, n, cols, cols, shift + r0, scale + r0, py, py + width);
+                }
+            }
+        });
+        std::fill_n(sdy, cols, 0.0);
+        std::fill_n(sdyx, cols, 0.0);
+        for (int t = 0; t < threads; ++t)
+            for (std::size_t j = 0; j < width; ++j) {
+                sdy[j] += partial[std::size_t(t) * 2 * width + j];
+                sdyx[j] += partial[std::size_t(t) * 2 * width + width + j];
+            }
+        return;
+    }
+    std::vector<GradCoefficients<T>> coef(static_cast<std::size_t>(rows));
+    for_each_channel<Sums>(
+        seg, bytes, row_sums, [&](std::int64_t r, const Sums& s) { coef[std::size_t(r)] = finish(r, s); },
+        [&](std::int64_t r, std::int64_t b, std::int64_t e) { row_pass(r, b, e, coef[std::size_t(r)]); });
+    if (sdy) row_column_sums(dy, x, rows, cols, shift, scale, sdy, sdyx);
 }
 
 }  // namespace batchnorm::detail

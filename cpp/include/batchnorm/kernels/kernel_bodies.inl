@@ -6,24 +6,33 @@
 // So the algorithms exist once, and each ISA is compiled with its own instructions enabled.
 // No include guard: it is meant to be included once per backend namespace. No lambdas either:
 // Clang does not carry a target attribute into a lambda's body (functor structs instead).
+//
+// Storage and compute types: a kernel's template parameter S is what memory holds (the inputs
+// and outputs x, y, dy, gx, residual); T = compute_t<S> (dtype.hpp) is the type of its lanes,
+// scalars, per-column factors and per-element parameters. load_n/store_n and
+// load_block/store_block convert between them in registers (Ops<T>::load(const S*)); for float
+// and double storage the two types are the same.
 
 using i64 = std::int64_t;
 using ::batchnorm::detail::KernelTable;
 using ::batchnorm::detail::Sums;
+using ::batchnorm::compute_t;
 
 // Lanes of T are flushed to float64 after this many vectors (or rows) per accumulator, so a
 // float32 partial sum spans at most a few dozen values.
 constexpr i64 kFlushVectors = 16;
 
-template <class T>
-inline typename Ops<T>::V load_n(const T* p, i64 n, typename Ops<T>::V fill) {
-    return n >= Ops<T>::W ? Ops<T>::load(p) : Ops<T>::load_partial(p, n, fill);
+template <class P>
+inline typename Ops<compute_t<P>>::V load_n(const P* p, i64 n, typename Ops<compute_t<P>>::V fill) {
+    using O = Ops<compute_t<P>>;
+    return n >= O::W ? O::load(p) : O::load_partial(p, n, fill);
 }
 
-template <class T>
-inline void store_n(T* p, typename Ops<T>::V v, i64 n) {
-    if (n >= Ops<T>::W) Ops<T>::store(p, v);
-    else Ops<T>::store_partial(p, v, n);
+template <class P>
+inline void store_n(P* p, typename Ops<compute_t<P>>::V v, i64 n) {
+    using O = Ops<compute_t<P>>;
+    if (n >= O::W) O::store(p, v);
+    else O::store_partial(p, v, n);
 }
 
 // ---- channels-first: one contiguous run ----------------------------------------------------
@@ -64,8 +73,9 @@ struct PairSum {
 };
 
 // {sum(x - shift), sum((x - shift)^2)} over one run, into acc.
-template <class T>
-void run_dev(const T* x, i64 n, typename Ops<T>::V s, PairSum<T>& acc) {
+template <class S>
+void run_dev(const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute_t<S>>& acc) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     constexpr i64 W = O::W;
     i64 i = 0;
@@ -81,8 +91,9 @@ void run_dev(const T* x, i64 n, typename Ops<T>::V s, PairSum<T>& acc) {
 }
 
 // {sum(dy), sum(dy * (x - shift))} over one run, into acc.
-template <class T>
-void run_dot(const T* dy, const T* x, i64 n, typename Ops<T>::V s, PairSum<T>& acc) {
+template <class S>
+void run_dot(const S* dy, const S* x, i64 n, typename Ops<compute_t<S>>::V s, PairSum<compute_t<S>>& acc) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     constexpr i64 W = O::W;
     i64 i = 0;
@@ -96,9 +107,9 @@ void run_dot(const T* dy, const T* x, i64 n, typename Ops<T>::V s, PairSum<T>& a
     }
 }
 
-template <class T, bool kResidual, bool kRelu>
-void run_affine(const T* x, const T* residual, T* y, i64 n, typename Ops<T>::V shift,
-                typename Ops<T>::V alpha, typename Ops<T>::V beta) {
+template <class S, bool kResidual, bool kRelu>
+void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V alpha, typename Ops<compute_t<S>>::V beta) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     using V = typename O::V;
     for (i64 i = 0; i < n; i += O::W) {
@@ -109,9 +120,9 @@ void run_affine(const T* x, const T* residual, T* y, i64 n, typename Ops<T>::V s
     }
 }
 
-template <class T>
-void run_grad(const T* dy, const T* x, T* gx, i64 n, typename Ops<T>::V shift,
-              typename Ops<T>::V k, typename Ops<T>::V m, typename Ops<T>::V q) {
+template <class S>
+void run_grad(const S* dy, const S* x, S* gx, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V k, typename Ops<compute_t<S>>::V m, typename Ops<compute_t<S>>::V q) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     for (i64 i = 0; i < n; i += O::W) {
         const auto d = O::sub(load_n(x + i, n - i, shift), shift);
@@ -122,62 +133,69 @@ void run_grad(const T* dy, const T* x, T* gx, i64 n, typename Ops<T>::V shift,
 
 // ---- channels-first: runs of one channel -----------------------------------------------------
 
-template <class T>
-Sums cf_dev(const T* x, i64 count, i64 len, i64 stride, T shift) {
+template <class S>
+Sums cf_dev(const S* x, i64 count, i64 len, i64 stride, compute_t<S> shift) {
+    using T = compute_t<S>;
     PairSum<T> acc;
     const auto s = Ops<T>::set1(shift);
     for (i64 r = 0; r < count; ++r) run_dev(x + r * stride, len, s, acc);
     return acc.flush();
 }
 
-template <class T>
-Sums cf_dot(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift) {
+template <class S>
+Sums cf_dot(const S* dy, const S* x, i64 count, i64 len, i64 stride, compute_t<S> shift) {
+    using T = compute_t<S>;
     PairSum<T> acc;
     const auto s = Ops<T>::set1(shift);
     for (i64 r = 0; r < count; ++r) run_dot(dy + r * stride, x + r * stride, len, s, acc);
     return acc.flush();
 }
 
-template <class T>
-void cf_affine(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu) {
+template <class S>
+void cf_affine(const S* x, S* y, i64 count, i64 len, i64 stride, compute_t<S> shift, compute_t<S> alpha,
+               compute_t<S> beta, bool relu) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
     for (i64 r = 0; r < count; ++r) {
-        if (relu) run_affine<T, false, true>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
-        else run_affine<T, false, false>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
+        if (relu) run_affine<S, false, true>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
+        else run_affine<S, false, false>(x + r * stride, nullptr, y + r * stride, len, s, a, b);
     }
 }
 
-template <class T>
-void cf_grad(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, T shift, T k, T m,
-             T q) {
+template <class S>
+void cf_grad(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, compute_t<S> shift, compute_t<S> k,
+             compute_t<S> m, compute_t<S> q) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
     for (i64 r = 0; r < count; ++r) run_grad(dy + r * stride, x + r * stride, gx + r * stride, len, s, kv, mv, qv);
 }
 
-template <class T, bool kResidual, bool kRelu>
-void rows_affine_as(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 first_channel,
-                    i64 channels, const T* shift, const T* alpha, const T* beta) {
+template <class S, bool kResidual, bool kRelu>
+void rows_affine_as(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
+                    i64 channels, const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     i64 c = first_channel;
     for (i64 r = 0; r < planes; ++r) {
         const i64 at = r * len;
-        run_affine<T, kResidual, kRelu>(x + at, kResidual ? residual + at : nullptr, y + at, len,
+        run_affine<S, kResidual, kRelu>(x + at, kResidual ? residual + at : nullptr, y + at, len,
                                         O::set1(shift[c]), O::set1(alpha[c]), O::set1(beta[c]));
         if (++c == channels) c = 0;
     }
 }
 
-template <class T>
-void rows_affine(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 first_channel,
-                 i64 channels, const T* shift, const T* alpha, const T* beta, bool relu) {
+template <class S>
+void rows_affine(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
+                 i64 channels, const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta,
+                 bool relu) {
     if (residual) {
-        if (relu) rows_affine_as<T, true, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
-        else rows_affine_as<T, true, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
+        if (relu) rows_affine_as<S, true, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
+        else rows_affine_as<S, true, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
     } else {
-        if (relu) rows_affine_as<T, false, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
-        else rows_affine_as<T, false, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
+        if (relu) rows_affine_as<S, false, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
+        else rows_affine_as<S, false, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
     }
 }
 
@@ -200,14 +218,14 @@ i64 tile_rows_for_blocks(i64 cols) {
 // Loads vector k of a column block: whole vectors, except the last one of a tail block
 // (kTail), which has `last` lanes. With kTail false there is no branch left to take, so the
 // block's accumulators stay in registers.
-template <class T, bool kTail>
-inline typename Ops<T>::V load_block(const T* p, int k, int nb, i64 last, typename Ops<T>::V fill) {
+template <class T, bool kTail, class P>
+inline typename Ops<T>::V load_block(const P* p, int k, int nb, i64 last, typename Ops<T>::V fill) {
     if (kTail && k == nb - 1) return Ops<T>::load_partial(p, last, fill);
     return Ops<T>::load(p);
 }
 
-template <class T, bool kTail>
-inline void store_block(T* p, typename Ops<T>::V v, int k, int nb, i64 last) {
+template <class T, bool kTail, class P>
+inline void store_block(P* p, typename Ops<T>::V v, int k, int nb, i64 last) {
     if (kTail && k == nb - 1) Ops<T>::store_partial(p, v, last);
     else Ops<T>::store(p, v);
 }
@@ -255,16 +273,17 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
     }
 }
 
-template <class T>
+template <class S>
 struct ClSum {
-    const T* x_;
+    using T = compute_t<S>;
+    const S* x_;
     i64 cols_, ld_;
     double* sum_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
-        const T* const x = x_;
+        const S* const x = x_;
         const i64 ld = ld_;
         double* const sum = sum_;
         using O = Ops<T>;
@@ -280,15 +299,17 @@ struct ClSum {
     }
 };
 
-template <class T>
-void cl_sum(const T* x, i64 rows, i64 cols, i64 ld, double* sum) {
-    ClSum<T> op{x, cols, ld, sum};
+template <class S>
+void cl_sum(const S* x, i64 rows, i64 cols, i64 ld, double* sum) {
+    using T = compute_t<S>;
+    ClSum<S> op{x, cols, ld, sum};
     for_each_block<T>(rows, cols, op);
 }
 
-template <class T>
+template <class S>
 struct ClDev {
-    const T* x_;
+    using T = compute_t<S>;
+    const S* x_;
     i64 cols_, ld_;
     const T* shift_;
     double *s1_, *s2_;
@@ -296,7 +317,7 @@ struct ClDev {
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
-        const T* const x = x_;
+        const S* const x = x_;
         const i64 ld = ld_;
         double *const s1 = s1_, *const s2 = s2_;
         const T* const shift = shift_;
@@ -321,15 +342,17 @@ struct ClDev {
     }
 };
 
-template <class T>
-void cl_dev(const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2) {
-    ClDev<T> op{x, cols, ld, shift, s1, s2};
+template <class S>
+void cl_dev(const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, double* s1, double* s2) {
+    using T = compute_t<S>;
+    ClDev<S> op{x, cols, ld, shift, s1, s2};
     for_each_block<T>(rows, cols, op);
 }
 
-template <class T>
+template <class S>
 struct ClDot {
-    const T *dy_, *x_;
+    using T = compute_t<S>;
+    const S *dy_, *x_;
     i64 cols_, ld_;
     const T* shift_;
     double *sdy_, *sdyx_;
@@ -337,7 +360,7 @@ struct ClDot {
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
-        const T *const dy = dy_, *const x = x_;
+        const S *const dy = dy_, *const x = x_;
         const i64 ld = ld_;
         double *const sdy = sdy_, *const sdyx = sdyx_;
         const T* const shift = shift_;
@@ -363,25 +386,28 @@ struct ClDot {
     }
 };
 
-template <class T>
-void cl_dot(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy, double* sdyx) {
-    ClDot<T> op{dy, x, cols, ld, shift, sdy, sdyx};
+template <class S>
+void cl_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, double* sdy,
+            double* sdyx) {
+    using T = compute_t<S>;
+    ClDot<S> op{dy, x, cols, ld, shift, sdy, sdyx};
     for_each_block<T>(rows, cols, op);
 }
 
-template <class T, bool kResidual, bool kRelu>
+template <class S, bool kResidual, bool kRelu>
 struct ClAffine {
-    const T* x_;
-    const T* residual_;
-    T* y_;
+    using T = compute_t<S>;
+    const S* x_;
+    const S* residual_;
+    S* y_;
     i64 cols_, ld_;
     const T *shift_, *alpha_, *beta_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
-        const T *const x = x_, *const residual = residual_;
-        T* const y = y_;
+        const S *const x = x_, *const residual = residual_;
+        S* const y = y_;
         const i64 ld = ld_;
         const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
         using O = Ops<T>;
@@ -403,37 +429,39 @@ struct ClAffine {
     }
 };
 
-template <class T, bool kResidual, bool kRelu>
-void cl_affine_as(const T* x, const T* residual, T* y, i64 rows, i64 cols, i64 ld, const T* shift,
-                  const T* alpha, const T* beta) {
-    ClAffine<T, kResidual, kRelu> op{x, residual, y, cols, ld, shift, alpha, beta};
+template <class S, bool kResidual, bool kRelu>
+void cl_affine_as(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
+                  const compute_t<S>* alpha, const compute_t<S>* beta) {
+    using T = compute_t<S>;
+    ClAffine<S, kResidual, kRelu> op{x, residual, y, cols, ld, shift, alpha, beta};
     for_each_block<T>(rows, cols, op);
 }
 
-template <class T>
-void cl_affine(const T* x, const T* residual, T* y, i64 rows, i64 cols, i64 ld, const T* shift,
-               const T* alpha, const T* beta, bool relu) {
+template <class S>
+void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
+               const compute_t<S>* alpha, const compute_t<S>* beta, bool relu) {
     if (residual) {
-        if (relu) cl_affine_as<T, true, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
-        else cl_affine_as<T, true, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
+        if (relu) cl_affine_as<S, true, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
+        else cl_affine_as<S, true, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
     } else {
-        if (relu) cl_affine_as<T, false, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
-        else cl_affine_as<T, false, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
+        if (relu) cl_affine_as<S, false, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
+        else cl_affine_as<S, false, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
     }
 }
 
-template <class T>
+template <class S>
 struct ClGrad {
-    const T *dy_, *x_;
-    T* gx_;
+    using T = compute_t<S>;
+    const S *dy_, *x_;
+    S* gx_;
     i64 cols_, ld_;
     const T *shift_, *k_coef_, *m_coef_, *q_coef_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
-        const T *const dy = dy_, *const x = x_;
-        T* const gx = gx_;
+        const S *const dy = dy_, *const x = x_;
+        S* const gx = gx_;
         const i64 ld = ld_;
         const T *const shift = shift_, *const k_coef = k_coef_, *const m_coef = m_coef_, *const q_coef = q_coef_;
         using O = Ops<T>;
@@ -455,10 +483,11 @@ struct ClGrad {
     }
 };
 
-template <class T>
-void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, i64 ld, const T* shift, const T* k,
-             const T* m, const T* q) {
-    ClGrad<T> op{dy, x, gx, cols, ld, shift, k, m, q};
+template <class S>
+void cl_grad(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
+             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q) {
+    using T = compute_t<S>;
+    ClGrad<S> op{dy, x, gx, cols, ld, shift, k, m, q};
     for_each_block<T>(rows, cols, op);
 }
 
@@ -466,15 +495,18 @@ void cl_grad(const T* dy, const T* x, T* gx, i64 rows, i64 cols, i64 ld, const T
 // One row of n contiguous values with its own scalars, and optional per-element weight w and
 // bias b (null: 1 and 0), selected once per call so the loops carry no branch.
 
-template <class T>
-void add(const T* a, const T* b, T* out, i64 n) {
+template <class S>
+void add(const S* a, const S* b, S* out, i64 n) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     for (i64 i = 0; i < n; i += O::W)
         store_n(out + i, O::add(load_n(a + i, n - i, O::zero()), load_n(b + i, n - i, O::zero())), n - i);
 }
 
-template <class T, bool kWeight, bool kBias>
-void row_scale_as(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* w, const T* b) {
+template <class S, bool kWeight, bool kBias>
+void row_scale_as(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scale, compute_t<S> offset,
+                  const compute_t<S>* w, const compute_t<S>* b) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     const auto s = O::set1(shift), a = O::set1(scale), o = O::set1(offset);
     for (i64 i = 0; i < n; i += O::W) {
@@ -485,19 +517,21 @@ void row_scale_as(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* 
     }
 }
 
-template <class T>
-void row_scale(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* w, const T* b) {
+template <class S>
+void row_scale(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scale, compute_t<S> offset,
+               const compute_t<S>* w, const compute_t<S>* b) {
     if (w) {
-        if (b) row_scale_as<T, true, true>(x, y, n, shift, scale, offset, w, b);
-        else row_scale_as<T, true, false>(x, y, n, shift, scale, offset, w, b);
+        if (b) row_scale_as<S, true, true>(x, y, n, shift, scale, offset, w, b);
+        else row_scale_as<S, true, false>(x, y, n, shift, scale, offset, w, b);
     } else {
-        if (b) row_scale_as<T, false, true>(x, y, n, shift, scale, offset, w, b);
-        else row_scale_as<T, false, false>(x, y, n, shift, scale, offset, w, b);
+        if (b) row_scale_as<S, false, true>(x, y, n, shift, scale, offset, w, b);
+        else row_scale_as<S, false, false>(x, y, n, shift, scale, offset, w, b);
     }
 }
 
-template <class T>
-Sums row_wdot(const T* dy, const T* x, const T* w, i64 n, T shift) {
+template <class S>
+Sums row_wdot(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     if (!w) return cf_dot(dy, x, 1, n, n, shift);
     PairSum<T> acc;
@@ -509,8 +543,10 @@ Sums row_wdot(const T* dy, const T* x, const T* w, i64 n, T shift) {
     return acc.flush();
 }
 
-template <class T>
-void row_wgrad(const T* dy, const T* x, const T* w, T* gx, i64 n, T shift, T k, T m, T q) {
+template <class S>
+void row_wgrad(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, compute_t<S> shift, compute_t<S> k,
+               compute_t<S> m, compute_t<S> q) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q);
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
@@ -524,9 +560,10 @@ void row_wgrad(const T* dy, const T* x, const T* w, T* gx, i64 n, T shift, T k, 
 // Column sums over rows with per-row scalars: sdy[j] += sum_r dy[r][j] and
 // sdyx[j] += sum_r dy[r][j]*(x[r][j] - shift[r])*scale[r]; rows are ld apart. Chunks of up to
 // kWide vectors go row by row (as for_each_block's wide rows), flushed every kFlushVectors rows.
-template <class T>
-void cols_dot(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale, double* sdy,
-              double* sdyx) {
+template <class S>
+void cols_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
+              const compute_t<S>* scale, double* sdy, double* sdyx) {
+    using T = compute_t<S>;
     using O = Ops<T>;
     using V = typename O::V;
     constexpr i64 W = O::W;
@@ -561,9 +598,9 @@ void cols_dot(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shif
     }
 }
 
-template <class T>
-KernelTable<T> make_table() {
-    return {&cf_dev<T>,  &cf_dot<T>,    &cf_affine<T>, &cf_grad<T>,   &rows_affine<T>, &cl_sum<T>,
-            &cl_dev<T>,  &cl_dot<T>,    &cl_affine<T>, &cl_grad<T>,   &add<T>,         &row_scale<T>,
-            &row_wdot<T>, &row_wgrad<T>, &cols_dot<T>};
+template <class S>
+KernelTable<S> make_table() {
+    return {&cf_dev<S>,  &cf_dot<S>,    &cf_affine<S>, &cf_grad<S>,   &rows_affine<S>, &cl_sum<S>,
+            &cl_dev<S>,  &cl_dot<S>,    &cl_affine<S>, &cl_grad<S>,   &add<S>,         &row_scale<S>,
+            &row_wdot<S>, &row_wgrad<S>, &cols_dot<S>};
 }

@@ -14,51 +14,55 @@
 #include <cstdint>
 #include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
 
+#include "../dtype.hpp"
 #include "../engine/moments.hpp"
 
 namespace batchnorm::detail {
 
-template <class T>
+// S is the storage type of the data (x, y, dy, gx, residual); T = compute_t<S> the type of
+// scalars, per-column factors and per-element parameters (the same for float and double).
+template <class S>
 struct KernelTable {
     using i64 = std::int64_t;
+    using T = compute_t<S>;
     // {sum(x - shift), sum((x - shift)^2)}
-    Sums (*cf_dev)(const T* x, i64 count, i64 len, i64 stride, T shift);
+    Sums (*cf_dev)(const S* x, i64 count, i64 len, i64 stride, T shift);
     // {sum(dy), sum(dy * (x - shift))}
-    Sums (*cf_dot)(const T* dy, const T* x, i64 count, i64 len, i64 stride, T shift);
+    Sums (*cf_dot)(const S* dy, const S* x, i64 count, i64 len, i64 stride, T shift);
     // y = act((x - shift) * alpha + beta), act relu or none
-    void (*cf_affine)(const T* x, T* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu);
+    void (*cf_affine)(const S* x, S* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu);
     // gx = dy * k + (x - shift) * m + q
-    void (*cf_grad)(const T* dy, const T* x, T* gx, i64 count, i64 len, i64 stride, T shift, T k,
+    void (*cf_grad)(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, T shift, T k,
                     T m, T q);
     // Eval over whole planes in memory order: plane r has channel (first_channel + r) % channels.
     // y = act((x - shift[c]) * alpha[c] + beta[c] + residual), residual may be null.
-    void (*rows_affine)(const T* x, const T* residual, T* y, i64 planes, i64 len, i64 first_channel,
+    void (*rows_affine)(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
                         i64 channels, const T* shift, const T* alpha, const T* beta, bool relu);
 
     // sum[j] += sum over rows of x[r][j]
-    void (*cl_sum)(const T* x, i64 rows, i64 cols, i64 ld, double* sum);
+    void (*cl_sum)(const S* x, i64 rows, i64 cols, i64 ld, double* sum);
     // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
-    void (*cl_dev)(const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2);
+    void (*cl_dev)(const S* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2);
     // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
-    void (*cl_dot)(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy,
+    void (*cl_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy,
                    double* sdyx);
     // y = act((x - shift[j]) * alpha[j] + beta[j] + residual), residual may be null
-    void (*cl_affine)(const T* x, const T* residual, T* y, i64 rows, i64 cols, i64 ld, const T* shift,
+    void (*cl_affine)(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const T* shift,
                       const T* alpha, const T* beta, bool relu);
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
-    void (*cl_grad)(const T* dy, const T* x, T* gx, i64 rows, i64 cols, i64 ld, const T* shift,
+    void (*cl_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const T* shift,
                     const T* k, const T* m, const T* q);
 
     // out = a + b
-    void (*add)(const T* a, const T* b, T* out, i64 n);
+    void (*add)(const S* a, const S* b, S* out, i64 n);
     // y = ((x - shift) * scale + offset) * w + b, w and b per element (null: 1 and 0)
-    void (*row_scale)(const T* x, T* y, i64 n, T shift, T scale, T offset, const T* w, const T* b);
+    void (*row_scale)(const S* x, S* y, i64 n, T shift, T scale, T offset, const T* w, const T* b);
     // {sum(dy * w), sum(dy * w * (x - shift))} (w null: 1)
-    Sums (*row_wdot)(const T* dy, const T* x, const T* w, i64 n, T shift);
+    Sums (*row_wdot)(const S* dy, const S* x, const T* w, i64 n, T shift);
     // gx = dy * w * k + (x - shift) * m + q (w null: 1)
-    void (*row_wgrad)(const T* dy, const T* x, const T* w, T* gx, i64 n, T shift, T k, T m, T q);
+    void (*row_wgrad)(const S* dy, const S* x, const T* w, S* gx, i64 n, T shift, T k, T m, T q);
     // sdy[j] += sum(dy[r][j]), sdyx[j] += sum(dy[r][j] * (x[r][j] - shift[r]) * scale[r])
-    void (*cols_dot)(const T* dy, const T* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale,
+    void (*cols_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale,
                      double* sdy, double* sdyx);
 };
 

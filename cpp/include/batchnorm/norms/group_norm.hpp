@@ -155,7 +155,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                 PlaneSums r{std::vector<Sums>(std::size_t(per_group))};
                 for (std::int64_t v = b; v < e;) {
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
-                    r.planes[std::size_t(p)] += k.cf_dot(dy + at, x + at, 1, end - v, 0, mean[sg]);
+                    r.planes[std::size_t(p)] += checked_dot(k, dy + at, x + at, 1, end - v, 0, mean[sg]);
                     v = end;
                 }
                 return r;
@@ -191,7 +191,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     std::fill_n(w.s1.begin(), blk.cols, 0.0);
                     std::fill_n(w.s2.begin(), blk.cols, 0.0);
                     const std::int64_t at = base + b * blk.ld + blk.col;
-                    k.cl_dot(dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+                    checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
                 },
                 [&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
                     const std::int64_t j0 = (g - blk.first) * per_group, c0 = n * C + g * per_group;

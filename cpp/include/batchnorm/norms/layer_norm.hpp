@@ -37,14 +37,15 @@ bool begin_rows(const T* x, const T* y, std::int64_t rows, std::int64_t cols, do
     return true;
 }
 
-// grad_weight[j] = sum over rows of dy*(x - shift)*scale, grad_bias[j] = sum of dy.
-template <class T>
-void weight_grads(const T* dy, const T* x, std::int64_t rows, std::int64_t cols, const T* shift, const T* scale,
-                  T* grad_weight, T* grad_bias) {
-    if (!grad_weight && !grad_bias) return;
-    std::vector<double> sdy(static_cast<std::size_t>(cols)), sdyx(sdy.size());
-    row_column_sums(dy, x, rows, cols, shift, scale, sdy.data(), sdyx.data());
-    for (std::int64_t j = 0; j < cols; ++j) {
+// The row backward (rows.hpp) with grad_weight[j] = sum over rows of dy*(x - shift)*scale and
+// grad_bias[j] = sum of dy, when wanted.
+template <class T, class Finish>
+void norm_rows_backward(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64_t cols, const T* weight,
+                        const T* shift, const T* scale, T* grad_weight, T* grad_bias, Finish&& finish) {
+    const bool sums = grad_weight || grad_bias;
+    std::vector<double> sdy(sums ? static_cast<std::size_t>(cols) : 0), sdyx(sdy.size());
+    backward_rows(dy, x, gx, rows, cols, weight, shift, scale, sums ? sdy.data() : nullptr, sdyx.data(), finish);
+    for (std::int64_t j = 0; sums && j < cols; ++j) {
         if (grad_weight) grad_weight[j] = T(sdyx[std::size_t(j)]);
         if (grad_bias) grad_bias[j] = T(sdy[std::size_t(j)]);
     }
@@ -91,12 +92,12 @@ void layer_norm_backward(const T* grad_y, const T* x, T* grad_x, std::int64_t ro
     detail::check_pointer(mean, "mean");
     detail::check_pointer(invstd, "invstd");
     const double n = double(cols);
-    detail::backward_rows(grad_y, x, grad_x, rows, cols, weight, mean, [&](std::int64_t r, const detail::Sums& s) {
-        const double is = double(invstd[r]);
-        const auto [m, q] = detail::through_statistics(is, s.first, s.second, n);
-        return detail::GradCoefficients<T>{mean[r], T(is), T(m), T(q)};
-    });
-    detail::weight_grads(grad_y, x, rows, cols, mean, invstd, grad_weight, grad_bias);
+    detail::norm_rows_backward(grad_y, x, grad_x, rows, cols, weight, mean, invstd, grad_weight, grad_bias,
+                               [&](std::int64_t r, const detail::Sums& s) {
+                                   const double is = double(invstd[r]);
+                                   const auto [m, q] = detail::through_statistics(is, s.first, s.second, n);
+                                   return detail::GradCoefficients<T>{mean[r], T(is), T(m), T(q)};
+                               });
 }
 
 }  // namespace batchnorm

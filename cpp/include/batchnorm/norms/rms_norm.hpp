@@ -42,13 +42,12 @@ void rms_norm_backward(const T* grad_y, const T* x, T* grad_x, std::int64_t rows
     detail::check_pointer(rrms, "rrms");
     const std::vector<T> zeros(static_cast<std::size_t>(rows), T(0));
     const double n = double(cols);
-    detail::backward_rows(grad_y, x, grad_x, rows, cols, weight, zeros.data(),
-                          [&](std::int64_t r, const detail::Sums& s) {
-                              const double is = double(rrms[r]);
-                              const double m = detail::through_statistics(is, s.first, s.second, n).first;
-                              return detail::GradCoefficients<T>{T(0), T(is), T(m), T(0)};
-                          });
-    detail::weight_grads(grad_y, x, rows, cols, zeros.data(), rrms, grad_weight, static_cast<T*>(nullptr));
+    detail::norm_rows_backward(grad_y, x, grad_x, rows, cols, weight, zeros.data(), rrms, grad_weight,
+                               static_cast<T*>(nullptr), [&](std::int64_t r, const detail::Sums& s) {
+                                   const double is = double(rrms[r]);
+                                   const double m = detail::through_statistics(is, s.first, s.second, n).first;
+                                   return detail::GradCoefficients<T>{T(0), T(is), T(m), T(0)};
+                               });
 }
 
 }  // namespace batchnorm

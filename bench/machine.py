@@ -123,6 +123,33 @@ def parallel_speedup(workers: int = 2) -> float | None:
         return None
 
 
+_SPIN = "while True: pass"
+
+
+class BusyNeighbour:
+    """A process that spins on one CPU (the last this process may use) while the run lasts.
+
+    What a DataLoader worker, a second job or a CI neighbour does to a 2-core machine: the
+    multi-thread cells then show what a thread pool loses to a core that is not free.
+    """
+
+    def __init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpu = cpus[-1] if cpus else None
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "BusyNeighbour":
+        pin = (lambda: os.sched_setaffinity(0, {self.cpu})) if self.cpu is not None else None
+        self._proc = subprocess.Popen([sys.executable, "-c", _SPIN], preexec_fn=pin)
+        time.sleep(0.3)  # let it reach its loop (and the CPU load meters see it)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+
+
 def busy_processes() -> list[str]:
     """Other processes with high average CPU use: who to blame for a disturbed run."""
     try:

@@ -1,6 +1,7 @@
 """python -m bench [--family norms] [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
 
-Writes <out-dir>/<name>.json, .md and .png: bench/results/latest.* for a full run; a --quick
+Writes <out-dir>/<name>.json, .md and .png: bench/results/<cpu>/latest.* for a full run (one
+folder per CPU model, e.g. bench/results/amd-epyc/); a --quick
 run goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
 committed results.
 """
@@ -20,6 +21,12 @@ from .ops import NORM_OPS, OPS
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 LOCAL_DIR = RESULTS_DIR / "local"
+
+
+def results_dir() -> pathlib.Path:
+    """Where a full run's results go: one folder per CPU model (bench/results/<cpu>/), so
+    the committed results of every CPU the bench has seen stay side by side."""
+    return RESULTS_DIR / machine.cpu_dir()
 # (rounds, sample length): the default keeps a full run well under 10 minutes on 2 cores.
 FULL = (15, 0.008)
 QUICK = (3, 0.001)
@@ -70,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "with --family norms)")
     args = p.parse_args(argv)
     if args.out_dir is None:
-        args.out_dir = LOCAL_DIR if args.quick and not args.save else RESULTS_DIR
+        args.out_dir = LOCAL_DIR if args.quick and not args.save else results_dir()
     family_ops = NORM_OPS if args.family == "norms" else OPS
     args.ops = args.ops or list(family_ops)
     if not set(args.ops) <= set(family_ops):

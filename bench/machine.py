@@ -6,6 +6,7 @@ import importlib
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -223,12 +224,23 @@ def cpu_name() -> str:
     return str(_cpuinfo().get("model name") or platform.processor() or platform.machine())
 
 
+def cpu_dir(name: str | None = None) -> str:
+    """The results folder of a CPU: its model name in lower case, words joined by '-'
+    ("Intel(R) Xeon(R) Processor" -> intel-xeon-processor, "AMD EPYC" -> amd-epyc)."""
+    name = re.sub(r"\((r|tm)\)", "", (name or cpu_name()).lower())
+    return "-".join(re.findall(r"[a-z0-9]+", name)) or "unknown-cpu"
+
+
 def describe() -> dict:
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
+        "cpu_dir": cpu_dir(),
+        "vendor": info.get("vendor_id") or info.get("CPU implementer"),
+        "cpu_family": info.get("cpu family") or info.get("CPU architecture"),
+        "cpu_model": info.get("model") or info.get("CPU part"),
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -1,12 +1,14 @@
 """python -m bench [--family norms] [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
 
-Writes <out-dir>/<name>.json, .md and .png: bench/results/latest.* for a full run; a --quick
+Writes <out-dir>/<name>.json, .md and .png: bench/results/<cpu>/latest.* for a full run (one
+folder per CPU model, e.g. bench/results/amd-epyc/); a --quick
 run goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
 committed results.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -19,6 +21,12 @@ from .ops import NORM_OPS, OPS
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 LOCAL_DIR = RESULTS_DIR / "local"
+
+
+def results_dir() -> pathlib.Path:
+    """Where a full run's results go: one folder per CPU model (bench/results/<cpu>/), so
+    the committed results of every CPU the bench has seen stay side by side."""
+    return RESULTS_DIR / machine.cpu_dir()
 # (rounds, sample length): the default keeps a full run well under 10 minutes on 2 cores.
 FULL = (15, 0.008)
 QUICK = (3, 0.001)
@@ -47,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passive-wait", action="store_true",
                    help="OMP_WAIT_POLICY=passive and no ONNX Runtime spinning: idle pool "
                         "threads sleep instead of spinning (see README)")
+    p.add_argument("--busy-neighbour", action="store_true",
+                   help="measure with a process spinning on one CPU (results named busy, or "
+                        "norms-busy)")
     p.add_argument("--no-latency", action="store_true", help="skip the tiny-input latency")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="first wait up to SECONDS for idle CPUs (others below "
@@ -70,12 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype in ("float16", "bfloat16") and args.family == "norms":
         p.error("--dtype float16/bfloat16 measures batch norm (the other norms take float32/float64)")
     if args.out_dir is None:
-        args.out_dir = LOCAL_DIR if args.quick and not args.save else RESULTS_DIR
+        args.out_dir = LOCAL_DIR if args.quick and not args.save else results_dir()
     family_ops = NORM_OPS if args.family == "norms" else OPS
     args.ops = args.ops or list(family_ops)
     if not set(args.ops) <= set(family_ops):
         p.error(f"--ops of --family {args.family}: {', '.join(family_ops)}")
     args.name = args.name or ("norms" if args.family == "norms" else "latest")
+    if args.busy_neighbour and args.name in ("norms", "latest"):
+        args.name = "norms-busy" if args.family == "norms" else "busy"
     return args
 
 
@@ -100,13 +113,16 @@ def collect(args: argparse.Namespace) -> dict:
                                args.retry_disturbed, args.wait_quiet)
     norms = args.family == "norms"
     family_ops = NORM_OPS if norms else OPS
-    if norms:
-        cells = runner.run_suite(loaded, list(iter_norm_cases(args.dtype)), args.ops, args.threads,
-                                 settings, NORM_OPS, make_norm_arrays)
-    else:
-        cells = runner.run_suite(loaded, list(iter_cases(args.shapes, args.dtype)), args.ops,
-                                 args.threads, settings, OPS, make_arrays)
-    tiny = None if args.no_latency or norms else latency.measure(loaded, args.dtype, rounds, target_s)
+    neighbour = machine.BusyNeighbour() if args.busy_neighbour else contextlib.nullcontext()
+    with neighbour:
+        if norms:
+            cells = runner.run_suite(loaded, list(iter_norm_cases(args.dtype)), args.ops,
+                                     args.threads, settings, NORM_OPS, make_norm_arrays)
+        else:
+            cells = runner.run_suite(loaded, list(iter_cases(args.shapes, args.dtype)), args.ops,
+                                     args.threads, settings, OPS, make_arrays)
+        tiny = (None if args.no_latency or norms
+                else latency.measure(loaded, args.dtype, rounds, target_s))
     return {
         "machine": info,
         "config": {"family": args.family, "dtype": args.dtype, "threads": args.threads, "ops": args.ops,
@@ -114,7 +130,8 @@ def collect(args: argparse.Namespace) -> dict:
                    "settle_ms": SETTLE_S * 1e3, "quick": args.quick,
                    "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library defaults"),
                    "l2_bytes_for_targets": settings.l2_bytes,
-                   "retry_disturbed": args.retry_disturbed, "wait_quiet_s": args.wait_quiet},
+                   "retry_disturbed": args.retry_disturbed, "wait_quiet_s": args.wait_quiet,
+                   "busy_neighbour_cpu": getattr(neighbour, "cpu", None)},
         "implementations": {i.name: {"version": i.version, "unavailable": i.unavailable}
                             for i in loaded},
         "ops": {name: {"title": op.title, "floor": op.floor_text, "target": op.target_text}

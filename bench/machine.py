@@ -6,6 +6,7 @@ import importlib
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -123,6 +124,33 @@ def parallel_speedup(workers: int = 2) -> float | None:
         return None
 
 
+_SPIN = "while True: pass"
+
+
+class BusyNeighbour:
+    """A process that spins on one CPU (the last this process may use) while the run lasts.
+
+    What a DataLoader worker, a second job or a CI neighbour does to a 2-core machine: the
+    multi-thread cells then show what a thread pool loses to a core that is not free.
+    """
+
+    def __init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpu = cpus[-1] if cpus else None
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "BusyNeighbour":
+        pin = (lambda: os.sched_setaffinity(0, {self.cpu})) if self.cpu is not None else None
+        self._proc = subprocess.Popen([sys.executable, "-c", _SPIN], preexec_fn=pin)
+        time.sleep(0.3)  # let it reach its loop (and the CPU load meters see it)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+
+
 def busy_processes() -> list[str]:
     """Other processes with high average CPU use: who to blame for a disturbed run."""
     try:
@@ -196,12 +224,23 @@ def cpu_name() -> str:
     return str(_cpuinfo().get("model name") or platform.processor() or platform.machine())
 
 
+def cpu_dir(name: str | None = None) -> str:
+    """The results folder of a CPU: its model name in lower case, words joined by '-'
+    ("Intel(R) Xeon(R) Processor" -> intel-xeon-processor, "AMD EPYC" -> amd-epyc)."""
+    name = re.sub(r"\((r|tm)\)", "", (name or cpu_name()).lower())
+    return "-".join(re.findall(r"[a-z0-9]+", name)) or "unknown-cpu"
+
+
 def describe() -> dict:
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
+        "cpu_dir": cpu_dir(),
+        "vendor": info.get("vendor_id") or info.get("CPU implementer"),
+        "cpu_family": info.get("cpu family") or info.get("CPU architecture"),
+        "cpu_model": info.get("model") or info.get("CPU part"),
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

@@ -178,6 +178,12 @@ def _latency(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _family(m: dict) -> str:
+    """', vendor, family F model M' where the run recorded them (older results did not)."""
+    parts = [f"{k.replace('cpu_', '')} {m[k]}" for k in ("cpu_family", "cpu_model") if m.get(k)]
+    return "".join(f", {p}" for p in ([m["vendor"]] if m.get("vendor") else []) + parts)
+
+
 def _header(results: dict, chart_name: str | None) -> list[str]:
     m, cfg = results["machine"], results["config"]
     caches = ", ".join(f"L{c['level']} {c['bytes'] >> 10} KiB" for c in m["caches"])
@@ -186,8 +192,8 @@ def _header(results: dict, chart_name: str | None) -> list[str]:
         "# batchnorm benchmark results",
         "",
         f"- Date: {m['date']}; repository commit {m['repository_commit']}",
-        f"- CPU: {m['cpu']} ({m['arch']}), {m['usable_cores']} usable cores; ISA flags: "
-        f"{' '.join(m['isa_flags'])}; caches (per core where private): {caches}",
+        f"- CPU: {m['cpu']} ({m['arch']}{_family(m)}), {m['usable_cores']} usable cores; "
+        f"ISA flags: {' '.join(m['isa_flags'])}; caches (per core where private): {caches}",
         f"- batchnorm backend: {m['batchnorm']}",
         f"- Versions: Python {m['python']}, {versions}",
         f"- Parallel throughput of 2 busy processes: {m['parallel_speedup_2_processes']}x one "
@@ -197,6 +203,9 @@ def _header(results: dict, chart_name: str | None) -> list[str]:
         f"- Run: dtype {cfg['dtype']}, threads {cfg['threads']}, {cfg['rounds']} rounds, "
         f"samples of ~{cfg['target_ms']:g} ms, pool waiting: {cfg['wait_policy']}"
         f"{' (quick mode)' if cfg['quick'] else ''}",
+        *([f"- **Busy neighbour**: a process spun on CPU {cfg['busy_neighbour_cpu']} for the whole "
+           "run (`--busy-neighbour`); compare the 2-thread figures with the 1-thread ones"]
+          if cfg.get("busy_neighbour_cpu") is not None else []),
         "",
         "Each figure is `time / copy-floor time`, both measured in the same cell on the same "
         "arrays with the implementations interleaved round by round; shown as "

@@ -17,9 +17,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the bench package lives at the repository root
 
 from bench import report  # noqa: E402
+from bench import machine  # noqa: E402
 from bench.__main__ import LOCAL_DIR, RESULTS_DIR, parse_args  # noqa: E402
 
-RESULTS = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+RESULTS = json.loads((ROOT / "bench" / "results" / "intel-xeon-processor" / "latest.json").read_text())
 
 
 def cells(op, threads=1):
@@ -85,13 +86,20 @@ def test_tiny_call_figures_are_the_committed_latency_table():
 
 
 def test_quick_runs_do_not_replace_the_committed_results():
-    assert parse_args([]).out_dir == RESULTS_DIR
+    assert parse_args([]).out_dir == RESULTS_DIR / machine.cpu_dir()
     assert parse_args(["--quick"]).out_dir == LOCAL_DIR
-    assert parse_args(["--quick", "--save"]).out_dir == RESULTS_DIR
+    assert parse_args(["--quick", "--save"]).out_dir == RESULTS_DIR / machine.cpu_dir()
     assert parse_args(["--quick", "--out-dir", "x"]).out_dir == pathlib.Path("x")
     if shutil.which("git") and (ROOT / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "-q", str(LOCAL_DIR / "latest.json")], cwd=ROOT)
         assert ignored.returncode == 0, "bench/results/local/ must be ignored by git"
+
+
+def test_results_folders_are_named_for_their_cpu():
+    assert machine.cpu_dir("Intel(R) Xeon(R) Processor") == "intel-xeon-processor"
+    assert machine.cpu_dir("AMD EPYC 9R45 96-Core Processor") == "amd-epyc-9r45-96-core-processor"
+    committed = json.loads((ROOT / "bench" / "results" / "intel-xeon-processor" / "latest.json").read_text())
+    assert machine.cpu_dir(committed["machine"]["cpu"]) == "intel-xeon-processor"
 
 
 def test_docs_cite_no_missing_design_doc():

@@ -22,6 +22,7 @@
 #include <thread>
 #include <utility>
 
+#include "cpu_load.hpp"
 #include "errors.hpp"
 
 #if defined(_OPENMP)
@@ -112,9 +113,12 @@ namespace detail {
 // eval, 0.8 MiB in, took twice as long on two threads as on one in bench runs).
 constexpr std::int64_t kMinParallelBytes = std::int64_t(2) << 20;
 
+// Threads for a call that moves `bytes` over `max_items` independent items: the set count,
+// no more than the items, and no more than the CPUs other processes left free (cpu_load.hpp).
 inline int threads_for(std::int64_t bytes, std::int64_t max_items) {
     if (bytes < kMinParallelBytes) return 1;
-    return int(std::max<std::int64_t>(1, std::min<std::int64_t>(get_num_threads(), max_items)));
+    const int wanted = int(std::max<std::int64_t>(1, std::min<std::int64_t>(get_num_threads(), max_items)));
+    return CpuLoad::instance().threads(wanted);
 }
 
 inline int thread_index() {

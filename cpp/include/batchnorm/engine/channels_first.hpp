@@ -13,14 +13,17 @@
 #include "../shape.hpp"
 #include "../threads.hpp"
 #include "affine.hpp"
+#include "cache.hpp"
 #include "overflow.hpp"
 
 namespace batchnorm::detail {
 
-// Values per statistics tile: small enough that the two passes over a tile (and the normalize
-// that follows when the tile is the whole channel) hit the per-core L2 cache.
+// Values per statistics tile: half the per-core L2 (cache.hpp), so that the two passes over a
+// tile (and the normalize that follows when the tile is the whole channel) hit it.
 template <class T>
-constexpr std::int64_t kTileValues = (std::int64_t(512) << 10) / std::int64_t(sizeof(T));
+std::int64_t tile_values() {
+    return std::max<std::int64_t>(std::int64_t(64) << 10, cache_sizes().l2 / 2) / std::int64_t(sizeof(T));
+}
 
 // A channel part smaller than this is not worth a thread of its own.
 constexpr std::int64_t kMinPartValues = 16 << 10;
@@ -97,8 +100,9 @@ template <class T>
 Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c,
                       std::int64_t begin, std::int64_t end) {
     Moments total;
-    for (std::int64_t t = begin; t < end; t += kTileValues<T>) {
-        const std::int64_t t_end = std::min(end, t + kTileValues<T>);
+    const std::int64_t tile = tile_values<T>();
+    for (std::int64_t t = begin; t < end; t += tile) {
+        const std::int64_t t_end = std::min(end, t + tile);
         const double count = double(t_end - t);
         compute_t<T> shift = compute_t<T>(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
         Sums dev = range_dev(k, x, s, c, t, t_end, shift);

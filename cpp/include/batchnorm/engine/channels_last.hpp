@@ -15,6 +15,7 @@
 #include "../shape.hpp"
 #include "../threads.hpp"
 #include "affine.hpp"
+#include "cache.hpp"
 #include "overflow.hpp"
 
 namespace batchnorm::detail {
@@ -27,12 +28,13 @@ bool reads_as_rows(const Shape& s) {
     return s.inner * std::int64_t(sizeof(T)) < kMinPlaneBytes;
 }
 
-// Rows per statistics tile: the tile stays in L2 for a second pass, should it need one; large
-// enough that the per-column merge after each tile costs little.
+// Rows per statistics tile: the per-core L2's size (cache.hpp), so the tile stays there for a
+// second pass, should it need one; large enough that the per-column merge after each tile
+// costs little.
 template <class T>
 std::int64_t tile_rows(std::int64_t cols) {
-    constexpr std::int64_t kTileBytes = std::int64_t(1) << 20;
-    return std::max<std::int64_t>(1, kTileBytes / (std::max<std::int64_t>(cols, 1) * std::int64_t(sizeof(T))));
+    const std::int64_t tile_bytes = cache_sizes().l2;
+    return std::max<std::int64_t>(1, tile_bytes / (std::max<std::int64_t>(cols, 1) * std::int64_t(sizeof(T))));
 }
 
 // Columns per block: wider rows are processed a block of whole channels at a time, which

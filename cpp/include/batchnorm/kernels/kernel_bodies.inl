@@ -97,13 +97,13 @@ BATCHNORM_ALWAYS_INLINE void run_dot(const S* dy, const S* x, i64 n, typename Op
     using O = Ops<T>;
     constexpr i64 W = O::W;
     i64 i = 0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-        const auto g = O::load(dy + i), h = O::load(dy + i + W);
-        acc.add2(g, g, O::sub(O::load(x + i), s), h, h, O::sub(O::load(x + i + W), s));
+    for (; i + W <= n; i += W) {
+        const auto g = O::load(dy + i);
+        acc.add(g, g, O::sub(O::load(x + i), s));
     }
-    for (; i < n; i += W) {
-        const auto g = load_n(dy + i, n - i, O::zero());
-        acc.add(g, g, O::sub(load_n(x + i, n - i, s), s));
+    if (i < n) {
+        const auto g = O::load_partial(dy + i, n - i, O::zero());
+        acc.add(g, g, O::sub(O::load_partial(x + i, n - i, s), s));
     }
 }
 
@@ -132,6 +132,31 @@ BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typ
 }
 
 // ---- channels-first: runs of one channel -----------------------------------------------------
+// A channel's runs are planes `stride` apart: the hardware prefetchers see a short run begin
+// only when it is already being read (a 7x7 plane is four cache lines), and with a stride of
+// tens of KiB they do not follow from one run to the next. So backward's reduce (two inputs
+// per run, read from memory) prefetches the run kPrefetchRuns ahead, whole, when runs are
+// short; long runs train the prefetchers themselves. (Measured on an AMD EPYC, Zen 5: backward
+// on 128x256x7x7 -30 %, 32x256x7x7 -19 %; the same prefetch in the statistics pass of
+// training cost 8 % on 32x256x7x7, whose 1.6 MB stay in cache, and gained nothing elsewhere.)
+constexpr i64 kPrefetchRuns = 4;
+constexpr i64 kPrefetchMaxBytes = 4096;
+
+template <class P>
+inline void prefetch_run(const P* p, i64 len) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char* c = reinterpret_cast<const char*>(p);
+    for (i64 b = 0; b < len * i64(sizeof(P)); b += 64) __builtin_prefetch(c + b);
+#else
+    (void)p;
+    (void)len;
+#endif
+}
+
+// Whether run r + kPrefetchRuns exists and is short enough to prefetch.
+inline bool prefetch_ahead(i64 r, i64 count, i64 bytes) {
+    return bytes <= kPrefetchMaxBytes && r + kPrefetchRuns < count;
+}
 
 template <class S>
 Sums cf_dev(const S* x, i64 count, i64 len, i64 stride, compute_t<S> shift) {
@@ -147,7 +172,14 @@ Sums cf_dot(const S* dy, const S* x, i64 count, i64 len, i64 stride, compute_t<S
     using T = compute_t<S>;
     PairSum<T> acc;
     const auto s = Ops<T>::set1(shift);
-    for (i64 r = 0; r < count; ++r) run_dot(dy + r * stride, x + r * stride, len, s, acc);
+    const i64 bytes = len * i64(sizeof(S)), ahead = kPrefetchRuns * stride;
+    for (i64 r = 0; r < count; ++r) {
+        if (prefetch_ahead(r, count, bytes)) {
+            prefetch_run(dy + r * stride + ahead, len);
+            prefetch_run(x + r * stride + ahead, len);
+        }
+        run_dot(dy + r * stride, x + r * stride, len, s, acc);
+    }
     return acc.flush();
 }
 

@@ -1,0 +1,64 @@
+// The machine's cache sizes, read once at run time: tile sizes follow the CPU at hand, not
+// one that the constants were tuned on (a 1 MiB L2 on an AMD EPYC, 2 MiB on a Xeon, 4 MiB
+// shared by a cluster of Arm cores). Linux reports them in sysfs for cpu0 (private levels
+// per core); elsewhere, or when sysfs says nothing, the defaults below hold (small enough
+// for any core this library targets).
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+namespace batchnorm::detail {
+
+struct CacheSizes {
+    std::int64_t l1d = std::int64_t(32) << 10;
+    std::int64_t l2 = std::int64_t(1) << 20;
+};
+
+// "48K", "1024K", "32M" -> bytes; 0 when unreadable.
+inline std::int64_t read_cache_size(const std::string& path) {
+    std::FILE* f = std::fopen(path.c_str(), "r");
+    if (!f) return 0;
+    long long value = 0;
+    char unit = 0;
+    const int got = std::fscanf(f, "%lld%c", &value, &unit);
+    std::fclose(f);
+    if (got < 1 || value <= 0) return 0;
+    if (got == 2 && (unit == 'K' || unit == 'k')) return value << 10;
+    if (got == 2 && (unit == 'M' || unit == 'm')) return value << 20;
+    return value;
+}
+
+inline CacheSizes read_cache_sizes() {
+    CacheSizes sizes;
+#if defined(__linux__)
+    for (int index = 0; index < 8; ++index) {
+        const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+        std::FILE* f = std::fopen((dir + "level").c_str(), "r");
+        if (!f) break;
+        int level = 0;
+        char type[16] = {};
+        const bool ok = std::fscanf(f, "%d", &level) == 1;
+        std::fclose(f);
+        if (!ok) continue;
+        if (std::FILE* t = std::fopen((dir + "type").c_str(), "r")) {
+            if (std::fscanf(t, "%15s", type) != 1) type[0] = 0;
+            std::fclose(t);
+        }
+        if (std::string(type) == "Instruction") continue;
+        const std::int64_t bytes = read_cache_size(dir + "size");
+        if (bytes <= 0) continue;
+        if (level == 1) sizes.l1d = bytes;
+        if (level == 2) sizes.l2 = bytes;
+    }
+#endif
+    return sizes;
+}
+
+inline const CacheSizes& cache_sizes() {
+    static const CacheSizes sizes = read_cache_sizes();
+    return sizes;
+}
+
+}  // namespace batchnorm::detail

@@ -32,6 +32,8 @@ namespace batchnorm::detail::avx512 {
 // channels-first reduce over 7x7 planes took 1.5x as long with 512-bit masked tails as with
 // 256-bit ones (the tail of every 49-value plane was the hottest instruction).
 inline __mmask8 first_lanes_8(std::int64_t n) { return __mmask8((1u << n) - 1u); }
+// Half storage: a tail of 16-bit values is at most 256 bits, one mask of 16 lanes.
+inline __mmask16 first_lanes_16(std::int64_t n) { return __mmask16((1u << n) - 1u); }
 
 template <class T>
 struct Ops;

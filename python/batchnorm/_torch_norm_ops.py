@@ -20,6 +20,8 @@ from torch import Tensor
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._torch_ops import numpy_view, register_op
 
+_HALVES = (torch.float16, torch.bfloat16)
+
 Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
 
@@ -32,10 +34,15 @@ def channels_dense(x: Tensor) -> Tensor:
     return x if last.is_contiguous() else x.contiguous()
 
 
+def _stats_empty(input: Tensor, shape: Any) -> Tensor:
+    """A new tensor of the kernels' statistics dtype for ``input``: float32 for the half types."""
+    return input.new_empty(shape, dtype=torch.float32 if input.dtype in _HALVES else input.dtype)
+
+
 def _tensor_or_empty(a: Any, like: Tensor) -> Tensor:
     """A kernel's (C,) result as a tensor; an absent one as a new empty tensor (outputs of
     an op may not alias each other)."""
-    return like.new_empty(0) if a is None else torch.from_numpy(a)
+    return _stats_empty(like, 0) if a is None else torch.from_numpy(a)
 
 
 def _torch_grads(forward: Callable[..., Tensor], grad_y: Tensor, tensors: Sequence[Optional[Tensor]],
@@ -67,8 +74,8 @@ def _layer_kernel(input: Tensor, normalized_ndim: int, weight: Optional[Tensor],
                   eps: float, rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     y = torch.empty_like(input, memory_format=torch.contiguous_format)
     _, mean, invstd = _core.layer_norm(numpy_view(input.contiguous()), normalized_ndim, numpy_view(weight),
-                                       numpy_view(bias), eps, rms, y.numpy())
-    mean_t = input.new_empty(0) if mean is None else torch.from_numpy(mean)
+                                       numpy_view(bias), eps, rms, numpy_view(y))
+    mean_t = _stats_empty(input, 0) if mean is None else torch.from_numpy(mean)
     return y, mean_t, torch.from_numpy(invstd)
 
 
@@ -76,7 +83,7 @@ def _layer_fake(input: Tensor, normalized_ndim: int, weight: Optional[Tensor], b
                 eps: float, rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     rows = input.shape[:input.dim() - normalized_ndim]
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            input.new_empty(0 if rms else rows), input.new_empty(rows))
+            _stats_empty(input, 0 if rms else rows), _stats_empty(input, rows))
 
 
 def _layer_backward_kernel(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
@@ -85,7 +92,7 @@ def _layer_backward_kernel(grad_out: Tensor, input: Tensor, mean: Tensor, invstd
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
     _, gw, gb = _core.layer_norm_backward(
         numpy_view(grad_out.contiguous()), numpy_view(input.contiguous()), None if rms else numpy_view(mean),
-        numpy_view(invstd), numpy_view(weight), normalized_ndim, rms, grad_input.numpy())
+        numpy_view(invstd), numpy_view(weight), normalized_ndim, rms, numpy_view(grad_input))
     return grad_input, _tensor_or_empty(gw, input), _tensor_or_empty(gb, input)
 
 
@@ -94,8 +101,8 @@ def _layer_backward_fake(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: 
                          rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     affine = weight is not None
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            input.new_empty(weight.shape if affine else 0),  # type: ignore[union-attr]
-            input.new_empty(weight.shape if affine and not rms else 0))  # type: ignore[union-attr]
+            _stats_empty(input, weight.shape if affine else 0),  # type: ignore[union-attr]
+            _stats_empty(input, weight.shape if affine and not rms else 0))  # type: ignore[union-attr]
 
 
 def _layer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
@@ -129,14 +136,15 @@ def _group_kernel(input: Tensor, num_groups: int, weight: Optional[Tensor], bias
     input = channels_dense(input)
     y = torch.empty_like(input, memory_format=torch.preserve_format)
     _, mean, invstd = _core.group_norm(numpy_view(input), num_groups, numpy_view(weight), numpy_view(bias),
-                                       eps, 1, y.numpy())
+                                       eps, 1, numpy_view(y))
     return y, torch.from_numpy(mean), torch.from_numpy(invstd)
 
 
 def _group_fake(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     stats = (input.shape[0], num_groups)
-    return torch.empty_like(channels_dense(input), memory_format=torch.preserve_format), input.new_empty(stats), input.new_empty(stats)
+    return (torch.empty_like(channels_dense(input), memory_format=torch.preserve_format), _stats_empty(input, stats),
+            _stats_empty(input, stats))
 
 
 def _group_backward_kernel(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: Tensor,
@@ -145,7 +153,7 @@ def _group_backward_kernel(grad_out: Tensor, input: Tensor, mean: Tensor, invstd
     grad_input = torch.empty_like(input, memory_format=torch.preserve_format)
     _, gw, gb = _core.group_norm_backward(numpy_view(grad_out), numpy_view(input), numpy_view(mean),
                                           numpy_view(invstd), numpy_view(weight), num_groups, 1,
-                                          grad_input.numpy())
+                                          numpy_view(grad_input))
     return grad_input, _tensor_or_empty(gw, input), _tensor_or_empty(gb, input)
 
 
@@ -153,7 +161,7 @@ def _group_backward_fake(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: 
                          weight: Optional[Tensor], num_groups: int) -> Tuple[Tensor, Tensor, Tensor]:
     channels = input.shape[1] if weight is not None else 0
     return (torch.empty_like(channels_dense(input), memory_format=torch.preserve_format),
-            input.new_empty(channels), input.new_empty(channels))
+            _stats_empty(input, channels), _stats_empty(input, channels))
 
 
 def _grouped_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -192,11 +200,11 @@ def _instance_kernel(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     # functional (autograd needs it): the updated running statistics are new tensors, which
     # the caller copies into the buffers
     stats = running_mean is not None and running_var is not None
-    new_mean = running_mean.clone() if stats else input.new_empty(0)  # type: ignore[union-attr]
-    new_var = running_var.clone() if stats else input.new_empty(0)  # type: ignore[union-attr]
+    new_mean = running_mean.clone() if stats else _stats_empty(input, 0)  # type: ignore[union-attr]
+    new_var = running_var.clone() if stats else _stats_empty(input, 0)  # type: ignore[union-attr]
     _, mean, invstd = _core.instance_norm(
         numpy_view(input), numpy_view(weight), numpy_view(bias), numpy_view(new_mean) if stats else None,
-        numpy_view(new_var) if stats else None, momentum if stats else 0.0, eps, 1, y.numpy())
+        numpy_view(new_var) if stats else None, momentum if stats else 0.0, eps, 1, numpy_view(y))
     return y, torch.from_numpy(mean), torch.from_numpy(invstd), new_mean, new_var
 
 
@@ -205,8 +213,9 @@ def _instance_fake(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     stats = input.shape[1] if running_mean is not None and running_var is not None else 0
     per_instance = (input.shape[0], input.shape[1])
-    return (torch.empty_like(channels_dense(input), memory_format=torch.preserve_format), input.new_empty(per_instance),
-            input.new_empty(per_instance), input.new_empty(stats), input.new_empty(stats))
+    return (torch.empty_like(channels_dense(input), memory_format=torch.preserve_format),
+            _stats_empty(input, per_instance), _stats_empty(input, per_instance), _stats_empty(input, stats),
+            _stats_empty(input, stats))
 
 
 def _instance_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:

@@ -5,9 +5,14 @@ Each class *is* torch's (a subclass: same constructor, parameters, buffers, ``st
 ``repr`` and input checks); only the call of the normalization differs. Eager calls,
 ``torch.compile``, ``torch.export`` and ``torch.fx`` run the ``batchnorm::`` operators of
 ``_torch_norm_ops`` (with their autograd rules); TorchScript, ``torch.jit.trace``,
-``torch.func`` transforms, forward-mode AD, autocast, tensor subclasses, other devices and
-dtypes, and every argument the kernels refuse take torch's own function (which then also
-gives torch's own error messages).
+``torch.func`` transforms, forward-mode AD, tensor subclasses, other devices and dtypes, and
+every argument the kernels refuse take torch's own function (which then also gives torch's
+own error messages).
+
+float16 and bfloat16 inputs run on the kernels (float32 math) with float32 parameters (what
+CPU autocast hands them) or parameters of the input's dtype (``model.bfloat16()``), which,
+as torch does, are computed with as float32 copies: differentiable casts, so their gradients
+come back in their dtype, and running statistics written back rounded to it.
 """
 
 # mypy: disable-error-code="no-untyped-call"
@@ -27,6 +32,7 @@ __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "L
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 _FLOATS = (torch.float32, torch.float64)
+_HALVES = (torch.float16, torch.bfloat16)
 _Shape = Union[int, Sequence[int], torch.Size]
 
 
@@ -47,11 +53,25 @@ def _run(name: str, x: Tensor, *args: Any) -> Any:
 
 
 def _same_kind(x: Tensor, *params: Optional[Tensor]) -> bool:
-    """A float32/float64 CPU strided non-empty ``x`` and parameters of its dtype and device."""
-    if x.dtype not in _FLOATS or x.device.type != "cpu" or x.layout != torch.strided or x.numel() == 0:
+    """A float32/float64/float16/bfloat16 CPU strided non-empty ``x`` and parameters of its
+    device and dtype (or float32 for a half ``x``: torch's mixed CPU kernels take both)."""
+    if x.dtype not in _FLOATS + _HALVES or x.device.type != "cpu" or x.layout != torch.strided or x.numel() == 0:
         return False
-    return all(t is None or (t.dtype == x.dtype and t.device == x.device and t.layout == torch.strided)
+    dtypes = (x.dtype, torch.float32) if x.dtype in _HALVES else (x.dtype,)
+    return all(t is None or (t.dtype in dtypes and t.device == x.device and t.layout == torch.strided)
                for t in params)
+
+
+def _up(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
+    """A half parameter of a half ``x`` as the float32 the kernels take (a differentiable
+    cast); anything else as is."""
+    return t.float() if t is not None and x.dtype in _HALVES and t.dtype == x.dtype else t
+
+
+def _opmath_eps(x: Tensor) -> float:
+    """torch's ``eps=None`` for RMSNorm: the machine epsilon of the type ``x`` is computed in
+    (float32 for the half types)."""
+    return torch.finfo(torch.float32 if x.dtype in _HALVES else x.dtype).eps
 
 
 def _shape(normalized_shape: _Shape) -> Tuple[int, ...]:
@@ -68,21 +88,22 @@ def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor]
     """``torch.nn.functional.layer_norm`` on batchnorm's kernels (torch's where they do not apply)."""
     shape = _shape(normalized_shape)
     if isinstance(input, _Proxy) or (_graph_or_eager(input, weight, bias) and _layer_applies(input, shape, eps, weight, bias)):
-        return _run("layer_norm", input, len(shape), weight, bias, eps, False)[0]  # type: ignore[no-any-return]
+        return _run("layer_norm", input, len(shape), _up(input, weight), _up(input, bias), eps,  # type: ignore[no-any-return]
+                    False)[0]
     return F.layer_norm(input, list(shape), weight, bias, eps)
 
 
 def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """``torch.nn.functional.rms_norm`` on batchnorm's kernels; ``eps=None`` is the machine
-    epsilon of the input's dtype, as in torch."""
+    epsilon of the type the input is computed in (float32 for half inputs), as in torch."""
     shape = _shape(normalized_shape)
     if not isinstance(input, _Proxy):
-        value = torch.finfo(input.dtype).eps if eps is None and input.is_floating_point() else eps
+        value = _opmath_eps(input) if eps is None and input.is_floating_point() else eps
         if not (_graph_or_eager(input, weight) and value is not None and _layer_applies(input, shape, value, weight)):
             return F.rms_norm(input, list(shape), weight, eps)
         eps = value
-    return _run("layer_norm", input, len(shape), weight, None, eps, True)[0]  # type: ignore[no-any-return]
+    return _run("layer_norm", input, len(shape), _up(input, weight), None, eps, True)[0]  # type: ignore[no-any-return]
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -92,7 +113,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
             and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
-        return _run("group_norm", input, num_groups, weight, bias, eps)[0]  # type: ignore[no-any-return]
+        return _run("group_norm", input, num_groups, _up(input, weight), _up(input, bias),  # type: ignore[no-any-return]
+                    eps)[0]
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 
@@ -122,10 +144,12 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     params = [weight, bias, running_mean, running_var]
     if not isinstance(input, _Proxy) and not _instance_applies(input, params, use_input_stats, momentum, eps):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    weight, bias = _up(input, weight), _up(input, bias)
     if not use_input_stats:
-        return _torch_ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)  # type: ignore[no-any-return]
-    y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, running_mean, running_var,
-                                       momentum, eps)
+        return _torch_ops.batch_norm_eval(input, weight, bias, _up(input, running_mean),  # type: ignore[no-any-return]
+                                          _up(input, running_var), eps)
+    y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, _up(input, running_mean),
+                                       _up(input, running_var), momentum, eps)
     if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
         with torch.no_grad():
             running_mean.copy_(new_mean)

@@ -64,11 +64,16 @@ def _check_trailing(input: Any, shape: Tuple[int, ...]) -> None:
 
 
 def _machine_eps(input: Any) -> float:
-    """torch's ``eps=None`` for RMSNorm: the machine epsilon of the input's dtype."""
-    dtype = input.dtype if type(input) is np.ndarray else _to_numpy(input).dtype
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"input must be float32 or float64, got {dtype}")
-    return float(np.finfo(dtype).eps)
+    """torch's ``eps=None`` for RMSNorm: the machine epsilon of the type the input is computed
+    in, its own dtype or float32 for float16 and bfloat16 (torch's opmath type)."""
+    dtype = getattr(input, "dtype", None)
+    # by name: torch's and ml_dtypes' bfloat16 are no NumPy dtypes np.finfo knows
+    name = str(dtype if dtype is not None else _to_numpy(input).dtype).rpartition(".")[2]
+    if name in ("float16", "bfloat16"):
+        name = "float32"
+    if name not in ("float32", "float64"):
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {name}")
+    return float(np.finfo(name).eps)
 
 
 def layer_norm(

@@ -540,15 +540,16 @@ inline Layout c_order_layout(const ArrayRef& x) {
     return ordered_layout(x, order);
 }
 
-// A parameter argument of any shape (weight, bias of layer norm: the normalized shape), dtype
-// T, read densely in C order (copied when strided), or null for None.
-template <class T>
+// A parameter argument of any shape (weight, bias of layer norm: the normalized shape; saved
+// statistics) for an input of storage type S: dtype compute_t<S> (T), read densely in C order
+// (copied when strided), or null for None.
+template <class S, class T = compute_t<S>>
 class ParamArray {
 public:
     ParamArray(nb::handle h, const char* name, const std::vector<std::int64_t>& shape) {
         if (h.is_none()) return;
         array_ = take_array(h, name);
-        check_dtype<T>(array_, name);
+        check_channel_dtype<S>(array_, name);
         if (array_.shape_vector() != shape)
             value_error(std::string(name) + " must have shape " + shape_string(shape) + ", got " +
                         shape_string(array_.shape_vector()));

@@ -36,15 +36,20 @@ Input take_main_input(nb::handle h, const char* name, int axis) {
     return in;
 }
 
-// f(S{}) with S the input's storage type.
+// f(S{}) with S the storage type of the input a.
 template <class F>
-nb::object with_element_type(const Input& in, F&& f) {
-    switch (in.array.type) {
+nb::object with_element_type(const ArrayRef& a, F&& f) {
+    switch (a.type) {
         case NPY_FLOAT32: return f(float{});
         case NPY_HALF: return f(float16{});
         case kNpyBfloat16: return f(bfloat16{});
         default: return f(double{});
     }
+}
+
+template <class F>
+nb::object with_element_type(const Input& in, F&& f) {
+    return with_element_type(in.array, f);
 }
 
 // A same-shaped array argument (residual, grad_y) of dtype T, or nothing for None.
@@ -180,18 +185,13 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
 
 // ---- the normalization family ---------------------------------------------------------------
 
-// A float32/float64 array argument of any rank.
+// A float32/float64/float16/bfloat16 array argument of any rank.
 ArrayRef take_float_array(nb::handle h, const char* name) {
     ArrayRef a = take_array(h, name);
-    if (a.type != NPY_FLOAT32 && a.type != NPY_FLOAT64)
-        type_error(std::string(name) + " must have dtype float32 or float64, got " + a.dtype_name());
+    if (a.type != NPY_FLOAT32 && a.type != NPY_FLOAT64 && a.type != NPY_HALF && a.type != kNpyBfloat16)
+        type_error(std::string(name) + " must have dtype float32, float64, float16 or bfloat16, got " +
+                   a.dtype_name());
     return a;
-}
-
-template <class F>
-nb::object with_type_of(const ArrayRef& a, F&& f) {
-    if (a.type == NPY_FLOAT32) return f(float{});
-    return f(double{});
 }
 
 template <class T>
@@ -236,7 +236,7 @@ nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_o
     const ArrayRef xa = take_float_array(x_obj, "input");
     const RowSplit split = split_rows(xa, normalized_ndim);
     const Layout L = c_order_layout(xa);
-    return with_type_of(xa, [&](auto tag) -> nb::object {
+    return with_element_type(xa, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const ParamArray<T> weight(weight_obj, "weight", split.normalized), bias(bias_obj, "bias", split.normalized);
         if (rms && bias.data()) value_error("bias must be None for RMS norm (rms=True)");
@@ -253,16 +253,17 @@ nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_o
         std::optional<ReadAs<T>> residual;
         if (residual_array) residual.emplace(*residual_array, L);
         const std::int64_t rows = product(split.batch), cols = product(split.normalized);
-        nb::object mean = rms ? nb::none() : new_c_array<T>(split.batch), invstd = new_c_array<T>(split.batch);
+        using P = compute_t<T>;
+        nb::object mean = rms ? nb::none() : new_c_array<P>(split.batch), invstd = new_c_array<P>(split.batch);
         {
             nb::gil_scoped_release unlocked;
             const T* r = residual ? residual->data() : nullptr;
             T* s = sum ? sum->data() : nullptr;
             if (rms)
-                batchnorm::rms_norm<T>(x.data(), y.data(), rows, cols, weight.data(), eps, data_of<T>(invstd), r, s);
+                batchnorm::rms_norm<T>(x.data(), y.data(), rows, cols, weight.data(), eps, data_of<P>(invstd), r, s);
             else
                 batchnorm::layer_norm<T>(x.data(), y.data(), rows, cols, weight.data(), bias.data(), eps,
-                                         data_of<T>(mean), data_of<T>(invstd), r, s);
+                                         data_of<P>(mean), data_of<P>(invstd), r, s);
         }
         if (sum) sum->finish();
         return nb::make_tuple(y.finish(), mean, invstd);
@@ -274,7 +275,7 @@ nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
     const ArrayRef xa = take_float_array(x_obj, "input");
     const RowSplit split = split_rows(xa, normalized_ndim);
     const Layout L = c_order_layout(xa);
-    return with_type_of(xa, [&](auto tag) -> nb::object {
+    return with_element_type(xa, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const ArrayRef grad_array = take_grad_y<T>(grad_obj, L);
         if ((!rms && mean_obj.is_none()) || invstd_obj.is_none())
@@ -288,19 +289,20 @@ nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
                              {weight.array(), "weight"}});
         const ReadAs<T> x(xa, L), grad_y(grad_array, L);
         const bool affine = weight.data() != nullptr;
-        nb::object grad_weight = affine ? new_c_array<T>(split.normalized) : nb::none();
-        nb::object grad_bias = affine && !rms ? new_c_array<T>(split.normalized) : nb::none();
+        using P = compute_t<T>;
+        nb::object grad_weight = affine ? new_c_array<P>(split.normalized) : nb::none();
+        nb::object grad_bias = affine && !rms ? new_c_array<P>(split.normalized) : nb::none();
         const std::int64_t rows = product(split.batch), cols = product(split.normalized);
         {
             nb::gil_scoped_release unlocked;
-            T* gw = affine ? data_of<T>(grad_weight) : nullptr;
+            P* gw = affine ? data_of<P>(grad_weight) : nullptr;
             if (rms)
                 batchnorm::rms_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), rows, cols, invstd.data(),
                                                 weight.data(), gw);
             else
                 batchnorm::layer_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), rows, cols, mean->data(),
                                                   invstd.data(), weight.data(), gw,
-                                                  affine ? data_of<T>(grad_bias) : nullptr);
+                                                  affine ? data_of<P>(grad_bias) : nullptr);
         }
         return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
     });
@@ -353,7 +355,7 @@ nb::object group_norm(nb::handle x_obj, std::int64_t num_groups, nb::handle weig
                       double eps, int axis, nb::handle out, bool relu) {
     const GroupInput in = take_group_input(x_obj, axis);
     check_groups(in, num_groups);
-    return with_type_of(in.array, [&](auto tag) -> nb::object {
+    return with_element_type(in.array, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const std::int64_t C = in.shape.channels;
         const ChannelArray<T> weight(weight_obj, "weight", C), bias(bias_obj, "bias", C);
@@ -361,11 +363,12 @@ nb::object group_norm(nb::handle x_obj, std::int64_t num_groups, nb::handle weig
         check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}});
         const ReadAs<T> x(in.array, in.layout);
         const std::vector<std::int64_t> stats_shape{in.shape.batch, num_groups};
-        nb::object mean = new_c_array<T>(stats_shape), invstd = new_c_array<T>(stats_shape);
+        using P = compute_t<T>;
+        nb::object mean = new_c_array<P>(stats_shape), invstd = new_c_array<P>(stats_shape);
         {
             nb::gil_scoped_release unlocked;
             batchnorm::group_norm<T>(x.data(), y.data(), in.shape, num_groups, weight.data(), bias.data(), eps,
-                                     data_of<T>(mean), data_of<T>(invstd), relu ? Activation::relu : Activation::none);
+                                     data_of<P>(mean), data_of<P>(invstd), relu ? Activation::relu : Activation::none);
         }
         return nb::make_tuple(y.finish(), mean, invstd);
     });
@@ -375,7 +378,7 @@ nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
                                nb::handle weight_obj, std::int64_t num_groups, int axis, nb::handle out) {
     const GroupInput in = take_group_input(x_obj, axis);
     check_groups(in, num_groups);
-    return with_type_of(in.array, [&](auto tag) -> nb::object {
+    return with_element_type(in.array, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const std::int64_t C = in.shape.channels;
         const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
@@ -387,13 +390,14 @@ nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
         check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
         const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
         const bool affine = weight.data() != nullptr;
-        nb::object grad_weight = affine ? new_vector<T>(C) : nb::none(), grad_bias = affine ? new_vector<T>(C) : nb::none();
+        using P = compute_t<T>;
+        nb::object grad_weight = affine ? new_vector<P>(C) : nb::none(), grad_bias = affine ? new_vector<P>(C) : nb::none();
         {
             nb::gil_scoped_release unlocked;
             batchnorm::group_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), in.shape, num_groups,
                                               mean.data(), invstd.data(), weight.data(),
-                                              affine ? data_of<T>(grad_weight) : nullptr,
-                                              affine ? data_of<T>(grad_bias) : nullptr);
+                                              affine ? data_of<P>(grad_weight) : nullptr,
+                                              affine ? data_of<P>(grad_bias) : nullptr);
         }
         return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
     });
@@ -402,7 +406,7 @@ nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
 nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bias_obj, nb::handle rmean_obj,
                          nb::handle rvar_obj, double momentum, double eps, int axis, nb::handle out, bool relu) {
     const GroupInput in = take_group_input(x_obj, axis);
-    return with_type_of(in.array, [&](auto tag) -> nb::object {
+    return with_element_type(in.array, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const std::int64_t C = in.shape.channels;
         const ChannelArray<T> weight(weight_obj, "weight", C), bias(bias_obj, "bias", C);
@@ -410,7 +414,7 @@ nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         const ChannelArray<T> running_var(rvar_obj, "running_var", C, true);
         if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
             value_error("running_mean and running_var must both be arrays or both be None");
-        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(T)))
+        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(compute_t<T>)))
             value_error("running_mean overlaps running_var; pass separate arrays");
         if (in.shape.spatial == 1)
             value_error("Expected more than 1 spatial element when training, got input size " +
@@ -421,11 +425,12 @@ nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
                         {running_var.array(), "running_var"}});
         const ReadAs<T> x(in.array, in.layout);
         const std::vector<std::int64_t> stats_shape{in.shape.batch, C};
-        nb::object mean = new_c_array<T>(stats_shape), invstd = new_c_array<T>(stats_shape);
+        using P = compute_t<T>;
+        nb::object mean = new_c_array<P>(stats_shape), invstd = new_c_array<P>(stats_shape);
         {
             nb::gil_scoped_release unlocked;
             batchnorm::instance_norm<T>(x.data(), y.data(), in.shape, weight.data(), bias.data(), running_mean.data(),
-                                        running_var.data(), momentum, eps, data_of<T>(mean), data_of<T>(invstd),
+                                        running_var.data(), momentum, eps, data_of<P>(mean), data_of<P>(invstd),
                                         relu ? Activation::relu : Activation::none);
         }
         running_mean.commit();

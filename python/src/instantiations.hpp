@@ -26,30 +26,32 @@
                                                                  const P*, const P*, const double*, \
                                                                  const double*, double);
 
-// The other normalizations, float and double storage.
-#define BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(PREFIX, T)                                            \
-    PREFIX template void batchnorm::layer_norm<T>(const T*, T*, std::int64_t, std::int64_t, const T*,       \
-                                                  const T*, double, T*, T*, const T*, T*);         \
+// The other normalizations, for the same storage types (T) and per-channel types (P).
+#define BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(PREFIX, T, P)                                         \
+    PREFIX template void batchnorm::layer_norm<T>(const T*, T*, std::int64_t, std::int64_t, const P*,       \
+                                                  const P*, double, P*, P*, const T*, T*);         \
     PREFIX template void batchnorm::layer_norm_backward<T>(const T*, const T*, T*, std::int64_t,            \
-                                                           std::int64_t, const T*, const T*, const T*, \
-                                                           T*, T*);                                \
-    PREFIX template void batchnorm::rms_norm<T>(const T*, T*, std::int64_t, std::int64_t, const T*, double, \
-                                                T*, const T*, T*);                                 \
+                                                           std::int64_t, const P*, const P*, const P*, \
+                                                           P*, P*);                                \
+    PREFIX template void batchnorm::rms_norm<T>(const T*, T*, std::int64_t, std::int64_t, const P*, double, \
+                                                P*, const T*, T*);                                 \
     PREFIX template void batchnorm::rms_norm_backward<T>(const T*, const T*, T*, std::int64_t,              \
-                                                         std::int64_t, const T*, const T*, T*);    \
+                                                         std::int64_t, const P*, const P*, P*);    \
     PREFIX template void batchnorm::group_norm<T>(const T*, T*, const batchnorm::GroupShape&, std::int64_t, \
-                                                  const T*, const T*, double, T*, T*,              \
+                                                  const P*, const P*, double, P*, P*,              \
                                                   batchnorm::Activation);                          \
     PREFIX template void batchnorm::group_norm_backward<T>(const T*, const T*, T*,                         \
                                                            const batchnorm::GroupShape&, std::int64_t, \
-                                                           const T*, const T*, const T*, T*, T*);  \
-    PREFIX template void batchnorm::instance_norm<T>(const T*, T*, const batchnorm::GroupShape&, const T*, \
-                                                     const T*, T*, T*, double, double, T*, T*,     \
+                                                           const P*, const P*, const P*, P*, P*);  \
+    PREFIX template void batchnorm::instance_norm<T>(const T*, T*, const batchnorm::GroupShape&, const P*, \
+                                                     const P*, P*, P*, double, double, P*, P*,     \
                                                      batchnorm::Activation);
 
 BATCHNORM_FOR_EACH_ENTRY_POINT(extern, float, float)
 BATCHNORM_FOR_EACH_ENTRY_POINT(extern, double, double)
 BATCHNORM_FOR_EACH_ENTRY_POINT(extern, batchnorm::float16, float)
 BATCHNORM_FOR_EACH_ENTRY_POINT(extern, batchnorm::bfloat16, float)
-BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, float)
-BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, double)
+BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, float, float)
+BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, double, double)
+BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, batchnorm::float16, float)
+BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, batchnorm::bfloat16, float)

@@ -15,7 +15,7 @@
 
 namespace batchnorm::detail {
 
-// y = ((x - shift)*scale + offset)*w + b
+// y = ((x - shift)*scale + offset)*w + b; T is the compute type (float for half storage).
 template <class T>
 struct RowScale {
     T shift, scale, offset;
@@ -25,13 +25,14 @@ struct RowScale {
 // is first written to sum_out, or to y when sum_out is null); finish(row, R) -> RowScale<T>;
 // then the normalize.
 template <class R, class T, class Reduce, class Finish>
-void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, const T* weight, const T* bias,
+void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, const compute_t<T>* weight,
+                    const compute_t<T>* bias,
                     const T* residual, T* sum_out, Reduce&& reduce, Finish&& finish) {
     const auto& k = kernels<T>();
     const Shape seg{1, rows, cols};
     T* sum = sum_out ? sum_out : y;
     const T* src = residual ? sum : x;
-    std::vector<RowScale<T>> scale(static_cast<std::size_t>(rows));
+    std::vector<RowScale<compute_t<T>>> scale(static_cast<std::size_t>(rows));
     const int passes = residual ? (sum_out ? 5 : 4) : 2;
     for_each_channel<R>(
         seg, passes * seg.size() * std::int64_t(sizeof(T)),
@@ -42,7 +43,7 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
         },
         [&](std::int64_t r, const R& stats) { scale[std::size_t(r)] = finish(r, stats); },
         [&](std::int64_t r, std::int64_t b, std::int64_t e) {
-            const RowScale<T> s = scale[std::size_t(r)];
+            const RowScale<compute_t<T>> s = scale[std::size_t(r)];
             const std::int64_t at = r * cols + b;
             k.row_scale(src + at, y + at, e - b, s.shift, s.scale, s.offset, weight ? weight + b : nullptr,
                         bias ? bias + b : nullptr);
@@ -52,8 +53,8 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
 // Column sums over rows: sdy[j] = sum(dy[r][j]), sdyx[j] = sum(dy[r][j]*(x[r][j] - shift[r])*scale[r]).
 // Threads take stripes of columns.
 template <class T>
-void row_column_sums(const T* dy, const T* x, std::int64_t rows, std::int64_t cols, const T* shift, const T* scale,
-                     double* sdy, double* sdyx) {
+void row_column_sums(const T* dy, const T* x, std::int64_t rows, std::int64_t cols, const compute_t<T>* shift,
+                     const compute_t<T>* scale, double* sdy, double* sdyx) {
     const auto& k = kernels<T>();
     std::fill_n(sdy, cols, 0.0);
     std::fill_n(sdyx, cols, 0.0);
@@ -78,18 +79,18 @@ std::int64_t backward_group_rows(std::int64_t cols) {
 constexpr std::int64_t kFusedColumns = 16 << 10;
 
 // Backward per row: {sum(dy*w), sum(dy*w*(x - shift[row]))}, finish(row, Sums) ->
-// GradCoefficients<T>, then grad_x = dy*w*k + (x - shift)*m + q (when gx is not null). When sdy
+// GradCoefficients<compute_t<T>>, then grad_x = dy*w*k + (x - shift)*m + q (when gx is not null). When sdy
 // is not null, also the column sums of row_column_sums (with shift and scale per row): fused
 // into the row pass (each thread a block of rows, float64 partials per column) unless rows are
 // too few to share out or too wide, then a second pass.
 template <class T, class Finish>
-void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64_t cols, const T* weight,
-                   const T* shift, const T* scale, double* sdy, double* sdyx, Finish&& finish) {
+void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64_t cols, const compute_t<T>* weight,
+                   const compute_t<T>* shift, const compute_t<T>* scale, double* sdy, double* sdyx, Finish&& finish) {
     const auto& k = kernels<T>();
     const Shape seg{1, rows, cols};
     const std::int64_t bytes = 3 * seg.size() * std::int64_t(sizeof(T));
     const int threads = threads_for(bytes, rows);
-    const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<T>& g) {
+    const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<compute_t<T>>& g) {
         if (!gx) return;
         const std::int64_t at = r * cols + b;
         k.row_wgrad(dy + at, x + at, weight ? weight + b : nullptr, gx + at, e - b, g.shift, g.k, g.m, g.q);
@@ -123,7 +124,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
             }
         return;
     }
-    std::vector<GradCoefficients<T>> coef(static_cast<std::size_t>(rows));
+    std::vector<GradCoefficients<compute_t<T>>> coef(static_cast<std::size_t>(rows));
     for_each_channel<Sums>(
         seg, bytes, row_sums, [&](std::int64_t r, const Sums& s) { coef[std::size_t(r)] = finish(r, s); },
         [&](std::int64_t r, std::int64_t b, std::int64_t e) { row_pass(r, b, e, coef[std::size_t(r)]); });

@@ -32,6 +32,8 @@ inline void check_layer_shape(const GroupShape& shape, const GroupShape* saved, 
 template <class T>
 class GroupNorm {
 public:
+    using P = compute_t<T>;  // parameters, statistics and gradients (float for half storage)
+
     GroupNorm(std::int64_t num_groups, std::int64_t num_channels, double eps = 1e-5, bool affine = true)
         : groups_(num_groups), channels_(num_channels), eps_(eps), affine_(affine) {
         detail::check_element_type<T>();
@@ -41,8 +43,8 @@ public:
         reset_parameters();
     }
 
-    std::vector<T> weight, bias;            // num_channels values each, empty when !affine
-    std::vector<T> weight_grad, bias_grad;  // set by backward()
+    std::vector<P> weight, bias;            // num_channels values each, empty when !affine
+    std::vector<P> weight_grad, bias_grad;  // set by backward()
 
     std::int64_t num_groups() const { return groups_; }
     std::int64_t num_channels() const { return channels_; }
@@ -50,14 +52,14 @@ public:
     bool affine() const { return affine_; }
 
     void reset_parameters() {
-        weight.assign(affine_ ? std::size_t(channels_) : 0, T(1));
-        bias.assign(affine_ ? std::size_t(channels_) : 0, T(0));
+        weight.assign(affine_ ? std::size_t(channels_) : 0, P(1));
+        bias.assign(affine_ ? std::size_t(channels_) : 0, P(0));
     }
 
     void forward(const T* x, T* y, const GroupShape& shape, Activation act = Activation::none) {
         detail::check_layer_shape(shape, nullptr, channels_);
         check_params();
-        std::vector<T> mean(static_cast<std::size_t>(shape.batch * groups_)), invstd(mean.size());
+        std::vector<P> mean(static_cast<std::size_t>(shape.batch * groups_)), invstd(mean.size());
         group_norm(x, y, shape, groups_, detail::param_or_null(weight), detail::param_or_null(bias), eps_, mean.data(),
                    invstd.data(), act);
         const char* why_not = act != Activation::none ? "backward is not available after a forward with activation"
@@ -69,7 +71,7 @@ public:
         const Saved& s = detail::saved_for_backward(saved_);
         detail::check_layer_shape(shape, &s.size, channels_);
         check_params();
-        std::vector<T> gw(weight.size()), gb(bias.size());
+        std::vector<P> gw(weight.size()), gb(bias.size());
         group_norm_backward(grad_y, x, grad_x, shape, groups_, s.mean.data(), s.invstd.data(),
                             detail::param_or_null(weight), affine_ ? gw.data() : nullptr, affine_ ? gb.data() : nullptr);
         weight_grad = std::move(gw);
@@ -77,7 +79,7 @@ public:
     }
 
 private:
-    using Saved = detail::Saved<T, GroupShape>;
+    using Saved = detail::Saved<P, GroupShape>;
 
     void check_params() const {
         detail::check_param(weight, affine_ ? std::size_t(channels_) : 0, "weight");

@@ -23,6 +23,8 @@ namespace batchnorm {
 template <class T>
 class InstanceNorm {
 public:
+    using P = compute_t<T>;  // parameters, statistics and gradients (float for half storage)
+
     explicit InstanceNorm(std::int64_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
                           bool affine = false, bool track_running_stats = false)
         : channels_(num_features), eps_(eps), momentum_(momentum), affine_(affine), track_(track_running_stats) {
@@ -33,9 +35,9 @@ public:
         reset_parameters();
     }
 
-    std::vector<T> weight, bias;               // num_features values each, empty when !affine
-    std::vector<T> running_mean, running_var;  // num_features values each, empty when !track_running_stats
-    std::vector<T> weight_grad, bias_grad;     // set by backward()
+    std::vector<P> weight, bias;               // num_features values each, empty when !affine
+    std::vector<P> running_mean, running_var;  // num_features values each, empty when !track_running_stats
+    std::vector<P> weight_grad, bias_grad;     // set by backward()
 
     std::int64_t num_features() const { return channels_; }
     double eps() const { return eps_; }
@@ -50,24 +52,24 @@ public:
     InstanceNorm& eval() { return train(false); }
 
     void reset_running_stats() {
-        running_mean.assign(track_ ? std::size_t(channels_) : 0, T(0));
-        running_var.assign(track_ ? std::size_t(channels_) : 0, T(1));
+        running_mean.assign(track_ ? std::size_t(channels_) : 0, P(0));
+        running_var.assign(track_ ? std::size_t(channels_) : 0, P(1));
     }
     void reset_parameters() {
         reset_running_stats();
-        weight.assign(affine_ ? std::size_t(channels_) : 0, T(1));
-        bias.assign(affine_ ? std::size_t(channels_) : 0, T(0));
+        weight.assign(affine_ ? std::size_t(channels_) : 0, P(1));
+        bias.assign(affine_ ? std::size_t(channels_) : 0, P(0));
     }
 
     void forward(const T* x, T* y, const GroupShape& shape, Activation act = Activation::none) {
         detail::check_layer_shape(shape, nullptr, channels_);
         check_params();
-        const T *w = detail::param_or_null(weight), *b = detail::param_or_null(bias);
+        const P *w = detail::param_or_null(weight), *b = detail::param_or_null(bias);
         const char* why_not = act != Activation::none ? "backward is not available after a forward with activation"
                                                       : detail::in_place_reason(x, y, shape.size() > 0);
         if (training_ || !track_) {
             const bool update = training_ && track_;
-            std::vector<T> mean(static_cast<std::size_t>(shape.batch * channels_)), invstd(mean.size());
+            std::vector<P> mean(static_cast<std::size_t>(shape.batch * channels_)), invstd(mean.size());
             instance_norm(x, y, shape, w, b, update ? running_mean.data() : nullptr, update ? running_var.data() : nullptr,
                           momentum_.value_or(0.0), eps_, mean.data(), invstd.data(), act);
             saved_ = Saved{shape, std::move(mean), std::move(invstd), why_not};
@@ -76,8 +78,8 @@ public:
         }
         const Shape view = bn_view(shape);
         forward_eval(x, y, view, running_mean.data(), running_var.data(), w, b, eps_, static_cast<const T*>(nullptr), act);
-        std::vector<T> invstd(static_cast<std::size_t>(channels_));
-        for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = T(detail::invstd_of(double(running_var[c]), eps_));
+        std::vector<P> invstd(static_cast<std::size_t>(channels_));
+        for (std::size_t c = 0; c < invstd.size(); ++c) invstd[c] = P(detail::invstd_of(double(running_var[c]), eps_));
         saved_ = Saved{shape, running_mean, std::move(invstd), why_not};
         batch_stats_ = false;
     }
@@ -86,8 +88,8 @@ public:
         const Saved& s = detail::saved_for_backward(saved_);
         detail::check_layer_shape(shape, &s.size, channels_);
         check_params();
-        std::vector<T> gw(weight.size()), gb(bias.size());
-        T *pw = affine_ ? gw.data() : nullptr, *pb = affine_ ? gb.data() : nullptr;
+        std::vector<P> gw(weight.size()), gb(bias.size());
+        P *pw = affine_ ? gw.data() : nullptr, *pb = affine_ ? gb.data() : nullptr;
         if (batch_stats_)
             group_norm_backward(grad_y, x, grad_x, shape, channels_, s.mean.data(), s.invstd.data(),
                                 detail::param_or_null(weight), pw, pb);
@@ -99,7 +101,7 @@ public:
     }
 
 private:
-    using Saved = detail::Saved<T, GroupShape>;
+    using Saved = detail::Saved<P, GroupShape>;
 
     // Per-channel statistics over (sample, spatial): batch norm's view of the same memory.
     static Shape bn_view(const GroupShape& s) {

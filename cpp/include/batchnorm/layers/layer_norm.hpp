@@ -22,6 +22,8 @@ namespace batchnorm {
 template <class T>
 class LayerNorm {
 public:
+    using P = compute_t<T>;  // parameters, statistics and gradients (float for half storage)
+
     explicit LayerNorm(std::vector<std::int64_t> normalized_shape, double eps = 1e-5, bool elementwise_affine = true,
                        bool bias = true)
         : shape_(std::move(normalized_shape)), eps_(eps), affine_(elementwise_affine), has_bias_(elementwise_affine && bias) {
@@ -35,8 +37,8 @@ public:
         reset_parameters();
     }
 
-    std::vector<T> weight, bias;            // size() values each when present, else empty
-    std::vector<T> weight_grad, bias_grad;  // set by backward()
+    std::vector<P> weight, bias;            // size() values each when present, else empty
+    std::vector<P> weight_grad, bias_grad;  // set by backward()
 
     const std::vector<std::int64_t>& normalized_shape() const { return shape_; }
     std::int64_t size() const { return size_; }  // values per row: prod(normalized_shape)
@@ -44,15 +46,15 @@ public:
     bool elementwise_affine() const { return affine_; }
 
     void reset_parameters() {
-        weight.assign(affine_ ? std::size_t(size_) : 0, T(1));
-        bias.assign(has_bias_ ? std::size_t(size_) : 0, T(0));
+        weight.assign(affine_ ? std::size_t(size_) : 0, P(1));
+        bias.assign(has_bias_ ? std::size_t(size_) : 0, P(0));
     }
 
     // Normalizes `rows` rows of size() values; y may be x. residual (same size) gives
     // LN(x + residual), and sum_out (optional) receives x + residual.
     void forward(const T* x, T* y, std::int64_t rows, const T* residual = nullptr, T* sum_out = nullptr) {
         check_params();
-        std::vector<T> mean(static_cast<std::size_t>(rows > 0 ? rows : 0)), invstd(mean.size());
+        std::vector<P> mean(static_cast<std::size_t>(rows > 0 ? rows : 0)), invstd(mean.size());
         layer_norm(x, y, rows, size_, detail::param_or_null(weight), detail::param_or_null(bias), eps_, mean.data(),
                    invstd.data(), residual, sum_out);
         const char* why_not = residual ? "backward is not available after a forward with residual"
@@ -65,7 +67,7 @@ public:
         const Saved& s = detail::saved_for_backward(saved_);
         detail::require(rows == s.size, "backward: rows (", rows, ") is not the rows of the last forward (", s.size, ")");
         check_params();
-        std::vector<T> gw(weight.size()), gb(bias.size());
+        std::vector<P> gw(weight.size()), gb(bias.size());
         layer_norm_backward(grad_y, x, grad_x, rows, size_, s.mean.data(), s.invstd.data(), detail::param_or_null(weight),
                             affine_ ? gw.data() : nullptr, has_bias_ ? gb.data() : nullptr);
         weight_grad = std::move(gw);
@@ -73,7 +75,7 @@ public:
     }
 
 private:
-    using Saved = detail::Saved<T, std::int64_t>;
+    using Saved = detail::Saved<P, std::int64_t>;
 
     void check_params() const {
         detail::check_param(weight, affine_ ? std::size_t(size_) : 0, "weight");

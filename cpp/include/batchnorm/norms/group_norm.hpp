@@ -49,14 +49,15 @@ inline Shape group_rows(const GroupShape& s, std::int64_t groups) {
 // Statistics of every (sample, group) segment, finish(segment, Moments) -> invstd, and
 // y = act((x - mean)*invstd*w[c] + b[c]).
 template <class T, class Finish>
-void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups, const T* weight, const T* bias,
-                      bool relu, Finish&& finish) {
+void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups, const compute_t<T>* weight,
+                      const compute_t<T>* bias, bool relu, Finish&& finish) {
+    using P = compute_t<T>;
     const auto& k = kernels<T>();
     const std::int64_t C = s.channels, per_group = C / groups, hw = s.spatial;
-    const auto factors = [&](std::int64_t g, const Moments& m, double invstd, T* shift, T* alpha, T* beta) {
+    const auto factors = [&](std::int64_t g, const Moments& m, double invstd, P* shift, P* alpha, P* beta) {
         for (std::int64_t i = 0; i < per_group; ++i) {
             const std::int64_t c = g * per_group + i;
-            const ChannelAffine<T> a = affine_for<T>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+            const ChannelAffine<P> a = affine_for<P>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
             shift[i] = a.shift;
             alpha[i] = a.alpha;
             beta[i] = a.beta;
@@ -75,7 +76,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
                 const auto& [m, invstd] = stats[std::size_t(sg)];
                 for (std::int64_t v = b; v < e;) {
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), c = (sg % groups) * per_group + p;
-                    const ChannelAffine<T> a = affine_for<T>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+                    const ChannelAffine<P> a = affine_for<P>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
                     const std::int64_t at = sg * seg.inner + v;
                     k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu);
                     v = end;
@@ -84,7 +85,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         return;
     }
     const Shape rows = group_rows(s, groups);
-    PerColumn<T> shift(rows), alpha(rows), beta(rows);
+    PerColumn<P> shift(rows), alpha(rows), beta(rows);
     for (std::int64_t n = 0; n < s.batch; ++n) {
         const T* xn = x + n * hw * C;
         T* yn = y + n * hw * C;
@@ -125,14 +126,16 @@ inline PlaneSums merge(const PlaneSums& a, const PlaneSums& b) {
 // w[c]*sum(dy), B = sum of w[c]*sum(dy*(x - mean)), M the group's values;
 // grad_weight[c] = sum over samples of sum(dy*(x - mean))*invstd, grad_bias[c] = sum(dy).
 template <class T>
-void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::int64_t groups, const T* mean,
-                    const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
+void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::int64_t groups,
+                    const compute_t<T>* mean, const compute_t<T>* invstd, const compute_t<T>* weight,
+                    compute_t<T>* grad_weight, compute_t<T>* grad_bias) {
+    using P = compute_t<T>;
     const auto& k = kernels<T>();
     const std::int64_t C = s.channels, per_group = C / groups, hw = s.spatial;
     const double inv_count = 1.0 / double(per_group * hw);
     std::vector<double> sdy(std::size_t(s.batch * C)), sdyx(sdy.size());
     // Coefficients of one group from its per-channel sums; kc[i] = w[c]*invstd.
-    const auto coefficients = [&](std::int64_t sg, const double* s1, const double* s2, T* kc, T& m, T& q) {
+    const auto coefficients = [&](std::int64_t sg, const double* s1, const double* s2, P* kc, P& m, P& q) {
         const std::int64_t g = sg % groups;
         const double is = double(invstd[sg]);
         double a = 0, b = 0;
@@ -140,15 +143,15 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
             const double w = value_or(weight, g * per_group + i, 1.0);
             a += w * s1[i];
             b += w * s2[i];
-            if (kc) kc[i] = T(w * is);
+            if (kc) kc[i] = P(w * is);
         }
         const auto [mm, qq] = through_statistics(is, a, b, inv_count);
-        m = T(mm);
-        q = T(qq);
+        m = P(mm);
+        q = P(qq);
     };
     if (!s.channels_last) {
         const Shape seg{1, s.batch * groups, per_group * hw};
-        std::vector<T> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
+        std::vector<P> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
         for_each_channel<PlaneSums>(
             seg, 3 * s.size() * std::int64_t(sizeof(T)),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
@@ -172,7 +175,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                 if (!gx) return;
                 for (std::int64_t v = b; v < e;) {
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
-                    const T kc = T(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
+                    const P kc = P(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
                     k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc, mc[std::size_t(sg)],
                               qc[std::size_t(sg)]);
                     v = end;
@@ -180,7 +183,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
             });
     } else {
         const Shape rows = group_rows(s, groups);
-        PerColumn<T> shift(rows), kcol(rows), mcol(rows), qcol(rows);
+        PerColumn<P> shift(rows), kcol(rows), mcol(rows), qcol(rows);
         for (std::int64_t n = 0; n < s.batch; ++n) {
             const std::int64_t base = n * hw * C;
             for_each_row_block<T>(
@@ -204,7 +207,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                         sdy[std::size_t(c0 + i)] = a;
                         sdyx[std::size_t(c0 + i)] = b;
                     }
-                    T m, q;
+                    P m, q;
                     coefficients(n * groups + g, sdy.data() + c0, sdyx.data() + c0, kcol.data() + j0, m, q);
                     std::fill_n(shift.data() + j0, per_group, mean[n * groups + g]);
                     std::fill_n(mcol.data() + j0, per_group, m);
@@ -225,8 +228,8 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
             gw += sdyx[at] * double(invstd[n * groups + c / per_group]);
             gb += sdy[at];
         }
-        if (grad_weight) grad_weight[c] = T(gw);
-        if (grad_bias) grad_bias[c] = T(gb);
+        if (grad_weight) grad_weight[c] = P(gw);
+        if (grad_bias) grad_bias[c] = P(gb);
     }
 }
 
@@ -235,16 +238,19 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
 // GroupNorm forward: y = act((x - mean)/sqrt(var + eps)*weight[c] + bias[c]) with the mean and
 // biased variance of each (sample, group). weight/bias (C values) may be null (1 and 0).
 // save_mean and save_invstd (optional, N*G values, sample-major) receive the statistics.
+// T is the storage type of x and y; weight, bias and the statistics are compute_t<T>.
 template <class T>
-void group_norm(const T* x, T* y, const GroupShape& shape, std::int64_t groups, const T* weight, const T* bias,
-                double eps, T* save_mean = nullptr, T* save_invstd = nullptr, Activation act = Activation::none) {
+void group_norm(const T* x, T* y, const GroupShape& shape, std::int64_t groups, const compute_t<T>* weight,
+                const compute_t<T>* bias, double eps, compute_t<T>* save_mean = nullptr,
+                compute_t<T>* save_invstd = nullptr, Activation act = Activation::none) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_group_shape(shape, groups);
     detail::check_eps(eps);
     if (shape.size() == 0) {
         const std::int64_t n = shape.batch * groups;
-        if (save_mean) std::fill_n(save_mean, n, std::numeric_limits<T>::quiet_NaN());
-        if (save_invstd) std::fill_n(save_invstd, n, std::numeric_limits<T>::quiet_NaN());
+        if (save_mean) std::fill_n(save_mean, n, std::numeric_limits<P>::quiet_NaN());
+        if (save_invstd) std::fill_n(save_invstd, n, std::numeric_limits<P>::quiet_NaN());
         return;
     }
     detail::check_pointer(x, "x");
@@ -252,8 +258,8 @@ void group_norm(const T* x, T* y, const GroupShape& shape, std::int64_t groups, 
     detail::normalize_groups(x, y, shape, groups, weight, bias, act == Activation::relu,
                              [&](std::int64_t sg, const detail::Moments& m) {
                                  const double invstd = detail::invstd_of(m.biased_var(), eps);
-                                 if (save_mean) save_mean[sg] = T(m.mean());
-                                 if (save_invstd) save_invstd[sg] = T(invstd);
+                                 if (save_mean) save_mean[sg] = P(m.mean());
+                                 if (save_invstd) save_invstd[sg] = P(invstd);
                                  return invstd;
                              });
 }
@@ -262,12 +268,14 @@ void group_norm(const T* x, T* y, const GroupShape& shape, std::int64_t groups, 
 // grad_weight and grad_bias may each be null (not wanted); weight null means 1.
 template <class T>
 void group_norm_backward(const T* grad_y, const T* x, T* grad_x, const GroupShape& shape, std::int64_t groups,
-                         const T* mean, const T* invstd, const T* weight, T* grad_weight, T* grad_bias) {
+                         const compute_t<T>* mean, const compute_t<T>* invstd, const compute_t<T>* weight,
+                         compute_t<T>* grad_weight, compute_t<T>* grad_bias) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_group_shape(shape, groups);
     if (shape.size() == 0) {
-        if (grad_weight) std::fill_n(grad_weight, shape.channels, T(0));
-        if (grad_bias) std::fill_n(grad_bias, shape.channels, T(0));
+        if (grad_weight) std::fill_n(grad_weight, shape.channels, P(0));
+        if (grad_bias) std::fill_n(grad_bias, shape.channels, P(0));
         return;
     }
     detail::check_pointer(mean, "mean");

@@ -16,10 +16,13 @@ namespace batchnorm {
 // per (sample, channel). running_mean/running_var (C values, both or neither) are updated with
 // factor momentum. save_mean/save_invstd (optional, N*C values) receive the statistics; the
 // backward is group_norm_backward with groups = channels. Needs more than one spatial value.
+// T is the storage type of x and y; the per-channel arrays and statistics are compute_t<T>.
 template <class T>
-void instance_norm(const T* x, T* y, const GroupShape& shape, const T* weight, const T* bias, T* running_mean,
-                   T* running_var, double momentum, double eps, T* save_mean = nullptr, T* save_invstd = nullptr,
+void instance_norm(const T* x, T* y, const GroupShape& shape, const compute_t<T>* weight, const compute_t<T>* bias,
+                   compute_t<T>* running_mean, compute_t<T>* running_var, double momentum, double eps,
+                   compute_t<T>* save_mean = nullptr, compute_t<T>* save_invstd = nullptr,
                    Activation act = Activation::none) {
+    using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_group_shape(shape, shape.channels > 0 ? shape.channels : 1);
     detail::check_eps(eps);
@@ -43,8 +46,8 @@ void instance_norm(const T* x, T* y, const GroupShape& shape, const T* weight, c
     detail::normalize_groups(x, y, shape, C, weight, bias, act == Activation::relu,
                              [&](std::int64_t sg, const detail::Moments& m) {
                                  const double invstd = detail::invstd_of(m.biased_var(), eps);
-                                 if (save_mean) save_mean[sg] = T(m.mean());
-                                 if (save_invstd) save_invstd[sg] = T(invstd);
+                                 if (save_mean) save_mean[sg] = P(m.mean());
+                                 if (save_invstd) save_invstd[sg] = P(invstd);
                                  if (running_mean) {
                                      means[std::size_t(sg)] = m.mean();
                                      vars[std::size_t(sg)] = m.unbiased_var();

@@ -12,6 +12,10 @@ namespace {
 class IsaEnvironment : public ::testing::Environment {
 public:
     void SetUp() override {
+        // Tests compare the bits of two calls (in place vs not, null outputs vs not); with the
+        // thread count chosen from other processes' load (cpu_load.hpp) two calls may split their
+        // sums differently. tests/conftest.py does the same for the Python suite.
+        setenv("BATCHNORM_ADAPTIVE_THREADS", "0", 0);
         try {
             const batchnorm::Isa isa = batchnorm::active_isa();
             const char* forced = std::getenv("BATCHNORM_ISA");

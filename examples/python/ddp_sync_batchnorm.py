@@ -12,6 +12,7 @@ here too, and compared.
 from __future__ import annotations
 
 import datetime
+import gc
 import socket
 
 import torch
@@ -77,8 +78,11 @@ def worker(rank: int, port: int, results: "mp.SimpleQueue") -> None:
         losses.append(whole.item() / WORLD)
     if rank == 0:
         results.put(losses)
-    # Every rank reaches the end before any tears the group down: gloo aborts a process
-    # (std::terminate) whose peer closes the connection under it.
+    # Tear down in one order on every rank: DDP's reducer holds the group, so it goes first,
+    # while every peer is still connected; then a barrier, so that no rank closes its gloo
+    # connections under a peer that is still using them (gloo aborts that peer).
+    del net, opt
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

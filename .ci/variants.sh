@@ -19,10 +19,13 @@ build() {  # build NAME [pip config settings...]: installs the variant into $wor
         -Cbuild-dir="$work/$name-build" "$@" .
 }
 
+# A suite still running after 20 minutes is hung: interrupt it, so pytest says where it was.
+pytest_run() { timeout --signal=INT --kill-after=60 1200 "$python" -m pytest "$@"; }
+
 suite() {  # suite NAME [pytest args...]
     local name=$1; shift
     echo "--- $name: $(PYTHONPATH="$work/$name" "$python" -c 'import batchnorm; print(batchnorm.__file__)')"
-    PYTHONPATH="$work/$name" "$python" -m pytest -q "$@"
+    PYTHONPATH="$work/$name" pytest_run -q "$@"
 }
 
 for variant in "${@:-clang no-openmp sanitize}"; do
@@ -53,7 +56,7 @@ for variant in "${@:-clang no-openmp sanitize}"; do
         echo 'raise ModuleNotFoundError("torch is hidden in the sanitizer run")' > "$work/no-torch/torch/__init__.py"
         LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)" \
         ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-          PYTHONPATH="$work/sanitize:$work/no-torch" "$python" -m pytest -q -p no:cacheprovider ;;
+          PYTHONPATH="$work/sanitize:$work/no-torch" pytest_run -q -p no:cacheprovider ;;
       *) echo "variants.sh: unknown variant $v" >&2; exit 2 ;;
     esac
   done

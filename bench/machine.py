@@ -13,7 +13,7 @@ import time
 
 # Flags that decide which kernels can run; the full /proc/cpuinfo list is noise.
 _ISA_FLAGS = (
-    "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_fp16",
+    "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16",
     "amx_tile", "asimd", "sve",
 )
 _ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "BATCHNORM_ISA", "OPENBLAS_CORETYPE",

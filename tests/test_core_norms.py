@@ -1,7 +1,7 @@
 """The normalization family and batch norm's phase functions at the `_core` level, against a
 float64 NumPy reference written here from the formulas (and against PyTorch where it applies).
 
-Every test runs under the active ISA (BATCHNORM_ISA=scalar|avx2|avx512 selects one) and, where
+Every test runs under the active ISA (BATCHNORM_ISA=scalar|avx2|avx512|avx512_bf16 selects one) and, where
 it takes the `threads` fixture, at 1 and 2 threads. Shapes include channels-last memory, groups
 split over threads (few groups, long segments) and rows long enough for several tiles.
 """

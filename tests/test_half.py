@@ -5,7 +5,7 @@ Outputs must be within 1 ulp (of the half type) of the float64 result computed o
 upcast input (tests/reference.py), plus what float32 math costs where the terms of a result
 cancel (a few float32 roundings of the terms' magnitude: that is below a half ulp unless the
 result is far smaller than its terms); statistics as accurate as for float32 input. Run under every
-ISA (BATCHNORM_ISA=scalar|avx2|avx512) and, through the ``threads`` fixture, 1 and 2 threads.
+ISA (BATCHNORM_ISA=scalar|avx2|avx512|avx512_bf16) and, through the ``threads`` fixture, 1 and 2 threads.
 """
 
 from __future__ import annotations

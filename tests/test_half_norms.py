@@ -8,7 +8,7 @@ error 1e-7, under 2 float32 roundings of |mean|), so it moves y by up to 2 round
 |mean*invstd*w|: a value the normalization brings near -bias can miss by more than roundings
 of |(x - mean)*invstd*w| + |bias|. (bfloat16 layer norm, 8x2x3x1000: one value in 48,000 did;
 its mean was 0.28 float32 roundings off, which reproduces the kernel's output bit for bit.)
-Run under every ISA (BATCHNORM_ISA=scalar|avx2|avx512)."""
+Run under every ISA (BATCHNORM_ISA=scalar|avx2|avx512|avx512_bf16)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import pytest
 import batchnorm as bn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KNOWN = ("avx512", "avx2", "neon", "scalar")
+KNOWN = ("avx512_bf16", "avx512", "avx2", "neon", "scalar")
 MACHINE = platform.machine().lower()
 IS_X86 = MACHINE in ("x86_64", "amd64", "i686", "i386")
 IS_ARM = MACHINE in ("aarch64", "arm64")
@@ -66,10 +66,14 @@ def test_available_isas_respect_the_cpu():
         if flags is not None:
             if "avx512f" not in flags:
                 assert "avx512" not in avail
+            if "avx512_bf16" not in flags:
+                assert "avx512_bf16" not in avail
+            if "avx512_bf16" in avail:
+                assert "avx512" in avail, "avx512_bf16 is avx512 plus AVX512-BF16"
             if not {"avx2", "fma"} <= flags:
                 assert "avx2" not in avail
     if IS_ARM:
-        assert "avx2" not in avail and "avx512" not in avail
+        assert not {"avx2", "avx512", "avx512_bf16"} & set(avail)
         assert "neon" in avail, "NEON is the aarch64 baseline"
 
 

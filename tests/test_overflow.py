@@ -2,7 +2,7 @@
 and correct. Values near 1e19 have a variance near float32's largest value; values near 1e38
 have deviations whose squares (about 1e74) no float32 holds. The kernels' float32 lanes
 overflow there; the engine sums such reductions again in float64. Run under every ISA
-(BATCHNORM_ISA=scalar|avx2|avx512), at 1 and 2 threads, against a float64 reference, and
+(BATCHNORM_ISA=scalar|avx2|avx512|avx512_bf16), at 1 and 2 threads, against a float64 reference, and
 against PyTorch where PyTorch is right (its running mean; its output is not at these scales).
 """
 

@@ -82,7 +82,7 @@ _DATA_DIR = os.path.dirname(os.path.abspath(_core.__file__))
 
 
 def isa() -> str:
-    """Active SIMD backend: "avx512", "avx2", "neon" or "scalar".
+    """Active SIMD backend: "avx512_bf16", "avx512", "avx2", "neon" or "scalar".
 
     Chosen once from the CPU; ``BATCHNORM_ISA`` forces a supported one.
     """

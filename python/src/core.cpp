@@ -559,7 +559,7 @@ NB_MODULE(_core, m) {
     batchnorm::active_isa();
 
     m.def("isa", [] { return std::string(batchnorm::isa_name(batchnorm::active_isa())); },
-          "The SIMD backend in use: 'avx512', 'avx2', 'neon' or 'scalar'.");
+          "The SIMD backend in use: 'avx512_bf16', 'avx512', 'avx2', 'neon' or 'scalar'.");
     m.def("available_isas", &py::available_isas,
           "Every backend this CPU and build can run, best first (values for BATCHNORM_ISA).");
     m.def("get_num_threads", &batchnorm::get_num_threads, "Threads a large call may use.");

@@ -1,6 +1,8 @@
 // Maps the active ISA to its kernel table; the only place that knows every backend.
 #pragma once
 
+#include <type_traits>
+
 #include "isa.hpp"
 #include "kernels/avx2.hpp"
 #include "kernels/avx512.hpp"
@@ -14,6 +16,9 @@ template <class T>
 const KernelTable<T>& kernels_for(Isa isa) {
     switch (isa) {
 #if defined(BATCHNORM_HAS_AVX512_BACKEND)
+        case Isa::avx512_bf16:  // differs from avx512 only where it narrows to bfloat16
+            if constexpr (std::is_same_v<T, bfloat16>) return avx512_bf16::table<T>();
+            return avx512::table<T>();
         case Isa::avx512: return avx512::table<T>();
 #endif
 #if defined(BATCHNORM_HAS_AVX2_BACKEND)

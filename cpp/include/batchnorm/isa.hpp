@@ -1,6 +1,7 @@
 // Which instruction set the kernels use. Chosen once per process: the best backend that this
 // build contains and this CPU and OS can run, unless BATCHNORM_ISA names one
-// (scalar | avx2 | avx512 | neon), which is then used or refused with unsupported_isa.
+// (scalar | avx2 | avx512 | avx512_bf16 | neon), which is then used or refused with unsupported_isa.
+// avx512_bf16 is avx512 plus AVX512-BF16, whose instruction narrows float32 to bfloat16.
 #pragma once
 
 #include <cstdint>
@@ -20,10 +21,11 @@
 
 namespace batchnorm {
 
-enum class Isa { scalar, avx2, avx512, neon };
+enum class Isa { scalar, avx2, avx512, neon, avx512_bf16 };
 
 inline const char* isa_name(Isa isa) {
     switch (isa) {
+        case Isa::avx512_bf16: return "avx512_bf16";
         case Isa::avx512: return "avx512";
         case Isa::avx2: return "avx2";
         case Isa::neon: return "neon";
@@ -81,12 +83,17 @@ inline bool cpu_has_avx512() {
     const std::uint32_t f = 1u << 16, dq = 1u << 17, bw = 1u << 30, vl = 1u << 31;
     return (ebx & (f | dq | bw | vl)) == (f | dq | bw | vl);
 }
+
+inline bool cpu_has_avx512_bf16() {
+    return cpu_has_avx512() && (cpuid(7, 1).eax & (1u << 5));
+}
 #endif
 
 // Backends this build contains and this machine can run, best first.
 inline std::vector<Isa> supported_isas() {
     std::vector<Isa> isas;
 #if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx512_bf16()) isas.push_back(Isa::avx512_bf16);
     if (cpu_has_avx512()) isas.push_back(Isa::avx512);
     if (cpu_has_avx2_fma()) isas.push_back(Isa::avx2);
 #elif defined(__aarch64__)
@@ -106,10 +113,11 @@ inline Isa select_isa() {
         names += (names.empty() ? "" : ", ") + std::string(isa_name(isa));
     }
     const std::string value = forced;
-    const bool known = value == "scalar" || value == "avx2" || value == "avx512" || value == "neon";
+    const bool known = value == "scalar" || value == "avx2" || value == "avx512" || value == "avx512_bf16" ||
+                       value == "neon";
     throw unsupported_isa("BATCHNORM_ISA=" + value +
                           (known ? " is not supported by this CPU or build"
-                                 : " is not a known backend (scalar, avx2, avx512, neon)") +
+                                 : " is not a known backend (scalar, avx2, avx512, avx512_bf16, neon)") +
                           "; supported here: " + names);
 }
 

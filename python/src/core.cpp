@@ -80,6 +80,35 @@ void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const Ar
             value_error(std::string("out overlaps ") + name + "; pass a separate array");
 }
 
+// What batch norm's two input-gradient entry points (backward, batch_norm_backward_apply) read
+// besides x, checked in this order: grad_y, the saved mean and invstd (required), weight.
+// The caller takes `out` after its own checks, then has gradient_output() check it.
+template <class T>
+struct GradientOperands {
+    GradientOperands(const Input& in, nb::handle grad_obj, nb::handle mean_obj, nb::handle invstd_obj,
+                     nb::handle weight_obj)
+        : grad_y(take_grad_y<T>(grad_obj, in.layout)),
+          mean(required_statistics(mean_obj, invstd_obj), "mean", in.layout.view.channels),
+          invstd(invstd_obj, "invstd", in.layout.view.channels),
+          weight(weight_obj, "weight", in.layout.view.channels) {}
+
+    // grad_x: a new array, or `out`, apart from every array the call reads
+    WriteAs<T> gradient_output(nb::handle out, const Input& in) const {
+        WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_y});
+        check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
+        return grad_x;
+    }
+
+    const ArrayRef grad_y;
+    const ChannelArray<T> mean, invstd, weight;
+
+private:
+    static nb::handle required_statistics(nb::handle mean_obj, nb::handle invstd_obj) {
+        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
+        return mean_obj;
+    }
+};
+
 nb::object stats(nb::handle x_obj, int axis) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
@@ -165,19 +194,15 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
-        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
-        const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
-        const ChannelArray<T> weight(weight_obj, "weight", view.channels);
-        WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_array});
-        check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
-        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        const GradientOperands<T> g(in, grad_obj, mean_obj, invstd_obj, weight_obj);
+        WriteAs<T> grad_x = g.gradient_output(out, in);
+        const ReadAs<T> x(in.array, in.layout), grad_y(g.grad_y, in.layout);
         using P = compute_t<T>;
         nb::object grad_weight = new_vector<P>(view.channels), grad_bias = new_vector<P>(view.channels);
         {
             nb::gil_scoped_release unlocked;
-            batchnorm::backward<T>(grad_y.data(), x.data(), grad_x.data(), view, mean.data(), invstd.data(),
-                                   weight.data(), data_of<P>(grad_weight), data_of<P>(grad_bias), training);
+            batchnorm::backward<T>(grad_y.data(), x.data(), grad_x.data(), view, g.mean.data(), g.invstd.data(),
+                                   g.weight.data(), data_of<P>(grad_weight), data_of<P>(grad_bias), training);
         }
         return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
     });
@@ -509,21 +534,17 @@ nb::object batch_norm_backward_apply(nb::handle grad_obj, nb::handle x_obj, nb::
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         const Shape& view = in.layout.view;
-        const ArrayRef grad_array = take_grad_y<T>(grad_obj, in.layout);
-        if (mean_obj.is_none() || invstd_obj.is_none()) type_error("mean and invstd must be arrays, got None");
-        const ChannelArray<T> mean(mean_obj, "mean", view.channels), invstd(invstd_obj, "invstd", view.channels);
-        const ChannelArray<T> weight(weight_obj, "weight", view.channels);
+        const GradientOperands<T> g(in, grad_obj, mean_obj, invstd_obj, weight_obj);
         const Float64Vector sum_dy(sum_dy_obj, "sum_dy", view.channels);
         const Float64Vector sum_dy_xmu(sum_dy_xmu_obj, "sum_dy_xmu", view.channels);
         if (!(count > 0)) value_error("count must be positive, got " + std::to_string(count));
-        WriteAs<T> grad_x(out, in.layout, "out", {&in.array, &grad_array});
-        check_apart(grad_x, {{mean.array(), "mean"}, {invstd.array(), "invstd"}, {weight.array(), "weight"}});
-        const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
+        WriteAs<T> grad_x = g.gradient_output(out, in);
+        const ReadAs<T> x(in.array, in.layout), grad_y(g.grad_y, in.layout);
         {
             nb::gil_scoped_release unlocked;
-            batchnorm::batch_norm_backward_apply<T>(grad_y.data(), x.data(), grad_x.data(), view, mean.data(),
-                                                    invstd.data(), weight.data(), sum_dy.data(), sum_dy_xmu.data(),
-                                                    count);
+            batchnorm::batch_norm_backward_apply<T>(grad_y.data(), x.data(), grad_x.data(), view, g.mean.data(),
+                                                    g.invstd.data(), g.weight.data(), sum_dy.data(),
+                                                    sum_dy_xmu.data(), count);
         }
         return grad_x.finish();
     });

@@ -103,22 +103,31 @@ inline std::vector<Isa> supported_isas() {
     return isas;
 }
 
+// Every backend there is, by name: what BATCHNORM_ISA may say.
+inline const std::vector<Isa>& every_isa() {
+    static const std::vector<Isa> all{Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512_bf16, Isa::neon};
+    return all;
+}
+
+inline std::string isa_names(const std::vector<Isa>& isas) {
+    std::string names;
+    for (Isa isa : isas) names += (names.empty() ? "" : ", ") + std::string(isa_name(isa));
+    return names;
+}
+
 inline Isa select_isa() {
     const std::vector<Isa> supported = supported_isas();
     const char* forced = std::getenv("BATCHNORM_ISA");
     if (forced == nullptr || *forced == '\0') return supported.front();
-    std::string names;
-    for (Isa isa : supported) {
-        if (forced == std::string(isa_name(isa))) return isa;
-        names += (names.empty() ? "" : ", ") + std::string(isa_name(isa));
-    }
     const std::string value = forced;
-    const bool known = value == "scalar" || value == "avx2" || value == "avx512" || value == "avx512_bf16" ||
-                       value == "neon";
+    for (Isa isa : supported)
+        if (value == isa_name(isa)) return isa;
+    bool known = false;
+    for (Isa isa : every_isa()) known = known || value == isa_name(isa);
     throw unsupported_isa("BATCHNORM_ISA=" + value +
                           (known ? " is not supported by this CPU or build"
-                                 : " is not a known backend (scalar, avx2, avx512, avx512_bf16, neon)") +
-                          "; supported here: " + names);
+                                 : " is not a known backend (" + isa_names(every_isa()) + ")") +
+                          "; supported here: " + isa_names(supported));
 }
 
 }  // namespace detail

@@ -24,8 +24,8 @@ from helpers import DTYPE_IDS, DTYPES
 DISTS = [(0.0, 1.0), (1e2, 1.0), (1e4, 1.0), (1e6, 1.0), (1e3, 1e-2)]
 DIST_IDS = ["off0", "off1e2", "off1e4", "off1e6", "off1e3-std1e-2"]
 # (shape, axis)
-LAYOUTS = [((8, 16, 28, 28), 1), ((4096, 16), 1), ((8, 28, 28, 16), -1)]
-LAYOUT_IDS = ["NCHW", "NC", "NHWC-axis-1"]
+LAYOUTS = [((8, 16, 28, 28), 1), ((32, 16, 7, 7), 1), ((4096, 16), 1), ((8, 28, 28, 16), -1)]
+LAYOUT_IDS = ["NCHW", "NCHW-7x7", "NC", "NHWC-axis-1"]
 
 VAR_RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 OUT_ATOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}

@@ -57,6 +57,32 @@ TYPED_TEST(Functional, AccurateAtLargeMean) {
     }
 }
 
+// A shift far from the mean must cost a second pass, not digits. Channels-first blocks of short
+// planes (plane_blocks.hpp) take their shift from 8 values at (2i + 1) * n / 16 of a channel's n
+// values, in (row, position) order; here those values are 1e4 and the rest near 0, so the
+// shift sits about 7 standard deviations off: summed in float32 lanes around it, the variance
+// would be off by about 1e-5, ten times the target.
+TYPED_TEST(Functional, ShiftFarFromTheMean) {
+    using T = TypeParam;
+    for (const Shape& s : {Shape{8, 4, 49}, Shape{16, 3, 100}}) {
+        SCOPED_TRACE(ref::str(s));
+        std::vector<T> x = ref::random_input<T>(s, 3, 0.0, 1.0);
+        const std::int64_t n = s.per_channel();
+        for (std::int64_t c = 0; c < s.channels; ++c)
+            for (std::int64_t i = 0; i < 8; ++i) {
+                const std::int64_t v = (2 * i + 1) * n / 16;
+                x[std::size_t(ref::at(s, v / s.inner, c, v % s.inner))] = T(1e4);
+            }
+        const ref::Stats r = ref::stats(x, s);
+        std::vector<T> mean(std::size_t(s.channels)), var(std::size_t(s.channels)), y(x.size());
+        batchnorm::batch_stats(x.data(), s, mean.data(), var.data());
+        EXPECT_TRUE(ref::close(mean, r.mean, ref::tol<T>()));
+        EXPECT_TRUE(ref::close(var, r.var, 1e-6, 0.0));
+        batchnorm::forward_train(x.data(), y.data(), s, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5);
+        EXPECT_TRUE(ref::close(y, ref::normalize(x, s, r.mean, r.var, {}, {}, 1e-5), 1e-5));
+    }
+}
+
 TYPED_TEST(Functional, ForwardTrain) {
     using T = TypeParam;
     const double eps = 1e-5, momentum = 0.25;

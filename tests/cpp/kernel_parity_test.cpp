@@ -220,6 +220,75 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
     }
 }
 
+// ---- blocks of short planes (pb_*) ---------------------------------------------------------
+// Every plane length up to the kernels' limit (kFlushVectors vectors of this backend's lanes),
+// row counts on both sides of every flush interval, plane counts across kBlockPlanes, gaps
+// between rows (stride > planes * len), and sums that start non-zero (the kernels add).
+
+template <class T>
+void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    using C = compute_t<T>;
+    const i64 max_len = batchnorm::detail::kFlushVectors * t.lanes;
+    int ci = 0;
+    for (i64 len = 1; len <= max_len; len += (len < 40 || len + 3 > max_len) ? 1 : 7) {
+        for (i64 rows : {1, 3, 5, 17}) {
+            for (i64 planes : {1, 2, 33}) {
+                const i64 gap = (len + rows) % 3 == 0 ? 0 : 5, stride = planes * len + gap;
+                const i64 size = (rows - 1) * stride + planes * len;  // exact: no slack
+                const double mean = mean_at<T>(ci++);
+                const std::vector<T> x = random_vec<T>(rng, size, mean, 1.0);
+                const std::vector<T> dy = random_vec<T>(rng, size, 0.0, 1.0);
+                const std::vector<C> shift = random_vec<C>(rng, planes, mean, 0.25);
+                const std::vector<C> a = random_vec<C>(rng, planes, 0.0, 2.0);
+                const std::vector<C> b = random_vec<C>(rng, planes, 0.0, 2.0);
+                const std::vector<C> c = random_vec<C>(rng, planes, 0.0, 2.0);
+                const std::vector<double> start = random_vec<double>(rng, planes, 0.0, 1.0);
+                const std::string where = tag + " pb rows=" + std::to_string(rows) + " planes=" +
+                                          std::to_string(planes) + " len=" + std::to_string(len) +
+                                          " stride=" + std::to_string(stride) + fmt(" mean=%g", mean, 0, 0);
+
+                std::vector<double> d1(start), d2(start), ad1(start.size()), ad2(start.size());
+                std::vector<double> g(start), gd(start), ag(start.size()), agd(start.size());
+                Expected ey(size + kGuard), eg(size + kGuard);
+                for (i64 r = 0; r < rows; ++r)
+                    for (i64 j = 0; j < planes; ++j) {
+                        const size_t u = size_t(j);
+                        for (i64 i = r * stride + j * len; i < r * stride + (j + 1) * len; ++i) {
+                            const double xv = double(x[size_t(i)]), gv = double(dy[size_t(i)]);
+                            const double d = xv - double(shift[u]);
+                            d1[u] += d; ad1[u] += std::fabs(d); d2[u] += d * d; ad2[u] += d * d;
+                            g[u] += gv; ag[u] += std::fabs(gv); gd[u] += gv * d; agd[u] += std::fabs(gv * d);
+                            ey.set(i, d * double(a[u]) + double(b[u]), std::fabs(d * double(a[u])) + std::fabs(double(b[u])));
+                            eg.set(i, gv * double(a[u]) + d * double(b[u]) + double(c[u]),
+                                   std::fabs(gv * double(a[u])) + std::fabs(d * double(b[u])) + std::fabs(double(c[u])));
+                        }
+                    }
+                const i64 n = rows * len;
+                std::vector<double> s1(start), s2(start);
+                t.pb_dev(x.data(), rows, stride, planes, len, shift.data(), s1.data(), s2.data());
+                std::vector<double> t1(start), t2(start);
+                t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data());
+                for (i64 j = 0; j < planes; ++j) {
+                    const size_t u = size_t(j);
+                    const std::string at = where + " plane=" + std::to_string(j);
+                    const double s0 = std::fabs(start[u]);
+                    check_sum(ck, at, "pb_dev.first", s1[u], d1[u], sum_tol<T>(ad1[u] + s0, n));
+                    check_sum(ck, at, "pb_dev.second", s2[u], d2[u], sum_tol<T>(ad2[u] + s0, n));
+                    check_sum(ck, at, "pb_dot.first", t1[u], g[u], sum_tol<T>(ag[u] + s0, n));
+                    check_sum(ck, at, "pb_dot.second", t2[u], gd[u], sum_tol<T>(agd[u] + s0, n));
+                }
+                std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data());
+                check_output(ck, where, "pb_affine", y, ey);
+                std::vector<T> gx = sentinel_vec<T>(size + kGuard);
+                t.pb_grad(dy.data(), x.data(), gx.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(),
+                          c.data());
+                check_output(ck, where, "pb_grad", gx, eg);
+            }
+        }
+    }
+}
+
 // ---- whole planes, eval (rows_affine) ------------------------------------------------------
 
 template <class T>
@@ -574,6 +643,7 @@ void test_backend(Isa isa, Checker& ck) {
     const i64 before = ck.failed;
     test_cf<T>(t, tag, rng, ck);
     test_rows<T>(t, tag, rng, ck);
+    test_pb<T>(t, tag, rng, ck);
     test_cl<T>(t, tag, rng, ck);
     test_relu_nan<T>(t, tag, ck);
     test_row_params<T>(t, tag, rng, ck);

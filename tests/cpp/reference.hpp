@@ -198,15 +198,17 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
     return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
-// Shapes that reach every driver: rows with inner 1, rows with a small inner, channels-first,
-// a size that reads as rows in float and channels-first in double, odd channel counts.
+// Shapes that reach every driver: rows with inner 1, rows with a small inner, channels-first
+// in blocks of short planes and channel by channel, a size that reads as rows in float and as
+// plane blocks in double, odd channel counts.
 inline std::vector<Shape> shapes() {
     return {
         {7, 5, 1},    // (N, C)
         {6, 4, 3},    // (N, C, L) small L: rows with inner 3
-        {3, 2, 20},   // rows in float (80 B planes), channels-first in double (160 B)
-        {4, 3, 37},   // channels-first
-        {2, 17, 64},  // channels-first, odd channel count
+        {3, 2, 20},   // rows in float (80 B planes), plane blocks in double (160 B)
+        {4, 3, 37},   // channels-first, plane blocks
+        {2, 17, 64},  // plane blocks, odd channel count
+        {3, 5, 300},  // channels-first, channel by channel (planes longer than the blocks take)
         {33, 19, 1},  // rows, odd channel count
     };
 }
@@ -216,6 +218,7 @@ inline std::vector<Shape> shapes() {
 inline std::vector<Shape> large_shapes() {
     return {
         {8, 6, 8192},   // channels-first, C < threads on most machines: channels are split
+        {256, 64, 49},  // plane blocks (7x7), shared out over the threads
         {80000, 7, 1},  // rows (NHWC-like)
         {20000, 5, 6},  // rows with inner 6
     };

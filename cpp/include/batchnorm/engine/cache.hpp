@@ -5,6 +5,7 @@
 // for any core this library targets).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -59,6 +60,13 @@ inline CacheSizes read_cache_sizes() {
 inline const CacheSizes& cache_sizes() {
     static const CacheSizes sizes = read_cache_sizes();
     return sizes;
+}
+
+// Values per statistics tile: half the per-core L2, so that the two passes over a tile (and
+// the normalize that follows when the tile is the whole channel) hit it.
+template <class T>
+std::int64_t tile_values() {
+    return std::max<std::int64_t>(std::int64_t(64) << 10, cache_sizes().l2 / 2) / std::int64_t(sizeof(T));
 }
 
 }  // namespace batchnorm::detail

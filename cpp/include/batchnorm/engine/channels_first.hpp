@@ -15,15 +15,9 @@
 #include "affine.hpp"
 #include "cache.hpp"
 #include "overflow.hpp"
+#include "plane_blocks.hpp"
 
 namespace batchnorm::detail {
-
-// Values per statistics tile: half the per-core L2 (cache.hpp), so that the two passes over a
-// tile (and the normalize that follows when the tile is the whole channel) hit it.
-template <class T>
-std::int64_t tile_values() {
-    return std::max<std::int64_t>(std::int64_t(64) << 10, cache_sizes().l2 / 2) / std::int64_t(sizeof(T));
-}
 
 // A channel part smaller than this is not worth a thread of its own.
 constexpr std::int64_t kMinPartValues = 16 << 10;
@@ -135,12 +129,18 @@ inline Sums merge(const Sums& a, const Sums& b) {
 // apply over each item. With one part per channel the three steps run back to back per
 // channel, so the channel's block is still in cache for `apply`; with several parts, barriers
 // separate them and the static schedule gives each thread the same items in both loops.
+inline ChannelSchedule schedule_channels(const Shape& s, std::int64_t bytes) {
+    const std::int64_t n = s.per_channel();
+    const int threads = threads_for(bytes, s.channels * std::max<std::int64_t>(1, n / kMinPartValues));
+    return {threads, channel_splits(s.channels, n, threads, kMinPartValues)};
+}
+
 template <class R, class Reduce, class Finish, class Apply>
-void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish,
+void for_each_channel(const Shape& s, const ChannelSchedule& sched, Reduce&& reduce, Finish&& finish,
                       Apply&& apply) {
     const std::int64_t n = s.per_channel(), channels = s.channels;
-    const int threads = threads_for(bytes, channels * std::max<std::int64_t>(1, n / kMinPartValues));
-    const std::int64_t parts = channel_splits(channels, n, threads, kMinPartValues);
+    const int threads = sched.threads;
+    const std::int64_t parts = sched.parts;
     if (parts == 1) {
         run_parallel(threads, [&] {
             BATCHNORM_OMP(for schedule(static))
@@ -177,6 +177,11 @@ void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finis
     });
 }
 
+template <class R, class Reduce, class Finish, class Apply>
+void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish, Apply&& apply) {
+    for_each_channel<R>(s, schedule_channels(s, bytes), reduce, finish, apply);
+}
+
 struct NoApply {
     void operator()(std::int64_t, std::int64_t, std::int64_t) const {}
 };
@@ -184,8 +189,11 @@ struct NoApply {
 // Moments of every channel (segment), handed to finish(c, Moments).
 template <class T, class Finish>
 void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
+    const ChannelSchedule sched = schedule_channels(s, s.size() * std::int64_t(sizeof(T)));
+    const PlaneBlocks pb = plane_blocks(k, s, sched, 1);
+    if (pb.blocks > 0) return moments_plane_blocks(k, x, s, sched, pb, finish);
     for_each_channel<Moments>(
-        s, s.size() * std::int64_t(sizeof(T)),
+        s, sched,
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
         finish, NoApply{});
 }
@@ -193,9 +201,12 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
 // Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, fused per channel.
 template <class T, class Finish>
 void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
+    const ChannelSchedule sched = schedule_channels(s, 2 * s.size() * std::int64_t(sizeof(T)));
+    const PlaneBlocks pb = plane_blocks(k, s, sched, 2);
+    if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
     for_each_channel<Moments>(
-        s, 2 * s.size() * std::int64_t(sizeof(T)),
+        s, sched,
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
         [&](std::int64_t c, const Moments& m) { affine[std::size_t(c)] = finish(c, m); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
@@ -211,9 +222,12 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
 template <class T, class Finish>
 void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                              const compute_t<T>* shift, Finish&& finish) {
+    const ChannelSchedule sched = schedule_channels(s, 3 * s.size() * std::int64_t(sizeof(T)));
+    const PlaneBlocks pb = plane_blocks(k, s, sched, 3);
+    if (pb.blocks > 0) return backward_plane_blocks(k, dy, x, gx, s, shift, sched, pb, finish);
     std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));
     for_each_channel<Sums>(
-        s, 3 * s.size() * std::int64_t(sizeof(T)),
+        s, sched,
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, shift[c]); },
         [&](std::int64_t c, const Sums& sums) { coef[std::size_t(c)] = finish(c, sums); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {

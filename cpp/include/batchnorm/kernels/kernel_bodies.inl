@@ -18,9 +18,7 @@ using ::batchnorm::detail::KernelTable;
 using ::batchnorm::detail::Sums;
 using ::batchnorm::compute_t;
 
-// Lanes of T are flushed to float64 after this many vectors (or rows) per accumulator, so a
-// float32 partial sum spans at most a few dozen values.
-constexpr i64 kFlushVectors = 16;
+using ::batchnorm::detail::kFlushVectors;
 
 template <class P>
 inline typename Ops<compute_t<P>>::V load_n(const P* p, i64 n, typename Ops<compute_t<P>>::V fill) {
@@ -202,6 +200,150 @@ void cf_grad(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, com
     using O = Ops<T>;
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
     for (i64 r = 0; r < count; ++r) run_grad(dy + r * stride, x + r * stride, gx + r * stride, len, s, kv, mv, qv);
+}
+
+// ---- channels-first: blocks of short planes -----------------------------------------------
+// A block of `planes` consecutive channels whose planes are at most kFlushVectors vectors long:
+// plane j of row r starts at r * stride + j * len. Rows are read in memory order, so the block
+// streams; a plane's vector count is a compile-time constant (no loop or tail test per
+// vector), and its sums go into the plane's own vector accumulators (kBlockPlanes at a time),
+// flushed into float64 every few rows: one horizontal sum per plane per flush, not one per
+// plane and row.
+
+constexpr i64 kBlockPlanes = 32;
+
+// Vector v of a plane of kV vectors whose last vector has `last` lanes (1..W).
+template <int kV, class P>
+BATCHNORM_ALWAYS_INLINE typename Ops<compute_t<P>>::V plane_load(const P* p, int v, i64 last,
+                                                                 typename Ops<compute_t<P>>::V fill) {
+    using O = Ops<compute_t<P>>;
+    return v == kV - 1 && last < O::W ? O::load_partial(p + v * O::W, last, fill) : O::load(p + v * O::W);
+}
+
+template <int kV, class P>
+BATCHNORM_ALWAYS_INLINE void plane_store(P* p, int v, i64 last, typename Ops<compute_t<P>>::V value) {
+    using O = Ops<compute_t<P>>;
+    if (v == kV - 1 && last < O::W) O::store_partial(p + v * O::W, value, last);
+    else O::store(p + v * O::W, value);
+}
+
+// Calls op.template run<kV>() with kV = vectors (1..kFlushVectors).
+template <int kV = 1, class Op>
+BATCHNORM_ALWAYS_INLINE void with_plane_vectors(i64 vectors, Op& op) {
+    if constexpr (kV <= kFlushVectors) {
+        if (vectors == kV) op.template run<kV>();
+        else with_plane_vectors<kV + 1>(vectors, op);
+    }
+}
+
+// kDot false: s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2);
+// kDot true:  s1[j] += sum(dy), s2[j] += sum(dy * (x - shift[j])); over plane j of every row.
+template <class S, bool kDot>
+struct PlaneSums {
+    using T = compute_t<S>;
+    const S *dy_, *x_;
+    i64 rows_, stride_, planes_, len_;
+    const T* shift_;
+    double *s1_, *s2_;
+
+    template <int kV>
+    void run() const {
+        using O = Ops<T>;
+        using V = typename O::V;
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const S *const dy = dy_, *const x = x_;
+        const i64 rows = rows_, stride = stride_, planes = planes_, len = len_, last = len - (kV - 1) * O::W;
+        double *const s1 = s1_, *const s2 = s2_;
+        const i64 flush_rows = std::max<i64>(1, kFlushVectors / kV);
+        for (i64 j0 = 0; j0 < planes; j0 += kBlockPlanes) {
+            const i64 nj = std::min(kBlockPlanes, planes - j0);
+            V s[kBlockPlanes], a1[kBlockPlanes], a2[kBlockPlanes];
+            for (i64 j = 0; j < nj; ++j) s[j] = O::set1(shift_[j0 + j]);
+            for (i64 r = 0; r < rows;) {
+                const i64 end = std::min(rows, r + flush_rows);
+                for (i64 j = 0; j < nj; ++j) a1[j] = a2[j] = O::zero();
+                for (; r < end; ++r)
+                    for (i64 j = 0; j < nj; ++j) {
+                        const i64 at = r * stride + (j0 + j) * len;
+                        V u1 = O::zero(), u2 = O::zero();
+                        for (int v = 0; v < kV; ++v) {
+                            // Tail lanes: x loads the shift and dy zero, so they add zero to both sums.
+                            const V d = O::sub(plane_load<kV>(x + at, v, last, s[j]), s[j]);
+                            const V g = kDot ? plane_load<kV>(dy + at, v, last, O::zero()) : d;
+                            u1 = O::add(u1, g);
+                            u2 = O::fma(g, d, u2);
+                        }
+                        a1[j] = O::add(a1[j], u1);
+                        a2[j] = O::add(a2[j], u2);
+                    }
+                for (i64 j = 0; j < nj; ++j) {
+                    s1[j0 + j] += O::sum_lanes(a1[j]);
+                    s2[j0 + j] += O::sum_lanes(a2[j]);
+                }
+            }
+        }
+    }
+};
+
+template <class S>
+void pb_dev(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift, double* s1,
+            double* s2) {
+    PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2};
+    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+}
+
+template <class S>
+void pb_dot(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
+            double* sdy, double* sdyx) {
+    PlaneSums<S, true> op{dy, x, rows, stride, planes, len, shift, sdy, sdyx};
+    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+}
+
+// kGrad false: y = (x - shift[j]) * a[j] + b[j];
+// kGrad true:  y = dy * a[j] + (x - shift[j]) * b[j] + c[j]; over plane j of every row.
+template <class S, bool kGrad>
+struct PlaneApply {
+    using T = compute_t<S>;
+    const S *dy_, *x_;
+    S* y_;
+    i64 rows_, stride_, planes_, len_;
+    const T *shift_, *a_, *b_, *c_;
+
+    template <int kV>
+    void run() const {
+        using O = Ops<T>;
+        using V = typename O::V;
+        const S *const dy = dy_, *const x = x_;
+        S* const y = y_;
+        const T *const shift = shift_, *const a = a_, *const b = b_, *const c = c_;
+        const i64 rows = rows_, stride = stride_, planes = planes_, len = len_, last = len - (kV - 1) * O::W;
+        for (i64 r = 0; r < rows; ++r)
+            for (i64 j = 0; j < planes; ++j) {
+                const i64 at = r * stride + j * len;
+                const V s = O::set1(shift[j]), av = O::set1(a[j]), bv = O::set1(b[j]);
+                const V cv = kGrad ? O::set1(c[j]) : O::zero();
+                for (int v = 0; v < kV; ++v) {
+                    const V d = O::sub(plane_load<kV>(x + at, v, last, s), s);
+                    const V out = kGrad ? O::fma(plane_load<kV>(dy + at, v, last, O::zero()), av, O::fma(d, bv, cv))
+                                        : O::fma(d, av, bv);
+                    plane_store<kV>(y + at, v, last, out);
+                }
+            }
+    }
+};
+
+template <class S>
+void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
+               const compute_t<S>* alpha, const compute_t<S>* beta) {
+    PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr};
+    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+}
+
+template <class S>
+void pb_grad(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
+             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q) {
+    PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q};
+    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
 }
 
 template <class S, bool kResidual, bool kRelu>
@@ -634,5 +776,6 @@ template <class S>
 KernelTable<S> make_table() {
     return {&cf_dev<S>,  &cf_dot<S>,    &cf_affine<S>, &cf_grad<S>,   &rows_affine<S>, &cl_sum<S>,
             &cl_dev<S>,  &cl_dot<S>,    &cl_affine<S>, &cl_grad<S>,   &add<S>,         &row_scale<S>,
-            &row_wdot<S>, &row_wgrad<S>, &cols_dot<S>};
+            &row_wdot<S>, &row_wgrad<S>, &cols_dot<S>,  &pb_dev<S>,       &pb_dot<S>,
+            &pb_affine<S>, &pb_grad<S>,  Ops<compute_t<S>>::W};
 }

@@ -28,6 +28,10 @@
 
 namespace batchnorm::detail {
 
+// Lanes of T are flushed to float64 after this many vectors (or rows) per accumulator, so a
+// float32 partial sum spans at most a few dozen values.
+constexpr std::int64_t kFlushVectors = 16;
+
 // S is the storage type of the data (x, y, dy, gx, residual); T = compute_t<S> the type of
 // scalars, per-column factors and per-element parameters (the same for float and double).
 template <class S>
@@ -73,6 +77,23 @@ struct KernelTable {
     // sdy[j] += sum(dy[r][j]), sdyx[j] += sum(dy[r][j] * (x[r][j] - shift[r]) * scale[r])
     void (*cols_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale,
                      double* sdy, double* sdyx);
+
+    // pb_*: a block of `planes` consecutive channels of a channels-first input, plane j of row r
+    // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long.
+    // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
+    void (*pb_dev)(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, double* s1, double* s2);
+    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
+    void (*pb_dot)(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
+                   double* sdy, double* sdyx);
+    // y = (x - shift[j]) * alpha[j] + beta[j]
+    void (*pb_affine)(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, const T* alpha,
+                      const T* beta);
+    // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
+    void (*pb_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
+                    const T* k, const T* m, const T* q);
+
+    // Lanes of T in one vector of this backend.
+    i64 lanes;
 };
 
 }  // namespace batchnorm::detail

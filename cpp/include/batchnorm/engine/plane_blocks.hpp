@@ -1,0 +1,193 @@
+// Channels-first inputs whose planes are a few vectors long (7x7, 14x14). Channel by channel
+// (channels_first.hpp), such a channel costs more in fixed work than in data: a probe of
+// scattered values, a kernel call, horizontal sums and a dependent chain of divisions, each
+// paid per channel or per plane, while the prefetchers lose the thread at every short plane.
+// Here channels go in blocks that fit a tile of the L2: one kernel call streams the block's
+// rows in memory order (pb_*), the block's channels are finished together, and the apply reads
+// the block again while it is in cache. Threads take whole blocks. No norm semantics here:
+// callers pass the finish step, as to the other drivers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/table.hpp"
+#include "../shape.hpp"
+#include "../threads.hpp"
+#include "affine.hpp"
+#include "cache.hpp"
+#include "overflow.hpp"
+
+namespace batchnorm::detail {
+
+// How a channels-first operation shares out: its threads, and the parts each channel is cut
+// into (1: whole channels; more when there are too few channels for the threads).
+struct ChannelSchedule {
+    int threads;
+    std::int64_t parts;
+};
+
+// Channels per block and blocks: as many channels as let the block's `arrays` (inputs and
+// output) fit a tile (half the per-core L2, tile_values), a multiple of the threads in blocks so
+// each thread gets the same number, and equal blocks. blocks == 0: the shape does not go in
+// blocks (planes too long for the kernels, a channel larger than a tile, or channels cut into
+// parts).
+struct PlaneBlocks {
+    std::int64_t per_block = 0, blocks = 0;
+};
+
+template <class T>
+PlaneBlocks plane_blocks(const KernelTable<T>& k, const Shape& s, const ChannelSchedule& sched, int arrays) {
+    const std::int64_t channel_bytes = std::int64_t(arrays) * s.per_channel() * std::int64_t(sizeof(T));
+    const std::int64_t tile_bytes = tile_values<T>() * std::int64_t(sizeof(T));
+    if (sched.parts != 1 || s.inner > kFlushVectors * k.lanes || channel_bytes > tile_bytes) return {};
+    const std::int64_t fit = tile_bytes / std::max<std::int64_t>(channel_bytes, 1), threads = sched.threads;
+    const std::int64_t wanted = (s.channels + fit - 1) / fit;
+    const std::int64_t blocks = std::min(s.channels, (wanted + threads - 1) / threads * threads);
+    return {(s.channels + blocks - 1) / blocks, blocks};
+}
+
+// Per-thread buffers of one block's channels.
+template <class T>
+struct BlockScratch {
+    std::vector<double> s1, s2;
+    std::vector<compute_t<T>> shift, a, b, c;
+
+    void resize(std::int64_t n) {
+        for (auto* v : {&s1, &s2}) v->assign(std::size_t(n), 0.0);
+        for (auto* v : {&shift, &a, &b, &c}) v->resize(std::size_t(n));
+    }
+    void clear_sums() {
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+    }
+};
+
+// body(first, count, scratch) for every block of channels, each by one thread.
+template <class T, class Body>
+void for_each_plane_block(const ChannelSchedule& sched, const PlaneBlocks& pb, std::int64_t channels, Body&& body) {
+    run_parallel(sched.threads, [&] {
+        thread_local BlockScratch<T> scratch;
+        scratch.resize(pb.per_block);
+        BATCHNORM_OMP(for schedule(static))
+        for (std::int64_t b = 0; b < pb.blocks; ++b) {
+            const std::int64_t first = b * pb.per_block, count = std::min(pb.per_block, channels - first);
+            if (count > 0) body(first, count, scratch);
+        }
+    });
+}
+
+// Values whose mean gives each channel's shift: spread over the channel's rows and over the
+// plane, so ordered data (one image after another) still give a shift near the mean.
+constexpr std::int64_t kBlockProbe = 8;
+
+// The deviation sums of channels [first, first + count) around w.shift, in w.s1 and w.s2, with
+// the float64 fallback for float32 lanes that overflowed.
+template <class T>
+void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
+               BlockScratch<T>& w) {
+    const std::int64_t len = s.inner, stride = s.channels * s.inner;
+    const T* xb = x + first * len;
+    w.clear_sums();
+    k.pb_dev(xb, s.outer, stride, count, len, w.shift.data(), w.s1.data(), w.s2.data());
+    const auto dev = [&](std::int64_t i, std::int64_t j) {
+        return double(xb[(i / len) * stride + j * len + i % len]) - double(w.shift[std::size_t(j)]);
+    };
+    recheck_columns<T>(s.per_channel(), count, w.s1.data(), w.s2.data(), dev, dev);
+}
+
+// Moments of channels [first, first + count), handed to finish(c, Moments): one pass around a
+// probe's mean, and a second around the block's means for the channels where the probe was more
+// than a standard deviation off.
+template <class T, class Finish>
+void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
+                   BlockScratch<T>& w, Finish&& finish) {
+    const std::int64_t len = s.inner, stride = s.channels * s.inner, n = s.per_channel();
+    const std::int64_t probes = std::min(n, kBlockProbe);
+    std::int64_t at[kBlockProbe];
+    for (std::int64_t i = 0; i < probes; ++i) {
+        const std::int64_t value = (2 * i + 1) * n / (2 * probes);  // evenly over (row, position)
+        at[i] = (value / len) * stride + value % len;
+    }
+    const T* xb = x + first * len;
+    for (std::int64_t j = 0; j < count; ++j) {
+        double sum = 0;
+        for (std::int64_t i = 0; i < probes; ++i) sum += double(xb[j * len + at[i]]);
+        w.shift[std::size_t(j)] = compute_t<T>(sum / double(probes));
+    }
+    block_dev(k, x, s, first, count, w);
+    const double values = double(n);
+    bool again = false;
+    for (std::int64_t j = 0; j < count; ++j) {
+        const std::size_t u = std::size_t(j);
+        if (shift_is_close(values, w.s1[u], w.s2[u])) continue;
+        w.shift[u] = compute_t<T>(double(w.shift[u]) + w.s1[u] / values);
+        again = true;
+    }
+    if (again) block_dev(k, x, s, first, count, w);
+    for (std::int64_t j = 0; j < count; ++j) {
+        const std::size_t u = std::size_t(j);
+        finish(first + j, from_shifted_sums(values, double(w.shift[u]), w.s1[u], w.s2[u]));
+    }
+}
+
+// Moments of every channel, finish(c, Moments).
+template <class T, class Finish>
+void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, const ChannelSchedule& sched,
+                          const PlaneBlocks& pb, Finish&& finish) {
+    for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
+        block_moments(k, x, s, first, count, w, finish);
+    });
+}
+
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, per block.
+template <class T, class Finish>
+void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
+                            const PlaneBlocks& pb, Finish&& finish) {
+    const std::int64_t len = s.inner, stride = s.channels * s.inner;
+    for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
+        block_moments(k, x, s, first, count, w, [&](std::int64_t c, const Moments& m) {
+            const ChannelAffine<compute_t<T>> a = finish(c, m);
+            const std::size_t j = std::size_t(c - first);
+            w.shift[j] = a.shift;
+            w.a[j] = a.alpha;
+            w.b[j] = a.beta;
+        });
+        const std::int64_t at = first * len;
+        k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data());
+    });
+}
+
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<compute_t<T>>,
+// and the gradient apply (skipped when gx is null), per block.
+template <class T, class Finish>
+void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
+                           const compute_t<T>* shift, const ChannelSchedule& sched, const PlaneBlocks& pb,
+                           Finish&& finish) {
+    const std::int64_t len = s.inner, stride = s.channels * s.inner;
+    for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
+        const std::int64_t at = first * len;
+        w.clear_sums();
+        k.pb_dot(dy + at, x + at, s.outer, stride, count, len, shift + first, w.s1.data(), w.s2.data());
+        recheck_columns<T>(
+            s.per_channel(), count, w.s1.data(), w.s2.data(),
+            [&](std::int64_t i, std::int64_t j) { return double(dy[at + (i / len) * stride + j * len + i % len]); },
+            [&](std::int64_t i, std::int64_t j) {
+                return double(x[at + (i / len) * stride + j * len + i % len]) - double(shift[first + j]);
+            });
+        for (std::int64_t j = 0; j < count; ++j) {
+            const std::size_t u = std::size_t(j);
+            const GradCoefficients<compute_t<T>> g = finish(first + j, Sums{w.s1[u], w.s2[u]});
+            w.shift[u] = g.shift;
+            w.a[u] = g.k;
+            w.b[u] = g.m;
+            w.c[u] = g.q;
+        }
+        if (gx)
+            k.pb_grad(dy + at, x + at, gx + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(),
+                      w.c.data());
+    });
+}
+
+}  // namespace batchnorm::detail

@@ -119,8 +119,8 @@ private:
     struct Columns {
         std::vector<P> shift, alpha, beta;
     };
-    // Inner sizes that read as rows are < kMinPlaneBytes / sizeof(T); slot i serves inner = i.
-    static constexpr std::size_t kSlots = std::size_t(detail::kMinPlaneBytes) / sizeof(T);
+    // Inner sizes that read as rows are < min_plane_values<T>(); slot i serves inner = i.
+    static constexpr std::size_t kSlots = std::size_t(detail::min_plane_values<T>());
     struct Cache {
         std::mutex build;                                    // serializes building a slot
         std::array<std::atomic<const Columns*>, kSlots> slot{};  // published once, read lock-free

@@ -20,12 +20,19 @@
 
 namespace batchnorm::detail {
 
-// Read planes shorter than this many bytes as rows (channels-last kernels).
+// Read planes shorter than this many bytes as rows (channels-last kernels), counting the bytes
+// of the compute type: the vector lanes a plane fills decide, so a float16 or bfloat16 plane
+// is read as a float32 plane of the same length is (its values are float lanes in registers).
 constexpr std::int64_t kMinPlaneBytes = 128;
 
 template <class T>
+constexpr std::int64_t min_plane_values() {
+    return kMinPlaneBytes / std::int64_t(sizeof(compute_t<T>));
+}
+
+template <class T>
 bool reads_as_rows(const Shape& s) {
-    return s.inner * std::int64_t(sizeof(T)) < kMinPlaneBytes;
+    return s.inner < min_plane_values<T>();
 }
 
 // A reduction reads short planes as rows only when there are enough rows: the rows driver

@@ -10,13 +10,13 @@
 // arguments, without recomputing the factors. run() is one streaming pass over x.
 //
 // Memory. run() allocates nothing, with one exception chosen on purpose: a layout read as rows
-// with a small inner size (1 < inner and inner*sizeof(T) < 128 bytes, e.g. (N, C, 3) or
+// with a small inner size (1 < inner < 32 values, 16 for double, e.g. (N, C, 3) or
 // (N, C, 2, 2)) needs the factors repeated per column, channels*inner values each. They are
 // built on the first run() with that inner size (or by prepare()) and kept for later calls:
-// at most one set per distinct inner size, at most 31 sizes for float and 15 for double. Call
+// at most one set per distinct inner size, at most 30 sizes (14 for double). Call
 // prepare(shape) up front for a run() path that never allocates. Channels-first layouts
-// (inner*sizeof(T) >= 128 bytes) and inner = 1 (NC, channels-last NHWC) use the per-channel
-// factors directly.
+// (longer planes) and inner = 1 (NC, channels-last NHWC) use the per-channel factors
+// directly.
 //
 // Threads. run() and prepare() are const and may be called concurrently on one object; the
 // kernels split large inputs over OpenMP threads themselves (see threads.hpp).

@@ -23,7 +23,7 @@ namespace detail {
 template <class T, class Finish>
 void segment_moments(const T* x, const Shape& s, Finish&& finish) {
     const auto& k = kernels<T>();
-    if (reduces_as_rows<T>(s, kMomentRowsPerColumn)) moments_channels_last(k, x, s, finish);
+    if (moments_as_rows<T>(s)) moments_channels_last(k, x, s, finish);
     else moments_channels_first(k, x, s, finish);
 }
 
@@ -31,7 +31,7 @@ void segment_moments(const T* x, const Shape& s, Finish&& finish) {
 template <class T, class Finish>
 void normalize_fused(const T* x, T* y, const Shape& s, Finish&& finish) {
     const auto& k = kernels<T>();
-    if (reduces_as_rows<T>(s, kMomentRowsPerColumn)) normalize_channels_last(k, x, y, s, finish);
+    if (moments_as_rows<T>(s)) normalize_channels_last(k, x, y, s, finish);
     else normalize_channels_first(k, x, y, s, finish);
 }
 

@@ -267,7 +267,8 @@ void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 std::vector<double> s1(start), s2(start);
                 t.pb_dev(x.data(), rows, stride, planes, len, shift.data(), s1.data(), s2.data());
                 std::vector<double> t1(start), t2(start);
-                t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data());
+                t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data(),
+                         (rows + planes) % 2 == 0);  // prefetching must not change a sum
                 for (i64 j = 0; j < planes; ++j) {
                     const size_t u = size_t(j);
                     const std::string at = where + " plane=" + std::to_string(j);

@@ -245,6 +245,7 @@ struct PlaneSums {
     i64 rows_, stride_, planes_, len_;
     const T* shift_;
     double *s1_, *s2_;
+    bool prefetch_;  // kDot: prefetch the planes kPrefetchRuns rows ahead
 
     template <int kV>
     void run() const {
@@ -265,6 +266,10 @@ struct PlaneSums {
                 for (; r < end; ++r)
                     for (i64 j = 0; j < nj; ++j) {
                         const i64 at = r * stride + (j0 + j) * len;
+                        if (kDot && prefetch_ && r + kPrefetchRuns < rows) {
+                            prefetch_run(dy + at + kPrefetchRuns * stride, len);
+                            prefetch_run(x + at + kPrefetchRuns * stride, len);
+                        }
                         V u1 = O::zero(), u2 = O::zero();
                         for (int v = 0; v < kV; ++v) {
                             // Tail lanes: x loads the shift and dy zero, so they add zero to both sums.
@@ -288,14 +293,14 @@ struct PlaneSums {
 template <class S>
 void pb_dev(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift, double* s1,
             double* s2) {
-    PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2};
+    PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2, false};
     with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
 }
 
 template <class S>
 void pb_dot(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
-            double* sdy, double* sdyx) {
-    PlaneSums<S, true> op{dy, x, rows, stride, planes, len, shift, sdy, sdyx};
+            double* sdy, double* sdyx, bool prefetch) {
+    PlaneSums<S, true> op{dy, x, rows, stride, planes, len, shift, sdy, sdyx, prefetch};
     with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
 }
 

@@ -82,9 +82,10 @@ struct KernelTable {
     // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long.
     // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
     void (*pb_dev)(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, double* s1, double* s2);
-    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
+    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j])); prefetch: software prefetch of
+    // the planes a few rows ahead (for data that come from beyond the core's caches)
     void (*pb_dot)(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
-                   double* sdy, double* sdyx);
+                   double* sdy, double* sdyx, bool prefetch);
     // y = (x - shift[j]) * alpha[j] + beta[j]
     void (*pb_affine)(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, const T* alpha,
                       const T* beta);

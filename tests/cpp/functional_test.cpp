@@ -59,19 +59,29 @@ TYPED_TEST(Functional, AccurateAtLargeMean) {
 
 // A shift far from the mean must cost a second pass, not digits. Channels-first blocks of short
 // planes (plane_blocks.hpp) take their shift from 8 values at (2i + 1) * n / 16 of a channel's n
-// values, in (row, position) order; here those values are 1e4 and the rest near 0, so the
-// shift sits about 7 standard deviations off: summed in float32 lanes around it, the variance
-// would be off by about 1e-5, ten times the target.
+// values, in (row, position) order, the rows driver from 8 rows spread over its first tile;
+// here those values are 1e4 and the rest near 0, so the shift sits about 7 standard deviations
+// off: summed in float32 lanes around it, the variance would be off by about 1e-5, ten times
+// the target.
 TYPED_TEST(Functional, ShiftFarFromTheMean) {
     using T = TypeParam;
-    for (const Shape& s : {Shape{8, 4, 49}, Shape{16, 3, 100}}) {
+    // Where the drivers probe: plane blocks (7x7 and 10x10 planes) 8 values spread over (row,
+    // position); rows (inner 1 and 3) rows 0, 8, ..., 56 of every column. In some channels only,
+    // so that the channels summed again come in runs between channels that are not.
+    const auto far = [](std::int64_t c) { return (c < 12 && c % 3 == 1) || c == 50 || c == 99; };
+    for (const Shape& s : {Shape{8, 4, 49}, Shape{16, 3, 100}, Shape{8, 40, 49}, Shape{64, 100, 1}, Shape{64, 9, 3}}) {
         SCOPED_TRACE(ref::str(s));
         std::vector<T> x = ref::random_input<T>(s, 3, 0.0, 1.0);
         const std::int64_t n = s.per_channel();
+        const bool rows = s.inner < 8;
         for (std::int64_t c = 0; c < s.channels; ++c)
-            for (std::int64_t i = 0; i < 8; ++i) {
-                const std::int64_t v = (2 * i + 1) * n / 16;
-                x[std::size_t(ref::at(s, v / s.inner, c, v % s.inner))] = T(1e4);
+            for (std::int64_t i = 0; i < 8 && far(c); ++i) {
+                if (rows) {
+                    for (std::int64_t j = 0; j < s.inner; ++j) x[std::size_t(ref::at(s, 8 * i, c, j))] = T(1e4);
+                } else {
+                    const std::int64_t v = (2 * i + 1) * n / 16;
+                    x[std::size_t(ref::at(s, v / s.inner, c, v % s.inner))] = T(1e4);
+                }
             }
         const ref::Stats r = ref::stats(x, s);
         std::vector<T> mean(std::size_t(s.channels)), var(std::size_t(s.channels)), y(x.size());

@@ -101,18 +101,13 @@ constexpr std::int64_t kProbeRows = 8;
 // Moments of every column of block b over `rows` rows (x at the block's first row and column)
 // into scratch.moments, one pass per tile in the usual case (as range_moments in
 // channels_first.hpp): deviations from the mean of a few rows spread over the first tile, then
-// from the mean so far; a tile where some column's shift is more than a standard deviation off
-// is summed again around its own means while it is in cache.
+// from the mean so far; the columns of a tile whose shift was more than a standard deviation off
+// are summed again around their own means while the tile is in cache.
 template <class T>
 void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const ColumnBlock& b, ColumnScratch<T>& w) {
     const std::int64_t cols = b.cols, step = tile_rows<T>(cols);
     const std::size_t ncols = std::size_t(cols);
     std::fill_n(w.moments.begin(), ncols, Moments{});
-    const auto sum_deviations = [&](const T* tile, std::int64_t n) {
-        std::fill_n(w.s1.begin(), ncols, 0.0);
-        std::fill_n(w.s2.begin(), ncols, 0.0);
-        checked_cl_dev(k, tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data());
-    };
     for (std::int64_t r = 0; r < rows; r += step) {
         const std::int64_t n = std::min(step, rows - r);
         const T* tile = x + r * b.ld;
@@ -124,13 +119,14 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
         } else {
             for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.moments[j].mean());
         }
-        sum_deviations(tile, n);
-        bool close = true;
-        for (std::size_t j = 0; j < ncols; ++j) close = close && shift_is_close(double(n), w.s1[j], w.s2[j]);
-        if (!close) {
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(double(w.shift[j]) + w.s1[j] / double(n));
-            sum_deviations(tile, n);
-        }
+        std::fill_n(w.s1.begin(), ncols, 0.0);
+        std::fill_n(w.s2.begin(), ncols, 0.0);
+        checked_cl_dev(k, tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data());
+        resum_far_columns(cols, k.lanes, double(n), w.shift.data(), w.s1.data(), w.s2.data(),
+                          [&](std::int64_t j0, std::int64_t j1) {
+                              checked_cl_dev(k, tile + j0, n, j1 - j0, b.ld, w.shift.data() + j0, w.s1.data() + j0,
+                                             w.s2.data() + j0);
+                          });
         for (std::size_t j = 0; j < ncols; ++j)
             w.moments[j] = merge(w.moments[j], from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]));
     }

@@ -2,6 +2,8 @@
 // of one channel, the partials of several threads and, later, of several processes.
 #pragma once
 
+#include <cstdint>
+
 namespace batchnorm::detail {
 
 // The mean is kept as shift + offset, with the shift near the mean: offsets are small, so the
@@ -41,6 +43,34 @@ inline Moments from_shifted_sums(double count, double shift, double s1, double s
 // s1^2/n may cancel at most half of s2, i.e. the shift is within one standard deviation of the
 // mean. Otherwise the caller sums again around the mean that s1 reveals.
 inline bool shift_is_close(double count, double s1, double s2) { return 2 * s1 * s1 <= s2 * count; }
+
+// After sums s1, s2 of `count` values per column around shift[j], columns [0, cols): moves each
+// column whose shift was not close to the mean its sums reveal, zeroes its sums and calls
+// resum(j0, j1) for runs of such columns, a run taking in close columns less than `gap` apart
+// (their sums are zeroed and summed again around their own shift). Only the far columns are
+// summed again: with a shift from a few probed values, one column in a few hundred misses by
+// chance, and summing every column again for it doubled the statistics of wide inputs
+// (256x1024: almost every call).
+template <class Shift, class Resum>
+void resum_far_columns(std::int64_t cols, std::int64_t gap, double count, Shift* shift, double* s1, double* s2,
+                       Resum&& resum) {
+    const auto far = [&](std::int64_t j) { return !shift_is_close(count, s1[j], s2[j]); };
+    for (std::int64_t j = 0; j < cols;) {
+        if (!far(j)) {
+            ++j;
+            continue;
+        }
+        std::int64_t end = j + 1;  // one past the run's last far column
+        for (std::int64_t i = end; i < cols && i < end + gap; ++i)
+            if (far(i)) end = i + 1;
+        for (std::int64_t i = j; i < end; ++i) {
+            if (far(i)) shift[i] = Shift(double(shift[i]) + s1[i] / count);
+            s1[i] = s2[i] = 0;
+        }
+        resum(j, end);
+        j = end;
+    }
+}
 
 // Two sums that reductions return together, in float64.
 struct Sums {

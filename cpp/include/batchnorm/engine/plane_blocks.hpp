@@ -54,8 +54,8 @@ struct BlockScratch {
     std::vector<double> s1, s2;
     std::vector<compute_t<T>> shift, a, b, c;
 
-    void resize(std::int64_t n) {
-        for (auto* v : {&s1, &s2}) v->assign(std::size_t(n), 0.0);
+    void resize(std::int64_t n) {  // the sums are cleared before each use (clear_sums)
+        for (auto* v : {&s1, &s2}) v->resize(std::size_t(n));
         for (auto* v : {&shift, &a, &b, &c}) v->resize(std::size_t(n));
     }
     void clear_sums() {
@@ -78,27 +78,34 @@ void for_each_plane_block(const ChannelSchedule& sched, const PlaneBlocks& pb, s
     });
 }
 
+// Where value i of a block's channel j lies, from the block's start: row i / len, position
+// i % len, the block's planes one after another in each row.
+inline std::int64_t block_offset(std::int64_t len, std::int64_t stride, std::int64_t i, std::int64_t j) {
+    return (i / len) * stride + j * len + i % len;
+}
+
 // Values whose mean gives each channel's shift: spread over the channel's rows and over the
 // plane, so ordered data (one image after another) still give a shift near the mean.
 constexpr std::int64_t kBlockProbe = 8;
 
-// The deviation sums of channels [first, first + count) around w.shift, in w.s1 and w.s2, with
-// the float64 fallback for float32 lanes that overflowed.
+// The deviation sums of the block's channels [j0, j1) (the block starts at channel `first`)
+// around w.shift, added to w.s1 and w.s2, with the float64 fallback for float32 lanes that
+// overflowed.
 template <class T>
-void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
-               BlockScratch<T>& w) {
+void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t j0,
+               std::int64_t j1, BlockScratch<T>& w) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
-    const T* xb = x + first * len;
-    w.clear_sums();
-    k.pb_dev(xb, s.outer, stride, count, len, w.shift.data(), w.s1.data(), w.s2.data());
+    const T* xb = x + (first + j0) * len;
+    compute_t<T>* shift = w.shift.data() + j0;
+    k.pb_dev(xb, s.outer, stride, j1 - j0, len, shift, w.s1.data() + j0, w.s2.data() + j0);
     const auto dev = [&](std::int64_t i, std::int64_t j) {
-        return double(xb[(i / len) * stride + j * len + i % len]) - double(w.shift[std::size_t(j)]);
+        return double(xb[block_offset(len, stride, i, j)]) - double(shift[j]);
     };
-    recheck_columns<T>(s.per_channel(), count, w.s1.data(), w.s2.data(), dev, dev);
+    recheck_columns<T>(s.per_channel(), j1 - j0, w.s1.data() + j0, w.s2.data() + j0, dev, dev);
 }
 
 // Moments of channels [first, first + count), handed to finish(c, Moments): one pass around a
-// probe's mean, and a second around the block's means for the channels where the probe was more
+// probe's mean, and a second around their own means for the channels where the probe was more
 // than a standard deviation off.
 template <class T, class Finish>
 void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
@@ -108,7 +115,7 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
     std::int64_t at[kBlockProbe];
     for (std::int64_t i = 0; i < probes; ++i) {
         const std::int64_t value = (2 * i + 1) * n / (2 * probes);  // evenly over (row, position)
-        at[i] = (value / len) * stride + value % len;
+        at[i] = block_offset(len, stride, value, 0);
     }
     const T* xb = x + first * len;
     for (std::int64_t j = 0; j < count; ++j) {
@@ -116,16 +123,11 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
         for (std::int64_t i = 0; i < probes; ++i) sum += double(xb[j * len + at[i]]);
         w.shift[std::size_t(j)] = compute_t<T>(sum / double(probes));
     }
-    block_dev(k, x, s, first, count, w);
+    w.clear_sums();
+    block_dev(k, x, s, first, 0, count, w);
     const double values = double(n);
-    bool again = false;
-    for (std::int64_t j = 0; j < count; ++j) {
-        const std::size_t u = std::size_t(j);
-        if (shift_is_close(values, w.s1[u], w.s2[u])) continue;
-        w.shift[u] = compute_t<T>(double(w.shift[u]) + w.s1[u] / values);
-        again = true;
-    }
-    if (again) block_dev(k, x, s, first, count, w);
+    resum_far_columns(count, 1, values, w.shift.data(), w.s1.data(), w.s2.data(),
+                      [&](std::int64_t j0, std::int64_t j1) { block_dev(k, x, s, first, j0, j1, w); });
     for (std::int64_t j = 0; j < count; ++j) {
         const std::size_t u = std::size_t(j);
         finish(first + j, from_shifted_sums(values, double(w.shift[u]), w.s1[u], w.s2[u]));
@@ -178,12 +180,13 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         const std::int64_t at = first * len;
         w.clear_sums();
-        k.pb_dot(dy + at, x + at, s.outer, stride, count, len, shift + first, w.s1.data(), w.s2.data(), prefetch);
+        k.pb_dot(dy + at, x + at, s.outer, stride, count, len, shift + first, w.s1.data(), w.s2.data(),
+                 prefetch);
         recheck_columns<T>(
             s.per_channel(), count, w.s1.data(), w.s2.data(),
-            [&](std::int64_t i, std::int64_t j) { return double(dy[at + (i / len) * stride + j * len + i % len]); },
+            [&](std::int64_t i, std::int64_t j) { return double(dy[at + block_offset(len, stride, i, j)]); },
             [&](std::int64_t i, std::int64_t j) {
-                return double(x[at + (i / len) * stride + j * len + i % len]) - double(shift[first + j]);
+                return double(x[at + block_offset(len, stride, i, j)]) - double(shift[first + j]);
             });
         for (std::int64_t j = 0; j < count; ++j) {
             const std::size_t u = std::size_t(j);

@@ -452,6 +452,22 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
     }
 }
 
+// Visits rows [r, end) of a block of nb vectors vector by vector in groups of kRowGroup rows:
+// visit(k, row0, rows) covers vector k of rows [row0, row0 + rows), rows a compile-time count.
+// A wide block's per-vector accumulators and factors live in arrays on the stack; visiting a
+// vector over a few rows at once loads and stores them once per group instead of once per row
+// (the loads and stores, not the data, bounded wide rows: AMD EPYC, Zen 5, statistics of
+// 256x1024 float32 at 2.3x a copy), while each row still streams forward.
+constexpr i64 kRowGroup = 4;
+
+template <class Visit>
+BATCHNORM_ALWAYS_INLINE void rows_by_group(i64 r, i64 end, int nb, Visit&& visit) {
+    for (; r + kRowGroup <= end; r += kRowGroup)
+        for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, int(kRowGroup)>{});
+    for (; r < end; ++r)
+        for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, 1>{});
+}
+
 template <class S>
 struct ClSum {
     using T = compute_t<S>;
@@ -470,9 +486,13 @@ struct ClSum {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
             typename O::V a[kWide];
             for (int k = 0; k < int(nb); ++k) a[k] = O::zero();
-            for (; r < end; ++r)
-                for (int k = 0; k < int(nb); ++k)
-                    a[k] = O::add(a[k], load_block<T, kTail>(x + r * ld + j + k * O::W, k, int(nb), last, O::zero()));
+            rows_by_group(r, end, int(nb), [&](int k, i64 r0, auto group) {
+                auto acc = a[k];
+                for (int q = 0; q < group; ++q)
+                    acc = O::add(acc, load_block<T, kTail>(x + (r0 + q) * ld + j + k * O::W, k, int(nb), last, O::zero()));
+                a[k] = acc;
+            });
+            r = end;
             for (int k = 0; k < int(nb); ++k) add_lanes_block<T, kTail>(sum + j + k * O::W, a[k], k, int(nb), last);
         }
     }
@@ -507,12 +527,17 @@ struct ClDev {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
             typename O::V d1[kWide], d2[kWide];
             for (int k = 0; k < int(nb); ++k) d1[k] = d2[k] = O::zero();
-            for (; r < end; ++r)
-                for (int k = 0; k < int(nb); ++k) {
-                    const auto d = O::sub(load_block<T, kTail>(x + r * ld + j + k * O::W, k, int(nb), last, s[k]), s[k]);
-                    d1[k] = O::add(d1[k], d);
-                    d2[k] = O::fma(d, d, d2[k]);
+            rows_by_group(r, end, int(nb), [&](int k, i64 r0, auto group) {
+                auto a1 = d1[k], a2 = d2[k];
+                for (int q = 0; q < group; ++q) {
+                    const auto d = O::sub(load_block<T, kTail>(x + (r0 + q) * ld + j + k * O::W, k, int(nb), last, s[k]), s[k]);
+                    a1 = O::add(a1, d);
+                    a2 = O::fma(d, d, a2);
                 }
+                d1[k] = a1;
+                d2[k] = a2;
+            });
+            r = end;
             for (int k = 0; k < int(nb); ++k) {
                 add_lanes_block<T, kTail>(s1 + j + k * O::W, d1[k], k, int(nb), last);
                 add_lanes_block<T, kTail>(s2 + j + k * O::W, d2[k], k, int(nb), last);
@@ -550,13 +575,18 @@ struct ClDot {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
             typename O::V g[kWide], gd[kWide];
             for (int k = 0; k < int(nb); ++k) g[k] = gd[k] = O::zero();
-            for (; r < end; ++r)
-                for (int k = 0; k < int(nb); ++k) {
-                    const i64 at = r * ld + j + k * O::W;
+            rows_by_group(r, end, int(nb), [&](int k, i64 r0, auto group) {
+                auto a1 = g[k], a2 = gd[k];
+                for (int q = 0; q < group; ++q) {
+                    const i64 at = (r0 + q) * ld + j + k * O::W;
                     const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
-                    g[k] = O::add(g[k], gy);
-                    gd[k] = O::fma(gy, O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), gd[k]);
+                    a1 = O::add(a1, gy);
+                    a2 = O::fma(gy, O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), a2);
                 }
+                g[k] = a1;
+                gd[k] = a2;
+            });
+            r = end;
             for (int k = 0; k < int(nb); ++k) {
                 add_lanes_block<T, kTail>(sdy + j + k * O::W, g[k], k, int(nb), last);
                 add_lanes_block<T, kTail>(sdyx + j + k * O::W, gd[k], k, int(nb), last);

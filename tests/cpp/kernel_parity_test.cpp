@@ -265,10 +265,10 @@ void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                     }
                 const i64 n = rows * len;
                 std::vector<double> s1(start), s2(start);
-                t.pb_dev(x.data(), rows, stride, planes, len, shift.data(), s1.data(), s2.data());
+                const bool prefetch = (rows + planes) % 2 == 0;  // prefetching must not change a value
+                t.pb_dev(x.data(), rows, stride, planes, len, shift.data(), s1.data(), s2.data(), prefetch);
                 std::vector<double> t1(start), t2(start);
-                t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data(),
-                         (rows + planes) % 2 == 0);  // prefetching must not change a sum
+                t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data(), prefetch);
                 for (i64 j = 0; j < planes; ++j) {
                     const size_t u = size_t(j);
                     const std::string at = where + " plane=" + std::to_string(j);
@@ -279,11 +279,11 @@ void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                     check_sum(ck, at, "pb_dot.second", t2[u], gd[u], sum_tol<T>(agd[u] + s0, n));
                 }
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data());
+                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), prefetch);
                 check_output(ck, where, "pb_affine", y, ey);
                 std::vector<T> gx = sentinel_vec<T>(size + kGuard);
                 t.pb_grad(dy.data(), x.data(), gx.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(),
-                          c.data());
+                          c.data(), prefetch);
                 check_output(ck, where, "pb_grad", gx, eg);
             }
         }

@@ -78,6 +78,21 @@ void for_each_plane_block(const ChannelSchedule& sched, const PlaneBlocks& pb, s
     });
 }
 
+// Whether the passes over blocks prefetch the planes they stream a few rows ahead: when the
+// call's arrays (`arrays` of this shape: its inputs and outputs) pass this many per-core L2
+// sizes, they cannot have stayed in the L3 since they were last used, and a block's planes,
+// a row apart, are too short for the hardware prefetchers to catch up with each. Measured on
+// an AMD EPYC (Zen 5, 1 MiB L2, 32 MiB L3), 1 thread, float32: training 64x256x14x14 (26 MB)
+// 1522 -> 788 us, backward 32x256x14x14 and 128x256x7x7 (19 MB) 662 -> 527 and 1015 -> 571
+// us; below, where the data come from the L3, it costs (training 32x256x14x14 and
+// 128x256x7x7, 13 MB: 232 -> 277 and 282 -> 313 us).
+constexpr std::int64_t kPrefetchCacheShares = 16;
+
+template <class T>
+bool prefetch_planes(const Shape& s, int arrays) {
+    return arrays * s.size() * std::int64_t(sizeof(T)) > kPrefetchCacheShares * cache_sizes().l2;
+}
+
 // Where value i of a block's channel j lies, from the block's start: row i / len, position
 // i % len, the block's planes one after another in each row.
 inline std::int64_t block_offset(std::int64_t len, std::int64_t stride, std::int64_t i, std::int64_t j) {
@@ -93,11 +108,11 @@ constexpr std::int64_t kBlockProbe = 8;
 // overflowed.
 template <class T>
 void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t j0,
-               std::int64_t j1, BlockScratch<T>& w) {
+               std::int64_t j1, BlockScratch<T>& w, bool prefetch) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const T* xb = x + (first + j0) * len;
     compute_t<T>* shift = w.shift.data() + j0;
-    k.pb_dev(xb, s.outer, stride, j1 - j0, len, shift, w.s1.data() + j0, w.s2.data() + j0);
+    k.pb_dev(xb, s.outer, stride, j1 - j0, len, shift, w.s1.data() + j0, w.s2.data() + j0, prefetch);
     const auto dev = [&](std::int64_t i, std::int64_t j) {
         return double(xb[block_offset(len, stride, i, j)]) - double(shift[j]);
     };
@@ -109,7 +124,7 @@ void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t
 // than a standard deviation off.
 template <class T, class Finish>
 void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
-                   BlockScratch<T>& w, Finish&& finish) {
+                   BlockScratch<T>& w, bool prefetch, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner, n = s.per_channel();
     const std::int64_t probes = std::min(n, kBlockProbe);
     std::int64_t at[kBlockProbe];
@@ -124,26 +139,23 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
         w.shift[std::size_t(j)] = compute_t<T>(sum / double(probes));
     }
     w.clear_sums();
-    block_dev(k, x, s, first, 0, count, w);
+    block_dev(k, x, s, first, 0, count, w, prefetch);
     const double values = double(n);
     resum_far_columns(count, 1, values, w.shift.data(), w.s1.data(), w.s2.data(),
-                      [&](std::int64_t j0, std::int64_t j1) { block_dev(k, x, s, first, j0, j1, w); });
+                      [&](std::int64_t j0, std::int64_t j1) { block_dev(k, x, s, first, j0, j1, w, false); });
     for (std::int64_t j = 0; j < count; ++j) {
         const std::size_t u = std::size_t(j);
         finish(first + j, from_shifted_sums(values, double(w.shift[u]), w.s1[u], w.s2[u]));
     }
 }
 
-// Backward's reduce prefetches when its inputs pass this many per-core L2 sizes (about one
-// core's share of the L3 on current x86 parts).
-constexpr std::int64_t kPrefetchCacheShares = 4;
-
 // Moments of every channel, finish(c, Moments).
 template <class T, class Finish>
 void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, const ChannelSchedule& sched,
                           const PlaneBlocks& pb, Finish&& finish) {
+    const bool prefetch = prefetch_planes<T>(s, 1);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_moments(k, x, s, first, count, w, finish);
+        block_moments(k, x, s, first, count, w, prefetch, finish);
     });
 }
 
@@ -152,8 +164,9 @@ template <class T, class Finish>
 void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
                             const PlaneBlocks& pb, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
+    const bool prefetch = prefetch_planes<T>(s, 2);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_moments(k, x, s, first, count, w, [&](std::int64_t c, const Moments& m) {
+        block_moments(k, x, s, first, count, w, prefetch, [&](std::int64_t c, const Moments& m) {
             const ChannelAffine<compute_t<T>> a = finish(c, m);
             const std::size_t j = std::size_t(c - first);
             w.shift[j] = a.shift;
@@ -161,7 +174,7 @@ void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Sha
             w.b[j] = a.beta;
         });
         const std::int64_t at = first * len;
-        k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data());
+        k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(), prefetch);
     });
 }
 
@@ -172,11 +185,7 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
                            const compute_t<T>* shift, const ChannelSchedule& sched, const PlaneBlocks& pb,
                            Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
-    // Inputs larger than about a core's share of the L3 come from far away, and a block's planes
-    // sit a row apart: prefetching them pays (AMD EPYC, Zen 5, 1 thread: 32x256x14x14 662 ->
-    // 527 us, 128x256x7x7 1015 -> 571 us) where on data nearer it costs (32x256x7x7, 1.6 MB
-    // each: 98 -> 117 us).
-    const bool prefetch = 2 * s.size() * std::int64_t(sizeof(T)) > kPrefetchCacheShares * cache_sizes().l2;
+    const bool prefetch = prefetch_planes<T>(s, 3);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         const std::int64_t at = first * len;
         w.clear_sums();
@@ -198,7 +207,7 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
         }
         if (gx)
             k.pb_grad(dy + at, x + at, gx + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(),
-                      w.c.data());
+                      w.c.data(), prefetch);
     });
 }
 

@@ -140,11 +140,12 @@ BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typ
 constexpr i64 kPrefetchRuns = 4;
 constexpr i64 kPrefetchMaxBytes = 4096;
 
-template <class P>
+// kWrite: for a run about to be written (the line comes in owned, ready for the store).
+template <bool kWrite = false, class P>
 inline void prefetch_run(const P* p, i64 len) {
 #if defined(__GNUC__) || defined(__clang__)
     const char* c = reinterpret_cast<const char*>(p);
-    for (i64 b = 0; b < len * i64(sizeof(P)); b += 64) __builtin_prefetch(c + b);
+    for (i64 b = 0; b < len * i64(sizeof(P)); b += 64) __builtin_prefetch(c + b, kWrite ? 1 : 0);
 #else
     (void)p;
     (void)len;
@@ -245,7 +246,7 @@ struct PlaneSums {
     i64 rows_, stride_, planes_, len_;
     const T* shift_;
     double *s1_, *s2_;
-    bool prefetch_;  // kDot: prefetch the planes kPrefetchRuns rows ahead
+    bool prefetch_;  // prefetch the planes kPrefetchRuns rows ahead
 
     template <int kV>
     void run() const {
@@ -266,8 +267,8 @@ struct PlaneSums {
                 for (; r < end; ++r)
                     for (i64 j = 0; j < nj; ++j) {
                         const i64 at = r * stride + (j0 + j) * len;
-                        if (kDot && prefetch_ && r + kPrefetchRuns < rows) {
-                            prefetch_run(dy + at + kPrefetchRuns * stride, len);
+                        if (prefetch_ && r + kPrefetchRuns < rows) {
+                            if (kDot) prefetch_run(dy + at + kPrefetchRuns * stride, len);
                             prefetch_run(x + at + kPrefetchRuns * stride, len);
                         }
                         V u1 = O::zero(), u2 = O::zero();
@@ -292,8 +293,8 @@ struct PlaneSums {
 
 template <class S>
 void pb_dev(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift, double* s1,
-            double* s2) {
-    PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2, false};
+            double* s2, bool prefetch) {
+    PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2, prefetch};
     with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
 }
 
@@ -313,6 +314,7 @@ struct PlaneApply {
     S* y_;
     i64 rows_, stride_, planes_, len_;
     const T *shift_, *a_, *b_, *c_;
+    bool prefetch_;  // prefetch the output planes kPrefetchRuns rows ahead, for writing
 
     template <int kV>
     void run() const {
@@ -325,6 +327,7 @@ struct PlaneApply {
         for (i64 r = 0; r < rows; ++r)
             for (i64 j = 0; j < planes; ++j) {
                 const i64 at = r * stride + j * len;
+                if (prefetch_ && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
                 const V s = O::set1(shift[j]), av = O::set1(a[j]), bv = O::set1(b[j]);
                 const V cv = kGrad ? O::set1(c[j]) : O::zero();
                 for (int v = 0; v < kV; ++v) {
@@ -339,15 +342,15 @@ struct PlaneApply {
 
 template <class S>
 void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
-               const compute_t<S>* alpha, const compute_t<S>* beta) {
-    PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr};
+               const compute_t<S>* alpha, const compute_t<S>* beta, bool prefetch) {
+    PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
     with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
 }
 
 template <class S>
 void pb_grad(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
-             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q) {
-    PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q};
+             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, bool prefetch) {
+    PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q, prefetch};
     with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
 }
 

@@ -79,19 +79,21 @@ struct KernelTable {
                      double* sdy, double* sdyx);
 
     // pb_*: a block of `planes` consecutive channels of a channels-first input, plane j of row r
-    // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long.
+    // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long. prefetch:
+    // software prefetch of the planes a few rows ahead, those the kernel reads (pb_dev, pb_dot)
+    // or writes (pb_affine, pb_grad), for data that come from beyond the core's caches.
     // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
-    void (*pb_dev)(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, double* s1, double* s2);
-    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j])); prefetch: software prefetch of
-    // the planes a few rows ahead (for data that come from beyond the core's caches)
+    void (*pb_dev)(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, double* s1, double* s2,
+                   bool prefetch);
+    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
     void (*pb_dot)(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
                    double* sdy, double* sdyx, bool prefetch);
     // y = (x - shift[j]) * alpha[j] + beta[j]
     void (*pb_affine)(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, const T* alpha,
-                      const T* beta);
+                      const T* beta, bool prefetch);
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
     void (*pb_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
-                    const T* k, const T* m, const T* q);
+                    const T* k, const T* m, const T* q, bool prefetch);
 
     // Lanes of T in one vector of this backend.
     i64 lanes;

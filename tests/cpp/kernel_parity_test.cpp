@@ -194,26 +194,28 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                     }
                 }
                 const i64 n = count * len;
+                // Runs past kPrefetchMaxBytes go in chunks when prefetching: it must not change a value.
+                const bool prefetch = count % 2 == 1;
 
-                const Sums dev = t.cf_dev(x.data(), count, len, stride, shift);
+                const Sums dev = t.cf_dev(x.data(), count, len, stride, shift, prefetch);
                 check_sum(ck, where, "cf_dev.first", dev.first, d1, sum_tol<T>(ad1, n));
                 check_sum(ck, where, "cf_dev.second", dev.second, d2, sum_tol<T>(d2, n));
-                const Sums dot = t.cf_dot(dy.data(), x.data(), count, len, stride, shift);
+                const Sums dot = t.cf_dot(dy.data(), x.data(), count, len, stride, shift, prefetch);
                 check_sum(ck, where, "cf_dot.first", dot.first, g, sum_tol<T>(ag, n));
                 check_sum(ck, where, "cf_dot.second", dot.second, gd, sum_tol<T>(agd, n));
 
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false);
+                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false, prefetch);
                 check_output(ck, where, "cf_affine", y, ey);
                 Expected er = ey;
                 for (size_t i = 0; i < er.ref.size(); ++i)
                     if (er.written[i]) er.ref[i] = std::max(er.ref[i], 0.0);
                 y = sentinel_vec<T>(size + kGuard);
-                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, true);
+                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, true, prefetch);
                 check_output(ck, where, "cf_affine relu", y, er);
 
                 std::vector<T> gx = sentinel_vec<T>(size + kGuard);
-                t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q);
+                t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q, prefetch);
                 check_output(ck, where, "cf_grad", gx, eg);
             }
         }
@@ -599,7 +601,7 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
     std::vector<T> x(static_cast<size_t>(n));
     for (i64 i = 0; i < n; ++i) x[size_t(i)] = T::from_bits(std::uint16_t(i));
     std::vector<T> y = sentinel_vec<T>(n + 3);
-    t.cf_affine(x.data(), y.data(), 1, n - 3, 0, C(0), C(1), C(-0.0), false);  // a tail, then the last 3 by cl
+    t.cf_affine(x.data(), y.data(), 1, n - 3, 0, C(0), C(1), C(-0.0), false, false);  // a tail, then the last 3 by cl
     const std::vector<C> zero(3, C(0)), one(3, C(1)), minus_zero(3, C(-0.0));
     t.cl_affine(x.data() + n - 3, nullptr, y.data() + n - 3, 1, 3, 3, zero.data(), one.data(), minus_zero.data(), false);
     i64 bad = 0;

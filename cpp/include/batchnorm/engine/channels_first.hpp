@@ -77,10 +77,10 @@ double probe_mean(const T* x, const Shape& s, std::int64_t c, std::int64_t begin
 // Sums of deviations of channel c's values [begin, end) from shift.
 template <class T>
 Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c, std::int64_t begin,
-               std::int64_t end, compute_t<T> shift) {
+               std::int64_t end, compute_t<T> shift, bool prefetch) {
     Sums dev;
     for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-        dev += checked_dev(k, x + at, n, len, stride, shift);
+        dev += checked_dev(k, x + at, n, len, stride, shift, prefetch);
     });
     return dev;
 }
@@ -92,17 +92,17 @@ Sums range_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t
 // Chan's formula.
 template <class T>
 Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t c,
-                      std::int64_t begin, std::int64_t end) {
+                      std::int64_t begin, std::int64_t end, bool prefetch) {
     Moments total;
     const std::int64_t tile = tile_values<T>();
     for (std::int64_t t = begin; t < end; t += tile) {
         const std::int64_t t_end = std::min(end, t + tile);
         const double count = double(t_end - t);
         compute_t<T> shift = compute_t<T>(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
-        Sums dev = range_dev(k, x, s, c, t, t_end, shift);
+        Sums dev = range_dev(k, x, s, c, t, t_end, shift, prefetch);
         if (!shift_is_close(count, dev.first, dev.second)) {
             shift = compute_t<T>(double(shift) + dev.first / count);
-            dev = range_dev(k, x, s, c, t, t_end, shift);
+            dev = range_dev(k, x, s, c, t, t_end, shift, false);  // the tile is in cache
         }
         total = merge(total, from_shifted_sums(count, double(shift), dev.first, dev.second));
     }
@@ -111,10 +111,10 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
 
 template <class T>
 Sums range_dot(const KernelTable<T>& k, const T* dy, const T* x, const Shape& s, std::int64_t c,
-               std::int64_t begin, std::int64_t end, compute_t<T> shift) {
+               std::int64_t begin, std::int64_t end, compute_t<T> shift, bool prefetch) {
     Sums total;
     for_each_run(s, c, begin, end, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-        total += checked_dot(k, dy + at, x + at, n, len, stride, shift);
+        total += checked_dot(k, dy + at, x + at, n, len, stride, shift, prefetch);
     });
     return total;
 }
@@ -190,11 +190,12 @@ struct NoApply {
 template <class T, class Finish>
 void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, s.size() * std::int64_t(sizeof(T)));
+    const bool prefetch = prefetch_planes<T>(s, 1);
     const PlaneBlocks pb = plane_blocks(k, s, sched, 1);
     if (pb.blocks > 0) return moments_plane_blocks(k, x, s, sched, pb, finish);
     for_each_channel<Moments>(
         s, sched,
-        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e, prefetch); },
         finish, NoApply{});
 }
 
@@ -205,14 +206,15 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
     const PlaneBlocks pb = plane_blocks(k, s, sched, 2);
     if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
+    const bool prefetch = prefetch_planes<T>(s, 2);
     for_each_channel<Moments>(
         s, sched,
-        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e); },
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e, prefetch); },
         [&](std::int64_t c, const Moments& m) { affine[std::size_t(c)] = finish(c, m); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<compute_t<T>> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, false);
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, false, prefetch);
             });
         });
 }
@@ -226,15 +228,16 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
     const PlaneBlocks pb = plane_blocks(k, s, sched, 3);
     if (pb.blocks > 0) return backward_plane_blocks(k, dy, x, gx, s, shift, sched, pb, finish);
     std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));
+    const bool prefetch = prefetch_planes<T>(s, 3);
     for_each_channel<Sums>(
         s, sched,
-        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, shift[c]); },
+        [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, shift[c], prefetch); },
         [&](std::int64_t c, const Sums& sums) { coef[std::size_t(c)] = finish(c, sums); },
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             if (!gx) return;
             const GradCoefficients<compute_t<T>> g = coef[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t cnt, std::int64_t len, std::int64_t stride) {
-                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q);
+                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q, prefetch);
             });
         });
 }

@@ -23,8 +23,8 @@ bool lanes_overflowed(double a, double b) {
 // {sum(x - shift), sum((x - shift)^2)} over `count` runs of `len` values, `stride` apart.
 template <class T>
 Sums checked_dev(const KernelTable<T>& k, const T* x, std::int64_t count, std::int64_t len, std::int64_t stride,
-                 compute_t<T> shift) {
-    Sums s = k.cf_dev(x, count, len, stride, shift);
+                 compute_t<T> shift, bool prefetch) {
+    Sums s = k.cf_dev(x, count, len, stride, shift, prefetch);
     if (!lanes_overflowed<T>(s.first, s.second)) return s;
     s = Sums{};
     for (std::int64_t r = 0; r < count; ++r)
@@ -38,7 +38,7 @@ Sums checked_dev(const KernelTable<T>& k, const T* x, std::int64_t count, std::i
 // {sum(dy*w), sum(dy*w*(x - shift))} over one run of n values; w null means 1.
 template <class T>
 Sums checked_wdot(const KernelTable<T>& k, const T* dy, const T* x, const compute_t<T>* w, std::int64_t n, compute_t<T> shift) {
-    Sums s = w ? k.row_wdot(dy, x, w, n, shift) : k.cf_dot(dy, x, 1, n, n, shift);
+    Sums s = w ? k.row_wdot(dy, x, w, n, shift) : k.cf_dot(dy, x, 1, n, n, shift, false);
     if (!lanes_overflowed<T>(s.first, s.second)) return s;
     s = Sums{};
     for (std::int64_t i = 0; i < n; ++i) {
@@ -51,8 +51,8 @@ Sums checked_wdot(const KernelTable<T>& k, const T* dy, const T* x, const comput
 // {sum(dy), sum(dy*(x - shift))} over `count` runs of `len` values, `stride` apart.
 template <class T>
 Sums checked_dot(const KernelTable<T>& k, const T* dy, const T* x, std::int64_t count, std::int64_t len,
-                 std::int64_t stride, compute_t<T> shift) {
-    Sums s = k.cf_dot(dy, x, count, len, stride, shift);
+                 std::int64_t stride, compute_t<T> shift, bool prefetch) {
+    Sums s = k.cf_dot(dy, x, count, len, stride, shift, prefetch);
     if (!lanes_overflowed<T>(s.first, s.second)) return s;
     s = Sums{};
     for (std::int64_t r = 0; r < count; ++r) s += checked_wdot<T>(k, dy + r * stride, x + r * stride, nullptr, len, shift);

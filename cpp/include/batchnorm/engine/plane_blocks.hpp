@@ -78,21 +78,6 @@ void for_each_plane_block(const ChannelSchedule& sched, const PlaneBlocks& pb, s
     });
 }
 
-// Whether the passes over blocks prefetch the planes they stream a few rows ahead: when the
-// call's arrays (`arrays` of this shape: its inputs and outputs) pass this many per-core L2
-// sizes, they cannot have stayed in the L3 since they were last used, and a block's planes,
-// a row apart, are too short for the hardware prefetchers to catch up with each. Measured on
-// an AMD EPYC (Zen 5, 1 MiB L2, 32 MiB L3), 1 thread, float32: training 64x256x14x14 (26 MB)
-// 1522 -> 788 us, backward 32x256x14x14 and 128x256x7x7 (19 MB) 662 -> 527 and 1015 -> 571
-// us; below, where the data come from the L3, it costs (training 32x256x14x14 and
-// 128x256x7x7, 13 MB: 232 -> 277 and 282 -> 313 us).
-constexpr std::int64_t kPrefetchCacheShares = 16;
-
-template <class T>
-bool prefetch_planes(const Shape& s, int arrays) {
-    return arrays * s.size() * std::int64_t(sizeof(T)) > kPrefetchCacheShares * cache_sizes().l2;
-}
-
 // Where value i of a block's channel j lies, from the block's start: row i / len, position
 // i % len, the block's planes one after another in each row.
 inline std::int64_t block_offset(std::int64_t len, std::int64_t stride, std::int64_t i, std::int64_t j) {

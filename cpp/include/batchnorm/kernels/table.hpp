@@ -1,7 +1,9 @@
 // The kernel table: what every ISA backend provides, for one element type. The driver
 // (ISA-neutral, OpenMP) calls only these. Two families:
 //  - cf_*: channels-first. One channel's values come as `count` runs of `len` contiguous values,
-//    `stride` apart (a run is one (n, c) plane of NCHW). Vectorized along the run.
+//    `stride` apart (a run is one (n, c) plane of NCHW). Vectorized along the run. prefetch:
+//    runs past kPrefetchMaxBytes prefetch the next run as they go, those the kernel reads
+//    (cf_dev, cf_dot) or writes (cf_affine, cf_grad), for data from beyond the core's caches.
 //  - rows_* and cl_*: row-major tiles of `rows` rows x `cols` contiguous columns, one column per
 //    channel (channels-last), rows `ld` values apart (ld = cols for whole rows; more for a block
 //    of columns). Vectorized across columns; per-column results add into float64.
@@ -39,14 +41,15 @@ struct KernelTable {
     using i64 = std::int64_t;
     using T = compute_t<S>;
     // {sum(x - shift), sum((x - shift)^2)}
-    Sums (*cf_dev)(const S* x, i64 count, i64 len, i64 stride, T shift);
+    Sums (*cf_dev)(const S* x, i64 count, i64 len, i64 stride, T shift, bool prefetch);
     // {sum(dy), sum(dy * (x - shift))}
-    Sums (*cf_dot)(const S* dy, const S* x, i64 count, i64 len, i64 stride, T shift);
+    Sums (*cf_dot)(const S* dy, const S* x, i64 count, i64 len, i64 stride, T shift, bool prefetch);
     // y = act((x - shift) * alpha + beta), act relu or none
-    void (*cf_affine)(const S* x, S* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu);
+    void (*cf_affine)(const S* x, S* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu,
+                      bool prefetch);
     // gx = dy * k + (x - shift) * m + q
     void (*cf_grad)(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, T shift, T k,
-                    T m, T q);
+                    T m, T q, bool prefetch);
     // Eval over whole planes in memory order: plane r has channel (first_channel + r) % channels.
     // y = act((x - shift[c]) * alpha[c] + beta[c] + residual), residual may be null.
     void (*rows_affine)(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,

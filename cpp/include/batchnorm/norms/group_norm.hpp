@@ -70,7 +70,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         std::vector<std::pair<Moments, double>> stats(static_cast<std::size_t>(seg.channels));
         for_each_channel<Moments>(
             seg, 2 * s.size() * std::int64_t(sizeof(T)),
-            [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e); },
+            [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e, false); },
             [&](std::int64_t sg, const Moments& m) { stats[std::size_t(sg)] = {m, finish(sg, m)}; },
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
                 const auto& [m, invstd] = stats[std::size_t(sg)];
@@ -78,7 +78,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), c = (sg % groups) * per_group + p;
                     const ChannelAffine<P> a = affine_for<P>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
                     const std::int64_t at = sg * seg.inner + v;
-                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu);
+                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu, false);
                     v = end;
                 }
             });
@@ -158,7 +158,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                 PlaneSums r{std::vector<Sums>(std::size_t(per_group))};
                 for (std::int64_t v = b; v < e;) {
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
-                    r.planes[std::size_t(p)] += checked_dot(k, dy + at, x + at, 1, end - v, 0, mean[sg]);
+                    r.planes[std::size_t(p)] += checked_dot(k, dy + at, x + at, 1, end - v, 0, mean[sg], false);
                     v = end;
                 }
                 return r;
@@ -177,7 +177,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
                     const P kc = P(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
                     k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc, mc[std::size_t(sg)],
-                              qc[std::size_t(sg)]);
+                              qc[std::size_t(sg)], false);
                     v = end;
                 }
             });

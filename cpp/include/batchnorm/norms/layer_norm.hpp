@@ -70,7 +70,7 @@ void layer_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const co
     detail::normalize_rows<detail::Moments>(
         x, y, rows, cols, weight, bias, residual, sum_out,
         [](const auto& k, const T* src, const Shape& seg, std::int64_t r, std::int64_t b, std::int64_t e) {
-            return detail::range_moments(k, src, seg, r, b, e);
+            return detail::range_moments(k, src, seg, r, b, e, false);
         },
         [&](std::int64_t r, const detail::Moments& m) {
             const double invstd = detail::invstd_of(m.biased_var(), eps);

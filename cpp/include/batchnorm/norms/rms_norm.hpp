@@ -19,7 +19,7 @@ void rms_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const comp
     detail::normalize_rows<detail::Sums>(
         x, y, rows, cols, weight, static_cast<const P*>(nullptr), residual, sum_out,
         [](const auto& k, const T* src, const Shape& seg, std::int64_t r, std::int64_t b, std::int64_t e) {
-            return detail::range_dev(k, src, seg, r, b, e, P(0));
+            return detail::range_dev(k, src, seg, r, b, e, P(0), false);
         },
         [&](std::int64_t r, const detail::Sums& s) {
             const double rrms = detail::invstd_of(s.second / double(cols), eps);

@@ -77,7 +77,7 @@ std::int64_t tile_values() {
 // stayed in the L3 since they were last used, and each plane, a row apart from the last,
 // starts with misses that the hardware prefetchers only catch up with later. Measured on an
 // AMD EPYC (Zen 5, 1 MiB L2, 32 MiB L3), 1 thread, float32, training: 64x256x14x14 (26 MB)
-// 1522 -> 788 us, 32x64x56x56 (51 MB) 2633 -> 1678 us; backward 32x256x14x14 and
+// 1522 -> 788 us, 32x64x56x56 (51 MB) 2589 -> 2131 us; backward 32x256x14x14 and
 // 128x256x7x7 (19 MB) 662 -> 527 and 1015 -> 571 us. Below, where the data come from the
 // L3, it costs: training 32x256x14x14 and 128x256x7x7 (13 MB) 232 -> 277 and 282 -> 313 us,
 // 4x64x56x56 (6 MB) 105 -> 117 us.

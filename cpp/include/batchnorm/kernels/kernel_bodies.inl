@@ -162,8 +162,8 @@ inline bool prefetch_ahead(i64 r, i64 count, i64 bytes) {
 // with misses at a new address, which at DRAM size cost about as much as the data. The
 // reductions prefetch what they read, the apply kernels what they write (their inputs were
 // just read by the reduction; prefetching those too cost). AMD EPYC (Zen 5), 1 thread,
-// float32: batch_stats 32x64x56x56 1227 -> 521 us, training 2633 -> 1678 us, backward
-// 4368 -> 3649 us; 4x256x56x56 training 889 -> 719 us, backward 1509 -> 1270 us.
+// float32: batch_stats 32x64x56x56 884 -> 519 us, training 2589 -> 2131 us, backward
+// 4644 -> 4098 us; 4x256x56x56 training 1299 -> 916 us, backward 1641 -> 1531 us.
 constexpr i64 kChunkBytes = 1024;
 
 // body(at, n) over the chunks of `count` runs of len values, `stride` apart, in order, each

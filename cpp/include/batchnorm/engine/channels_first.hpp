@@ -190,9 +190,9 @@ struct NoApply {
 template <class T, class Finish>
 void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, s.size() * std::int64_t(sizeof(T)));
-    const bool prefetch = prefetch_planes<T>(s, 1);
     const PlaneBlocks pb = plane_blocks(k, s, sched, 1);
     if (pb.blocks > 0) return moments_plane_blocks(k, x, s, sched, pb, finish);
+    const bool prefetch = prefetch_planes<T>(s, 1);
     for_each_channel<Moments>(
         s, sched,
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e, prefetch); },

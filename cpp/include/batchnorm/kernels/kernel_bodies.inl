@@ -517,9 +517,9 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
 // Visits rows [r, end) of a block of nb vectors vector by vector in groups of kRowGroup rows:
 // visit(k, row0, rows) covers vector k of rows [row0, row0 + rows), rows a compile-time count.
 // A wide block's per-vector accumulators and factors live in arrays on the stack; visiting a
-// vector over a few rows at once loads and stores them once per group instead of once per row
-// (the loads and stores, not the data, bounded wide rows: AMD EPYC, Zen 5, statistics of
-// 256x1024 float32 at 2.3x a copy), while each row still streams forward.
+// vector over a few rows at once loads and stores them once per group instead of once per row,
+// while each row still streams forward (AMD EPYC, Zen 5, 1 thread: batch_stats of 256x1024
+// float32 31 -> 26 us, training 67 -> 60 us).
 constexpr i64 kRowGroup = 4;
 
 template <class Visit>

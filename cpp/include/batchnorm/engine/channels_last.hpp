@@ -115,7 +115,8 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
             const std::int64_t probe = std::min(n, kProbeRows);
             std::fill_n(w.sum.begin(), ncols, 0.0);
             for (std::int64_t i = 0; i < probe; ++i) k.cl_sum(tile + i * (n / probe) * b.ld, 1, cols, b.ld, w.sum.data());
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.sum[j] / double(probe));
+            const double inv_probe = 1.0 / double(probe);  // any value near the mean will do as the shift
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.sum[j] * inv_probe);
         } else {
             for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.moments[j].mean());
         }
@@ -211,7 +212,10 @@ public:
     explicit PerColumn(const Shape& s)
         : inner_(s.inner), values_(std::size_t(std::min(s.channels * s.inner, std::max(kBlockColumns, s.inner)))) {}
     void set(const ColumnBlock& b, std::int64_t c, T value) {
-        std::fill_n(values_.begin() + (c - b.first) * inner_, inner_, value);
+        if (inner_ == 1)  // channels-last input: one column per channel, and a call per channel
+            values_[std::size_t(c - b.first)] = value;
+        else
+            std::fill_n(values_.begin() + (c - b.first) * inner_, inner_, value);
     }
     const T* data() const { return values_.data(); }
     T* data() { return values_.data(); }
@@ -251,8 +255,11 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
         s, 4 * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
             // Every thread fills the block's shifts with the same values before reading them.
-            for (std::int64_t c = blk.first; c < blk.first + blk.count; ++c)
-                std::fill_n(w.shift.begin() + (c - blk.first) * s.inner, s.inner, shift_of[c]);
+            if (s.inner == 1)
+                std::copy_n(shift_of + blk.first, blk.count, w.shift.begin());
+            else
+                for (std::int64_t c = blk.first; c < blk.first + blk.count; ++c)
+                    std::fill_n(w.shift.begin() + (c - blk.first) * s.inner, s.inner, shift_of[c]);
             std::fill_n(w.s1.begin(), blk.cols, 0.0);
             std::fill_n(w.s2.begin(), blk.cols, 0.0);
             const std::int64_t at = b * blk.ld + blk.col;

@@ -118,10 +118,16 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
         at[i] = block_offset(len, stride, value, 0);
     }
     const T* xb = x + first * len;
+    const double inv_probes = 1.0 / double(probes);
     for (std::int64_t j = 0; j < count; ++j) {
-        double sum = 0;
-        for (std::int64_t i = 0; i < probes; ++i) sum += double(xb[j * len + at[i]]);
-        w.shift[std::size_t(j)] = compute_t<T>(sum / double(probes));
+        double even = 0, odd = 0;  // two chains: a channel's probes are summed twice as fast
+        std::int64_t i = 0;
+        for (; i + 1 < probes; i += 2) {
+            even += double(xb[j * len + at[i]]);
+            odd += double(xb[j * len + at[i + 1]]);
+        }
+        if (i < probes) even += double(xb[j * len + at[i]]);
+        w.shift[std::size_t(j)] = compute_t<T>((even + odd) * inv_probes);
     }
     w.clear_sums();
     block_dev(k, x, s, first, 0, count, w, prefetch);

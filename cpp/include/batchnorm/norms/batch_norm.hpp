@@ -30,7 +30,9 @@ ChannelAffine<T> eval_affine(std::int64_t c, const T* mean, const T* var, const 
 }
 
 // Arguments of a training forward, as the public API documents them. momentum is the factor
-// of the running-statistics rule (running_factor).
+// of the running-statistics rule (running_factor). inv_n and inv_n1 are 1/n and 1/(n - 1) for
+// the n values of every channel: the variances by multiplication, two divisions fewer per
+// channel (on short planes the per-channel scalars are a third of the call).
 template <class T>
 struct TrainArgs {
     const T* weight;
@@ -41,13 +43,15 @@ struct TrainArgs {
     double eps;
     T* save_mean;
     T* save_invstd;
+    double inv_n;
+    double inv_n1;
 };
 
 // Writes channel c's running and saved statistics and returns its affine map.
 template <class T>
 ChannelAffine<T> finish_train_channel(std::int64_t c, const Moments& m, const TrainArgs<T>& a) {
-    const double invstd = invstd_of(m.biased_var(), a.eps);
-    if (a.running_mean) update_running(a.running_mean[c], a.running_var[c], m.mean(), m.unbiased_var(), a.momentum);
+    const double invstd = invstd_of(m.m2 * a.inv_n, a.eps);
+    if (a.running_mean) update_running(a.running_mean[c], a.running_var[c], m.mean(), m.m2 * a.inv_n1, a.momentum);
     if (a.save_mean) a.save_mean[c] = T(m.mean());
     if (a.save_invstd) a.save_invstd[c] = T(invstd);
     return affine_for<T>(m, invstd, value_or(a.weight, c, 1.0), value_or(a.bias, c, 0.0));
@@ -127,7 +131,9 @@ void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* wei
     }
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
-    const detail::TrainArgs<P> args{weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd};
+    const double n = double(shape.per_channel());
+    const detail::TrainArgs<P> args{weight,   bias,          running_mean, running_var, momentum,
+                                    eps,      save_mean,     save_invstd,  1.0 / n,     1.0 / (n - 1)};
     detail::normalize_fused(x, y, shape, [&](std::int64_t c, const detail::Moments& m) {
         return detail::finish_train_channel(c, m, args);
     });

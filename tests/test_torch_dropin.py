@@ -452,6 +452,36 @@ def test_cached_views_follow_swapped_memory_dtype_and_eps(rng, no_fallback):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_cached_counter_follows_a_swapped_num_batches_tracked(grad, rng, no_fallback):
+    """The shortcut counts batches through a cached view of num_batches_tracked; a counter
+    replaced (a new tensor, .data, load_state_dict) must be the one counted, and with
+    momentum=None the cumulative factor must come from it."""
+    ours, ref = pair(2, np.float32, momentum=None)
+    ref.load_state_dict(ours.state_dict())
+    x = make_x(rng, (2, 5, 3, 3), np.float32, None, offset=1.0).requires_grad_(grad)
+
+    def step() -> None:
+        assert_close(ours(x).detach(), ref(x).detach().numpy(), np.float32)
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+        assert_close(ours.running_mean, ref.running_mean.numpy(), np.float32)
+        assert_close(ours.running_var, ref.running_var.numpy(), np.float32)
+
+    step()
+    for m in (ours, ref):
+        m.num_batches_tracked = torch.tensor(7)  # a new buffer object
+    step()
+    for m in (ours, ref):
+        m.num_batches_tracked.data = torch.tensor(2)  # new memory under the same tensor
+    step()
+    state = ref.state_dict()
+    state["num_batches_tracked"] = torch.tensor(40)
+    for m in (ours, ref):
+        m.load_state_dict(state)  # copied in place
+    step()
+    assert int(ours.num_batches_tracked) == 41
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 def test_running_stats_version_counter_moves_like_torchs(grad, rng, no_fallback):
     ours, ref = pair(2, np.float32)
     x = make_x(rng, (2, 5, 3, 3), np.float32, None).requires_grad_(grad)

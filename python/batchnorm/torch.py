@@ -261,8 +261,8 @@ def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, ep
     and variance in eval."""
     if type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled():
         return None
-    try:
-        grad_y_numpy = _numpy(grad_y)
+    try:  # force: a view still (CPU, real), also when the caller's grad_y requires grad
+        grad_y_numpy = grad_y.detach() if grad_y.dtype is torch.bfloat16 else grad_y.numpy(force=True)
     except RuntimeError:  # is_grads_batched: a (legacy vmap) batched tensor has no memory
         return None
     x, weight, mean, second = arrays
@@ -293,7 +293,7 @@ class _EagerFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         """Run the kernels; keep the NumPy views backward needs."""
-        xn = _numpy(x)
+        xn = x.detach() if x.dtype is torch.bfloat16 else x.numpy(force=True)  # a view: x is a CPU tensor
         w, b, rm, rv = arrays
         if training:
             y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)
@@ -557,16 +557,21 @@ class _DropIn(_BatchNorm):
                 return None  # eval without running statistics: batch statistics, general route
         # the cache holds for the same tensors over the same memory (``.data =`` and
         # ``.to()`` swap the memory under the same Parameter) and the same eps
+        counter = buffers.get("num_batches_tracked")
         key = (rm is not None and rm.data_ptr(), rv is not None and rv.data_ptr(),
-               w is not None and w.data_ptr(), b is not None and b.data_ptr(), self.eps)
+               w is not None and w.data_ptr(), b is not None and b.data_ptr(),
+               counter is not None and counter.data_ptr(), self.eps)
         views = self._views
         if (views is None or views[0] != key or views[1] is not rm or views[2] is not rv
-                or views[3] is not w or views[4] is not b):
+                or views[3] is not w or views[4] is not b or views[7] is not counter):
             if not (all(t is None or type(t) in _TENSORS for t in (rm, rv, w, b))
                     and _kernels_apply(input, rm, rv, w, b, False, 0.0, self.eps)):
                 return None
+            # the counter as a 1-element NumPy view: ``+= 1`` there costs a sixth of ``add_(1)``
+            count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
+                     and counter.is_cpu and counter.shape == () else None)
             views = self._views = (key, rm, rv, w, b, input.dtype,
-                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)))
+                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)), counter, count)
         if (input.dtype != views[5] or input.dim() not in self._ranks or not input.is_cpu
                 or input.layout != _STRIDED or input.numel() == 0):
             return None
@@ -578,11 +583,14 @@ class _DropIn(_BatchNorm):
                 momentum = self.momentum  # type: ignore[assignment]
                 if momentum is not None and not 0.0 <= momentum <= 1.0:
                     return None
-                counter = buffers.get("num_batches_tracked")
                 if counter is not None:
-                    counter.add_(1)
+                    count = views[8]
+                    if count is not None:
+                        count[0] += 1
+                    else:
+                        counter.add_(1)
                     if momentum is None:  # cumulative average
-                        momentum = 1.0 / float(counter)
+                        momentum = 1.0 / float(counter if count is None else count[0])
                 if momentum is None:
                     momentum = 0.0
         w_np, b_np, rm_np, rv_np = views[6]

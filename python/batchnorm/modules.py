@@ -53,6 +53,11 @@ class _BatchNorm(_NormBase):
 
     def _check_input(self, x: Any) -> bool:
         """Check type, rank and channel count like torch; return whether ``x`` is empty."""
+        if type(x) is _ndarray:  # the per-call path: no further calls when the checks pass
+            shape, axis = x.shape, self.axis
+            rank = len(shape)
+            if rank in self._ranks and -rank <= axis < rank and shape[axis] == self.num_features:
+                return 0 in shape
         shape = _shape_of(x)
         self._check_rank(shape)
         _check_channels(shape, self.axis, self.num_features, "num_features")

@@ -638,6 +638,57 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
     ck.check(bad == 0 && out[size_t(cols)].bits == T(kSentinel).bits, tag, "narrow");
 }
 
+// ---- eval factors, bit for bit ----------------------------------------------------------------
+// alpha = w * (1 / sqrt(var + eps)), beta = b - 0*alpha in float64, rounded once to compute_t<T>:
+// correctly rounded operations, so every backend must give these bits (NaN where NaN), for every
+// tail length, with and without weight and bias, on variances that make alpha huge, zero,
+// infinite or NaN; the guard after the end stays untouched.
+
+template <class T>
+void test_eval_factors(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    using C = compute_t<T>;
+    std::uniform_real_distribution<double> unit(0.0, 4.0);
+    const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+    const double specials[] = {0.0, 1e-30, 3e38, inf, nan, -1.0, -1e-5, 0.5};
+    for (const double eps : {1e-5, 1e-300}) {
+        for (i64 channels = 0; channels <= 37; ++channels) {
+            for (int given = 0; given < 4; ++given) {  // weight and bias null or not
+                const size_t n = static_cast<size_t>(channels);
+                std::vector<C> var(n), w(n), b(n);
+                for (i64 c = 0; c < channels; ++c) {
+                    var[size_t(c)] = C(c % 5 == 3 ? specials[size_t(c / 5) % 8] : unit(rng));
+                    w[size_t(c)] = C(c % 7 == 4 ? specials[size_t(c / 7) % 8] : unit(rng) - 2.0);
+                    b[size_t(c)] = C(unit(rng) - 2.0);
+                }
+                const C* wp = given & 1 ? w.data() : nullptr;
+                const C* bp = given & 2 ? b.data() : nullptr;
+                std::vector<C> alpha = sentinel_vec<C>(channels + kGuard), beta = sentinel_vec<C>(channels + kGuard);
+                t.eval_factors(var.data(), wp, bp, channels, eps, alpha.data(), beta.data());
+                i64 bad = 0;
+                for (i64 c = 0; c < channels + kGuard; ++c) {
+                    const size_t u = size_t(c);
+                    double want_a = kSentinel, want_b = kSentinel;
+                    if (c < channels) {
+                        const double a = (wp ? double(w[u]) : 1.0) * (1.0 / std::sqrt(double(var[u]) + eps));
+                        want_a = double(C(a));
+                        want_b = double(C((bp ? double(b[u]) : 0.0) - 0.0 * a));
+                    }
+                    const auto same = [](double got, double want) {
+                        return std::isnan(want) ? std::isnan(got) : got == want && std::signbit(got) == std::signbit(want);
+                    };
+                    if (!same(double(alpha[u]), want_a) || !same(double(beta[u]), want_b)) {
+                        if (bad++ == 0)
+                            ck.check(false, tag, fmt("eval_factors, channel %.0f: alpha %.17g, beta %.17g", double(c),
+                                                     double(alpha[u]), double(beta[u])) +
+                                                     " (" + std::to_string(channels) + " channels)");
+                    }
+                }
+                ck.check(bad == 0, tag, "eval_factors");
+            }
+        }
+    }
+}
+
 template <class T>
 void test_backend(Isa isa, Checker& ck) {
     const KernelTable<T>& t = batchnorm::detail::kernels_for<T>(isa);
@@ -650,6 +701,7 @@ void test_backend(Isa isa, Checker& ck) {
     test_cl<T>(t, tag, rng, ck);
     test_relu_nan<T>(t, tag, ck);
     test_row_params<T>(t, tag, rng, ck);
+    test_eval_factors<T>(t, tag, rng, ck);
     if constexpr (!std::is_same_v<T, compute_t<T>>) test_conversions<T>(t, tag, rng, ck);
     std::printf("%-14s %s\n", tag.c_str(), ck.failed == before ? "ok" : "FAILED");
 }

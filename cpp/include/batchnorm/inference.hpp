@@ -22,6 +22,7 @@
 // kernels split large inputs over OpenMP threads themselves (see threads.hpp).
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -59,12 +60,9 @@ public:
         shift_.resize(n);
         alpha_.resize(n);
         beta_.resize(n);
-        for (std::int64_t c = 0; c < channels; ++c) {
-            // Exactly forward_eval's factors.
-            const detail::ChannelAffine<P> a = detail::eval_affine(c, mean, var, weight, bias, eps);
-            shift_[std::size_t(c)] = a.shift;
-            alpha_[std::size_t(c)] = a.alpha;
-            beta_[std::size_t(c)] = a.beta;
+        if (channels > 0) {  // exactly forward_eval's factors, the mean as the shift
+            std::copy_n(mean, n, shift_.begin());
+            detail::kernels<T>().eval_factors(var, weight, bias, channels, eps, alpha_.data(), beta_.data());
         }
     }
 

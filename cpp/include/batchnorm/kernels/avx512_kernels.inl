@@ -39,6 +39,11 @@ struct Ops<double> {
     static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
     static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+    static V div(V a, V b) { return _mm512_div_pd(a, b); }
+    static V sqrt(V a) { return _mm512_sqrt_pd(a); }
+    // Per-channel float32 values in float64 lanes (exact), and back rounded to nearest.
+    static V load(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+    static void store(float* p, V v) { _mm256_storeu_ps(p, _mm512_cvtpd_ps(v)); }
     // Operands swapped: maxp[sd](b, a) = b > a ? b : a is exactly std::max(a, b) (the scalar
     // backend), so relu's max(v, 0) keeps a NaN v; maxp[sd](v, 0) would turn it into 0.
     static V max(V a, V b) { return _mm512_max_pd(b, a); }

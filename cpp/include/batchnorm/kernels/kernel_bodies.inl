@@ -869,10 +869,37 @@ void cols_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute
     }
 }
 
+// ---- per-channel factors -----------------------------------------------------------------
+
+// alpha = weight * (1 / sqrt(var + eps)), beta = bias - 0*alpha per channel (weight, bias null:
+// 1, 0), in float64 lanes: the operations of the scalar given_affine (affine.hpp) with the mean
+// as the shift, so every backend gives its bits (a non-finite alpha makes beta NaN as there).
+// On inputs with few values per channel, a square root and a division per channel, one after
+// the other, were a third of an eval call. The tail takes the same operations one by one.
+template <class S>
+void eval_factors(const compute_t<S>* var, const compute_t<S>* weight, const compute_t<S>* bias, i64 channels,
+                  double eps, compute_t<S>* alpha, compute_t<S>* beta) {
+    using T = compute_t<S>;
+    using D = Ops<double>;
+    i64 c = 0;
+    for (; c + D::W <= channels; c += D::W) {
+        const typename D::V w = weight ? D::load(weight + c) : D::set1(1.0);
+        const typename D::V b = bias ? D::load(bias + c) : D::zero();
+        const typename D::V a = D::mul(w, D::div(D::set1(1.0), D::sqrt(D::add(D::load(var + c), D::set1(eps)))));
+        D::store(alpha + c, a);
+        D::store(beta + c, D::sub(b, D::mul(D::zero(), a)));
+    }
+    for (; c < channels; ++c) {
+        const double a = (weight ? double(weight[c]) : 1.0) * (1.0 / std::sqrt(double(var[c]) + eps));
+        alpha[c] = T(a);
+        beta[c] = T((bias ? double(bias[c]) : 0.0) - 0.0 * a);
+    }
+}
+
 template <class S>
 KernelTable<S> make_table() {
     return {&cf_dev<S>,  &cf_dot<S>,    &cf_affine<S>, &cf_grad<S>,   &rows_affine<S>, &cl_sum<S>,
             &cl_dev<S>,  &cl_dot<S>,    &cl_affine<S>, &cl_grad<S>,   &add<S>,         &row_scale<S>,
             &row_wdot<S>, &row_wgrad<S>, &cols_dot<S>,  &pb_dev<S>,       &pb_dot<S>,
-            &pb_affine<S>, &pb_grad<S>,  Ops<compute_t<S>>::W};
+            &pb_affine<S>, &pb_grad<S>,  &eval_factors<S>, Ops<compute_t<S>>::W};
 }

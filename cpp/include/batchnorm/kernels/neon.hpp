@@ -34,6 +34,11 @@ struct Ops<double> {
     static V sub(V a, V b) { return vsubq_f64(a, b); }
     static V mul(V a, V b) { return vmulq_f64(a, b); }
     static V fma(V a, V b, V c) { return vfmaq_f64(c, a, b); }  // vfmaq(c, a, b) = c + a*b
+    static V div(V a, V b) { return vdivq_f64(a, b); }
+    static V sqrt(V a) { return vsqrtq_f64(a); }
+    // Per-channel float32 values in float64 lanes (exact), and back rounded to nearest.
+    static V load(const float* p) { return vcvt_f64_f32(vld1_f32(p)); }
+    static void store(float* p, V v) { vst1_f32(p, vcvt_f32_f64(v)); }
     // FMAX, not FMAXNM: a NaN input stays NaN, as std::max(NaN, 0) does in the scalar backend.
     static V max(V a, V b) { return vmaxq_f64(a, b); }
     static double sum_lanes(V v) { return vaddvq_f64(v); }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "table.hpp"
@@ -29,6 +30,8 @@ struct Ops {
     static V sub(V a, V b) { return a - b; }
     static V mul(V a, V b) { return a * b; }
     static V fma(V a, V b, V c) { return a * b + c; }
+    static V div(V a, V b) { return a / b; }
+    static V sqrt(V a) { return std::sqrt(a); }
     static V max(V a, V b) { return std::max(a, b); }
     static double sum_lanes(V v) { return double(v); }
     static void add_lanes_to(double* dst, V v) { *dst += double(v); }

@@ -13,6 +13,7 @@
 // sum never grows long enough to lose the digits the accuracy targets need.
 #pragma once
 
+#include <cmath>  // std::sqrt, used by kernel_bodies.inl
 #include <cstdint>
 #include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
 
@@ -97,6 +98,10 @@ struct KernelTable {
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
     void (*pb_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
                     const T* k, const T* m, const T* q, bool prefetch);
+    // Eval factors from given statistics, in float64 lanes: alpha = weight / sqrt(var + eps),
+    // beta = bias (weight, bias null: 1, 0), the shift being the mean itself.
+    void (*eval_factors)(const T* var, const T* weight, const T* bias, i64 channels, double eps, T* alpha,
+                         T* beta);
 
     // Lanes of T in one vector of this backend.
     i64 lanes;

@@ -21,14 +21,6 @@ inline void check_training_size(const Shape& s) {
             s.outer, ", ", s.channels, ", ", s.inner, ")");
 }
 
-// Channel c's eval factors from given statistics (usually the running ones).
-template <class T>
-ChannelAffine<T> eval_affine(std::int64_t c, const T* mean, const T* var, const T* weight, const T* bias,
-                             double eps) {
-    return given_affine<T>(mean[c], invstd_of(double(var[c]), eps), value_or(weight, c, 1.0),
-                           value_or(bias, c, 0.0));
-}
-
 // Arguments of a training forward, as the public API documents them. momentum is the factor
 // of the running-statistics rule (running_factor). inv_n and inv_n1 are 1/n and 1/(n - 1) for
 // the n values of every channel: the variances by multiplication, two divisions fewer per
@@ -161,11 +153,7 @@ void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean
     factors.resize(2 * std::size_t(shape.channels));
     P* alpha = factors.data();
     P* beta = alpha + shape.channels;
-    for (std::int64_t c = 0; c < shape.channels; ++c) {
-        const detail::ChannelAffine<P> a = detail::eval_affine(c, mean, var, weight, bias, eps);
-        alpha[c] = a.alpha;
-        beta[c] = a.beta;
-    }
+    detail::kernels<T>().eval_factors(var, weight, bias, shape.channels, eps, alpha, beta);
     detail::apply_affine(x, residual, y, shape, mean, alpha, beta, act);
 }
 

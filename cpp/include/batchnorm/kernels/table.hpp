@@ -98,8 +98,8 @@ struct KernelTable {
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
     void (*pb_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
                     const T* k, const T* m, const T* q, bool prefetch);
-    // Eval factors from given statistics, in float64 lanes: alpha = weight / sqrt(var + eps),
-    // beta = bias (weight, bias null: 1, 0), the shift being the mean itself.
+    // Eval factors from given statistics, in float64 lanes, the shift being the mean itself:
+    // alpha = weight * (1 / sqrt(var + eps)), beta = bias - 0*alpha (weight, bias null: 1, 0).
     void (*eval_factors)(const T* var, const T* weight, const T* bias, i64 channels, double eps, T* alpha,
                          T* beta);
 

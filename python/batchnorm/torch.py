@@ -187,6 +187,13 @@ def _numpy(t: Optional[Tensor]) -> Any:
     return t if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def _read_view(t: Tensor) -> Any:
+    """``_numpy`` for a tensor the kernels only read (the input, grad_y): ``numpy(force=True)``
+    is a view of a CPU tensor also when it requires grad, without ``detach()``'s new tensor
+    (0.73 against 0.95 us); bfloat16 goes as the tensor itself, as in ``_numpy``."""
+    return t.detach() if t.dtype is torch.bfloat16 else t.numpy(force=True)
+
+
 def _half_params(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -261,8 +268,8 @@ def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, ep
     and variance in eval."""
     if type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled():
         return None
-    try:  # force: a view still (CPU, real), also when the caller's grad_y requires grad
-        grad_y_numpy = grad_y.detach() if grad_y.dtype is torch.bfloat16 else grad_y.numpy(force=True)
+    try:
+        grad_y_numpy = _read_view(grad_y)
     except RuntimeError:  # is_grads_batched: a (legacy vmap) batched tensor has no memory
         return None
     x, weight, mean, second = arrays
@@ -293,7 +300,7 @@ class _EagerFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         """Run the kernels; keep the NumPy views backward needs."""
-        xn = x.detach() if x.dtype is torch.bfloat16 else x.numpy(force=True)  # a view: x is a CPU tensor
+        xn = _read_view(x)
         w, b, rm, rv = arrays
         if training:
             y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)

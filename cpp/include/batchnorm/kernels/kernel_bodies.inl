@@ -18,7 +18,9 @@ using ::batchnorm::detail::KernelTable;
 using ::batchnorm::detail::Sums;
 using ::batchnorm::compute_t;
 
+using ::batchnorm::detail::invstd_of;
 using ::batchnorm::detail::kFlushVectors;
+using ::batchnorm::detail::value_or;
 
 template <class P>
 inline typename Ops<compute_t<P>>::V load_n(const P* p, i64 n, typename Ops<compute_t<P>>::V fill) {
@@ -890,9 +892,9 @@ void eval_factors(const compute_t<S>* var, const compute_t<S>* weight, const com
         D::store(beta + c, D::sub(b, D::mul(D::zero(), a)));
     }
     for (; c < channels; ++c) {
-        const double a = (weight ? double(weight[c]) : 1.0) * (1.0 / std::sqrt(double(var[c]) + eps));
+        const double a = value_or(weight, c, 1.0) * invstd_of(double(var[c]), eps);
         alpha[c] = T(a);
-        beta[c] = T((bias ? double(bias[c]) : 0.0) - 0.0 * a);
+        beta[c] = T(value_or(bias, c, 0.0) - 0.0 * a);
     }
 }
 

@@ -13,11 +13,11 @@
 // sum never grows long enough to lose the digits the accuracy targets need.
 #pragma once
 
-#include <cmath>  // std::sqrt, used by kernel_bodies.inl
 #include <cstdint>
 #include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
 
 #include "../dtype.hpp"
+#include "../engine/affine.hpp"  // invstd_of, value_or: eval_factors' scalar tail
 #include "../engine/moments.hpp"
 
 // The per-run loops (run_dev, run_dot, ...) must inline into each kernel: out of line, their

@@ -124,8 +124,8 @@ void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* wei
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
     const double n = double(shape.per_channel());
-    const detail::TrainArgs<P> args{weight,   bias,          running_mean, running_var, momentum,
-                                    eps,      save_mean,     save_invstd,  1.0 / n,     1.0 / (n - 1)};
+    const detail::TrainArgs<P> args{weight, bias, running_mean, running_var, momentum, eps,
+                                    save_mean, save_invstd, 1.0 / n, 1.0 / (n - 1)};
     detail::normalize_fused(x, y, shape, [&](std::int64_t c, const detail::Moments& m) {
         return detail::finish_train_channel(c, m, args);
     });

@@ -28,6 +28,7 @@
 //    on store: plus uh * mag, uh the half type's unit roundoff (2^-11, 2^-8). Their conversions
 //    are checked bit for bit against half.hpp's scalar reference (test_conversions).
 #include <batchnorm/dispatch.hpp>
+#include <batchnorm/engine/plane_blocks.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -223,16 +224,23 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
 }
 
 // ---- blocks of short planes (pb_*) ---------------------------------------------------------
-// Every plane length up to the kernels' limit (kFlushVectors vectors of this backend's lanes),
-// row counts on both sides of every flush interval, plane counts across kBlockPlanes, gaps
-// between rows (stride > planes * len), and sums that start non-zero (the kernels add).
+// Every plane length up to the kernels' compile-time limit (kFlushVectors vectors of this
+// backend's lanes), every tail past it and longer planes up to the engine's limit (the
+// run_long paths), row counts on both sides of every flush interval, plane counts across
+// kBlockPlanes, gaps between rows (stride > planes * len), and sums that start non-zero (the
+// kernels add).
 
 template <class T>
 void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
     using C = compute_t<T>;
-    const i64 max_len = batchnorm::detail::kFlushVectors * t.lanes;
+    const i64 max_short = batchnorm::detail::kFlushVectors * t.lanes;
+    std::vector<i64> lens;
+    for (i64 len = 1; len <= max_short; len += (len < 40 || len + 3 > max_short) ? 1 : 7) lens.push_back(len);
+    for (i64 len = max_short + 1; len <= max_short + t.lanes; ++len) lens.push_back(len);
+    for (i64 len : {max_short * 2 + 5, batchnorm::detail::kMaxBlockPlaneBytes / i64(sizeof(T))})
+        if (len > max_short + t.lanes) lens.push_back(len);
     int ci = 0;
-    for (i64 len = 1; len <= max_len; len += (len < 40 || len + 3 > max_len) ? 1 : 7) {
+    for (i64 len : lens) {
         for (i64 rows : {1, 3, 5, 17}) {
             for (i64 planes : {1, 2, 33}) {
                 const i64 gap = (len + rows) % 3 == 0 ? 0 : 5, stride = planes * len + gap;

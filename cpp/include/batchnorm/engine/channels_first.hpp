@@ -190,7 +190,7 @@ struct NoApply {
 template <class T, class Finish>
 void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, s.size() * std::int64_t(sizeof(T)));
-    const PlaneBlocks pb = plane_blocks(k, s, sched, 1);
+    const PlaneBlocks pb = plane_blocks<T>(s, sched, 1);
     if (pb.blocks > 0) return moments_plane_blocks(k, x, s, sched, pb, finish);
     const bool prefetch = prefetch_planes<T>(s, 1);
     for_each_channel<Moments>(
@@ -203,7 +203,7 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
 template <class T, class Finish>
 void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, 2 * s.size() * std::int64_t(sizeof(T)));
-    const PlaneBlocks pb = plane_blocks(k, s, sched, 2);
+    const PlaneBlocks pb = plane_blocks<T>(s, sched, 2);
     if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
     const bool prefetch = prefetch_planes<T>(s, 2);
@@ -225,7 +225,7 @@ template <class T, class Finish>
 void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                              const compute_t<T>* shift, Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, 3 * s.size() * std::int64_t(sizeof(T)));
-    const PlaneBlocks pb = plane_blocks(k, s, sched, 3);
+    const PlaneBlocks pb = plane_blocks<T>(s, sched, 3);
     if (pb.blocks > 0) return backward_plane_blocks(k, dy, x, gx, s, shift, sched, pb, finish);
     std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));
     const bool prefetch = prefetch_planes<T>(s, 3);

@@ -265,12 +265,12 @@ void cf_grad(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, com
 }
 
 // ---- channels-first: blocks of short planes -----------------------------------------------
-// A block of `planes` consecutive channels whose planes are at most kFlushVectors vectors long:
-// plane j of row r starts at r * stride + j * len. Rows are read in memory order, so the block
-// streams; a plane's vector count is a compile-time constant (no loop or tail test per
-// vector), and its sums go into the plane's own vector accumulators (kBlockPlanes at a time),
-// flushed into float64 every few rows: one horizontal sum per plane per flush, not one per
-// plane and row.
+// A block of `planes` consecutive channels: plane j of row r starts at r * stride + j * len.
+// Rows are read in memory order, so the block streams. Up to kFlushVectors vectors a plane's
+// vector count is a compile-time constant (no loop or tail test per vector), and its sums go
+// into the plane's own vector accumulators (kBlockPlanes at a time), flushed into float64
+// every few rows: one horizontal sum per plane per flush, not one per plane and row. Longer
+// planes (run_long) go through the one-run kernels, plane by plane in the same order.
 
 constexpr i64 kBlockPlanes = 32;
 
@@ -289,13 +289,21 @@ BATCHNORM_ALWAYS_INLINE void plane_store(P* p, int v, i64 last, typename Ops<com
     else O::store(p + v * O::W, value);
 }
 
-// Calls op.template run<kV>() with kV = vectors (1..kFlushVectors).
+// Calls op.template run<kV>() with kV = vectors (1..kFlushVectors), or op.run_long() for
+// longer planes.
 template <int kV = 1, class Op>
 BATCHNORM_ALWAYS_INLINE void with_plane_vectors(i64 vectors, Op& op) {
     if constexpr (kV <= kFlushVectors) {
         if (vectors == kV) op.template run<kV>();
         else with_plane_vectors<kV + 1>(vectors, op);
+    } else {
+        op.run_long();
     }
+}
+
+template <class S>
+BATCHNORM_ALWAYS_INLINE i64 plane_vectors(i64 len) {
+    return (len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W;
 }
 
 // kDot false: s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2);
@@ -350,20 +358,43 @@ struct PlaneSums {
             }
         }
     }
+
+    // Planes longer than kFlushVectors vectors: each plane of a row is a run of its own, summed
+    // as the channel-by-channel kernels sum one (run_dev, run_dot) and added to its channel's
+    // sums; a run that long pays for its own flush.
+    void run_long() const {
+        using O = Ops<T>;
+        const S *const dy = dy_, *const x = x_;
+        const i64 rows = rows_, stride = stride_, planes = planes_, len = len_;
+        for (i64 r = 0; r < rows; ++r)
+            for (i64 j = 0; j < planes; ++j) {
+                const i64 at = r * stride + j * len;
+                if (prefetch_ && r + kPrefetchRuns < rows) {
+                    if (kDot) prefetch_run(dy + at + kPrefetchRuns * stride, len);
+                    prefetch_run(x + at + kPrefetchRuns * stride, len);
+                }
+                PairSum<T> acc;
+                if constexpr (kDot) run_dot(dy + at, x + at, len, O::set1(shift_[j]), acc);
+                else run_dev(x + at, len, O::set1(shift_[j]), acc);
+                const Sums sums = acc.flush();
+                s1_[j] += sums.first;
+                s2_[j] += sums.second;
+            }
+    }
 };
 
 template <class S>
 void pb_dev(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift, double* s1,
             double* s2, bool prefetch) {
     PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2, prefetch};
-    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+    with_plane_vectors(plane_vectors<S>(len), op);
 }
 
 template <class S>
 void pb_dot(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
             double* sdy, double* sdyx, bool prefetch) {
     PlaneSums<S, true> op{dy, x, rows, stride, planes, len, shift, sdy, sdyx, prefetch};
-    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+    with_plane_vectors(plane_vectors<S>(len), op);
 }
 
 // kGrad false: y = (x - shift[j]) * a[j] + b[j];
@@ -399,20 +430,40 @@ struct PlaneApply {
                 }
             }
     }
+
+    // Planes longer than kFlushVectors vectors: each a run, as the channel-by-channel kernels
+    // apply one (run_grad, run_affine).
+    void run_long() const {
+        using O = Ops<T>;
+        const S *const dy = dy_, *const x = x_;
+        S* const y = y_;
+        const i64 rows = rows_, stride = stride_, planes = planes_, len = len_;
+        for (i64 r = 0; r < rows; ++r)
+            for (i64 j = 0; j < planes; ++j) {
+                const i64 at = r * stride + j * len;
+                if (prefetch_ && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
+                if constexpr (kGrad)
+                    run_grad(dy + at, x + at, y + at, len, O::set1(shift_[j]), O::set1(a_[j]), O::set1(b_[j]),
+                             O::set1(c_[j]));
+                else
+                    run_affine<S, false, false>(x + at, nullptr, y + at, len, O::set1(shift_[j]), O::set1(a_[j]),
+                                                O::set1(b_[j]));
+            }
+    }
 };
 
 template <class S>
 void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
                const compute_t<S>* alpha, const compute_t<S>* beta, bool prefetch) {
     PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
-    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+    with_plane_vectors(plane_vectors<S>(len), op);
 }
 
 template <class S>
 void pb_grad(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
              const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, bool prefetch) {
     PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q, prefetch};
-    with_plane_vectors((len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W, op);
+    with_plane_vectors(plane_vectors<S>(len), op);
 }
 
 template <class S, bool kResidual, bool kRelu>

@@ -1,7 +1,7 @@
 """python -m bench [--family norms] [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
 
 Writes <out-dir>/<name>.json, .md and .png: bench/results/<cpu>/latest.* for a full run (one
-folder per CPU model, e.g. bench/results/amd-epyc/); a --quick
+folder per CPU model, e.g. bench/results/amd-epyc-family25-model1/); a --quick
 run goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
 committed results.
 """

@@ -224,11 +224,26 @@ def cpu_name() -> str:
     return str(_cpuinfo().get("model name") or platform.processor() or platform.machine())
 
 
-def cpu_dir(name: str | None = None) -> str:
-    """The results folder of a CPU: its model name in lower case, words joined by '-'
-    ("Intel(R) Xeon(R) Processor" -> intel-xeon-processor, "AMD EPYC" -> amd-epyc)."""
-    name = re.sub(r"\((r|tm)\)", "", (name or cpu_name()).lower())
-    return "-".join(re.findall(r"[a-z0-9]+", name)) or "unknown-cpu"
+def cpu_family_model() -> tuple[str | None, str | None]:
+    """The CPU's family and model numbers (x86: cpu family, model; Arm: architecture, part)."""
+    info = _cpuinfo()
+    return (info.get("cpu family") or info.get("CPU architecture"),
+            info.get("model") or info.get("CPU part"))
+
+
+def cpu_dir(name: str | None = None, family: str | None = None, model: str | None = None) -> str:
+    """The results folder of a CPU: its model name in lower case, words joined by '-', then its
+    family and model numbers ("AMD EPYC", 25, 1 -> amd-epyc-family25-model1). A virtual
+    machine may name every CPU of a vendor alike ("AMD EPYC" on Zen 3 and Zen 5 hosts): the
+    numbers keep their results apart. Called with no arguments: this machine's folder; with
+    a name only (results recorded before the numbers were): the name alone."""
+    if name is None:
+        name = cpu_name()
+        family, model = cpu_family_model()
+    name = re.sub(r"\((r|tm)\)", "", name.lower())
+    words = re.findall(r"[a-z0-9]+", name) or ["unknown", "cpu"]
+    numbers = [f"{label}{value.lower()}" for label, value in (("family", family), ("model", model)) if value]
+    return "-".join(words + numbers)
 
 
 def describe() -> dict:

@@ -8,6 +8,8 @@
 //   g++ -std=c++17 -O2 -fopenmp -I/tmp/base/cpp/include bench/cpp/functional_timing.cpp -o /tmp/timing_old
 //   for i in 1 2 3 4 5; do /tmp/timing_old 32 256 49; /tmp/timing_new 32 256 49; done
 //
+// -O2 is what many C++ users build with; the Python extension's kernels are built at -O3, so
+// build with -O3 to see what Python users get.
 // Arguments: outer channels inner [threads [dtype]] (a shape (outer, C, inner): N, C, H*W for
 // NCHW; dtype float32, float16 or bfloat16, the copy then of the half-size array).
 // Alternate the builds and compare the best of several runs: on a shared machine one run's

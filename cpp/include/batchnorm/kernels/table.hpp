@@ -29,6 +29,18 @@
 #define BATCHNORM_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
+// A loop over a plane's compile-time vector count, unrolled whole: left rolled (GCC at -O2),
+// the plane-block kernels test the loop counter and the tail's branch on every vector
+// (AMD EPYC, Zen 3, AVX2, -O2, best of 7: batch_stats 8x512x7x7 48.5 -> 35.6 us, training
+// 82.1 -> 72.7 us). The Python extension's kernels, built at -O3, unroll it anyway.
+#if defined(__clang__)
+#define BATCHNORM_UNROLL_PLANE _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define BATCHNORM_UNROLL_PLANE _Pragma("GCC unroll 16")
+#else
+#define BATCHNORM_UNROLL_PLANE
+#endif
+
 namespace batchnorm::detail {
 
 // Lanes of T are flushed to float64 after this many vectors (or rows) per accumulator, so a

@@ -50,15 +50,9 @@ struct Ops<double> {
         return _mm256_blendv_pd(fill, _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
     }
     static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
-    static void store_partial(double* p, V v, std::int64_t n) {
-        __m128d part = _mm256_castpd256_pd128(v);
-        if (n & 2) {
-            _mm_storeu_pd(p, part);
-            part = _mm256_extractf128_pd(v, 1);
-            p += 2;
-        }
-        if (n & 1) _mm_store_sd(p, part);
-    }
+    // n doubles are 2n floats: the same bytes through Ops<float>'s plain stores (2n is even,
+    // so only its 16- and 8-byte stores run).
+    static void store_partial(double* p, V v, std::int64_t n);
     static V add(V a, V b) { return _mm256_add_pd(a, b); }
     static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
     static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
@@ -173,6 +167,10 @@ struct Ops<float> {
         for (std::int64_t i = 0; i < n; ++i) dst[i] += double(lanes[i]);
     }
 };
+
+inline void Ops<double>::store_partial(double* p, V v, std::int64_t n) {
+    Ops<float>::store_partial(reinterpret_cast<float*>(p), _mm256_castpd_ps(v), 2 * n);
+}
 
 #include "kernel_bodies.inl"
 

@@ -41,8 +41,8 @@ inline void store_n(P* p, typename Ops<compute_t<P>>::V v, i64 n) {
 // accumulator pairs (an add takes three or four cycles: one chain, as backward's reduce had,
 // waits on every vector; AMD EPYC, Zen 3, AVX2, 1 thread, best of 7: batch_stats 1x64x112x112
 // 84.9 -> 75.4 us, training 185 -> 177 us, backward 276 -> 255 us), flushed into float64
-// after a chain has taken kFlushVectors / 2 vectors. They persist across runs, so a channel of many short planes pays
-// one final reduction, not one per plane.
+// after a chain has taken kFlushVectors / 2 vectors. They persist across runs, so a channel
+// of many short planes pays one final reduction, not one per plane.
 template <class T>
 struct PairSum {
     using O = Ops<T>;

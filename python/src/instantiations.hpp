@@ -1,6 +1,7 @@
 // The C++ entry points the module uses, for every storage type (float, double, float16,
-// bfloat16; per-channel arrays are P = compute_t<T>). kernels.cpp instantiates them at
-// -O3; core.cpp (built at nanobind's -Os) only declares them, so no kernel is compiled at -Os.
+// bfloat16; per-channel arrays are P = compute_t<T>). kernels_<type>.cpp instantiate them at
+// -O3, one storage type per file; core.cpp (built at nanobind's -Os) only declares them, so no
+// kernel is compiled at -Os.
 #pragma once
 
 #include <batchnorm/batchnorm.hpp>
@@ -47,11 +48,12 @@
                                                      const P*, P*, P*, double, double, P*, P*,     \
                                                      batchnorm::Activation);
 
-BATCHNORM_FOR_EACH_ENTRY_POINT(extern, float, float)
-BATCHNORM_FOR_EACH_ENTRY_POINT(extern, double, double)
-BATCHNORM_FOR_EACH_ENTRY_POINT(extern, batchnorm::float16, float)
-BATCHNORM_FOR_EACH_ENTRY_POINT(extern, batchnorm::bfloat16, float)
-BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, float, float)
-BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, double, double)
-BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, batchnorm::float16, float)
-BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(extern, batchnorm::bfloat16, float)
+// Every entry point for one storage type.
+#define BATCHNORM_FOR_EACH_ENTRY_POINT_OF(PREFIX, T, P)                                            \
+    BATCHNORM_FOR_EACH_ENTRY_POINT(PREFIX, T, P)                                                  \
+    BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(PREFIX, T, P)
+
+BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, float, float)
+BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, double, double)
+BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, batchnorm::float16, float)
+BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, batchnorm::bfloat16, float)

@@ -1,0 +1,4 @@
+// The module's C++ entry points for float storage, instantiated at -O3 (see instantiations.hpp).
+#include "instantiations.hpp"
+
+BATCHNORM_FOR_EACH_ENTRY_POINT_OF(, float, float)

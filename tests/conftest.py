@@ -88,3 +88,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.torch)
         if "threads" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.threads)
+
+
+@pytest.fixture
+def page_end():
+    """helpers.PageEnd: arrays ending where an unreadable page begins (Linux only)."""
+    from helpers import PageEnd
+
+    pages = PageEnd()
+    yield pages
+    pages.close()

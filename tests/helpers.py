@@ -14,6 +14,10 @@ Tolerances (justified by the floating-point format, never tuned to make a test p
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+
 import numpy as np
 
 RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
@@ -201,3 +205,43 @@ def same_random_params(rng, m, tm, dtype):
 
 def torch_dtype(torch, dtype):
     return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+
+
+# Page ends (test_page_end.py, test_half.py): sizes with every tail length of 4, 8 and 16 lanes,
+# some after whole vectors, and (shape, axis) pairs putting the tail in a plane (channels-first)
+# and across the channels (channels-last).
+TAILS = [1, 3, 5, 7, 9, 13, 15, 17, 23, 31]
+
+
+def page_end_layouts(size):
+    return [((2, 3, size), 1), ((3, size, 1), 1), ((2, 5, size), -1)]
+
+
+class PageEnd:
+    """Owns mmaps whose arrays end at the first byte of a PROT_NONE page."""
+
+    def __init__(self):
+        self.maps = []
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+    def place(self, a):
+        """A copy of ``a`` (C order) whose last byte is the last byte before a guard page."""
+        page = mmap.PAGESIZE
+        pages = -(-a.nbytes // page) + 1
+        buf = mmap.mmap(-1, pages * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        guard = base + (pages - 1) * page
+        if self.libc.mprotect(guard, page, 0) != 0:  # PROT_NONE
+            raise OSError(ctypes.get_errno(), "mprotect(PROT_NONE) failed")
+        self.maps.append((buf, guard, page))
+        placed = np.frombuffer(buf, a.dtype, count=a.size, offset=(pages - 1) * page - a.nbytes)
+        placed = placed.reshape(a.shape)
+        placed[...] = a
+        assert placed.ctypes.data + placed.nbytes == guard
+        return placed
+
+    def close(self):
+        for buf, guard, page in self.maps:
+            self.libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.maps.clear()  # the buffers go with their last array

@@ -10,12 +10,14 @@ ISA (BATCHNORM_ISA=scalar|avx2|avx512|avx512_bf16) and, through the ``threads`` 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import assert_unchanged, snapshot
+from helpers import TAILS, assert_unchanged, page_end_layouts, snapshot
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -151,6 +153,35 @@ def test_backward(dtype, shape, axis, rng, threads):
     assert_within_ulp(gx, gx64, dtype, terms)
     np.testing.assert_allclose(gb, gb64, rtol=1e-6, atol=1e-6 * np.sqrt(n))
     np.testing.assert_allclose(gw, gw64, rtol=1e-6, atol=1e-6 * np.sqrt(n))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect through libc: Linux")
+@pytest.mark.parametrize("size", TAILS)
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_tails_at_a_page_end(dtype, size, page_end, rng, threads):
+    """Half arrays ending where an unreadable page begins (test_page_end.py): the tail's loads and
+    stores (16-bit lanes, narrowed in registers) touch no byte past the array."""
+    for shape, axis in page_end_layouts(size):
+        x = half_input(rng, shape, dtype, offset=2.0)
+        c = shape[axis]
+        w, b, _, _ = params(rng, c)
+        rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+        y = page_end.place(np.zeros(shape, dtype))
+        bn.batch_norm(page_end.place(x), rm, rv, w, b, training=True, axis=axis, out=y)
+        x64 = x.astype(np.float64)
+        y64, mean, invstd, new_rm, new_rv = ref.forward_train(x64, w, b, np.zeros(c), np.ones(c), 0.1, 1e-5, axis)
+        bb = ref.bshape(b.astype(np.float64), x.ndim, axis)
+        assert_within_ulp(y, y64, dtype, np.abs(y64 - bb) + np.abs(bb))
+        bn.batch_norm(page_end.place(x), rm, rv, w, b, axis=axis, out=y)
+        eval64 = ref.forward_eval(x64, rm, rv, w, b, 1e-5, axis)
+        assert_within_ulp(y, eval64, dtype, np.abs(eval64 - bb) + np.abs(bb))
+        gy = page_end.place(half_input(rng, shape, dtype))
+        gx = bn.batch_norm_backward(gy, page_end.place(x), mean.astype(np.float32), invstd.astype(np.float32),
+                                    w, axis=axis)[0]
+        gx64 = ref.backward_train(gy.astype(np.float64), x64, mean.astype(np.float32),
+                                  invstd.astype(np.float32), w, axis)[0]
+        assert gx.dtype == dtype
+        np.testing.assert_allclose(gx.astype(np.float64), gx64, rtol=2e-2, atol=2e-2 * np.abs(gx64).max())
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)

@@ -8,6 +8,21 @@
 // channels-first reduce over 7x7 planes took 1.5x as long with 512-bit masked tails as with
 // 256-bit ones (the tail of every 49-value plane was the hottest instruction).
 inline __mmask8 first_lanes_8(std::int64_t n) { return __mmask8((1u << n) - 1u); }
+
+// A tail is stored by a masked move (vmovups/vmovupd/vmovdqu16 with a mask), which suppresses
+// faults on its masked-off bytes. GCC folds a masked store of a computed 256-bit value into the
+// instruction computing it (vextractf64x4/vextractf32x8, vcvtps2ph, vpmovdw with a masked memory
+// destination); vextract* does not suppress faults, so a tail ending just before an unmapped
+// page crashed (the ASan build, where heap blocks end at page boundaries). Every tail store
+// takes its value through in_register(): the empty asm makes it a register operand, which the
+// masked move can only store.
+template <class V>
+inline V in_register(V v) {
+#if defined(__GNUC__)
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+}
 // Half storage: a tail of 16-bit values is at most 256 bits, one mask of 16 lanes.
 inline __mmask16 first_lanes_16(std::int64_t n) { return __mmask16((1u << n) - 1u); }
 
@@ -30,9 +45,9 @@ struct Ops<double> {
     static void store_partial(double* p, V v, std::int64_t n) {
         if (n > 4) {
             _mm256_storeu_pd(p, _mm512_castpd512_pd256(v));
-            _mm256_mask_storeu_pd(p + 4, first_lanes_8(n - 4), _mm512_extractf64x4_pd(v, 1));
+            _mm256_mask_storeu_pd(p + 4, first_lanes_8(n - 4), in_register(_mm512_extractf64x4_pd(v, 1)));
         } else {
-            _mm256_mask_storeu_pd(p, first_lanes_8(n), _mm512_castpd512_pd256(v));
+            _mm256_mask_storeu_pd(p, first_lanes_8(n), in_register(_mm512_castpd512_pd256(v)));
         }
     }
     static V add(V a, V b) { return _mm512_add_pd(a, b); }
@@ -108,9 +123,9 @@ struct Ops<float> {
     static void store_partial(float* p, V v, std::int64_t n) {
         if (n > 8) {
             _mm256_storeu_ps(p, _mm512_castps512_ps256(v));
-            _mm256_mask_storeu_ps(p + 8, first_lanes_8(n - 8), high_half(v));
+            _mm256_mask_storeu_ps(p + 8, first_lanes_8(n - 8), in_register(high_half(v)));
         } else {
-            _mm256_mask_storeu_ps(p, first_lanes_8(n), _mm512_castps512_ps256(v));
+            _mm256_mask_storeu_ps(p, first_lanes_8(n), in_register(_mm512_castps512_ps256(v)));
         }
     }
     static __m256 high_half(V v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
@@ -127,7 +142,7 @@ struct Ops<float> {
     static void store(H* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), HalfConvert<H>::narrow(v)); }
     template <class H>
     static void store_partial(H* p, V v, std::int64_t n) {
-        _mm256_mask_storeu_epi16(p, first_lanes_16(n), HalfConvert<H>::narrow(v));
+        _mm256_mask_storeu_epi16(p, first_lanes_16(n), in_register(HalfConvert<H>::narrow(v)));
     }
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static V sub(V a, V b) { return _mm512_sub_ps(a, b); }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The C++ library as users get it: configure, build and ctest with GCC; install; then build
-# and run the consumer projects (tests/cpp/consumers) and the example (examples/cpp) against
+# The C++ library as users get it: configure, build and ctest with GCC (ctest also builds and
+# runs the example, examples/cpp, against an install of the build tree); install; then build
+# and run the consumer project (tests/cpp/consumers) against
 #   - the build tree         (-Dbatchnorm_DIR=<build>)
 #   - an install tree        (-DCMAKE_PREFIX_PATH=<prefix>), also one configured without OpenMP
 #   - the source tree        (add_subdirectory)
-#   - the pip-installed wheel (-Dbatchnorm_DIR=$(python -m batchnorm --cmakedir)); skipped with a
-#     message when `import batchnorm` fails
+#   - the pip-installed wheel (-Dbatchnorm_DIR=$(python -m batchnorm --cmakedir)), and the
+#     example too; skipped with a message when `import batchnorm` fails
 # each in its own build directory under one temporary directory (removed on success, kept and
 # printed on failure). Exits non-zero on the first failure. Installs nothing outside that
 # directory. Needs cmake, g++, and ninja or make; GoogleTest (libgtest-dev) for the ctest suite.
@@ -81,8 +82,7 @@ project consumer-install-tree-no-openmp "$consumers/find_package" --openmp=off -
     "-DCMAKE_PREFIX_PATH=$work/install-no-openmp" \
     "-DEXPECT_BATCHNORM_DIR=$work/install-no-openmp/share/cmake/batchnorm"
 project consumer-add-subdirectory "$consumers/add_subdirectory" --openmp=on -- "-DBATCHNORM_SOURCE_DIR=$root"
-project example-build-tree "$example" "" -- "-Dbatchnorm_DIR=$work/build"
-project example-install-tree "$example" "" -- "-DCMAKE_PREFIX_PATH=$work/install"
+# The example against an install tree is ctest's example_cpp (above); here, against the wheel.
 
 step "the pip-installed wheel"
 if ! "$python" -c "import batchnorm" 2>/dev/null; then

@@ -2,15 +2,16 @@
 
 There the package's Python files stay in the source tree while the extension, the headers and
 the CMake package are installed into site-packages; get_include() and get_cmake_dir() used to
-point into the source tree. Builds the project into a fresh virtual environment (with the
-system site-packages, for numpy and the build requirements), so it is slow: run with
-``pytest -m slow`` (CI does).
+point into the source tree. Builds the project into a fresh virtual environment (which sees
+the running environment's packages, for numpy and the build requirements), so it is slow:
+run with ``pytest -m slow`` (CI does).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 
@@ -33,8 +34,14 @@ def test_editable_install_paths_and_find_package(tmp_path):
     if shutil.which("cmake") is None:
         pytest.skip("needs cmake")
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+    run([sys.executable, "-m", "venv", str(venv)])
     python = str(venv / "bin" / "python")
+    # The new environment sees this one's packages (numpy, nanobind, scikit-build-core), after
+    # its own, whether this one is the system's Python or itself a virtual environment (where
+    # --system-site-packages would reach past it, to the base interpreter's).
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    with open(os.path.join(purelib, "outer-environment.pth"), "w") as pth:
+        pth.write("\n".join(site.getsitepackages()) + "\n")
     run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "-e", ROOT])
 
     code = ("import batchnorm as bn, json; print(json.dumps([bn.__file__, bn.get_include(), "

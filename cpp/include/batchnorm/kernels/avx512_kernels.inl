@@ -9,13 +9,16 @@
 // 256-bit ones (the tail of every 49-value plane was the hottest instruction).
 inline __mmask8 first_lanes_8(std::int64_t n) { return __mmask8((1u << n) - 1u); }
 
+// Half storage: a tail of 16-bit values is at most 256 bits, one mask of 16 lanes.
+inline __mmask16 first_lanes_16(std::int64_t n) { return __mmask16((1u << n) - 1u); }
+
 // A tail is stored by a masked move (vmovups/vmovupd/vmovdqu16 with a mask), which suppresses
 // faults on its masked-off bytes. GCC folds a masked store of a computed 256-bit value into the
-// instruction computing it (vextractf64x4/vextractf32x8, vcvtps2ph, vpmovdw with a masked memory
-// destination); vextract* does not suppress faults, so a tail ending just before an unmapped
-// page crashed (the ASan build, where heap blocks end at page boundaries). Every tail store
-// takes its value through in_register(): the empty asm makes it a register operand, which the
-// masked move can only store.
+// instruction computing it (vextractf64x4, vcvtps2ph, vpmovdw with a masked memory destination,
+// all seen in the release build); vextract* does not suppress faults, so a tail ending just
+// before an unmapped page crashed (the ASan build, where heap blocks end at page boundaries).
+// Every tail store takes its value through in_register(): the empty asm makes it a register
+// operand, which the masked move can only store.
 template <class V>
 inline V in_register(V v) {
 #if defined(__GNUC__)
@@ -23,8 +26,6 @@ inline V in_register(V v) {
 #endif
     return v;
 }
-// Half storage: a tail of 16-bit values is at most 256 bits, one mask of 16 lanes.
-inline __mmask16 first_lanes_16(std::int64_t n) { return __mmask16((1u << n) - 1u); }
 
 template <class T>
 struct Ops;

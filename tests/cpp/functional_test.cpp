@@ -187,8 +187,15 @@ TYPED_TEST(Functional, Backward) {
                 EXPECT_NEAR(double(gw[c]), g.gw[c], 4 * ref::tol<T>() * g.gw_scale[c]) << "channel " << c;
                 EXPECT_NEAR(double(gb[c]), g.gb[c], 4 * ref::tol<T>() * g.gb_scale[c]) << "channel " << c;
             }
-            // grad_x may be grad_y (in place); null outputs are skipped.
-            std::vector<T> inplace = dy;
+            // grad_x may be grad_y (in place), the parameter gradients still of the original;
+            // null outputs are skipped.
+            std::vector<T> inplace = dy, gw_inplace(C), gb_inplace(C);
+            batchnorm::backward(inplace.data(), x.data(), inplace.data(), s, mean.data(), invstd.data(), w.data(),
+                                gw_inplace.data(), gb_inplace.data(), training);
+            EXPECT_TRUE(ref::same_bits(inplace, gx));
+            EXPECT_TRUE(ref::same_bits(gw_inplace, gw));
+            EXPECT_TRUE(ref::same_bits(gb_inplace, gb));
+            inplace = dy;
             batchnorm::backward(inplace.data(), x.data(), inplace.data(), s, mean.data(), invstd.data(), w.data(),
                                 static_cast<T*>(nullptr), static_cast<T*>(nullptr), training);
             EXPECT_TRUE(ref::same_bits(inplace, gx));

@@ -188,6 +188,17 @@ TYPED_TEST(Norms, LayerAndRmsNorm) {
                 EXPECT_TRUE(ref::close(invstd, r.invstd, ref::tol<T>()));
                 EXPECT_TRUE(ref::close(gx, r.gx, ref::tol<T>() * 10));
                 EXPECT_TRUE(ref::close(gw, r.gw, sum_tol<T>(std::size_t(rows)), double(rows)));
+                // grad_x may be grad_y (in place): the parameter gradients still see the original.
+                std::vector<T> inplace = dy, gw_inplace(w.size()), gb_inplace(w.size());
+                if (rms)
+                    batchnorm::rms_norm_backward(inplace.data(), x.data(), inplace.data(), rows, cols, invstd.data(),
+                                                 w.data(), gw_inplace.data());
+                else
+                    batchnorm::layer_norm_backward(inplace.data(), x.data(), inplace.data(), rows, cols, mean.data(),
+                                                   invstd.data(), w.data(), gw_inplace.data(), gb_inplace.data());
+                EXPECT_TRUE(ref::same_bits(inplace, gx));
+                EXPECT_TRUE(ref::same_bits(gw_inplace, gw));
+                if (!rms) EXPECT_TRUE(ref::same_bits(gb_inplace, gb));
             }
     }
 }

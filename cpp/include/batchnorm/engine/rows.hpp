@@ -110,8 +110,9 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
                 const std::int64_t end = rows * (t + 1) / threads;
                 for (std::int64_t r0 = rows * t / threads; r0 < end; r0 += group) {
                     const std::int64_t n = std::min(group, end - r0);
-                    for (std::int64_t r = r0; r < r0 + n; ++r) row_pass(r, 0, cols, finish(r, row_sums(r, 0, cols)));
+                    // Column sums before the row pass: gx may be dy itself (in place).
                     k.cols_dot(dy + r0 * cols, x + r0 * cols, n, cols, cols, shift + r0, scale + r0, py, py + width);
+                    for (std::int64_t r = r0; r < r0 + n; ++r) row_pass(r, 0, cols, finish(r, row_sums(r, 0, cols)));
                 }
             }
         });
@@ -124,11 +125,11 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
             }
         return;
     }
+    if (sdy) row_column_sums(dy, x, rows, cols, shift, scale, sdy, sdyx);  // first: gx may be dy
     std::vector<GradCoefficients<compute_t<T>>> coef(static_cast<std::size_t>(rows));
     for_each_channel<Sums>(
         seg, bytes, row_sums, [&](std::int64_t r, const Sums& s) { coef[std::size_t(r)] = finish(r, s); },
         [&](std::int64_t r, std::int64_t b, std::int64_t e) { row_pass(r, b, e, coef[std::size_t(r)]); });
-    if (sdy) row_column_sums(dy, x, rows, cols, shift, scale, sdy, sdyx);
 }
 
 }  // namespace batchnorm::detail

@@ -167,6 +167,86 @@ def test_functional_backward(shape, layout, dtype, with_weight, threads, rng):
     check_grads(gx, gw, gb, x, gy, mean.astype(np.float64), invstd.astype(np.float64), w, axis, dtype)
 
 
+def _functional_backwards(x, gy, w):
+    """Every functional backward as (call taking out, float64 reference grad_x, its scale),
+    on statistics computed in float64 from ``x`` of shape (N, C, L)."""
+    n, c = x.shape[:2]
+    per_channel_mean, per_channel_var = ref.stats(x)
+    _, ln_mean, ln_invstd = ref.layer_norm(x, 1)
+    _, rms_invstd = ref.rms_norm(x, 1)
+    _, gn_mean, gn_invstd = ref.group_norm(x, 2)
+    _, in_mean, in_invstd = ref.group_norm(x, c)
+    bn_invstd = 1.0 / np.sqrt(per_channel_var + 1e-5)
+    dt = x.dtype
+
+    def cast(*arrays):
+        return [a.astype(dt) for a in arrays]
+
+    def bound(invstd):
+        return np.max(np.abs(invstd)) * np.max(np.abs(w)) * max(1.0, np.max(np.abs(gy)))
+
+    bn_stats, ln_stats = cast(per_channel_mean, bn_invstd), cast(ln_mean, ln_invstd)
+    gn_stats, in_stats = cast(gn_mean, gn_invstd), cast(in_mean, in_invstd)
+    wl = np.resize(w, x.shape[-1]).astype(dt)  # layer/RMS weights span the last axis
+    rms_stats = cast(rms_invstd)
+    return {
+        "batch_norm": (lambda out: bn.batch_norm_backward(gy, x, *bn_stats, w, out=out),
+                       ref.backward_train(gy, x, per_channel_mean, bn_invstd, w)[0], bound(bn_invstd)),
+        "layer_norm": (lambda out: bn.layer_norm_backward(gy, x, x.shape[-1], *ln_stats, wl, out=out),
+                       ref.layer_norm_backward(gy, x, 1, ln_mean, ln_invstd, wl)[0], bound(ln_invstd)),
+        "rms_norm": (lambda out: bn.rms_norm_backward(gy, x, x.shape[-1], *rms_stats, wl, out=out),
+                     ref.rms_norm_backward(gy, x, 1, rms_invstd, wl)[0], bound(rms_invstd)),
+        "group_norm": (lambda out: bn.group_norm_backward(gy, x, 2, *gn_stats, w, out=out),
+                       ref.group_norm_backward(gy, x, 2, gn_mean, gn_invstd, w)[0], bound(gn_invstd)),
+        "instance_norm": (lambda out: bn.instance_norm_backward(gy, x, *in_stats, w, out=out),
+                          ref.instance_norm_backward(gy, x, in_mean, in_invstd, w)[0], bound(in_invstd)),
+    }
+
+
+OUT_KINDS = ["fresh", "strided", "grad_y"]
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"])
+@pytest.mark.parametrize("out_kind", OUT_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+# Rows of 20000 are wider than the layer-norm backward's fused column sums take (a second pass).
+@pytest.mark.parametrize("shape", [(3, 4, 37), (2, 2, 20000)], ids=["short", "wide"])
+def test_functional_backward_into_out(name, out_kind, dtype, shape, threads, rng):
+    """``out=`` receives grad_x in place (any strides, or grad_y itself) and is returned; the
+    other gradients are the same as without it, to the bit."""
+    x = logical_data(rng, shape, offset=0.5).astype(dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    w = rand_params(rng, shape[1], dtype)[0]
+    call, expected_gx, scale = _functional_backwards(x, gy, w)[name]
+    allocated = call(None)
+    if out_kind == "fresh":
+        out = np.full_like(x, np.nan)
+    elif out_kind == "strided":
+        out = np.full(x.shape[:-1] + (2 * x.shape[-1],), np.nan, dtype)[..., ::2]
+    else:
+        out = gy  # in place over grad_y: the reference and the first call read it before
+    grads = call(out)
+    assert grads[0] is out
+    assert len(grads) == len(allocated)
+    np.testing.assert_array_equal(out, allocated[0])
+    for into, new in zip(grads[1:], allocated[1:]):
+        np.testing.assert_array_equal(into, new)
+    assert_close(out, expected_gx, dtype, scale=scale, err_msg="grad_x")
+
+
+def test_functional_backward_into_torch_out(torch, rng):
+    """A torch tensor as ``out`` is written through DLPack and returned as given."""
+    x = logical_data(rng, (4, 3, 5, 5)).astype(np.float32)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    mean64, var64 = ref.stats(x)
+    invstd64 = 1.0 / np.sqrt(var64 + 1e-5)
+    mean, invstd = mean64.astype(np.float32), invstd64.astype(np.float32)
+    out = torch.empty(x.shape).to(memory_format=torch.channels_last)
+    gx, gw, gb = bn.batch_norm_backward(torch.from_numpy(gy), torch.from_numpy(x), mean, invstd, out=out)
+    assert gx is out and isinstance(gw, torch.Tensor) and isinstance(gb, torch.Tensor)
+    check_grads(out.numpy(), gw.numpy(), gb.numpy(), x, gy, mean64, invstd64, None, 1, np.float32)
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (4, 17, 33), (1, 3, 17, 3), (2, 33, 3, 1), (2, 3, 3, 1, 17)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

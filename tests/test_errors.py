@@ -489,6 +489,44 @@ def _():
     return (lambda: bn.batch_norm_backward(g, x, mean, invstd)), [x, g, mean, invstd]
 
 
+def _backward_into(out, mean=None):
+    """A functional backward into ``out`` (the saved statistics may live inside it)."""
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean = np.zeros(3, np.float32) if mean is None else mean
+    invstd = np.ones(3, np.float32)
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd, out=out)), [x, g, mean, invstd, out]
+
+
+@case("backward_functional_out_mis_shaped", ValueError, r"\bout\b")
+def _():
+    return _backward_into(f32(3, 4, value=7.0))
+
+
+@case("backward_functional_out_wrong_dtype", TypeError, r"\bout\b")
+def _():
+    return _backward_into(np.full((4, 3), 7.0, np.float64))
+
+
+@case("backward_functional_out_read_only", ValueError, r"\bout\b")
+def _():
+    out = f32(4, 3, value=7.0)
+    out.flags.writeable = False
+    return _backward_into(out)
+
+
+@case("backward_functional_out_overlaps_mean", ValueError, r"\bout\b", r"\bmean\b")
+def _():
+    out = f32(4, 3, value=7.0)
+    return _backward_into(out, mean=out[0])
+
+
+@case("layer_norm_backward_out_wrong_dtype", TypeError, r"\bout\b")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd, out = np.zeros(4, np.float32), np.ones(4, np.float32), np.full((4, 3), 7.0)
+    return (lambda: bn.layer_norm_backward(g, x, 3, mean, invstd, out=out)), [x, g, mean, invstd, out]
+
+
 @case("backward_grad_y_is_list", TypeError, "grad_y")
 def _():
     m = trained(bn.BatchNorm1d, shape=(4, 3))

@@ -102,6 +102,14 @@ def _returned_all(source: object, arrays: Tuple[Any, ...]) -> Tuple[Any, ...]:
     return tuple(None if a is None else _like(source, a) for a in arrays)
 
 
+def _returned_grads(grad_y: object, out: object, grads: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """A backward's gradients: ``grad_x`` is ``out`` when given (written in place), and
+    every other one (and ``grad_x`` without ``out``) is of the kind of ``grad_y``."""
+    if out is None:
+        return _returned_all(grad_y, grads)
+    return (out, *_returned_all(grad_y, grads[1:]))
+
+
 def _relu_flag(activation: Optional[str]) -> bool:
     """Map the public ``activation`` argument onto ``_core``'s ``relu`` flag."""
     if activation is None:
@@ -255,6 +263,7 @@ def batch_norm_backward(
     weight: Optional[ArrayIn] = ...,
     *,
     axis: int = ...,
+    out: Optional[npt.NDArray[Any]] = ...,
 ) -> Triple: ...
 @overload
 def batch_norm_backward(
@@ -265,6 +274,7 @@ def batch_norm_backward(
     weight: Optional[ArrayIn] = ...,
     *,
     axis: int = ...,
+    out: Optional[ArrayIn] = ...,
 ) -> Tuple[Any, Any, Any]: ...
 def batch_norm_backward(
     grad_y: ArrayIn,
@@ -274,6 +284,7 @@ def batch_norm_backward(
     weight: Optional[ArrayIn] = None,
     *,
     axis: int = 1,
+    out: Optional[ArrayIn] = None,
 ) -> Tuple[Any, Any, Any]:
     """Gradients of a training-mode (batch statistics) batch norm.
 
@@ -283,11 +294,11 @@ def batch_norm_backward(
     Returns
     -------
     (grad_x, grad_weight, grad_bias)
-        ``grad_x`` like ``x``; ``grad_weight = sum(grad_y*(x - mean))*invstd`` and
-        ``grad_bias = sum(grad_y)``, both (C,). ``weight`` None means 1. All three are
-        of the kind of ``grad_y`` (NumPy for NumPy, torch tensors for a torch tensor).
+        ``grad_x`` like ``x`` (``out`` when given: written in place, like ``x`` in shape and
+        dtype, any strides; it may be ``grad_y`` itself); ``grad_weight =
+        sum(grad_y*(x - mean))*invstd`` and ``grad_bias = sum(grad_y)``, both (C,).
+        ``weight`` None means 1. New arrays are of the kind of ``grad_y`` (NumPy for NumPy,
+        torch tensors for a torch tensor).
     """
-    grads = _backward(grad_y, x, mean, invstd, weight, axis, True)
-    if type(grad_y) is _ndarray:
-        return grads
-    return _like(grad_y, grads[0]), _like(grad_y, grads[1]), _like(grad_y, grads[2])
+    grads = _backward(grad_y, x, mean, invstd, weight, axis, True, out)
+    return _returned_grads(grad_y, out, grads)

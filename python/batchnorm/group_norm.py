@@ -20,7 +20,7 @@ from ._norm_base import (
     _positive_int,
     _shape_of,
 )
-from .functional import ArrayIn, Triple, _relu_flag, _returned, _returned_all
+from .functional import ArrayIn, Triple, _relu_flag, _returned, _returned_grads
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
 
@@ -72,6 +72,7 @@ def group_norm_backward(
     weight: Optional[ArrayIn] = None,
     *,
     axis: int = 1,
+    out: Optional[ArrayIn] = None,
 ) -> Tuple[Any, Any, Any]:
     """Gradients of ``group_norm``: ``torch.ops.aten.native_group_norm_backward``.
 
@@ -81,10 +82,11 @@ def group_norm_backward(
     Returns
     -------
     (grad_x, grad_weight, grad_bias)
-        ``grad_x`` like ``x``, the others (C,); of the kind of ``grad_y``.
+        ``grad_x`` like ``x`` (``out`` when given, written in place), the others (C,); new
+        arrays are of the kind of ``grad_y``.
     """
-    grads = _group_norm_backward(grad_y, x, mean, invstd, weight, num_groups, axis)
-    return _returned_all(grad_y, grads)
+    grads = _group_norm_backward(grad_y, x, mean, invstd, weight, num_groups, axis, out)
+    return _returned_grads(grad_y, out, grads)
 
 
 class GroupNorm(_Module):

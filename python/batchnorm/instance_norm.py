@@ -20,7 +20,7 @@ from .functional import (
     _forward_eval,
     _relu_flag,
     _returned,
-    _returned_all,
+    _returned_grads,
 )
 
 __all__ = [
@@ -95,6 +95,7 @@ def instance_norm_backward(
     weight: Optional[ArrayIn] = None,
     *,
     axis: int = 1,
+    out: Optional[ArrayIn] = None,
 ) -> Tuple[Any, Any, Any]:
     """Gradients of ``instance_norm`` with ``use_input_stats=True``.
 
@@ -104,11 +105,12 @@ def instance_norm_backward(
     Returns
     -------
     (grad_x, grad_weight, grad_bias)
-        ``grad_x`` like ``x``, the others (C,); of the kind of ``grad_y``.
+        ``grad_x`` like ``x`` (``out`` when given, written in place), the others (C,); new
+        arrays are of the kind of ``grad_y``.
     """
     channels = _shape_of(x)[axis]  # an instance is a group of one channel
-    grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis)
-    return _returned_all(grad_y, grads)
+    grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis, out)
+    return _returned_grads(grad_y, out, grads)
 
 
 def _unbatched(grads: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._norm_base import _eps, _integer, _Module, _shape_of, _to_numpy
-from .functional import ArrayIn, Triple, _returned, _returned_all
+from .functional import ArrayIn, Triple, _returned, _returned_grads
 
 __all__ = [
     "LayerNorm",
@@ -143,6 +143,8 @@ def layer_norm_backward(
     mean: ArrayIn,
     invstd: ArrayIn,
     weight: Optional[ArrayIn] = None,
+    *,
+    out: Optional[ArrayIn] = None,
 ) -> Tuple[Any, Any, Any]:
     """Gradients of ``layer_norm``: ``torch.ops.aten.native_layer_norm_backward``.
 
@@ -152,13 +154,13 @@ def layer_norm_backward(
     Returns
     -------
     (grad_x, grad_weight, grad_bias)
-        ``grad_x`` like ``x``; the others of shape ``normalized_shape``. All of the kind of
-        ``grad_y``.
+        ``grad_x`` like ``x`` (``out`` when given, written in place); the others of shape
+        ``normalized_shape``. New arrays are of the kind of ``grad_y``.
     """
     shape = _normalized_shape(normalized_shape)
     _check_trailing(x, shape)
-    grads = _layer_norm_backward(grad_y, x, mean, invstd, weight, len(shape), False)
-    return _returned_all(grad_y, grads)
+    grads = _layer_norm_backward(grad_y, x, mean, invstd, weight, len(shape), False, out)
+    return _returned_grads(grad_y, out, grads)
 
 
 def rms_norm_backward(
@@ -167,17 +169,20 @@ def rms_norm_backward(
     normalized_shape: ShapeLike,
     invstd: ArrayIn,
     weight: Optional[ArrayIn] = None,
+    *,
+    out: Optional[ArrayIn] = None,
 ) -> Tuple[Any, Any]:
     """Gradients of ``rms_norm``; ``invstd = 1/sqrt(mean(x**2) + eps)`` per sample.
 
     Returns
     -------
-    (grad_x, grad_weight), of the kind of ``grad_y``.
+    (grad_x, grad_weight): ``grad_x`` is ``out`` when given (written in place); new arrays
+    are of the kind of ``grad_y``.
     """
     shape = _normalized_shape(normalized_shape)
     _check_trailing(x, shape)
-    grads = _layer_norm_backward(grad_y, x, None, invstd, weight, len(shape), True)
-    return _returned_all(grad_y, grads[:2])
+    grads = _layer_norm_backward(grad_y, x, None, invstd, weight, len(shape), True, out)
+    return _returned_grads(grad_y, out, grads[:2])
 
 
 class _LayerNormBase(_Module):

@@ -85,7 +85,7 @@ class Batchnorm(Impl):
             )
         elif op == "backward":
             run = lambda: bn.batch_norm_backward(
-                a.grad_y, a.x, a.save_mean, a.save_invstd, a.weight, axis=axis
+                a.grad_y, a.x, a.save_mean, a.save_invstd, a.weight, axis=axis, out=a.out
             )
             return Prepared(run, lambda result: np.asarray(result[0]))
         else:
@@ -109,12 +109,12 @@ class Batchnorm(Impl):
         mean, invstd = a.save_mean, a.save_invstd
         run = {
             "layer": lambda: bn.layer_norm_backward(gy, x, d, mean.reshape(stats_shape),
-                                                    invstd.reshape(stats_shape), w),
-            "rms": lambda: bn.rms_norm_backward(gy, x, d, invstd.reshape(stats_shape), w),
+                                                    invstd.reshape(stats_shape), w, out=out),
+            "rms": lambda: bn.rms_norm_backward(gy, x, d, invstd.reshape(stats_shape), w, out=out),
             "group": lambda: bn.group_norm_backward(gy, x, case.groups, mean.reshape(n, -1),
-                                                    invstd.reshape(n, -1), w),
+                                                    invstd.reshape(n, -1), w, out=out),
             "instance": lambda: bn.instance_norm_backward(gy, x, mean.reshape(n, -1),
-                                                          invstd.reshape(n, -1), w),
+                                                          invstd.reshape(n, -1), w, out=out),
         }[case.norm]
         return Prepared(run, lambda result: np.asarray(result[0]))
 

@@ -229,16 +229,23 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
     return true;
 }
 
-// Takes an array argument; anything else is a TypeError naming the argument.
-inline ArrayRef take_array(nb::handle h, const char* name) {
-    ArrayRef a;
-    if (!h.is_none() && fill_from_numpy(h, a)) return a;
+// Takes an array argument into `a` (a fresh ArrayRef); anything else is a TypeError naming
+// the argument. Filled in place: moving an ArrayRef copies its two kMaxRank arrays, which
+// took about a tenth of a small eval call (perf: ArrayRef::operator=).
+inline void take_array(nb::handle h, const char* name, ArrayRef& a) {
+    if (!h.is_none() && fill_from_numpy(h, a)) return;
     // A tensor that requires grad would be read (or written) outside autograd, cutting its graph.
     if (nb::hasattr(h, "requires_grad") && nb::bool_(h.attr("requires_grad")))
         type_error(std::string(name) + " is a tensor that requires grad; batchnorm's NumPy API would cut its " +
                    "autograd graph: pass tensor.detach(), or use batchnorm.torch for autograd");
-    if (!h.is_none() && fill_from_dlpack(h, a)) return a;
+    if (!h.is_none() && fill_from_dlpack(h, a)) return;
     type_error(std::string(name) + " must be a NumPy array or a CPU tensor supporting DLPack, got " + kind_of(h));
+}
+
+inline ArrayRef take_array(nb::handle h, const char* name) {
+    ArrayRef a;
+    take_array(h, name, a);
+    return a;
 }
 
 template <class T>
@@ -439,7 +446,7 @@ public:
             data_ = data_of<T>(result_);
             return;
         }
-        out_ = take_array(out, name);
+        take_array(out, name, out_);
         check_dtype<T>(out_, name);
         if (!L.same_shape(out_))
             value_error(std::string(name) + " must have the input's shape " + shape_string(L.shape_vector()) +
@@ -488,7 +495,7 @@ class ChannelArray {
 public:
     ChannelArray(nb::handle h, const char* name, std::int64_t channels, bool writable = false) {
         if (h.is_none()) return;
-        array_ = take_array(h, name);
+        take_array(h, name, array_);
         check_channel_dtype<S>(array_, name);
         if (array_.rank != 1 || array_.shape[0] != channels)
             value_error(std::string(name) + " must have shape (" + std::to_string(channels) +
@@ -550,7 +557,7 @@ class ParamArray {
 public:
     ParamArray(nb::handle h, const char* name, const std::vector<std::int64_t>& shape) {
         if (h.is_none()) return;
-        array_ = take_array(h, name);
+        take_array(h, name, array_);
         check_channel_dtype<S>(array_, name);
         if (array_.shape_vector() != shape)
             value_error(std::string(name) + " must have shape " + shape_string(shape) + ", got " +
@@ -570,7 +577,7 @@ private:
 class Float64Vector {
 public:
     Float64Vector(nb::handle h, const char* name, std::int64_t n) {
-        array_ = take_array(h, name);
+        take_array(h, name, array_);
         if (array_.type != NPY_FLOAT64)
             type_error(std::string(name) + " must have dtype float64, got " + array_.dtype_name());
         if (array_.rank != 1 || array_.shape[0] != n)

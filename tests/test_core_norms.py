@@ -323,6 +323,47 @@ def test_phases_compose_to_batch_norm(rng, threads, dtype, shape, axis):
     _close(np.concatenate(gxs), gx_ref, dtype, scale=10)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided_stats"])
+def test_forward_eval_saves_the_statistics_it_used(rng, dtype, strided):
+    """`saved` receives the running mean and 1/sqrt(running_var + eps), the latter computed in
+    float64 and rounded once (what an eval backward takes as invstd), and y is unchanged by it."""
+    x = _data(rng, (4, 5, 3, 3), dtype, offset=2.0)
+    stats = rng.uniform(0.25, 3.0, (2, 5, 2)).astype(dtype)
+    rm, rv = (stats[0, :, 0], stats[1, :, 0]) if strided else (stats[0, :, 0].copy(), stats[1, :, 0].copy())
+    w, b = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    saved = np.full((2, 5), np.nan, dtype)
+    y = _core.forward_eval(x, rm, rv, w, b, 1e-3, 1, None, None, False, saved)
+    np.testing.assert_array_equal(saved[0], rm)
+    np.testing.assert_array_equal(saved[1], (1.0 / np.sqrt(rv.astype(np.float64) + 1e-3)).astype(dtype))
+    np.testing.assert_array_equal(y, _core.forward_eval(x, rm, rv, w, b, 1e-3, 1))
+    x64 = x.astype(np.float64)
+    expected = (x64 - rm[:, None, None]) / np.sqrt(rv.astype(np.float64)[:, None, None] + 1e-3) \
+        * w[:, None, None] + b[:, None, None]
+    _close(y, expected, dtype)
+
+
+def test_forward_eval_rejects_a_bad_saved_and_writes_nothing():
+    x, out = np.ones((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    read_only = np.zeros((2, 3), np.float32)
+    read_only.flags.writeable = False
+    stats = np.zeros((2, 3), np.float32)
+    bad = [
+        (np.zeros((2, 3), np.float64), TypeError, "saved has dtype float64"),
+        (np.zeros((3, 2), np.float32), ValueError, r"saved must be a C-contiguous array of shape \(2, 3\)"),
+        (np.zeros((3, 2), np.float32).T, ValueError, "saved must be a C-contiguous"),
+        (read_only, ValueError, "saved is read-only"),
+        (np.zeros((2, 12), np.float32)[:, :3], ValueError, "saved must be a C-contiguous"),
+    ]
+    for saved, error, message in bad:
+        with pytest.raises(error, match=message):
+            _core.forward_eval(x, rm, rv, None, None, 1e-5, 1, out, None, False, saved)
+    with pytest.raises(ValueError, match="saved overlaps another argument"):
+        _core.forward_eval(x, stats[0], stats[1], None, None, 1e-5, 1, out, None, False, stats)
+    assert not out.any() and not stats.any()
+
+
 # ---- bad input: named, and nothing written ------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, overload
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -50,7 +50,9 @@ class _Saved(NamedTuple):
     out: Any  # where the forward wrote; overlapping x makes backward impossible
     why_not: Optional[str]  # set when this forward cannot be differentiated
     weight: Optional[FloatArray]
-    grads: Optional[Callable[[Any, Any], Any]]  # (grad_y, out) -> (grad_x, grad_w, grad_b)
+    # (grad_y, out) -> (grad_x, grad_w, grad_b); or a batch-norm eval forward's _eval_saved
+    # array, turned into gradients by backward (a closure per call costs a tenth of a small eval)
+    grads: Union[Callable[[Any, Any], Any], FloatArray, None]
 
 
 def _to_numpy(value: Any) -> npt.NDArray[Any]:
@@ -158,18 +160,21 @@ def _check_channels(shape: Tuple[int, ...], axis: int, channels: int, name: str)
         )
 
 
-def _eval_grads(x: Any, running_mean: FloatArray, running_var: FloatArray,
-                weight: Optional[FloatArray], eps: float, axis: int) -> Any:
-    """Backward of a running-statistics forward: the statistics are copied now, so later
-    updates of the running buffers do not reach this gradient (PyTorch's rule: as saved at
-    forward)."""
-    mean, var = running_mean.copy(), running_var.copy()
+def _eval_saved(module: Any) -> FloatArray:
+    """The (2, C) array a running-statistics forward has ``_core.forward_eval`` write its mean
+    and invstd into (``saved=``), so later updates of the running buffers do not reach its
+    backward (PyTorch's rule: as saved at forward). One per module, reused: only the last
+    forward's saved context refers to it, and copies of the module get their own."""
+    saved: Optional[FloatArray] = module.__dict__.get("_eval_stats")
+    if saved is None:
+        saved = module.__dict__["_eval_stats"] = np.empty((2,) + module._param_shape, module.dtype)
+    return saved
 
-    def grads(grad_y: Any, out: Any) -> Any:
-        invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(var.dtype)
-        return _backward(grad_y, x, mean, invstd, weight, axis, False, out)
 
-    return grads
+def _eval_backward(grad_y: Any, out: Any, x: Any, saved: FloatArray, weight: Optional[FloatArray],
+                   axis: int) -> Any:
+    """Backward of a running-statistics forward from its ``_eval_saved`` (mean, invstd)."""
+    return _backward(grad_y, x, saved[0], saved[1], weight, axis, False, out)
 
 
 class _ArrayAttribute:
@@ -238,6 +243,7 @@ class _Module:
         self.weight_grad: Optional[FloatArray] = None
         self.bias_grad: Optional[FloatArray] = None
         self._saved: Optional[_Saved] = None
+        self._eval_stats: Optional[FloatArray] = None  # see _eval_saved
 
     def _init_affine(self, weight: bool, bias: bool) -> None:
         """weight = ones and bias = zeros of ``_param_shape``, or None."""
@@ -294,8 +300,13 @@ class _Module:
             raise RuntimeError(saved.why_not)
         if saved.out is not None and np.may_share_memory(_to_numpy(saved.out), _to_numpy(saved.x)):
             raise RuntimeError(_NO_BACKWARD_IN_PLACE)
-        assert saved.grads is not None  # only a forward with why_not set saves none
-        grad_x, grad_weight, grad_bias = saved.grads(grad_y, out)
+        grads = saved.grads
+        assert grads is not None  # only a forward with why_not set saves none
+        if callable(grads):
+            grad_x, grad_weight, grad_bias = grads(grad_y, out)
+        else:  # a batch-norm eval forward's saved statistics (only _NormBase, with its axis, saves them)
+            axis: int = getattr(self, "axis")
+            grad_x, grad_weight, grad_bias = _eval_backward(grad_y, out, saved.x, grads, saved.weight, axis)
         self.weight_grad = None if saved.weight is None else grad_weight
         self.bias_grad = None if self.bias is None else grad_bias
         return _returned(grad_y, out, grad_x)
@@ -372,10 +383,11 @@ class _Module:
         forward context (a reference to the last input), so ``backward`` on a copy needs a
         forward first. ``copy.deepcopy`` and a pickle round trip give independent arrays."""
         state = self.__dict__.copy()
-        state["_saved"] = None
+        state["_saved"] = state["_eval_stats"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        self._eval_stats = None  # absent from the state of a module pickled before it existed
         self.__dict__.update(state)
 
     # ---- repr -------------------------------------------------------------------------

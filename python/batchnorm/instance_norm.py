@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _NO_BACKWARD_ACTIVATION, _eval_grads, _NormBase, _shape_of, _to_numpy
+from ._norm_base import _NO_BACKWARD_ACTIVATION, _eval_backward, _eval_saved, _NormBase, _shape_of, _to_numpy
 from .functional import (
     ArrayIn,
     Triple,
@@ -200,8 +200,11 @@ class _InstanceNorm(_NormBase):
             def grads(gy: Any, o: Any) -> Any:
                 return _group_norm_backward(gy, xb, mean, invstd, weight, channels, axis, o)
         else:
-            y = _forward_eval(xb, running_mean, running_var, weight, bias, eps, axis, outb, None, relu)
-            grads = _eval_grads(xb, running_mean, running_var, weight, eps, axis)
+            saved = _eval_saved(self)
+            y = _forward_eval(xb, running_mean, running_var, weight, bias, eps, axis, outb, None, relu, saved)
+
+            def grads(gy: Any, o: Any) -> Any:
+                return _eval_backward(gy, o, xb, saved, weight, axis)
         if relu:
             self._save(x, out, weight, None, _NO_BACKWARD_ACTIVATION)
         else:

@@ -12,7 +12,7 @@ from typing import Any, Optional, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._norm_base import IncompatibleKeys, _check_channels, _cpu_device, _eval_grads, _NormBase, _Saved, _shape_of
+from ._norm_base import IncompatibleKeys, _check_channels, _cpu_device, _eval_saved, _NormBase, _Saved, _shape_of
 from ._norm_base import _to_numpy as _to_numpy  # fold.py takes it from here
 from .functional import (
     ArrayIn,
@@ -145,10 +145,13 @@ class _BatchNorm(_NormBase):
                        lambda gy, o: _backward(gy, x, mean, invstd, weight, axis, True, o))
         else:
             fused = residual is not None or activation is not None
+            saved = None if fused else state["_eval_stats"]
+            if saved is None and not fused:
+                saved = _eval_saved(self)
             try:
                 y = _forward_eval(
                     x, running_mean, running_var, weight, bias, self.eps, self.axis, out, residual,
-                    fused and _relu_flag(activation),
+                    fused and _relu_flag(activation), saved,
                 )
             except TypeError:
                 self._blame_dtype(x)
@@ -156,8 +159,7 @@ class _BatchNorm(_NormBase):
             if fused:
                 self._save(x, out, weight, None, _NO_BACKWARD_FUSED)
             else:  # _save, inline: the inference path, where a method call is a twentieth of the call
-                self._saved = tuple.__new__(_Saved, (x, out, None, weight, _eval_grads(
-                    x, running_mean, running_var, weight, self.eps, self.axis)))
+                self._saved = tuple.__new__(_Saved, (x, out, None, weight, saved))
         if type(x) is _ndarray or out is not None:  # NumPy in, or `out` (returned as given)
             return y
         return _like(x, y)

@@ -4,6 +4,8 @@
 #include "arrays.hpp"
 #include "instantiations.hpp"
 
+#include <cmath>
+
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -159,9 +161,50 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
     });
 }
 
+// The statistics an eval forward normalized with, for its backward: a dense (2, C) array of the
+// per-channel dtype, rows mean and 1/sqrt(var + eps) (as backward's mean and invstd), apart from
+// every other array of the call. Filled by write() after the forward; null for None.
+template <class T>
+class SavedStatistics {
+    using P = compute_t<T>;
+
+public:
+    SavedStatistics(nb::handle h, std::int64_t channels) : channels_(channels) {
+        if (h.is_none()) return;
+        take_array(h, "saved", array_);
+        check_channel_dtype<T>(array_, "saved");
+        if (array_.rank != 2 || array_.shape[0] != 2 || array_.shape[1] != channels ||
+            (channels > 1 && array_.strides[1] != 1) || array_.strides[0] != channels)
+            value_error("saved must be a C-contiguous array of shape (2, " + std::to_string(channels) + "), got shape " +
+                        shape_string(array_.shape_vector()));
+        check_writable(array_, "saved");
+        data_ = reinterpret_cast<P*>(array_.data);
+    }
+
+    void check_apart(std::initializer_list<std::pair<const ArrayRef*, std::int64_t>> arrays) const {
+        if (!data_) return;
+        for (const auto& [array, itemsize] : arrays)
+            if (array && overlaps(array_, sizeof(P), *array, itemsize))
+                value_error("saved overlaps another argument; pass a separate array");
+    }
+
+    void write(const P* mean, const P* var, double eps) const {
+        if (!data_) return;
+        for (std::int64_t c = 0; c < channels_; ++c) {
+            data_[c] = mean[c];
+            data_[channels_ + c] = P(1.0 / std::sqrt(double(var[c]) + eps));
+        }
+    }
+
+private:
+    ArrayRef array_;
+    std::int64_t channels_;
+    P* data_ = nullptr;
+};
+
 nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_obj, nb::handle weight_obj,
                         nb::handle bias_obj, double eps, int axis, nb::handle out, nb::handle residual_obj,
-                        bool relu) {
+                        bool relu, nb::handle saved_obj) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -175,6 +218,11 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
         WriteAs<T> y(out, in.layout, "out", {&in.array, residual_array ? &*residual_array : nullptr});
         check_apart(y, {{mean.array(), "running_mean"}, {var.array(), "running_var"}, {weight.array(), "weight"},
                         {bias.array(), "bias"}});
+        const SavedStatistics<T> saved(saved_obj, view.channels);
+        constexpr std::int64_t item = sizeof(T), channel_item = sizeof(compute_t<T>);
+        saved.check_apart({{&in.array, item}, {y.out(), item}, {residual_array ? &*residual_array : nullptr, item},
+                           {mean.array(), channel_item}, {var.array(), channel_item},
+                           {weight.array(), channel_item}, {bias.array(), channel_item}});
         const ReadAs<T> x(in.array, in.layout);
         std::optional<ReadAs<T>> residual;
         if (residual_array) residual.emplace(*residual_array, in.layout);
@@ -184,6 +232,7 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
                                        eps, residual ? residual->data() : nullptr,
                                        relu ? Activation::relu : Activation::none);
         }
+        saved.write(mean.data(), var.data(), eps);
         return y.finish();
     });
 }
@@ -603,11 +652,12 @@ NB_MODULE(_core, m) {
           "Training forward; returns (y, save_mean, save_invstd).");
     m.def("forward_eval", &py::forward_eval, "input"_a.none(), "running_mean"_a.none(), "running_var"_a.none(),
           "weight"_a.none(), "bias"_a.none(), "eps"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
-          "residual"_a.none() = nb::none(), "relu"_a = false,
+          "residual"_a.none() = nb::none(), "relu"_a = false, "saved"_a.none() = nb::none(),
           nb::sig("def forward_eval(input: object, running_mean: object | None, running_var: object | None, "
                   "weight: object | None, bias: object | None, eps: float, axis: int = 1, "
-                  "out: object | None = None, residual: object | None = None, relu: bool = False) -> typing.Any"),
-          "Eval forward: act(bn(x) + residual).");
+                  "out: object | None = None, residual: object | None = None, relu: bool = False, "
+                  "saved: object | None = None) -> typing.Any"),
+          "Eval forward: act(bn(x) + residual); saved (2, C) receives the mean and invstd used.");
     m.def("backward", &py::backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(), "invstd"_a.none(),
           "weight"_a.none(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
           nb::sig("def backward(grad_y: object, x: object, mean: object, invstd: object, weight: object | None, "

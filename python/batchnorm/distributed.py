@@ -457,7 +457,7 @@ class SyncBatchNorm(_BatchNorm):
             counter = self.num_batches_tracked
             update_running(self.running_mean, self.running_var, count, mean, m2, self._momentum_factor(counter))
             if counter is not None:
-                counter += 1
+                counter[()] += 1
         self._sync_saved = (link, x, stats, invstd, self.weight, count, out, empty[0])
         self._saved = None
         return _returned(x, out, y)

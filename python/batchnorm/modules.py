@@ -124,25 +124,26 @@ class _BatchNorm(_NormBase):
         if self.training or (running_mean is None and running_var is None):
             if residual is not None or activation is not None:
                 _reject_fusion(residual, activation)
-            counting = self.training and self.track_running_stats
-            counter = state["_num_batches_tracked"] if counting else None
-            if not self.track_running_stats:  # torch passes no running stats then
+            tracking = state["track_running_stats"]
+            counter = state["_num_batches_tracked"] if tracking and state["training"] else None
+            if not tracking:  # torch passes no running stats then
                 running_mean = running_var = None
+            momentum = state["momentum"]
             try:
                 y, mean, invstd = _forward_train(
                     x, weight, bias, running_mean, running_var,
-                    self._momentum_factor(counter), self.eps, self.axis, out,
+                    self._momentum_factor(counter) if momentum is None else momentum, state["eps"], axis, out,
                 )
             except TypeError:
                 self._blame_dtype(x)
                 raise
             # Only after _core succeeded (a failed call must not count a batch); an empty
-            # batch carries no statistics and is not counted either.
+            # batch carries no statistics and is not counted either. `[()]`: an in-place add
+            # through the scalar, a sixth of the cost of `counter += 1` (a ufunc call).
             if counter is not None and not empty:
-                counter += 1
-            axis = self.axis
-            self._save(x, out, weight,
-                       lambda gy, o: _backward(gy, x, mean, invstd, weight, axis, True, o))
+                counter[()] += 1
+            self._saved = tuple.__new__(_Saved, (
+                x, out, None, weight, lambda gy, o: _backward(gy, x, mean, invstd, weight, axis, True, o)))
         else:
             fused = residual is not None or activation is not None
             saved = None if fused else state["_eval_stats"]

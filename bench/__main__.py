@@ -75,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "bench/results/local/, ignored by git)")
     p.add_argument("--out-dir", type=pathlib.Path,
                    help="where the files go (default: see --save)")
-    p.add_argument("--name", help="base name of the output files (default: latest, or norms "
-                                   "with --family norms)")
+    p.add_argument("--name", help="base name of the output files (default: latest, norms with "
+                                   "--family norms, busy with --busy-neighbour; -<dtype> appended "
+                                   "for any dtype but float32, e.g. latest-float64)")
     args = p.parse_args(argv)
     if args.dtype in ("float16", "bfloat16") and args.family == "norms":
         p.error("--dtype float16/bfloat16 measures batch norm (the other norms take float32/float64)")
@@ -86,9 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.ops = args.ops or list(family_ops)
     if not set(args.ops) <= set(family_ops):
         p.error(f"--ops of --family {args.family}: {', '.join(family_ops)}")
-    args.name = args.name or ("norms" if args.family == "norms" else "latest")
-    if args.busy_neighbour and args.name in ("norms", "latest"):
-        args.name = "norms-busy" if args.family == "norms" else "busy"
+    if args.name is None:  # one file set per kind of run: a float64 run keeps the float32 results
+        base = "norms" if args.family == "norms" else "latest"
+        if args.busy_neighbour:
+            base = "norms-busy" if args.family == "norms" else "busy"
+        args.name = base if args.dtype == "float32" else f"{base}-{args.dtype}"
     return args
 
 

@@ -90,6 +90,12 @@ def test_quick_runs_do_not_replace_the_committed_results():
     assert parse_args(["--quick"]).out_dir == LOCAL_DIR
     assert parse_args(["--quick", "--save"]).out_dir == RESULTS_DIR / machine.cpu_dir()
     assert parse_args(["--quick", "--out-dir", "x"]).out_dir == pathlib.Path("x")
+    # another dtype's run goes beside the float32 results, not over them
+    assert parse_args([]).name == "latest"
+    assert parse_args(["--dtype", "float64"]).name == "latest-float64"
+    assert parse_args(["--dtype", "bfloat16", "--busy-neighbour"]).name == "busy-bfloat16"
+    assert parse_args(["--family", "norms", "--dtype", "float64"]).name == "norms-float64"
+    assert parse_args(["--dtype", "float64", "--name", "x"]).name == "x"
     if shutil.which("git") and (ROOT / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "-q", str(LOCAL_DIR / "latest.json")], cwd=ROOT)
         assert ignored.returncode == 0, "bench/results/local/ must be ignored by git"

@@ -17,7 +17,6 @@
 #include <batchnorm/batchnorm.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -25,21 +24,7 @@
 #include <string>
 #include <vector>
 
-namespace {
-
-template <class F>
-double median_us(F&& f, long calls) {
-    std::vector<double> t;
-    for (int s = 0; s < 41; ++s) {
-        const auto start = std::chrono::steady_clock::now();
-        for (long i = 0; i < calls; ++i) f();
-        t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() / double(calls));
-    }
-    std::nth_element(t.begin(), t.begin() + 20, t.end());
-    return t[20];
-}
-
-}  // namespace
+#include "median_time.hpp"
 
 template <class T>
 void run(const batchnorm::Shape& s, const char* dtype) {

@@ -17,26 +17,14 @@
 // misalignment and no per-plane or per-channel work, but they are what the compiler makes of
 // plain C++, not hand-tuned: a reference to measure kernels against, not a proven bound.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
-namespace {
+#include "median_time.hpp"
 
-template <class F>
-double median_us(F&& f, long calls) {
-    std::vector<double> t;
-    for (int s = 0; s < 41; ++s) {
-        const auto start = std::chrono::steady_clock::now();
-        for (long i = 0; i < calls; ++i) f();
-        t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() /
-                    double(calls));
-    }
-    std::nth_element(t.begin(), t.begin() + 20, t.end());
-    return t[20];
-}
+namespace {
 
 volatile float sink;
 

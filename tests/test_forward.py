@@ -162,6 +162,22 @@ def test_num_batches_tracked_counts_only_training(rng):
     assert int(m.num_batches_tracked) == 3
 
 
+def test_num_batches_tracked_advances_in_place(rng):
+    """The counter is the module's one array, advanced in place: a reference taken before
+    training (or a user array assigned to the attribute) sees every count, as torch's buffer
+    does."""
+    m = bn.BatchNorm1d(3)
+    held = m.num_batches_tracked
+    x = logical_data(rng, (4, 3)).astype(np.float32)
+    m(x)
+    m(x)
+    assert m.num_batches_tracked is held and int(held) == 2
+    mine = np.array(7, dtype=np.int64)
+    m.num_batches_tracked = mine
+    m(x)
+    assert int(mine) == 8 and m.num_batches_tracked is mine
+
+
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (0, 3, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0, 2)], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -121,11 +121,12 @@ class _BatchNorm(_NormBase):
         weight, bias = state["_weight"], state["_bias"]
         running_mean, running_var = state["_running_mean"], state["_running_var"]
         # torch: bn_training = training or (running_mean is None and running_var is None)
-        if self.training or (running_mean is None and running_var is None):
+        training = state["training"]
+        if training or (running_mean is None and running_var is None):
             if residual is not None or activation is not None:
                 _reject_fusion(residual, activation)
             tracking = state["track_running_stats"]
-            counter = state["_num_batches_tracked"] if tracking and state["training"] else None
+            counter = state["_num_batches_tracked"] if tracking and training else None
             if not tracking:  # torch passes no running stats then
                 running_mean = running_var = None
             momentum = state["momentum"]

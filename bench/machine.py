@@ -81,7 +81,8 @@ def _batchnorm_backend() -> dict:
     try:
         import batchnorm as bn
 
-        return {"isa": bn.isa(), "threads_default": bn.get_num_threads()}
+        # The kernel variant ("avx512_bf16" where bn.isa() says "avx512"): it decides the speed.
+        return {"isa": bn._core.isa(), "threads_default": bn.get_num_threads()}
     except Exception as error:
         return {"error": str(error)}
 

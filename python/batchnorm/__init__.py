@@ -82,11 +82,14 @@ _DATA_DIR = os.path.dirname(os.path.abspath(_core.__file__))
 
 
 def isa() -> str:
-    """Active SIMD backend: "avx512_bf16", "avx512", "avx2", "neon" or "scalar".
+    """Active SIMD backend: "avx512", "avx2", "neon" or "scalar".
 
-    Chosen once from the CPU; ``BATCHNORM_ISA`` forces a supported one.
+    Chosen once from the CPU; ``BATCHNORM_ISA`` forces a supported one. On CPUs with
+    AVX512-BF16 the AVX-512 kernels narrow to bfloat16 with that instruction; they are still
+    the "avx512" backend (``_core.isa()`` names the variant, "avx512_bf16").
     """
-    return str(_core.isa())
+    variant = str(_core.isa())
+    return "avx512" if variant == "avx512_bf16" else variant
 
 
 def set_num_threads(n: int) -> None:

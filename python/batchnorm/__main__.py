@@ -58,7 +58,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(batchnorm.get_include())
         return
     print(f"batchnorm {batchnorm.__version__}")
-    print(f"ISA:     {batchnorm.isa()}")
+    variant = batchnorm._core.isa()
+    detail = f" ({variant} kernels)" if variant != batchnorm.isa() else ""
+    print(f"ISA:     {batchnorm.isa()}{detail}")
     print(f"threads: {batchnorm.get_num_threads()}")
     demo()
 

@@ -305,6 +305,21 @@ BATCHNORM_ALWAYS_INLINE void plane_store(P* p, int v, i64 last, typename Ops<com
     else O::store(p + v * O::W, value);
 }
 
+// y = (x - s) * a + b, plus the residual and then ReLU when asked, over one plane of kV vectors.
+template <int kV, bool kResidual, bool kRelu, class S>
+BATCHNORM_ALWAYS_INLINE void plane_affine(const S* x, const S* residual, S* y, i64 last,
+                                          typename Ops<compute_t<S>>::V s, typename Ops<compute_t<S>>::V a,
+                                          typename Ops<compute_t<S>>::V b) {
+    using O = Ops<compute_t<S>>;
+    BATCHNORM_UNROLL_PLANE
+    for (int v = 0; v < kV; ++v) {
+        auto out = O::fma(O::sub(plane_load<kV>(x, v, last, s), s), a, b);
+        if constexpr (kResidual) out = O::add(out, plane_load<kV>(residual, v, last, O::zero()));
+        if constexpr (kRelu) out = O::max(out, O::zero());
+        plane_store<kV>(y, v, last, out);
+    }
+}
+
 // Calls op.template run<kV>() with kV = vectors (1..kFlushVectors), or op.run_long() for
 // longer planes.
 template <int kV = 1, class Op>
@@ -447,13 +462,15 @@ struct PlaneApply {
                 const i64 at = r * stride + j * len;
                 if (prefetch_ && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
                 const V s = O::set1(shift[j]), av = O::set1(a[j]), bv = O::set1(b[j]);
-                const V cv = kGrad ? O::set1(c[j]) : O::zero();
-                BATCHNORM_UNROLL_PLANE
-                for (int v = 0; v < kV; ++v) {
-                    const V d = O::sub(plane_load<kV>(x + at, v, last, s), s);
-                    const V out = kGrad ? O::fma(plane_load<kV>(dy + at, v, last, O::zero()), av, O::fma(d, bv, cv))
-                                        : O::fma(d, av, bv);
-                    plane_store<kV>(y + at, v, last, out);
+                if constexpr (kGrad) {
+                    const V cv = O::set1(c[j]);
+                    BATCHNORM_UNROLL_PLANE
+                    for (int v = 0; v < kV; ++v) {
+                        const V d = O::sub(plane_load<kV>(x + at, v, last, s), s);
+                        plane_store<kV>(y + at, v, last, O::fma(plane_load<kV>(dy + at, v, last, O::zero()), av, O::fma(d, bv, cv)));
+                    }
+                } else {
+                    plane_affine<kV, false, false>(x + at, static_cast<const S*>(nullptr), y + at, last, s, av, bv);
                 }
             }
     }
@@ -493,18 +510,52 @@ void pb_grad(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i
     with_plane_vectors(plane_vectors<S>(len), op);
 }
 
+// Eval over `planes` contiguous planes of len values, plane r of channel
+// (first_channel + r) % channels. Planes of up to kFlushVectors vectors take a compile-time
+// vector count, as the blocks' apply does: no loop or tail test per vector (8x512x7x7 float32
+// eval, Intel Xeon, 1 thread: 33.8 -> 28.5 us).
+template <class S, bool kResidual, bool kRelu>
+struct RowsAffine {
+    using T = compute_t<S>;
+    const S *x_, *residual_;
+    S* y_;
+    i64 planes_, len_, first_channel_, channels_;
+    const T *shift_, *alpha_, *beta_;
+
+    template <int kV>
+    void run() const {
+        using O = Ops<T>;
+        // Locals, not members: the compiler cannot prove the stores leave the members alone.
+        const S *const x = x_, *const residual = residual_;
+        S* const y = y_;
+        const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
+        const i64 planes = planes_, len = len_, channels = channels_, last = len - (kV - 1) * O::W;
+        i64 c = first_channel_;
+        for (i64 r = 0; r < planes; ++r) {
+            const i64 at = r * len;
+            plane_affine<kV, kResidual, kRelu>(x + at, kResidual ? residual + at : nullptr, y + at, last,
+                                               O::set1(shift[c]), O::set1(alpha[c]), O::set1(beta[c]));
+            if (++c == channels) c = 0;
+        }
+    }
+
+    void run_long() const {
+        using O = Ops<T>;
+        i64 c = first_channel_;
+        for (i64 r = 0; r < planes_; ++r) {
+            const i64 at = r * len_;
+            run_affine<S, kResidual, kRelu>(x_ + at, kResidual ? residual_ + at : nullptr, y_ + at, len_,
+                                            O::set1(shift_[c]), O::set1(alpha_[c]), O::set1(beta_[c]));
+            if (++c == channels_) c = 0;
+        }
+    }
+};
+
 template <class S, bool kResidual, bool kRelu>
 void rows_affine_as(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
                     i64 channels, const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta) {
-    using T = compute_t<S>;
-    using O = Ops<T>;
-    i64 c = first_channel;
-    for (i64 r = 0; r < planes; ++r) {
-        const i64 at = r * len;
-        run_affine<S, kResidual, kRelu>(x + at, kResidual ? residual + at : nullptr, y + at, len,
-                                        O::set1(shift[c]), O::set1(alpha[c]), O::set1(beta[c]));
-        if (++c == channels) c = 0;
-    }
+    RowsAffine<S, kResidual, kRelu> op{x, residual, y, planes, len, first_channel, channels, shift, alpha, beta};
+    with_plane_vectors(plane_vectors<S>(len), op);
 }
 
 template <class S>

@@ -234,6 +234,26 @@ def test_wrong_rank_raises_torch_error():
         bnt.BatchNorm2d(3)(torch.randn(2, 3, 4))
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_wrong_channel_count_raises_torchs_error_with_a_warm_cache(training, track):
+    # The first call fills the module's cached views; later calls with another channel count
+    # must still reach torch's check (and words), not a kernel's complaint about `weight`.
+    m, ref = bnt.BatchNorm2d(4, track_running_stats=track), torch.nn.BatchNorm2d(4, track_running_stats=track)
+    for mod in (m, ref):
+        mod.train(training)
+    good, bad = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3)
+    torch.testing.assert_close(m(good), ref(good))
+    for _ in range(2):  # cold and warm: the failed call leaves the cache as it was
+        with pytest.raises(Exception) as expected:
+            ref(bad)
+        with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+            m(bad)
+        if track:
+            assert int(m.num_batches_tracked) == int(ref.num_batches_tracked)
+    torch.testing.assert_close(m(good), ref(good))
+
+
 # ---------------------------------------------------------------- module identity, state
 
 

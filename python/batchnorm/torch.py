@@ -578,9 +578,11 @@ class _DropIn(_BatchNorm):
             count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
                      and counter.is_cpu and counter.shape == () else None)
             views = self._views = (key, rm, rv, w, b, input.dtype,
-                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)), counter, count)
-        if (input.dtype != views[5] or input.dim() not in self._ranks or not input.is_cpu
-                or input.layout != _STRIDED or input.numel() == 0):
+                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)), counter, count,
+                                   input.shape[1])
+        # a channel count other than the cached one: the general route, for torch's error
+        if (input.dtype != views[5] or input.dim() not in self._ranks or input.shape[1] != views[9]
+                or not input.is_cpu or input.layout != _STRIDED or input.numel() == 0):
             return None
         momentum = 0.0
         if training:

@@ -813,6 +813,56 @@ def _():
     return (lambda: bn.fold(m, W)), [m, W]
 
 
+# Scalar arguments of the wrong type: the functional API names them (not the extension's
+# signature dump). (function, its scalar argument, a value of the wrong type, what the message says)
+def _x():
+    return f32(4, 6, 3)
+
+
+def _gn_stats():
+    return np.zeros((4, 2), np.float32), np.ones((4, 2), np.float32)
+
+
+SCALAR_CALLS = {
+    "batch_norm_train_eps": (lambda v, x: bn.batch_norm(x, None, None, training=True, eps=v), None, "eps", "a float"),
+    "batch_norm_train_momentum": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                             training=True, momentum=v), "0.1", "momentum", "a float"),
+    "batch_norm_train_axis": (lambda v, x: bn.batch_norm(x, None, None, training=True, axis=v), 1.0, "axis", "an int"),
+    "batch_norm_eval_eps": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32), eps=v),
+                            "1e-5", "eps", "a float"),
+    "batch_norm_eval_axis": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32), axis=v),
+                             None, "axis", "an int"),
+    "batch_norm_stats_axis": (lambda v, x: bn.batch_norm_stats(x, axis=v), None, "axis", "an int"),
+    "batch_norm_backward_axis": (lambda v, x: bn.batch_norm_backward(x, x, np.zeros(6, np.float32),
+                                                                     np.ones(6, np.float32), axis=v), "1", "axis", "an int"),
+    "layer_norm_eps": (lambda v, x: bn.layer_norm(x, 3, eps=v), None, "eps", "a float"),
+    "rms_norm_eps": (lambda v, x: bn.rms_norm(x, 3, eps=v), "a", "eps", "a float"),
+    "group_norm_num_groups": (lambda v, x: bn.group_norm(x, v), 2.0, "num_groups", "an int"),
+    "group_norm_eps": (lambda v, x: bn.group_norm(x, 2, eps=v), None, "eps", "a float"),
+    "group_norm_axis": (lambda v, x: bn.group_norm(x, 2, axis=v), 1.5, "axis", "an int"),
+    "group_norm_backward_num_groups": (lambda v, x: bn.group_norm_backward(x, x, v, *_gn_stats()), 2.0,
+                                       "num_groups", "an int"),
+    "instance_norm_eps": (lambda v, x: bn.instance_norm(x, eps=v), None, "eps", "a float"),
+    "instance_norm_momentum": (lambda v, x: bn.instance_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                             momentum=v), None, "momentum", "a float"),
+    "instance_norm_backward_axis": (lambda v, x: bn.instance_norm_backward(x, x, np.zeros((4, 6), np.float32),
+                                                                           np.ones((4, 6), np.float32), axis=v),
+                                    1.0, "axis", "an int"),
+    "fold_axis": (lambda v, x: bn.fold(trained().eval(), np.ones((3, 2, 1, 1), np.float32), axis=v), 0.0,
+                  "axis", "an int"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALAR_CALLS))
+def test_scalar_argument_of_the_wrong_type_is_named(name):
+    call, bad, arg, kind = SCALAR_CALLS[name]
+    x = _x()
+    before = x.copy()
+    with pytest.raises(TypeError, match=all_of(rf"^{arg} must be {kind}, got {type(bad).__name__}$")):
+        call(bad, x)
+    np.testing.assert_array_equal(x, before)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name):
     exc, pattern, builder = CASES[name]

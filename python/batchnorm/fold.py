@@ -7,7 +7,7 @@ from typing import Any, Optional, Tuple, overload
 import numpy as np
 import numpy.typing as npt
 
-from .functional import _like
+from .functional import _like, _name_the_scalar
 from .modules import _BatchNorm, _to_numpy
 
 __all__ = ["fold"]
@@ -73,6 +73,7 @@ def fold(
     if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
         raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")
     channels = m.num_features
+    _name_the_scalar(axis=axis)
     if w.ndim == 0 or not -w.ndim <= axis < w.ndim:
         raise ValueError(f"axis: {axis} is out of range for weight of shape {w.shape}")
     if w.shape[axis] != channels:

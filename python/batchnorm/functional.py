@@ -11,6 +11,7 @@ the shortest path: one ``type(x) is ndarray`` test.
 
 from __future__ import annotations
 
+import numbers
 import sys
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple, Union, overload
 
@@ -119,6 +120,19 @@ def _relu_flag(activation: Optional[str]) -> bool:
     raise ValueError(f'activation must be None or "relu", got {activation!r}')
 
 
+def _name_the_scalar(**scalars: object) -> None:
+    """After ``_core`` refused a call's argument types (nanobind's message then lists the
+    core's signatures): raises the TypeError that names the scalar argument of the wrong
+    type, if one is; else returns, and the caller re-raises nanobind's. ``eps`` and
+    ``momentum`` take real numbers, the others ints. Called only on that failure, so the
+    calls that succeed pay nothing for it."""
+    for name, value in scalars.items():
+        real = name in ("eps", "momentum")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real if real else numbers.Integral):
+            kind = "a float" if real else "an int"
+            raise TypeError(f"{name} must be {kind}, got {type(value).__name__}") from None
+
+
 def _reject_fusion(residual: object, activation: object) -> None:
     """Raise if an inference-only fusion is requested where batch statistics are used."""
     # act(bn(x) + residual) is a one-pass inference kernel; with batch statistics the
@@ -218,17 +232,23 @@ def batch_norm(
             raise TypeError("momentum must be a float; the cumulative average (momentum=None) needs "
                             "num_batches_tracked: use a BatchNorm module, or pass 1/num_batches_tracked")
         # Positional: _core parses positional arguments faster than keywords.
-        y = _forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, out)[0]
+        try:
+            y = _forward_train(input, weight, bias, running_mean, running_var, momentum, eps, axis, out)[0]
+        except TypeError:
+            _name_the_scalar(momentum=momentum, eps=eps, axis=axis)
+            raise
     else:
         # torch raises "running_mean must be defined in evaluation mode" here; same words.
         if running_mean is None:
             raise ValueError("running_mean must be defined in evaluation mode (training=False)")
         if running_var is None:
             raise ValueError("running_var must be defined in evaluation mode (training=False)")
-        y = _forward_eval(
-            input, running_mean, running_var, weight, bias, eps, axis, out, residual,
-            activation is not None and _relu_flag(activation),  # no call in the common case
-        )
+        relu = activation is not None and _relu_flag(activation)  # no call in the common case
+        try:
+            y = _forward_eval(input, running_mean, running_var, weight, bias, eps, axis, out, residual, relu)
+        except TypeError:
+            _name_the_scalar(eps=eps, axis=axis)
+            raise
     if type(input) is _ndarray or out is not None:  # NumPy in, or `out` (returned as given)
         return y
     return _like(input, y)
@@ -248,7 +268,11 @@ def batch_norm_stats(x: ArrayIn, *, axis: int = 1) -> Tuple[Any, Any]:
     -------
     (mean, var) : two new (C,) arrays of the dtype and kind of ``x`` (NumPy or torch).
     """
-    moments = _stats(x, axis)
+    try:
+        moments = _stats(x, axis)
+    except TypeError:
+        _name_the_scalar(axis=axis)
+        raise
     if type(x) is _ndarray:
         return moments
     return _like(x, moments[0]), _like(x, moments[1])
@@ -300,5 +324,9 @@ def batch_norm_backward(
         ``weight`` None means 1. New arrays are of the kind of ``grad_y`` (NumPy for NumPy,
         torch tensors for a torch tensor).
     """
-    grads = _backward(grad_y, x, mean, invstd, weight, axis, True, out)
+    try:
+        grads = _backward(grad_y, x, mean, invstd, weight, axis, True, out)
+    except TypeError:
+        _name_the_scalar(axis=axis)
+        raise
     return _returned_grads(grad_y, out, grads)

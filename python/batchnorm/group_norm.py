@@ -20,7 +20,7 @@ from ._norm_base import (
     _positive_int,
     _shape_of,
 )
-from .functional import ArrayIn, Triple, _relu_flag, _returned, _returned_grads
+from .functional import ArrayIn, Triple, _name_the_scalar, _relu_flag, _returned, _returned_grads
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
 
@@ -59,7 +59,11 @@ def group_norm(
         ``out`` itself when given; else a new array of the kind of ``input``.
     """
     relu = activation is not None and _relu_flag(activation)
-    y = _group_norm(input, num_groups, weight, bias, eps, axis, out, relu)[0]
+    try:
+        y = _group_norm(input, num_groups, weight, bias, eps, axis, out, relu)[0]
+    except TypeError:
+        _name_the_scalar(num_groups=num_groups, eps=eps, axis=axis)
+        raise
     return _returned(input, out, y)
 
 
@@ -85,7 +89,11 @@ def group_norm_backward(
         ``grad_x`` like ``x`` (``out`` when given, written in place), the others (C,); new
         arrays are of the kind of ``grad_y``.
     """
-    grads = _group_norm_backward(grad_y, x, mean, invstd, weight, num_groups, axis, out)
+    try:
+        grads = _group_norm_backward(grad_y, x, mean, invstd, weight, num_groups, axis, out)
+    except TypeError:
+        _name_the_scalar(num_groups=num_groups, axis=axis)
+        raise
     return _returned_grads(grad_y, out, grads)
 
 

@@ -18,6 +18,7 @@ from .functional import (
     ArrayIn,
     Triple,
     _forward_eval,
+    _name_the_scalar,
     _relu_flag,
     _returned,
     _returned_grads,
@@ -79,11 +80,15 @@ def instance_norm(
         ``out`` itself when given; else a new array of the kind of ``input``.
     """
     relu = activation is not None and _relu_flag(activation)
-    if use_input_stats:
-        y = _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps, axis, out, relu)[0]
-    else:
-        _eval_inputs(running_mean, running_var)
-        y = _forward_eval(input, running_mean, running_var, weight, bias, eps, axis, out, None, relu)
+    try:
+        if use_input_stats:
+            y = _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps, axis, out, relu)[0]
+        else:
+            _eval_inputs(running_mean, running_var)
+            y = _forward_eval(input, running_mean, running_var, weight, bias, eps, axis, out, None, relu)
+    except TypeError:
+        _name_the_scalar(momentum=momentum, eps=eps, axis=axis)
+        raise
     return _returned(input, out, y)
 
 
@@ -108,6 +113,7 @@ def instance_norm_backward(
         ``grad_x`` like ``x`` (``out`` when given, written in place), the others (C,); new
         arrays are of the kind of ``grad_y``.
     """
+    _name_the_scalar(axis=axis)  # before it indexes the shape
     channels = _shape_of(x)[axis]  # an instance is a group of one channel
     grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis, out)
     return _returned_grads(grad_y, out, grads)

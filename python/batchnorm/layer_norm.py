@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._norm_base import _eps, _integer, _Module, _shape_of, _to_numpy
-from .functional import ArrayIn, Triple, _returned, _returned_grads
+from .functional import ArrayIn, Triple, _name_the_scalar, _returned, _returned_grads
 
 __all__ = [
     "LayerNorm",
@@ -109,7 +109,11 @@ def layer_norm(
     """
     shape = _normalized_shape(normalized_shape)
     _check_trailing(input, shape)
-    y = _layer_norm(input, len(shape), weight, bias, eps, False, out, residual, sum_out)[0]
+    try:
+        y = _layer_norm(input, len(shape), weight, bias, eps, False, out, residual, sum_out)[0]
+    except TypeError:
+        _name_the_scalar(eps=eps)
+        raise
     return _returned(input, out, y)
 
 
@@ -132,7 +136,11 @@ def rms_norm(
     shape = _normalized_shape(normalized_shape)
     _check_trailing(input, shape)
     eps = _machine_eps(input) if eps is None else eps
-    y = _layer_norm(input, len(shape), weight, None, eps, True, out, residual, sum_out)[0]
+    try:
+        y = _layer_norm(input, len(shape), weight, None, eps, True, out, residual, sum_out)[0]
+    except TypeError:
+        _name_the_scalar(eps=eps)
+        raise
     return _returned(input, out, y)
 
 

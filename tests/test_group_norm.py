@@ -2,6 +2,8 @@
 the backward helper, bad input, and accuracy at mean 1e6 (family-wide checks:
 test_norm_family.py)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,36 @@ def test_fused_forward_has_no_backward(rng):
         m.backward(np.ones_like(x))
     with pytest.raises(ValueError, match="activation"):
         m(x, activation="gelu")
+
+
+# torch's count of values per group (F.group_norm's _verify_batch_size): (N*C // G) times the
+# spatial sizes must not be 1. Lopsided, but torch's: (2, 4) in 4 groups passes.
+@pytest.mark.parametrize("shape,groups", [((1, 4), 4), ((1, 4, 1), 4), ((1, 2), 2), ((1, 4, 1, 1), 4),
+                                          ((2, 4), 4), ((1, 4, 1, 1), 2), ((1, 4, 2), 4), ((0, 4), 4)],
+                         ids=str)
+def test_one_value_per_group_as_torch(torch, shape, groups):
+    x = np.ones(shape, np.float32)
+    try:
+        torch.nn.functional.group_norm(torch.from_numpy(x), groups)
+    except ValueError as e:
+        expected = str(e)
+    else:
+        expected = None
+    calls = {"functional": lambda: bn.group_norm(x, groups),
+             "module": lambda: bn.GroupNorm(groups, shape[1])(x),
+             "channels-last": lambda: bn.group_norm(np.ascontiguousarray(np.moveaxis(x, 1, -1)), groups, axis=-1)}
+    for name, call in calls.items():
+        if expected is None:
+            call()
+        else:
+            with pytest.raises(ValueError, match=re.escape(expected)):
+                call()
+
+
+def test_one_value_per_group_is_refused_without_torch():
+    with pytest.raises(ValueError, match=re.escape("Expected more than 1 value per channel when training, "
+                                                   "got input size [1, 4, 1]")):
+        bn.group_norm(np.ones((1, 4, 1), np.float32), 4)
 
 
 @pytest.mark.parametrize("args,error,match", [

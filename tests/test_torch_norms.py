@@ -8,6 +8,7 @@ profiler), so a silent fallback to torch cannot pass for the kernels.
 """
 
 import copy
+import re
 
 import pytest
 
@@ -148,6 +149,15 @@ def test_torch_keeps_what_the_kernels_do_not_take():
     _, gn = pair("GroupNorm", (2, 4), {}, torch.float32)
     with pytest.raises(RuntimeError, match="channels"):
         gn(torch.ones(2, 6, 3))
+    # torch's count of values per group (N*C // G times the spatial sizes), its words
+    for shape, groups in [((1, 4), 4), ((1, 4, 1), 4), ((1, 2), 2)]:
+        x = torch.ones(shape)
+        with pytest.raises(ValueError) as expected:
+            torch.nn.functional.group_norm(x, groups)
+        with pytest.raises(ValueError, match=re.escape(str(expected.value))):
+            bnt.GroupNorm(groups, shape[1])(x)
+        with pytest.raises(ValueError, match=re.escape(str(expected.value))):
+            bnt.group_norm(x, groups)
 
 
 def test_convert_and_revert_swap_every_norm():

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import _torch_norm_ops as ops
 from . import _torch_ops
+from .group_norm import _check_values_per_group
 from .torch import _eager, _is_scripting, _Proxy, _route
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
@@ -109,6 +110,8 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.group_norm`` on batchnorm's kernels (channels-last memory read in place)."""
+    if not isinstance(input, _Proxy):
+        _check_values_per_group(input.shape, num_groups, 1)  # torch's first check, in its words
     if isinstance(input, _Proxy) or (
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
             and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")

@@ -5,7 +5,9 @@ groups, normalized over (channels of the group, spatial) with per-channel ``weig
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +28,23 @@ __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
 
 _group_norm: Callable[..., Triple] = _core.group_norm
 _group_norm_backward: Callable[..., Triple] = _core.group_norm_backward
+
+
+def _check_values_per_group(shape: Sequence[int], num_groups: object, axis: object) -> None:
+    """torch's check, in its words: F.group_norm refuses an input whose
+    ``[N*C // num_groups, num_groups, *spatial]`` holds one value per "channel" (its
+    _verify_batch_size: the first and the spatial sizes multiply to 1). That count is
+    torch's, lopsided as it is ((2, 4) in 4 groups passes). Arguments that are wrong in other
+    ways are left to the kernels' own errors."""
+    if (len(shape) < 2 or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)
+            or num_groups <= 0 or isinstance(axis, bool) or not isinstance(axis, numbers.Integral)
+            or not -len(shape) <= axis < len(shape)):
+        return
+    channel = int(axis) % len(shape)
+    spatial = [int(d) for i, d in enumerate(shape) if i not in (0, channel)]
+    size = [int(shape[0]) * int(shape[channel]) // int(num_groups), int(num_groups), *spatial]
+    if channel != 0 and size[0] * math.prod(spatial) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def group_norm(
@@ -59,6 +78,7 @@ def group_norm(
         ``out`` itself when given; else a new array of the kind of ``input``.
     """
     relu = activation is not None and _relu_flag(activation)
+    _check_values_per_group(_shape_of(input), num_groups, axis)
     try:
         y = _group_norm(input, num_groups, weight, bias, eps, axis, out, relu)[0]
     except TypeError:
@@ -155,6 +175,7 @@ class GroupNorm(_Module):
                 f"Expected at least 2 dimensions for input tensor but received {len(shape)}"
             )
         _check_channels(shape, self.axis, self.num_channels, "num_channels")
+        _check_values_per_group(shape, self.num_groups, self.axis)
 
     def __call__(
         self, x: ArrayIn, out: Optional[ArrayIn] = None, *, activation: Optional[str] = None

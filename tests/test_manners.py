@@ -125,9 +125,9 @@ def test_equality_is_identity_and_modules_are_hashable():
 
 def test_repr_is_torch_style():
     assert repr(bn.BatchNorm2d(8)) == (
-        "BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)")
+        "BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)")
     assert repr(bn.BatchNorm1d(4, momentum=None, dtype=np.float64, axis=-1)) == (
-        "BatchNorm1d(4, eps=1e-05, momentum=None, affine=True, track_running_stats=True, "
+        "BatchNorm1d(4, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True, "
         "dtype=float64, axis=-1)")
 
 

@@ -419,7 +419,6 @@ class _NormBase(_Module):
     _ranks: Tuple[int, ...] = ()
     _state_keys = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     _optional_keys = ("num_batches_tracked",)
-    _bias_argument = False  # whether the constructor takes torch's newer `bias` flag
 
     running_mean = _ArrayAttribute()
     running_var = _ArrayAttribute()
@@ -469,8 +468,8 @@ class _NormBase(_Module):
         super().reset_parameters()
 
     def _torch_repr(self) -> str:
-        bias = f"bias={self.bias is not None}, " if self._bias_argument else ""
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, {bias}track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )

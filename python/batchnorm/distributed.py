@@ -374,7 +374,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, dtype, axis
+    num_features, eps, momentum, affine, track_running_stats, bias, dtype, axis
         As for ``BatchNorm1d``.
     comm : mpi4py communicator, torch.distributed ProcessGroup or None
         None: torch's default process group when torch.distributed is initialised, else
@@ -400,10 +400,11 @@ class SyncBatchNorm(_BatchNorm):
         track_running_stats: bool = True,
         *,
         comm: Any = None,
+        bias: bool = True,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype=dtype, axis=axis)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias, dtype=dtype, axis=axis)
         _check_comm(comm)
         self.comm = comm
         self._checked: Any = None  # the communicator the peers were last compared over

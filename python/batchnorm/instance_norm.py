@@ -134,8 +134,6 @@ def _unbatched(grads: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 class _InstanceNorm(_NormBase):
     """Shared implementation of InstanceNorm1d/2d/3d; ``_ranks`` = (unbatched, batched)."""
 
-    _bias_argument = True
-
     def __init__(
         self,
         num_features: int,

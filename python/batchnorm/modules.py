@@ -42,12 +42,13 @@ class _BatchNorm(_NormBase):
         affine: bool = True,
         track_running_stats: bool = True,
         *,
+        bias: bool = True,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
         device: Any = None,
     ) -> None:
         _cpu_device(device)
-        self._init_norm_base(num_features, eps, momentum, affine, track_running_stats, dtype, axis)
+        self._init_norm_base(num_features, eps, momentum, affine, track_running_stats, dtype, axis, bias)
 
     # ---- forward / backward -----------------------------------------------------------
 
@@ -203,6 +204,9 @@ class BatchNorm1d(_BatchNorm):
         Learnable ``weight`` (ones) and ``bias`` (zeros); None when False.
     track_running_stats : bool
         Keep ``running_mean``, ``running_var``, ``num_batches_tracked``; None when False.
+    bias : bool
+        With ``affine``, whether there is a ``bias`` (torch's keyword, new in 2.x): False
+        keeps the ``weight`` alone.
     dtype : float32 or float64
         Dtype of the parameters, buffers and accepted inputs (NumPy's, or
         ``torch.float32`` / ``torch.float64``).

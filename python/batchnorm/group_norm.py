@@ -37,12 +37,14 @@ def _check_values_per_group(shape: Sequence[int], num_groups: object, axis: obje
     torch's, lopsided as it is ((2, 4) in 4 groups passes). Arguments that are wrong in other
     ways are left to the kernels' own errors."""
     if (len(shape) < 2 or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)
-            or num_groups <= 0 or isinstance(axis, bool) or not isinstance(axis, numbers.Integral)
-            or not -len(shape) <= axis < len(shape)):
+            or isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
         return
-    channel = int(axis) % len(shape)
+    groups, rank = int(num_groups), len(shape)
+    if groups <= 0 or not -rank <= int(axis) < rank:
+        return
+    channel = int(axis) % rank
     spatial = [int(d) for i, d in enumerate(shape) if i not in (0, channel)]
-    size = [int(shape[0]) * int(shape[channel]) // int(num_groups), int(num_groups), *spatial]
+    size = [int(shape[0]) * int(shape[channel]) // groups, groups, *spatial]
     if channel != 0 and size[0] * math.prod(spatial) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 

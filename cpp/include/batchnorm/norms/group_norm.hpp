@@ -69,7 +69,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         const Shape seg{1, s.batch * groups, per_group * hw};
         std::vector<std::pair<Moments, double>> stats(static_cast<std::size_t>(seg.channels));
         for_each_channel<Moments>(
-            seg, 2 * s.size() * std::int64_t(sizeof(T)),
+            seg, 3 * s.size() * std::int64_t(sizeof(T)),  // x read twice, y written (channels_first.hpp)
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e, false); },
             [&](std::int64_t sg, const Moments& m) { stats[std::size_t(sg)] = {m, finish(sg, m)}; },
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {

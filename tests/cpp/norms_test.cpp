@@ -365,6 +365,26 @@ TEST(NormsErrors, NamedAndNothingWritten) {
                  batchnorm::invalid_argument);
     EXPECT_THROW(batchnorm::GroupNorm<float>(4, 6), batchnorm::invalid_argument);
     EXPECT_THROW(batchnorm::LayerNorm<float>({3}, -1.0), batchnorm::invalid_argument);
+    // Sizes whose products pass int64: refused by name, not wrapped to "nothing to do" (which
+    // then wrote the saved statistics of every "row" past the buffers) or thrown by a vector.
+    const std::int64_t huge = std::int64_t(1) << 40, max = batchnorm::detail::kMaxElements;
+    EXPECT_THROW(batchnorm::layer_norm(x.data(), y.data(), huge, huge, static_cast<const float*>(nullptr),
+                                       static_cast<const float*>(nullptr), 1e-5, m.data(), is.data()),
+                 batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::rms_norm(x.data(), y.data(), huge, huge, static_cast<const float*>(nullptr), 1e-5),
+                 batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::group_norm(x.data(), y.data(), GroupShape{huge, 2, huge}, 1,
+                                       static_cast<const float*>(nullptr), static_cast<const float*>(nullptr), 1e-5,
+                                       m.data(), is.data()),
+                 batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::GroupNorm<float>(2, -4), batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::GroupNorm<float>(1, max + 1), batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::LayerNorm<float>({std::int64_t(1) << 62, 4}), batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::RMSNorm<float>({huge, huge}), batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::InstanceNorm<float>(max + 1), batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::BatchNorm<float>(max + 1), batchnorm::invalid_argument);
+    EXPECT_NO_THROW(batchnorm::detail::check_rows(max, 1));
+    EXPECT_THROW(batchnorm::detail::check_rows(max, 2), batchnorm::invalid_argument);
     for (float v : y) EXPECT_EQ(v, 0.f);
     for (float v : m) EXPECT_EQ(v, 0.f);
     for (float v : rm) EXPECT_EQ(v, 0.f);

@@ -50,7 +50,7 @@ public:
               double eps)
         : channels_(channels), cache_(std::make_unique<Cache>()) {
         detail::check_element_type<T>();
-        detail::require(channels >= 0, "channels must be non-negative, got ", channels);
+        detail::check_count("channels", channels);
         detail::check_eps(eps);
         if (channels > 0) {
             detail::check_pointer(mean, "mean");

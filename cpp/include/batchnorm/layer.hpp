@@ -54,6 +54,7 @@ public:
           track_running_stats_(track_running_stats) {
         detail::check_element_type<T>();
         detail::require(num_features > 0, "num_features must be > 0, got ", num_features);
+        detail::check_count("num_features", num_features);
         detail::check_eps(eps);
         detail::require(!momentum || (*momentum >= 0 && *momentum <= 1),
                         "momentum must be nullopt or in [0, 1], got ", momentum ? *momentum : 0.0);

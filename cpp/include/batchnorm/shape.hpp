@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "errors.hpp"
 
@@ -50,6 +51,24 @@ inline void check_shape(const Shape& s) {
                 product_within(s.outer * s.inner, s.channels, kMaxElements),
             "shape: (", s.outer, ", ", s.channels, ", ", s.inner, ") has more than ", kMaxElements,
             " elements (or channels, or values per channel)");
+}
+
+// A count that sizes arrays (a layer's channels): within [0, kMaxElements], so that a huge or
+// negative value is an invalid_argument here, not a std::length_error from a vector.
+inline void check_count(const char* name, std::int64_t n) {
+    require(n >= 0 && n <= kMaxElements, name, " must be between 0 and ", kMaxElements, ", got ", n);
+}
+
+// Values per row of a layer or RMS norm: the product of normalized_shape, whose dimensions
+// are non-negative and whose product is at most kMaxElements.
+inline std::int64_t normalized_size(const std::vector<std::int64_t>& normalized_shape) {
+    std::int64_t size = 1;
+    for (std::int64_t d : normalized_shape) {
+        require(d >= 0, "normalized_shape: dimensions must be non-negative, got ", d);
+        require(product_within(size, d, kMaxElements), "normalized_shape: more than ", kMaxElements, " values");
+        size *= d;
+    }
+    return size;
 }
 
 }  // namespace detail

@@ -38,6 +38,7 @@ public:
         : groups_(num_groups), channels_(num_channels), eps_(eps), affine_(affine) {
         detail::check_element_type<T>();
         detail::require(num_groups > 0, "num_groups must be positive, got ", num_groups);
+        detail::check_count("num_channels", num_channels);
         detail::require(num_channels % num_groups == 0, "num_channels must be divisible by num_groups");
         detail::check_eps(eps);
         reset_parameters();

@@ -30,6 +30,7 @@ public:
         : channels_(num_features), eps_(eps), momentum_(momentum), affine_(affine), track_(track_running_stats) {
         detail::check_element_type<T>();
         detail::require(num_features > 0, "num_features must be > 0, got ", num_features);
+        detail::check_count("num_features", num_features);
         detail::check_eps(eps);
         if (momentum) detail::check_momentum(*momentum);
         reset_parameters();

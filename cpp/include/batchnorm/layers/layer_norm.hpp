@@ -29,11 +29,7 @@ public:
         : shape_(std::move(normalized_shape)), eps_(eps), affine_(elementwise_affine), has_bias_(elementwise_affine && bias) {
         detail::check_element_type<T>();
         detail::check_eps(eps);
-        size_ = 1;
-        for (std::int64_t d : shape_) {
-            detail::require(d >= 0, "normalized_shape: dimensions must be non-negative, got ", d);
-            size_ *= d;
-        }
+        size_ = detail::normalized_size(shape_);
         reset_parameters();
     }
 

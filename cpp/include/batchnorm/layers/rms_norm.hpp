@@ -28,11 +28,7 @@ public:
           affine_(elementwise_affine) {
         detail::check_element_type<T>();
         detail::check_eps(eps_);
-        size_ = 1;
-        for (std::int64_t d : shape_) {
-            detail::require(d >= 0, "normalized_shape: dimensions must be non-negative, got ", d);
-            size_ *= d;
-        }
+        size_ = detail::normalized_size(shape_);
         reset_parameters();
     }
 

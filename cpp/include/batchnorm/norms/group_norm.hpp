@@ -36,6 +36,9 @@ namespace detail {
 inline void check_group_shape(const GroupShape& s, std::int64_t groups) {
     require(s.batch >= 0 && s.channels >= 0 && s.spatial >= 0, "shape: batch, channels and spatial must be non-negative, got (",
             s.batch, ", ", s.channels, ", ", s.spatial, ")");
+    require(s.channels <= kMaxElements && product_within(s.batch, s.spatial, kMaxElements) &&
+                product_within(s.batch * s.spatial, s.channels, kMaxElements),
+            "shape: (", s.batch, ", ", s.channels, ", ", s.spatial, ") has more than ", kMaxElements, " elements");
     require(groups > 0, "num_groups must be positive, got ", groups);
     require(s.channels % groups == 0, "num_groups (", groups, ") must divide the number of channels (", s.channels, ")");
 }

@@ -17,6 +17,8 @@ namespace detail {
 
 inline void check_rows(std::int64_t rows, std::int64_t cols) {
     require(rows >= 0 && cols >= 0, "shape: rows and cols must be non-negative, got (", rows, ", ", cols, ")");
+    require(cols <= kMaxElements && product_within(rows, cols, kMaxElements), "shape: (", rows, ", ", cols,
+            ") has more than ", kMaxElements, " elements");
 }
 
 // The checks and empty-input handling layer_norm and rms_norm share; false: nothing to do.

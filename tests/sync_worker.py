@@ -164,6 +164,8 @@ def _outcome(call: Callable[[], Any]) -> Dict[str, Any]:
 def _numpy_faults(make: Callable[..., Any], world: int, rank: int) -> Dict[str, Any]:
     """Mismatched ranks and bad local input: every rank must raise, and the group must still
     work afterwards (the last scenario is a good step)."""
+    import batchnorm as bn
+
     last = world - 1
     x = np.ones((2, 3, 2, 2), np.float32) * np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
     good = make(3)
@@ -180,6 +182,23 @@ def _numpy_faults(make: Callable[..., Any], world: int, rank: int) -> Dict[str, 
         return good.backward(x if rank != last else x[:1]).shape
 
     faults["bad_grad"] = _outcome(bad_grad)
+
+    # A bad `out` on one rank: every rank raises, before any rank counts the step or writes.
+    before = int(good.num_batches_tracked)
+    faults["bad_out"] = _outcome(lambda: good(x, out=np.empty_like(x) if rank != last else np.empty((2, 3), np.float32)).shape)
+    faults["bad_out_counted"] = int(good.num_batches_tracked) - before
+
+    def bad_grad_out() -> Any:
+        good(x)
+        return good.backward(x, out=np.empty_like(x) if rank != last else np.empty_like(x, dtype=np.float64)).shape
+
+    faults["bad_grad_out"] = _outcome(bad_grad_out)
+    # Eval without running statistics normalizes with this rank's own batch, as torch's
+    # SyncBatchNorm: no exchange (each rank has other data here), the local BatchNorm2d's result.
+    mine = x * (rank + 1) + rank
+    faults["eval_local"] = _outcome(lambda: float(np.abs(
+        make(3, track_running_stats=False).eval()(mine)
+        - bn.BatchNorm2d(3, track_running_stats=False).eval()(mine)).max()))
 
     def all_empty() -> Any:
         before = int(good.num_batches_tracked)

@@ -128,6 +128,12 @@ def test_numpy_module_faults_inside_a_step(numerics):
         assert grad["raised"] == ("ValueError" if last else "RuntimeError"), grad
         if not last:
             assert "raised in their backward" in grad["message"]
+        out = f["bad_out"]  # a bad `out` on one rank: every rank raises, none counts the step
+        assert out["raised"] == ("ValueError" if last else "RuntimeError"), out
+        assert f["bad_out_counted"] == 0
+        grad_out = f["bad_grad_out"]
+        assert grad_out["raised"] == ("TypeError" if last else "RuntimeError"), grad_out
+        assert f["eval_local"] == {**f["eval_local"], "raised": None, "value": 0.0}
         # the whole batch empty: empty outputs, no state change, no one-value error
         assert f["all_empty"] == {**f["all_empty"], "raised": None, "value": [[0, 3, 2, 2], [0, 3, 2, 2], 0]}
         one = f["one_value"]

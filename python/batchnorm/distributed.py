@@ -286,6 +286,28 @@ def check_count(count: float, link: _Transport) -> None:
         )
 
 
+def check_out(out: Any, like: ArrayIn) -> None:
+    """The kernels' checks of ``out`` (an array of ``like``'s dtype and shape, writable, no
+    tensor that requires grad), in their words, made in a step's local part: a bad ``out`` on
+    one rank then fails the step on every rank before any rank changes state (the kernels,
+    which check again, run after the exchange)."""
+    if out is None:
+        return
+    if getattr(out, "requires_grad", False):
+        raise TypeError("out is a tensor that requires grad; batchnorm's NumPy API would cut its autograd "
+                        "graph: pass tensor.detach(), or use batchnorm.torch for autograd")
+    if not (isinstance(out, np.ndarray) or hasattr(out, "__dlpack__")):
+        raise TypeError(f"out must be a NumPy array or a CPU tensor supporting DLPack, got {type(out).__name__}")
+    array, reference = _to_numpy(out), _to_numpy(like)
+    if array.dtype != reference.dtype:
+        raise TypeError(f"out has dtype {array.dtype} but the input has dtype {reference.dtype}: pass arrays of "
+                        "one dtype (batchnorm never casts silently)")
+    if array.shape != reference.shape:
+        raise ValueError(f"out must have the input's shape {reference.shape}, got {array.shape}")
+    if not array.flags.writeable:
+        raise ValueError("out is read-only; pass a writable array")
+
+
 def _empty_like(x: ArrayIn) -> FloatArray:
     """A new zero-size NumPy array with the shape and dtype of ``x``."""
     return np.empty_like(_to_numpy(x))
@@ -426,8 +448,7 @@ class SyncBatchNorm(_BatchNorm):
     ) -> Any:
         """Normalize ``x`` with the statistics of the whole batch (training) or the running
         statistics (eval); arguments and result as ``BatchNorm2d.__call__``."""
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not batch_stats:
+        if not self.training:  # eval: running statistics, or this rank's own batch (torch's rule)
             return super().__call__(x, out, residual=residual, activation=activation)
         link = self._link()
         if link.size == 1:
@@ -441,6 +462,7 @@ class SyncBatchNorm(_BatchNorm):
             empty[0] = self._check_input(x)
             if _to_numpy(x).dtype != self.dtype:
                 raise TypeError(f"x must have dtype {self.dtype} (the module's), got {_to_numpy(x).dtype}")
+            check_out(out, x)
             return _local_moments(x, axis, empty[0], channels), _DTYPE_CODES[self.dtype]
 
         count, mean, m2 = global_moments(link, channels, local)
@@ -486,6 +508,7 @@ class SyncBatchNorm(_BatchNorm):
                     f"grad_y must have the shape of the forward's input {_to_numpy(x).shape}, "
                     f"got {_to_numpy(grad_y).shape}"
                 )
+            check_out(out, grad_y)
             return backward_sums(grad_y, x, stats, axis, empty)
 
         _, (sum_dy, sum_dy_xmu) = global_grad_sums(link, self.num_features, local)

@@ -45,6 +45,7 @@ namespace {
 
 using batchnorm::Isa;
 using batchnorm::detail::KernelTable;
+using batchnorm::detail::BlockReads;
 using batchnorm::detail::Sums;
 using i64 = std::int64_t;
 
@@ -274,20 +275,23 @@ void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                         }
                     }
                 const i64 n = rows * len;
-                std::vector<double> s1(start), s2(start);
-                const bool prefetch = (rows + planes) % 2 == 0;  // prefetching must not change a value
-                t.pb_dev(x.data(), rows, stride, planes, len, shift.data(), s1.data(), s2.data(), prefetch);
-                std::vector<double> t1(start), t2(start);
-                t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data(), prefetch);
-                for (i64 j = 0; j < planes; ++j) {
-                    const size_t u = size_t(j);
-                    const std::string at = where + " plane=" + std::to_string(j);
-                    const double s0 = std::fabs(start[u]);
-                    check_sum(ck, at, "pb_dev.first", s1[u], d1[u], sum_tol<T>(ad1[u] + s0, n));
-                    check_sum(ck, at, "pb_dev.second", s2[u], d2[u], sum_tol<T>(ad2[u] + s0, n));
-                    check_sum(ck, at, "pb_dot.first", t1[u], g[u], sum_tol<T>(ag[u] + s0, n));
-                    check_sum(ck, at, "pb_dot.second", t2[u], gd[u], sum_tol<T>(agd[u] + s0, n));
+                // every order of the reductions gives the sums (prefetching must not change a value)
+                for (const BlockReads reads : {BlockReads::resident, BlockReads::streamed, BlockReads::prefetched}) {
+                    std::vector<double> s1(start), s2(start);
+                    t.pb_dev(x.data(), rows, stride, planes, len, shift.data(), s1.data(), s2.data(), reads);
+                    std::vector<double> t1(start), t2(start);
+                    t.pb_dot(dy.data(), x.data(), rows, stride, planes, len, shift.data(), t1.data(), t2.data(), reads);
+                    for (i64 j = 0; j < planes; ++j) {
+                        const size_t u = size_t(j);
+                        const std::string at = where + " reads=" + std::to_string(int(reads)) + " plane=" + std::to_string(j);
+                        const double s0 = std::fabs(start[u]);
+                        check_sum(ck, at, "pb_dev.first", s1[u], d1[u], sum_tol<T>(ad1[u] + s0, n));
+                        check_sum(ck, at, "pb_dev.second", s2[u], d2[u], sum_tol<T>(ad2[u] + s0, n));
+                        check_sum(ck, at, "pb_dot.first", t1[u], g[u], sum_tol<T>(ag[u] + s0, n));
+                        check_sum(ck, at, "pb_dot.second", t2[u], gd[u], sum_tol<T>(agd[u] + s0, n));
+                    }
                 }
+                const bool prefetch = (rows + planes) % 2 == 0;  // prefetching must not change a value
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
                 t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), prefetch);
                 check_output(ck, where, "pb_affine", y, ey);

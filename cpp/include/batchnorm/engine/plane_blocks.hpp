@@ -57,6 +57,15 @@ PlaneBlocks plane_blocks(const Shape& s, const ChannelSchedule& sched, int array
     return {(s.channels + blocks - 1) / blocks, blocks};
 }
 
+// Where the block reductions find the `reads` arrays they read of this shape, out of the
+// call's `arrays` (inputs and outputs): see BlockReads (kernels/table.hpp).
+template <class T>
+BlockReads block_reads(const Shape& s, int reads, int arrays) {
+    if (prefetch_planes<T>(s, arrays)) return BlockReads::prefetched;
+    const bool resident = std::int64_t(reads) * s.size() * std::int64_t(sizeof(T)) <= cache_sizes().l2;
+    return resident ? BlockReads::resident : BlockReads::streamed;
+}
+
 // Per-thread buffers of one block's channels.
 template <class T>
 struct BlockScratch {
@@ -102,11 +111,11 @@ constexpr std::int64_t kBlockProbe = 8;
 // overflowed.
 template <class T>
 void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t j0,
-               std::int64_t j1, BlockScratch<T>& w, bool prefetch) {
+               std::int64_t j1, BlockScratch<T>& w, BlockReads reads) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const T* xb = x + (first + j0) * len;
     compute_t<T>* shift = w.shift.data() + j0;
-    k.pb_dev(xb, s.outer, stride, j1 - j0, len, shift, w.s1.data() + j0, w.s2.data() + j0, prefetch);
+    k.pb_dev(xb, s.outer, stride, j1 - j0, len, shift, w.s1.data() + j0, w.s2.data() + j0, reads);
     const auto dev = [&](std::int64_t i, std::int64_t j) {
         return double(xb[block_offset(len, stride, i, j)]) - double(shift[j]);
     };
@@ -118,7 +127,7 @@ void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t
 // than a standard deviation off.
 template <class T, class Finish>
 void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
-                   BlockScratch<T>& w, bool prefetch, Finish&& finish) {
+                   BlockScratch<T>& w, BlockReads reads, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner, n = s.per_channel();
     const std::int64_t probes = std::min(n, kBlockProbe);
     std::int64_t at[kBlockProbe];
@@ -139,10 +148,12 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
         w.shift[std::size_t(j)] = compute_t<T>((even + odd) * inv_probes);
     }
     w.clear_sums();
-    block_dev(k, x, s, first, 0, count, w, prefetch);
+    block_dev(k, x, s, first, 0, count, w, reads);
     const double values = double(n);
     resum_far_columns(count, 1, values, w.shift.data(), w.s1.data(), w.s2.data(),
-                      [&](std::int64_t j0, std::int64_t j1) { block_dev(k, x, s, first, j0, j1, w, false); });
+                      [&](std::int64_t j0, std::int64_t j1) {  // the block is in cache now
+                          block_dev(k, x, s, first, j0, j1, w, BlockReads::streamed);
+                      });
     for (std::int64_t j = 0; j < count; ++j) {
         const std::size_t u = std::size_t(j);
         finish(first + j, from_shifted_sums(values, double(w.shift[u]), w.s1[u], w.s2[u]));
@@ -153,9 +164,9 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
 template <class T, class Finish>
 void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, const ChannelSchedule& sched,
                           const PlaneBlocks& pb, Finish&& finish) {
-    const bool prefetch = prefetch_planes<T>(s, 1);
+    const BlockReads reads = block_reads<T>(s, 1, 1);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_moments(k, x, s, first, count, w, prefetch, finish);
+        block_moments(k, x, s, first, count, w, reads, finish);
     });
 }
 
@@ -165,8 +176,9 @@ void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Sha
                             const PlaneBlocks& pb, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const bool prefetch = prefetch_planes<T>(s, 2);
+    const BlockReads reads = block_reads<T>(s, 1, 2);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_moments(k, x, s, first, count, w, prefetch, [&](std::int64_t c, const Moments& m) {
+        block_moments(k, x, s, first, count, w, reads, [&](std::int64_t c, const Moments& m) {
             const ChannelAffine<compute_t<T>> a = finish(c, m);
             const std::size_t j = std::size_t(c - first);
             w.shift[j] = a.shift;
@@ -186,11 +198,11 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
                            Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const bool prefetch = prefetch_planes<T>(s, 3);
+    const BlockReads reads = block_reads<T>(s, 2, 3);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         const std::int64_t at = first * len;
         w.clear_sums();
-        k.pb_dot(dy + at, x + at, s.outer, stride, count, len, shift + first, w.s1.data(), w.s2.data(),
-                 prefetch);
+        k.pb_dot(dy + at, x + at, s.outer, stride, count, len, shift + first, w.s1.data(), w.s2.data(), reads);
         recheck_columns<T>(
             s.per_channel(), count, w.s1.data(), w.s2.data(),
             [&](std::int64_t i, std::int64_t j) { return double(dy[at + block_offset(len, stride, i, j)]); },

@@ -47,6 +47,14 @@ namespace batchnorm::detail {
 // float32 partial sum spans at most a few dozen values.
 constexpr std::int64_t kFlushVectors = 16;
 
+// Where a reduction over a block of short planes (pb_dev, pb_dot) finds its data. resident:
+// in the core's L2 (the arrays it reads fit), so it takes the rows a flush's worth at a time
+// and, plane by plane, sums down them with the plane's accumulators in registers. streamed:
+// from the L3 or memory, row by row in memory order, one stream (the order above lost there:
+// 128x256x7x7 float32 statistics 270 -> 335 us); prefetched: the same with software prefetch
+// of the planes a few rows ahead (prefetch_planes in engine/cache.hpp).
+enum class BlockReads { resident, streamed, prefetched };
+
 // S is the storage type of the data (x, y, dy, gx, residual); T = compute_t<S> the type of
 // scalars, per-column factors and per-element parameters (the same for float and double).
 template <class S>
@@ -96,14 +104,15 @@ struct KernelTable {
 
     // pb_*: a block of `planes` consecutive channels of a channels-first input, plane j of row r
     // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long. prefetch:
-    // software prefetch of the planes a few rows ahead, those the kernel reads (pb_dev, pb_dot)
-    // or writes (pb_affine, pb_grad), for data that come from beyond the core's caches.
+    // software prefetch of the planes a few rows ahead, those the kernel writes (pb_affine,
+    // pb_grad), for data that come from beyond the core's caches; the reductions (pb_dev,
+    // pb_dot) take BlockReads, where their data come from.
     // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
     void (*pb_dev)(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, double* s1, double* s2,
-                   bool prefetch);
+                   BlockReads reads);
     // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
     void (*pb_dot)(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
-                   double* sdy, double* sdyx, bool prefetch);
+                   double* sdy, double* sdyx, BlockReads reads);
     // y = (x - shift[j]) * alpha[j] + beta[j]
     void (*pb_affine)(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, const T* alpha,
                       const T* beta, bool prefetch);

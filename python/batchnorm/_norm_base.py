@@ -11,13 +11,12 @@ running statistics) in place, so ``m.weight[:] = ...`` is seen by the next call.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, Union, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from .functional import ArrayIn, FloatArray, _backward, _returned
+from .functional import ArrayIn, FloatArray, _backward, _integer, _real, _returned
 
 _Self = TypeVar("_Self", bound="_Module")
 
@@ -88,18 +87,6 @@ def _fill(*pairs: Tuple[Optional[npt.NDArray[Any]], int]) -> None:
     for array, value in pairs:
         if array is not None:
             array.fill(value)
-
-
-def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
 
 
 def _positive_int(name: str, value: object) -> int:

@@ -120,17 +120,29 @@ def _relu_flag(activation: Optional[str]) -> bool:
     raise ValueError(f'activation must be None or "relu", got {activation!r}')
 
 
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def _name_the_scalar(**scalars: object) -> None:
     """After ``_core`` refused a call's argument types (nanobind's message then lists the
-    core's signatures): raises the TypeError that names the scalar argument of the wrong
-    type, if one is; else returns, and the caller re-raises nanobind's. ``eps`` and
-    ``momentum`` take real numbers, the others ints. Called only on that failure, so the
-    calls that succeed pay nothing for it."""
-    for name, value in scalars.items():
-        real = name in ("eps", "momentum")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real if real else numbers.Integral):
-            kind = "a float" if real else "an int"
-            raise TypeError(f"{name} must be {kind}, got {type(value).__name__}") from None
+    core's signatures): raises the TypeError of ``_real`` (``eps``, ``momentum``) or
+    ``_integer`` (the others) for the scalar argument of the wrong type, if one is; else
+    returns, and the caller re-raises nanobind's. Called only on that failure, so the calls
+    that succeed pay nothing for it."""
+    try:
+        for name, value in scalars.items():
+            (_real if name in ("eps", "momentum") else _integer)(name, value)
+    except TypeError as error:
+        raise error from None  # not "during handling of" nanobind's error
 
 
 def _reject_fusion(residual: object, activation: object) -> None:

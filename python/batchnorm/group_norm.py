@@ -17,12 +17,11 @@ from ._norm_base import (
     _NO_BACKWARD_ACTIVATION,
     _check_channels,
     _eps,
-    _integer,
     _Module,
     _positive_int,
     _shape_of,
 )
-from .functional import ArrayIn, Triple, _name_the_scalar, _relu_flag, _returned, _returned_grads
+from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _relu_flag, _returned, _returned_grads
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _eps, _integer, _Module, _shape_of, _to_numpy
-from .functional import ArrayIn, Triple, _name_the_scalar, _returned, _returned_grads
+from ._norm_base import _eps, _Module, _shape_of, _to_numpy
+from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _returned, _returned_grads
 
 __all__ = [
     "LayerNorm",

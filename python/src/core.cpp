@@ -128,7 +128,7 @@ nb::object stats(nb::handle x_obj, int axis) {
 }
 
 nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bias_obj, nb::handle rmean_obj,
-                         nb::handle rvar_obj, double momentum, double eps, int axis, nb::handle out) {
+                         nb::handle rvar_obj, double momentum, double eps, int axis, nb::handle out, bool relu) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -153,7 +153,7 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
             nb::gil_scoped_release unlocked;
             batchnorm::forward_train<T>(x.data(), y.data(), view, weight.data(), bias.data(), running_mean.data(),
                                         running_var.data(), momentum, eps, data_of<P>(save_mean),
-                                        data_of<P>(save_invstd));
+                                        data_of<P>(save_invstd), relu ? Activation::relu : Activation::none);
         }
         running_mean.commit();
         running_var.commit();
@@ -643,13 +643,13 @@ NB_MODULE(_core, m) {
           "Per-channel mean and biased variance.");
     m.def("forward_train", &py::forward_train, "input"_a.none(), "weight"_a.none(), "bias"_a.none(),
           "running_mean"_a.none(), "running_var"_a.none(), "momentum"_a, "eps"_a, "axis"_a = 1,
-          "out"_a.none() = nb::none(),
+          "out"_a.none() = nb::none(), "relu"_a = false,
           nb::sig("def forward_train(input: object, weight: object | None, bias: object | None, "
                   "running_mean: object | None, running_var: object | None, momentum: float, eps: float, "
-                  "axis: int = 1, out: object | None = None) "
+                  "axis: int = 1, out: object | None = None, relu: bool = False) "
                   "-> tuple[typing.Any, numpy.typing.NDArray[numpy.floating[typing.Any]], "
                   "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
-          "Training forward; returns (y, save_mean, save_invstd).");
+          "Training forward, y = act(bn(x)); returns (y, save_mean, save_invstd).");
     m.def("forward_eval", &py::forward_eval, "input"_a.none(), "running_mean"_a.none(), "running_var"_a.none(),
           "weight"_a.none(), "bias"_a.none(), "eps"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
           "residual"_a.none() = nb::none(), "relu"_a = false, "saved"_a.none() = nb::none(),

@@ -9,7 +9,8 @@
 #define BATCHNORM_FOR_EACH_ENTRY_POINT(PREFIX, T, P)                                              \
     PREFIX template void batchnorm::batch_stats<T>(const T*, const batchnorm::Shape&, P*, P*);               \
     PREFIX template void batchnorm::forward_train<T>(const T*, T*, const batchnorm::Shape&, const P*,        \
-                                                     const P*, P*, P*, double, double, P*, P*);   \
+                                                     const P*, P*, P*, double, double, P*, P*,    \
+                                                     batchnorm::Activation);                      \
     PREFIX template void batchnorm::forward_eval<T>(const T*, T*, const batchnorm::Shape&, const P*,         \
                                                     const P*, const P*, const P*, double,         \
                                                     const T*, batchnorm::Activation);             \

@@ -128,6 +128,13 @@ TYPED_TEST(Functional, ForwardTrain) {
                                  momentum, eps);
         EXPECT_TRUE(ref::same_bits(inplace, y));
         EXPECT_TRUE(ref::same_bits(rm2, rm));
+        // ReLU fused: the same output, clamped at 0 in the same pass.
+        std::vector<T> relu_y(x.size());
+        batchnorm::forward_train(x.data(), relu_y.data(), s, w.data(), b.data(), nullptr, nullptr, momentum, eps,
+                                 nullptr, nullptr, batchnorm::Activation::relu);
+        std::vector<double> want_relu(x.size());
+        for (std::size_t i = 0; i < x.size(); ++i) want_relu[i] = std::max(double(y[i]), 0.0);
+        EXPECT_TRUE(ref::close(relu_y, want_relu, 0.0));
         // T comes from x alone: null optional arguments need no <T>.
         batchnorm::forward_train(x.data(), y.data(), s, nullptr, nullptr, nullptr, nullptr, momentum, eps);
         EXPECT_TRUE(ref::close(y, ref::normalize(x, s, r.mean, r.var, {}, {}, eps), ref::tol<T>()));

@@ -117,6 +117,13 @@ struct Expected {
     }
 };
 
+// The expected output of an affine kernel with ReLU fused: max(value, 0) where written.
+Expected relu_of(Expected e) {
+    for (size_t i = 0; i < e.ref.size(); ++i)
+        if (e.written[i]) e.ref[i] = std::max(e.ref[i], 0.0);
+    return e;
+}
+
 template <class T>
 void check_output(Checker& ck, const std::string& where, const char* name, const std::vector<T>& y, const Expected& e) {
     for (size_t i = 0; i < y.size(); ++i) {  // y may be shorter than e: an exact-size buffer, no guard
@@ -209,12 +216,9 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
                 t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false, prefetch);
                 check_output(ck, where, "cf_affine", y, ey);
-                Expected er = ey;
-                for (size_t i = 0; i < er.ref.size(); ++i)
-                    if (er.written[i]) er.ref[i] = std::max(er.ref[i], 0.0);
                 y = sentinel_vec<T>(size + kGuard);
                 t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, true, prefetch);
-                check_output(ck, where, "cf_affine relu", y, er);
+                check_output(ck, where, "cf_affine relu", y, relu_of(ey));
 
                 std::vector<T> gx = sentinel_vec<T>(size + kGuard);
                 t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q, prefetch);
@@ -293,8 +297,13 @@ void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 }
                 const bool prefetch = (rows + planes) % 2 == 0;  // prefetching must not change a value
                 std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), prefetch);
+                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), false,
+                            prefetch);
                 check_output(ck, where, "pb_affine", y, ey);
+                y = sentinel_vec<T>(size + kGuard);
+                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), true,
+                            prefetch);
+                check_output(ck, where, "pb_affine relu", y, relu_of(ey));
                 std::vector<T> gx = sentinel_vec<T>(size + kGuard);
                 t.pb_grad(dy.data(), x.data(), gx.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(),
                           c.data(), prefetch);

@@ -199,16 +199,18 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
         finish, NoApply{});
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, fused per channel.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
+// relu), fused per channel.
 // Its bytes for the thread count are those of both passes, x read twice and y written, as
 // the channels-last driver counts them: x's second read comes from cache but takes time all
 // the same, and counting one read kept (8,512,7,7) float32 training (0.8 MiB, about 55 us)
 // on one thread where its channels-last twin ran on two.
 template <class T, class Finish>
-void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
+void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, bool relu,
+                              Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, 3 * s.size() * std::int64_t(sizeof(T)));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 2);
-    if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, finish);
+    if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, relu, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
     const bool prefetch = prefetch_planes<T>(s, 2);
     for_each_channel<Moments>(
@@ -218,7 +220,7 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<compute_t<T>> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, false, prefetch);
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, relu, prefetch);
             });
         });
 }

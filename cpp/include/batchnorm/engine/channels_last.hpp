@@ -225,9 +225,11 @@ private:
     std::vector<T> values_;
 };
 
-// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, each thread its rows.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
+// relu), each thread its rows.
 template <class T, class Finish>
-void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, Finish&& finish) {
+void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, bool relu,
+                             Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
     for_each_row_block<T>(
         s, 3 * s.size() * std::int64_t(sizeof(T)),
@@ -241,7 +243,7 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             const std::int64_t at = b * blk.ld + blk.col;
             k.cl_affine(x + at, nullptr, y + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
-                        false);
+                        relu);
         });
 }
 

@@ -27,12 +27,13 @@ void segment_moments(const T* x, const Shape& s, Finish&& finish) {
     else moments_channels_first(k, x, s, finish);
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize into y.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize into y, then act.
 template <class T, class Finish>
-void normalize_fused(const T* x, T* y, const Shape& s, Finish&& finish) {
+void normalize_fused(const T* x, T* y, const Shape& s, Activation act, Finish&& finish) {
     const auto& k = kernels<T>();
-    if (moments_as_rows<T>(s)) normalize_channels_last(k, x, y, s, finish);
-    else normalize_channels_first(k, x, y, s, finish);
+    const bool relu = act == Activation::relu;
+    if (moments_as_rows<T>(s)) normalize_channels_last(k, x, y, s, relu, finish);
+    else normalize_channels_first(k, x, y, s, relu, finish);
 }
 
 // {sum(dy), sum(dy*(x - shift[c]))} per channel, finish(c, Sums) -> GradCoefficients<compute_t<T>>, and

@@ -170,10 +170,11 @@ void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, c
     });
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize, per block.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
+// relu), per block.
 template <class T, class Finish>
 void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
-                            const PlaneBlocks& pb, Finish&& finish) {
+                            const PlaneBlocks& pb, bool relu, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const bool prefetch = prefetch_planes<T>(s, 2);
     const BlockReads reads = block_reads<T>(s, 1, 2);
@@ -186,7 +187,8 @@ void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Sha
             w.b[j] = a.beta;
         });
         const std::int64_t at = first * len;
-        k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(), prefetch);
+        k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(), relu,
+                    prefetch);
     });
 }
 

@@ -479,9 +479,9 @@ void pb_dot(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, 
     with_plane_vectors(plane_vectors<S>(len), op);
 }
 
-// kGrad false: y = (x - shift[j]) * a[j] + b[j];
+// kGrad false: y = act((x - shift[j]) * a[j] + b[j]), act ReLU when kRelu;
 // kGrad true:  y = dy * a[j] + (x - shift[j]) * b[j] + c[j]; over plane j of every row.
-template <class S, bool kGrad>
+template <class S, bool kGrad, bool kRelu = false>
 struct PlaneApply {
     using T = compute_t<S>;
     const S *dy_, *x_;
@@ -511,7 +511,7 @@ struct PlaneApply {
                         plane_store<kV>(y + at, v, last, O::fma(plane_load<kV>(dy + at, v, last, O::zero()), av, O::fma(d, bv, cv)));
                     }
                 } else {
-                    plane_affine<kV, false, false>(x + at, static_cast<const S*>(nullptr), y + at, last, s, av, bv);
+                    plane_affine<kV, false, kRelu>(x + at, static_cast<const S*>(nullptr), y + at, last, s, av, bv);
                 }
             }
     }
@@ -531,7 +531,7 @@ struct PlaneApply {
                     run_grad(dy + at, x + at, y + at, len, O::set1(shift_[j]), O::set1(a_[j]), O::set1(b_[j]),
                              O::set1(c_[j]));
                 else
-                    run_affine<S, false, false>(x + at, nullptr, y + at, len, O::set1(shift_[j]), O::set1(a_[j]),
+                    run_affine<S, false, kRelu>(x + at, nullptr, y + at, len, O::set1(shift_[j]), O::set1(a_[j]),
                                                 O::set1(b_[j]));
             }
     }
@@ -539,9 +539,14 @@ struct PlaneApply {
 
 template <class S>
 void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
-               const compute_t<S>* alpha, const compute_t<S>* beta, bool prefetch) {
-    PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
-    with_plane_vectors(plane_vectors<S>(len), op);
+               const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, bool prefetch) {
+    if (relu) {
+        PlaneApply<S, false, true> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
+        with_plane_vectors(plane_vectors<S>(len), op);
+    } else {
+        PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
+        with_plane_vectors(plane_vectors<S>(len), op);
+    }
 }
 
 template <class S>

@@ -113,9 +113,9 @@ struct KernelTable {
     // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
     void (*pb_dot)(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
                    double* sdy, double* sdyx, BlockReads reads);
-    // y = (x - shift[j]) * alpha[j] + beta[j]
+    // y = act((x - shift[j]) * alpha[j] + beta[j]), act relu or none
     void (*pb_affine)(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, const T* alpha,
-                      const T* beta, bool prefetch);
+                      const T* beta, bool relu, bool prefetch);
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
     void (*pb_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
                     const T* k, const T* m, const T* q, bool prefetch);

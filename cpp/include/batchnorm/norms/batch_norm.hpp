@@ -102,12 +102,15 @@ void batch_stats(const T* x, const Shape& shape, compute_t<T>* mean, compute_t<T
 // biased variance. When running_mean and running_var are given (both or neither), they become
 // (1 - momentum) * running + momentum * batch, with the unbiased variance. save_mean and
 // save_invstd (optional) receive the batch mean and 1/sqrt(var + eps) for backward.
+// act relu: y = relu(...) in the same pass (the fused BN + ReLU of a graph compiler; backward
+// then takes the gradient through the ReLU, dy * (y > 0), as its dy).
 // weight null means 1, bias null means 0. Needs more than one value per channel; an empty
 // input writes NaN to save_mean/save_invstd and touches nothing else.
 template <class T>
 void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* weight, const compute_t<T>* bias,
                    compute_t<T>* running_mean, compute_t<T>* running_var, double momentum, double eps,
-                   compute_t<T>* save_mean = nullptr, compute_t<T>* save_invstd = nullptr) {
+                   compute_t<T>* save_mean = nullptr, compute_t<T>* save_invstd = nullptr,
+                   Activation act = Activation::none) {
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
@@ -126,7 +129,7 @@ void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* wei
     const double n = double(shape.per_channel());
     const detail::TrainArgs<P> args{weight, bias, running_mean, running_var, momentum, eps,
                                     save_mean, save_invstd, 1.0 / n, 1.0 / (n - 1)};
-    detail::normalize_fused(x, y, shape, [&](std::int64_t c, const detail::Moments& m) {
+    detail::normalize_fused(x, y, shape, act, [&](std::int64_t c, const detail::Moments& m) {
         return detail::finish_train_channel(c, m, args);
     });
 }

@@ -92,6 +92,38 @@ def test_train_op_matches_torch_native_batch_norm(rng):
     assert torch.equal(rm, torch.zeros(3, dtype=torch.float64))  # functional: inputs untouched
 
 
+@pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
+def test_fused_ops_match_torch_and_pass_opcheck(fmt, rng):
+    """The ops the inductor pass inserts (no autograd: they live in graphs after it), in
+    float64 against torch's native batch norm followed by the add and ReLU."""
+    def tensor(*shape, low=None):
+        t = torch.from_numpy(rng.uniform(low, 1.5, shape) if low is not None else rng.standard_normal(shape))
+        return t.contiguous(memory_format=torch.channels_last) if len(shape) == 4 and fmt == "NHWC" else t
+    x, r = tensor(4, 3, 5, 6) + 0.5, tensor(4, 3, 5, 6)
+    w, b, rm, rv = tensor(3, low=0.5), tensor(3), tensor(3), tensor(3, low=0.5)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y_ref, mean_ref, invstd_ref = torch.native_batch_norm(x, w, b, rm_ref, rv_ref, True, 0.1, 1e-5)
+    y, mean, invstd, new_mean, new_var = _torch_ops.batch_norm_train_relu(x, w, b, rm, rv, 0.1, 1e-5)
+    for got, want in ((y, y_ref.relu()), (mean, mean_ref), (invstd, invstd_ref), (new_mean, rm_ref),
+                      (new_var, rv_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert y.stride() == x.stride()
+    eval_ref = torch.native_batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5)[0]
+    for residual, relu, want in ((r, True, (eval_ref + r).relu()), (r, False, eval_ref + r),
+                                 (None, True, eval_ref.relu())):
+        got = _torch_ops.batch_norm_eval_act(x, w, b, rm, rv, 1e-5, residual, relu)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    mask = _torch_ops.not_positive(y)
+    assert mask.dtype == torch.bool and mask.stride() == y.stride() and torch.equal(mask, y <= 0)
+    half = (y - 0.5).bfloat16()  # NumPy has no bfloat16: ATen compares it
+    assert torch.equal(_torch_ops.not_positive(half), half <= 0)
+    for op, args in ((_torch_ops.batch_norm_train_relu, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)),
+                     (_torch_ops.batch_norm_eval_act, (x, w, b, rm, rv, 1e-5, r, True)),
+                     (_torch_ops.not_positive, (y,))):
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
 # ---------------------------------------------------------------- torch.fx
 
 
@@ -173,7 +205,7 @@ def test_inductor_training_runs_the_ops(fmt, no_fallback):
         grads.append((y.detach(), x.grad, names))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-5)
-    assert "batchnorm::batch_norm_train" in grads[1][2]
+    assert "batchnorm::batch_norm_train_relu" in grads[1][2]  # fused with the ReLU after it
     assert_models_match(ours, ref)
     for name in ("weight", "bias"):
         torch.testing.assert_close(getattr(ours[1], name).grad, getattr(ref[1], name).grad,
@@ -191,7 +223,7 @@ def test_inductor_inference_runs_the_ops(no_fallback):
     with torch.no_grad():
         y, names = profiled_ops(lambda: compiled(x))
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
-    assert "batchnorm::batch_norm_eval" in names
+    assert "batchnorm::batch_norm_eval_act" in names  # fused with the ReLU after it
 
 
 # ---------------------------------------------------------------- torch.func

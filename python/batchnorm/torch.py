@@ -10,7 +10,8 @@ kernels, by one of two routes:
 - graph capture and transforms (``torch.compile``, ``torch.export``, ``torch.fx``,
   ``torch.func`` grad / vmap, batched gradients) call the registered operators
   ``torch.ops.batchnorm.batch_norm_train / batch_norm_eval / batch_norm_backward``
-  (``_torch_ops``), which carry fake, autograd and vmap rules.
+  (``_torch_ops``), which carry fake, autograd and vmap rules; under ``torch.compile`` an
+  inductor pass fuses them with the ReLU / residual add after them (``_inductor_fusion``).
 
 float16 and bfloat16 inputs run on the kernels too (float32 math inside), with float32
 parameters and statistics (CPU autocast hands batch norm its input that way) or parameters in

@@ -173,3 +173,13 @@ def test_the_pass_joins_a_users_own_pass_once():
         assert list(config.post_grad_custom_pre_pass) == [users_pass, _inductor_fusion.FUSION_PASS]
         assert eval_ops(Stem, False) == {"batchnorm::batch_norm_eval_act"}
         assert seen  # the user's pass ran too
+
+
+def test_the_environment_turns_the_pass_off(monkeypatch):
+    import torch._inductor.config as config
+
+    monkeypatch.setenv("BATCHNORM_INDUCTOR_FUSION", "0")
+    with config.patch(post_grad_custom_pre_pass=None):
+        _inductor_fusion.install()
+        assert config.post_grad_custom_pre_pass is None
+        assert eval_ops(Stem, False) == {"batchnorm::batch_norm_eval"}

@@ -21,12 +21,13 @@ only where the intermediate has no other user and the add does not broadcast.
 The pass goes into ``torch._inductor.config.post_grad_custom_pre_pass`` beside any pass
 already there, the first time a batchnorm operator is traced while inductor is loaded
 (importing inductor at ``import batchnorm.torch`` would cost seconds). To compile without
-it, remove ``FUSION_PASS`` from that setting.
+it, set ``BATCHNORM_INDUCTOR_FUSION=0`` in the environment.
 """
 
 from __future__ import annotations
 
 import operator
+import os
 import sys
 from typing import Any, Optional, TypeGuard
 
@@ -122,8 +123,11 @@ FUSION_PASS: Any = None  # the installed pass, once installed
 
 def install() -> None:
     """Adds ``FUSION_PASS`` to inductor's post-grad pre-passes if inductor is loaded and the pass
-    is not there yet (cheap when it is: called each time an operator is traced)."""
+    is not there yet (cheap when it is: called each time an operator is traced), unless
+    ``BATCHNORM_INDUCTOR_FUSION=0``."""
     global FUSION_PASS
+    if os.environ.get("BATCHNORM_INDUCTOR_FUSION") == "0":
+        return
     config: Any = sys.modules.get("torch._inductor.config")
     if config is None or not hasattr(config, "post_grad_custom_pre_pass"):  # not loaded, or an older torch
         return

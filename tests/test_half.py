@@ -380,6 +380,32 @@ def test_torch_model_in_half(torch, tdtype, channels_last, monkeypatch, rng):
     assert_within_ulp(y_eval.float().numpy(), y_eval64, half, np.abs(y_eval64 - b) + np.abs(b))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_bfloat16_through_dlpack_matches_the_numpy_views(torch, channels_last, monkeypatch, rng):
+    """bfloat16 tensors reach the kernels as ml_dtypes NumPy views, or, without ml_dtypes, as
+    themselves through DLPack: the same bits either way (train step, gradients, eval)."""
+    from batchnorm import _torch_ops
+    bt = _no_fallback(monkeypatch)
+    x0 = torch.from_numpy(rng.standard_normal((4, 6, 5, 7)).astype(np.float32) * 2 + 3).to(torch.bfloat16)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    grad_y = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32)).to(torch.bfloat16)
+    results = []
+    for transport in (None, False):  # looked up (ml_dtypes' views), then none (DLPack)
+        monkeypatch.setattr(_torch_ops, "_BFLOAT16", transport)
+        layer = bt.BatchNorm2d(6)
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        y.backward(grad_y)
+        layer.eval()
+        with torch.no_grad():
+            y_eval = layer(x0)
+        results.append((y.detach(), x.grad, layer.weight.grad, layer.running_var, y_eval))
+        assert isinstance(_torch_ops._BFLOAT16, np.dtype if transport is None else bool)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
 def test_torch_autocast(torch, tdtype, monkeypatch, rng):
     """``torch.autocast("cpu", dtype=...)`` on a converted conv + batch norm model: the conv

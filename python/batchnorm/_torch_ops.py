@@ -25,13 +25,30 @@ from . import _core  # type: ignore[attr-defined, unused-ignore]
 NAMESPACE = "batchnorm"
 
 
+_BFLOAT16: Any = None  # ml_dtypes' bfloat16 as a NumPy dtype; False without ml_dtypes; None: not looked up
+
+
+def bfloat16_view(t: Tensor) -> Any:
+    """A bfloat16 tensor's memory as a NumPy array of ml_dtypes' bfloat16 (a view, no copy),
+    or, without ml_dtypes, the tensor itself, which the bindings take through DLPack: about
+    5 us more per array (a (1, 64, 7, 7) eval call: 11.7 us with two DLPack arrays, 3.8 with
+    these views, on an Intel Xeon)."""
+    global _BFLOAT16
+    if _BFLOAT16 is None:
+        try:
+            import ml_dtypes
+            _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+        except ImportError:
+            _BFLOAT16 = False
+    t = t.detach()
+    return t if _BFLOAT16 is False else t.view(torch.int16).numpy().view(_BFLOAT16)
+
+
 def numpy_view(t: Optional[Tensor]) -> Any:
-    """A NumPy view of a CPU tensor's memory (no copy), or None; a bfloat16 tensor, which
-    NumPy cannot view, is passed as itself (the bindings take it through DLPack)."""
+    """A NumPy view of a CPU tensor's memory (no copy), or None (bfloat16: ``bfloat16_view``)."""
     if t is None:
         return None
-    t = t.detach()
-    return t if t.dtype == torch.bfloat16 else t.numpy()
+    return bfloat16_view(t) if t.dtype == torch.bfloat16 else t.detach().numpy()
 
 
 def stats_like(input: Tensor, size: int) -> Tensor:

@@ -2,10 +2,9 @@
 
 ``torch.compile`` sees a ``batchnorm::`` operator as opaque: where torch's own batch norm
 is fused by inductor with the ReLU and the residual add that follow it, the library's op
-writes its output and inductor's next kernel reads it again. Worse, inductor then inlines
-the ReLU into whatever consumes it, and a ReLU recomputed inside a max-pool window (ResNet's
-stem) cost 7 ms a step where the pool itself costs 1. The pass rewrites, in the graphs
-inductor compiles after autograd:
+writes its output and inductor's next kernel reads it again (the BN stack of
+``bench.model``, compiled inference: 0.60-0.88x of torch without the pass, 1.00-1.06x with
+it). The pass rewrites, in the graphs inductor compiles after autograd:
 
 - ``relu(batch_norm_train(x)[0])`` -> ``batch_norm_train_relu(x)[0]`` (the ReLU in the
   kernels' normalize pass; backward is unchanged, it reads the ReLU's mask as before), and

@@ -179,6 +179,20 @@ def _eval_act_fake(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return _eval_fake(input, weight, bias, running_mean, running_var, eps)
 
 
+def _not_positive_kernel(input: Tensor) -> Tensor:
+    mask = torch.empty_like(input, dtype=torch.bool, memory_format=torch.preserve_format)
+    view = numpy_view(input)
+    if isinstance(view, Tensor):  # bfloat16 without ml_dtypes
+        torch.le(view, 0, out=mask)
+    else:  # NumPy's comparison: 69 us for (8, 64, 32, 32) float32 where ATen's took 270
+        np.less_equal(view, 0, out=mask.numpy())
+    return mask
+
+
+def _not_positive_fake(input: Tensor) -> Tensor:
+    return torch.empty_like(input, dtype=torch.bool, memory_format=torch.preserve_format)
+
+
 def _backward_kernel(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor,
                      invstd: Tensor, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     grad_input = torch.empty_like(input, memory_format=torch.preserve_format)
@@ -302,19 +316,6 @@ batch_norm_eval = register_op(
     schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
            "Tensor running_var, float eps) -> Tensor",
     setup_context=_eval_setup, backward=_eval_backward, vmap=_eval_vmap)
-def _not_positive_kernel(input: Tensor) -> Tensor:
-    mask = torch.empty_like(input, dtype=torch.bool, memory_format=torch.preserve_format)
-    view = numpy_view(input)
-    if isinstance(view, Tensor):  # bfloat16
-        torch.le(view, 0, out=mask)
-    else:  # NumPy's comparison: 69 us for (8, 64, 32, 32) float32 where ATen's took 270
-        np.less_equal(view, 0, out=mask.numpy())
-    return mask
-
-
-def _not_positive_fake(input: Tensor) -> Tensor:
-    return torch.empty_like(input, dtype=torch.bool, memory_format=torch.preserve_format)
-
 
 # Fused with the ReLU (and, in eval, the residual add) that follow them, and the ReLU's mask
 # for backward: only the graph pass of ``_inductor_fusion`` inserts these, into inductor's

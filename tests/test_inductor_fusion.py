@@ -36,6 +36,20 @@ class Stem(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + y)
 
 
+class InPlace(Stem):
+    """The stem as torchvision writes it: ``nn.ReLU(inplace=True)`` and ``out += identity``."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        y = self.pool(self.relu(self.bn1(self.conv1(x))))
+        out = self.bn2(self.conv2(y))
+        out += y
+        return self.relu(out)
+
+
 class Shared(nn.Module):
     """BN outputs that other ops read too (nothing to fuse), and a broadcasting add."""
 
@@ -99,8 +113,9 @@ def train_step(model, x):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("cls, fused, plain", [
     (Stem, {"batchnorm::batch_norm_train_relu", "batchnorm::not_positive"}, {"batchnorm::batch_norm_train"}),
+    (InPlace, {"batchnorm::batch_norm_train_relu", "batchnorm::not_positive"}, {"batchnorm::batch_norm_train"}),
     (Shared, set(), {"batchnorm::batch_norm_train"}),
-], ids=["stem", "shared"])
+], ids=["stem", "inplace", "shared"])
 def test_training_fuses_the_relu_where_nothing_else_reads_the_output(cls, fused, plain, channels_last,
                                                                      no_fallback):
     torch._dynamo.reset()
@@ -137,8 +152,9 @@ def eval_ops(cls, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("cls, names", [
     (Stem, {"batchnorm::batch_norm_eval_act"}),  # BN - ReLU, BN + residual - ReLU
+    (InPlace, {"batchnorm::batch_norm_eval_act"}),
     (Shared, {"batchnorm::batch_norm_eval"}),  # shared output, broadcasting add: unfused
-], ids=["stem", "shared"])
+], ids=["stem", "inplace", "shared"])
 def test_inference_fuses_the_residual_and_relu(cls, names, channels_last, no_fallback):
     assert eval_ops(cls, channels_last) == names
 

@@ -380,6 +380,47 @@ def test_torch_model_in_half(torch, tdtype, channels_last, monkeypatch, rng):
     assert_within_ulp(y_eval.float().numpy(), y_eval64, half, np.abs(y_eval64 - b) + np.abs(b))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_half_module_shortcut_matches_the_functional_route(torch, tdtype, momentum, monkeypatch, rng):
+    """A half-parameter module call (``model.bfloat16()``) takes the module's shortcut, which
+    widens the parameters with NumPy per call; ``batchnorm.torch.batch_norm`` widens them with
+    torch. Same bits: outputs, gradients, running statistics over three training steps (the
+    second after a write through ``.data``, which a cached copy would miss), then eval."""
+    bt = _no_fallback(monkeypatch)
+    dt = getattr(torch, tdtype)
+    module = bt.BatchNorm2d(5, momentum=momentum).to(dt)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(params(rng, 5)[0]))
+        module.bias.copy_(torch.from_numpy(params(rng, 5)[1]))
+    state = {name: t.detach().clone() for name, t in module.state_dict().items()}
+    weight = state["weight"].clone().requires_grad_()
+    bias = state["bias"].clone().requires_grad_()
+    rm, rv = state["running_mean"].clone(), state["running_var"].clone()
+    for step in range(3):
+        if step == 1:  # a write the module must see at the next call
+            module.weight.data[2] = 0.5
+            weight.data[2] = 0.5
+        x = torch.from_numpy(rng.standard_normal((3, 5, 4, 6)).astype(np.float32) * 3 + 2).to(dt)
+        grad_y = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)).to(dt)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1 = module(x1)
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        y2 = bt.batch_norm(x2, rm, rv, weight, bias, True, factor, module.eps)
+        y1.backward(grad_y)
+        y2.backward(grad_y)
+        assert y1.dtype == dt and module.weight.grad.dtype == dt
+        for got, want in ((y1, y2), (x1.grad, x2.grad), (module.weight.grad, weight.grad),
+                          (module.bias.grad, bias.grad), (module.running_mean, rm), (module.running_var, rv)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    assert module.running_mean.dtype == dt and int(module.num_batches_tracked) == 3
+    module.eval()
+    x = torch.from_numpy(rng.standard_normal((2, 5, 3, 3)).astype(np.float32)).to(dt)
+    with torch.no_grad():
+        assert torch.equal(module(x), bt.batch_norm(x, rm, rv, weight, bias, False, 0.0, module.eps))
+    assert module._views is not None and module._views[10]  # the calls above took the shortcut
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_bfloat16_through_dlpack_matches_the_numpy_views(torch, channels_last, monkeypatch, rng):
     """bfloat16 tensors reach the kernels as ml_dtypes NumPy views, or, without ml_dtypes, as

@@ -88,11 +88,12 @@ def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
     return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
-def _per_channel_ok(t: Optional[Tensor], x: Tensor, channels: int) -> bool:
+def _per_channel_ok(t: Optional[Tensor], x: Tensor, channels: int, widened: bool = False) -> bool:
     """A weight/bias/running-stat argument the kernels can take as is (or None): of the
-    input's dtype, or float32 for a half-precision input."""
+    input's dtype, or float32 for a half-precision input (also of the input's dtype where the
+    caller hands the kernels float32 copies: ``widened``)."""
     return t is None or (
-        (t.dtype == x.dtype if x.dtype in _FLOATS else t.dtype == torch.float32)
+        (t.dtype == x.dtype if x.dtype in _FLOATS or widened else t.dtype == torch.float32)
         and t.device == x.device
         and t.layout == _STRIDED
         and t.dim() == 1
@@ -109,9 +110,11 @@ def _kernels_apply(
     training: bool,
     momentum: float,
     eps: float,
+    widened: bool = False,
 ) -> bool:
     """Whether batchnorm's kernels (directly or as ``batchnorm::`` ops) compute this call
-    exactly as torch would. Reads only metadata, so it also holds for fake tensors."""
+    exactly as torch would. Reads only metadata, so it also holds for fake tensors.
+    ``widened``: half-precision per-channel tensors the caller copies to float32."""
     if x.dtype not in _KERNEL_DTYPES or x.device.type != "cpu" or x.layout != _STRIDED:
         return False
     if x.dim() < 2 or x.numel() == 0:  # torch's own messages and empty-batch behaviour
@@ -127,7 +130,7 @@ def _kernels_apply(
         return False
     if not 0.0 < eps < float("inf"):
         return False
-    return all(_per_channel_ok(t, x, channels) for t in (running_mean, running_var, weight, bias))
+    return all(_per_channel_ok(t, x, channels, widened) for t in (running_mean, running_var, weight, bias))
 
 
 def _eager(
@@ -566,15 +569,18 @@ class _DropIn(_BatchNorm):
         views = self._views
         if (views is None or views[0] != key or views[1] is not rm or views[2] is not rv
                 or views[3] is not w or views[4] is not b or views[7] is not counter):
+            half = _half_params(input, rm, rv, w, b)
             if not (all(t is None or type(t) in _TENSORS for t in (rm, rv, w, b))
-                    and _kernels_apply(input, rm, rv, w, b, False, 0.0, self.eps)):
+                    and _kernels_apply(input, rm, rv, w, b, False, 0.0, self.eps, widened=half)):
                 return None
+            arrays = (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv))
+            if half and not all(a is None or isinstance(a, np.ndarray) for a in arrays):
+                return None  # bfloat16 without ml_dtypes: no NumPy view to widen
             # the counter as a 1-element NumPy view: ``+= 1`` there costs a sixth of ``add_(1)``
             count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
                      and counter.is_cpu and counter.shape == () else None)
-            views = self._views = (key, rm, rv, w, b, input.dtype,
-                                   (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv)), counter, count,
-                                   input.shape[1])
+            views = self._views = (key, rm, rv, w, b, input.dtype, arrays, counter, count,
+                                   input.shape[1], half)
         # a channel count other than the cached one: the general route, for torch's error
         if (input.dtype != views[5] or input.dim() not in self._ranks or input.shape[1] != views[9]
                 or not input.is_cpu or input.layout != _STRIDED or input.numel() == 0):
@@ -597,14 +603,39 @@ class _DropIn(_BatchNorm):
                         momentum = 1.0 / float(counter if count is None else count[0])
                 if momentum is None:
                     momentum = 0.0
-        w_np, b_np, rm_np, rv_np = views[6]
+        arrays = views[6]
+        if views[10]:  # model.bfloat16(): float32 copies, as torch computes (never cached: see _widened)
+            return self._widened(input, w, b, arrays, training, momentum)
+        return self._run(input, w, b, arrays, training, momentum)
+
+    @torch.jit.unused
+    def _run(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], arrays: Tuple[Any, Any, Any, Any],
+             training: bool, momentum: float) -> Tensor:
+        """The kernels on NumPy arrays of (weight, bias, running mean, running variance)."""
         if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
                                 or (b is not None and b.requires_grad)):
-            return _eager_apply(input, w, b, views[6], training, momentum, self.eps)
+            return _eager_apply(input, w, b, arrays, training, momentum, self.eps)
+        w_np, b_np, rm_np, rv_np = arrays
         x = input.numpy() if not input.requires_grad and input.dtype is not torch.bfloat16 else _numpy(input)
         if not training:
             return _tensor(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
         return _tensor(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+
+    @torch.jit.unused
+    def _widened(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], halves: Tuple[Any, Any, Any, Any],
+                 training: bool, momentum: float) -> Tensor:
+        """``_run`` with float32 copies of half-precision parameters and statistics, made per
+        call: a cached copy would miss writes through ``.data`` and torch's own in-place
+        updates, which bump no version counter. Parameter gradients come back in float32 and
+        autograd rounds them to the parameters' dtype; running statistics are written back
+        rounded to nearest even, as torch's CPU kernel stores them."""
+        arrays: Tuple[Any, Any, Any, Any] = tuple(  # type: ignore[assignment]
+            None if a is None else a.astype(np.float32) for a in halves)
+        y = self._run(input, w, b, arrays, training, momentum)
+        if training and halves[2] is not None:
+            halves[2][...] = arrays[2]
+            halves[3][...] = arrays[3]
+        return y
 
 
 class BatchNorm1d(_DropIn, torch.nn.BatchNorm1d):

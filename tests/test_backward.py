@@ -167,6 +167,36 @@ def test_functional_backward(shape, layout, dtype, with_weight, threads, rng):
     check_grads(gx, gw, gb, x, gy, mean.astype(np.float64), invstd.astype(np.float64), w, axis, dtype)
 
 
+def _odd_views(rng, shape, dtype):
+    """grad_y views the bindings must copy before the kernels read them, by name: the gradient
+    of ``y.sum()`` (every stride 0), a per-channel broadcast, reversed axes, a transpose."""
+    n, c, length = shape
+    return {
+        "sum": np.broadcast_to(dtype(1.5), shape),
+        "per_channel": np.broadcast_to(rng.standard_normal((1, c, 1)).astype(dtype), shape),
+        "reversed": rng.standard_normal(shape).astype(dtype)[::-1, :, ::-1],
+        "transposed": rng.standard_normal((length, c, n)).astype(dtype).transpose(2, 1, 0),
+    }
+
+
+@pytest.mark.parametrize("view", ["sum", "per_channel", "reversed", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_functional_backward_of_copied_grad_y(view, dtype, threads, rng):
+    """A grad_y whose memory the kernels cannot read in place (broadcast, reversed,
+    transposed) gives exactly the gradients of its dense copy, in every norm's backward."""
+    shape = (3, 4, 37)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, shape[1]).astype(dtype)
+    gy = _odd_views(rng, shape, dtype)[view]
+    assert not gy.flags.c_contiguous
+    dense = _functional_backwards(x, np.ascontiguousarray(gy), w)
+    for name, (call, expected, scale) in _functional_backwards(x, gy, w).items():
+        got, want = call(None), dense[name][0](None)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} {view}")
+        assert_close(got[0], expected, dtype, scale=scale, err_msg=f"{name} {view}")
+
+
 def _functional_backwards(x, gy, w):
     """Every functional backward as (call taking out, float64 reference grad_x, its scale),
     on statistics computed in float64 from ``x`` of shape (N, C, L)."""

@@ -269,5 +269,31 @@ def test_eager_calls_without_grad_run_the_kernels(monkeypatch):
         with torch.no_grad():
             y, names = ops_run(lambda: ours(x))
             torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
-        assert not names and calls == [op.replace("_train", "")], (name, calls)
+        assert names == {f"batchnorm::{op}"} and calls == [op.replace("_train", "")], (name, calls)
+        assert_states_match(ours, ref, (1e-6, 1e-6))
+
+
+def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):
+    """A plain eager call that records a graph runs the kernels forward and backward through a
+    plain autograd function (the ops, patched to raise here, are not dispatched), shown in the
+    profiler under the ops' names, with torch's results, gradients and running statistics."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the batchnorm:: op was dispatched")
+    for op_name in ("layer_norm", "group_norm", "instance_norm_train", "layer_norm_backward", "group_norm_backward"):
+        monkeypatch.setattr(ops, op_name, refuse)
+    for name, args, kwargs, shape, op in CASES:
+        ref, ours = pair(name, args, kwargs, torch.float32)
+        x_ref = data(shape, torch.float32).requires_grad_(True)
+        x = x_ref.detach().clone().requires_grad_(True)
+        grad = data(shape, torch.float32, seed=3)
+        with torch.profiler.profile() as prof:
+            y = ours(x)
+            y.backward(grad)
+        names = {e.name for e in prof.events() if e.name.startswith("batchnorm::")}
+        ref(x_ref).backward(grad)
+        backward = "group_norm_backward" if op != "layer_norm" else "layer_norm_backward"
+        assert names == {f"batchnorm::{op}", f"batchnorm::{backward}"}, (name, names)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        for (key, p), q in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=key)
         assert_states_match(ours, ref, (1e-6, 1e-6))

@@ -27,7 +27,7 @@ from torch import Tensor
 from . import _torch_norm_ops as ops
 from . import _torch_ops
 from .group_norm import _check_values_per_group
-from .torch import _eager, _is_scripting, _Proxy, _route
+from .torch import _dispatch_modes, _eager, _is_scripting, _Proxy, _route
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -45,11 +45,12 @@ def _graph_or_eager(x: Tensor, *params: Optional[Tensor]) -> bool:
 
 
 def _run(name: str, x: Tensor, *args: Any) -> Any:
-    """The op ``batchnorm::<name>`` on ``(x, *args)``; its kernel directly for a plain eager
-    call that needs no graph (no grad mode, or nothing requiring grad)."""
-    if type(x) is Tensor and _eager(x, None, None, None, None) and not (torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in (x, *args))):
-        return ops.KERNELS[name](x, *args)
+    """The op ``batchnorm::<name>`` on ``(x, *args)``; for a plain eager call, its kernel
+    directly (no grad needed) or with its autograd rule as a plain autograd function."""
+    if type(x) is Tensor and _eager(x, None, None, None, None) and _dispatch_modes() == 0:
+        if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, *args))):
+            return ops.call_kernel(name, ops.KERNELS[name], x, *args)
+        return ops.EAGER[name](x, *args)
     return getattr(ops, name)(x, *args)
 
 

@@ -273,6 +273,37 @@ def test_eager_calls_without_grad_run_the_kernels(monkeypatch):
         assert_states_match(ours, ref, (1e-6, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_module_calls_without_a_graph_take_the_shortcut(monkeypatch, dtype):
+    """A module call that records no graph on a contiguous float input (not under a profiler)
+    hands it to the kernel directly, past the functional route (patched to raise here), with
+    the same bits as that route; InstanceNorm only without running statistics; a
+    channels_last or bfloat16 input takes the route."""
+    from batchnorm import _torch_norms as tn
+
+    def refuse(*args):
+        raise AssertionError("functional route")
+    for name, args, kwargs, shape, op in CASES:
+        ref, ours = pair(name, args, kwargs, dtype)
+        x = data(shape, dtype)
+        with torch.no_grad():
+            expected = ours(x.clone().requires_grad_(True))  # the route, as a graph would need
+            with monkeypatch.context() as patch:
+                patch.setattr(tn, "_run", refuse)
+                if kwargs.get("track_running_stats"):
+                    with pytest.raises(AssertionError, match="functional route"):
+                        ours(x)
+                    continue
+                y = ours(x)
+        assert torch.equal(y, expected) and y.dtype == dtype, name
+        torch.testing.assert_close(y, ref(x), rtol=TOL[dtype][0][0], atol=TOL[dtype][0][1])
+    monkeypatch.setattr(tn, "_run", refuse)
+    for ours, x in ((bnt.GroupNorm(2, 4).to(dtype), data((2, 4, 3, 5), dtype).to(memory_format=torch.channels_last)),
+                    (bnt.GroupNorm(2, 4), data((2, 4, 3, 5), torch.float32).bfloat16())):
+        with torch.no_grad(), pytest.raises(AssertionError, match="functional route"):
+            ours(x)
+
+
 def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):
     """A plain eager call that records a graph runs the kernels forward and backward through a
     plain autograd function (the ops, patched to raise here, are not dispatched), shown in the

@@ -23,7 +23,7 @@ from ._torch_ops import numpy_view, register_op
 _HALVES = (torch.float16, torch.bfloat16)
 _transform_active: Callable[[], Any] = torch._C._functorch.peek_interpreter_stack
 _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack")
-_profiling: Callable[[], bool] = torch._C._autograd._profiler_enabled
+profiling: Callable[[], bool] = torch._C._autograd._profiler_enabled
 
 Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
@@ -63,7 +63,7 @@ def _torch_grads(forward: Callable[..., Tensor], grad_y: Tensor, tensors: Sequen
 def call_kernel(name: str, kernel: Callable[..., Tuple[Tensor, ...]], *args: Any) -> Tuple[Tensor, ...]:
     """``kernel(*args)``, the CPU kernel of ``batchnorm::<name>`` called without the op:
     shown in a running profiler under the op's name, as the op would be."""
-    if not _profiling():
+    if not profiling():
         return kernel(*args)
     with torch.profiler.record_function(f"batchnorm::{name}"):
         return kernel(*args)

@@ -74,6 +74,15 @@ _tracing_state: Callable[[], Any] = getattr(torch._C, "_get_tracing_state")
 _has_torch_function_unary = torch.overrides.has_torch_function_unary
 
 
+def _plain_eager_input(input: Tensor) -> bool:
+    """The cheap first test of a module's shortcut: a tensor of torch's own class, outside
+    graph capture, TorchScript tracing, ``torch.func`` transforms, forward-mode AD and
+    ``__torch_function__`` overrides."""
+    return not (type(input) is not Tensor or _is_compiling() or _tracing_state() is not None
+                or _transform_active() is not None or forward_ad._current_level >= 0
+                or _has_torch_function_unary(input))
+
+
 def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
     """Whether a tangent would flow through this call: an eager dual tensor among
     ``tensors`` or a ``torch.func.jvp`` transform. The kernels have no forward-mode rule,
@@ -548,9 +557,7 @@ class _DropIn(_BatchNorm):
         apply (``forward`` then takes the general route). Reads the tensors from
         ``_buffers`` / ``_parameters`` directly (``Module.__getattr__`` costs about a
         microsecond per name)."""
-        if (type(input) is not Tensor or _is_compiling() or _tracing_state() is not None
-                or _transform_active() is not None or forward_ad._current_level >= 0
-                or _has_torch_function_unary(input)):
+        if not _plain_eager_input(input):
             return None
         training = self.training
         buffers, params = self._buffers, self._parameters

@@ -1,4 +1,4 @@
-"""``python -m bench.torch_overhead``: per-call cost of one batch-norm layer, torch vs batchnorm.torch.
+"""``python -m bench.torch_overhead``: per-call cost of one norm layer, torch vs batchnorm.torch.
 
 Small feature maps, where a call is mostly per-call overhead (Python, dispatch, autograd):
 an eval-mode forward under ``torch.no_grad()`` and a training forward + backward (the
@@ -11,6 +11,7 @@ per-call time over rounds, the ratio the median of per-round ratios (> 1: batchn
 
     python -m bench.torch_overhead                # every cell, 15 rounds
     python -m bench.torch_overhead --quick        # fewer rounds, shorter samples
+    python -m bench.torch_overhead --family norms # LayerNorm, RMSNorm, GroupNorm, InstanceNorm2d
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from . import machine, timing
 
 SHAPES = [(32, 64, 8, 8), (32, 256, 4, 4), (1, 64, 7, 7)]
+# the other norms: (class, constructor args, input shape), small calls and a transformer block's
+NORM_CELLS = [("LayerNorm", (64,), (8, 49, 64)), ("LayerNorm", (768,), (4, 128, 768)),
+              ("RMSNorm", (768,), (4, 128, 768)), ("GroupNorm", (8, 64), (1, 64, 7, 7)),
+              ("GroupNorm", (32, 320), (2, 320, 16, 16)), ("InstanceNorm2d", (64,), (1, 64, 7, 7)),
+              ("InstanceNorm2d", (64,), (4, 64, 32, 32))]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,6 +37,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--sample-s", type=float, default=0.05, help="seconds of calls per sample")
     p.add_argument("--quick", action="store_true", help="5 rounds of 0.02 s samples")
+    p.add_argument("--family", choices=["batch", "norms"], default="batch",
+                   help="BatchNorm2d (default) or the other norms' drop-ins")
     return p.parse_args(argv)
 
 
@@ -71,6 +79,32 @@ def cells(torch, bnt) -> List[Tuple[str, Dict[str, Callable[[], object]]]]:  # t
     return out
 
 
+def norm_cells(torch, bnt) -> List[Tuple[str, Dict[str, Callable[[], object]]]]:  # type: ignore[no-untyped-def]
+    """Per NORM_CELLS entry: an eval forward without grad and a training forward + backward."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for cls_name, args, shape in NORM_CELLS:
+        x = torch.randn(shape, generator=gen)
+        gy = torch.randn(shape, generator=gen)
+        evals, steps = {}, {}
+        for name, lib in (("torch", torch.nn), ("batchnorm", bnt)):
+            layer = getattr(lib, cls_name)(*args, **({"affine": True} if "Instance" in cls_name else {}))
+            xg = x.clone().requires_grad_(True)
+
+            def eval_call(layer=layer, x=x) -> object:  # type: ignore[no-untyped-def]
+                with torch.no_grad():
+                    return layer(x)
+
+            def train_step(layer=layer, xg=xg, gy=gy) -> object:  # type: ignore[no-untyped-def]
+                y = layer(xg)
+                y.backward(gy)
+                return y
+
+            evals[name], steps[name] = eval_call, train_step
+        out += [(f"{cls_name}{args} eval fwd no_grad {shape}", evals), (f"{cls_name}{args} train fwd+bwd {shape}", steps)]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Time every cell at every thread count; print one table."""
     args = _parse(argv)
@@ -92,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print("| cell | threads | torch | batchnorm.torch | ratio |")
     print("|---|---|---|---|---|")
-    table = cells(torch, bnt)
+    table = cells(torch, bnt) if args.family == "batch" else norm_cells(torch, bnt)
     for n in args.threads:
         torch.set_num_threads(n)
         batchnorm.set_num_threads(n)

@@ -245,25 +245,29 @@ Sums cf_dot(const S* dy, const S* x, i64 count, i64 len, i64 stride, compute_t<S
     return acc.flush();
 }
 
-template <class S, bool kRelu>
-void cf_affine_as(const S* x, S* y, i64 count, i64 len, i64 stride, compute_t<S> shift, compute_t<S> alpha,
-                  compute_t<S> beta, bool prefetch) {
-    using T = compute_t<S>;
-    using O = Ops<T>;
-    const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
-    const auto apply = [&](i64 at, i64 n) { run_affine<S, false, kRelu>(x + at, nullptr, y + at, n, s, a, b); };
-    if (prefetch && len * i64(sizeof(S)) > kPrefetchMaxBytes)
-        for_each_chunk<S>(
-            count, len, stride, [&](i64 at, i64 n) { prefetch_run<true>(y + at, n); }, apply);
-    else
-        for (i64 r = 0; r < count; ++r) apply(r * stride, len);
+// f(std::true_type{}) when relu, else f(std::false_type{}): the flag as a compile-time
+// constant (decltype(flag)::value), so each kernel body is written once for both.
+template <class F>
+BATCHNORM_ALWAYS_INLINE void with_relu(bool relu, F&& f) {
+    if (relu) f(std::true_type{});
+    else f(std::false_type{});
 }
 
 template <class S>
 void cf_affine(const S* x, S* y, i64 count, i64 len, i64 stride, compute_t<S> shift, compute_t<S> alpha,
                compute_t<S> beta, bool relu, bool prefetch) {
-    if (relu) cf_affine_as<S, true>(x, y, count, len, stride, shift, alpha, beta, prefetch);
-    else cf_affine_as<S, false>(x, y, count, len, stride, shift, alpha, beta, prefetch);
+    using O = Ops<compute_t<S>>;
+    const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
+    with_relu(relu, [&](auto flag) {
+        const auto apply = [&](i64 at, i64 n) {
+            run_affine<S, false, decltype(flag)::value>(x + at, nullptr, y + at, n, s, a, b);
+        };
+        if (prefetch && len * i64(sizeof(S)) > kPrefetchMaxBytes)
+            for_each_chunk<S>(
+                count, len, stride, [&](i64 at, i64 n) { prefetch_run<true>(y + at, n); }, apply);
+        else
+            for (i64 r = 0; r < count; ++r) apply(r * stride, len);
+    });
 }
 
 template <class S>
@@ -540,13 +544,11 @@ struct PlaneApply {
 template <class S>
 void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
                const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, bool prefetch) {
-    if (relu) {
-        PlaneApply<S, false, true> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
+    with_relu(relu, [&](auto flag) {
+        PlaneApply<S, false, decltype(flag)::value> op{nullptr, x,    y,     rows, stride,  planes,
+                                                       len,     shift, alpha, beta, nullptr, prefetch};
         with_plane_vectors(plane_vectors<S>(len), op);
-    } else {
-        PlaneApply<S, false> op{nullptr, x, y, rows, stride, planes, len, shift, alpha, beta, nullptr, prefetch};
-        with_plane_vectors(plane_vectors<S>(len), op);
-    }
+    });
 }
 
 template <class S>

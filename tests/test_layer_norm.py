@@ -150,6 +150,28 @@ def test_wrong_dtype_and_weight_change_nothing(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("cols", [64, 1000])
+def test_rows_the_probe_misses(dtype, cols, threads, rng):
+    """Short rows go in blocks whose shifts come from 8 evenly spaced values of each row (as
+    the planes of batch norm's blocks). Rows that are 1e4 there and 1e4 + 1000 elsewhere put
+    the shift over 2 standard deviations from their mean, so they are summed again around it;
+    beside ordinary rows, every row's variance and output match float64 as at mean 1e4."""
+    probes = [(2 * i + 1) * cols // 16 for i in range(8)]
+    high = np.ones(cols, bool)
+    high[probes] = False
+    x = 1e4 + rng.standard_normal((64, cols))
+    x[::2] += 1000 * high  # every other row
+    mean, std = x[0].mean(), x[0].std()
+    assert abs(x[0, probes].mean() - mean) > 2 * std  # the premise: the probe misses
+    x = x.astype(dtype)
+    y, _, invstd = bn._core.layer_norm(x, 1, None, None, 1e-5)
+    ey, _, inv_ref = ref.layer_norm(x, 1)
+    var, v_ref = 1.0 / invstd.astype(np.float64) ** 2 - 1e-5, 1.0 / inv_ref**2 - 1e-5
+    assert np.max(np.abs(var - v_ref) / v_ref) <= VAR_RTOL[np.dtype(dtype)]
+    assert np.max(np.abs(y - ey)) <= out_atol(dtype, 1e4, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(4, 768), (2, 3, 4096)], ids=str)
 def test_accuracy_at_mean_1e6(dtype, shape, threads):
     x = data(shape, dtype, 1e6, 1.0, 3)

@@ -153,12 +153,8 @@ def _eager(
     capture, transform, torch-function mode or forward AD. CPU autocast leaves batch norm
     alone (it runs in its input's dtype), so it runs here as without autocast."""
     return (
-        type(x) is Tensor
-        and not _is_compiling()
-        and not _is_tracing()
-        and _transform_active() is None
-        and forward_ad._current_level < 0
-        and not _has_torch_function(x, running_mean, running_var, weight, bias)
+        _plain_eager_input(x)
+        and not _has_torch_function(running_mean, running_var, weight, bias)
         and all(t is None or type(t) in _TENSORS for t in (running_mean, running_var, weight, bias))
     )
 

@@ -45,16 +45,21 @@ struct PlaneBlocks {
     std::int64_t per_block = 0, blocks = 0;
 };
 
+// `channels` in equal blocks of at most `fit` (at least 1), a multiple of `threads` in number
+// where there are channels enough.
+inline PlaneBlocks even_blocks(std::int64_t channels, std::int64_t fit, int threads) {
+    const std::int64_t wanted = (channels + fit - 1) / fit;
+    const std::int64_t blocks = std::min(channels, (wanted + threads - 1) / threads * threads);
+    return {(channels + blocks - 1) / blocks, blocks};
+}
+
 template <class T>
 PlaneBlocks plane_blocks(const Shape& s, const ChannelSchedule& sched, int arrays) {
     const std::int64_t channel_bytes = std::int64_t(arrays) * s.per_channel() * std::int64_t(sizeof(T));
     const std::int64_t tile_bytes = tile_values<T>() * std::int64_t(sizeof(T));
     if (sched.parts != 1 || s.inner * std::int64_t(sizeof(T)) > kMaxBlockPlaneBytes || channel_bytes > tile_bytes)
         return {};
-    const std::int64_t fit = tile_bytes / std::max<std::int64_t>(channel_bytes, 1), threads = sched.threads;
-    const std::int64_t wanted = (s.channels + fit - 1) / fit;
-    const std::int64_t blocks = std::min(s.channels, (wanted + threads - 1) / threads * threads);
-    return {(s.channels + blocks - 1) / blocks, blocks};
+    return even_blocks(s.channels, tile_bytes / std::max<std::int64_t>(channel_bytes, 1), sched.threads);
 }
 
 // Where the block reductions find the `reads` arrays they read of this shape, out of the

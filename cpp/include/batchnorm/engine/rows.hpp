@@ -49,10 +49,7 @@ PlaneBlocks row_blocks(const Shape& seg, const ChannelSchedule& sched, int array
     if (sched.parts != 1 || seg.inner * std::int64_t(sizeof(T)) > kMaxBlockPlaneBytes ||
         prefetch_planes<T>(seg, arrays))
         return {};
-    const std::int64_t fit = std::max<std::int64_t>(1, cache_sizes().l1d / 2 / row_bytes);
-    const std::int64_t wanted = (seg.channels + fit - 1) / fit, threads = sched.threads;
-    const std::int64_t blocks = std::min(seg.channels, (wanted + threads - 1) / threads * threads);
-    return {(seg.channels + blocks - 1) / blocks, blocks};
+    return even_blocks(seg.channels, std::max<std::int64_t>(1, cache_sizes().l1d / 2 / row_bytes), sched.threads);
 }
 
 // reduce(src, seg, row, begin, end) -> R over the row's values (of x, or of x + residual, which

@@ -329,3 +329,19 @@ def test_functional_backward_matches_torch_autograd(torch, dtype, with_weight, r
     if with_weight:
         assert_close_sum(gw, wt.grad.numpy(), ref.per_channel(np.abs(gy64) * xhat).sum(0), dtype)
     assert_close_sum(gb, bt.grad.numpy(), ref.per_channel(np.abs(gy64)).sum(0), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rows_applied_in_many_chunks(dtype, threads, rng):
+    # (N, C) rows past a sixteenth of any L2 this library meets: the apply pass of training and
+    # backward walks each thread's rows in several chunks, last first, the first one short.
+    shape = (200_003, 3)
+    x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    w, b = rand_params(rng, 3, dtype)
+    y = bn.batch_norm(x, None, None, w, b, training=True)
+    assert_close(y, ref.forward_train(x, w, b)[0], dtype)
+    mean64, var64 = ref.stats(x)
+    mean, invstd = mean64.astype(dtype), (1.0 / np.sqrt(var64 + 1e-5)).astype(dtype)
+    gx, gw, gb = bn.batch_norm_backward(gy, x, mean, invstd, w)
+    check_grads(gx, gw, gb, x, gy, mean.astype(np.float64), invstd.astype(np.float64), w, 1, dtype)

@@ -133,11 +133,30 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
     }
 }
 
+// The apply pass walks a thread's rows in chunks, last chunk first: the reduce pass has just
+// read them front to back, so the rows it read last are the ones still in the core's L2. In
+// order, an apply over rows that fill the L2 (a reduce's inputs plus an output) evicts each
+// row just before reading it. A chunk spans many pages of each row stream, so the hardware
+// prefetchers still run within it. Measured on an Intel Xeon (Sapphire Rapids, 2 MiB L2), 1
+// thread, float32 backward: 256x1024 155 -> 130 us, 4096x64 130 -> 105 us, 6272x256 (6 MB)
+// 1128 -> 1071 us; training and 2 threads unchanged within noise.
+template <class T>
+std::int64_t apply_chunk_rows(const ColumnBlock& b) {
+    const std::int64_t chunk_bytes = cache_sizes().l2 / 16;
+    return std::max<std::int64_t>(1, chunk_bytes / (std::max<std::int64_t>(b.cols, 1) * std::int64_t(sizeof(T))));
+}
+
+template <class Apply>
+void apply_last_first(std::int64_t begin, std::int64_t end, std::int64_t chunk_rows, Apply&& apply) {
+    for (std::int64_t chunk_end = end; chunk_end > begin; chunk_end -= chunk_rows)
+        apply(std::max(begin, chunk_end - chunk_rows), chunk_end);
+}
+
 // The shared shape of every rows operation, per column block: thread t reduces rows
 // [begin_t, end_t) of the block into its scratch (reduce(begin, end, block, scratch)); after a
 // barrier, each channel of the block is finished once from all threads' columns
 // (finish(c, block, scratches)); after a second barrier each thread applies over its own rows
-// (apply(begin, end, block)), which are likely still in its cache.
+// (apply(begin, end, block), called on chunks of them, last first: apply_last_first).
 template <class T, class Reduce, class Finish, class Apply>
 void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish,
                         Apply&& apply) {
@@ -166,7 +185,9 @@ void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Fin
             BATCHNORM_OMP(for schedule(static))
             for (std::int64_t c = first; c < first + count; ++c) finish(c, b, scratch);
             BATCHNORM_OMP(for schedule(static))
-            for (int t = 0; t < threads; ++t) apply(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], b);
+            for (int t = 0; t < threads; ++t)
+                apply_last_first(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], apply_chunk_rows<T>(b),
+                                 [&](std::int64_t begin, std::int64_t end) { apply(begin, end, b); });
         });
     }
 }

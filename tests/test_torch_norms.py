@@ -304,6 +304,44 @@ def test_module_calls_without_a_graph_take_the_shortcut(monkeypatch, dtype):
             ours(x)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_module_calls_with_a_graph_take_the_shortcut(monkeypatch, dtype):
+    """A module call that records a graph, on the same inputs as the no-graph shortcut, runs
+    the kernel with its autograd rule directly, past the functional route (patched to raise
+    here): the same bits as the route (taken while a profiler runs), forward and backward, and
+    torch's results; InstanceNorm with running statistics takes the route."""
+    from batchnorm import _torch_norms as tn
+
+    def refuse(*args):
+        raise AssertionError("functional route")
+
+    def step(module, x, grad):
+        x = x.clone().requires_grad_(True)
+        module.zero_grad()
+        y = module(x)
+        y.backward(grad)
+        return y.detach(), x.grad, [p.grad for p in module.parameters()]
+    for name, args, kwargs, shape, op in CASES:
+        ref, ours = pair(name, args, kwargs, dtype)
+        x, grad = data(shape, dtype), data(shape, dtype, seed=3)
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "profiling", lambda: True)
+            expected = step(ours, x, grad)
+        with monkeypatch.context() as patch:
+            patch.setattr(tn, "_run", refuse)
+            if kwargs.get("track_running_stats"):
+                with pytest.raises(AssertionError, match="functional route"):
+                    ours(x.clone().requires_grad_(True))
+                continue
+            got = step(ours, x, grad)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), name
+        assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2])), name
+        want = step(ref, x, grad)
+        rtol, atol = TOL[dtype][1]
+        for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
 def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):
     """A plain eager call that records a graph runs the kernels forward and backward through a
     plain autograd function (the ops, patched to raise here, are not dispatched), shown in the

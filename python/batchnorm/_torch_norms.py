@@ -56,22 +56,23 @@ def _run(name: str, x: Tensor, *args: Any) -> Any:
     return getattr(ops, name)(x, *args)
 
 
-def _direct(input: Tensor, *params: Optional[Tensor]) -> bool:
-    """Whether a module may hand this call to its kernel directly, on NumPy views, past the
-    functional route's checks (most of a small call's cost: a (1, 64, 7, 7) GroupNorm eval
-    24 -> 11 us): a plain eager call that records no graph, on a contiguous non-empty
-    float32/float64 CPU input, with parameters of its dtype. The module's own constructor
-    vouches for the parameters' shapes; each shortcut checks the input's. Not while a
-    profiler runs: the general route shows the kernels under the ops' names."""
+def _direct(input: Tensor, *params: Optional[Tensor]) -> Optional[bool]:
+    """Whether a module may hand this call to its kernel directly, past the functional route's
+    checks (most of a small call's cost: a (1, 64, 7, 7) GroupNorm eval 24 -> 11 us, its
+    forward with grad 30 -> 18 us): a plain eager call on a contiguous non-empty
+    float32/float64 CPU input, with parameters of its dtype. False: no graph to record, the
+    kernel runs on NumPy views; True: a graph to record, the kernel runs with its autograd rule
+    (``ops.EAGER``); None: take the route. The module's own constructor vouches for the
+    parameters' shapes; each shortcut checks the input's. Not while a profiler runs: the
+    general route shows the kernels under the ops' names."""
     if (ops.profiling() or not _plain_eager_input(input) or input.dtype not in _FLOATS or not input.is_cpu
             or input.layout != torch.strided or not input.is_contiguous() or input.numel() == 0
             or _dispatch_modes() > 0):
-        return False
-    grad = _grad_enabled()
-    if grad and input.requires_grad:
-        return False
-    return all(p is None or (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == input.dtype and p.is_cpu
-                             and p.layout == torch.strided and not (grad and p.requires_grad)) for p in params)
+        return None
+    if not all(p is None or (type(p) in (Tensor, torch.nn.Parameter) and p.dtype == input.dtype and p.is_cpu
+                             and p.layout == torch.strided) for p in params):
+        return None
+    return _grad_enabled() and (input.requires_grad or any(p is not None and p.requires_grad for p in params))
 
 
 def _view(t: Optional[Tensor]) -> Any:
@@ -200,8 +201,11 @@ class LayerNorm(torch.nn.LayerNorm):
     def _kernels(self, input: Tensor) -> Tensor:
         params = self._parameters
         weight, bias, shape = params.get("weight"), params.get("bias"), self.normalized_shape
-        if (shape and _direct(input, weight, bias) and input.shape[input.dim() - len(shape):] == shape
+        graph = _direct(input, weight, bias) if shape else None
+        if (graph is not None and input.shape[input.dim() - len(shape):] == shape
                 and all(t is None or t.shape == shape for t in (weight, bias)) and 0.0 < self.eps < math.inf):
+            if graph:
+                return ops.EAGER["layer_norm"](input, len(shape), weight, bias, self.eps, False)[0]
             return _tensor(_core.layer_norm(input.numpy(), len(shape), _view(weight), _view(bias), self.eps)[0])
         return layer_norm(input, shape, weight, bias, self.eps)
 
@@ -219,10 +223,12 @@ class RMSNorm(torch.nn.RMSNorm):
     @torch.jit.unused
     def _kernels(self, x: Tensor) -> Tensor:
         weight, shape, eps = self._parameters.get("weight"), self.normalized_shape, self.eps
-        if (shape and _direct(x, weight) and x.shape[x.dim() - len(shape):] == shape
-                and (weight is None or weight.shape == shape)):
+        graph = _direct(x, weight) if shape else None
+        if graph is not None and x.shape[x.dim() - len(shape):] == shape and (weight is None or weight.shape == shape):
             value = torch.finfo(x.dtype).eps if eps is None else eps
             if 0.0 < value < math.inf:
+                if graph:
+                    return ops.EAGER["layer_norm"](x, len(shape), weight, None, value, True)[0]
                 return _tensor(_core.layer_norm(x.numpy(), len(shape), _view(weight), None, value, True)[0])
         return rms_norm(x, shape, weight, eps)
 
@@ -242,9 +248,12 @@ class GroupNorm(torch.nn.GroupNorm):
         params = self._parameters
         weight, bias, groups = params.get("weight"), params.get("bias"), self.num_groups
         # numel == groups: one value per group, torch's error (the general route raises it)
-        if (_direct(input, weight, bias) and input.dim() >= 2 and input.shape[1] == self.num_channels
+        graph = _direct(input, weight, bias)
+        if (graph is not None and input.dim() >= 2 and input.shape[1] == self.num_channels
                 and input.numel() != groups and all(t is None or t.shape == (self.num_channels,) for t in (weight, bias))
                 and 0.0 < self.eps < math.inf):
+            if graph:
+                return ops.EAGER["group_norm"](input, groups, weight, bias, self.eps)[0]
             return _tensor(_core.group_norm(input.numpy(), groups, _view(weight), _view(bias), self.eps)[0])
         return group_norm(input, groups, weight, bias, self.eps)
 
@@ -265,10 +274,12 @@ class _InstanceDropIn(torch.nn.modules.instancenorm._InstanceNorm):
         params = self._parameters
         weight, bias = params.get("weight"), params.get("bias")
         # without running statistics (the default); one value per instance is torch's error
-        if (not self.track_running_stats and _direct(input, weight, bias) and input.dim() >= 3
-                and input.shape[1] == self.num_features and input[0, 0].numel() > 1
-                and all(t is None or t.shape == (self.num_features,) for t in (weight, bias))
+        graph = None if self.track_running_stats else _direct(input, weight, bias)
+        if (graph is not None and input.dim() >= 3 and input.shape[1] == self.num_features
+                and input[0, 0].numel() > 1 and all(t is None or t.shape == (self.num_features,) for t in (weight, bias))
                 and 0.0 < self.eps < math.inf):
+            if graph:
+                return ops.EAGER["instance_norm_train"](input, weight, bias, None, None, 0.0, self.eps)[0]
             return _tensor(_core.instance_norm(input.numpy(), _view(weight), _view(bias), None, None, 0.0,
                                                self.eps)[0])
         return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,

@@ -307,7 +307,7 @@ def test_module_calls_without_a_graph_take_the_shortcut(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_module_calls_with_a_graph_take_the_shortcut(monkeypatch, dtype):
     """A module call that records a graph, on the same inputs as the no-graph shortcut, runs
-    the kernel with its autograd rule directly, past the functional route (patched to raise
+    the kernel under its own autograd node, past the functional route (patched to raise
     here): the same bits as the route (taken while a profiler runs), forward and backward, and
     torch's results; InstanceNorm with running statistics takes the route."""
     from batchnorm import _torch_norms as tn
@@ -340,6 +340,114 @@ def test_module_calls_with_a_graph_take_the_shortcut(monkeypatch, dtype):
         rtol, atol = TOL[dtype][1]
         for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape,op", [c for c in CASES if not c[2].get("track_running_stats")],
+                         ids=[i for c, i in zip(CASES, CASE_IDS) if not c[2].get("track_running_stats")])
+def test_shortcut_node_backward_beyond_the_kernels(monkeypatch, name, args, kwargs, shape, op):
+    """The module shortcut's autograd node (its call checked to bypass the route) against
+    torch's module, where its backward is more than one kernel call: a broadcast gradient
+    (``y.sum().backward()``), double backward (``create_graph``), batched gradients
+    (``is_grads_batched``, also through the functional route); an input changed in place
+    after the forward is refused."""
+    from batchnorm import _torch_norms as tn
+
+    dtype = torch.float64  # gradients of gradients: tight tolerances need float64
+    ref, ours = pair(name, args, kwargs, dtype)
+    x = data(shape, dtype)
+
+    def run(module, fn):
+        xg = x.clone().requires_grad_(True)
+        y = module(xg)
+        return fn(xg, y)
+
+    def refuse(*args):
+        raise AssertionError("functional route")
+
+    def broadcast(xg, y):
+        y.sum().backward()
+        return [xg.grad]
+
+    def batched(xg, y):
+        grads = torch.stack([data(shape, dtype, seed=s) for s in (4, 5, 6)])
+        return list(torch.autograd.grad(y, xg, grads, is_grads_batched=True))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tn, "_run", refuse)
+        for fn in (broadcast, batched):
+            ref.zero_grad()
+            ours.zero_grad()
+            for a, b in zip(run(ours, fn), run(ref, fn)):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name} {fn.__name__}")
+        ours.zero_grad()
+        ref.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(ours(xg), xg, data(shape, dtype, seed=3), create_graph=True)
+        (gx * gx).sum().backward()
+        xr = x.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(ref(xr), xr, data(shape, dtype, seed=3), create_graph=True)
+        (gr * gr).sum().backward()
+        torch.testing.assert_close(gx, gr, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-9, atol=1e-9)
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9)
+        base = x.clone().requires_grad_(True) * 1  # a non-leaf input, changed in place below
+        y = ours(base)
+        base.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+    with monkeypatch.context() as patch:  # the functional route (taken under a profiler) batches them too
+        patch.setattr(ops, "profiling", lambda: True)
+        for a, b in zip(run(ours, batched), run(ref, batched)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name} route")
+
+
+@pytest.mark.parametrize("name,args,kwargs", [("LayerNorm", (16,), {}), ("RMSNorm", (16,), {}),
+                                              ("GroupNorm", (4, 12), {}), ("InstanceNorm1d", (12,), {"affine": True})])
+def test_cached_param_views_follow_swapped_memory_and_copies(monkeypatch, name, args, kwargs):
+    """The module shortcut caches NumPy views of weight and bias: ``.data`` swaps, ``.double()``,
+    copies and pickles must each normalize with their own parameters (a stale view would use
+    old ones), forward and backward, all past the functional route (patched to raise)."""
+    import pickle
+
+    from batchnorm import _torch_norms as tn
+
+    def refuse(*args):
+        raise AssertionError("functional route")
+
+    ref, ours = pair(name, args, kwargs, torch.float32)
+    x = data((3, 12, 16), torch.float32)
+
+    def check(a, b, dtype=torch.float32):
+        xs = x.to(dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(a(xs), b(xs), rtol=TOL[dtype][0][0], atol=TOL[dtype][0][1])
+        xa, xb = xs.clone().requires_grad_(True), xs.clone().requires_grad_(True)
+        a.zero_grad()
+        b.zero_grad()
+        a(xa).backward(xs)
+        b(xb).backward(xs)
+        for u, v in zip([xa.grad, *[p.grad for p in a.parameters()]], [xb.grad, *[p.grad for p in b.parameters()]]):
+            torch.testing.assert_close(u, v, rtol=TOL[dtype][1][0], atol=TOL[dtype][1][1])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tn, "_run", refuse)
+        check(ours, ref)
+        assert ours._views is not None  # the calls above filled the cache
+        for m in (ours, ref):
+            m.weight.data = m.weight.data * 2 + 1  # new memory under the same Parameter
+        check(ours, ref)
+        twin, ref_twin = copy.deepcopy(ours), copy.deepcopy(ref)
+        with torch.no_grad():
+            for m in (twin, ref_twin):
+                m.weight.mul_(3)  # the copy's own memory: the original must not see it
+        check(twin, ref_twin)
+        check(ours, ref)
+        assert "_views" not in ours.__getstate__()
+        check(pickle.loads(pickle.dumps(ours)), ref)
+        ours.double()
+        ref.double()
+        check(ours, ref, torch.float64)
 
 
 def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):

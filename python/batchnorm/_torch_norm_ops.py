@@ -24,6 +24,8 @@ _HALVES = (torch.float16, torch.bfloat16)
 _transform_active: Callable[[], Any] = torch._C._functorch.peek_interpreter_stack
 _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack")
 profiling: Callable[[], bool] = torch._C._autograd._profiler_enabled
+# is_grads_batched hands backward a (legacy vmap) batched tensor: no memory to view, the op batches it
+legacy_batched: Callable[[Tensor], bool] = torch._C._functorch.is_legacy_batchedtensor
 
 Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
@@ -75,7 +77,7 @@ def _backward_call(name: str, op: Any, kernel: Callable[..., Tuple[Tensor, Tenso
     plain tensors outside transforms and dispatch modes (graph capture and vmap record or
     batch the op)."""
     if (type(grad_y) is Tensor and type(x) is Tensor and _transform_active() is None and _dispatch_modes() == 0
-            and all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))):
+            and not legacy_batched(grad_y) and all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))):
         return call_kernel(name, kernel, grad_y, x, *args)  # type: ignore[return-value]
     return op(grad_y, x, *args)  # type: ignore[no-any-return]
 
@@ -134,22 +136,28 @@ def _layer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor
     ctx.save_for_backward(input, weight, bias, output[1], output[2])
 
 
+def layered_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                     invstd: Tensor, normalized_ndim: int, eps: float, rms: bool, needs: Sequence[bool]) -> Grads:
+    """Gradients of (input, weight, bias) of a layer norm (RMS norm when ``rms``: no bias)
+    over the last ``normalized_ndim`` dimensions."""
+    shape = x.shape[x.dim() - normalized_ndim:]
+    if torch.is_grad_enabled():
+        if rms:
+            return _torch_grads(lambda x_, w_, _b: F.rms_norm(x_, shape, w_, eps), grad_y, (x, weight, None), needs)
+        return _torch_grads(lambda x_, w_, b_: F.layer_norm(x_, shape, w_, b_, eps), grad_y, (x, weight, bias),
+                            needs)
+    gx, gw_all, gb_all = _backward_call("layer_norm_backward", layer_norm_backward, _layer_backward_kernel,
+                                        grad_y, x, mean, invstd, weight, normalized_ndim, rms)
+    gw, gb = _affine_grads(gw_all, gb_all, grad_y, weight, bias, range(x.dim() - normalized_ndim), needs)
+    return gx if needs[0] else None, gw, gb
+
+
 def _layer_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
     x, weight, bias, mean, invstd = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    shape = x.shape[x.dim() - ctx.normalized_ndim:]
-    if torch.is_grad_enabled():
-        if ctx.rms:
-            gx, gw, _no_bias = _torch_grads(lambda x_, w_, _b: F.rms_norm(x_, shape, w_, ctx.eps),
-                                     grad_y, (x, weight, None), needs)
-            return gx, None, gw, None, None, None
-        gx, gw, gb = _torch_grads(lambda x_, w_, b_: F.layer_norm(x_, shape, w_, b_, ctx.eps),
-                                  grad_y, (x, weight, bias), needs)
-        return gx, None, gw, gb, None, None
-    gx, gw_all, gb_all = _backward_call("layer_norm_backward", layer_norm_backward, _layer_backward_kernel,
-                                        grad_y, x, mean, invstd, weight, ctx.normalized_ndim, ctx.rms)
-    gw, gb = _affine_grads(gw_all, gb_all, grad_y, weight, bias, range(x.dim() - ctx.normalized_ndim), needs)
-    return gx if needs[0] else None, None, gw, gb, None, None
+    gx, gw, gb = layered_backward(grad_y, x, weight, bias, mean, invstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
+                                  needs)
+    return gx, None, gw, gb, None, None
 
 
 # ---------------------------------------------------------------- group norm (and instance norm's backward)
@@ -188,7 +196,7 @@ def _group_backward_fake(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: 
             _stats_empty(input, channels), _stats_empty(input, channels))
 
 
-def _grouped_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def grouped_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                       mean: Tensor, invstd: Tensor, groups: int, eps: float, needs: Sequence[bool]) -> Grads:
     """Gradients of (input, weight, bias) of a group norm with ``groups`` groups (instance
     norm: one channel a group)."""
@@ -210,7 +218,7 @@ def _group_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor
 def _group_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
     x, weight, bias, mean, invstd = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    gx, gw, gb = _grouped_backward(grad_y, x, weight, bias, mean, invstd, ctx.num_groups, ctx.eps, needs)
+    gx, gw, gb = grouped_backward(grad_y, x, weight, bias, mean, invstd, ctx.num_groups, ctx.eps, needs)
     return gx, None, gw, gb, None
 
 
@@ -252,7 +260,7 @@ def _instance_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...
 
 def _instance_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
     x, weight, bias, mean, invstd = ctx.saved_tensors
-    gx, gw, gb = _grouped_backward(grad_y, x, weight, bias, mean, invstd, x.shape[1], ctx.eps,
+    gx, gw, gb = grouped_backward(grad_y, x, weight, bias, mean, invstd, x.shape[1], ctx.eps,
                                    ctx.needs_input_grad[:3])
     return gx, gw, gb, None, None, None, None
 

@@ -201,14 +201,13 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
 
 // Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
 // relu), fused per channel.
-// Its bytes for the thread count are those of both passes, x read twice and y written, as
-// the channels-last driver counts them: x's second read comes from cache but takes time all
-// the same, and counting one read kept (8,512,7,7) float32 training (0.8 MiB, about 55 us)
-// on one thread where its channels-last twin ran on two.
+// Its bytes for the thread count are those of both passes (kNormalizeArrays), as the
+// channels-last driver counts them: counting one read kept (8,512,7,7) float32 training
+// (0.8 MiB, about 55 us) on one thread where its channels-last twin ran on two.
 template <class T, class Finish>
 void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, bool relu,
                               Finish&& finish) {
-    const ChannelSchedule sched = schedule_channels(s, 3 * s.size() * std::int64_t(sizeof(T)));
+    const ChannelSchedule sched = schedule_channels(s, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 2);
     if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, relu, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
@@ -230,7 +229,7 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
 template <class T, class Finish>
 void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                              const compute_t<T>* shift, Finish&& finish) {
-    const ChannelSchedule sched = schedule_channels(s, 3 * s.size() * std::int64_t(sizeof(T)));
+    const ChannelSchedule sched = schedule_channels(s, kBackwardArrays * s.size() * std::int64_t(sizeof(T)));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 3);
     if (pb.blocks > 0) return backward_plane_blocks(k, dy, x, gx, s, shift, sched, pb, finish);
     std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));

@@ -253,7 +253,7 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
                              Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
     for_each_row_block<T>(
-        s, 3 * s.size() * std::int64_t(sizeof(T)),
+        s, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
         [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
             const ChannelAffine<compute_t<T>> a = finish(c, channel_moments(s, c, blk, scratch));
@@ -275,7 +275,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
                             const compute_t<T>* shift_of, Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     for_each_row_block<T>(
-        s, 4 * s.size() * std::int64_t(sizeof(T)),
+        s, kBackwardArrays * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
             // Every thread fills the block's shifts with the same values before reading them.
             if (s.inner == 1)

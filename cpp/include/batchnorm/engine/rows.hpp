@@ -136,7 +136,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
                    const compute_t<T>* shift, const compute_t<T>* scale, double* sdy, double* sdyx, Finish&& finish) {
     const auto& k = kernels<T>();
     const Shape seg{1, rows, cols};
-    const std::int64_t bytes = 3 * seg.size() * std::int64_t(sizeof(T));
+    const std::int64_t bytes = kBackwardArrays * seg.size() * std::int64_t(sizeof(T));
     const int threads = threads_for(bytes, rows);
     const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<compute_t<T>>& g) {
         if (!gx) return;

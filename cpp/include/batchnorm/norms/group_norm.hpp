@@ -72,7 +72,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         const Shape seg{1, s.batch * groups, per_group * hw};
         std::vector<std::pair<Moments, double>> stats(static_cast<std::size_t>(seg.channels));
         for_each_channel<Moments>(
-            seg, 3 * s.size() * std::int64_t(sizeof(T)),  // x read twice, y written (channels_first.hpp)
+            seg, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e, false); },
             [&](std::int64_t sg, const Moments& m) { stats[std::size_t(sg)] = {m, finish(sg, m)}; },
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
@@ -93,7 +93,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         const T* xn = x + n * hw * C;
         T* yn = y + n * hw * C;
         for_each_row_block<T>(
-            rows, 2 * hw * C * std::int64_t(sizeof(T)),
+            rows, kNormalizeArrays * hw * C * std::int64_t(sizeof(T)),
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
                 block_moments(k, xn, b, e, blk, w);
             },
@@ -156,7 +156,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         const Shape seg{1, s.batch * groups, per_group * hw};
         std::vector<P> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
         for_each_channel<PlaneSums>(
-            seg, 3 * s.size() * std::int64_t(sizeof(T)),
+            seg, kBackwardArrays * s.size() * std::int64_t(sizeof(T)),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
                 PlaneSums r{std::vector<Sums>(std::size_t(per_group))};
                 for (std::int64_t v = b; v < e;) {
@@ -190,7 +190,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         for (std::int64_t n = 0; n < s.batch; ++n) {
             const std::int64_t base = n * hw * C;
             for_each_row_block<T>(
-                rows, 3 * hw * C * std::int64_t(sizeof(T)),
+                rows, kBackwardArrays * hw * C * std::int64_t(sizeof(T)),
                 [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
                     for (std::int64_t g = blk.first; g < blk.first + blk.count; ++g)
                         std::fill_n(w.shift.begin() + (g - blk.first) * per_group, per_group, mean[n * groups + g]);

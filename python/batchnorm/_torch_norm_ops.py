@@ -77,7 +77,8 @@ def _backward_call(name: str, op: Any, kernel: Callable[..., Tuple[Tensor, Tenso
     plain tensors outside transforms and dispatch modes (graph capture and vmap record or
     batch the op)."""
     if (type(grad_y) is Tensor and type(x) is Tensor and _transform_active() is None and _dispatch_modes() == 0
-            and not legacy_batched(grad_y) and all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))):
+            and not legacy_batched(grad_y)
+            and all(type(a) in (Tensor, torch.nn.Parameter) for a in args if isinstance(a, Tensor))):
         return call_kernel(name, kernel, grad_y, x, *args)  # type: ignore[return-value]
     return op(grad_y, x, *args)  # type: ignore[no-any-return]
 
@@ -197,7 +198,7 @@ def _group_backward_fake(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: 
 
 
 def grouped_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      mean: Tensor, invstd: Tensor, groups: int, eps: float, needs: Sequence[bool]) -> Grads:
+                     mean: Tensor, invstd: Tensor, groups: int, eps: float, needs: Sequence[bool]) -> Grads:
     """Gradients of (input, weight, bias) of a group norm with ``groups`` groups (instance
     norm: one channel a group)."""
     if torch.is_grad_enabled():
@@ -261,7 +262,7 @@ def _instance_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...
 def _instance_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
     x, weight, bias, mean, invstd = ctx.saved_tensors
     gx, gw, gb = grouped_backward(grad_y, x, weight, bias, mean, invstd, x.shape[1], ctx.eps,
-                                   ctx.needs_input_grad[:3])
+                                  ctx.needs_input_grad[:3])
     return gx, gw, gb, None, None, None, None
 
 

@@ -30,8 +30,8 @@ from . import _torch_norm_ops as ops
 from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
-from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _plain_eager_input, _Proxy, _route, _tensor,
-                    _transform_active)
+from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _plain_eager_input, _Proxy,
+                    _records_graph, _route, _tensor, _transform_active)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -68,11 +68,6 @@ def _direct(input: Tensor) -> bool:
     return not (ops.profiling() or not _plain_eager_input(input) or input.dtype not in _FLOATS or not input.is_cpu
                 or input.layout != torch.strided or not input.is_contiguous() or input.numel() == 0
                 or _dispatch_modes() > 0)
-
-
-def _records_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    return _grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                or (bias is not None and bias.requires_grad))
 
 
 class _ParamViews:

@@ -74,6 +74,12 @@ _tracing_state: Callable[[], Any] = getattr(torch._C, "_get_tracing_state")
 _has_torch_function_unary = torch.overrides.has_torch_function_unary
 
 
+def _records_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether autograd records this call: grad mode on and a tensor that requires grad."""
+    return _grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                or (bias is not None and bias.requires_grad))
+
+
 def _plain_eager_input(input: Tensor) -> bool:
     """The cheap first test of a module's shortcut: a tensor of torch's own class, outside
     graph capture, TorchScript tracing, ``torch.func`` transforms, forward-mode AD and
@@ -443,11 +449,7 @@ def batch_norm(
     if _eager(input, running_mean, running_var, weight, bias):
         if not _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps):
             return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        if torch.is_grad_enabled() and (
-            input.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        ):
+        if _records_graph(input, weight, bias):
             if training and running_mean is None:
                 momentum = 0.0  # no running statistics: torch ignores momentum
             arrays = (_numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var))
@@ -615,8 +617,7 @@ class _DropIn(_BatchNorm):
     def _run(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], arrays: Tuple[Any, Any, Any, Any],
              training: bool, momentum: float) -> Tensor:
         """The kernels on NumPy arrays of (weight, bias, running mean, running variance)."""
-        if _grad_enabled() and (input.requires_grad or (w is not None and w.requires_grad)
-                                or (b is not None and b.requires_grad)):
+        if _records_graph(input, w, b):
             return _eager_apply(input, w, b, arrays, training, momentum, self.eps)
         w_np, b_np, rm_np, rv_np = arrays
         x = input.numpy() if not input.requires_grad and input.dtype is not torch.bfloat16 else _numpy(input)

@@ -57,6 +57,8 @@ _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = _FLOATS + _HALVES
 _tensor: Callable[[Any], Tensor] = functional._torch_from_numpy  # torch.from_numpy, also bfloat16
+_from_numpy = torch.from_numpy  # where the array is known not to be bfloat16
+_BFLOAT16 = torch.bfloat16
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _has_torch_function = torch.overrides.has_torch_function_variadic
@@ -200,7 +202,7 @@ def _read_view(t: Tensor) -> Any:
     """``_numpy`` for a tensor the kernels only read (the input, grad_y): ``numpy(force=True)``
     is a view of a CPU tensor also when it requires grad, without ``detach()``'s new tensor
     (0.73 against 0.95 us)."""
-    return ops.bfloat16_view(t) if t.dtype is torch.bfloat16 else t.numpy(force=True)
+    return ops.bfloat16_view(t) if t.dtype is _BFLOAT16 else t.numpy(force=True)
 
 
 def _half_params(
@@ -465,12 +467,52 @@ def batch_norm(
     return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+def _memory_of(rm: Optional[Tensor], rv: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor],
+               counter: Optional[Tensor]) -> Tuple[int, ...]:
+    """Where each tensor's memory is (0 for None): ``.data =`` and ``Module.to()`` swap it
+    under the same Parameter, which keeps its identity. (Spelled out: a generator costs
+    half a microsecond here.)"""
+    return (rm.data_ptr() if rm is not None else 0, rv.data_ptr() if rv is not None else 0,
+            w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0,
+            counter.data_ptr() if counter is not None else 0)
+
+
+class _ModuleViews:
+    """What a batch-norm drop-in's shortcut keeps between calls: the module's tensors it was
+    made from, where their memory was and the eps (it holds while all are the same), their
+    NumPy views, and what an input must match to use them."""
+
+    __slots__ = ("running_mean", "running_var", "weight", "bias", "counter", "memory", "eps", "arrays", "count",
+                 "dtype", "channels", "half")
+
+    @staticmethod
+    def make(input: Tensor, rm: Optional[Tensor], rv: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor],
+             counter: Optional[Tensor], eps: float) -> Optional[_ModuleViews]:
+        """The views for ``input``'s dtype and channel count, or None where the kernels do
+        not apply to these tensors (the general route decides)."""
+        half = _half_params(input, rm, rv, w, b)
+        if not (all(t is None or type(t) in _TENSORS for t in (rm, rv, w, b))
+                and _kernels_apply(input, rm, rv, w, b, False, 0.0, eps, widened=half)):
+            return None
+        arrays = (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv))
+        if half and not all(a is None or isinstance(a, np.ndarray) for a in arrays):
+            return None  # bfloat16 without ml_dtypes: no NumPy view to widen
+        views = _ModuleViews()
+        views.running_mean, views.running_var, views.weight, views.bias, views.counter = rm, rv, w, b, counter
+        views.memory, views.eps, views.arrays = _memory_of(rm, rv, w, b, counter), eps, arrays
+        # the counter as a 1-element NumPy view: ``+= 1`` there costs a sixth of ``add_(1)``
+        views.count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
+                       and counter.is_cpu and counter.shape == () else None)
+        views.dtype, views.channels, views.half = input.dtype, input.shape[1], half
+        return views
+
+
 class _DropIn(_BatchNorm):
     """torch's ``_BatchNorm.forward``, line for line, calling ``batch_norm`` above; with a
     shortcut for plain eager calls (the per-call cost of a small layer is mostly Python)."""
 
     _ranks: Tuple[int, ...] = ()  # input ranks _check_input_dim accepts
-    _views: Optional[Tuple[Any, ...]] = None  # cached NumPy views of the module's tensors
+    _views: Optional[_ModuleViews] = None  # the shortcut's cache
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` as ``torch.nn.BatchNorm*d.forward`` does, on batchnorm's kernels."""
@@ -554,7 +596,8 @@ class _DropIn(_BatchNorm):
         kernels on cached NumPy views of the module's tensors. None where this does not
         apply (``forward`` then takes the general route). Reads the tensors from
         ``_buffers`` / ``_parameters`` directly (``Module.__getattr__`` costs about a
-        microsecond per name)."""
+        microsecond per name). Every test here is a few tens of nanoseconds; together they
+        are most of a small call's cost, so they are spelled inline."""
         if not _plain_eager_input(input):
             return None
         training = self.training
@@ -565,41 +608,28 @@ class _DropIn(_BatchNorm):
             rm, rv = buffers.get("running_mean"), buffers.get("running_var")
             if rm is None or rv is None:
                 return None  # eval without running statistics: batch statistics, general route
-        # the cache holds for the same tensors over the same memory (``.data =`` and
-        # ``.to()`` swap the memory under the same Parameter) and the same eps
         counter = buffers.get("num_batches_tracked")
-        key = (rm is not None and rm.data_ptr(), rv is not None and rv.data_ptr(),
-               w is not None and w.data_ptr(), b is not None and b.data_ptr(),
-               counter is not None and counter.data_ptr(), self.eps)
         views = self._views
-        if (views is None or views[0] != key or views[1] is not rm or views[2] is not rv
-                or views[3] is not w or views[4] is not b or views[7] is not counter):
-            half = _half_params(input, rm, rv, w, b)
-            if not (all(t is None or type(t) in _TENSORS for t in (rm, rv, w, b))
-                    and _kernels_apply(input, rm, rv, w, b, False, 0.0, self.eps, widened=half)):
+        if (views is None or views.running_mean is not rm or views.running_var is not rv or views.weight is not w
+                or views.bias is not b or views.counter is not counter or views.memory != _memory_of(rm, rv, w, b, counter)
+                or views.eps != self.eps):
+            views = self._views = _ModuleViews.make(input, rm, rv, w, b, counter, self.eps)
+            if views is None:
                 return None
-            arrays = (_numpy(w), _numpy(b), _numpy(rm), _numpy(rv))
-            if half and not all(a is None or isinstance(a, np.ndarray) for a in arrays):
-                return None  # bfloat16 without ml_dtypes: no NumPy view to widen
-            # the counter as a 1-element NumPy view: ``+= 1`` there costs a sixth of ``add_(1)``
-            count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
-                     and counter.is_cpu and counter.shape == () else None)
-            views = self._views = (key, rm, rv, w, b, input.dtype, arrays, counter, count,
-                                   input.shape[1], half)
         # a channel count other than the cached one: the general route, for torch's error
-        if (input.dtype != views[5] or input.dim() not in self._ranks or input.shape[1] != views[9]
-                or not input.is_cpu or input.layout != _STRIDED or input.numel() == 0):
+        if (input.dtype is not views.dtype or input.dim() not in self._ranks or input.shape[1] != views.channels
+                or not input.is_cpu or input.layout is not _STRIDED or input.numel() == 0):
             return None
         momentum = 0.0
         if training:
-            if input.numel() == input.shape[1]:
+            if input.numel() == views.channels:
                 return None  # one value per channel: torch's error
             if rm is not None:
                 momentum = self.momentum  # type: ignore[assignment]
                 if momentum is not None and not 0.0 <= momentum <= 1.0:
                     return None
                 if counter is not None:
-                    count = views[8]
+                    count = views.count
                     if count is not None:
                         count[0] += 1
                     else:
@@ -608,10 +638,9 @@ class _DropIn(_BatchNorm):
                         momentum = 1.0 / float(counter if count is None else count[0])
                 if momentum is None:
                     momentum = 0.0
-        arrays = views[6]
-        if views[10]:  # model.bfloat16(): float32 copies, as torch computes (never cached: see _widened)
-            return self._widened(input, w, b, arrays, training, momentum)
-        return self._run(input, w, b, arrays, training, momentum)
+        if views.half:  # model.bfloat16(): float32 copies, as torch computes (never cached: see _widened)
+            return self._widened(input, w, b, views.arrays, training, momentum)
+        return self._run(input, w, b, views.arrays, training, momentum)
 
     @torch.jit.unused
     def _run(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], arrays: Tuple[Any, Any, Any, Any],
@@ -620,10 +649,15 @@ class _DropIn(_BatchNorm):
         if _records_graph(input, w, b):
             return _eager_apply(input, w, b, arrays, training, momentum, self.eps)
         w_np, b_np, rm_np, rv_np = arrays
-        x = input.numpy() if not input.requires_grad and input.dtype is not torch.bfloat16 else _numpy(input)
+        if input.dtype is _BFLOAT16:
+            x = ops.bfloat16_view(input)
+            if not training:
+                return _tensor(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
+            return _tensor(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+        x = input.numpy(force=True)
         if not training:
-            return _tensor(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
-        return _tensor(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+            return _from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
+        return _from_numpy(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
 
     @torch.jit.unused
     def _widened(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], halves: Tuple[Any, Any, Any, Any],

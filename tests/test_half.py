@@ -240,6 +240,53 @@ def test_torch_tensors(torch, tdtype, channels_last, rng):
     assert bn.batch_norm(x, rm, rv, w, b, out=out) is out
 
 
+@pytest.mark.parametrize("offset_bytes", [2, 4, 6, 1], ids=["2B", "4B", "6B", "odd"])
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_tensors_at_any_offset(torch, tdtype, offset_bytes, rng):
+    """Half tensors whose address is not a multiple of 8 (a slice such as ``base[1:]``) or
+    not even of 2 (``torch.frombuffer`` at an odd offset), as input and as ``out``: read and
+    written where they are, with the values of an aligned tensor. (They were read with
+    8-byte strides: wrong values, writes past the end, crashes.)"""
+    dt = getattr(torch, tdtype)
+    half = ml_dtypes.bfloat16 if tdtype == "bfloat16" else np.float16
+    shape = (5, 3, 7, 9)
+    n = int(np.prod(shape))
+
+    def at_offset(values, buffer=None):
+        buffer = bytearray(2 * n + offset_bytes + 8) if buffer is None else buffer
+        t = torch.frombuffer(buffer, dtype=dt, offset=offset_bytes, count=n).view(shape)
+        t.copy_(values)
+        return t
+
+    x = at_offset(torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 2 + 1).to(dt))
+    assert x.data_ptr() % 8 != 0
+    w, b, rm, rv = (torch.from_numpy(a) for a in params(rng, 3))
+    x64 = x.double().numpy()
+    y64 = ref.forward_train(x64, w.numpy(), b.numpy())[0]
+    bb = b.double().numpy()[None, :, None, None]
+    terms = np.abs(y64 - bb) + np.abs(bb)
+    y = bn.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
+    assert_within_ulp(y.float().numpy(), y64, half, terms)
+    buffer = bytearray(b"\x5a" * (2 * n + offset_bytes + 8))  # nothing outside the view may change
+    out = at_offset(torch.zeros(shape, dtype=dt), buffer)
+    assert bn.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True, out=out) is out
+    assert_within_ulp(out.float().numpy(), y64, half, terms)
+    assert buffer[:offset_bytes] == b"\x5a" * offset_bytes and buffer[offset_bytes + 2 * n:] == b"\x5a" * 8
+    ln = bn.layer_norm(x, shape[-1])
+    x64n = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    assert_within_ulp(ln.float().numpy(), x64n, half, np.abs(x64n))
+
+
+def test_torch_tensor_with_negative_bit_is_refused_naming_it(torch):
+    """A lazily negated view hands its memory to DLPack without the sign: refused, not misread."""
+    v = torch.randn(6, 3, dtype=torch.complex64).conj().imag
+    assert v.is_neg()
+    with pytest.raises(TypeError, match="input is a tensor with its negative bit set"):
+        bn.batch_norm_stats(v)
+    mean, _ = bn.batch_norm_stats(v.resolve_neg())
+    np.testing.assert_allclose(mean.numpy(), v.resolve_neg().double().mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- bad input
 
 def _state(rng, c=3):

@@ -142,6 +142,8 @@ inline std::string ArrayRef::dtype_name() const {
     return dlpack_dtype_name(dl_dtype);
 }
 
+inline void take_aligned_copy(nb::handle view, ArrayRef& a);
+
 inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
     if (!PyArray_Check(h.ptr())) return false;
     auto* array = reinterpret_cast<PyArrayObject*>(h.ptr());
@@ -162,19 +164,29 @@ inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
         aligned = aligned && stride % item == 0;
         a.strides[d] = stride / item;
     }
-    if (!aligned && a.type != NPY_NOTYPE) {
-        // A float at a misaligned address or stride (a slice of a byte buffer): the kernels'
-        // scalar code reads it through T*, which must be aligned, so they get one aligned copy
-        // in the same memory order; outputs are copied back to the caller's array (copy_back).
-        nb::object copy = nb::steal(PyArray_NewCopy(array, NPY_KEEPORDER));
-        if (!copy.is_valid()) throw nb::python_error();
-        const bool writable = a.writable;
-        fill_from_numpy(copy, a);
-        a.writable = writable;
-        a.keep_alive = copy;
-        a.misaligned = nb::borrow(h);
-    }
+    if (!aligned && a.type != NPY_NOTYPE) take_aligned_copy(h, a);
     return true;
+}
+
+// A float array at a misaligned address or stride (a slice of a byte buffer): the kernels'
+// scalar code reads it through T*, which must be aligned, so `a` becomes one aligned copy of
+// `view` in the same memory order, and outputs are copied back to the caller's memory
+// (copy_back). `view`: a NumPy array of the caller's memory, of a's dtype or, for a DLPack
+// bfloat16 without ml_dtypes, of its bits as uint16; a's dtype and writability stay.
+inline void take_aligned_copy(nb::handle view, ArrayRef& a) {
+    nb::object copy = nb::steal(PyArray_NewCopy(reinterpret_cast<PyArrayObject*>(view.ptr()), NPY_KEEPORDER));
+    if (!copy.is_valid()) throw nb::python_error();
+    const int type = a.type;
+    const bool writable = a.writable;
+    PyObject* const descr = a.descr;
+    const nb::dlpack::dtype dl_dtype = a.dl_dtype;
+    fill_from_numpy(copy, a);
+    a.type = type;
+    a.writable = writable;
+    a.descr = descr;
+    a.dl_dtype = dl_dtype;
+    a.keep_alive = copy;
+    a.misaligned = nb::borrow(view);
 }
 
 // Writes an output that was computed in an aligned copy back to the caller's misaligned array.
@@ -209,22 +221,24 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
         a.strides[d] = ro.stride(std::size_t(d));
     }
     a.keep_alive = nb::cast(ro);
-    if (a.type != NPY_NOTYPE && reinterpret_cast<std::uintptr_t>(a.data) % (a.type == NPY_FLOAT32 ? 4 : 8) != 0) {
-        // Misaligned (torch.frombuffer with an offset): view it as NumPy, which takes an aligned copy.
+    const std::int64_t item = dt.bits / 8;
+    if (a.type != NPY_NOTYPE && reinterpret_cast<std::uintptr_t>(a.data) % std::uintptr_t(item) != 0) {
+        // Misaligned (torch.frombuffer with an offset): an aligned copy, made through a NumPy
+        // view of the memory; bfloat16 has a NumPy dtype only with ml_dtypes, so its view
+        // carries the bits as uint16.
         npy_intp dims[kMaxRank], steps[kMaxRank];
-        const std::int64_t item = a.type == NPY_FLOAT32 ? 4 : 8;
         for (int d = 0; d < a.rank; ++d) {
             dims[d] = npy_intp(a.shape[d]);
             steps[d] = npy_intp(a.strides[d] * item);
         }
-        PyObject* view = PyArray_NewFromDescr(&PyArray_Type, PyArray_DescrFromType(a.type), a.rank, dims, steps, a.data,
-                                              a.writable ? NPY_ARRAY_WRITEABLE : 0, nullptr);
+        const int carrier = a.type == kNpyBfloat16 ? NPY_UINT16 : a.type;
+        PyObject* view = PyArray_NewFromDescr(&PyArray_Type, PyArray_DescrFromType(carrier), a.rank, dims, steps,
+                                              a.data, a.writable ? NPY_ARRAY_WRITEABLE : 0, nullptr);
         if (!view) throw nb::python_error();
         nb::object owner = nb::steal(view);
         if (PyArray_SetBaseObject(reinterpret_cast<PyArrayObject*>(view), a.keep_alive.release().ptr()) < 0)
             throw nb::python_error();
-        a = ArrayRef{};
-        fill_from_numpy(owner, a);
+        take_aligned_copy(owner, a);
     }
     return true;
 }
@@ -238,6 +252,10 @@ inline void take_array(nb::handle h, const char* name, ArrayRef& a) {
     if (nb::hasattr(h, "requires_grad") && nb::bool_(h.attr("requires_grad")))
         type_error(std::string(name) + " is a tensor that requires grad; batchnorm's NumPy API would cut its " +
                    "autograd graph: pass tensor.detach(), or use batchnorm.torch for autograd");
+    // A lazily negated view (torch's negative bit): DLPack hands over the memory without the sign.
+    if (nb::hasattr(h, "is_neg") && nb::bool_(h.attr("is_neg")()))
+        type_error(std::string(name) + " is a tensor with its negative bit set (a lazy negation, e.g. the " +
+                   "imaginary part of a conjugate); pass tensor.resolve_neg()");
     if (!h.is_none() && fill_from_dlpack(h, a)) return;
     type_error(std::string(name) + " must be a NumPy array or a CPU tensor supporting DLPack, got " + kind_of(h));
 }

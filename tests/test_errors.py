@@ -782,6 +782,36 @@ def _():
     return (lambda: bn.set_num_threads(0)), []
 
 
+@case("set_num_threads_bool", TypeError, r"^n must be an int, got bool$")
+def _():
+    return (lambda: bn.set_num_threads(True)), []
+
+
+@case("set_num_threads_beyond_an_int", ValueError, r"\bn must be at most 2147483647")
+def _():
+    return (lambda: bn.set_num_threads(2**40)), []
+
+
+@case("fold_not_a_batch_norm", TypeError, r"^m must be a batch norm module", "got LayerNorm")
+def _():
+    m, W = bn.LayerNorm(4), np.ones((4, 2), np.float32)
+    return (lambda: bn.fold(m, W)), [m, W]
+
+
+@case("fold_none", TypeError, r"^m must be a batch norm module", "got NoneType")
+def _():
+    W = np.ones((4, 2), np.float32)
+    return (lambda: bn.fold(None, W)), [W]
+
+
+@pytest.mark.parametrize("call", ["layer_norm", "rms_norm", "group_norm"])
+def test_not_an_array_is_named_input_in_the_functional_norms(call):
+    fn = {"layer_norm": lambda v: bn.layer_norm(v, 2), "rms_norm": lambda v: bn.rms_norm(v, 2),
+          "group_norm": lambda v: bn.group_norm(v, 1)}[call]
+    with pytest.raises(TypeError, match=r"^input must be a NumPy array or a CPU tensor supporting DLPack, got list$"):
+        fn([[1.0, 2.0]])
+
+
 @case("fold_weight_channel_mismatch", ValueError, "weight")
 def _():
     m = trained().eval()

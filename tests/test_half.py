@@ -357,6 +357,31 @@ def test_fold_into_half_conv_weight(dtype, rng):
     assert_within_ulp(fb, eb, dtype, n=0.5)
 
 
+@pytest.mark.parametrize("module_dtype", ["float32", "same"])
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_fold_torch_half_tensors(torch, tdtype, module_dtype, rng):
+    """fold on torch half tensors (a ``model.bfloat16()`` conv weight; the batch norm float32
+    or in the same dtype): half tensors back, each value the float64 fold rounded once."""
+    import batchnorm.torch as bnt
+    dt = getattr(torch, tdtype)
+    half = ml_dtypes.bfloat16 if tdtype == "bfloat16" else np.float16
+    for cls in (torch.nn.BatchNorm2d, bnt.BatchNorm2d):
+        m = cls(4).eval()
+        with torch.no_grad():
+            for t, a in zip((m.weight, m.bias, m.running_mean, m.running_var), params(rng, 4)):
+                t.copy_(torch.from_numpy(a))
+        if module_dtype == "same":
+            m = m.to(dt)
+        w = torch.from_numpy(rng.standard_normal((4, 3, 3, 3)).astype(np.float32)).to(dt)
+        b = torch.from_numpy(rng.standard_normal(4).astype(np.float32)).to(dt)
+        fw, fb = bn.fold(m, w, b)
+        assert fw.dtype == fb.dtype == dt and isinstance(fw, torch.Tensor)
+        stats = [t.detach().double().numpy() for t in (m.running_mean, m.running_var, m.weight, m.bias)]
+        ew, eb = ref.fold(w.double().numpy(), b.double().numpy(), *stats, m.eps)
+        assert_within_ulp(fw.float().numpy(), ew, half, n=0.5)
+        assert_within_ulp(fb.float().numpy(), eb, half, n=0.5)
+
+
 # ---------------------------------------------------------------- torch drop-in
 
 def _no_fallback(monkeypatch):

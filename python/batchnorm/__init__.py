@@ -15,7 +15,7 @@ from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._version import __version__  # written by the build from cpp/include/batchnorm/version.hpp
 from .distributed import SyncBatchNorm
 from .fold import fold
-from .functional import batch_norm, batch_norm_backward, batch_norm_stats
+from .functional import _integer, batch_norm, batch_norm_backward, batch_norm_stats
 from .group_norm import GroupNorm, group_norm, group_norm_backward
 from .instance_norm import (
     InstanceNorm1d,
@@ -92,6 +92,9 @@ def isa() -> str:
     return "avx512" if variant == "avx512_bf16" else variant
 
 
+_MAX_THREADS = 2**31 - 1  # the C++ count is an int
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of threads used by the kernels (``n >= 1``), for the whole process.
 
@@ -99,6 +102,9 @@ def set_num_threads(n: int) -> None:
     independent of torch's. Small problems still run on one thread, and so does a process
     created by fork (its parent's OpenMP pool cannot be used there).
     """
+    n = _integer("n", n)  # a bool or a float is a TypeError, as in torch
+    if n > _MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be at most {_MAX_THREADS}, got {n}")
     _core.set_num_threads(n)
 
 

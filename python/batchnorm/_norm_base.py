@@ -11,6 +11,7 @@ running statistics) in place, so ``m.weight[:] = ...`` is seen by the next call.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar, Union, overload
 
 import numpy as np
@@ -54,10 +55,20 @@ class _Saved(NamedTuple):
     grads: Union[Callable[[Any, Any], Any], FloatArray, None]
 
 
-def _to_numpy(value: Any) -> npt.NDArray[Any]:
-    """NumPy array from an array, a torch tensor or a DLPack producer (torch is never imported)."""
+def _to_numpy(value: Any, name: str = "x") -> npt.NDArray[Any]:
+    """NumPy array from an array, a torch tensor or a DLPack producer (torch is never imported).
+    A torch bfloat16 tensor, which neither DLPack nor the array protocol hand to NumPy, becomes
+    a view of its bits as ml_dtypes' bfloat16 (a TypeError naming ``name`` without ml_dtypes)."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
+        torch = sys.modules.get("torch")
+        if torch is not None and getattr(value, "dtype", None) is torch.bfloat16:
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise TypeError(f"{name}: a torch bfloat16 tensor becomes a NumPy array only with ml_dtypes "
+                                "installed (pip install ml_dtypes)") from None
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
     if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
         try:
             return np.from_dlpack(value)
@@ -66,13 +77,13 @@ def _to_numpy(value: Any) -> npt.NDArray[Any]:
     return np.asarray(value)
 
 
-def _shape_of(x: Any) -> Tuple[int, ...]:
-    """Shape of an ndarray, a torch tensor or any DLPack producer; TypeError otherwise."""
+def _shape_of(x: Any, name: str = "x") -> Tuple[int, ...]:
+    """Shape of an ndarray, a torch tensor or any DLPack producer; TypeError naming ``name`` otherwise."""
     shape = getattr(x, "shape", None)
     if shape is None or not hasattr(x, "__dlpack__"):  # ndarray and torch.Tensor have both
         if not hasattr(x, "__dlpack__"):
             raise TypeError(
-                f"x must be a NumPy array or a CPU tensor supporting DLPack, got {type(x).__name__}"
+                f"{name} must be a NumPy array or a CPU tensor supporting DLPack, got {type(x).__name__}"
             )
         shape = np.from_dlpack(x).shape
     return tuple(shape)

@@ -62,13 +62,16 @@ def fold(
     (weight, bias) : new arrays of ``weight``'s dtype and kind (torch tensors for a
         torch weight), computed in float64.
     """
+    if not all(hasattr(m, name) for name in ("running_mean", "running_var", "num_features", "training")):
+        raise TypeError(f"m must be a batch norm module (batchnorm's or torch's BatchNorm1d/2d/3d), "
+                        f"got {type(m).__name__}")
     # No running statistics first: eval() would not help such a module.
     if m.running_mean is None or m.running_var is None:
         raise ValueError("m: fold needs running statistics, and this batch norm has no running "
                          "statistics (it was made with track_running_stats=False)")
     if m.training:
         raise ValueError("m: fold needs an eval-mode batch norm (call m.eval() first)")
-    w = _to_numpy(weight)
+    w = _to_numpy(weight, "weight")
     # ml_dtypes' bfloat16 is a floating type NumPy does not class as np.floating
     if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
         raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")
@@ -80,16 +83,16 @@ def fold(
         raise ValueError(
             f"weight: expected {channels} output channels on axis {axis}, got shape {w.shape}"
         )
-    b = np.zeros(channels) if bias is None else _to_numpy(bias)
+    b = np.zeros(channels) if bias is None else _to_numpy(bias, "bias")
     if b.shape != (channels,):
         raise ValueError(f"bias: expected shape ({channels},), got {b.shape}")
 
     # a NumPy module's arrays, or a torch module's tensors (plain or batchnorm.torch)
-    mean = _to_numpy(m.running_mean).astype(np.float64)
-    alpha = 1.0 / np.sqrt(_to_numpy(m.running_var).astype(np.float64) + m.eps)
+    mean = _to_numpy(m.running_mean, "m").astype(np.float64)
+    alpha = 1.0 / np.sqrt(_to_numpy(m.running_var, "m").astype(np.float64) + m.eps)
     if m.weight is not None:
-        alpha *= _to_numpy(m.weight)
-    shift = 0.0 if m.bias is None else _to_numpy(m.bias).astype(np.float64)
+        alpha *= _to_numpy(m.weight, "m")
+    shift = 0.0 if m.bias is None else _to_numpy(m.bias, "m").astype(np.float64)
     broadcast = [1] * w.ndim
     broadcast[axis] = channels
     folded_weight = w.astype(np.float64) * alpha.reshape(broadcast)

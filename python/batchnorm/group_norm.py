@@ -79,7 +79,7 @@ def group_norm(
         ``out`` itself when given; else a new array of the kind of ``input``.
     """
     relu = activation is not None and _relu_flag(activation)
-    _check_values_per_group(_shape_of(input), num_groups, axis)
+    _check_values_per_group(_shape_of(input, "input"), num_groups, axis)
     try:
         y = _group_norm(input, num_groups, weight, bias, eps, axis, out, relu)[0]
     except TypeError:

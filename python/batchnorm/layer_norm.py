@@ -55,7 +55,7 @@ def _normalized_shape(normalized_shape: object) -> Tuple[int, ...]:
 
 def _check_trailing(input: Any, shape: Tuple[int, ...]) -> None:
     """torch's check (and words): the trailing dims of ``input`` are ``normalized_shape``."""
-    size = _shape_of(input)
+    size = _shape_of(input, "input")
     if len(size) < len(shape) or size[len(size) - len(shape):] != shape:
         raise ValueError(
             f"Given normalized_shape={list(shape)}, expected input with shape "

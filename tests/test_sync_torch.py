@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -214,6 +215,20 @@ def test_drop_in_constructor_state_dict_and_conversion():
     assert again[0].process_group is None
     plain = bnt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
     assert type(plain[0]) is bnt.BatchNorm2d  # sync=False (default): the plain drop-in
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 0)], ids=["1d", "no-channels"])
+def test_eval_mode_input_checks_are_torchs(shape):
+    """Without a process group (eval mode) the input is checked as torch's SyncBatchNorm
+    checks it: its exception type and message, the statistics and counter untouched."""
+    ref, m = torch.nn.SyncBatchNorm(3).eval(), bnt.SyncBatchNorm(3).eval()
+    x = torch.randn(shape)
+    with pytest.raises(ValueError) as expected:
+        ref(x)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(expected.value))}$"):
+        m(x)
+    assert torch.equal(m.running_mean, ref.running_mean) and torch.equal(m.running_var, ref.running_var)
+    assert int(m.num_batches_tracked) == 0
 
 
 def test_revert_undoes_convert_sync():

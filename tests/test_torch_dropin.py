@@ -254,6 +254,37 @@ def test_wrong_channel_count_raises_torchs_error_with_a_warm_cache(training, tra
     torch.testing.assert_close(m(good), ref(good))
 
 
+def test_eval_without_running_stats_is_torchs_error():
+    with pytest.raises(Exception) as expected:
+        torch.nn.functional.batch_norm(torch.randn(4, 3), None, None, training=False)
+    with pytest.raises(type(expected.value), match=f"^{re.escape(str(expected.value))}$"):
+        bnt.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_module_made_in_inference_mode_behaves_like_torchs(grad, rng):
+    """Buffers made under ``torch.inference_mode`` cannot be updated outside it: training
+    there is torch's error, with torch's state afterwards (NumPy views would write them
+    silently); under inference mode, and in eval without grad, both run alike."""
+    with torch.inference_mode():
+        ours, ref = bnt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = torch.from_numpy(rng.standard_normal((4, 3, 2, 2)).astype(np.float32) + 5)
+    for _ in range(2):  # cold and warm cache
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(RuntimeError) as expected:
+                ref(x)
+            with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+                ours(x)
+        for name, buffer in ref.named_buffers():
+            assert torch.equal(getattr(ours, name), buffer), name
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+
+
 # ---------------------------------------------------------------- module identity, state
 
 

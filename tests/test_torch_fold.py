@@ -131,9 +131,29 @@ def test_fold_model_without_pairs_is_unchanged_and_training_is_an_error():
         bnt.fold_model(m)
     with pytest.raises(TypeError, match="pairs"):
         bnt.fold_model(cnn(), [("0", "2")])
-    no_stats = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
-    with pytest.raises(ValueError, match="running statistics"):
-        bnt.fold_model(no_stats)
+
+
+
+def test_fold_model_skips_or_refuses_a_batch_norm_without_running_statistics():
+    """Found by default, such a batch norm is no foldable pair (it normalizes with the batch's
+    statistics) and stays; named in ``pairs`` it is an error, raised before anything is
+    folded, so a failed call leaves the whole model as it was."""
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), randomize_bn(bnt.BatchNorm2d(4), gen),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"pairs: batch norm '3' has no running statistics"):
+        bnt.fold_model(model, [("0", "1"), ("2", "3")])
+    assert [type(m) for m in model] == [type(m) for m in before]
+    for (k, v), (k0, v0) in zip(model.state_dict().items(), before.state_dict().items()):
+        assert k == k0 and torch.equal(v, v0)
+    assert bnt.fold_model(model) is model
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Identity, nn.Conv2d, nn.BatchNorm2d]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_revert_is_the_inverse_of_convert():

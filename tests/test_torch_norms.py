@@ -238,6 +238,36 @@ def test_export_records_the_ops():
     torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+FX_CASES = [(c[0], c[1], c[2], c[3]) for c in CASES if not c[0].startswith("Instance")] + [
+    ("RMSNorm", (16,), {"elementwise_affine": False}, (4, 16)),  # eps=None and no weight
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name,args,kwargs,shape", FX_CASES, ids=[f"{c[0]}-{c[2]}" for c in FX_CASES])
+def test_fx_symbolic_trace_records_the_ops(name, args, kwargs, shape, dtype):
+    """A converted norm inside a model traces (torch's does; the instance norms do not, in
+    torch either) into the ``batchnorm::`` op, and the graph gives the eager result and
+    gradients, also for a ``model.bfloat16()`` whose parameters are cast when the graph runs."""
+    ref, ours = pair(name, args, kwargs, torch.float32)
+    ref, ours = (torch.nn.Sequential(torch.nn.Identity(), m).to(dtype) for m in (ref, ours))
+    gm = torch.fx.symbolic_trace(ours)
+    op = "group_norm" if name == "GroupNorm" else "layer_norm"
+    assert f"batchnorm.{op}.default" in {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    x = data(shape, torch.float32).to(dtype).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = gm(x), ref(x_ref)
+    y.backward(y.detach() * 0.5)
+    y_ref.backward(y_ref.detach() * 0.5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-6)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for p, p_ref in zip(gm.parameters(), ref.parameters()):
+        assert p.grad.dtype == p_ref.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4 if dtype == torch.float32 else 2**-6,
+                                   atol=1e-4 if dtype == torch.float32 else 2**-4)
+
+
 def test_script_and_trace_match_torch():
     ref = norms_model()
     ours = bnt.convert(copy.deepcopy(ref))

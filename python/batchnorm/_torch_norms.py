@@ -235,6 +235,12 @@ def _opmath_eps(x: Tensor) -> float:
     return torch.finfo(torch.float32 if x.dtype in _HALVES else x.dtype).eps
 
 
+# Both read the input's dtype, which an fx proxy does not have: symbolic tracing records them
+# as calls, made when the graph runs.
+torch.fx.wrap("_up")
+torch.fx.wrap("_opmath_eps")
+
+
 def _shape(normalized_shape: _Shape) -> Tuple[int, ...]:
     return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
 
@@ -264,6 +270,8 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
         if not (_graph_or_eager(input, weight) and value is not None and _layer_applies(input, shape, value, weight)):
             return F.rms_norm(input, list(shape), weight, eps)
         eps = value
+    elif eps is None:
+        eps = _opmath_eps(input)
     return _run("layer_norm", input, len(shape), _up(input, weight), None, eps, True)[0]  # type: ignore[no-any-return]
 
 

@@ -160,6 +160,10 @@ class SyncBatchNorm(_BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
     def _check_local(self, input: Tensor) -> None:
         """This rank's checks, run inside the exchange so the other ranks hear of a failure."""
         self._check_input_dim(input)
@@ -202,6 +206,8 @@ class SyncBatchNorm(_BatchNorm):
         if link is None or link.size == 1:
             from .torch import batch_norm  # not at import: batchnorm.torch imports this file
 
+            self._check_input_dim(input)  # torch's checks, in its words (several ranks: _check_local)
+            self._check_non_zero_input_channels(input)
             y = batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                            factor, self.eps)
         else:

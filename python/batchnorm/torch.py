@@ -72,6 +72,7 @@ _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stac
 # tensors of graph capture (fake and functional tensors) run the ops, whose fake rules they use
 _GRAPH_TENSORS = (torch._subclasses.FakeTensor, torch._subclasses.functional_tensor.FunctionalTensor)
 _grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
 _tracing_state: Callable[[], Any] = getattr(torch._C, "_get_tracing_state")
 _has_torch_function_unary = torch.overrides.has_torch_function_unary
 
@@ -141,13 +142,26 @@ def _kernels_apply(
         return False
     if (running_mean is None) != (running_var is None):
         return False
+    if running_mean is None and not training:  # torch's error, in its words and type
+        return False
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):  # type: ignore[union-attr]
         return False
     if training and running_mean is not None and not 0.0 <= momentum <= 1.0:
         return False
+    if training and _updates_inference_tensor(running_mean, running_var):
+        return False
     if not 0.0 < eps < float("inf"):
         return False
     return all(_per_channel_ok(t, x, channels, widened) for t in (running_mean, running_var, weight, bias))
+
+
+def _updates_inference_tensor(*tensors: Optional[Tensor]) -> bool:
+    """Whether a training call would write to an inference tensor (one made under
+    ``torch.inference_mode``) outside inference mode, which torch refuses: its op then runs,
+    for its error, before anything is written."""
+    if _is_compiling():  # dynamo cannot trace these tests (and captures the update as a graph)
+        return False
+    return not _inference_mode() and any(t is not None and t.is_inference() for t in tensors)
 
 
 def _eager(
@@ -483,7 +497,20 @@ class _ModuleViews:
     NumPy views, and what an input must match to use them."""
 
     __slots__ = ("running_mean", "running_var", "weight", "bias", "counter", "memory", "eps", "arrays", "count",
-                 "dtype", "channels", "half")
+                 "dtype", "channels", "half", "inference")
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    counter: Optional[Tensor]
+    memory: Tuple[int, ...]
+    eps: float
+    arrays: Tuple[Any, Any, Any, Any]
+    count: Any  # the counter's 1-element NumPy view, or None
+    dtype: torch.dtype
+    channels: int
+    half: bool
+    inference: bool
 
     @staticmethod
     def make(input: Tensor, rm: Optional[Tensor], rv: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor],
@@ -504,6 +531,7 @@ class _ModuleViews:
         views.count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
                        and counter.is_cpu and counter.shape == () else None)
         views.dtype, views.channels, views.half = input.dtype, input.shape[1], half
+        views.inference = any(t is not None and t.is_inference() for t in (rm, rv, counter))  # see _updates_inference_tensor
         return views
 
 
@@ -622,8 +650,8 @@ class _DropIn(_BatchNorm):
             return None
         momentum = 0.0
         if training:
-            if input.numel() == views.channels:
-                return None  # one value per channel: torch's error
+            if input.numel() == views.channels or (views.inference and not _inference_mode()):
+                return None  # one value per channel, an inference tensor to update: torch's error
             if rm is not None:
                 momentum = self.momentum  # type: ignore[assignment]
                 if momentum is not None and not 0.0 <= momentum <= 1.0:
@@ -805,7 +833,8 @@ def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str
     children = list(module.named_children())
     if isinstance(module, torch.nn.Sequential):
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if type(a) in _FOLDABLE and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm:
+            if (type(a) in _FOLDABLE and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm
+                    and b.running_mean is not None and b.running_var is not None):
                 pairs.append((prefix + name_a, prefix + name_b))
     for name, child in children:
         pairs.extend(_foldable_pairs(child, prefix + name + "."))
@@ -818,7 +847,10 @@ def fold_model(model: torch.nn.Module,
 
     ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in
     ``torch.ao.quantization.fuse_modules``; by default every conv/linear followed directly by
-    a batch norm (plain torch or converted) inside an ``nn.Sequential``. Each layer is
+    a batch norm (plain torch or converted) with running statistics inside an
+    ``nn.Sequential``. Every pair is checked before any is folded: a bad one (not a conv/linear
+    and a batch norm, or one without running statistics) is an error that leaves ``model``
+    as it was. Each layer is
     replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval`` /
     ``fuse_linear_bn_eval``) and each batch norm by ``nn.Identity``, in place; returns
     ``model`` (unchanged when nothing folds). No fx: works on any model, traceable or not.
@@ -826,6 +858,7 @@ def fold_model(model: torch.nn.Module,
     """
     if model.training or any(m.training for m in model.modules()):
         raise ValueError("model: fold_model needs an eval-mode model (call model.eval() first)")
+    checked: List[Tuple[str, str, torch.nn.Module, _BatchNorm]] = []  # all, before any is folded
     for layer_name, bn_name in _foldable_pairs(model) if pairs is None else pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         if type(layer) not in _FOLDABLE or not isinstance(bn, _BatchNorm):
@@ -834,6 +867,8 @@ def fold_model(model: torch.nn.Module,
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
                              "(track_running_stats=False), so it cannot be folded")
+        checked.append((layer_name, bn_name, layer, bn))
+    for layer_name, bn_name, layer, bn in checked:
         folded: torch.nn.Module
         if isinstance(layer, torch.nn.Linear):
             folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)

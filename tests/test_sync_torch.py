@@ -8,8 +8,11 @@ here read what each rank saved. Every launch has a hard deadline: a hang fails t
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
+import pickle
 import re
 import socket
 import time
@@ -231,11 +234,60 @@ def test_eval_mode_input_checks_are_torchs(shape):
     assert int(m.num_batches_tracked) == 0
 
 
+def test_convert_sync_keeps_hooks_and_attributes_and_checks_sync():
+    """convert(model, sync=...) keeps what convert keeps (tensors, flags, hooks, attributes);
+    a sync that is neither a bool nor a ProcessGroup is a TypeError naming it, the model as it was."""
+    bn = torch.nn.BatchNorm2d(4)
+    bn.tag = "stem"
+    calls = []
+    handle = bn.register_forward_hook(lambda *args: calls.append(1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bn, torch.nn.Sequential(torch.nn.SyncBatchNorm(4)))
+    for bad in (None, 0, 1, "gloo"):
+        with pytest.raises(TypeError, match=f"^sync must be True, False or a torch.distributed ProcessGroup, "
+                                            f"got {type(bad).__name__}$"):
+            bnt.convert(model, sync=bad)
+        assert model[1] is bn and type(model[2][0]) is torch.nn.SyncBatchNorm
+    bnt.convert(model, sync=True)
+    new = model[1]
+    assert type(new) is bnt.SyncBatchNorm and type(model[2][0]) is bnt.SyncBatchNorm
+    assert new.tag == "stem" and new.weight is bn.weight and new.running_var is bn.running_var
+    assert new.process_group is None and model[2][0].process_group is None
+    new.eval()(torch.randn(2, 4, 3, 3))
+    assert calls == [1]
+    handle.remove()
+    new(torch.randn(2, 4, 3, 3))
+    assert calls == [1]
+
+
+def test_pickle_and_copy_forget_the_checked_group():
+    """A module saved after a step must check its ranks again in the job that loads it."""
+    m = bnt.SyncBatchNorm(3)
+    m._peers_checked = ("gloo", 2, 7)  # as _link records it after a checked step
+    assert "_peers_checked" not in pickle.loads(pickle.dumps(m)).__dict__
+    assert "_peers_checked" not in copy.deepcopy(m).__dict__
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    assert "_peers_checked" not in torch.load(buffer, weights_only=False).__dict__
+
+
+def test_numpy_module_on_a_non_member_rank_says_so_at_first_use():
+    """``dist.new_group`` returns GroupMember.NON_GROUP_MEMBER on the ranks outside the group:
+    taken by the constructor, refused at first use, as MPI.COMM_NULL is."""
+    import torch.distributed as dist
+    import batchnorm as bn
+    m = bn.SyncBatchNorm(3, comm=dist.GroupMember.NON_GROUP_MEMBER)
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="this process is not in the group"):
+        m(x)
+    assert int(m.num_batches_tracked) == 0
+
+
 def test_revert_undoes_convert_sync():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4),
                                 torch.nn.Sequential(torch.nn.SyncBatchNorm(4, affine=False)))
     tensors = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    group = object()  # stored as given, like torch's
+    group = torch.distributed.ProcessGroup(0, 1)  # a group object; none is initialised
     bnt.convert(model, sync=group)
     assert type(model[1]) is bnt.SyncBatchNorm and type(model[2][0]) is bnt.SyncBatchNorm
     model[1]._peers_checked = ("torch.distributed", group)  # as after a training step

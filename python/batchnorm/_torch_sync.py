@@ -179,6 +179,13 @@ class SyncBatchNorm(_BatchNorm):
             if t is not None and t.dtype != input.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}")
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """Pickled and copied without the record of a checked group: a loaded module may run
+        in another job, whose ranks it has not checked."""
+        state = self.__dict__.copy()
+        state.pop("_peers_checked", None)
+        return state
+
     def _link(self) -> _Transport:
         link = _TorchTransport(self.process_group)
         if link.size > 1 and getattr(self, "_peers_checked", None) != link.key:
@@ -246,6 +253,18 @@ class SyncBatchNorm(_BatchNorm):
 
 
 def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
-    """``convert(model, sync=...)``: every batch norm (also ``torch.nn.SyncBatchNorm``)
-    becomes this module's SyncBatchNorm over ``process_group`` (None: the default group)."""
-    return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    """``convert(model, sync=...)``: every batch norm (any torch ``_BatchNorm``, also
+    ``torch.nn.SyncBatchNorm``) becomes this module's SyncBatchNorm over ``process_group``
+    (None: the default group), in place, keeping its tensors, flags, hooks and attributes
+    (``convert``'s rule; ``convert_sync_batchnorm`` makes new modules, as torch's does)."""
+    from .torch import _replacement  # not at import: batchnorm.torch imports this file
+
+    if isinstance(module, _BatchNorm):
+        new = module if type(module) is SyncBatchNorm else _replacement(module, SyncBatchNorm)
+        new.process_group = process_group
+        return new
+    for name, child in module.named_children():
+        new_child = convert_sync(child, process_group)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module

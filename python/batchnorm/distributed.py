@@ -132,9 +132,17 @@ def _is_mpi_comm(comm: Any) -> bool:
     return mpi is not None and isinstance(comm, mpi.Comm)
 
 
+def _is_torch_non_member(comm: Any) -> bool:
+    """torch.distributed's stand-in for a group on the ranks outside it (``new_group``
+    returns it there): the counterpart of ``MPI.COMM_NULL``."""
+    dist = sys.modules.get("torch.distributed")
+    return (dist is not None and dist.is_available() and type(comm) is int
+            and comm == getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None))
+
+
 def _check_comm(comm: Any) -> None:
     """TypeError for anything that is neither None, an mpi4py communicator nor a ProcessGroup."""
-    if comm is not None and not (_is_mpi_comm(comm) or _is_torch_group(comm)):
+    if comm is not None and not (_is_mpi_comm(comm) or _is_torch_group(comm) or _is_torch_non_member(comm)):
         raise TypeError(
             "comm must be None, an mpi4py communicator or a torch.distributed ProcessGroup, "
             f"got {type(comm).__name__}"
@@ -160,6 +168,9 @@ def transport(comm: Any) -> _Transport:
         if comm == sys.modules["mpi4py.MPI"].COMM_NULL:
             raise ValueError("comm is MPI.COMM_NULL: this process is not in the communicator")
         return _MPITransport(comm)
+    if _is_torch_non_member(comm):
+        raise ValueError("comm is torch.distributed's GroupMember.NON_GROUP_MEMBER (what new_group returns "
+                         "outside the group): this process is not in the group")
     _check_comm(comm)
     return _TorchTransport(comm)
 

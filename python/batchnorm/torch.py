@@ -806,9 +806,14 @@ def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
     classes are swapped: subclasses (which may override ``forward``),
     ``SyncBatchNorm`` and uninitialized ``LazyBatchNorm*d`` are left alone.
     """
-    if sync is not False:
-        return convert_sync(module, None if sync is True else sync)
-    return _swap(module, _REPLACEMENTS)
+    if sync is False:
+        return _swap(module, _REPLACEMENTS)
+    if sync is True:
+        return convert_sync(module, None)
+    group_type = getattr(torch.distributed, "ProcessGroup", None)
+    if group_type is None or not isinstance(sync, group_type):
+        raise TypeError(f"sync must be True, False or a torch.distributed ProcessGroup, got {type(sync).__name__}")
+    return convert_sync(module, sync)
 
 
 def revert(module: torch.nn.Module) -> torch.nn.Module:

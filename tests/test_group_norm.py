@@ -138,7 +138,8 @@ def test_bad_input_changes_nothing(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape,axis", [((4, 32, 16, 16), 1), ((4, 16, 16, 32), -1)], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape,axis", [((4, 32, 16, 16), 1), ((4, 16, 16, 32), -1), ((64, 32, 3), 1)],
+                         ids=["NCHW", "NHWC", "short-groups"])
 def test_accuracy_at_mean_1e6(dtype, shape, axis, threads):
     x = data(shape, dtype, 1e6, 1.0, 4)
     y, mean, invstd = bn._core.group_norm(x, 8, None, None, 1e-5, axis)

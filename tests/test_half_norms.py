@@ -101,7 +101,7 @@ def test_layer_and_rms_norm(dtype, shape, rng, threads):
     np.testing.assert_allclose(gw, gw64, rtol=1e-5, atol=1e-6 * np.sqrt(rows))
 
 
-GROUPS = [((4, 6, 17, 33), 3), ((2, 8, 5), 8), ((8, 16, 32, 32), 4)]
+GROUPS = [((4, 6, 17, 33), 3), ((2, 8, 5), 8), ((8, 16, 32, 32), 4), ((64, 1200, 10), 400)]
 
 
 @pytest.mark.parametrize("axis", [1, -1], ids=["cf", "cl"])

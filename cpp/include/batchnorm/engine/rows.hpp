@@ -13,6 +13,7 @@
 #include "../dispatch.hpp"
 #include "affine.hpp"
 #include "channels_first.hpp"
+#include "short_segments.hpp"
 
 namespace batchnorm::detail {
 
@@ -61,6 +62,32 @@ template <class R, class T, class Reduce, class Finish>
 void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, const compute_t<T>* weight,
                     const compute_t<T>* bias,
                     const T* residual, T* sum_out, Reduce&& reduce, Finish&& finish) {
+    using P = compute_t<T>;
+    // Rows go in blocks (below), which beat the scalar loop sooner for layer norm's moments
+    // than for RMS norm's sums. (64000, L) float32, 1 thread, Intel Xeon, ms, blocks against
+    // the scalar loop: layer norm L = 2: 1.15 / 0.52, L = 8: 1.30 / 0.78, L = 16: 1.37 / 1.42;
+    // RMS norm L = 2: 0.92 / 0.23, L = 16: 1.06 / 0.66, L = 32: 1.44 / 1.25.
+    constexpr std::int64_t kShortRow = std::is_same_v<R, Moments> ? 12 : kShortSegmentValues;
+    if (!residual && cols <= kShortRow) {
+        for_each_short_segment(rows, 2 * rows * cols * std::int64_t(sizeof(T)), [&](std::int64_t r) {
+            const T* xr = x + r * cols;
+            T* yr = y + r * cols;
+            R stats;
+            if constexpr (std::is_same_v<R, Moments>) {
+                stats = short_moments(xr, cols);
+            } else {  // around zero
+                for (std::int64_t i = 0; i < cols; ++i) stats += Sums{double(xr[i]), double(xr[i]) * double(xr[i])};
+            }
+            const RowScale<P> s = finish(r, stats);
+            for (std::int64_t i = 0; i < cols; ++i) {  // as the row_scale kernels
+                P v = (P(xr[i]) - s.shift) * s.scale + s.offset;
+                if (weight) v = v * weight[i];
+                if (bias) v = v + bias[i];
+                yr[i] = T(v);
+            }
+        });
+        return;
+    }
     const auto& k = kernels<T>();
     const Shape seg{1, rows, cols};
     T* sum = sum_out ? sum_out : y;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../engine/engine.hpp"
+#include "../engine/short_segments.hpp"
 #include "common.hpp"
 
 namespace batchnorm {
@@ -66,6 +67,25 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
             beta[i] = a.beta;
         }
     };
+    if (!s.channels_last && is_short_segment(per_group * hw)) {
+        const std::int64_t len = per_group * hw;
+        for_each_short_segment(s.batch * groups, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
+                               [&](std::int64_t sg) {
+            const T* xs = x + sg * len;
+            T* ys = y + sg * len;
+            const Moments m = short_moments(xs, len);
+            const double invstd = finish(sg, m);
+            for (std::int64_t p = 0; p < per_group; ++p) {
+                const std::int64_t c = (sg % groups) * per_group + p;
+                const ChannelAffine<P> a = affine_for<P>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
+                for (std::int64_t i = p * hw; i < (p + 1) * hw; ++i) {
+                    const P v = (P(xs[i]) - a.shift) * a.alpha + a.beta;
+                    ys[i] = T(relu ? std::max(v, P(0)) : v);  // as the scalar kernels
+                }
+            }
+        });
+        return;
+    }
     if (!s.channels_last) {
         // Per segment its moments and invstd; each plane's factors are derived as it is applied,
         // so the scratch is per group, not per (sample, channel).
@@ -152,7 +172,28 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         m = P(mm);
         q = P(qq);
     };
-    if (!s.channels_last) {
+    if (!s.channels_last && is_short_segment(per_group * hw)) {
+        const std::int64_t len = per_group * hw;
+        for_each_short_segment(s.batch * groups, kBackwardArrays * s.size() * std::int64_t(sizeof(T)),
+                               [&](std::int64_t sg) {
+            const std::size_t at = std::size_t(sg * per_group);
+            for (std::int64_t p = 0; p < per_group; ++p) {
+                const std::int64_t v = sg * len + p * hw;
+                const Sums r = short_dot(dy + v, x + v, hw, mean[sg]);
+                sdy[at + std::size_t(p)] = r.first;
+                sdyx[at + std::size_t(p)] = r.second;
+            }
+            if (!gx) return;
+            P m, q;
+            coefficients(sg, sdy.data() + at, sdyx.data() + at, nullptr, m, q);
+            const P shift = mean[sg];
+            for (std::int64_t p = 0; p < per_group; ++p) {
+                const P kc = P(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
+                for (std::int64_t i = sg * len + p * hw; i < sg * len + (p + 1) * hw; ++i)
+                    gx[i] = T(kc * P(dy[i]) + (P(x[i]) - shift) * m + q);
+            }
+        });
+    } else if (!s.channels_last) {
         const Shape seg{1, s.batch * groups, per_group * hw};
         std::vector<P> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
         for_each_channel<PlaneSums>(

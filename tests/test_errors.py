@@ -812,6 +812,18 @@ def test_not_an_array_is_named_input_in_the_functional_norms(call):
         fn([[1.0, 2.0]])
 
 
+@case("instance_norm_backward_axis_out_of_range", ValueError, r"^axis 5 is out of range for x of rank 3$")
+def _():
+    x, stats = f32(4, 6, 3), np.ones((4, 6), np.float32)
+    return (lambda: bn.instance_norm_backward(x, x, stats, stats, axis=5)), [x, stats]
+
+
+@case("instance_norm_backward_1d", ValueError, r"^x must have at least 2 dimensions")
+def _():
+    x, stats = f32(4, 6, 3), np.ones((4, 6), np.float32)
+    return (lambda: bn.instance_norm_backward(x[0, 0], x[0, 0], stats, stats)), [x, stats]
+
+
 @case("fold_weight_channel_mismatch", ValueError, "weight")
 def _():
     m = trained().eval()

@@ -114,7 +114,12 @@ def instance_norm_backward(
         arrays are of the kind of ``grad_y``.
     """
     _name_the_scalar(axis=axis)  # before it indexes the shape
-    channels = _shape_of(x)[axis]  # an instance is a group of one channel
+    shape = _shape_of(x)
+    if len(shape) < 2:
+        raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {tuple(shape)}")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis {axis} is out of range for x of rank {len(shape)}")
+    channels = shape[axis]  # an instance is a group of one channel
     grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis, out)
     return _returned_grads(grad_y, out, grads)
 

@@ -390,4 +390,48 @@ TEST(NormsErrors, NamedAndNothingWritten) {
     for (float v : rm) EXPECT_EQ(v, 0.f);
 }
 
+// The layer classes check a shape before they size the statistics' buffers by it (they threw
+// std::length_error / std::bad_alloc from std::vector instead).
+TEST(NormsErrors, LayerClassesCheckTheShapeBeforeAllocating) {
+    std::vector<float> x(64, 1.f), y(64, 0.f);
+    batchnorm::GroupNorm<float> gn(2, 8);
+    batchnorm::InstanceNorm<float> in(8);
+    batchnorm::LayerNorm<float> ln({8});
+    batchnorm::RMSNorm<float> rms({8});
+    EXPECT_THROW(gn.forward(x.data(), y.data(), GroupShape{-1, 8, 4}), batchnorm::invalid_argument);
+    EXPECT_THROW(in.forward(x.data(), y.data(), GroupShape{-1, 8, 4}), batchnorm::invalid_argument);
+    EXPECT_THROW(ln.forward(x.data(), y.data(), std::int64_t(1) << 60), batchnorm::invalid_argument);
+    EXPECT_THROW(rms.forward(x.data(), y.data(), std::int64_t(1) << 60), batchnorm::invalid_argument);
+    EXPECT_THROW(ln.forward(x.data(), y.data(), -1), batchnorm::invalid_argument);
+    for (float v : y) EXPECT_EQ(v, 0.f);
+}
+
+// Optional arrays of the storage type (residual, sum_out, grad_x) take a literal nullptr
+// without an explicit <T>, as the per-channel ones do: T comes from the first array.
+TEST(NormsApi, LiteralNullptrForOptionalArrays) {
+    std::vector<float> x(16), y(16), y2(16), dy(16), m(4, 0.f), v(4, 1.f), gw(4), gb(4), gw2(4), gx(16);
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        x[i] = float(i % 5) - 1.5f;
+        dy[i] = float(i % 3) - 0.5f;
+    }
+    const batchnorm::Shape s{1, 4, 4};
+    batchnorm::forward_eval(x.data(), y.data(), s, m.data(), v.data(), nullptr, nullptr, 1e-5, nullptr,
+                            batchnorm::Activation::relu);
+    batchnorm::forward_eval<float>(x.data(), y2.data(), s, m.data(), v.data(), nullptr, nullptr, 1e-5, nullptr,
+                                   batchnorm::Activation::relu);
+    EXPECT_EQ(y, y2);
+    batchnorm::backward(dy.data(), x.data(), nullptr, s, m.data(), v.data(), nullptr, gw.data(), gb.data());
+    batchnorm::backward(dy.data(), x.data(), gx.data(), s, m.data(), v.data(), nullptr, gw2.data(), gb.data());
+    EXPECT_EQ(gw, gw2);
+    batchnorm::layer_norm(x.data(), y.data(), 4, 4, nullptr, nullptr, 1e-5, m.data(), v.data(), nullptr, nullptr);
+    batchnorm::layer_norm_backward(dy.data(), x.data(), nullptr, 4, 4, m.data(), v.data(), nullptr, gw.data(),
+                                   nullptr);
+    batchnorm::rms_norm(x.data(), y.data(), 4, 4, nullptr, 1e-5, v.data(), nullptr, nullptr);
+    batchnorm::rms_norm_backward(dy.data(), x.data(), nullptr, 4, 4, v.data(), nullptr, gw.data());
+    batchnorm::group_norm(x.data(), y.data(), GroupShape{1, 4, 4}, 2, nullptr, nullptr, 1e-5, m.data(), v.data());
+    batchnorm::group_norm_backward(dy.data(), x.data(), nullptr, GroupShape{1, 4, 4}, 2, m.data(), v.data(), nullptr,
+                                   gw.data(), nullptr);
+    for (float g : gw) EXPECT_TRUE(std::isfinite(g));
+}
+
 }  // namespace

@@ -22,6 +22,7 @@ inline bool same_group_shape(const GroupShape& a, const GroupShape& b) {
 }
 
 inline void check_layer_shape(const GroupShape& shape, const GroupShape* saved, std::int64_t channels) {
+    check_group_shape(shape, 1);  // before the statistics' buffers are sized by it
     require(shape.channels == channels, "x: expected ", channels, " channels, got shape (", shape.batch, ", ",
             shape.channels, ", ", shape.spatial, ")");
     require(saved == nullptr || same_group_shape(shape, *saved), "backward: the shape is not the shape of the last forward");

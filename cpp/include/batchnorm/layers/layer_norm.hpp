@@ -50,7 +50,8 @@ public:
     // LN(x + residual), and sum_out (optional) receives x + residual.
     void forward(const T* x, T* y, std::int64_t rows, const T* residual = nullptr, T* sum_out = nullptr) {
         check_params();
-        std::vector<P> mean(static_cast<std::size_t>(rows > 0 ? rows : 0)), invstd(mean.size());
+        detail::check_rows(rows, size_);  // before the statistics' buffers are sized by it
+        std::vector<P> mean(static_cast<std::size_t>(rows)), invstd(mean.size());
         layer_norm(x, y, rows, size_, detail::param_or_null(weight), detail::param_or_null(bias), eps_, mean.data(),
                    invstd.data(), residual, sum_out);
         const char* why_not = residual ? "backward is not available after a forward with residual"

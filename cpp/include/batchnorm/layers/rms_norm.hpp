@@ -44,7 +44,8 @@ public:
 
     void forward(const T* x, T* y, std::int64_t rows, const T* residual = nullptr, T* sum_out = nullptr) {
         detail::check_param(weight, affine_ ? std::size_t(size_) : 0, "weight");
-        std::vector<P> rrms(static_cast<std::size_t>(rows > 0 ? rows : 0));
+        detail::check_rows(rows, size_);  // before the statistics' buffer is sized by it
+        std::vector<P> rrms(static_cast<std::size_t>(rows));
         rms_norm(x, y, rows, size_, detail::param_or_null(weight), eps_, rrms.data(), residual, sum_out);
         const char* why_not = residual ? "backward is not available after a forward with residual"
                                        : detail::in_place_reason(x, y, rows * size_ > 0);

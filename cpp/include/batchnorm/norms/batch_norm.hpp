@@ -140,7 +140,7 @@ void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* wei
 // may be null; act is none or relu.
 template <class T>
 void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean, const compute_t<T>* var,
-                  const compute_t<T>* weight, const compute_t<T>* bias, double eps, const T* residual = nullptr,
+                  const compute_t<T>* weight, const compute_t<T>* bias, double eps, const detail::identity_t<T>* residual = nullptr,
                   Activation act = Activation::none) {
     using P = compute_t<T>;
     detail::check_element_type<T>();
@@ -168,7 +168,7 @@ void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean
 // Always grad_weight = sum(dy*(x - mean))*invstd and grad_bias = sum(dy) per channel.
 // grad_x, grad_weight, grad_bias may each be null (not wanted); weight null means 1.
 template <class T>
-void backward(const T* grad_y, const T* x, T* grad_x, const Shape& shape, const compute_t<T>* mean,
+void backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, const Shape& shape, const compute_t<T>* mean,
               const compute_t<T>* invstd, const compute_t<T>* weight, compute_t<T>* grad_weight,
               compute_t<T>* grad_bias, bool training = true) {
     using P = compute_t<T>;

@@ -66,7 +66,8 @@ void norm_rows_backward(const T* dy, const T* x, T* gx, std::int64_t rows, std::
 template <class T>
 void layer_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const compute_t<T>* weight,
                 const compute_t<T>* bias, double eps, compute_t<T>* save_mean = nullptr,
-                compute_t<T>* save_invstd = nullptr, const T* residual = nullptr, T* sum_out = nullptr) {
+                compute_t<T>* save_invstd = nullptr, const detail::identity_t<T>* residual = nullptr,
+                detail::identity_t<T>* sum_out = nullptr) {
     using P = compute_t<T>;
     if (!detail::begin_rows(x, y, rows, cols, eps, residual, sum_out, save_mean, save_invstd)) return;
     detail::normalize_rows<detail::Moments>(
@@ -87,7 +88,7 @@ void layer_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const co
 // LayerNorm backward from the saved mean and invstd (rows values each). grad_x, grad_weight
 // and grad_bias (cols values) may each be null; weight null means 1.
 template <class T>
-void layer_norm_backward(const T* grad_y, const T* x, T* grad_x, std::int64_t rows, std::int64_t cols,
+void layer_norm_backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, std::int64_t rows, std::int64_t cols,
                          const compute_t<T>* mean, const compute_t<T>* invstd, const compute_t<T>* weight,
                          compute_t<T>* grad_weight, compute_t<T>* grad_bias) {
     using P = compute_t<T>;

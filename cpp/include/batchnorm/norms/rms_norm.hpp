@@ -13,7 +13,8 @@ namespace batchnorm {
 // T is the storage type; weight and save_rrms are compute_t<T> (as in layer_norm).
 template <class T>
 void rms_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const compute_t<T>* weight, double eps,
-              compute_t<T>* save_rrms = nullptr, const T* residual = nullptr, T* sum_out = nullptr) {
+              compute_t<T>* save_rrms = nullptr, const detail::identity_t<T>* residual = nullptr,
+              detail::identity_t<T>* sum_out = nullptr) {
     using P = compute_t<T>;
     if (!detail::begin_rows(x, y, rows, cols, eps, residual, sum_out, save_rrms, static_cast<P*>(nullptr))) return;
     detail::normalize_rows<detail::Sums>(
@@ -31,7 +32,7 @@ void rms_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const comp
 // RMSNorm backward from the saved rrms: with b = sum(dy*w*x) over the row,
 // grad_x = rrms*w*dy - x*rrms^3*b/cols; grad_weight[j] = sum over rows of dy*x*rrms.
 template <class T>
-void rms_norm_backward(const T* grad_y, const T* x, T* grad_x, std::int64_t rows, std::int64_t cols,
+void rms_norm_backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, std::int64_t rows, std::int64_t cols,
                        const compute_t<T>* rrms, const compute_t<T>* weight, compute_t<T>* grad_weight) {
     using P = compute_t<T>;
     detail::check_element_type<T>();

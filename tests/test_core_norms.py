@@ -63,7 +63,8 @@ def ref_layer_norm(x, nd, w, b, eps, rms=False, dy=None, saved=None):
     return out
 
 
-def ref_group_norm(x, groups, w, b, eps, axis=1, dy=None):
+def ref_group_norm(x, groups, w, b, eps, axis=1, dy=None, saved=None):
+    """As ref_layer_norm: the backward from ``saved`` = (mean, invstd) when given."""
     x64 = np.moveaxis(np.asarray(x, np.float64), axis, 1)
     n, c = x64.shape[:2]
     xs = x64.reshape(n * groups, -1)
@@ -75,6 +76,9 @@ def ref_group_norm(x, groups, w, b, eps, axis=1, dy=None):
     y = np.moveaxis(xhat_full * wf + bf, 1, axis)
     out = dict(y=y, mean=mean.reshape(n, groups), invstd=invstd.reshape(n, groups))
     if dy is not None:
+        if saved is not None:
+            mean, invstd = (np.asarray(a, np.float64).ravel() for a in saved)
+            xhat_full = ((xs - mean[:, None]) * invstd[:, None]).reshape(x64.shape)
         g = np.moveaxis(np.asarray(dy, np.float64), axis, 1)
         gs = (g * wf).reshape(xs.shape)
         out["gx"] = np.moveaxis(_seg_backward(gs, xs, mean, invstd).reshape(x64.shape), 1, axis)
@@ -171,6 +175,7 @@ GROUP_CASES = [
     ((4, 6), 3),  # no spatial dims
     ((2, 40000, 3), 8),  # many channels, short planes
     ((64, 3000, 4), 1500),  # many short segments (8 values): the scalar path, split over threads
+    ((200000, 2, 2), 1),  # many tiny samples: the scalar path in channels-last memory too
 ]
 
 
@@ -188,7 +193,7 @@ def test_group_norm_matches_reference(rng, threads, dtype, shape, groups, layout
     b = rng.standard_normal(c).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     y, mean, invstd = _core.group_norm(x, groups, w, b, 1e-5, axis)
-    ref = ref_group_norm(x, groups, w, b, 1e-5, axis, dy)
+    ref = ref_group_norm(x, groups, w, b, 1e-5, axis, dy, saved=(mean, invstd))
     assert y.strides == x.strides  # output in the input's memory layout
     _close(y, ref["y"], dtype)
     _close(mean, ref["mean"], dtype)

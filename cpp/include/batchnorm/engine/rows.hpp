@@ -74,7 +74,7 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
             T* yr = y + r * cols;
             R stats;
             if constexpr (std::is_same_v<R, Moments>) {
-                stats = short_moments(xr, cols);
+                stats = short_moments(xr, 1, cols, [](std::int64_t, std::int64_t i) { return i; });
             } else {  // around zero
                 for (std::int64_t i = 0; i < cols; ++i) stats += Sums{double(xr[i]), double(xr[i]) * double(xr[i])};
             }

@@ -1,5 +1,5 @@
-// Segments of a few values each, one after another in memory: instance norm over 2-16
-// positions, group norm with short groups. The vector drivers pay per segment a probe, a
+// Segments of a few values each: instance norm over 2-32 positions, group norm with short
+// groups (in either memory layout), layer norm over short rows. The vector drivers pay per segment a probe, a
 // kernel call, horizontal sums and a flush, many times the data here ((64, 1000, 2) float32
 // instance norm: 53 ns a segment, torch's 8). Here each segment is a scalar loop over values
 // already in L1: two passes in float64 for its moments (exact enough at any offset: no shift
@@ -21,28 +21,34 @@ constexpr std::int64_t kShortSegmentValues = 32;
 
 inline bool is_short_segment(std::int64_t values) { return values <= kShortSegmentValues; }
 
-// Moments of n values: their float64 mean, then the squared deviations from it.
-template <class T>
-Moments short_moments(const T* x, std::int64_t n) {
+// A segment's values: value i of its plane p at offset(p, i), p < planes, i < len. The
+// offset is a compile-time form per layout (a runtime stride cost the contiguous case a
+// fifth), e.g. [](p, i) { return p * len + i; }.
+
+// Moments of a segment's values: their float64 mean, then the squared deviations from it.
+template <class T, class Offset>
+Moments short_moments(const T* x, std::int64_t planes, std::int64_t len, Offset&& offset) {
     double sum = 0;
-    for (std::int64_t i = 0; i < n; ++i) sum += double(x[i]);
-    const double mean = sum / double(n);
+    for (std::int64_t p = 0; p < planes; ++p)
+        for (std::int64_t i = 0; i < len; ++i) sum += double(x[offset(p, i)]);
+    const double n = double(planes * len), mean = sum / n;
     double m2 = 0;
-    for (std::int64_t i = 0; i < n; ++i) {
-        const double d = double(x[i]) - mean;
-        m2 += d * d;
-    }
-    return {double(n), mean, 0.0, m2};
+    for (std::int64_t p = 0; p < planes; ++p)
+        for (std::int64_t i = 0; i < len; ++i) {
+            const double d = double(x[offset(p, i)]) - mean;
+            m2 += d * d;
+        }
+    return {n, mean, 0.0, m2};
 }
 
-// {sum(dy), sum(dy*(x - mean))} of n values in float64.
-template <class T, class P>
-Sums short_dot(const T* dy, const T* x, std::int64_t n, P mean) {
+// {sum(dy), sum(dy*(x - mean))} over plane p of a segment, in float64.
+template <class T, class P, class Offset>
+Sums short_dot(const T* dy, const T* x, std::int64_t p, std::int64_t len, P mean, Offset&& offset) {
     Sums s;
-    for (std::int64_t i = 0; i < n; ++i) {
-        const double g = double(dy[i]);
+    for (std::int64_t i = 0; i < len; ++i) {
+        const double g = double(dy[offset(p, i)]);
         s.first += g;
-        s.second += g * (double(x[i]) - double(mean));
+        s.second += g * (double(x[offset(p, i)]) - double(mean));
     }
     return s;
 }

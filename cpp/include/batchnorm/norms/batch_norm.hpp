@@ -140,8 +140,8 @@ void forward_train(const T* x, T* y, const Shape& shape, const compute_t<T>* wei
 // may be null; act is none or relu.
 template <class T>
 void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean, const compute_t<T>* var,
-                  const compute_t<T>* weight, const compute_t<T>* bias, double eps, const detail::identity_t<T>* residual = nullptr,
-                  Activation act = Activation::none) {
+                  const compute_t<T>* weight, const compute_t<T>* bias, double eps,
+                  const detail::identity_t<T>* residual = nullptr, Activation act = Activation::none) {
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);

@@ -88,8 +88,8 @@ void layer_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const co
 // LayerNorm backward from the saved mean and invstd (rows values each). grad_x, grad_weight
 // and grad_bias (cols values) may each be null; weight null means 1.
 template <class T>
-void layer_norm_backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, std::int64_t rows, std::int64_t cols,
-                         const compute_t<T>* mean, const compute_t<T>* invstd, const compute_t<T>* weight,
+void layer_norm_backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, std::int64_t rows,
+                         std::int64_t cols, const compute_t<T>* mean, const compute_t<T>* invstd, const compute_t<T>* weight,
                          compute_t<T>* grad_weight, compute_t<T>* grad_bias) {
     using P = compute_t<T>;
     detail::check_element_type<T>();

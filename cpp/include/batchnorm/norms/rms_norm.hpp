@@ -32,8 +32,8 @@ void rms_norm(const T* x, T* y, std::int64_t rows, std::int64_t cols, const comp
 // RMSNorm backward from the saved rrms: with b = sum(dy*w*x) over the row,
 // grad_x = rrms*w*dy - x*rrms^3*b/cols; grad_weight[j] = sum over rows of dy*x*rrms.
 template <class T>
-void rms_norm_backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, std::int64_t rows, std::int64_t cols,
-                       const compute_t<T>* rrms, const compute_t<T>* weight, compute_t<T>* grad_weight) {
+void rms_norm_backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, std::int64_t rows,
+                       std::int64_t cols, const compute_t<T>* rrms, const compute_t<T>* weight, compute_t<T>* grad_weight) {
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_rows(rows, cols);

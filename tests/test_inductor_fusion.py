@@ -199,3 +199,32 @@ def test_the_environment_turns_the_pass_off(monkeypatch):
         _inductor_fusion.install()
         assert config.post_grad_custom_pre_pass is None
         assert eval_ops(Stem, False) == {"batchnorm::batch_norm_eval"}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ops_take_inductors_conv_outputs_as_they_are(training, no_fallback):
+    """Inductor lays conv outputs out channels-last on the CPU, NCHW model or not; the ops take
+    any layout (``flexible_layout``), so each batchnorm op reads the conv's output buffer
+    itself, with no kernel between them copying it back to the traced NCHW strides."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    ref, ours = models(Stem, channels_last=False)
+    ref.train(training)
+    ours.train(training)
+    compiled = torch.compile(ours, fullgraph=True)
+    x = data(False)
+    with torch._inductor.config.patch(force_disable_caches=True):  # compiled here, its code seen
+        if training:
+            y, codes = run_and_get_code(lambda: compiled(x.clone().requires_grad_(True)))
+        else:
+            with torch.inference_mode():
+                y, codes = run_and_get_code(compiled, x)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    forward = codes[0]
+    convs = set(re.findall(r"(buf\d+) = extern_kernels\.convolution\(", forward))
+    inputs = re.findall(r"= torch\.ops\.batchnorm\.\w+\.default\((buf\d+),", forward)
+    assert len(convs) == 2 and len(inputs) == 2
+    assert set(inputs) == convs

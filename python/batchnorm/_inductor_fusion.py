@@ -106,13 +106,16 @@ def _pass_class() -> Any:
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class FusionPass(CustomGraphPass):
-        """``fuse`` as an inductor custom pass; its uuid (inductor's cache key) hashes this file."""
+        """``fuse`` as an inductor custom pass; its uuid, part of inductor's cache key, hashes
+        this file and the ops' definitions (their tags decide how inductor lowers them)."""
 
         def __call__(self, graph: Graph) -> None:
             fuse(graph)
 
         def uuid(self) -> Any:
-            return get_hash_for_files((__file__,))
+            from . import _torch_norm_ops
+
+            return get_hash_for_files((__file__, ops.__file__, _torch_norm_ops.__file__))
 
     return FusionPass
 

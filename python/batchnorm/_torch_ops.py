@@ -5,7 +5,11 @@ their autograd and vmap rules.
 
 Each normalization registers a few ops with ``register_op``: a schema-bearing Python kernel
 that calls ``_core`` on NumPy views of the tensors, a fake implementation (shapes only), and
-optionally autograd (``setup_context`` + ``backward``) and a vmap rule. For the vmap rules of
+optionally autograd (``setup_context`` + ``backward``) and a vmap rule. The kernels take any
+strides (each output follows its input's layout, as the fake one says), so the ops are tagged
+``flexible_layout``: inductor hands them its channels-last conv outputs as they are. Without
+the tag it copied each such input back to the strides seen when tracing, a full read and write
+per batch norm (compiled ResNet-18 training, NCHW: 20 copies a step). For the vmap rules of
 per-channel norms, ``to_channels`` / ``from_channels`` fold the vmapped dimension into the
 channel axis (B independent norms over C channels are one norm over B*C channels).
 
@@ -61,25 +65,33 @@ def stats_like(input: Tensor, size: int) -> Tensor:
     return input.new_empty(size, dtype=torch.float32 if half else input.dtype)
 
 
+_LIBRARY: Any = torch.library.Library(NAMESPACE, "DEF")  # type: ignore[no-untyped-call]
+
+
 def register_op(
     name: str,
     kernel: Callable[..., Any],
     fake: Callable[..., Any],
     *,
-    schema: Optional[str] = None,
+    schema: str,
     setup_context: Optional[Callable[..., None]] = None,
     backward: Optional[Callable[..., Any]] = None,
     vmap: Optional[Callable[..., Any]] = None,
 ) -> Any:
     """Registers ``batchnorm::<name>`` with its CPU kernel, fake kernel and (when given)
-    autograd and vmap rules; returns the op (``torch.ops.batchnorm.<name>``)."""
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(),
-                                 device_types="cpu", schema=schema)(kernel)
-    op.register_fake(fake)
+    autograd and vmap rules; returns the op (``torch.ops.batchnorm.<name>``).
+
+    Defined on a ``torch.library.Library`` rather than by ``torch.library.custom_op``, whose
+    wrappers around the kernel (a dynamo-disabled frame, an aliasing check of the outputs)
+    cost about 2.5 us a call, a sixth of a small eval call's."""
+    qualname = f"{NAMESPACE}::{name}"
+    _LIBRARY.define(name + schema, tags=(torch.Tag.pt2_compliant_tag, torch.Tag.flexible_layout))
+    _LIBRARY.impl(name, kernel, "CPU")
+    torch.library.register_fake(qualname, fake, lib=_LIBRARY)
     if backward is not None:
-        op.register_autograd(backward, setup_context=setup_context)
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_LIBRARY)
     if vmap is not None:
-        torch.library.register_vmap(op, vmap)
+        torch.library.register_vmap(qualname, vmap, lib=_LIBRARY)
     return getattr(torch.ops.batchnorm, name).default
 
 

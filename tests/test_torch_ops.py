@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import batchnorm.torch as bnt  # noqa: E402
+import reference  # noqa: E402
 from batchnorm import _torch_ops  # noqa: E402
 
 F = torch.nn.functional
@@ -77,6 +78,66 @@ def test_opcheck(dtype, fmt, affine):
     for op, args in checks:
         result = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def odd_layouts(shape, dtype=torch.float64, seed=0):
+    """(name, tensor) of ``shape`` in memory layouts inductor may hand a flexible-layout op."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    wide = torch.randn(n, 2 * c, h, w, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    yield "channels_last_sliced", wide[:, ::2]
+    yield "permuted", torch.randn(h, w, n, c, generator=g, dtype=dtype).permute(2, 3, 0, 1)
+    yield "every_third", torch.randn(n, c, h, 3 * w, generator=g, dtype=dtype)[..., ::3]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_sliced", "permuted",
+                                    "every_third"])
+def test_flexible_layout_ops_match_their_fake_kernels_in_any_layout(layout):
+    """The ops are tagged ``flexible_layout``: inductor may pass any strides, and then asserts
+    that the output has the strides the fake kernel gave. So for every layout the real and
+    fake kernels agree (``opcheck``'s fake-tensor test), and the values are torch's (float64,
+    against ``torch.native_batch_norm`` and the composite norms)."""
+    from batchnorm import _torch_norm_ops as norm_ops
+
+    x = dict(odd_layouts((3, 4, 5, 6)))[layout]
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.rand(4, generator=g, dtype=x.dtype) + 0.5, torch.randn(4, generator=g, dtype=x.dtype)
+    rm, rv = torch.randn(4, generator=g, dtype=x.dtype), torch.rand(4, generator=g, dtype=x.dtype) + 0.5
+    other = dict(odd_layouts((3, 4, 5, 6), seed=2))["permuted" if layout != "permuted" else "contiguous"]
+    lw, lb = torch.rand(5, 6, generator=g, dtype=x.dtype) + 0.5, torch.randn(5, 6, generator=g, dtype=x.dtype)
+    checks = [
+        (_torch_ops.batch_norm_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (_torch_ops.batch_norm_train_relu, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)),
+        (_torch_ops.batch_norm_eval, (x, w, b, rm, rv, 1e-5)),
+        (_torch_ops.batch_norm_eval_act, (x, w, b, rm, rv, 1e-5, other, True)),
+        (_torch_ops.batch_norm_backward, (other, x, w, rm, rv, True)),
+        (_torch_ops.not_positive, (x,)),
+        (norm_ops.layer_norm, (x, 2, lw, lb, 1e-5, False)),
+        (norm_ops.group_norm, (x, 2, w, b, 1e-5)),
+        (norm_ops.instance_norm_train, (x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)),
+    ]
+    for op, args in checks:
+        result = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+    y, mean, invstd, _, _ = _torch_ops.batch_norm_train(x, w, b, rm.clone(), rv.clone(), 0.1, 1e-5)
+    fused = _torch_ops.batch_norm_eval_act(x, w, b, rm, rv, 1e-5, other, True)
+    layer = norm_ops.layer_norm(x, 2, lw, lb, 1e-5, False)[0]
+    group = norm_ops.group_norm(x, 2, w, b, 1e-5)[0]
+    y_ref, mean_ref, invstd_ref = torch.native_batch_norm(x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5)
+    eval_ref = torch.native_batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5)[0]
+    wants = [(y, y_ref), (mean, mean_ref), (invstd, invstd_ref), (fused, (eval_ref + other).relu()),
+             (layer, F.layer_norm(x, (5, 6), lw, lb, 1e-5)), (group, F.group_norm(x, 2, w, b, 1e-5))]
+    xn, (wn, bn, rmn, rvn) = x.numpy(), (t.numpy() for t in (w, b, rm, rv))
+    np_y, np_mean, np_invstd, _, _ = reference.forward_train(xn, wn, bn)
+    wants += [(y, np_y), (mean, np_mean), (invstd, np_invstd),
+              (fused, reference.fused_eval(xn, rmn, rvn, wn, bn, 1e-5, 1, other.numpy(), "relu")),
+              (layer, reference.layer_norm(xn, 2, lw.numpy(), lb.numpy())[0]),
+              (group, reference.group_norm(xn, 2, wn, bn)[0])]
+    for got, want in wants:
+        torch.testing.assert_close(got, torch.as_tensor(want), rtol=1e-12, atol=1e-12)
 
 
 def test_train_op_matches_torch_native_batch_norm(rng):

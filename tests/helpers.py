@@ -116,6 +116,23 @@ def layout_ok(layout, ndim):
 def make_input(rng, shape, dtype, layout="contiguous", offset=0.0, std=1.0):
     return arrange(logical_data(rng, shape, offset, std), dtype, layout)
 
+# Shapes whose transposing copies leave partial tiles on both axes (python/src/arrays.hpp).
+TRANSPOSE_SHAPES = [(3, 37, 5, 7), (2, 40, 17, 16), (70, 33)]
+
+
+def in_other_memory_order(rng, shape, x, axis, dtype):
+    """Random data of x's shape in the other memory order than x: Fortran order beside a
+    C-ordered (N, C) x, NCHW memory beside x's channels-last memory (either view of it).
+    ``shape`` is the logical (N, C, ...) shape x was made from."""
+    if len(shape) == 2:
+        other = np.asfortranarray(rng.standard_normal(shape).astype(dtype))
+    else:
+        other = np.ascontiguousarray(rng.standard_normal(shape).astype(dtype))  # NCHW memory
+        if axis % x.ndim != 1:  # x is channels-last: the same logical shape, still NCHW memory
+            other = np.moveaxis(other, 1, -1)
+    assert other.shape == x.shape and other.strides != x.strides
+    return other
+
 
 def channels(x, axis):
     return x.shape[axis % x.ndim]

@@ -14,8 +14,8 @@ import pytest
 import batchnorm as bn
 import reference as ref
 from helpers import (same_random_params, torch_cls, DTYPE_IDS, DTYPES, LAYOUTS, SHAPE_IDS, SHAPES, arrange, assert_close,
-                     assert_close_sum, channels, layout_ok, logical_data, make_input, module_cls,
-                     rand_params)
+                     assert_close_sum, channels, in_other_memory_order, layout_ok, logical_data, make_input,
+                     module_cls, rand_params, TRANSPOSE_SHAPES)
 
 
 def check_grads(gx, gw, gb, x, gy, mean, invstd, w, axis, dtype, training=True, eps=None):
@@ -347,23 +347,15 @@ def test_rows_applied_in_many_chunks(dtype, threads, rng):
     check_grads(gx, gw, gb, x, gy, mean.astype(np.float64), invstd.astype(np.float64), w, 1, dtype)
 
 
-@pytest.mark.parametrize("shape", [(3, 37, 5, 7), (2, 40, 17, 16), (70, 33)], ids=str)
+@pytest.mark.parametrize("shape", TRANSPOSE_SHAPES, ids=str)
 @pytest.mark.parametrize("x_layout", ["channels_last", "cl_view"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_module_backward_gy_in_the_transposed_layout(shape, x_layout, dtype, rng):
     """grad_y in the other of NCHW / NHWC memory (as autograd hands over a gradient that a
     different-layout op produced): copied into x's layout, in tiles, before the kernels run.
     Sizes not multiples of the tile leave partial tiles on both axes."""
-    if len(shape) == 2:  # (N, C): C-ordered x, Fortran-ordered gy
-        x, axis = make_input(rng, shape, dtype, "contiguous")
-        gy = np.asfortranarray(rng.standard_normal(shape).astype(dtype))
-    else:
-        x, axis = make_input(rng, shape, dtype, x_layout)
-        logical = rng.standard_normal(shape)
-        gy, gy_axis = arrange(logical, dtype, "contiguous")  # NCHW memory
-        if axis != gy_axis:  # the same logical (channels-last) shape as x, in NCHW memory
-            gy = np.moveaxis(gy, 1, -1)
-        assert gy.shape == x.shape and gy.strides != x.strides
+    x, axis = make_input(rng, shape, dtype, x_layout if len(shape) > 2 else "contiguous")
+    gy = in_other_memory_order(rng, shape, x, axis, dtype)
     c = x.shape[axis]
     m = module_cls(len(shape))(c, dtype=dtype, axis=axis)
     w, b = rand_params(rng, c, dtype)

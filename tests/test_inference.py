@@ -10,8 +10,8 @@ import pytest
 
 import batchnorm as bn
 import reference as ref
-from helpers import (DTYPE_IDS, DTYPES, assert_close, logical_data, make_input,
-                     module_cls, rand_params)
+from helpers import (DTYPE_IDS, DTYPES, TRANSPOSE_SHAPES, assert_close, in_other_memory_order,
+                     logical_data, make_input, module_cls, rand_params)
 
 FUSION_SHAPES = [(5, 3), (2, 17, 33), (2, 3, 17, 33), (1, 33, 3, 3), (2, 1, 3, 3, 17)]
 
@@ -164,20 +164,15 @@ def test_fold_matches_torch_fuse_conv_bn_weights(torch, dtype, transpose, with_b
         _fold_check(ref.conv_transpose2d_1x1(x, Wf, bf), y_ref, terms, dtype)
 
 
-@pytest.mark.parametrize("shape", [(3, 37, 5, 7), (2, 40, 17, 16), (70, 33)], ids=str)
+@pytest.mark.parametrize("shape", TRANSPOSE_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_residual_in_the_transposed_layout(shape, dtype, activation, rng):
     """A channels-last x with a residual in NCHW memory (inductor hands these over: a
     channels-last conv output and an NCHW graph input): the residual is copied into x's
     layout, in tiles; partial tiles on both axes."""
-    if len(shape) == 2:
-        x, axis = make_input(rng, shape, dtype, "contiguous")
-        res = np.asfortranarray(rng.standard_normal(shape).astype(dtype))
-    else:
-        x, axis = make_input(rng, shape, dtype, "channels_last")
-        res = np.moveaxis(np.ascontiguousarray(rng.standard_normal(shape).astype(dtype)), 1, -1)
-    assert res.shape == x.shape and res.strides != x.strides
+    x, axis = make_input(rng, shape, dtype, "channels_last" if len(shape) > 2 else "contiguous")
+    res = in_other_memory_order(rng, shape, x, axis, dtype)
     m = eval_module(rng, shape, dtype, axis)
     y = m(x, residual=res, activation=activation)
     y_ref = ref.fused_eval(x, m.running_mean, m.running_var, m.weight, m.bias, m.eps, axis,

@@ -34,6 +34,7 @@ template <>
 struct Ops<double> {
     using V = __m512d;
     static constexpr std::int64_t W = 8;
+    static constexpr bool kOverlapTails = false;  // masked loads and stores are native
     static V zero() { return _mm512_setzero_pd(); }
     static V set1(double v) { return _mm512_set1_pd(v); }
     static V load(const double* p) { return _mm512_loadu_pd(p); }
@@ -112,6 +113,7 @@ template <>
 struct Ops<float> {
     using V = __m512;
     static constexpr std::int64_t W = 16;
+    static constexpr bool kOverlapTails = false;
     static V zero() { return _mm512_setzero_ps(); }
     static V set1(float v) { return _mm512_set1_ps(v); }
     static V load(const float* p) { return _mm512_loadu_ps(p); }

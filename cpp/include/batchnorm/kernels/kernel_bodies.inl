@@ -2,7 +2,8 @@
 // own namespace and target region, after defining `Ops<T>`, its vector operations:
 //   V, W (lanes); zero, set1, load, load_partial(p, n, fill), store, store_partial(p, v, n),
 //   add, sub, mul, fma(a, b, c) = a*b + c, max, sum_lanes(v) -> double,
-//   add_lanes_to(double* dst, v), add_lanes_to_partial(double* dst, v, n).
+//   add_lanes_to(double* dst, v), add_lanes_to_partial(double* dst, v, n);
+//   kOverlapTails, and keep_last(v, n) (lanes before the last n cleared) where it is true.
 // So the algorithms exist once, and each ISA is compiled with its own instructions enabled.
 // No include guard: it is meant to be included once per backend namespace. No lambdas either:
 // Clang does not carry a target attribute into a lambda's body (functor structs instead).
@@ -309,18 +310,82 @@ BATCHNORM_ALWAYS_INLINE void plane_store(P* p, int v, i64 last, typename Ops<com
     else O::store(p + v * O::W, value);
 }
 
+// Overlapping tails: with Ops::kOverlapTails, the partial last vector of a plane of kV >= 2
+// vectors is read as the W values that end the plane, one plain load that overlaps the vector
+// before it. The sums clear the lanes that vector counted (keep_last); the apply stores the
+// whole vector, rewriting those lanes with the values they already hold, and loads its inputs
+// before it stores anything of the plane, so an output that is its own input stays right.
+template <int kV, class P>
+BATCHNORM_ALWAYS_INLINE bool overlap_tail(i64 last) {
+    using O = Ops<compute_t<P>>;
+    return O::kOverlapTails && kV >= 2 && last < O::W;
+}
+
+// Where the overlapping last vector of a plane starting at p begins.
+template <int kV, class P>
+BATCHNORM_ALWAYS_INLINE P* tail_at(P* p, i64 last) {
+    return p + (kV - 2) * Ops<compute_t<std::remove_const_t<P>>>::W + last;
+}
+
+// v with the lanes before its last n cleared (reached only where overlap_tail holds).
+template <class O>
+BATCHNORM_ALWAYS_INLINE typename O::V keep_last(typename O::V v, i64 n) {
+    if constexpr (O::kOverlapTails) return O::keep_last(v, n);
+    else return v;
+}
+
+template <bool kResidual, bool kRelu, class V, class O>
+BATCHNORM_ALWAYS_INLINE V affine_value(V x, V r, V s, V a, V b, O) {
+    V out = O::fma(O::sub(x, s), a, b);
+    if constexpr (kResidual) out = O::add(out, r);
+    if constexpr (kRelu) out = O::max(out, O::zero());
+    return out;
+}
+
 // y = (x - s) * a + b, plus the residual and then ReLU when asked, over one plane of kV vectors.
 template <int kV, bool kResidual, bool kRelu, class S>
 BATCHNORM_ALWAYS_INLINE void plane_affine(const S* x, const S* residual, S* y, i64 last,
                                           typename Ops<compute_t<S>>::V s, typename Ops<compute_t<S>>::V a,
                                           typename Ops<compute_t<S>>::V b) {
     using O = Ops<compute_t<S>>;
+    if (overlap_tail<kV, S>(last)) {
+        const auto tail = affine_value<kResidual, kRelu>(
+            O::load(tail_at<kV>(x, last)), kResidual ? O::load(tail_at<kV>(residual, last)) : O::zero(), s, a, b, O{});
+        BATCHNORM_UNROLL_PLANE
+        for (int v = 0; v < kV - 1; ++v)
+            O::store(y + v * O::W, affine_value<kResidual, kRelu>(O::load(x + v * O::W),
+                                                                 kResidual ? O::load(residual + v * O::W) : O::zero(),
+                                                                 s, a, b, O{}));
+        O::store(tail_at<kV>(y, last), tail);
+        return;
+    }
     BATCHNORM_UNROLL_PLANE
     for (int v = 0; v < kV; ++v) {
-        auto out = O::fma(O::sub(plane_load<kV>(x, v, last, s), s), a, b);
-        if constexpr (kResidual) out = O::add(out, plane_load<kV>(residual, v, last, O::zero()));
-        if constexpr (kRelu) out = O::max(out, O::zero());
-        plane_store<kV>(y, v, last, out);
+        const auto r = kResidual ? plane_load<kV>(residual, v, last, O::zero()) : O::zero();
+        plane_store<kV>(y, v, last, affine_value<kResidual, kRelu>(plane_load<kV>(x, v, last, s), r, s, a, b, O{}));
+    }
+}
+
+// dy * k + (x - s) * m + q over one plane of kV vectors (overlapping tails as plane_affine).
+template <int kV, class S>
+BATCHNORM_ALWAYS_INLINE void plane_grad(const S* dy, const S* x, S* gx, i64 last, typename Ops<compute_t<S>>::V s,
+                                        typename Ops<compute_t<S>>::V k, typename Ops<compute_t<S>>::V m,
+                                        typename Ops<compute_t<S>>::V q) {
+    using O = Ops<compute_t<S>>;
+    if (overlap_tail<kV, S>(last)) {
+        const auto tail =
+            O::fma(O::load(tail_at<kV>(dy, last)), k, O::fma(O::sub(O::load(tail_at<kV>(x, last)), s), m, q));
+        BATCHNORM_UNROLL_PLANE
+        for (int v = 0; v < kV - 1; ++v)
+            O::store(gx + v * O::W,
+                     O::fma(O::load(dy + v * O::W), k, O::fma(O::sub(O::load(x + v * O::W), s), m, q)));
+        O::store(tail_at<kV>(gx, last), tail);
+        return;
+    }
+    BATCHNORM_UNROLL_PLANE
+    for (int v = 0; v < kV; ++v) {
+        const auto d = O::sub(plane_load<kV>(x, v, last, s), s);
+        plane_store<kV>(gx, v, last, O::fma(plane_load<kV>(dy, v, last, O::zero()), k, O::fma(d, m, q)));
     }
 }
 
@@ -360,10 +425,17 @@ struct PlaneSums {
     BATCHNORM_ALWAYS_INLINE static void add_plane(const S* dy, const S* x, i64 last, V s, V& u1, V& u2, V& w1,
                                                   V& w2) {
         using O = Ops<T>;
+        const bool overlap = overlap_tail<kV, S>(last);
         BATCHNORM_UNROLL_PLANE
         for (int v = 0; v < kV; ++v) {
-            const V d = O::sub(plane_load<kV>(x, v, last, s), s);
-            const V g = kDot ? plane_load<kV>(dy, v, last, O::zero()) : d;
+            V d, g;
+            if (overlap && v == kV - 1) {  // both cleared: 0 * inf would be NaN
+                d = keep_last<O>(O::sub(O::load(tail_at<kV>(x, last)), s), last);
+                g = kDot ? keep_last<O>(O::load(tail_at<kV>(dy, last)), last) : d;
+            } else {
+                d = O::sub(plane_load<kV>(x, v, last, s), s);
+                g = kDot ? plane_load<kV>(dy, v, last, O::zero()) : d;
+            }
             if (v % 2 == 0) {
                 u1 = O::add(u1, g);
                 u2 = O::fma(g, d, u2);
@@ -508,12 +580,7 @@ struct PlaneApply {
                 if (prefetch_ && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
                 const V s = O::set1(shift[j]), av = O::set1(a[j]), bv = O::set1(b[j]);
                 if constexpr (kGrad) {
-                    const V cv = O::set1(c[j]);
-                    BATCHNORM_UNROLL_PLANE
-                    for (int v = 0; v < kV; ++v) {
-                        const V d = O::sub(plane_load<kV>(x + at, v, last, s), s);
-                        plane_store<kV>(y + at, v, last, O::fma(plane_load<kV>(dy + at, v, last, O::zero()), av, O::fma(d, bv, cv)));
-                    }
+                    plane_grad<kV>(dy + at, x + at, y + at, last, s, av, bv, O::set1(c[j]));
                 } else {
                     plane_affine<kV, false, kRelu>(x + at, static_cast<const S*>(nullptr), y + at, last, s, av, bv);
                 }

@@ -23,6 +23,7 @@ template <>
 struct Ops<double> {
     using V = float64x2_t;
     static constexpr std::int64_t W = 2;
+    static constexpr bool kOverlapTails = false;  // lane loads and stores are cheap
     static V zero() { return vdupq_n_f64(0.0); }
     static V set1(double v) { return vdupq_n_f64(v); }
     static V load(const double* p) { return vld1q_f64(p); }
@@ -79,6 +80,7 @@ template <>
 struct Ops<float> {
     using V = float32x4_t;
     static constexpr std::int64_t W = 4;
+    static constexpr bool kOverlapTails = false;
     static V zero() { return vdupq_n_f32(0.0f); }
     static V set1(float v) { return vdupq_n_f32(v); }
     static V load(const float* p) { return vld1q_f32(p); }

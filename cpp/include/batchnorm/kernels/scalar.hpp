@@ -14,6 +14,7 @@ template <class T>
 struct Ops {
     using V = T;
     static constexpr std::int64_t W = 1;
+    static constexpr bool kOverlapTails = false;  // no partial vectors
     static V zero() { return T(0); }
     static V set1(T v) { return v; }
     // S: any storage type computed in T (T itself, or a half type whose conversions in half.hpp

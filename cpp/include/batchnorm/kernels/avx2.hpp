@@ -105,17 +105,18 @@ struct HalfConvert<float16> {
 template <>
 struct HalfConvert<bfloat16> {
     static __m256 widen(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
-    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet.
+    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet. The NaN
+    // test is one unordered compare, and the halves pack as 128-bit vectors (no lane-crossing
+    // permute): on AMD cores before Zen 2 a 256-bit integer op is two micro-ops, and narrowing
+    // is most of a bfloat16 apply's work there.
     static __m128i narrow(__m256 v) {
         const __m256i u = _mm256_castps_si256(v);
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
-        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                               _mm256_set1_epi32(0x7F800000));
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
         const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
-        // packus works within 128-bit halves: lanes 0-3 land in qword 0, lanes 4-7 in qword 2.
-        return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0x08));
+        return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
     }
 };
 

@@ -401,9 +401,15 @@ BATCHNORM_ALWAYS_INLINE void with_plane_vectors(i64 vectors, Op& op) {
     }
 }
 
-template <class S>
-BATCHNORM_ALWAYS_INLINE i64 plane_vectors(i64 len) {
-    return (len + Ops<compute_t<S>>::W - 1) / Ops<compute_t<S>>::W;
+// Runs op over planes of len values of S: a compile-time vector count for short planes of a
+// vector backend; run_long, the plane-by-plane loop, for long planes and on one lane, where an
+// unrolled copy per plane length would only add compile time (the scalar backend is the
+// reference, not a fast path: 16 copies of each block kernel were a third of each type's code).
+template <class S, class Op>
+BATCHNORM_ALWAYS_INLINE void with_plane_length(i64 len, Op& op) {
+    constexpr i64 W = Ops<compute_t<S>>::W;
+    if constexpr (W > 1) with_plane_vectors((len + W - 1) / W, op);
+    else op.run_long();
 }
 
 // kDot false: s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2);
@@ -545,14 +551,14 @@ template <class S>
 void pb_dev(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift, double* s1,
             double* s2, BlockReads reads) {
     PlaneSums<S, false> op{nullptr, x, rows, stride, planes, len, shift, s1, s2, reads};
-    with_plane_vectors(plane_vectors<S>(len), op);
+    with_plane_length<S>(len, op);
 }
 
 template <class S>
 void pb_dot(const S* dy, const S* x, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
             double* sdy, double* sdyx, BlockReads reads) {
     PlaneSums<S, true> op{dy, x, rows, stride, planes, len, shift, sdy, sdyx, reads};
-    with_plane_vectors(plane_vectors<S>(len), op);
+    with_plane_length<S>(len, op);
 }
 
 // kGrad false: y = act((x - shift[j]) * a[j] + b[j]), act ReLU when kRelu;
@@ -614,7 +620,7 @@ void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, cons
     with_relu(relu, [&](auto flag) {
         PlaneApply<S, false, decltype(flag)::value> op{nullptr, x,    y,     rows, stride,  planes,
                                                        len,     shift, alpha, beta, nullptr, prefetch};
-        with_plane_vectors(plane_vectors<S>(len), op);
+        with_plane_length<S>(len, op);
     });
 }
 
@@ -622,7 +628,7 @@ template <class S>
 void pb_grad(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
              const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, bool prefetch) {
     PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q, prefetch};
-    with_plane_vectors(plane_vectors<S>(len), op);
+    with_plane_length<S>(len, op);
 }
 
 // Eval over `planes` contiguous planes of len values, plane r of channel
@@ -670,7 +676,7 @@ template <class S, bool kResidual, bool kRelu>
 void rows_affine_as(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
                     i64 channels, const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta) {
     RowsAffine<S, kResidual, kRelu> op{x, residual, y, planes, len, first_channel, channels, shift, alpha, beta};
-    with_plane_vectors(plane_vectors<S>(len), op);
+    with_plane_length<S>(len, op);
 }
 
 template <class S>
@@ -726,8 +732,10 @@ inline void add_lanes_block(double* dst, typename Ops<T>::V v, int k, int nb, i6
 // A block of N vectors from column 0, the last with `last` lanes (partial when last < W).
 template <int N, class T, class Op>
 void narrow_block(Op& op, i64 row0, i64 rows, i64 last) {
-    if (last < Ops<T>::W) op.template block<true>(row0, rows, 0, last, std::integral_constant<int, N>{});
-    else op.template block<false>(row0, rows, 0, last, std::integral_constant<int, N>{});
+    if constexpr (Ops<T>::W > 1) {  // one lane has no partial vector
+        if (last < Ops<T>::W) return op.template block<true>(row0, rows, 0, last, std::integral_constant<int, N>{});
+    }
+    op.template block<false>(row0, rows, 0, last, std::integral_constant<int, N>{});
 }
 
 // Runs op.template block<kTail>(row0, rows, j, last, nb) over every tile of rows: nb vectors from
@@ -753,8 +761,13 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
             default:
                 for (i64 v = 0; v < vectors; v += kWide) {
                     const int nb = int(std::min(kWide, vectors - v));
-                    if (v + nb == vectors && last < W) op.template block<true>(r, n, v * W, last, nb);
-                    else op.template block<false>(r, n, v * W, W, nb);
+                    if constexpr (W > 1) {  // one lane has no partial vector
+                        if (v + nb == vectors && last < W) {
+                            op.template block<true>(r, n, v * W, last, nb);
+                            continue;
+                        }
+                    }
+                    op.template block<false>(r, n, v * W, W, nb);
                 }
         }
     }

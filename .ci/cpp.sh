@@ -40,7 +40,7 @@ if command -v ninja >/dev/null; then generator=(-G Ninja); else generator=(-G "U
 common=("${generator[@]}" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_COMPILER=$CXX")
 
 step "configure, build, ctest ($CXX, ${generator[1]}, $jobs jobs)"
-cmake -S "$root" -B "$work/build" "${common[@]}" -DBATCHNORM_BUILD_TESTS=ON
+cmake -S "$root" -B "$work/build" "${common[@]}" -DBATCHNORM_BUILD_TESTS=ON -DBATCHNORM_BUILD_BENCH=OFF
 cmake --build "$work/build" --parallel "$jobs"
 [[ -x "$work/build/tests/cpp/batchnorm_tests" ]] || {
     echo "cpp.sh: the GoogleTest suite was not built (GoogleTest missing? apt-get install libgtest-dev)" >&2
@@ -48,17 +48,24 @@ cmake --build "$work/build" --parallel "$jobs"
 }
 ctest --test-dir "$work/build" --output-on-failure --parallel "$jobs"
 
+step "bench/cpp compiles (-fsyntax-only: its timing programs are not run here)"
+for program in "$root"/bench/cpp/*.cpp; do
+    "$CXX" -std=c++17 -fopenmp -fsyntax-only "-I$root/cpp/include" "$program"
+done
+
 step "install trees (with OpenMP, and configured without)"
 cmake --install "$work/build" --prefix "$work/install"
 cmake -S "$root" -B "$work/build-no-openmp" "${common[@]}" -DBATCHNORM_USE_OPENMP=OFF -DBATCHNORM_BUILD_TESTS=OFF
 cmake --install "$work/build-no-openmp" --prefix "$work/install-no-openmp"
 
 # project NAME SOURCE_DIR RUN_ARGS -- CMAKE_ARGS...: configure, build and run one project.
+# Debug: these check how the package is found and linked, not the optimized code (ctest above
+# ran that), and a Release build of each took a minute and more.
 project() {
     local name=$1 src=$2 run=$3
     shift 4
     step "$name"
-    cmake -S "$src" -B "$work/$name" "${common[@]}" "$@"
+    cmake -S "$src" -B "$work/$name" "${generator[@]}" -DCMAKE_BUILD_TYPE=Debug "-DCMAKE_CXX_COMPILER=$CXX" "$@"
     cmake --build "$work/$name" --parallel "$jobs"
     local exe
     for exe in consumer batchnorm_pipeline; do

@@ -42,7 +42,10 @@ def test_editable_install_paths_and_find_package(tmp_path):
     purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
     with open(os.path.join(purelib, "outer-environment.pth"), "w") as pth:
         pth.write("\n".join(site.getsitepackages()) + "\n")
-    run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "-e", ROOT])
+    # Debug: this checks where the files go, not the code, and an -O3 build of the kernels
+    # took minutes.
+    run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "-Ccmake.build-type=Debug",
+         "-e", ROOT])
 
     code = ("import batchnorm as bn, json; print(json.dumps([bn.__file__, bn.get_include(), "
             "bn.get_cmake_dir(), bn.__version__]))")

@@ -124,16 +124,30 @@ BATCHNORM_ALWAYS_INLINE void run_dot(const S* dy, const S* x, i64 n, typename Op
     }
 }
 
+// The two element-wise formulas every apply kernel computes, written once.
+// act((x - s) * a + b + r): the residual r added when kResidual, then ReLU when kRelu.
+template <bool kResidual, bool kRelu, class V, class O>
+BATCHNORM_ALWAYS_INLINE V affine_value(V x, V r, V s, V a, V b, O) {
+    V out = O::fma(O::sub(x, s), a, b);
+    if constexpr (kResidual) out = O::add(out, r);
+    if constexpr (kRelu) out = O::max(out, O::zero());
+    return out;
+}
+
+// dy * k + (x - s) * m + q: the input gradient from per-channel coefficients.
+template <class V, class O>
+BATCHNORM_ALWAYS_INLINE V grad_value(V dy, V x, V s, V k, V m, V q, O) {
+    return O::fma(dy, k, O::fma(O::sub(x, s), m, q));
+}
+
 template <class S, bool kResidual, bool kRelu>
 BATCHNORM_ALWAYS_INLINE void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V alpha, typename Ops<compute_t<S>>::V beta) {
     using T = compute_t<S>;
     using O = Ops<T>;
     using V = typename O::V;
     for (i64 i = 0; i < n; i += O::W) {
-        V v = O::fma(O::sub(load_n(x + i, n - i, shift), shift), alpha, beta);
-        if constexpr (kResidual) v = O::add(v, load_n(residual + i, n - i, O::zero()));
-        if constexpr (kRelu) v = O::max(v, O::zero());
-        store_n(y + i, v, n - i);
+        const V r = kResidual ? load_n(residual + i, n - i, O::zero()) : O::zero();
+        store_n(y + i, affine_value<kResidual, kRelu>(load_n(x + i, n - i, shift), r, shift, alpha, beta, O{}), n - i);
     }
 }
 
@@ -141,11 +155,9 @@ template <class S>
 BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V k, typename Ops<compute_t<S>>::V m, typename Ops<compute_t<S>>::V q) {
     using T = compute_t<S>;
     using O = Ops<T>;
-    for (i64 i = 0; i < n; i += O::W) {
-        const auto d = O::sub(load_n(x + i, n - i, shift), shift);
-        const auto g = O::fma(load_n(dy + i, n - i, O::zero()), k, O::fma(d, m, q));
-        store_n(gx + i, g, n - i);
-    }
+    for (i64 i = 0; i < n; i += O::W)
+        store_n(gx + i, grad_value(load_n(dy + i, n - i, O::zero()), load_n(x + i, n - i, shift), shift, k, m, q, O{}),
+                n - i);
 }
 
 // ---- channels-first: runs of one channel -----------------------------------------------------
@@ -334,14 +346,6 @@ BATCHNORM_ALWAYS_INLINE typename O::V keep_last(typename O::V v, i64 n) {
     else return v;
 }
 
-template <bool kResidual, bool kRelu, class V, class O>
-BATCHNORM_ALWAYS_INLINE V affine_value(V x, V r, V s, V a, V b, O) {
-    V out = O::fma(O::sub(x, s), a, b);
-    if constexpr (kResidual) out = O::add(out, r);
-    if constexpr (kRelu) out = O::max(out, O::zero());
-    return out;
-}
-
 // y = (x - s) * a + b, plus the residual and then ReLU when asked, over one plane of kV vectors.
 template <int kV, bool kResidual, bool kRelu, class S>
 BATCHNORM_ALWAYS_INLINE void plane_affine(const S* x, const S* residual, S* y, i64 last,
@@ -373,20 +377,17 @@ BATCHNORM_ALWAYS_INLINE void plane_grad(const S* dy, const S* x, S* gx, i64 last
                                         typename Ops<compute_t<S>>::V q) {
     using O = Ops<compute_t<S>>;
     if (overlap_tail<kV, S>(last)) {
-        const auto tail =
-            O::fma(O::load(tail_at<kV>(dy, last)), k, O::fma(O::sub(O::load(tail_at<kV>(x, last)), s), m, q));
+        const auto tail = grad_value(O::load(tail_at<kV>(dy, last)), O::load(tail_at<kV>(x, last)), s, k, m, q, O{});
         BATCHNORM_UNROLL_PLANE
         for (int v = 0; v < kV - 1; ++v)
-            O::store(gx + v * O::W,
-                     O::fma(O::load(dy + v * O::W), k, O::fma(O::sub(O::load(x + v * O::W), s), m, q)));
+            O::store(gx + v * O::W, grad_value(O::load(dy + v * O::W), O::load(x + v * O::W), s, k, m, q, O{}));
         O::store(tail_at<kV>(gx, last), tail);
         return;
     }
     BATCHNORM_UNROLL_PLANE
-    for (int v = 0; v < kV; ++v) {
-        const auto d = O::sub(plane_load<kV>(x, v, last, s), s);
-        plane_store<kV>(gx, v, last, O::fma(plane_load<kV>(dy, v, last, O::zero()), k, O::fma(d, m, q)));
-    }
+    for (int v = 0; v < kV; ++v)
+        plane_store<kV>(gx, v, last,
+                        grad_value(plane_load<kV>(dy, v, last, O::zero()), plane_load<kV>(x, v, last, s), s, k, m, q, O{}));
 }
 
 // Calls op.template run<kV>() with kV = vectors (1..kFlushVectors), or op.run_long() for
@@ -951,9 +952,9 @@ struct ClAffine {
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
                 const i64 at = r * ld + j + k * O::W;
-                auto v = O::fma(O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]), a[k], b[k]);
-                if constexpr (kResidual) v = O::add(v, load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()));
-                if constexpr (kRelu) v = O::max(v, O::zero());
+                const auto r = kResidual ? load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()) : O::zero();
+                const auto v = affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), r,
+                                                              s[k], a[k], b[k], O{});
                 store_block<T, kTail>(y + at, v, k, int(nb), last);
             }
     }
@@ -1006,9 +1007,9 @@ struct ClGrad {
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
                 const i64 at = r * ld + j + k * O::W;
-                const auto d = O::sub(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), s[k]);
                 const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
-                store_block<T, kTail>(gx + at, O::fma(gy, kc[k], O::fma(d, mc[k], qc[k])), k, int(nb), last);
+                const auto xv = load_block<T, kTail>(x + at, k, int(nb), last, s[k]);
+                store_block<T, kTail>(gx + at, grad_value(gy, xv, s[k], kc[k], mc[k], qc[k], O{}), k, int(nb), last);
             }
     }
 };
@@ -1081,9 +1082,8 @@ void row_wgrad(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, com
     if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, false);
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
     for (i64 i = 0; i < n; i += O::W) {
-        const auto d = O::sub(load_n(x + i, n - i, s), s);
         const auto g = O::mul(load_n(dy + i, n - i, O::zero()), load_n(w + i, n - i, O::zero()));
-        store_n(gx + i, O::fma(g, kv, O::fma(d, mv, qv)), n - i);
+        store_n(gx + i, grad_value(g, load_n(x + i, n - i, s), s, kv, mv, qv, O{}), n - i);
     }
 }
 

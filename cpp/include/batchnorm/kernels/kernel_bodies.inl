@@ -952,8 +952,8 @@ struct ClAffine {
         for (i64 r = row0; r < row0 + rows; ++r)
             for (int k = 0; k < int(nb); ++k) {
                 const i64 at = r * ld + j + k * O::W;
-                const auto r = kResidual ? load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()) : O::zero();
-                const auto v = affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), r,
+                const auto res = kResidual ? load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()) : O::zero();
+                const auto v = affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at, k, int(nb), last, s[k]), res,
                                                               s[k], a[k], b[k], O{});
                 store_block<T, kTail>(y + at, v, k, int(nb), last);
             }

@@ -26,6 +26,11 @@ CASES = [  # (drop-in class, torch class, input shape, memory format)
     ("2d-cl", 2, (3, 5, 6, 7), "channels_last"),
     ("3d", 3, (2, 5, 3, 4, 3), None),
     ("3d-cl", 3, (2, 5, 3, 4, 3), "channels_last_3d"),
+    # dense memory orders whose output torch makes contiguous, not alike (code after the norm
+    # may .view it): (C, N) memory, a (N, L, C) sequence transposed for BatchNorm1d, W before H
+    ("1d-NC-transposed", 1, (16, 5), "transposed"),
+    ("1d-NLC", 1, (4, 5, 9), "transposed"),
+    ("2d-transposed", 2, (3, 5, 6, 7), "transposed"),
 ]
 
 
@@ -36,6 +41,8 @@ def classes(dim):
 
 def make_x(rng, shape, dtype, fmt, offset=0.0):
     x = torch.from_numpy((rng.standard_normal(shape) * 2 + offset).astype(dtype))
+    if fmt == "transposed":  # the last two dimensions swapped in memory
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
     return x if fmt is None else x.to(memory_format=getattr(torch, fmt))
 
 

@@ -125,6 +125,42 @@ def test_channels_last_and_unbatched_inputs():
     assert_states_match(ours, ref, (1e-6, 1e-6))
 
 
+LAYOUT_CASES = [  # (class name, constructor args, kwargs, shape, how the input is laid out in memory)
+    ("InstanceNorm2d", (6,), {"affine": True}, (2, 6, 5, 4), "channels_last"),
+    ("InstanceNorm3d", (6,), {"affine": True, "track_running_stats": True}, (2, 6, 3, 4, 5), "channels_last_3d"),
+    ("InstanceNorm1d", (6,), {}, (3, 6, 9), "transposed"),
+    ("RMSNorm", (5,), {}, (2, 6, 4, 5), "channels_last"),
+    ("RMSNorm", (9,), {}, (3, 6, 9), "transposed"),
+    ("GroupNorm", (3, 6), {}, (2, 6, 5, 4), "channels_last"),
+    ("GroupNorm", (3, 6), {}, (2, 6, 5, 4), "transposed"),
+    ("LayerNorm", (4,), {}, (2, 6, 5, 4), "channels_last"),
+    ("LayerNorm", (9,), {}, (3, 6, 9), "transposed"),
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,args,kwargs,shape,layout", LAYOUT_CASES,
+                         ids=[f"{c[0]}-{c[4]}" for c in LAYOUT_CASES])
+def test_output_memory_format_is_torchs(name, args, kwargs, shape, layout, training):
+    """Outputs and input gradients have the strides of torch's: channels_last kept by group and
+    RMS norm, made contiguous by instance and layer norm; other dense orders contiguous."""
+    ref, ours = pair(name, args, kwargs, torch.float32)
+    ref.train(training)
+    ours.train(training)
+    x = data(shape, torch.float32)
+    x = (x.transpose(-1, -2).contiguous().transpose(-1, -2) if layout == "transposed"
+         else x.to(memory_format=getattr(torch, layout)))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = ours(xa), ref(xb)
+    assert ya.stride() == yb.stride()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    gy = data(shape, torch.float32, seed=2)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert xa.grad.stride() == xb.grad.stride()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_rms_norm_default_eps_is_the_dtype_epsilon():
     for dtype in DTYPES:
         ref, ours = pair("RMSNorm", (4,), {}, dtype)

@@ -272,7 +272,8 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
         eps = value
     elif eps is None:
         eps = _opmath_eps(input)
-    return _run("layer_norm", input, len(shape), _up(input, weight), None, eps, True)[0]  # type: ignore[no-any-return]
+    y = _run("layer_norm", input, len(shape), _up(input, weight), None, eps, True)[0]
+    return y if isinstance(input, _Proxy) else _torch_ops.in_torch_layout(y, input, True)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -317,15 +318,15 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     weight, bias = _up(input, weight), _up(input, bias)
     if not use_input_stats:
-        return _torch_ops.batch_norm_eval(input, weight, bias, _up(input, running_mean),  # type: ignore[no-any-return]
-                                          _up(input, running_var), eps)
-    y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, _up(input, running_mean),
-                                       _up(input, running_var), momentum, eps)
-    if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    return y  # type: ignore[no-any-return]
+        y = _torch_ops.batch_norm_eval(input, weight, bias, _up(input, running_mean), _up(input, running_var), eps)
+    else:
+        y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, _up(input, running_mean),
+                                           _up(input, running_var), momentum, eps)
+        if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+    return y if isinstance(input, _Proxy) else _torch_ops.in_torch_layout(y, input, False)
 
 
 class LayerNorm(_ParamViews, torch.nn.LayerNorm):

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format  # torch's own rule (its refs use it)
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 
@@ -63,6 +64,29 @@ def stats_like(input: Tensor, size: int) -> Tensor:
     half-precision types (their statistics and parameter gradients), else the input's."""
     half = input.dtype in (torch.float16, torch.bfloat16)
     return input.new_empty(size, dtype=torch.float32 if half else input.dtype)
+
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool) -> Tensor:
+    """``y``, the kernels' output for ``x``, in the memory format of torch's own op's output:
+    ``x``'s suggested format (channels_last for a 4-D / 5-D input strided that way, else
+    contiguous) where ``follows_channels_last`` (batch, group and RMS norm), contiguous where
+    not (instance and layer norm). The kernels' output follows ``x``'s memory order, which is
+    torch's for contiguous and channels_last inputs but not for other dense orders, such as
+    a (N, L, C) sequence transposed for BatchNorm1d: torch's output is contiguous there, and
+    code after the norm may ``.view`` it. A copy in that case only."""
+    if y.is_contiguous() and (not follows_channels_last or x.is_contiguous()):
+        return y
+    if follows_channels_last:
+        cl = CHANNELS_LAST.get(x.dim())
+        if cl is not None and x.is_contiguous(memory_format=cl) and y.is_contiguous(memory_format=cl):
+            return y
+        fmt = suggest_memory_format(x)
+    else:
+        fmt = torch.contiguous_format
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
 _LIBRARY: Any = torch.library.Library(NAMESPACE, "DEF")  # type: ignore[no-untyped-call]

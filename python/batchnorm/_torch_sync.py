@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
+from ._torch_ops import in_torch_layout
 from .distributed import (
     _DTYPE_CODES,
     Moments,
@@ -218,9 +219,9 @@ class SyncBatchNorm(_BatchNorm):
             y = batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                            factor, self.eps)
         else:
-            y = _SyncBatchNormFunction.apply(
+            y = in_torch_layout(_SyncBatchNormFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, link, self
-            )
+            ), input, True)
         if counting:
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         return y

@@ -456,7 +456,8 @@ def batch_norm(
 
     Same arguments, results, in-place running-statistics update and gradients as
     ``torch.nn.functional.batch_norm``; falls back to it where the kernels do not apply
-    (see the module docstring). The output has the memory format of ``input``.
+    (see the module docstring). The output has torch's memory format: channels_last for a
+    channels_last input, contiguous otherwise (``ops.in_torch_layout``).
     """
     if _half_params(input, running_mean, running_var, weight, bias) and (
             _eager(input, running_mean, running_var, weight, bias)
@@ -469,15 +470,18 @@ def batch_norm(
             if training and running_mean is None:
                 momentum = 0.0  # no running statistics: torch ignores momentum
             arrays = (_numpy(weight), _numpy(bias), _numpy(running_mean), _numpy(running_var))
-            return _eager_apply(input, weight, bias, arrays, training, momentum, eps)
-        return _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+            y = _eager_apply(input, weight, bias, arrays, training, momentum, eps)
+        else:
+            y = _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+        return ops.in_torch_layout(y, input, True)
     route = _route(input, running_mean, running_var, weight, bias)
     if route is not None and (
             isinstance(input, _Proxy)
             or _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps)):
-        if route == "transform":
+        if route == "transform":  # (functorch's wrappers cannot answer channels_last queries)
             return _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
-        return _graph_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = _graph_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return y if isinstance(input, _Proxy) else ops.in_torch_layout(y, input, True)
     return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -540,6 +544,7 @@ class _DropIn(_BatchNorm):
     shortcut for plain eager calls (the per-call cost of a small layer is mostly Python)."""
 
     _ranks: Tuple[int, ...] = ()  # input ranks _check_input_dim accepts
+    _channels_last: torch.memory_format = torch.contiguous_format  # those ranks' channels-last format
     _views: Optional[_ModuleViews] = None  # the shortcut's cache
 
     def forward(self, input: Tensor) -> Tensor:
@@ -644,9 +649,11 @@ class _DropIn(_BatchNorm):
             views = self._views = _ModuleViews.make(input, rm, rv, w, b, counter, self.eps)
             if views is None:
                 return None
-        # a channel count other than the cached one: the general route, for torch's error
+        # a channel count other than the cached one: the general route, for torch's error; a
+        # memory order other than contiguous or channels_last: there, for torch's output layout
         if (input.dtype is not views.dtype or input.dim() not in self._ranks or input.shape[1] != views.channels
-                or not input.is_cpu or input.layout is not _STRIDED or input.numel() == 0):
+                or not input.is_cpu or input.layout is not _STRIDED or input.numel() == 0
+                or not (input.is_contiguous() or input.is_contiguous(memory_format=self._channels_last))):
             return None
         momentum = 0.0
         if training:
@@ -722,6 +729,7 @@ class BatchNorm2d(_DropIn, torch.nn.BatchNorm2d):
     """
 
     _ranks = (4,)
+    _channels_last = torch.channels_last
 
 
 class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
@@ -732,6 +740,7 @@ class BatchNorm3d(_DropIn, torch.nn.BatchNorm3d):
     """
 
     _ranks = (5,)
+    _channels_last = torch.channels_last_3d
 
 
 # the other norms' drop-ins use the routing above (hence imported here, not at the top)

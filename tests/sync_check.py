@@ -133,7 +133,7 @@ def check_case(ranks: List[Dict[str, Any]], impl: str, case: Case, world: int) -
                 assert np.array_equal(got[f"{prefix}/{name}"], ranks[0][f"{prefix}/{name}"]), (
                     f"{what}: {name} differs from rank 0's")
             if impl == "torch":
-                assert bool(got[f"{prefix}/layout_kept"]), f"{what}: output lost the input's memory format"
+                assert bool(got[f"{prefix}/layout_kept"]), f"{what}: output not in torch's memory format"
         base = batchnorm_oracle(case.name, world)
         if step == "eval":
             continue

@@ -36,9 +36,12 @@ class Case:
     """One training scenario: dtype, per-step local batch sizes, layout, data offset."""
 
     def __init__(self, name: str, dtype: Any, sizes: Callable[[int], List[int]], shape: tuple,
-                 channels_last: bool, offset: float = 0.0, momentum: Any = 0.1) -> None:
+                 channels_last: bool, offset: float = 0.0, momentum: Any = 0.1, transposed: bool = False) -> None:
         self.name, self.dtype, self.sizes, self.shape = name, np.dtype(dtype), sizes, shape
         self.channels_last, self.offset, self.momentum = channels_last, offset, momentum
+        # torch steps: the input's last two dimensions swapped in memory, a dense order whose
+        # output torch makes contiguous
+        self.transposed = transposed
 
     def split(self, world: int) -> List[int]:
         return self.sizes(world)
@@ -84,6 +87,7 @@ def _with_empty(world: int) -> List[int]:
 
 CASES = [
     Case("uneven_nchw", np.float32, _uneven, (3, 2, 3), channels_last=False),
+    Case("uneven_transposed", np.float32, _uneven, (3, 2, 3), channels_last=False, transposed=True),
     Case("empty_rank_cl", np.float32, _with_empty, (3, 2, 3), channels_last=True, momentum=None),
     Case("mean1e6_nchw", np.float32, lambda w: [2] * w, (4, 3, 2), channels_last=False, offset=1e6),
     Case("mean1e6_cl_uneven", np.float32, _uneven, (4, 3, 2), channels_last=True, offset=1e6),
@@ -130,7 +134,8 @@ def _torch_steps(case: Case, world: int, rank: int, out: Dict[str, Any]) -> None
     fmt = torch.channels_last if case.channels_last and len(case.shape) == 3 else torch.contiguous_format
 
     def tensor(a: np.ndarray) -> Any:
-        return torch.from_numpy(a.astype(case.dtype)).contiguous(memory_format=fmt)
+        t = torch.from_numpy(a.astype(case.dtype))
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if case.transposed else t.contiguous(memory_format=fmt)
 
     for step in range(STEPS):
         batch = case.data(world, step)
@@ -140,7 +145,7 @@ def _torch_steps(case: Case, world: int, rank: int, out: Dict[str, Any]) -> None
         (y * tensor(case.local(batch["g"], world, rank))).sum().backward()
         key = f"{case.name}/{step}"
         out[f"{key}/y"], out[f"{key}/gx"] = y.detach().numpy(), x.grad.numpy()
-        out[f"{key}/layout_kept"] = np.array(y.is_contiguous(memory_format=fmt))
+        out[f"{key}/layout_kept"] = np.array(y.is_contiguous(memory_format=fmt))  # torch's format
         out[f"{key}/gw"], out[f"{key}/gb"] = m.weight.grad.numpy(), m.bias.grad.numpy()
         out[f"{key}/rm"], out[f"{key}/rv"] = m.running_mean.numpy().copy(), m.running_var.numpy().copy()
         out[f"{key}/count"] = m.num_batches_tracked.numpy().copy()

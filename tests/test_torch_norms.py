@@ -133,6 +133,7 @@ LAYOUT_CASES = [  # (class name, constructor args, kwargs, shape, how the input 
     ("RMSNorm", (9,), {}, (3, 6, 9), "transposed"),
     ("GroupNorm", (3, 6), {}, (2, 6, 5, 4), "channels_last"),
     ("GroupNorm", (3, 6), {}, (2, 6, 5, 4), "transposed"),
+    ("GroupNorm", (2, 6), {}, (3, 6, 9), "transposed"),
     ("LayerNorm", (4,), {}, (2, 6, 5, 4), "channels_last"),
     ("LayerNorm", (9,), {}, (3, 6, 9), "transposed"),
 ]

@@ -285,8 +285,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
             and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
-        return _run("group_norm", input, num_groups, _up(input, weight), _up(input, bias),  # type: ignore[no-any-return]
-                    eps)[0]
+        y = _run("group_norm", input, num_groups, _up(input, weight), _up(input, bias), eps)[0]
+        return y if isinstance(input, _Proxy) else _torch_ops.in_torch_layout(y, input, True)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 

@@ -256,3 +256,23 @@ def test_torch_drop_ins_in_half(tdtype, param_dtype, monkeypatch, rng):
         assert xa.grad.dtype == dt
         gx64 = x64.grad.numpy()
         np.testing.assert_allclose(xa.grad.float().numpy(), gx64, rtol=2 ** -7, atol=0.05 * np.abs(gx64).max())
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "group_norm", "instance_norm"])
+@pytest.mark.parametrize("tdtype", ["float16", "bfloat16"])
+def test_torch_functions_refuse_mixed_half_and_float32_parameters(tdtype, name):
+    """A half input takes weight and bias both in its dtype or both float32; torch's CPU kernels
+    refuse one of each, and the drop-in functions raise torch's error, not compute."""
+    torch = pytest.importorskip("torch")
+    import batchnorm.torch as bt
+    dt = getattr(torch, tdtype)
+    x = torch.randn(2, 4, 5).to(dt)
+    for weight, bias in ((torch.ones(4), torch.zeros(4).to(dt)), (torch.ones(4).to(dt), torch.zeros(4))):
+        args = {"layer_norm": lambda f: f(x.transpose(1, 2), (4,), weight, bias),
+                "group_norm": lambda f: f(x, 2, weight, bias),
+                "instance_norm": lambda f: f(x, weight=weight, bias=bias)}[name]
+        with pytest.raises(RuntimeError) as theirs:
+            args(getattr(torch.nn.functional, name))
+        with pytest.raises(RuntimeError) as ours:
+            args(getattr(bt, name))
+        assert str(ours.value) == str(theirs.value)

@@ -215,12 +215,14 @@ def _direct_call(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], vi
 
 def _same_kind(x: Tensor, *params: Optional[Tensor]) -> bool:
     """A float32/float64/float16/bfloat16 CPU strided non-empty ``x`` and parameters of its
-    device and dtype (or float32 for a half ``x``: torch's mixed CPU kernels take both)."""
+    device and dtype, or all float32 for a half ``x`` (torch's mixed CPU kernels take either,
+    and refuse a mix: the call then goes to torch, for its error)."""
     if x.dtype not in _FLOATS + _HALVES or x.device.type != "cpu" or x.layout != torch.strided or x.numel() == 0:
         return False
+    given = [t for t in params if t is not None]
     dtypes = (x.dtype, torch.float32) if x.dtype in _HALVES else (x.dtype,)
-    return all(t is None or (t.dtype in dtypes and t.device == x.device and t.layout == torch.strided)
-               for t in params)
+    return all(t.dtype is given[0].dtype and t.dtype in dtypes and t.device == x.device and t.layout == torch.strided
+               for t in given)
 
 
 def _up(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:

@@ -171,3 +171,33 @@ def test_revert_is_the_inverse_of_convert():
     assert "_views" not in model[1].__dict__
     bare = bnt.BatchNorm2d(3)
     assert type(bnt.revert(bare)) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_fold_model_folds_transposed_convolutions_of_one_group(dim):
+    """A decoder's ConvTranspose -> BatchNorm pairs fold as torch's fuse_conv_bn_eval(transpose=True)
+    folds them; a grouped one (whose weight torch's routine cannot scale) is left alone, and
+    naming it is an error that changes nothing."""
+    gen = torch.Generator().manual_seed(7 + dim)
+    conv_t, norm = getattr(nn, f"ConvTranspose{dim}d"), getattr(nn, f"BatchNorm{dim}d")
+    torch.manual_seed(dim)
+    model = nn.Sequential(conv_t(4, 6, 3, stride=2), norm(6), nn.ReLU(),
+                          conv_t(6, 4, 3, groups=2), norm(4))
+    for m in (model[1], model[4]):
+        randomize_bn(m, gen)
+    model.eval()
+    x = torch.randn(2, 4, *([5] * dim), generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+        reference = torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1], transpose=True)
+    grouped = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="groups"):
+        bnt.fold_model(model, [("0", "1"), ("3", "4")])
+    assert [type(m) for m in model] == [conv_t, norm, nn.ReLU, conv_t, norm]  # nothing folded
+    assert all(torch.equal(v, grouped[k]) for k, v in model.state_dict().items())
+    bnt.fold_model(model)
+    assert [type(m) for m in model] == [conv_t, nn.Identity, nn.ReLU, conv_t, norm]
+    torch.testing.assert_close(model[0].weight, reference.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model[0].bias, reference.bias, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -837,7 +837,15 @@ def revert(module: torch.nn.Module) -> torch.nn.Module:
     return _swap(module, _ORIGINALS)
 
 
-_FOLDABLE: Tuple[type, ...] = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+_TRANSPOSED: Tuple[type, ...] = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+_FOLDABLE: Tuple[type, ...] = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear) + _TRANSPOSED
+
+
+def _folds(layer: torch.nn.Module) -> bool:
+    """Whether torch's fusion routines fold a batch norm into ``layer``: a conv, a linear, or a
+    transposed conv of one group (``fuse_conv_bn_eval(transpose=True)`` scales the weight's
+    axis 1, which holds one group's output channels only when there are several)."""
+    return type(layer) in _FOLDABLE and not (isinstance(layer, _TRANSPOSED) and getattr(layer, "groups", 1) != 1)
 
 
 def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
@@ -847,7 +855,7 @@ def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str
     children = list(module.named_children())
     if isinstance(module, torch.nn.Sequential):
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if (type(a) in _FOLDABLE and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm
+            if (_folds(a) and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm
                     and b.running_mean is not None and b.running_var is not None):
                 pairs.append((prefix + name_a, prefix + name_b))
     for name, child in children:
@@ -860,7 +868,8 @@ def fold_model(model: torch.nn.Module,
     """Fold eval-mode batch norms into the convolutions / linear layers that feed them.
 
     ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in
-    ``torch.ao.quantization.fuse_modules``; by default every conv/linear followed directly by
+    ``torch.ao.quantization.fuse_modules``; by default every conv/linear (also a transposed
+    conv of one group, as a decoder or GAN generator has) followed directly by
     a batch norm (plain torch or converted) with running statistics inside an
     ``nn.Sequential``. Every pair is checked before any is folded: a bad one (not a conv/linear
     and a batch norm, or one without running statistics) is an error that leaves ``model``
@@ -878,6 +887,9 @@ def fold_model(model: torch.nn.Module,
         if type(layer) not in _FOLDABLE or not isinstance(bn, _BatchNorm):
             raise TypeError(f"pairs: ({layer_name!r}, {bn_name!r}) is not a conv/linear and a "
                             f"batch norm, got {type(layer).__name__} and {type(bn).__name__}")
+        if not _folds(layer):
+            raise ValueError(f"pairs: {layer_name!r} is a {type(layer).__name__} of {layer.groups} groups, "
+                             "which torch's fuse_conv_bn_eval cannot fold a batch norm into")
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
                              "(track_running_stats=False), so it cannot be folded")
@@ -887,7 +899,8 @@ def fold_model(model: torch.nn.Module,
         if isinstance(layer, torch.nn.Linear):
             folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
         else:
-            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)  # type: ignore[type-var]
+            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(  # type: ignore[type-var]
+                layer, bn, transpose=isinstance(layer, _TRANSPOSED))
         _set_submodule(model, layer_name, folded)
         _set_submodule(model, bn_name, torch.nn.Identity())
     return model

@@ -275,7 +275,7 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     elif eps is None:
         eps = _opmath_eps(input)
     y = _run("layer_norm", input, len(shape), _up(input, weight), None, eps, True)[0]
-    return y if isinstance(input, _Proxy) else _torch_ops.in_torch_layout(y, input, True)
+    return _torch_ops.in_torch_layout(y, input, True)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -288,7 +288,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
         y = _run("group_norm", input, num_groups, _up(input, weight), _up(input, bias), eps)[0]
-        return y if isinstance(input, _Proxy) else _torch_ops.in_torch_layout(y, input, True)
+        return _torch_ops.in_torch_layout(y, input, True)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 
@@ -328,7 +328,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
             with torch.no_grad():
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
-    return y if isinstance(input, _Proxy) else _torch_ops.in_torch_layout(y, input, False)
+    return _torch_ops.in_torch_layout(y, input, False)
 
 
 class LayerNorm(_ParamViews, torch.nn.LayerNorm):

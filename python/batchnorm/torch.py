@@ -478,10 +478,10 @@ def batch_norm(
     if route is not None and (
             isinstance(input, _Proxy)
             or _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps)):
-        if route == "transform":  # (functorch's wrappers cannot answer channels_last queries)
+        if route == "transform":
             return _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
-        y = _graph_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return y if isinstance(input, _Proxy) else ops.in_torch_layout(y, input, True)
+        return ops.in_torch_layout(
+            _graph_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps), input, True)
     return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 

@@ -220,6 +220,13 @@ def same_random_params(rng, m, tm, dtype):
         tm.bias.copy_(torch.from_numpy(b))
 
 
+def last_two_swapped(t):
+    """A torch tensor's values in memory with its last two dimensions swapped: a dense order
+    that is neither contiguous nor channels_last (a transposed (N, L, C) sequence for a 3-D
+    tensor), whose output torch's norms make contiguous."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def torch_dtype(torch, dtype):
     return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
 

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from helpers import logical_data, rand_params  # noqa: E402
+from helpers import last_two_swapped, logical_data, rand_params  # noqa: E402
 
 STEPS = 2
 
@@ -135,7 +135,7 @@ def _torch_steps(case: Case, world: int, rank: int, out: Dict[str, Any]) -> None
 
     def tensor(a: np.ndarray) -> Any:
         t = torch.from_numpy(a.astype(case.dtype))
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if case.transposed else t.contiguous(memory_format=fmt)
+        return last_two_swapped(t) if case.transposed else t.contiguous(memory_format=fmt)
 
     for step in range(STEPS):
         batch = case.data(world, step)

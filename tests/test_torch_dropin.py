@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import batchnorm.torch as bnt  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, assert_close, assert_close_sum, torch_dtype  # noqa: E402
+from helpers import DTYPE_IDS, DTYPES, assert_close, assert_close_sum, last_two_swapped, torch_dtype  # noqa: E402
 
 CASES = [  # (drop-in class, torch class, input shape, memory format)
     ("1d-NC", 1, (16, 5), None),
@@ -41,8 +41,8 @@ def classes(dim):
 
 def make_x(rng, shape, dtype, fmt, offset=0.0):
     x = torch.from_numpy((rng.standard_normal(shape) * 2 + offset).astype(dtype))
-    if fmt == "transposed":  # the last two dimensions swapped in memory
-        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if fmt == "transposed":
+        return last_two_swapped(x)
     return x if fmt is None else x.to(memory_format=getattr(torch, fmt))
 
 

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 import batchnorm.torch as bnt  # noqa: E402
 from batchnorm import _torch_norm_ops as ops  # noqa: E402
+from helpers import last_two_swapped  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64]
 # per dtype: (rtol, atol) for outputs and for gradients (sums over many elements)
@@ -149,8 +150,7 @@ def test_output_memory_format_is_torchs(name, args, kwargs, shape, layout, train
     ref.train(training)
     ours.train(training)
     x = data(shape, torch.float32)
-    x = (x.transpose(-1, -2).contiguous().transpose(-1, -2) if layout == "transposed"
-         else x.to(memory_format=getattr(torch, layout)))
+    x = last_two_swapped(x) if layout == "transposed" else x.to(memory_format=getattr(torch, layout))
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = ours(xa), ref(xb)
     assert ya.stride() == yb.stride()

@@ -67,7 +67,8 @@ def stats_like(input: Tensor, size: int) -> Tensor:
 
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-_transform_active: Callable[[], Any] = torch._C._functorch.peek_interpreter_stack
+# the innermost functorch transform (vmap, grad, ...) running, or None
+transform_active: Callable[[], Any] = torch._C._functorch.peek_interpreter_stack
 
 
 def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool) -> Tensor:
@@ -80,7 +81,7 @@ def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool) -> Tensor
     code after the norm may ``.view`` it. A copy in that case only. ``y`` as it is for an fx
     proxy (no strides) and under a functorch transform (its tensors cannot answer
     channels_last queries)."""
-    if isinstance(x, torch.fx.Proxy) or _transform_active() is not None:
+    if isinstance(x, torch.fx.Proxy) or transform_active() is not None:
         return y
     if y.is_contiguous() and (not follows_channels_last or x.is_contiguous()):
         return y

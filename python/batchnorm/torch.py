@@ -65,8 +65,7 @@ _has_torch_function = torch.overrides.has_torch_function_variadic
 _is_compiling = torch.compiler.is_compiling
 _is_tracing: Callable[[], bool] = getattr(torch.jit, "is_tracing")
 _is_scripting: Callable[[], bool] = getattr(torch.jit, "is_scripting")
-_functorch = torch._C._functorch
-_transform_active: Callable[[], Any] = _functorch.peek_interpreter_stack
+_transform_active = ops.transform_active
 _Proxy = torch.fx.Proxy
 _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack")
 # tensors of graph capture (fake and functional tensors) run the ops, whose fake rules they use
@@ -845,7 +844,7 @@ def _folds(layer: torch.nn.Module) -> bool:
     """Whether torch's fusion routines fold a batch norm into ``layer``: a conv, a linear, or a
     transposed conv of one group (``fuse_conv_bn_eval(transpose=True)`` scales the weight's
     axis 1, which holds one group's output channels only when there are several)."""
-    return type(layer) in _FOLDABLE and not (isinstance(layer, _TRANSPOSED) and getattr(layer, "groups", 1) != 1)
+    return type(layer) in _FOLDABLE and not (isinstance(layer, _TRANSPOSED) and layer.groups != 1)
 
 
 def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str, str]]:

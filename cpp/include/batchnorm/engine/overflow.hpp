@@ -78,6 +78,19 @@ void recheck_columns(std::int64_t rows, std::int64_t cols, double* s1, double* s
     }
 }
 
+// cl_sum with the float64 fallback: sum must start at zero.
+template <class T>
+void checked_cl_sum(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                    double* sum) {
+    k.cl_sum(x, rows, cols, ld, sum);
+    for (std::int64_t j = 0; j < cols; ++j) {
+        if (!lanes_overflowed<T>(sum[j], 0.0)) continue;
+        double a = 0;
+        for (std::int64_t r = 0; r < rows; ++r) a += double(x[r * ld + j]);
+        sum[j] = a;
+    }
+}
+
 // cl_dev with the float64 fallback: s1, s2 must start at zero.
 template <class T>
 void checked_cl_dev(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols, std::int64_t ld,

@@ -1,0 +1,106 @@
+// Compares two checkouts' C++ API in one process: each checkout's headers are compiled into a
+// shared library of their own (hidden symbols, so neither calls into the other's kernels), the
+// driver loads both and times them on the same arrays, interleaved round by round:
+//
+//   git worktree add /tmp/base <rev>
+//   lib="g++ -std=c++17 -O3 -fopenmp -fPIC -shared -fvisibility=hidden -fvisibility-inlines-hidden"
+//   $lib -DBATCHNORM_AB_LIBRARY -I/tmp/base/cpp/include bench/cpp/ab_timing.cpp -o /tmp/ab_old.so
+//   $lib -DBATCHNORM_AB_LIBRARY -Icpp/include bench/cpp/ab_timing.cpp -o /tmp/ab_new.so
+//   g++ -std=c++17 -O2 -Icpp/include bench/cpp/ab_timing.cpp -o /tmp/ab_timing -ldl
+//   OMP_NUM_THREADS=1 /tmp/ab_timing /tmp/ab_old.so /tmp/ab_new.so 256 1024 1
+//
+// Why not two processes (functional_timing.cpp run from two builds, alternately): a process's
+// arrays land on different physical pages each run, and on a small L2 that moves a channels-last
+// call by tens of percent (AMD EPYC, Zen 1: the same binary's eval of 256x1024 took 62 us in one
+// run and 107 us in the next), more than most changes being measured.
+// Arguments: old.so new.so outer channels inner [rounds]; float32; prints the median of the
+// rounds (each ~4 M values of back-to-back calls) for a memcpy, batch_stats, forward_eval,
+// forward_train and backward.
+#include <batchnorm/batchnorm.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+enum Op { kCopy, kStats, kEval, kTrain, kBackward, kOps };
+
+struct Arrays {
+    std::vector<float> x, y, dy, gx, w, b, rm, rv, mean, invstd, gw, gb;
+};
+
+// Microseconds per call of `calls` back-to-back calls of op.
+extern "C" __attribute__((visibility("default"))) double batchnorm_ab_time(int op, const batchnorm::Shape* s,
+                                                                          Arrays* a, long calls) {
+    const std::size_t bytes = sizeof(float) * std::size_t(s->size());
+    const auto start = std::chrono::steady_clock::now();
+    for (long i = 0; i < calls; ++i) switch (op) {
+            case kCopy: std::memcpy(a->y.data(), a->x.data(), bytes); break;
+            case kStats: batchnorm::batch_stats(a->x.data(), *s, a->mean.data(), a->invstd.data()); break;
+            case kEval:
+                batchnorm::forward_eval(a->x.data(), a->y.data(), *s, a->rm.data(), a->rv.data(), a->w.data(),
+                                        a->b.data(), 1e-5);
+                break;
+            case kTrain:
+                batchnorm::forward_train(a->x.data(), a->y.data(), *s, a->w.data(), a->b.data(), a->rm.data(),
+                                         a->rv.data(), 0.1, 1e-5, a->mean.data(), a->invstd.data());
+                break;
+            case kBackward:
+                batchnorm::backward(a->dy.data(), a->x.data(), a->gx.data(), *s, a->mean.data(), a->invstd.data(),
+                                    a->w.data(), a->gw.data(), a->gb.data(), true);
+                break;
+        }
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() / double(calls);
+}
+
+#ifndef BATCHNORM_AB_LIBRARY
+#include <dlfcn.h>
+
+using TimeFn = double (*)(int, const batchnorm::Shape*, Arrays*, long);
+
+int main(int argc, char** argv) {
+    if (argc < 6) {
+        std::fprintf(stderr, "usage: %s old.so new.so outer channels inner [rounds]\n", argv[0]);
+        return 2;
+    }
+    TimeFn time[2];
+    for (int side = 0; side < 2; ++side) {
+        void* lib = dlopen(argv[1 + side], RTLD_NOW | RTLD_LOCAL);
+        time[side] = lib ? reinterpret_cast<TimeFn>(dlsym(lib, "batchnorm_ab_time")) : nullptr;
+        if (!time[side]) {
+            std::fprintf(stderr, "%s: %s\n", argv[1 + side], dlerror());
+            return 2;
+        }
+    }
+    const batchnorm::Shape s{std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5])};
+    const int rounds = argc > 6 ? std::atoi(argv[6]) : 15;
+    const std::size_t n = std::size_t(s.size()), c = std::size_t(s.channels);
+    Arrays a{std::vector<float>(n), std::vector<float>(n), std::vector<float>(n), std::vector<float>(n),
+             std::vector<float>(c, 1.5f), std::vector<float>(c, 0.5f), std::vector<float>(c),
+             std::vector<float>(c, 1.f), std::vector<float>(c), std::vector<float>(c), std::vector<float>(c),
+             std::vector<float>(c)};
+    std::mt19937 rng(0);
+    std::normal_distribution<float> normal(3.f, 2.f);
+    for (std::size_t i = 0; i < n; ++i) {
+        a.x[i] = normal(rng);
+        a.dy[i] = normal(rng) - 3.f;
+    }
+    const long calls = std::max(1L, 4000000L / long(std::max<std::size_t>(n, 1)));
+    const char* names[kOps] = {"copy", "stats", "eval", "train", "backward"};
+    std::printf("%ldx%ldx%ld float32, old -> new us:", long(s.outer), long(s.channels), long(s.inner));
+    for (int op = 0; op < kOps; ++op) {
+        std::vector<double> t[2];
+        for (int r = 0; r < rounds; ++r)
+            for (int side = 0; side < 2; ++side) {
+                time[side](op, &s, &a, 1);  // warm: the other side just ran
+                t[side].push_back(time[side](op, &s, &a, calls));
+            }
+        for (auto& v : t) std::nth_element(v.begin(), v.begin() + rounds / 2, v.end());
+        std::printf("  %s %.1f -> %.1f", names[op], t[0][std::size_t(rounds / 2)], t[1][std::size_t(rounds / 2)]);
+    }
+    std::printf("  (medians of %d interleaved rounds)\n", rounds);
+}
+#endif

@@ -64,8 +64,8 @@ bool moments_as_rows(const Shape& s) {
 // second pass, should it need one; but at least kMinTileRows, so that the per-column work after
 // each tile (shifts, merges: tens of cycles a column) is spread over enough rows. That second
 // pass is rare (a shift more than a standard deviation off); wide rows on a small L2 are not:
-// (64, 4096) float32 on a 512 KiB L2 made two 32-row tiles (AMD EPYC, Zen 1, 1 thread:
-// batch_stats 157 -> 129 us with one tile).
+// (64, 4096) float32 on a 512 KiB L2 made two 32-row tiles (AMD EPYC, Zen 1, 1 thread,
+// bench/cpp/ab_timing.cpp: batch_stats 148 -> 112 us, training 341 -> 304 us with one tile).
 constexpr std::int64_t kMinTileRows = 128;
 
 template <class T>

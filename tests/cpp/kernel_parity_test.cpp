@@ -710,6 +710,33 @@ void test_eval_factors(const KernelTable<T>& t, const std::string& tag, std::mt1
     }
 }
 
+// invstd = 1 / sqrt(v + eps) in float64 lanes, in place: the training finish's invstd_of for
+// many channels, with its bits (NaN where NaN) at every tail length and on the same specials.
+template <class T>
+void test_invstd(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
+    std::uniform_real_distribution<double> unit(0.0, 4.0);
+    const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+    const double specials[] = {0.0, 1e-300, 3e38, inf, nan, -1.0, -1e-5, 0.5};
+    for (const double eps : {1e-5, 1e-300, 0.0}) {
+        for (i64 n = 0; n <= 37; ++n) {
+            std::vector<double> v(size_t(n) + kGuard, kSentinel);
+            for (i64 i = 0; i < n; ++i) v[size_t(i)] = i % 5 == 3 ? specials[size_t(i / 5) % 8] : unit(rng);
+            const std::vector<double> given = v;
+            t.invstd(v.data(), n, eps);
+            i64 bad = 0;
+            for (i64 i = 0; i < n + i64(kGuard); ++i) {
+                const size_t u = size_t(i);
+                const double want = i < n ? 1.0 / std::sqrt(given[u] + eps) : kSentinel;
+                const bool same = std::isnan(want) ? std::isnan(v[u]) : v[u] == want;
+                if (!same && bad++ == 0)
+                    ck.check(false, tag, fmt("invstd, value %.0f: %.17g for %.17g", double(i), v[u], given[u]) +
+                                             " (" + std::to_string(n) + " values)");
+            }
+            ck.check(bad == 0, tag, "invstd");
+        }
+    }
+}
+
 template <class T>
 void test_backend(Isa isa, Checker& ck) {
     const KernelTable<T>& t = batchnorm::detail::kernels_for<T>(isa);
@@ -723,6 +750,7 @@ void test_backend(Isa isa, Checker& ck) {
     test_relu_nan<T>(t, tag, ck);
     test_row_params<T>(t, tag, rng, ck);
     test_eval_factors<T>(t, tag, rng, ck);
+    test_invstd<T>(t, tag, rng, ck);
     if constexpr (!std::is_same_v<T, compute_t<T>>) test_conversions<T>(t, tag, rng, ck);
     std::printf("%-14s %s\n", tag.c_str(), ck.failed == before ? "ok" : "FAILED");
 }

@@ -6,6 +6,7 @@
 // Only the explicit phases pay a second read of x; the fused calls in norms/ do not.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -28,6 +29,27 @@ inline GroupStats merge(const GroupStats& a, const GroupStats& b) {
                                             detail::Moments{b.count, b.mean, 0, b.m2});
     return {m.count, m.mean(), m.m2};
 }
+
+namespace detail {
+
+// A backward finish step whose result is the sums themselves (no gradient apply follows).
+template <class P>
+struct SumsOut {
+    double* sum_dy;
+    double* sum_dy_xmu;
+
+    GradCoefficients<P> operator()(std::int64_t c, const Sums& s) const {
+        sum_dy[c] = s.first;
+        sum_dy_xmu[c] = s.second;
+        return {};
+    }
+    void channels(std::int64_t c0, std::int64_t n, const double* sdy, const double* sdyx, P*, P*, P*, P*) const {
+        std::copy_n(sdy, n, sum_dy + c0);
+        std::copy_n(sdyx, n, sum_dy_xmu + c0);
+    }
+};
+
+}  // namespace detail
 
 // Per-channel statistics of x into stats[0..channels). An empty input gives count 0, mean 0, m2 0.
 template <class T>
@@ -86,11 +108,7 @@ void batch_norm_backward_reduce(const T* grad_y, const T* x, const Shape& shape,
     detail::check_pointer(grad_y, "grad_y");
     detail::check_pointer(x, "x");
     detail::backward_fused(grad_y, x, static_cast<T*>(nullptr), shape, mean,
-                           [&](std::int64_t c, const detail::Sums& s) {
-                               sum_dy[c] = s.first;
-                               sum_dy_xmu[c] = s.second;
-                               return detail::GradCoefficients<compute_t<T>>{};
-                           });
+                           detail::SumsOut<compute_t<T>>{sum_dy, sum_dy_xmu});
 }
 
 // grad_x = weight*invstd*(grad_y - sum_dy/count - (x - mean)*invstd^2*sum_dy_xmu/count), from

@@ -4,11 +4,12 @@
 // belonging to channel j / inner, so the kernels still stream whole rows.
 // Threads split the rows; each keeps float64 partials per column, merged per channel after a
 // barrier, then normalizes its own rows. Very wide rows go in blocks of columns, so that the
-// per-thread scratch (about 60 bytes per column) stays bounded whatever the width.
+// per-thread scratch (about 50 bytes per column) stays bounded whatever the width.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../kernels/table.hpp"
@@ -85,20 +86,30 @@ struct ColumnBlock {
     std::int64_t first, count, col, cols, ld;
 };
 
-// Per-column scratch of one thread.
+// Per-column scratch of one thread. Movable, not copyable: `moments` points into moment_values.
 template <class T>
 struct ColumnScratch {
+    ColumnScratch() = default;
+    ColumnScratch(ColumnScratch&&) noexcept = default;
+    ColumnScratch& operator=(ColumnScratch&&) noexcept = default;
+    ColumnScratch(const ColumnScratch&) = delete;
+    ColumnScratch& operator=(const ColumnScratch&) = delete;
+
     void resize(std::int64_t cols) {
         const std::size_t n = std::size_t(cols);
-        moments.resize(n);
+        moment_values.resize(3 * n);
+        moments.shift = moment_values.data();
+        moments.offset = moments.shift + n;
+        moments.m2 = moments.offset + n;
         sum.resize(n);
         s1.resize(n);
         s2.resize(n);
         shift.resize(n);
     }
-    std::vector<Moments> moments;     // the thread's moments so far
-    std::vector<double> sum, s1, s2;  // one tile's sums (backward: the thread's two dot sums)
-    std::vector<compute_t<T>> shift;  // one tile's shifts, near its means
+    MomentsColumns moments;              // the thread's moments so far, in moment_values
+    std::vector<double> moment_values;
+    std::vector<double> sum, s1, s2;     // one tile's sums (backward: the thread's two dot sums)
+    std::vector<compute_t<T>> shift;     // one tile's shifts, near its means
 };
 
 // Rows, spread over the first tile, whose mean gives its shift per column.
@@ -113,7 +124,7 @@ template <class T>
 void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const ColumnBlock& b, ColumnScratch<T>& w) {
     const std::int64_t cols = b.cols, step = tile_rows<T>(cols);
     const std::size_t ncols = std::size_t(cols);
-    if (rows == 0) std::fill_n(w.moments.begin(), ncols, Moments{});  // else the first tile sets them
+    w.moments.count = 0;  // the first tile sets them
     for (std::int64_t r = 0; r < rows; r += step) {
         const std::int64_t n = std::min(step, rows - r);
         const T* tile = x + r * b.ld;
@@ -124,7 +135,7 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
             const double inv_probe = 1.0 / double(probe);  // any value near the mean will do as the shift
             for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.sum[j] * inv_probe);
         } else {
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.moments[j].mean());
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.moments.shift[j] + w.moments.offset[j]);
         }
         std::fill_n(w.s1.begin(), ncols, 0.0);
         std::fill_n(w.s2.begin(), ncols, 0.0);
@@ -134,10 +145,7 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
                               checked_cl_dev(k, tile + j0, n, j1 - j0, b.ld, w.shift.data() + j0, w.s1.data() + j0,
                                              w.s2.data() + j0);
                           });
-        for (std::size_t j = 0; j < ncols; ++j) {
-            const Moments tile_moments = from_shifted_sums(double(n), double(w.shift[j]), w.s1[j], w.s2[j]);
-            w.moments[j] = r == 0 ? tile_moments : merge(w.moments[j], tile_moments);
-        }
+        merge_shifted_sums(w.moments, cols, double(n), w.shift.data(), w.s1.data(), w.s2.data());
     }
 }
 
@@ -162,9 +170,10 @@ void apply_last_first(std::int64_t begin, std::int64_t end, std::int64_t chunk_r
 
 // The shared shape of every rows operation, per column block: thread t reduces rows
 // [begin_t, end_t) of the block into its scratch (reduce(begin, end, block, scratch)); after a
-// barrier, each channel of the block is finished once from all threads' columns
-// (finish(c, block, scratches)); after a second barrier each thread applies over its own rows
-// (apply(begin, end, block), called on chunks of them, last first: apply_last_first).
+// barrier, each channel of the block is finished once from all threads' columns, each thread
+// finishing a range of them (finish(c_begin, c_end, block, scratches); each_channel makes it
+// per channel); after a second barrier each thread applies over its own rows (apply(begin, end,
+// block), called on chunks of them, last first: apply_last_first).
 template <class T, class Reduce, class Finish, class Apply>
 void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish,
                         Apply&& apply) {
@@ -191,7 +200,8 @@ void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Fin
             for (int t = 0; t < threads; ++t)
                 reduce(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], b, scratch[std::size_t(t)]);
             BATCHNORM_OMP(for schedule(static))
-            for (std::int64_t c = first; c < first + count; ++c) finish(c, b, scratch);
+            for (int t = 0; t < threads; ++t)
+                finish(first + count * t / threads, first + count * (t + 1) / threads, b, scratch);
             BATCHNORM_OMP(for schedule(static))
             for (int t = 0; t < threads; ++t)
                 apply_last_first(row_begin[std::size_t(t)], row_begin[std::size_t(t) + 1], apply_chunk_rows<T>(b),
@@ -200,12 +210,34 @@ void for_each_row_block(const Shape& s, std::int64_t bytes, Reduce&& reduce, Fin
     }
 }
 
+// A finish step for for_each_row_block from one per channel: finish(c, block, scratches).
+template <class Finish>
+auto each_channel(Finish&& finish) {
+    return [finish = std::forward<Finish>(finish)](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& b,
+                                                   const auto& scratch) {
+        for (std::int64_t c = c_begin; c < c_end; ++c) finish(c, b, scratch);
+    };
+}
+
 // Columns [j0, j1) of a block (block-relative), merged over every thread's rows.
 template <class T>
 Moments columns_moments(std::int64_t j0, std::int64_t j1, const std::vector<ColumnScratch<T>>& scratch) {
     Moments total;
     for (const ColumnScratch<T>& w : scratch)
-        for (std::int64_t j = j0; j < j1; ++j) total = merge(total, w.moments[std::size_t(j)]);
+        for (std::int64_t j = j0; j < j1; ++j) total = merge(total, w.moments.at(j));
+    return total;
+}
+
+// Columns [j0, j0 + cols) of a block (block-relative), each merged over every thread's rows, in
+// place of the first thread's (each finishing thread owns its range of columns). Only the
+// returned view counts every thread's rows.
+template <class T>
+MomentsColumns merge_thread_columns(std::int64_t j0, std::int64_t cols, std::vector<ColumnScratch<T>>& scratch) {
+    const auto from = [j0](const MomentsColumns& m) {
+        return MomentsColumns{m.count, m.shift + j0, m.offset + j0, m.m2 + j0};
+    };
+    MomentsColumns total = from(scratch[0].moments);
+    for (std::size_t t = 1; t < scratch.size(); ++t) merge_columns(total, from(scratch[t].moments), cols);
     return total;
 }
 
@@ -229,7 +261,14 @@ void moments_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, 
     for_each_row_block<T>(
         s, s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
-        [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) { finish(c, channel_moments(s, c, blk, scratch)); },
+        [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
+            if (s.inner == 1) {  // the threads' columns merged as arrays
+                const MomentsColumns total = merge_thread_columns(c_begin - blk.first, c_end - c_begin, scratch);
+                for (std::int64_t c = c_begin; c < c_end; ++c) finish(c, total.at(c - c_begin));
+                return;
+            }
+            for (std::int64_t c = c_begin; c < c_end; ++c) finish(c, channel_moments(s, c, blk, scratch));
+        },
         [](std::int64_t, std::int64_t, const ColumnBlock&) {});
 }
 
@@ -255,7 +294,9 @@ private:
 };
 
 // Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
-// relu), each thread its rows.
+// relu), each thread its rows. With one column per channel (inner 1), a range of channels is
+// finished at once, finish.channels(c, count, moments, shift, alpha, beta), the moments and
+// the factors as arrays.
 template <class T, class Finish>
 void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, bool relu,
                              Finish&& finish) {
@@ -263,11 +304,19 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
     for_each_row_block<T>(
         s, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
-        [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
-            const ChannelAffine<compute_t<T>> a = finish(c, channel_moments(s, c, blk, scratch));
-            shift.set(blk, c, a.shift);
-            alpha.set(blk, c, a.alpha);
-            beta.set(blk, c, a.beta);
+        [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
+            if (s.inner == 1) {
+                const std::int64_t j0 = c_begin - blk.first, n = c_end - c_begin;
+                finish.channels(c_begin, n, merge_thread_columns(j0, n, scratch), shift.data() + j0,
+                                alpha.data() + j0, beta.data() + j0);
+                return;
+            }
+            for (std::int64_t c = c_begin; c < c_end; ++c) {
+                const ChannelAffine<compute_t<T>> a = finish(c, channel_moments(s, c, blk, scratch));
+                shift.set(blk, c, a.shift);
+                alpha.set(blk, c, a.alpha);
+                beta.set(blk, c, a.beta);
+            }
         },
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             const std::int64_t at = b * blk.ld + blk.col;
@@ -277,7 +326,8 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
 }
 
 // Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<compute_t<T>>,
-// and the gradient apply (skipped when gx is null).
+// and the gradient apply (skipped when gx is null). With one column per channel (inner 1), a range
+// of channels is finished at once: finish.channels(c, count, sum_dy, sum_dy_xmu, shift, k, m, q).
 template <class T, class Finish>
 void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                             const compute_t<T>* shift_of, Finish&& finish) {
@@ -296,16 +346,30 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             const std::int64_t at = b * blk.ld + blk.col;
             checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
         },
-        [&](std::int64_t c, const ColumnBlock& blk, const auto& scratch) {
-            Sums sums;
-            const std::int64_t j0 = (c - blk.first) * s.inner;
-            for (const auto& w : scratch)
-                for (std::int64_t j = j0; j < j0 + s.inner; ++j) sums += Sums{w.s1[std::size_t(j)], w.s2[std::size_t(j)]};
-            const GradCoefficients<compute_t<T>> g = finish(c, sums);
-            shift.set(blk, c, g.shift);
-            k_coef.set(blk, c, g.k);
-            m_coef.set(blk, c, g.m);
-            q_coef.set(blk, c, g.q);
+        [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
+            if (s.inner == 1) {  // one column per channel: the threads' sums added as arrays, in the first's
+                const std::size_t j0 = std::size_t(c_begin - blk.first), n = std::size_t(c_end - c_begin);
+                double *sdy = scratch[0].s1.data() + j0, *sdyx = scratch[0].s2.data() + j0;
+                for (std::size_t t = 1; t < scratch.size(); ++t)
+                    for (std::size_t i = 0; i < n; ++i) {
+                        sdy[i] += scratch[t].s1[j0 + i];
+                        sdyx[i] += scratch[t].s2[j0 + i];
+                    }
+                finish.channels(c_begin, std::int64_t(n), sdy, sdyx, shift.data() + j0, k_coef.data() + j0,
+                                m_coef.data() + j0, q_coef.data() + j0);
+                return;
+            }
+            for (std::int64_t c = c_begin; c < c_end; ++c) {
+                Sums sums;
+                const std::int64_t j0 = (c - blk.first) * s.inner;
+                for (const auto& w : scratch)
+                    for (std::int64_t j = j0; j < j0 + s.inner; ++j) sums += Sums{w.s1[std::size_t(j)], w.s2[std::size_t(j)]};
+                const GradCoefficients<compute_t<T>> g = finish(c, sums);
+                shift.set(blk, c, g.shift);
+                k_coef.set(blk, c, g.k);
+                m_coef.set(blk, c, g.m);
+                q_coef.set(blk, c, g.q);
+            }
         },
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             if (!gx) return;

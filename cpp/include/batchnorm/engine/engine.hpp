@@ -27,7 +27,8 @@ void segment_moments(const T* x, const Shape& s, Finish&& finish) {
     else moments_channels_first(k, x, s, finish);
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize into y, then act.
+// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>> (and finish.channels for ranges of
+// channels, see normalize_channels_last), and normalize into y, then act.
 template <class T, class Finish>
 void normalize_fused(const T* x, T* y, const Shape& s, Activation act, Finish&& finish) {
     const auto& k = kernels<T>();
@@ -66,12 +67,12 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
     PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     for_each_row_block<T>(
         s, bytes, [](std::int64_t, std::int64_t, const ColumnBlock&, ColumnScratch<T>&) {},
-        [&](std::int64_t c, const ColumnBlock& blk, const auto&) {
+        each_channel([&](std::int64_t c, const ColumnBlock& blk, const auto&) {
             shift.set(blk, c, coef[c].shift);
             k_coef.set(blk, c, coef[c].k);
             m_coef.set(blk, c, coef[c].m);
             q_coef.set(blk, c, coef[c].q);
-        },
+        }),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             const std::int64_t at = b * blk.ld + blk.col;
             k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), k_coef.data(), m_coef.data(),

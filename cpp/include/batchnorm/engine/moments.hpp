@@ -2,6 +2,7 @@
 // of one channel, the partials of several threads and, later, of several processes.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace batchnorm::detail {
@@ -38,6 +39,62 @@ inline Moments from_shifted_sums(double count, double shift, double s1, double s
     const double offset = s1 / count;  // one division: a visible part of a call on short planes
     const double m2 = s2 - s1 * offset;
     return {count, shift, offset, m2 < 0 ? 0.0 : m2};
+}
+
+// The moments of many columns (or channels) that share one count, as arrays: the form in which
+// per-column work vectorizes. The rows driver keeps one per column, thousands of them on wide
+// rows; one Moments at a time, their bookkeeping took half of a training call over a few rows.
+struct MomentsColumns {
+    double count = 0;
+    double* shift = nullptr;
+    double* offset = nullptr;
+    double* m2 = nullptr;
+
+    Moments at(std::int64_t j) const { return {count, shift[j], offset[j], m2[j]}; }
+};
+
+// Columns [0, cols) of m merged with `count` more values per column, given as sums s1, s2 around
+// shift[j] (from_shifted_sums, then merge, column by column, with their bits).
+template <class Shift>
+void merge_shifted_sums(MomentsColumns& m, std::int64_t cols, double count, const Shift* shift, const double* s1,
+                        const double* s2) {
+    if (count == 0) return;
+    if (m.count == 0) {
+        for (std::int64_t j = 0; j < cols; ++j) {
+            const Moments b = from_shifted_sums(count, double(shift[j]), s1[j], s2[j]);
+            m.shift[j] = b.shift;
+            m.offset[j] = b.offset;
+            m.m2[j] = b.m2;
+        }
+    } else {
+        const double n = m.count + count, b_weight = count / n, ab_weight = m.count * count / n;
+        for (std::int64_t j = 0; j < cols; ++j) {
+            const Moments b = from_shifted_sums(count, double(shift[j]), s1[j], s2[j]);
+            const double delta = (b.shift - m.shift[j]) + (b.offset - m.offset[j]);
+            m.offset[j] += delta * b_weight;
+            m.m2[j] = m.m2[j] + b.m2 + delta * delta * ab_weight;
+        }
+    }
+    m.count += count;
+}
+
+// Columns [0, cols) of b merged into those of a (merge, column by column, with its bits); a's
+// count becomes the total.
+inline void merge_columns(MomentsColumns& a, const MomentsColumns& b, std::int64_t cols) {
+    if (b.count == 0) return;
+    if (a.count == 0) {
+        std::copy_n(b.shift, cols, a.shift);
+        std::copy_n(b.offset, cols, a.offset);
+        std::copy_n(b.m2, cols, a.m2);
+    } else {
+        const double n = a.count + b.count, b_weight = b.count / n, ab_weight = a.count * b.count / n;
+        for (std::int64_t j = 0; j < cols; ++j) {
+            const double delta = (b.shift[j] - a.shift[j]) + (b.offset[j] - a.offset[j]);
+            a.offset[j] += delta * b_weight;
+            a.m2[j] = a.m2[j] + b.m2[j] + delta * delta * ab_weight;
+        }
+    }
+    a.count += b.count;
 }
 
 // Whether sums around `shift` give the variance without losing digits: the correction

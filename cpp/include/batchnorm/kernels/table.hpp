@@ -123,6 +123,8 @@ struct KernelTable {
     // alpha = weight * (1 / sqrt(var + eps)), beta = bias - 0*alpha (weight, bias null: 1, 0).
     void (*eval_factors)(const T* var, const T* weight, const T* bias, i64 channels, double eps, T* alpha,
                          T* beta);
+    // v[i] = 1 / sqrt(v[i] + eps), in float64 lanes (invstd_of's bits).
+    void (*invstd)(double* v, i64 n, double eps);
 
     // Lanes of T in one vector of this backend.
     i64 lanes;

@@ -143,12 +143,12 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
                 block_moments(k, xn, b, e, blk, w);
             },
-            [&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
+            each_channel([&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
                 const Moments m = channel_moments(rows, g, blk, scratch);
                 const std::int64_t at = (g - blk.first) * per_group;
                 factors(g, m, finish(n * groups + g, m), shift.data() + at,
                         alpha.data() + at, beta.data() + at);
-            },
+            }),
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
                 const std::int64_t at = b * blk.ld + blk.col;
                 k.cl_affine(xn + at, nullptr, yn + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
@@ -268,7 +268,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     const std::int64_t at = base + b * blk.ld + blk.col;
                     checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
                 },
-                [&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
+                each_channel([&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
                     const std::int64_t j0 = (g - blk.first) * per_group, c0 = n * C + g * per_group;
                     for (std::int64_t i = 0; i < per_group; ++i) {
                         double a = 0, b = 0;
@@ -284,7 +284,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     std::fill_n(shift.data() + j0, per_group, mean[n * groups + g]);
                     std::fill_n(mcol.data() + j0, per_group, m);
                     std::fill_n(qcol.data() + j0, per_group, q);
-                },
+                }),
                 [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
                     if (!gx) return;
                     const std::int64_t at = base + b * blk.ld + blk.col;

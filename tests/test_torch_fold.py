@@ -134,6 +134,30 @@ def test_fold_model_without_pairs_is_unchanged_and_training_is_an_error():
 
 
 
+@pytest.mark.parametrize("pairs, message", [
+    ([("0", "1"), ("2", "1")], r"pairs: '2' has 4 outputs but batch norm '1' normalizes 8"),
+    ([("0", "1"), ("0", "1")], r"pairs: '0' is named in more than one pair"),
+    ([("0", "1"), ("2", "3"), ("2", "3")], r"pairs: '2' is named in more than one pair"),
+])
+def test_fold_model_refuses_pairs_that_cannot_fold_before_folding_any(pairs, message):
+    """A layer whose output count is not the batch norm's feature count, or a module named in two
+    pairs (the second fold would start again from the unfolded layer and lose the first), is a
+    ValueError naming ``pairs``, raised before anything is folded."""
+    gen = torch.Generator().manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), randomize_bn(nn.BatchNorm2d(8), gen),
+                          nn.Conv2d(8, 4, 1), randomize_bn(nn.BatchNorm2d(4), gen)).eval()
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        bnt.fold_model(model, pairs)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
 def test_fold_model_skips_or_refuses_a_batch_norm_without_running_statistics():
     """Found by default, such a batch norm is no foldable pair (it normalizes with the batch's
     statistics) and stays; named in ``pairs`` it is an error, raised before anything is

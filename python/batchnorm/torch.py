@@ -871,8 +871,9 @@ def fold_model(model: torch.nn.Module,
     conv of one group, as a decoder or GAN generator has) followed directly by
     a batch norm (plain torch or converted) with running statistics inside an
     ``nn.Sequential``. Every pair is checked before any is folded: a bad one (not a conv/linear
-    and a batch norm, or one without running statistics) is an error that leaves ``model``
-    as it was. Each layer is
+    and a batch norm, one without running statistics, a layer whose output count is not the
+    batch norm's feature count, a module named in two pairs) is an error that leaves
+    ``model`` as it was. Each layer is
     replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval`` /
     ``fuse_linear_bn_eval``) and each batch norm by ``nn.Identity``, in place; returns
     ``model`` (unchanged when nothing folds). No fx: works on any model, traceable or not.
@@ -892,6 +893,14 @@ def fold_model(model: torch.nn.Module,
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
                              "(track_running_stats=False), so it cannot be folded")
+        outputs = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
+        if outputs != bn.num_features:
+            raise ValueError(f"pairs: {layer_name!r} has {outputs} outputs but batch norm {bn_name!r} "
+                             f"normalizes {bn.num_features} features, so it cannot be folded into it")
+        # A module in two pairs would be folded from its unfolded self twice, the first fold lost.
+        for name, module in ((layer_name, layer), (bn_name, bn)):
+            if any(module is m for pair in checked for m in pair[2:]):
+                raise ValueError(f"pairs: {name!r} is named in more than one pair (each module folds once)")
         checked.append((layer_name, bn_name, layer, bn))
     for layer_name, bn_name, layer, bn in checked:
         folded: torch.nn.Module

@@ -392,6 +392,38 @@ def _():
     return (lambda: bn.batch_norm(x, s["rm"], s["rv"], out=out)), [x, out, *s.values()]
 
 
+def _zero_stride(shape, value=7.0):
+    """A writable array of `shape` whose first dimension has stride 0: every row is one row
+    in memory (as np.lib.stride_tricks.as_strided makes), so writes to it would overwrite each
+    other."""
+    base = np.full((1, *shape[1:]), value, np.float32)
+    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=(0, *base.strides[1:]))
+
+
+@case("out_zero_stride", ValueError, r"\bout\b", "memory location")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    out = _zero_stride((4, 3))
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], out=out)), [x, out, *s.values()]
+
+
+@case("running_mean_zero_stride", ValueError, r"\brunning_mean\b", "memory location")
+def _():
+    s = fstate()
+    x = f32(4, 3)
+    rm = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(3,), strides=(0,))
+    return (lambda: bn.batch_norm(x, rm, s["rv"], training=True)), [x, rm, s["rv"]]
+
+
+@case("backward_out_zero_stride", ValueError, r"\bout\b", "memory location")
+def _():
+    x, g = f32(4, 3), f32(4, 3, seed=1)
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
+    out = _zero_stride((4, 3))
+    return (lambda: bn.batch_norm_backward(g, x, mean, invstd, out=out)), [x, g, mean, invstd, out]
+
+
 @case("out_mis_shaped", ValueError, r"\bout\b")
 def _():
     m = trained()
@@ -890,6 +922,21 @@ SCALAR_CALLS = {
     "instance_norm_backward_axis": (lambda v, x: bn.instance_norm_backward(x, x, np.zeros((4, 6), np.float32),
                                                                            np.ones((4, 6), np.float32), axis=v),
                                     1.0, "axis", "an int"),
+    # bool is an int (and a float) to Python, and a flag passed in a number's place to torch
+    "batch_norm_train_axis_bool": (lambda v, x: bn.batch_norm(x, None, None, training=True, axis=v), True,
+                                   "axis", "an int"),
+    "batch_norm_train_momentum_bool": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                                  training=True, momentum=v), True, "momentum", "a float"),
+    "batch_norm_eval_eps_bool": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32), eps=v),
+                                 False, "eps", "a float"),
+    "batch_norm_stats_axis_bool": (lambda v, x: bn.batch_norm_stats(x, axis=v), True, "axis", "an int"),
+    "batch_norm_backward_axis_bool": (lambda v, x: bn.batch_norm_backward(x, x, np.zeros(6, np.float32),
+                                                                          np.ones(6, np.float32), axis=v), True,
+                                      "axis", "an int"),
+    "group_norm_num_groups_bool": (lambda v, x: bn.group_norm(x, v), True, "num_groups", "an int"),
+    "group_norm_axis_bool": (lambda v, x: bn.group_norm(x, 2, axis=v), True, "axis", "an int"),
+    "instance_norm_axis_bool": (lambda v, x: bn.instance_norm(x, axis=v), True, "axis", "an int"),
+    "layer_norm_eps_bool": (lambda v, x: bn.layer_norm(x, 3, eps=v), True, "eps", "a float"),
     "fold_axis": (lambda v, x: bn.fold(trained().eval(), np.ones((3, 2, 1, 1), np.float32), axis=v), 0.0,
                   "axis", "an int"),
 }

@@ -3,6 +3,7 @@
 // calls the C++ entry points. The contract is docs/core-module.md.
 #include "arrays.hpp"
 #include "instantiations.hpp"
+#include "numbers.hpp"
 
 #include <cmath>
 
@@ -111,7 +112,7 @@ private:
     }
 };
 
-nb::object stats(nb::handle x_obj, int axis) {
+nb::object stats(nb::handle x_obj, Int axis) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -128,7 +129,7 @@ nb::object stats(nb::handle x_obj, int axis) {
 }
 
 nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bias_obj, nb::handle rmean_obj,
-                         nb::handle rvar_obj, double momentum, double eps, int axis, nb::handle out, bool relu) {
+                         nb::handle rvar_obj, Real momentum, Real eps, Int axis, nb::handle out, bool relu) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -203,7 +204,7 @@ private:
 };
 
 nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_obj, nb::handle weight_obj,
-                        nb::handle bias_obj, double eps, int axis, nb::handle out, nb::handle residual_obj,
+                        nb::handle bias_obj, Real eps, Int axis, nb::handle out, nb::handle residual_obj,
                         bool relu, nb::handle saved_obj) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
@@ -238,7 +239,7 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
 }
 
 nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
-                    nb::handle weight_obj, int axis, bool training, nb::handle out) {
+                    nb::handle weight_obj, Int axis, bool training, nb::handle out) {
     const Input in = take_main_input(x_obj, "x", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -305,7 +306,7 @@ void check_outputs_apart(const WriteAs<T>& y, const std::optional<WriteAs<T>>& s
         value_error("out overlaps sum_out; pass separate arrays");
 }
 
-nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_obj, nb::handle bias_obj, double eps,
+nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_obj, nb::handle bias_obj, Real eps,
                       bool rms, nb::handle out, nb::handle residual_obj, nb::handle sum_obj) {
     const ArrayRef xa = take_float_array(x_obj, "input");
     const RowSplit split = split_rows(xa, normalized_ndim);
@@ -425,8 +426,8 @@ void check_groups(const GroupInput& in, std::int64_t num_groups) {
                     shape_string(in.array.shape_vector()) + " and num_groups=" + std::to_string(num_groups));
 }
 
-nb::object group_norm(nb::handle x_obj, std::int64_t num_groups, nb::handle weight_obj, nb::handle bias_obj,
-                      double eps, int axis, nb::handle out, bool relu) {
+nb::object group_norm(nb::handle x_obj, Int64 num_groups, nb::handle weight_obj, nb::handle bias_obj,
+                      Real eps, Int axis, nb::handle out, bool relu) {
     const GroupInput in = take_group_input(x_obj, axis);
     check_groups(in, num_groups);
     return with_element_type(in.array, [&](auto tag) -> nb::object {
@@ -449,7 +450,7 @@ nb::object group_norm(nb::handle x_obj, std::int64_t num_groups, nb::handle weig
 }
 
 nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
-                               nb::handle weight_obj, std::int64_t num_groups, int axis, nb::handle out) {
+                               nb::handle weight_obj, Int64 num_groups, Int axis, nb::handle out) {
     const GroupInput in = take_group_input(x_obj, axis);
     check_groups(in, num_groups);
     return with_element_type(in.array, [&](auto tag) -> nb::object {
@@ -478,7 +479,7 @@ nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
 }
 
 nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bias_obj, nb::handle rmean_obj,
-                         nb::handle rvar_obj, double momentum, double eps, int axis, nb::handle out, bool relu) {
+                         nb::handle rvar_obj, Real momentum, Real eps, Int axis, nb::handle out, bool relu) {
     const GroupInput in = take_group_input(x_obj, axis);
     return with_element_type(in.array, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -515,7 +516,7 @@ nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
 
 // ---- batch norm's phases (statistics out, normalize from given statistics) ------------------
 
-nb::object batch_moments(nb::handle x_obj, int axis) {
+nb::object batch_moments(nb::handle x_obj, Int axis) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -536,7 +537,7 @@ nb::object batch_moments(nb::handle x_obj, int axis) {
 }
 
 nb::object batch_norm_apply(nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj, nb::handle weight_obj,
-                            nb::handle bias_obj, int axis, nb::handle out) {
+                            nb::handle bias_obj, Int axis, nb::handle out) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -557,7 +558,7 @@ nb::object batch_norm_apply(nb::handle x_obj, nb::handle mean_obj, nb::handle in
     });
 }
 
-nb::object batch_norm_backward_reduce(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, int axis) {
+nb::object batch_norm_backward_reduce(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, Int axis) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -578,7 +579,7 @@ nb::object batch_norm_backward_reduce(nb::handle grad_obj, nb::handle x_obj, nb:
 
 nb::object batch_norm_backward_apply(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj,
                                      nb::handle invstd_obj, nb::handle weight_obj, nb::handle sum_dy_obj,
-                                     nb::handle sum_dy_xmu_obj, double count, int axis, nb::handle out) {
+                                     nb::handle sum_dy_xmu_obj, Real count, Int axis, nb::handle out) {
     const Input in = take_main_input(x_obj, "input", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);

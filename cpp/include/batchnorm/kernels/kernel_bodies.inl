@@ -716,6 +716,15 @@ void rows_affine(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 f
 constexpr i64 kBlock = 4;   // whole vectors a row may have to run as one register block
 constexpr i64 kWide = 32;   // vectors per chunk of a wider row
 
+// The apply kernels (kApply: no accumulators to keep) take a wider row in chunks of a page of
+// each stream, not kWide vectors: a 4 KiB row of float32 in AVX-512's 2 KiB chunks was left
+// half read, its second half reached a tile of rows later, when the prefetchers had long
+// moved on. Not whole rows: the chunk's factors (three or four arrays of its width) stay in L1
+// while it walks down the tile. AMD EPYC (Zen 4), 1 thread, float32 eval, in one process
+// (bench/cpp/ab_timing.cpp, medians of 11 rounds): 256x1024 40.2 -> 29.3 us, 128x2048
+// 42.2 -> 37.3, 64x4096 40.5 -> 34.5 (whole rows: 43.3, the factors no longer fit L1).
+constexpr i64 kApplyChunkBytes = 4096;
+
 // Rows per tile: L1-sized, but at least four flushes' worth, so that a wide row's many column
 // blocks do not each flush after a handful of rows.
 template <class T>
@@ -793,6 +802,7 @@ void narrow_block(Op& op, i64 row0, i64 rows, i64 last) {
 template <class T, class Op>
 void for_each_block(i64 rows, i64 cols, Op& op) {
     constexpr i64 W = Ops<T>::W;
+    constexpr i64 kChunk = Op::kApply ? std::max<i64>(kWide, kApplyChunkBytes / i64(W * sizeof(T))) : kWide;
     const i64 tile = tile_rows_for_blocks<T>(cols), vectors = (cols + W - 1) / W;
     const i64 last = cols - (vectors - 1) * W;  // lanes of the last vector, 1..W
     for (i64 r = 0; r < rows; r += tile) {
@@ -805,8 +815,8 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
             case 4: narrow_block<4, T>(op, r, n, last); break;
             static_assert(kBlock == 4, "one case per block width up to kBlock");
             default:
-                for (i64 v = 0; v < vectors; v += kWide) {
-                    const int nb = int(std::min(kWide, vectors - v));
+                for (i64 v = 0; v < vectors; v += std::min(kChunk, vectors)) {
+                    const int nb = int(std::min(kChunk, vectors - v));
                     if constexpr (W > 1) {  // one lane has no partial vector
                         if (v + nb == vectors && last < W) {
                             op.template block<true>(r, n, v * W, last, nb);
@@ -827,18 +837,10 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
 // float32 31 -> 26 us, training 67 -> 60 us).
 constexpr i64 kRowGroup = 4;
 
-// The apply kernels (affine, gradient) visit two rows per vector: a wide block's factors live
-// in stack arrays, and each row of a pair reuses the ones loaded for the other (AMD EPYC, Zen 1,
-// 1 thread, float32 eval: 4096x64 79 -> 71 us, 256x1024 94 -> 84 us). Not four: they stream up
-// to three arrays (x, residual, y; dy, x, gx), and rows a multiple of 4 KiB apart share an L1
-// set, so 3 x 4 lines overflow an 8-way L1 (backward of 256x1024: 299 -> 402 us with four).
-// Every load of a pair comes before its stores, which 4 KiB aliasing would otherwise stall.
-constexpr i64 kApplyRowGroup = 2;
-
-template <i64 kGroup = kRowGroup, class Visit>
+template <class Visit>
 BATCHNORM_ALWAYS_INLINE void rows_by_group(i64 r, i64 end, int nb, Visit&& visit) {
-    for (; r + kGroup <= end; r += kGroup)
-        for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, int(kGroup)>{});
+    for (; r + kRowGroup <= end; r += kRowGroup)
+        for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, int(kRowGroup)>{});
     for (; r < end; ++r)
         for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, 1>{});
 }
@@ -846,6 +848,7 @@ BATCHNORM_ALWAYS_INLINE void rows_by_group(i64 r, i64 end, int nb, Visit&& visit
 template <class S>
 struct ClSum {
     using T = compute_t<S>;
+    static constexpr bool kApply = false;
     const S* x_;
     i64 cols_, ld_;
     double* sum_;
@@ -883,6 +886,7 @@ void cl_sum(const S* x, i64 rows, i64 cols, i64 ld, double* sum) {
 template <class S>
 struct ClDev {
     using T = compute_t<S>;
+    static constexpr bool kApply = false;
     const S* x_;
     i64 cols_, ld_;
     const T* shift_;
@@ -931,6 +935,7 @@ void cl_dev(const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, d
 template <class S>
 struct ClDot {
     using T = compute_t<S>;
+    static constexpr bool kApply = false;
     const S *dy_, *x_;
     i64 cols_, ld_;
     const T* shift_;
@@ -978,9 +983,18 @@ void cl_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute_t
     for_each_block<T>(rows, cols, op);
 }
 
+// The apply kernels (affine, gradient) go row by row, in memory order. They once visited two
+// rows per vector, so that each row of a pair reused the factors loaded for the other, while
+// a wide block's factors were copied to the stack once per tile (AMD EPYC, Zen 1: eval of
+// 4096x64 79 -> 71 us). Since the factors are read from L1 where they are (BlockFactors), the
+// pairs only cost: AMD EPYC (Zen 4), 1 thread, float32, in one process (ab_timing, medians of
+// 11 rounds), pairs -> rows: backward 6272x256 963 -> 700 us, 256x1024 103 -> 96; eval
+// 6272x256 262 -> 218; 4096x64, 32x2048 and 392x512 within 1 us either way.
+
 template <class S, bool kResidual, bool kRelu>
 struct ClAffine {
     using T = compute_t<S>;
+    static constexpr bool kApply = true;
     const S* x_;
     const S* residual_;
     S* y_;
@@ -996,19 +1010,16 @@ struct ClAffine {
         const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
         using O = Ops<T>;
         const BlockFactors<T, kTail, Count> s(shift + j, nb, last), a(alpha + j, nb, last), b(beta + j, nb, last);
-        rows_by_group<kApplyRowGroup>(row0, row0 + rows, int(nb), [&](int k, i64 r0, auto group) {
-            constexpr int kRows = decltype(group)::value;
-            const auto sk = s[k], ak = a[k], bk = b[k];
-            const i64 at = r0 * ld + j + k * O::W;
-            typename O::V v[kRows];
-            for (int q = 0; q < kRows; ++q) {  // every load before any store: see kApplyRowGroup
-                const auto res =
-                    kResidual ? load_block<T, kTail>(residual + at + q * ld, k, int(nb), last, O::zero()) : O::zero();
-                v[q] = affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at + q * ld, k, int(nb), last, sk), res,
-                                                      sk, ak, bk, O{});
+        for (i64 r = row0; r < row0 + rows; ++r)
+            for (int k = 0; k < int(nb); ++k) {
+                const auto sk = s[k];
+                const i64 at = r * ld + j + k * O::W;
+                const auto res = kResidual ? load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()) : O::zero();
+                store_block<T, kTail>(y + at,
+                                      affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at, k, int(nb), last, sk),
+                                                                     res, sk, a[k], b[k], O{}),
+                                      k, int(nb), last);
             }
-            for (int q = 0; q < kRows; ++q) store_block<T, kTail>(y + at + q * ld, v[q], k, int(nb), last);
-        });
     }
 };
 
@@ -1035,6 +1046,7 @@ void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, 
 template <class S>
 struct ClGrad {
     using T = compute_t<S>;
+    static constexpr bool kApply = true;
     const S *dy_, *x_;
     S* gx_;
     i64 cols_, ld_;
@@ -1050,18 +1062,14 @@ struct ClGrad {
         using O = Ops<T>;
         const BlockFactors<T, kTail, Count> s(shift + j, nb, last), kc(k_coef + j, nb, last), mc(m_coef + j, nb, last),
             qc(q_coef + j, nb, last);
-        rows_by_group<kApplyRowGroup>(row0, row0 + rows, int(nb), [&](int k, i64 r0, auto group) {
-            constexpr int kRows = decltype(group)::value;
-            const auto sk = s[k], kk = kc[k], mk = mc[k], qk = qc[k];
-            const i64 at = r0 * ld + j + k * O::W;
-            typename O::V g[kRows];
-            for (int q = 0; q < kRows; ++q) {  // every load before any store: see kApplyRowGroup
-                const auto gy = load_block<T, kTail>(dy + at + q * ld, k, int(nb), last, O::zero());
-                const auto xv = load_block<T, kTail>(x + at + q * ld, k, int(nb), last, sk);
-                g[q] = grad_value(gy, xv, sk, kk, mk, qk, O{});
+        for (i64 r = row0; r < row0 + rows; ++r)
+            for (int k = 0; k < int(nb); ++k) {
+                const auto sk = s[k];
+                const i64 at = r * ld + j + k * O::W;
+                const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
+                const auto xv = load_block<T, kTail>(x + at, k, int(nb), last, sk);
+                store_block<T, kTail>(gx + at, grad_value(gy, xv, sk, kc[k], mc[k], qc[k], O{}), k, int(nb), last);
             }
-            for (int q = 0; q < kRows; ++q) store_block<T, kTail>(gx + at + q * ld, g[q], k, int(nb), last);
-        });
     }
 };
 

@@ -74,12 +74,18 @@ BlockReads block_reads(const Shape& s, int reads, int arrays) {
 // Per-thread buffers of one block's channels.
 template <class T>
 struct BlockScratch {
-    std::vector<double> s1, s2;
+    std::vector<double> s1, s2, moment_shift, offset, m2;
     std::vector<compute_t<T>> shift, a, b, c;
 
     void resize(std::int64_t n) {  // the sums are cleared before each use (clear_sums)
-        for (auto* v : {&s1, &s2}) v->resize(std::size_t(n));
+        for (auto* v : {&s1, &s2, &moment_shift, &offset, &m2}) v->resize(std::size_t(n));
         for (auto* v : {&shift, &a, &b, &c}) v->resize(std::size_t(n));
+    }
+    // The block's moments, from the sums around `shift` of `values` values per channel.
+    MomentsColumns moments(std::int64_t count, double values) {
+        MomentsColumns m{0, moment_shift.data(), offset.data(), m2.data()};
+        merge_shifted_sums(m, count, values, shift.data(), s1.data(), s2.data());
+        return m;
     }
     void clear_sums() {
         std::fill(s1.begin(), s1.end(), 0.0);
@@ -127,12 +133,12 @@ void block_dev(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t
     recheck_columns<T>(s.per_channel(), j1 - j0, w.s1.data() + j0, w.s2.data() + j0, dev, dev);
 }
 
-// Moments of channels [first, first + count), handed to finish(c, Moments): one pass around a
+// Sums of channels [first, first + count) around w.shift into w.s1 and w.s2: one pass around a
 // probe's mean, and a second around their own means for the channels where the probe was more
 // than a standard deviation off.
-template <class T, class Finish>
-void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
-                   BlockScratch<T>& w, BlockReads reads, Finish&& finish) {
+template <class T>
+void block_sums(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
+                BlockScratch<T>& w, BlockReads reads) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner, n = s.per_channel();
     const std::int64_t probes = std::min(n, kBlockProbe);
     std::int64_t at[kBlockProbe];
@@ -154,15 +160,10 @@ void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int
     }
     w.clear_sums();
     block_dev(k, x, s, first, 0, count, w, reads);
-    const double values = double(n);
-    resum_far_columns(count, 1, values, w.shift.data(), w.s1.data(), w.s2.data(),
+    resum_far_columns(count, 1, double(n), w.shift.data(), w.s1.data(), w.s2.data(),
                       [&](std::int64_t j0, std::int64_t j1) {  // the block is in cache now
                           block_dev(k, x, s, first, j0, j1, w, BlockReads::streamed);
                       });
-    for (std::int64_t j = 0; j < count; ++j) {
-        const std::size_t u = std::size_t(j);
-        finish(first + j, from_shifted_sums(values, double(w.shift[u]), w.s1[u], w.s2[u]));
-    }
 }
 
 // Moments of every channel, finish(c, Moments).
@@ -171,12 +172,16 @@ void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, c
                           const PlaneBlocks& pb, Finish&& finish) {
     const BlockReads reads = block_reads<T>(s, 1, 1);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_moments(k, x, s, first, count, w, reads, finish);
+        block_sums(k, x, s, first, count, w, reads);
+        const MomentsColumns m = w.moments(count, double(s.per_channel()));
+        for (std::int64_t j = 0; j < count; ++j) finish(first + j, m.at(j));
     });
 }
 
-// Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
-// relu), per block.
+// Statistics, finish.channels(first, count, moments, shift, alpha, beta) for the block's
+// channels at once (TrainFinish: its square roots and divisions in vector lanes; one at a
+// time they were a fifth of an 8x512x7x7 training call), and normalize (then ReLU when relu),
+// per block.
 template <class T, class Finish>
 void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
                             const PlaneBlocks& pb, bool relu, Finish&& finish) {
@@ -184,21 +189,18 @@ void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Sha
     const bool prefetch = prefetch_planes<T>(s, 2);
     const BlockReads reads = block_reads<T>(s, 1, 2);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_moments(k, x, s, first, count, w, reads, [&](std::int64_t c, const Moments& m) {
-            const ChannelAffine<compute_t<T>> a = finish(c, m);
-            const std::size_t j = std::size_t(c - first);
-            w.shift[j] = a.shift;
-            w.a[j] = a.alpha;
-            w.b[j] = a.beta;
-        });
+        block_sums(k, x, s, first, count, w, reads);
+        finish.channels(first, count, w.moments(count, double(s.per_channel())), w.shift.data(), w.a.data(),
+                        w.b.data());
         const std::int64_t at = first * len;
         k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(), relu,
                     prefetch);
     });
 }
 
-// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish(c, Sums) -> GradCoefficients<compute_t<T>>,
-// and the gradient apply (skipped when gx is null), per block.
+// Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish.channels(first, count, sum_dy,
+// sum_dy_xmu, shift, k, m, q) for the block's channels at once, and the gradient apply
+// (skipped when gx is null), per block.
 template <class T, class Finish>
 void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                            const compute_t<T>* shift, const ChannelSchedule& sched, const PlaneBlocks& pb,
@@ -216,14 +218,7 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
             [&](std::int64_t i, std::int64_t j) {
                 return double(x[at + block_offset(len, stride, i, j)]) - double(shift[first + j]);
             });
-        for (std::int64_t j = 0; j < count; ++j) {
-            const std::size_t u = std::size_t(j);
-            const GradCoefficients<compute_t<T>> g = finish(first + j, Sums{w.s1[u], w.s2[u]});
-            w.shift[u] = g.shift;
-            w.a[u] = g.k;
-            w.b[u] = g.m;
-            w.c[u] = g.q;
-        }
+        finish.channels(first, count, w.s1.data(), w.s2.data(), w.shift.data(), w.a.data(), w.b.data(), w.c.data());
         if (gx)
             k.pb_grad(dy + at, x + at, gx + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(),
                       w.c.data(), prefetch);

@@ -71,6 +71,19 @@ def test_readme_geometric_means_are_each_over_one_set_of_cells():
     assert figures == [pytest.approx(geomean([ratio(c, n) for c in common]), abs=0.005) for n in names[0]]
 
 
+def test_readme_zen4_geometric_means_are_its_committed_results():
+    zen4 = json.loads((ROOT / "bench" / "results" / "amd-epyc-family25-model17" / "latest.json").read_text())
+    readme = " ".join((ROOT / "README.md").read_text("utf8").split())
+    means = {}
+    for op in ("eval", "train", "backward"):
+        ops = [c for c in zen4["cells"] if c["op"] == op and c["threads"] == 1]
+        assert len(ops) == 14
+        means[op] = [geomean([c["results"][n]["ratio"]["median"] for c in ops]) for n in ("batchnorm", "torch")]
+    (e, t, b) = (means[op] for op in ("eval", "train", "backward"))
+    assert (f"eval {e[0]:.2f} / {e[1]:.2f}, training {t[0]:.2f} / {t[1]:.2f} and backward "
+            f"{b[0]:.2f} / {b[1]:.2f} (batchnorm / torch;") in readme
+
+
 def latency_us(impl, call):
     (row,) = [r for r in RESULTS["latency"]["calls"] if r["impl"] == impl and r["call"] == call]
     return row["median_us"]

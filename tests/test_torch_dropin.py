@@ -382,6 +382,25 @@ def test_convert_swaps_every_batch_norm_in_place_keeping_state(rng):
     assert "extra" not in dict(model[1].named_buffers())
 
 
+def test_convert_and_revert_replace_a_module_registered_twice_by_one_module():
+    """Every registration is swapped, not only the first (``named_children`` skips repeats),
+    and a module shared by two parents stays one module."""
+    bn, ln = torch.nn.BatchNorm1d(4), torch.nn.LayerNorm(4)
+    inner = torch.nn.Sequential(bn, ln)
+    model = torch.nn.Sequential(bn, torch.nn.ReLU(), bn, ln, inner)
+    bnt.convert(model)
+    assert type(model[0]) is bnt.BatchNorm1d and type(model[3]) is bnt.LayerNorm
+    assert model[0] is model[2] is model[4][0] and model[3] is model[4][1]
+    assert model[0].weight is bn.weight and model[3].weight is ln.weight
+    model[0].eps = 0.5  # one module: every place sees it
+    assert model[2].eps == model[4][0].eps == 0.5
+    bnt.revert(model)
+    assert type(model[0]) is torch.nn.BatchNorm1d and type(model[3]) is torch.nn.LayerNorm
+    assert model[0] is model[2] is model[4][0] and model[3] is model[4][1]
+    bnt.convert(model, sync=True)
+    assert type(model[0]) is bnt.SyncBatchNorm and model[0] is model[2] is model[4][0]
+
+
 def test_convert_top_level_returns_replacement():
     bn = torch.nn.BatchNorm2d(3)
     new = bnt.convert(bn)

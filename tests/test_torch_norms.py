@@ -275,6 +275,7 @@ def test_export_records_the_ops():
     torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+# The instance norms are leaf modules under fx, as torch's are (test_fx_keeps_instance_norms_as_modules).
 FX_CASES = [(c[0], c[1], c[2], c[3]) for c in CASES if not c[0].startswith("Instance")] + [
     ("RMSNorm", (16,), {"elementwise_affine": False}, (4, 16)),  # eps=None and no weight
 ]
@@ -283,8 +284,7 @@ FX_CASES = [(c[0], c[1], c[2], c[3]) for c in CASES if not c[0].startswith("Inst
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name,args,kwargs,shape", FX_CASES, ids=[f"{c[0]}-{c[2]}" for c in FX_CASES])
 def test_fx_symbolic_trace_records_the_ops(name, args, kwargs, shape, dtype):
-    """A converted norm inside a model traces (torch's does; the instance norms do not, in
-    torch either) into the ``batchnorm::`` op, and the graph gives the eager result and
+    """A converted norm inside a model traces into the ``batchnorm::`` op, and the graph gives the eager result and
     gradients, also for a ``model.bfloat16()`` whose parameters are cast when the graph runs."""
     ref, ours = pair(name, args, kwargs, torch.float32)
     ref, ours = (torch.nn.Sequential(torch.nn.Identity(), m).to(dtype) for m in (ref, ours))
@@ -303,6 +303,48 @@ def test_fx_symbolic_trace_records_the_ops(name, args, kwargs, shape, dtype):
         assert p.grad.dtype == p_ref.grad.dtype == dtype
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4 if dtype == torch.float32 else 2**-6,
                                    atol=1e-4 if dtype == torch.float32 else 2**-4)
+
+
+@pytest.mark.parametrize("name,args,kwargs,shape", [(c[0], c[1], c[2], c[3]) for c in CASES if c[0].startswith("Instance")],
+                         ids=[i for c, i in zip(CASES, CASE_IDS) if c[0].startswith("Instance")])
+def test_fx_keeps_instance_norms_as_modules(name, args, kwargs, shape):
+    """torch's instance norms are leaf modules under torch.fx (their checks branch on the
+    input's rank); a converted one is too: the graph calls it, it runs the kernels, and the
+    graph gives torch's result, gradients and running statistics, also for unbatched input."""
+    ref, ours = pair(name, args, kwargs, torch.float32)
+    model = torch.nn.Sequential(torch.nn.Identity(), ours)
+    gm = torch.fx.symbolic_trace(model)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert [type(gm.get_submodule(n.target)) for n in calls] == [torch.nn.Identity, getattr(bnt, name)]
+    x = data(shape, torch.float32).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, ran = ops_run(lambda: gm(x))
+    y_ref = ref(x_ref)
+    assert ran, "the kernels did not run"
+    y.backward(y.detach() * 0.5)
+    y_ref.backward(y_ref.detach() * 0.5)
+    (out_tol, grad_tol) = TOL[torch.float32]
+    torch.testing.assert_close(y, y_ref, rtol=out_tol[0], atol=out_tol[1])
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=grad_tol[0], atol=grad_tol[1])
+    assert_states_match(ours, ref, out_tol)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x[0]), ref(x_ref[0]), rtol=out_tol[0], atol=out_tol[1])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_instance_norm_keeps_updating_buffers_after_tracking_is_turned_off(training):
+    """torch's instance norm normalizes with the input's statistics once track_running_stats
+    is False, and still updates the running statistics it holds, in either mode."""
+    ref, ours = pair("InstanceNorm1d", (3,), {"track_running_stats": True}, torch.float32)
+    for m in (ref, ours):
+        m.track_running_stats = False
+        m.train(training)
+    for seed in (1, 2):
+        x = data((2, 3, 8), torch.float32, seed)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert_states_match(ours, ref, (1e-6, 1e-6))
+    assert not torch.equal(ref.running_mean, pair("InstanceNorm1d", (3,), {"track_running_stats": True},
+                                                  torch.float32)[0].running_mean)  # they moved
 
 
 def test_script_and_trace_match_torch():

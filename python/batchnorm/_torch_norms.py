@@ -19,6 +19,7 @@ come back in their dtype, and running statistics written back rounded to it.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -400,6 +401,36 @@ class _InstanceDropIn(_ParamViews, torch.nn.modules.instancenorm._InstanceNorm):
     """torch's ``_InstanceNorm`` (its rank checks, unbatched inputs and warnings) with the
     normalization itself on batchnorm's kernels."""
 
+    def forward(self, input: Tensor) -> Tensor:
+        """torch's ``_InstanceNorm.forward``, check for check (TorchScript compiles no call to
+        it). Under ``torch.fx`` tracing, a call of this module: torch's own instance norm is a
+        leaf there (the checks branch on the input's rank, which a proxy does not have), so
+        the traced graph calls the module, and the module the kernels."""
+        if not _is_scripting():
+            traced = self._traced_call(input)
+            if traced is not None:
+                return traced
+        self._check_input_dim(input)
+        feature_dim = input.dim() - self._get_no_batch_dim()
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(f"expected input's size at dim={feature_dim} to match num_features"
+                                 f" ({self.num_features}), but got: {input.size(feature_dim)}.")
+            warnings.warn(f"input's size at dim={feature_dim} does not match num_features. "
+                          "You can silence this warning by not passing in num_features, "
+                          "which is not used because affine=False", stacklevel=2)
+        if input.dim() == self._get_no_batch_dim():
+            return self._handle_no_batch_input(input)  # type: ignore[no-any-return]
+        return self._apply_instance_norm(input)
+
+    @torch.jit.unused
+    def _traced_call(self, input: Tensor) -> Optional[Tensor]:
+        """The module's call as a graph node, when ``input`` is an fx proxy inside a traced
+        model (tracing the module itself fails, as it does for torch's); else None."""
+        if not isinstance(input, _Proxy) or input.tracer.root is self:
+            return None
+        return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
+
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
         if _is_scripting():
             return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
@@ -411,8 +442,10 @@ class _InstanceDropIn(_ParamViews, torch.nn.modules.instancenorm._InstanceNorm):
     def _kernels(self, input: Tensor) -> Tensor:
         params = self._parameters
         weight, bias = params.get("weight"), params.get("bias")
-        # without running statistics (the default); one value per instance is torch's error
-        if (not self.track_running_stats and _direct(input) and input.dim() >= 3
+        # without running statistics (the default; buffers kept after track_running_stats was
+        # turned off are still updated, as torch does); one value per instance is torch's error
+        if (not self.track_running_stats and self.running_mean is None and self.running_var is None
+                and _direct(input) and input.dim() >= 3
                 and input.shape[1] == self.num_features and input[0, 0].numel() > 1 and 0.0 < self.eps < math.inf):
             views = self._param_views(input, weight, bias, (self.num_features,))
             if views is not None:

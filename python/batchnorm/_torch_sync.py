@@ -258,14 +258,12 @@ def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn
     ``torch.nn.SyncBatchNorm``) becomes this module's SyncBatchNorm over ``process_group``
     (None: the default group), in place, keeping its tensors, flags, hooks and attributes
     (``convert``'s rule; ``convert_sync_batchnorm`` makes new modules, as torch's does)."""
-    from .torch import _replacement  # not at import: batchnorm.torch imports this file
+    from .torch import _replacement, _swap_tree  # not at import: batchnorm.torch imports this file
 
-    if isinstance(module, _BatchNorm):
-        new = module if type(module) is SyncBatchNorm else _replacement(module, SyncBatchNorm)
+    def replace(m: torch.nn.Module) -> Optional[torch.nn.Module]:
+        if not isinstance(m, _BatchNorm):
+            return None
+        new = m if type(m) is SyncBatchNorm else _replacement(m, SyncBatchNorm)
         new.process_group = process_group
         return new
-    for name, child in module.named_children():
-        new_child = convert_sync(child, process_group)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+    return _swap_tree(module, replace)

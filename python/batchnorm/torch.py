@@ -786,16 +786,33 @@ def _replacement(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.n
     return new
 
 
+def _swap_tree(module: torch.nn.Module, replace: Callable[[torch.nn.Module], Optional[torch.nn.Module]],
+               done: Optional[Dict[int, torch.nn.Module]] = None) -> torch.nn.Module:
+    """``module`` with every submodule that ``replace`` gives a replacement for (None: keep it
+    and look inside) replaced, recursively, in place; returns ``module`` or its replacement.
+    Every registration counts, not only the first (``named_children`` skips repeats): a module
+    registered twice in one parent or in two parents becomes one replacement, in each place."""
+    done = {} if done is None else done
+    if id(module) in done:
+        return done[id(module)]
+    new = replace(module)
+    done[id(module)] = module if new is None else new
+    if new is None:
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                new_child = _swap_tree(child, replace, done)
+                if new_child is not child:
+                    module.add_module(name, new_child)
+        return module
+    return new
+
+
 def _swap(module: torch.nn.Module, classes: Dict[type, Type[torch.nn.Module]]) -> torch.nn.Module:
     """Replace every module whose exact type is a key of ``classes``, recursively, in place."""
-    cls = classes.get(type(module))
-    if cls is not None:
-        return _replacement(module, cls)
-    for name, child in module.named_children():
-        new_child = _swap(child, classes)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+    def replace(m: torch.nn.Module) -> Optional[torch.nn.Module]:
+        cls = classes.get(type(m))
+        return None if cls is None else _replacement(m, cls)
+    return _swap_tree(module, replace)
 
 
 def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:

@@ -93,6 +93,27 @@ TYPED_TEST(Fold, ConvThenBatchNormEqualsFoldedConv) {
     }
 }
 
+// A layer without bias passed as a literal nullptr (no explicit <T>: T comes from the weight),
+// in both forms, equals the fold with an explicit zero bias.
+TYPED_TEST(Fold, LiteralNullBiasIsALayerWithoutBias) {
+    using T = TypeParam;
+    const std::int64_t out = 3, in = 4;
+    const std::vector<T> w = ref::random_vector<T>(std::size_t(out * in), 340, -1, 1), zero(std::size_t(out), T(0));
+    BatchNorm<T> bn(out);
+    bn.running_mean = ref::random_vector<T>(std::size_t(out), 341, -1, 1);
+    bn.running_var = ref::random_vector<T>(std::size_t(out), 342, 0.5, 2);
+    bn.eval();
+    std::vector<T> fw(w.size()), fb(static_cast<std::size_t>(out)), zw(w.size()), zb(static_cast<std::size_t>(out));
+    batchnorm::fold(bn, w.data(), nullptr, in, fw.data(), fb.data());
+    batchnorm::fold(bn, w.data(), zero.data(), in, zw.data(), zb.data());
+    EXPECT_TRUE(ref::same_bits(fw, zw));
+    EXPECT_TRUE(ref::same_bits(fb, zb));
+    batchnorm::fold(bn.running_mean.data(), bn.running_var.data(), nullptr, nullptr, out, bn.eps(), w.data(), nullptr,
+                    in, fw.data(), fb.data());
+    EXPECT_TRUE(ref::same_bits(fw, zw));
+    EXPECT_TRUE(ref::same_bits(fb, zb));
+}
+
 // A linear layer (out_features, in_features) followed by BatchNorm1d, from a BatchNorm<T> layer
 // trained for a few steps; affine = false means weight 1, bias 0.
 TYPED_TEST(Fold, LinearFromATrainedLayer) {

@@ -35,8 +35,8 @@ namespace batchnorm {
 template <class T>
 void fold(const compute_t<T>* mean, const compute_t<T>* var, const compute_t<T>* bn_weight,
           const compute_t<T>* bn_bias, std::int64_t channels,
-          double eps, const T* weight, const T* bias, std::int64_t per_channel, T* folded_weight,
-          T* folded_bias) {
+          double eps, const T* weight, const detail::identity_t<T>* bias, std::int64_t per_channel,
+          T* folded_weight, T* folded_bias) {
     detail::check_element_type<T>();
     detail::require(channels >= 0, "channels must be non-negative, got ", channels);
     detail::require(per_channel >= 0, "per_channel must be non-negative, got ", per_channel);
@@ -62,7 +62,7 @@ void fold(const compute_t<T>* mean, const compute_t<T>* var, const compute_t<T>*
 // The same from a BatchNorm<T> layer, which must be in eval mode with running statistics
 // (what Python's batchnorm.fold requires). channels = bn.num_features().
 template <class T>
-void fold(const BatchNorm<T>& bn, const T* weight, const T* bias, std::int64_t per_channel,
+void fold(const BatchNorm<T>& bn, const T* weight, const detail::identity_t<T>* bias, std::int64_t per_channel,
           T* folded_weight, T* folded_bias) {
     detail::require(!bn.training(), "bn: fold needs an eval-mode batch norm (call eval() first)");
     detail::require(bn.track_running_stats(), "bn: fold needs running statistics (track_running_stats)");

@@ -657,6 +657,37 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
         }
     }
     ck.check(bad == 0 && out[size_t(cols)].bits == T(kSentinel).bits, tag, "narrow");
+
+    // The plane kernels narrow a plane at a time (kernel_bodies.inl, stores_planes): y = x*a per
+    // plane, x powers of two, a near float's smallest normal, so most planes mix normal and
+    // denormal floats (and their last vector a tail), each narrowed as half.hpp narrows it.
+    const std::vector<C> scale = {C(1.5e-38), C(-2.9e-38), C(1.2e-38), C(3.7e-37), C(-1.00000012f), C(0.3f)};
+    const i64 planes = i64(scale.size());
+    for (const i64 len : {1, 7, 16, 17, 33, 49}) {
+        const i64 size = planes * len;
+        std::vector<T> xs(static_cast<size_t>(size)), dys(static_cast<size_t>(size), T(0.0f));
+        for (i64 i = 0; i < size; ++i) xs[size_t(i)] = T(C(0.25f) * C(1 << (i * 7 % 5)));  // 0.25 .. 4
+        const std::vector<C> zero_c(size_t(planes), C(0));
+        const auto check_planes = [&](const std::vector<T>& got, const char* kernel) {
+            i64 wrong = 0;
+            for (i64 i = 0; i < size; ++i)
+                if (got[size_t(i)].bits != T(C(xs[size_t(i)]) * scale[size_t(i / len)]).bits) ++wrong;
+            ck.check(wrong == 0 && got[size_t(size)].bits == T(kSentinel).bits, tag,
+                     fmt("narrow by planes, len %.0f: %.0f values wrong in", double(len), double(wrong), 0) + kernel);
+        };
+        std::vector<T> ys = sentinel_vec<T>(size + kGuard);
+        t.rows_affine(xs.data(), nullptr, ys.data(), planes, len, 0, planes, zero_c.data(), scale.data(), zero_c.data(),
+                      false);
+        check_planes(ys, " rows_affine");
+        ys = sentinel_vec<T>(size + kGuard);
+        t.pb_affine(xs.data(), ys.data(), 1, size, planes, len, zero_c.data(), scale.data(), zero_c.data(), false,
+                    false);
+        check_planes(ys, " pb_affine");
+        ys = sentinel_vec<T>(size + kGuard);
+        t.pb_grad(dys.data(), xs.data(), ys.data(), 1, size, planes, len, zero_c.data(), zero_c.data(), scale.data(),
+                  zero_c.data(), false);
+        check_planes(ys, " pb_grad");
+    }
 }
 
 // ---- eval factors, bit for bit ----------------------------------------------------------------

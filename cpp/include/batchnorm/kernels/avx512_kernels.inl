@@ -147,6 +147,24 @@ struct Ops<float> {
     static void store_partial(H* p, V v, std::int64_t n) {
         _mm256_mask_storeu_epi16(p, first_lanes_16(n), in_register(HalfConvert<H>::narrow(v)));
     }
+#if BATCHNORM_AVX512_BF16
+    // A plane of kV vectors of bfloat16, the last with `last` lanes (kernel_bodies.inl:
+    // stores_planes): one denormal test for the plane; a plane holding one goes by the shifts.
+    template <int kV>
+    static void store_plane(bfloat16* p, const V* v, std::int64_t last) {
+        __m256i bits[kV];
+        __mmask16 denormal = 0;
+        for (int k = 0; k < kV; ++k) {
+            denormal |= _mm512_fpclass_ps_mask(v[k], 0x20);
+            bits[k] = (__m256i)_mm512_cvtneps_pbh(v[k]);
+        }
+        if (denormal)
+            for (int k = 0; k < kV; ++k) bits[k] = HalfConvert<bfloat16>::narrow_by_shifts(v[k]);
+        for (int k = 0; k < kV - 1; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + k * W), bits[k]);
+        if (last < W) _mm256_mask_storeu_epi16(p + (kV - 1) * W, first_lanes_16(last), in_register(bits[kV - 1]));
+        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + (kV - 1) * W), bits[kV - 1]);
+    }
+#endif
     static V add(V a, V b) { return _mm512_add_ps(a, b); }
     static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
     static V mul(V a, V b) { return _mm512_mul_ps(a, b); }

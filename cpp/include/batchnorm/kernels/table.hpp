@@ -14,7 +14,8 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>  // std::integral_constant, used by kernel_bodies.inl
+#include <type_traits>  // std::integral_constant, std::void_t: used by kernel_bodies.inl
+#include <utility>      // std::declval, used by kernel_bodies.inl
 
 #include "../dtype.hpp"
 #include "../engine/affine.hpp"  // invstd_of, value_or: eval_factors' scalar tail

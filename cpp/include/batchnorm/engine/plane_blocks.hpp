@@ -166,15 +166,22 @@ void block_sums(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_
                       });
 }
 
+// The moments of channels [first, first + count), handed to finish(c, Moments) one by one.
+template <class T, class Finish>
+void block_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_t first, std::int64_t count,
+                   BlockScratch<T>& w, BlockReads reads, Finish&& finish) {
+    block_sums(k, x, s, first, count, w, reads);
+    const MomentsColumns m = w.moments(count, double(s.per_channel()));
+    for (std::int64_t j = 0; j < count; ++j) finish(first + j, m.at(j));
+}
+
 // Moments of every channel, finish(c, Moments).
 template <class T, class Finish>
 void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, const ChannelSchedule& sched,
                           const PlaneBlocks& pb, Finish&& finish) {
     const BlockReads reads = block_reads<T>(s, 1, 1);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-        block_sums(k, x, s, first, count, w, reads);
-        const MomentsColumns m = w.moments(count, double(s.per_channel()));
-        for (std::int64_t j = 0; j < count; ++j) finish(first + j, m.at(j));
+        block_moments(k, x, s, first, count, w, reads, finish);
     });
 }
 

@@ -30,9 +30,7 @@ template <class R, class T, class Emit>
 void block_rows_reduce(const KernelTable<T>& k, const T* src, const Shape& seg, std::int64_t first,
                        std::int64_t count, BlockScratch<T>& w, BlockReads reads, Emit&& emit) {
     if constexpr (std::is_same_v<R, Moments>) {
-        block_sums(k, src, seg, first, count, w, reads);
-        const MomentsColumns m = w.moments(count, double(seg.per_channel()));
-        for (std::int64_t j = 0; j < count; ++j) emit(first + j, m.at(j));
+        block_moments(k, src, seg, first, count, w, reads, emit);
     } else {
         std::fill_n(w.shift.begin(), count, compute_t<T>(0));
         w.clear_sums();

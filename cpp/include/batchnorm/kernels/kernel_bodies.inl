@@ -333,6 +333,22 @@ template <class O, class P>
 struct stores_planes<O, P, std::void_t<decltype(O::template store_plane<1>(std::declval<P*>(), nullptr, i64(0)))>>
     : std::true_type {};
 
+// Stores value(v), v < kV, the vectors of one plane at p (the last with `last` lanes): at once
+// where Ops stores planes, else vector by vector.
+template <int kV, class P, class Value>
+BATCHNORM_ALWAYS_INLINE void plane_store_values(P* p, i64 last, Value&& value) {
+    using O = Ops<compute_t<P>>;
+    if constexpr (stores_planes<O, P>::value) {
+        typename O::V out[kV];
+        BATCHNORM_UNROLL_PLANE
+        for (int v = 0; v < kV; ++v) out[v] = value(v);
+        O::template store_plane<kV>(p, out, last);
+    } else {
+        BATCHNORM_UNROLL_PLANE
+        for (int v = 0; v < kV; ++v) plane_store<kV>(p, v, last, value(v));
+    }
+}
+
 // Overlapping tails: with Ops::kOverlapTails, the partial last vector of a plane of kV >= 2
 // vectors is read as the W values that end the plane, one plain load that overlaps the vector
 // before it. The sums clear the lanes that vector counted (keep_last); the apply stores the
@@ -378,15 +394,7 @@ BATCHNORM_ALWAYS_INLINE void plane_affine(const S* x, const S* residual, S* y, i
         const auto r = kResidual ? plane_load<kV>(residual, v, last, O::zero()) : O::zero();
         return affine_value<kResidual, kRelu>(plane_load<kV>(x, v, last, s), r, s, a, b, O{});
     };
-    if constexpr (stores_planes<O, S>::value) {
-        typename O::V out[kV];
-        BATCHNORM_UNROLL_PLANE
-        for (int v = 0; v < kV; ++v) out[v] = value(v);
-        O::template store_plane<kV>(y, out, last);
-    } else {
-        BATCHNORM_UNROLL_PLANE
-        for (int v = 0; v < kV; ++v) plane_store<kV>(y, v, last, value(v));
-    }
+    plane_store_values<kV>(y, last, value);
 }
 
 // dy * k + (x - s) * m + q over one plane of kV vectors (overlapping tails as plane_affine).
@@ -406,15 +414,7 @@ BATCHNORM_ALWAYS_INLINE void plane_grad(const S* dy, const S* x, S* gx, i64 last
     const auto value = [&](int v) {
         return grad_value(plane_load<kV>(dy, v, last, O::zero()), plane_load<kV>(x, v, last, s), s, k, m, q, O{});
     };
-    if constexpr (stores_planes<O, S>::value) {
-        typename O::V out[kV];
-        BATCHNORM_UNROLL_PLANE
-        for (int v = 0; v < kV; ++v) out[v] = value(v);
-        O::template store_plane<kV>(gx, out, last);
-    } else {
-        BATCHNORM_UNROLL_PLANE
-        for (int v = 0; v < kV; ++v) plane_store<kV>(gx, v, last, value(v));
-    }
+    plane_store_values<kV>(gx, last, value);
 }
 
 // Calls op.template run<kV>() with kV = vectors (1..kFlushVectors), or op.run_long() for
@@ -842,7 +842,7 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
             case 4: narrow_block<4, T>(op, r, n, last); break;
             static_assert(kBlock == 4, "one case per block width up to kBlock");
             default:
-                for (i64 v = 0; v < vectors; v += std::min(kChunk, vectors)) {
+                for (i64 v = 0; v < vectors; v += kChunk) {
                     const int nb = int(std::min(kChunk, vectors - v));
                     if constexpr (W > 1) {  // one lane has no partial vector
                         if (v + nb == vectors && last < W) {

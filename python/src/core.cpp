@@ -191,10 +191,8 @@ public:
 
     void write(const P* mean, const P* var, double eps) const {
         if (!data_) return;
-        for (std::int64_t c = 0; c < channels_; ++c) {
-            data_[c] = mean[c];
-            data_[channels_ + c] = P(1.0 / std::sqrt(double(var[c]) + eps));
-        }
+        std::copy_n(mean, channels_, data_);
+        batchnorm::eval_invstd(var, data_ + channels_, channels_, eps);
     }
 
 private:

@@ -54,6 +54,12 @@
     BATCHNORM_FOR_EACH_ENTRY_POINT(PREFIX, T, P)                                                  \
     BATCHNORM_FOR_EACH_NORM_ENTRY_POINT(PREFIX, T, P)
 
+// Entry points over per-channel arrays alone, once per per-channel type P (float, double).
+#define BATCHNORM_FOR_EACH_CHANNEL_ENTRY_POINT(PREFIX, P)                                          \
+    PREFIX template void batchnorm::eval_invstd<P>(const P*, P*, std::int64_t, double);
+
+BATCHNORM_FOR_EACH_CHANNEL_ENTRY_POINT(extern, float)
+BATCHNORM_FOR_EACH_CHANNEL_ENTRY_POINT(extern, double)
 BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, float, float)
 BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, double, double)
 BATCHNORM_FOR_EACH_ENTRY_POINT_OF(extern, batchnorm::float16, float)

@@ -2,3 +2,4 @@
 #include "instantiations.hpp"
 
 BATCHNORM_FOR_EACH_ENTRY_POINT_OF(, double, double)
+BATCHNORM_FOR_EACH_CHANNEL_ENTRY_POINT(, double)

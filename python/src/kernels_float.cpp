@@ -2,3 +2,4 @@
 #include "instantiations.hpp"
 
 BATCHNORM_FOR_EACH_ENTRY_POINT_OF(, float, float)
+BATCHNORM_FOR_EACH_CHANNEL_ENTRY_POINT(, float)

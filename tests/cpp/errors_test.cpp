@@ -96,6 +96,12 @@ TYPED_TEST(Errors, Functional) {
     watch.expect_invalid("eval: null x", [&] { eval(nullptr, y.data(), rm.data(), rv.data(), 1e-5); }, "x");
     watch.expect_invalid("eval: null y", [&] { eval(x.data(), nullptr, rm.data(), rv.data(), 1e-5); }, "y");
 
+    const std::int64_t C = std::int64_t(rv.size());  // eval_invstd writes sm (watched)
+    watch.expect_invalid("eval_invstd: eps 0", [&] { batchnorm::eval_invstd(rv.data(), sm.data(), C, 0.0); }, "eps");
+    watch.expect_invalid("eval_invstd: negative channels", [&] { batchnorm::eval_invstd(rv.data(), sm.data(), std::int64_t(-1), 1e-5); }, "channels");
+    watch.expect_invalid("eval_invstd: null var", [&] { batchnorm::eval_invstd<T>(nullptr, sm.data(), C, 1e-5); }, "var");
+    watch.expect_invalid("eval_invstd: null invstd", [&] { batchnorm::eval_invstd<T>(rv.data(), nullptr, C, 1e-5); }, "invstd");
+
     auto back = [&](const T* dy, const T* in, const T* m, const T* is) {
         batchnorm::backward(dy, in, gx.data(), s, m, is, w.data(), gw.data(), gb.data(), true);
     };

@@ -169,6 +169,22 @@ TYPED_TEST(Functional, ForwardEvalWithResidualAndRelu) {
     }
 }
 
+TYPED_TEST(Functional, EvalInvstdIsTheScalarFormulaBitForBit) {
+    using T = TypeParam;
+    const double eps = 1e-3;
+    for (std::int64_t n : {0, 1, 7, 255, 256, 257, 600}) {  // chunks of 256 channels, vector tails
+        SCOPED_TRACE(n);
+        const std::vector<T> var = ref::random_vector<T>(std::size_t(n), 14, 0, 9);
+        std::vector<T> invstd(var.size(), T(-1));
+        batchnorm::eval_invstd(var.data(), invstd.data(), n, eps);
+        for (std::size_t c = 0; c < var.size(); ++c)
+            EXPECT_EQ(invstd[c], T(1.0 / std::sqrt(double(var[c]) + eps))) << "channel " << c;
+        std::vector<T> inplace = var;
+        batchnorm::eval_invstd(inplace.data(), inplace.data(), n, eps);
+        EXPECT_TRUE(ref::same_bits(inplace, invstd));
+    }
+}
+
 TYPED_TEST(Functional, Backward) {
     using T = TypeParam;
     for (const Shape& s : all_shapes<T>()) {

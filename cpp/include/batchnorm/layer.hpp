@@ -127,8 +127,7 @@ public:
             forward_eval(x, y, shape, running_mean.data(), running_var.data(), param(weight),
                          param(bias), eps_, residual, act);
             std::vector<P> invstd(n);
-            for (std::size_t c = 0; c < n; ++c)
-                invstd[c] = P(detail::invstd_of(double(running_var[c]), eps_));
+            eval_invstd(running_var.data(), invstd.data(), std::int64_t(n), eps_);
             const bool fused = residual != nullptr || act != Activation::none;
             save(shape, running_mean, std::move(invstd), false, x, y,
                  fused ? "backward is not available after a forward with residual or activation" : nullptr);

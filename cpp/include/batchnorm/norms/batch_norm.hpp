@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../engine/engine.hpp"
@@ -226,6 +227,29 @@ void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean
     P* beta = alpha + shape.channels;
     detail::kernels<T>().eval_factors(var, weight, bias, shape.channels, eps, alpha, beta);
     detail::apply_affine(x, residual, y, shape, mean, alpha, beta, act);
+}
+
+// The invstd an eval forward normalizes with, 1/sqrt(var + eps) per channel (computed in
+// float64, rounded once): what backward takes as invstd with training = false. In vector lanes,
+// a chunk of channels at a time: one channel after another, the square roots and divisions
+// were a third of a module's eval of a 1x64x7x7 input. invstd may be var (in place).
+template <class P>
+void eval_invstd(const P* var, P* invstd, std::int64_t channels, double eps) {
+    static_assert(std::is_same_v<P, float> || std::is_same_v<P, double>, "var is float or double");
+    detail::check_eps(eps);
+    detail::require(channels >= 0, "channels must be >= 0, got ", channels);
+    if (channels == 0) return;
+    detail::check_pointer(var, "var");
+    detail::check_pointer(invstd, "invstd");
+    constexpr std::int64_t kChunk = 256;  // channels per pass, in float64 on the stack
+    double v[kChunk];
+    const auto in_lanes = detail::kernels<P>().invstd;
+    for (std::int64_t c0 = 0; c0 < channels; c0 += kChunk) {
+        const std::int64_t len = std::min(kChunk, channels - c0);
+        for (std::int64_t i = 0; i < len; ++i) v[i] = double(var[c0 + i]);
+        in_lanes(v, len, eps);
+        for (std::int64_t i = 0; i < len; ++i) invstd[c0 + i] = P(v[i]);
+    }
 }
 
 // Backward. With training = true, the gradient through the batch statistics (mean, invstd as

@@ -56,7 +56,6 @@ _torch_batch_norm = F.batch_norm  # the fallback (a module attribute, so tests c
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = _FLOATS + _HALVES
-_tensor: Callable[[Any], Tensor] = functional._torch_from_numpy  # torch.from_numpy, also bfloat16
 _from_numpy = torch.from_numpy  # where the array is known not to be bfloat16
 _BFLOAT16 = torch.bfloat16
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -74,6 +73,12 @@ _grad_enabled = torch.is_grad_enabled
 _inference_mode = torch.is_inference_mode_enabled
 _tracing_state: Callable[[], Any] = getattr(torch._C, "_get_tracing_state")
 _has_torch_function_unary = torch.overrides.has_torch_function_unary
+
+
+def _tensor(array: Any) -> Tensor:
+    """``torch.from_numpy``, also for bfloat16 results (``functional._torch_from_numpy``);
+    a float array goes straight through (a quarter of a microsecond less per call)."""
+    return _from_numpy(array) if array.dtype.kind == "f" else functional._torch_from_numpy(array)  # type: ignore[no-any-return]
 
 
 def _records_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
@@ -289,7 +294,8 @@ def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, ep
     """The kernels' backward on NumPy views, or None where ``grad_y`` is not a plain tensor
     (double backward, a vmap over the backward: the caller uses ``ops.backward_of``).
     ``arrays`` = (x, weight, mean, second): batch mean and invstd in training, running mean
-    and variance in eval."""
+    and variance in eval; ``needs``: ``needs_input_grad``, of which input, weight and bias
+    (the first three) are read."""
     if type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled():
         return None
     try:
@@ -302,8 +308,8 @@ def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, ep
     invstd = second if training else (1.0 / np.sqrt(second.astype(np.float64) + eps)).astype(second.dtype)
     grad_x, grad_weight, grad_bias = _core.backward(grad_y_numpy, x, mean, invstd, weight, 1, training, None)
     return (_tensor(grad_x) if needs[0] else None,
-            torch.from_numpy(grad_weight) if needs[1] and weight is not None else None,
-            torch.from_numpy(grad_bias) if needs[2] else None)
+            _from_numpy(grad_weight) if needs[1] and weight is not None else None,
+            _from_numpy(grad_bias) if needs[2] else None)
 
 
 class _EagerFunction(torch.autograd.Function):
@@ -332,19 +338,19 @@ class _EagerFunction(torch.autograd.Function):
             y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
             mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
         ctx.save_for_backward(x, weight)  # version checks, and the ops' fallback
-        ctx.arrays, ctx.training, ctx.eps = (xn, w, mean, second), training, eps
+        ctx.state = ((xn, w, mean, second), training, eps)  # one attribute: each costs a tenth of a us
         return _tensor(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        grads = _kernel_backward(grad_y, ctx.arrays, ctx.training, ctx.eps, needs)
+        arrays, training, eps = ctx.state
+        needs = ctx.needs_input_grad  # (only its first three are read)
+        grads = _kernel_backward(grad_y, arrays, training, eps, needs)
         if grads is None:  # create_graph (double backward), batched gradients: the ops
-            _, _, mean, second = ctx.arrays
-            grads = ops.backward_of(grad_y, x, weight, torch.from_numpy(mean), torch.from_numpy(second),
-                                    ctx.training, ctx.eps, needs)
+            grads = ops.backward_of(grad_y, x, weight, _from_numpy(arrays[2]), _from_numpy(arrays[3]),
+                                    training, eps, needs[:3])
         return (*grads, None, None, None, None)
 
 

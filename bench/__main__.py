@@ -1,8 +1,9 @@
 """python -m bench [--family norms] [--quick] [--dtype float64] [--threads 1 2] [--ops eval train] ...
 
 Writes <out-dir>/<name>.json, .md and .png: bench/results/<cpu>/latest.* for a full run (one
-folder per CPU model, e.g. bench/results/amd-epyc-family25-model1/); a --quick
-run goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
+folder per CPU model, e.g. bench/results/amd-epyc-family25-model1/); a partial run (--quick,
+or a subset of the shapes, ops, implementations or thread counts, or other rounds or sample
+lengths) goes to bench/results/local/ (ignored by git) unless --save, so it never replaces the
 committed results.
 """
 from __future__ import annotations
@@ -71,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from-json", type=pathlib.Path, metavar="PATH",
                    help="measure nothing: rewrite the report (and --readme) from a results file")
     p.add_argument("--save", action="store_true",
-                   help="write a --quick run to bench/results/ as a full run does (without it: "
+                   help="write a partial run (--quick, --shapes, --ops, --impls, --threads, --rounds, "
+                        "--sample-ms) to bench/results/ as a full run does (without it: "
                         "bench/results/local/, ignored by git)")
     p.add_argument("--out-dir", type=pathlib.Path,
                    help="where the files go (default: see --save)")
@@ -82,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype in ("float16", "bfloat16") and args.family == "norms":
         p.error("--dtype float16/bfloat16 measures batch norm (the other norms take float32/float64)")
     if args.out_dir is None:
-        args.out_dir = LOCAL_DIR if args.quick and not args.save else results_dir()
+        args.out_dir = LOCAL_DIR if _partial(args, p) and not args.save else results_dir()
     family_ops = NORM_OPS if args.family == "norms" else OPS
     args.ops = args.ops or list(family_ops)
     if not set(args.ops) <= set(family_ops):
@@ -93,6 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             base = "norms-busy" if args.family == "norms" else "busy"
         args.name = base if args.dtype == "float32" else f"{base}-{args.dtype}"
     return args
+
+
+def _partial(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    """Whether the run measures less, or otherwise, than a full run: its files must not
+    replace the committed results of one."""
+    subsets = ("threads", "impls", "shapes")
+    return (args.quick or args.ops is not None or args.rounds is not None or args.sample_ms is not None
+            or any(getattr(args, name) != parser.get_default(name) for name in subsets))
 
 
 def collect(args: argparse.Namespace) -> dict:

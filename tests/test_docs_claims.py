@@ -99,11 +99,19 @@ def test_tiny_call_figures_are_the_committed_latency_table():
     assert f"({ours[0]:.1f} µs for an eval call on (1, 64, 7, 7), {ours[1]:.1f} µs through a module" in python_md
 
 
-def test_quick_runs_do_not_replace_the_committed_results():
+def test_quick_and_partial_runs_do_not_replace_the_committed_results():
     assert parse_args([]).out_dir == RESULTS_DIR / machine.cpu_dir()
     assert parse_args(["--quick"]).out_dir == LOCAL_DIR
     assert parse_args(["--quick", "--save"]).out_dir == RESULTS_DIR / machine.cpu_dir()
     assert parse_args(["--quick", "--out-dir", "x"]).out_dir == pathlib.Path("x")
+    # so do runs of a subset (they once overwrote bench/results/<cpu>/latest.*)
+    for partial in (["--shapes", "1,64,7,7"], ["--ops", "eval"], ["--impls", "batchnorm"], ["--threads", "1"],
+                    ["--rounds", "5"], ["--sample-ms", "2"]):
+        assert parse_args(partial).out_dir == LOCAL_DIR, partial
+        assert parse_args([*partial, "--save"]).out_dir == RESULTS_DIR / machine.cpu_dir(), partial
+    for whole in (["--family", "norms"], ["--dtype", "bfloat16"], ["--busy-neighbour", "--threads", "1", "2"],
+                  ["--retry-disturbed", "2"]):
+        assert parse_args(whole).out_dir == RESULTS_DIR / machine.cpu_dir(), whole
     # another dtype's run goes beside the float32 results, not over them
     assert parse_args([]).name == "latest"
     assert parse_args(["--dtype", "float64"]).name == "latest-float64"

@@ -78,7 +78,7 @@ _has_torch_function_unary = torch.overrides.has_torch_function_unary
 def _tensor(array: Any) -> Tensor:
     """``torch.from_numpy``, also for bfloat16 results (``functional._torch_from_numpy``);
     a float array goes straight through (a quarter of a microsecond less per call)."""
-    return _from_numpy(array) if array.dtype.kind == "f" else functional._torch_from_numpy(array)  # type: ignore[no-any-return]
+    return _from_numpy(array) if array.dtype.kind == "f" else functional._torch_from_numpy(array)
 
 
 def _records_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:

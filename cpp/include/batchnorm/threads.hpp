@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "cpu_load.hpp"
+#include "dtype.hpp"
 #include "errors.hpp"
 
 #if defined(_OPENMP)
@@ -120,6 +121,16 @@ constexpr std::int64_t kMinParallelBytes = std::int64_t(2) << 20;
 // (2,320,16,16) group norm float32 backward, 0.5 and 0.6 MiB an array, stayed on one thread
 // with two set; on two: 34-38 -> 24-30 us and 46-50 -> 25 us (Intel Xeon, C++, back-to-back).
 constexpr std::int64_t kNormalizeArrays = 3, kBackwardArrays = 5;
+
+// The bytes threads_for counts for `passes` passes over `values` values of storage type T. A
+// half-precision value counts as the float32 it is widened to in registers: near
+// kMinParallelBytes the data sits in cache and the work per value, not its bytes, sets the time.
+// Counted at their own size, bfloat16 calls of half float32's bytes stayed on one thread where
+// float32 went on two, and took 1.6x (eval of 256x1024) to 2.1x (training of 8x512x7x7) its time.
+template <class T>
+constexpr std::int64_t parallel_bytes(std::int64_t passes, std::int64_t values) {
+    return passes * values * std::int64_t(sizeof(compute_t<T>));
+}
 
 // Threads for a call that moves `bytes` over `max_items` independent items: the set count,
 // no more than the items, and no more than the CPUs other processes left free (cpu_load.hpp).

@@ -189,7 +189,7 @@ struct NoApply {
 // Moments of every channel (segment), handed to finish(c, Moments).
 template <class T, class Finish>
 void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
-    const ChannelSchedule sched = schedule_channels(s, s.size() * std::int64_t(sizeof(T)));
+    const ChannelSchedule sched = schedule_channels(s, parallel_bytes<T>(1, s.size()));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 1);
     if (pb.blocks > 0) return moments_plane_blocks(k, x, s, sched, pb, finish);
     const bool prefetch = prefetch_planes<T>(s, 1);
@@ -207,7 +207,7 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
 template <class T, class Finish>
 void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const Shape& s, bool relu,
                               Finish&& finish) {
-    const ChannelSchedule sched = schedule_channels(s, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)));
+    const ChannelSchedule sched = schedule_channels(s, parallel_bytes<T>(kNormalizeArrays, s.size()));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 2);
     if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, relu, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
@@ -229,7 +229,7 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
 template <class T, class Finish>
 void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                              const compute_t<T>* shift, Finish&& finish) {
-    const ChannelSchedule sched = schedule_channels(s, kBackwardArrays * s.size() * std::int64_t(sizeof(T)));
+    const ChannelSchedule sched = schedule_channels(s, parallel_bytes<T>(kBackwardArrays, s.size()));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 3);
     if (pb.blocks > 0) return backward_plane_blocks(k, dy, x, gx, s, shift, sched, pb, finish);
     std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));
@@ -254,7 +254,7 @@ void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual,
                          const compute_t<T>* beta, bool relu) {
     const std::int64_t planes = s.outer * s.channels;
     const int inputs = residual ? 3 : 2;
-    const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), planes);
+    const int threads = threads_for(parallel_bytes<T>(inputs, s.size()), planes);
     run_parallel(threads, [&] {
         const auto [begin, end] = my_share(planes);
         const std::int64_t at = begin * s.inner;

@@ -259,7 +259,7 @@ void block_moments(const KernelTable<T>& k, const T* x, std::int64_t begin, std:
 template <class T, class Finish>
 void moments_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
     for_each_row_block<T>(
-        s, s.size() * std::int64_t(sizeof(T)),
+        s, parallel_bytes<T>(1, s.size()),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
         [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
             if (s.inner == 1) {  // the threads' columns merged as arrays
@@ -302,7 +302,7 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
                              Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
     for_each_row_block<T>(
-        s, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
+        s, parallel_bytes<T>(kNormalizeArrays, s.size()),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
         [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
             if (s.inner == 1) {
@@ -333,7 +333,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
                             const compute_t<T>* shift_of, Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     for_each_row_block<T>(
-        s, kBackwardArrays * s.size() * std::int64_t(sizeof(T)),
+        s, parallel_bytes<T>(kBackwardArrays, s.size()),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
             // Every thread fills the block's shifts with the same values before reading them.
             if (s.inner == 1)
@@ -385,7 +385,7 @@ void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, 
                         const compute_t<T>* beta, bool relu) {
     const std::int64_t rows = s.outer, cols = s.channels * s.inner;
     const int inputs = residual ? 3 : 2;
-    const int threads = threads_for(inputs * s.size() * std::int64_t(sizeof(T)), rows);
+    const int threads = threads_for(parallel_bytes<T>(inputs, s.size()), rows);
     run_parallel(threads, [&] {
         const auto [b, e] = my_share(rows);
         if (b < e)

@@ -50,7 +50,7 @@ void backward_fused(const T* dy, const T* x, T* gx, const Shape& s, const comput
 template <class T>
 void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoefficients<compute_t<T>>* coef) {
     const auto& k = kernels<T>();
-    const std::int64_t bytes = 3 * s.size() * std::int64_t(sizeof(T));
+    const std::int64_t bytes = parallel_bytes<T>(3, s.size());
     if (!reads_as_rows<T>(s)) {
         const bool prefetch = prefetch_planes<T>(s, 3);
         for_each_channel<Sums>(

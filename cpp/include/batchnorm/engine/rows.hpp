@@ -69,7 +69,7 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
     // RMS norm L = 2: 0.92 / 0.23, L = 16: 1.06 / 0.66, L = 32: 1.44 / 1.25.
     constexpr std::int64_t kShortRow = std::is_same_v<R, Moments> ? 12 : kShortSegmentValues;
     if (!residual && cols <= kShortRow) {
-        for_each_short_segment(rows, 2 * rows * cols * std::int64_t(sizeof(T)), [&](std::int64_t r) {
+        for_each_short_segment(rows, parallel_bytes<T>(2, rows * cols), [&](std::int64_t r) {
             const T* xr = x + r * cols;
             T* yr = y + r * cols;
             R stats;
@@ -94,7 +94,7 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
     const T* src = residual ? sum : x;
     std::vector<RowScale<compute_t<T>>> scale(static_cast<std::size_t>(rows));
     const int passes = residual ? (sum_out ? 5 : 4) : 2;
-    const std::int64_t bytes = passes * seg.size() * std::int64_t(sizeof(T));
+    const std::int64_t bytes = parallel_bytes<T>(passes, seg.size());
     const auto apply = [&](std::int64_t r, std::int64_t b, std::int64_t e) {
         const RowScale<compute_t<T>> s = scale[std::size_t(r)];
         const std::int64_t at = r * cols + b;
@@ -135,7 +135,7 @@ void row_column_sums(const T* dy, const T* x, std::int64_t rows, std::int64_t co
     std::fill_n(sdyx, cols, 0.0);
     constexpr std::int64_t kStripe = 64;  // columns: whole cache lines per thread
     const std::int64_t stripes = (cols + kStripe - 1) / kStripe;
-    run_parallel(threads_for(2 * rows * cols * std::int64_t(sizeof(T)), stripes), [&] {
+    run_parallel(threads_for(parallel_bytes<T>(2, rows * cols), stripes), [&] {
         const auto [b, e] = my_share(stripes);
         const std::int64_t j0 = b * kStripe, j1 = std::min(cols, e * kStripe);
         if (j0 < j1) k.cols_dot(dy + j0, x + j0, rows, j1 - j0, cols, shift, scale, sdy + j0, sdyx + j0);
@@ -163,7 +163,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
                    const compute_t<T>* shift, const compute_t<T>* scale, double* sdy, double* sdyx, Finish&& finish) {
     const auto& k = kernels<T>();
     const Shape seg{1, rows, cols};
-    const std::int64_t bytes = kBackwardArrays * seg.size() * std::int64_t(sizeof(T));
+    const std::int64_t bytes = parallel_bytes<T>(kBackwardArrays, seg.size());
     const int threads = threads_for(bytes, rows);
     const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<compute_t<T>>& g) {
         if (!gx) return;

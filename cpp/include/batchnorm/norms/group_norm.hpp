@@ -93,7 +93,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
     };
     if (short_groups(s, groups)) {
         with_segment_layout(s, groups, [&](auto offset, auto start) {
-            for_each_short_segment(s.batch * groups, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
+            for_each_short_segment(s.batch * groups, parallel_bytes<T>(kNormalizeArrays, s.size()),
                                    [&](std::int64_t sg) {
                 const T* xs = x + start(sg);
                 T* ys = y + start(sg);
@@ -118,7 +118,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         const Shape seg{1, s.batch * groups, per_group * hw};
         std::vector<std::pair<Moments, double>> stats(static_cast<std::size_t>(seg.channels));
         for_each_channel<Moments>(
-            seg, kNormalizeArrays * s.size() * std::int64_t(sizeof(T)),
+            seg, parallel_bytes<T>(kNormalizeArrays, s.size()),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) { return range_moments(k, x, seg, sg, b, e, false); },
             [&](std::int64_t sg, const Moments& m) { stats[std::size_t(sg)] = {m, finish(sg, m)}; },
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
@@ -139,7 +139,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         const T* xn = x + n * hw * C;
         T* yn = y + n * hw * C;
         for_each_row_block<T>(
-            rows, kNormalizeArrays * hw * C * std::int64_t(sizeof(T)),
+            rows, parallel_bytes<T>(kNormalizeArrays, hw * C),
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
                 block_moments(k, xn, b, e, blk, w);
             },
@@ -200,7 +200,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
     };
     if (short_groups(s, groups)) {
         with_segment_layout(s, groups, [&](auto offset, auto start) {
-            for_each_short_segment(s.batch * groups, kBackwardArrays * s.size() * std::int64_t(sizeof(T)),
+            for_each_short_segment(s.batch * groups, parallel_bytes<T>(kBackwardArrays, s.size()),
                                    [&](std::int64_t sg) {
                 const std::int64_t at = start(sg);
                 const std::size_t first = std::size_t(sg * per_group);  // (sample, channel) of its first plane
@@ -225,7 +225,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         const Shape seg{1, s.batch * groups, per_group * hw};
         std::vector<P> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
         for_each_channel<PlaneSums>(
-            seg, kBackwardArrays * s.size() * std::int64_t(sizeof(T)),
+            seg, parallel_bytes<T>(kBackwardArrays, s.size()),
             [&](std::int64_t sg, std::int64_t b, std::int64_t e) {
                 PlaneSums r{std::vector<Sums>(std::size_t(per_group))};
                 for (std::int64_t v = b; v < e;) {
@@ -259,7 +259,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         for (std::int64_t n = 0; n < s.batch; ++n) {
             const std::int64_t base = n * hw * C;
             for_each_row_block<T>(
-                rows, kBackwardArrays * hw * C * std::int64_t(sizeof(T)),
+                rows, parallel_bytes<T>(kBackwardArrays, hw * C),
                 [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
                     for (std::int64_t g = blk.first; g < blk.first + blk.count; ++g)
                         std::fill_n(w.shift.begin() + (g - blk.first) * per_group, per_group, mean[n * groups + g]);

@@ -451,6 +451,34 @@ def test_module_calls_with_a_graph_take_the_shortcut(monkeypatch, dtype):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("source", ["edited in place", "inference_mode"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_rms_norm_weight_gradient_survives_what_torch_allows_of_its_input(source, dtype):
+    """torch's RMSNorm saves x * rsqrt(mean(x^2) + eps), a tensor of its own, where x needs no
+    gradient: x may then be edited in place, or come from inference_mode, before backward (the
+    other norms save x itself, in torch as here, and raise). The drop-in trains there too, with
+    the weight's gradient of x as it was at forward: torch's, and a float64 reference's."""
+    ref, ours = pair("RMSNorm", (16,), {}, dtype)
+    x0, grad = data((4, 5, 16), dtype), data((4, 5, 16), dtype, seed=3)
+    weight_grads = []
+    for module in (ref, ours):
+        if source == "inference_mode":
+            with torch.inference_mode():
+                x = x0.clone()
+        else:
+            x = x0.clone()
+        y = module(x)
+        if source == "edited in place":
+            x.mul_(-2.0).add_(7.0)
+        y.backward(grad)
+        weight_grads.append(module.weight.grad)
+    x64, g64 = x0.double(), grad.double()
+    want = (g64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + torch.finfo(dtype).eps)).sum((0, 1))
+    rtol, atol = TOL[dtype][1]
+    torch.testing.assert_close(weight_grads[1], weight_grads[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(weight_grads[1].double(), want, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("name,args,kwargs,shape,op", [c for c in CASES if not c[2].get("track_running_stats")],
                          ids=[i for c, i in zip(CASES, CASE_IDS) if not c[2].get("track_running_stats")])
 def test_shortcut_node_backward_beyond_the_kernels(monkeypatch, name, args, kwargs, shape, op):

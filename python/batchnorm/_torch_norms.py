@@ -121,6 +121,11 @@ class _Kernels:
                  invstd: Any, needs: Sequence[bool]) -> ops.Grads:
         raise NotImplementedError
 
+    def keeps_input(self, x: Tensor) -> bool:
+        """Whether backward may read ``x`` itself (else a copy): torch's own op saves its input
+        too, so an in-place edit of it before backward raises there as here."""
+        return True
+
 
 class _LayerKernels(_Kernels):
     __slots__ = ("ndim", "rms")
@@ -134,6 +139,12 @@ class _LayerKernels(_Kernels):
 
     def backward(self, grad_y: Any, x: Any, mean: Any, invstd: Any, weight: Any) -> Tuple[Any, Any, Any]:
         return _core.layer_norm_backward(grad_y, x, mean, invstd, weight, self.ndim, self.rms)
+
+    def keeps_input(self, x: Tensor) -> bool:
+        """RMS norm's input when it needs no gradient: a copy. torch's composite rms_norm then
+        saves x * rsqrt(mean(x^2) + eps), a tensor of its own, so x may be edited in place (or
+        come from inference_mode) before backward; reading x there would raise."""
+        return not self.rms or x.requires_grad
 
     def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Any,
                  invstd: Any, needs: Sequence[bool]) -> ops.Grads:
@@ -180,6 +191,9 @@ class _DirectFunction(torch.autograd.Function):
         """Run the kernels on x's view and the parameters' ``views``; keep what backward reads."""
         xn = x.numpy(force=True)
         y, mean, invstd = kernels.forward(xn, *views)
+        if not kernels.keeps_input(x):
+            x = x.clone()  # a tensor of its own, not an inference tensor
+            xn = x.numpy()
         ctx.save_for_backward(x, weight, bias)  # version checks, and the fallback's tensors
         ctx.kernels, ctx.arrays = kernels, (xn, views[0], mean, invstd)
         return _tensor(y)

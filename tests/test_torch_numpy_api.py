@@ -79,3 +79,23 @@ def test_drop_ins_take_cpu_device_and_torch_dtype(device):
         assert m.weight.dtype == dtype and m.weight.device.type == "cpu"
         x = torch.randn(2, 3, 4, 4, dtype=dtype)
         torch.testing.assert_close(m(x), torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+NUMPY_MODULES = [("BatchNorm2d", (3,), {}), ("LayerNorm", (5,), {}), ("RMSNorm", (5,), {}), ("GroupNorm", (1, 3), {}),
+                 ("InstanceNorm2d", (3,), {"affine": True})]
+
+
+@pytest.mark.parametrize("name,args,kwargs", NUMPY_MODULES, ids=[m[0] for m in NUMPY_MODULES])
+def test_every_numpy_module_takes_torchs_device_and_dtype_none(name, args, kwargs):
+    """device= (the CPU as torch names it) and dtype=None (torch's default, float32) on every
+    module class, as torch's constructors take them; the module then computes what torch's does."""
+    x = torch.randn(2, 3, 4, 5)
+    for device in (None, "cpu", torch.device("cpu")):
+        ours = getattr(batchnorm, name)(*args, **kwargs, device=device, dtype=None)
+        ref = getattr(torch.nn, name)(*args, **kwargs, device=device, dtype=None)
+        assert ours.dtype == np.float32 and ours.weight.dtype == np.float32 and ref.weight.dtype == torch.float32
+        y = ours(x.numpy())
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), ref(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="device.*meta"):
+        getattr(batchnorm, name)(*args, **kwargs, device="meta")

@@ -127,6 +127,8 @@ def _cpu_device(device: Any) -> None:
 
 
 def _float_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
+    if dtype is None:  # torch's default dtype, as torch's modules take None (NumPy's is float64)
+        return np.dtype(np.float32)
     # torch.float32 / torch.float64 (torch users' habit), without importing torch
     dtype = _TORCH_DTYPES.get(str(dtype), dtype) if type(dtype).__name__ == "dtype" else dtype
     try:

@@ -16,6 +16,7 @@ from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._norm_base import (
     _NO_BACKWARD_ACTIVATION,
     _check_channels,
+    _cpu_device,
     _eps,
     _Module,
     _positive_int,
@@ -135,10 +136,13 @@ class GroupNorm(_Module):
         Learnable per-channel ``weight`` (ones) and ``bias`` (zeros); None when False.
     bias : bool
         With ``affine``, whether there is a ``bias`` (torch's newer argument).
-    dtype : float32 or float64
-        Dtype of the parameters and accepted inputs.
+    dtype : float32 or float64 (None: float32, as in torch)
+        Dtype of the parameters; the input must have it where there are
+        any (a module without them takes either, as torch's does).
     axis : int
         Channel axis of the input; -1 for channels-last data.
+    device : None, "cpu" or ``torch.device("cpu")``
+        Accepted for torch users; any other device is a ValueError.
 
     Attributes
     ----------
@@ -156,7 +160,9 @@ class GroupNorm(_Module):
         bias: bool = True,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
+        device: Any = None,
     ) -> None:
+        _cpu_device(device)
         self.num_groups = _positive_int("num_groups", num_groups)
         self.num_channels = _positive_int("num_channels", num_channels)
         if self.num_channels % self.num_groups != 0:

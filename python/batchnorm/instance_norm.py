@@ -13,7 +13,8 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _NO_BACKWARD_ACTIVATION, _eval_backward, _eval_saved, _NormBase, _shape_of, _to_numpy
+from ._norm_base import (_NO_BACKWARD_ACTIVATION, _cpu_device, _eval_backward, _eval_saved, _NormBase, _shape_of,
+                         _to_numpy)
 from .functional import (
     ArrayIn,
     Triple,
@@ -150,7 +151,9 @@ class _InstanceNorm(_NormBase):
         bias: bool = True,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
+        device: Any = None,
     ) -> None:
+        _cpu_device(device)
         self._init_norm_base(num_features, eps, momentum, affine, track_running_stats, dtype, axis, bias)
 
     def _check_input(self, x: Any) -> bool:
@@ -242,10 +245,13 @@ class InstanceNorm1d(_InstanceNorm):
         evaluation; None when False (the default).
     bias : bool
         With ``affine``, whether there is a ``bias`` (torch's newer argument).
-    dtype : float32 or float64
-        Dtype of the parameters, buffers and accepted inputs.
+    dtype : float32 or float64 (None: float32, as in torch)
+        Dtype of the parameters and buffers; the input must have it where there are
+        any (a module without them takes either, as torch's does).
     axis : int
         Channel axis of the batched input; -1 for channels-last data.
+    device : None, "cpu" or ``torch.device("cpu")``
+        Accepted for torch users; any other device is a ValueError.
 
     Attributes
     ----------

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _eps, _Module, _shape_of, _to_numpy
+from ._norm_base import _cpu_device, _eps, _Module, _shape_of, _to_numpy
 from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _returned, _returned_grads
 
 __all__ = [
@@ -236,8 +236,11 @@ class LayerNorm(_LayerNormBase):
         Learnable ``weight`` (ones) and ``bias`` (zeros) of ``normalized_shape``; None when False.
     bias : bool
         With ``elementwise_affine``, whether there is a ``bias``.
-    dtype : float32 or float64
-        Dtype of the parameters and accepted inputs.
+    dtype : float32 or float64 (None: float32, as in torch)
+        Dtype of the parameters; the input must have it where there are
+        any (a module without them takes either, as torch's does).
+    device : None, "cpu" or ``torch.device("cpu")``
+        Accepted for torch users; any other device is a ValueError.
 
     Attributes
     ----------
@@ -253,7 +256,9 @@ class LayerNorm(_LayerNormBase):
         bias: bool = True,
         *,
         dtype: npt.DTypeLike = np.float32,
+        device: Any = None,
     ) -> None:
+        _cpu_device(device)
         self._init_layer(normalized_shape, dtype)
         self.eps = _eps(eps)
         self.elementwise_affine = bool(elementwise_affine)
@@ -277,8 +282,11 @@ class RMSNorm(_LayerNormBase):
         Added to the mean square; None (default) is the machine epsilon of the input's dtype.
     elementwise_affine : bool
         Learnable ``weight`` (ones) of ``normalized_shape``; None when False.
-    dtype : float32 or float64
-        Dtype of the parameters and accepted inputs.
+    dtype : float32 or float64 (None: float32, as in torch)
+        Dtype of the parameters; the input must have it where there are
+        any (a module without them takes either, as torch's does).
+    device : None, "cpu" or ``torch.device("cpu")``
+        Accepted for torch users; any other device is a ValueError.
 
     Attributes
     ----------
@@ -296,7 +304,9 @@ class RMSNorm(_LayerNormBase):
         elementwise_affine: bool = True,
         *,
         dtype: npt.DTypeLike = np.float32,
+        device: Any = None,
     ) -> None:
+        _cpu_device(device)
         self._init_layer(normalized_shape, dtype)
         self.eps = None if eps is None else _eps(eps)
         self.elementwise_affine = bool(elementwise_affine)

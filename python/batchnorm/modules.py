@@ -207,9 +207,10 @@ class BatchNorm1d(_BatchNorm):
     bias : bool
         With ``affine``, whether there is a ``bias`` (torch's keyword, new in 2.x): False
         keeps the ``weight`` alone.
-    dtype : float32 or float64
-        Dtype of the parameters, buffers and accepted inputs (NumPy's, or
-        ``torch.float32`` / ``torch.float64``).
+    dtype : float32 or float64 (None: float32, as in torch)
+        Dtype of the parameters and buffers (NumPy's, or ``torch.float32`` /
+        ``torch.float64``); the input must have it where there are any (a module
+        without them takes either, as torch's does).
     axis : int
         Channel axis of the input; -1 for channels-last data.
     device : None, "cpu" or ``torch.device("cpu")``

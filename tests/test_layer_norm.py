@@ -96,6 +96,40 @@ def test_backward_helpers(dtype, rng):
     assert_close(gw, egw, dtype, scale=np.abs(gy).sum() / w.size * 4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_helpers_without_a_weight_give_the_parameter_gradients(dtype, rng):
+    """weight None means 1, so every backward gives the gradients of that weight and of the
+    bias (a layer with a bias and no weight needs the bias one, as torch's autograd gives it):
+    the float64 reference's with a weight of ones, and bit for bit what ones passed explicitly give."""
+    shape, nd = (3, 5, 4), 2
+    x = logical_data(rng, shape).astype(dtype)
+    gy = rng.standard_normal(shape).astype(dtype)
+    ones = np.ones(shape[-nd:], dtype)
+    _, mean, invstd = ref.layer_norm(x, nd)
+    _, rinv = ref.rms_norm(x, nd, None, 1e-5)
+    _, gmean, ginv = ref.group_norm(x, 5)
+    _, imean, iinv, _, _ = ref.instance_norm(x)
+    cast = [a.astype(dtype) for a in (mean, invstd, rinv, gmean, ginv, imean, iinv)]
+    cases = {
+        "layer": (lambda w: bn.layer_norm_backward(gy, x, shape[-nd:], cast[0], cast[1], w), ones,
+                  ref.layer_norm_backward(gy, x, nd, mean, invstd)),
+        "rms": (lambda w: bn.rms_norm_backward(gy, x, shape[-nd:], cast[2], w), ones,
+                ref.rms_norm_backward(gy, x, nd, rinv)),
+        "group": (lambda w: bn.group_norm_backward(gy, x, 5, cast[3], cast[4], w), np.ones(5, dtype),
+                  ref.group_norm_backward(gy, x, 5, gmean, ginv)),
+        "instance": (lambda w: bn.instance_norm_backward(gy, x, cast[5], cast[6], w), np.ones(5, dtype),
+                     ref.instance_norm_backward(gy, x, imean, iinv)),
+    }
+    for name, (backward, explicit, expected) in cases.items():
+        got, with_ones = backward(None), backward(explicit)
+        assert len(got) == len(expected), name
+        for g, o in zip(got, with_ones):
+            assert g is not None and np.array_equal(g, o), name
+        for g, e in zip(got[1:], expected[1:]):
+            assert e is not None and g.shape == e.shape, name
+            assert_close(g, e, dtype, scale=np.abs(gy).sum() / e.size * 4)
+
+
 def test_module_eps_none_is_the_input_dtypes_epsilon(rng):
     x = logical_data(rng, (3, 8))
     m = bn.RMSNorm(8, dtype=np.float64)

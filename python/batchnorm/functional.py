@@ -111,6 +111,15 @@ def _returned_grads(grad_y: object, out: object, grads: Tuple[Any, ...]) -> Tupl
     return (out, *_returned_all(grad_y, grads[1:]))
 
 
+def _ones_like_params(x: object, shape: Tuple[int, ...]) -> FloatArray:
+    """A backward's ``weight`` None, as ones of ``shape`` in the parameter dtype ``x`` takes
+    (float64 for float64 input, else float32): the core returns no parameter gradients without
+    a weight, and "None means 1" promises those of an implicit weight of ones (and of the bias,
+    which a layer with a bias and no weight needs, as torch's autograd gives it)."""
+    wide = str(getattr(x, "dtype", "")) in ("float64", "torch.float64")
+    return np.ones(shape, np.float64 if wide else np.float32)
+
+
 def _relu_flag(activation: Optional[str]) -> bool:
     """Map the public ``activation`` argument onto ``_core``'s ``relu`` flag."""
     if activation is None:

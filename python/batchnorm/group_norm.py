@@ -22,7 +22,8 @@ from ._norm_base import (
     _positive_int,
     _shape_of,
 )
-from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _relu_flag, _returned, _returned_grads
+from .functional import (ArrayIn, Triple, _integer, _name_the_scalar, _ones_like_params, _relu_flag, _returned,
+                         _returned_grads)
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
 
@@ -111,6 +112,10 @@ def group_norm_backward(
         ``grad_x`` like ``x`` (``out`` when given, written in place), the others (C,); new
         arrays are of the kind of ``grad_y``.
     """
+    if weight is None:
+        shape = _shape_of(x)
+        if len(shape) >= 2 and isinstance(axis, int) and -len(shape) <= axis < len(shape):  # else the core's error
+            weight = _ones_like_params(x, (shape[axis],))
     try:
         grads = _group_norm_backward(grad_y, x, mean, invstd, weight, num_groups, axis, out)
     except TypeError:

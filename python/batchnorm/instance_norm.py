@@ -20,6 +20,7 @@ from .functional import (
     Triple,
     _forward_eval,
     _name_the_scalar,
+    _ones_like_params,
     _relu_flag,
     _returned,
     _returned_grads,
@@ -121,6 +122,8 @@ def instance_norm_backward(
     if not -len(shape) <= axis < len(shape):
         raise ValueError(f"axis {axis} is out of range for x of rank {len(shape)}")
     channels = shape[axis]  # an instance is a group of one channel
+    if weight is None:
+        weight = _ones_like_params(x, (channels,))
     grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis, out)
     return _returned_grads(grad_y, out, grads)
 

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._norm_base import _cpu_device, _eps, _Module, _shape_of, _to_numpy
-from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _returned, _returned_grads
+from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _ones_like_params, _returned, _returned_grads
 
 __all__ = [
     "LayerNorm",
@@ -53,13 +53,14 @@ def _normalized_shape(normalized_shape: object) -> Tuple[int, ...]:
     return shape
 
 
-def _check_trailing(input: Any, shape: Tuple[int, ...]) -> None:
-    """torch's check (and words): the trailing dims of ``input`` are ``normalized_shape``."""
-    size = _shape_of(input, "input")
+def _check_trailing(input: Any, shape: Tuple[int, ...], name: str = "input") -> None:
+    """torch's check (and words): the trailing dims of ``input`` (the argument ``name``) are
+    ``normalized_shape``."""
+    size = _shape_of(input, name)
     if len(size) < len(shape) or size[len(size) - len(shape):] != shape:
         raise ValueError(
-            f"Given normalized_shape={list(shape)}, expected input with shape "
-            f"[*, {', '.join(map(str, shape))}], but got input of size{list(size)}"
+            f"Given normalized_shape={list(shape)}, expected {name} with shape "
+            f"[*, {', '.join(map(str, shape))}], but got {name} of size{list(size)}"
         )
 
 
@@ -166,7 +167,9 @@ def layer_norm_backward(
         ``normalized_shape``. New arrays are of the kind of ``grad_y``.
     """
     shape = _normalized_shape(normalized_shape)
-    _check_trailing(x, shape)
+    _check_trailing(x, shape, "x")
+    if weight is None:
+        weight = _ones_like_params(x, shape)
     grads = _layer_norm_backward(grad_y, x, mean, invstd, weight, len(shape), False, out)
     return _returned_grads(grad_y, out, grads)
 
@@ -188,7 +191,9 @@ def rms_norm_backward(
     are of the kind of ``grad_y``.
     """
     shape = _normalized_shape(normalized_shape)
-    _check_trailing(x, shape)
+    _check_trailing(x, shape, "x")
+    if weight is None:
+        weight = _ones_like_params(x, shape)
     grads = _layer_norm_backward(grad_y, x, None, invstd, weight, len(shape), True, out)
     return _returned_grads(grad_y, out, grads[:2])
 

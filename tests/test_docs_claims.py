@@ -142,3 +142,22 @@ def test_docs_cite_no_missing_design_doc():
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]:
         for target in re.findall(r"\b[\w./-]*DESIGN\.md", path.read_text("utf8")):
             assert (path.parent / target).exists(), f"{path.name} cites {target}, which is not in the repository"
+
+
+def test_python_md_error_examples_are_the_messages_raised():
+    """The example messages of docs/python.md's error table are what the calls raise."""
+    import numpy as np
+
+    import batchnorm as bn
+    table = (ROOT / "docs" / "python.md").read_text("utf8")
+    x, rm, rv = np.ones((2, 3), np.float32), np.zeros(3, np.float32), np.ones(3, np.float32)
+    calls = [
+        (TypeError, lambda: bn.batch_norm(x, rm, rv, np.ones(3))),
+        (ValueError, lambda: bn.BatchNorm2d(3)(np.ones((2, 4, 4, 4), np.float32))),
+        (ValueError, lambda: bn.BatchNorm2d(3)(np.ones((1, 3, 1, 1), np.float32))),
+        (RuntimeError, lambda: bn.BatchNorm2d(3).backward(np.ones((2, 3, 4, 4), np.float32))),
+    ]
+    for error, call in calls:
+        with pytest.raises(error) as raised:
+            call()
+        assert f"`{raised.value}`" in table, str(raised.value)

@@ -603,6 +603,25 @@ def _():
     return (lambda: m.load_state_dict(sd, strict=False)), [m]
 
 
+@case("load_none_value", RuntimeError, "expected an array", "weight")
+def _():
+    """torch's words for a value that is not an array (np.asarray(None) was a 0-d object array,
+    reported as a size mismatch); the valid entries before it are not copied."""
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    sd["running_mean"][:] = 42.0
+    sd["weight"] = None
+    return (lambda: m.load_state_dict(sd)), [m]
+
+
+@case("load_list_value", RuntimeError, "expected an array", "bias", "list")
+def _():
+    m = trained()
+    sd = _sd(trained(shape=(2, 3, 2, 2)))
+    sd["bias"] = [0.0, 1.0, 2.0]
+    return (lambda: m.load_state_dict(sd)), [m]
+
+
 @case("load_mis_shaped_after_valid_keys", RuntimeError, "size mismatch", "running_var")
 def _():
     """torch copies the valid entries before raising; DESIGN.md: no write at all."""
@@ -834,6 +853,53 @@ def _():
 def _():
     W = np.ones((4, 2), np.float32)
     return (lambda: bn.fold(None, W)), [W]
+
+
+@case("fold_complex_bias", TypeError, r"^bias: expected a floating-point array", "complex64")
+def _():
+    """bias is checked as weight is (a complex bias was cast with a ComplexWarning)"""
+    m, W, b = bn.BatchNorm1d(4).eval(), np.ones((4, 2), np.float32), np.ones(4, np.complex64)
+    return (lambda: bn.fold(m, W, b)), [m, W, b]
+
+
+@case("fold_list_weight", TypeError, r"^weight: expected an array", "list")
+def _():
+    m = bn.BatchNorm1d(4).eval()
+    return (lambda: bn.fold(m, [[1.0, 2.0]] * 4)), [m]
+
+
+@case("fold_list_bias", TypeError, r"^bias: expected an array or None", "list")
+def _():
+    m, W = bn.BatchNorm1d(4).eval(), np.ones((4, 2), np.float32)
+    return (lambda: bn.fold(m, W, [0.0, 1.0, 2.0, 3.0])), [m, W]
+
+
+X_CALLS = {  # functions whose input parameter is x, each given a bad x
+    "batch_norm_stats": lambda v: bn.batch_norm_stats(v),
+    "layer_norm_backward": lambda v: bn.layer_norm_backward(f32(2, 6), v, 6, f32(2), f32(2, value=1.0)),
+    "rms_norm_backward": lambda v: bn.rms_norm_backward(f32(2, 6), v, 6, f32(2, value=1.0)),
+    "group_norm_backward": lambda v: bn.group_norm_backward(f32(2, 6), v, 2, f32(2, 2), f32(2, 2, value=1.0)),
+    "instance_norm_backward": lambda v: bn.instance_norm_backward(f32(2, 6), v, f32(2, 6), f32(2, 6, value=1.0)),
+}
+
+
+@pytest.mark.parametrize("call", list(X_CALLS))
+def test_functions_of_x_name_x(call):
+    """Messages name the parameter as the signature does: x, not the core's input."""
+    with pytest.raises(TypeError, match=r"^x must have dtype float32, float64, float16 or bfloat16, got int32$"):
+        X_CALLS[call](np.ones((2, 6), np.int32))
+    with pytest.raises(TypeError, match=r"^x must be a NumPy array or a CPU tensor supporting DLPack, got list$"):
+        X_CALLS[call]([[1.0] * 6] * 2)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+def test_sum_out_overlapping_a_parameter_is_named_sum_out(rms):
+    x, r, w = f32(1, 4), f32(1, 4, value=0.0), f32(4, value=1.0)
+    call = bn.rms_norm if rms else bn.layer_norm
+    before = w.copy()
+    with pytest.raises(ValueError, match=r"^sum_out overlaps weight; pass a separate array$"):
+        call(x, 4, w, residual=r, sum_out=w.reshape(1, 4))
+    assert np.array_equal(w, before)
 
 
 @pytest.mark.parametrize("call", ["layer_norm", "rms_norm", "group_norm"])

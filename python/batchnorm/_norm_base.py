@@ -55,6 +55,12 @@ class _Saved(NamedTuple):
     grads: Union[Callable[[Any, Any], Any], FloatArray, None]
 
 
+def _array_like(value: Any) -> bool:
+    """An array, a NumPy scalar, a torch tensor or any DLPack / array-protocol object: what a
+    state dict may hold (torch refuses None, lists and Python numbers there too)."""
+    return isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__dlpack__") or hasattr(value, "__array__")
+
+
 def _to_numpy(value: Any, name: str = "x") -> npt.NDArray[Any]:
     """NumPy array from an array, a torch tensor or a DLPack producer (torch is never imported).
     A torch bfloat16 tensor, which neither DLPack nor the array protocol hand to NumPy, becomes
@@ -352,7 +358,12 @@ class _Module:
         for key, target in targets.items():
             if key not in state_dict:
                 continue
-            value = _to_numpy(state_dict[key])
+            given = state_dict[key]
+            if not _array_like(given):  # torch's words; np.asarray(None) would be a 0-d object array
+                errors.append(f'While copying the parameter named "{key}", expected an array or Tensor-like '
+                              f"object from checkpoint but received {type(given)}")
+                continue
+            value = _to_numpy(given)
             if value.shape != target.shape:
                 errors.append(
                     f"size mismatch for {key}: copying a param with shape {value.shape} from "

@@ -8,9 +8,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .functional import _like, _name_the_scalar
+from ._norm_base import _array_like
 from .modules import _BatchNorm, _to_numpy
 
 __all__ = ["fold"]
+
+
+def _check_floating(a: npt.NDArray[Any], name: str) -> None:
+    # ml_dtypes' bfloat16 is a floating type NumPy does not class as np.floating
+    if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"):
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
 
 
 @overload
@@ -71,10 +78,10 @@ def fold(
                          "statistics (it was made with track_running_stats=False)")
     if m.training:
         raise ValueError("m: fold needs an eval-mode batch norm (call m.eval() first)")
+    if not _array_like(weight):
+        raise TypeError(f"weight: expected an array, got {type(weight).__name__}")
     w = _to_numpy(weight, "weight")
-    # ml_dtypes' bfloat16 is a floating type NumPy does not class as np.floating
-    if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
-        raise TypeError(f"weight: expected a floating-point array, got dtype {w.dtype}")
+    _check_floating(w, "weight")
     channels = m.num_features
     _name_the_scalar(axis=axis)
     if w.ndim == 0 or not -w.ndim <= axis < w.ndim:
@@ -83,7 +90,11 @@ def fold(
         raise ValueError(
             f"weight: expected {channels} output channels on axis {axis}, got shape {w.shape}"
         )
+    if bias is not None and not _array_like(bias):
+        raise TypeError(f"bias: expected an array or None, got {type(bias).__name__}")
     b = np.zeros(channels) if bias is None else _to_numpy(bias, "bias")
+    if bias is not None:
+        _check_floating(b, "bias")
     if b.shape != (channels,):
         raise ValueError(f"bias: expected shape ({channels},), got {b.shape}")
 

@@ -74,13 +74,15 @@ ArrayRef take_grad_y(nb::handle h, const Layout& L) {
     return *take_like_input<T>(h, "grad_y", L);
 }
 
-// `out` must not share memory with a per-channel array (of compute_t<T>) the call reads or writes.
+// An output (`out`, or `sum_out`: out_name) must not share memory with a per-channel array (of
+// compute_t<T>) the call reads or writes.
 template <class T>
-void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays) {
+void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays,
+                 const char* out_name = "out") {
     if (!out.out()) return;
     for (const auto& [array, name] : arrays)
         if (array && overlaps(*out.out(), sizeof(T), *array, sizeof(compute_t<T>)))
-            value_error(std::string("out overlaps ") + name + "; pass a separate array");
+            value_error(std::string(out_name) + " overlaps " + name + "; pass a separate array");
 }
 
 // What batch norm's two input-gradient entry points (backward, batch_norm_backward_apply) read
@@ -113,7 +115,7 @@ private:
 };
 
 nb::object stats(nb::handle x_obj, Int axis) {
-    const Input in = take_main_input(x_obj, "input", axis);
+    const Input in = take_main_input(x_obj, "x", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
         using P = compute_t<T>;
@@ -321,7 +323,7 @@ nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_o
         if (!sum_obj.is_none()) sum.emplace(sum_obj, L, "sum_out", std::initializer_list<const ArrayRef*>{&xa, residual_ptr});
         check_outputs_apart(y, sum);
         check_apart(y, {{weight.array(), "weight"}, {bias.array(), "bias"}});
-        if (sum) check_apart(*sum, {{weight.array(), "weight"}, {bias.array(), "bias"}});
+        if (sum) check_apart(*sum, {{weight.array(), "weight"}, {bias.array(), "bias"}}, "sum_out");
         const ReadAs<T> x(xa, L);
         std::optional<ReadAs<T>> residual;
         if (residual_array) residual.emplace(*residual_array, L);
@@ -345,7 +347,7 @@ nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_o
 
 nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
                                nb::handle weight_obj, int normalized_ndim, bool rms, nb::handle out) {
-    const ArrayRef xa = take_float_array(x_obj, "input");
+    const ArrayRef xa = take_float_array(x_obj, "x");
     const RowSplit split = split_rows(xa, normalized_ndim);
     const Layout L = c_order_layout(xa);
     return with_element_type(xa, [&](auto tag) -> nb::object {
@@ -390,8 +392,8 @@ struct GroupInput {
     GroupShape shape;
 };
 
-GroupInput take_group_input(nb::handle h, int axis) {
-    const Input in = take_main_input(h, "input", axis);
+GroupInput take_group_input(nb::handle h, int axis, const char* name = "input") {
+    const Input in = take_main_input(h, name, axis);
     const ArrayRef& x = in.array;
     const int a = axis < 0 ? axis + x.rank : axis;
     if (a == 0) value_error("axis must name the channel axis, not the batch axis 0, got " + std::to_string(axis));
@@ -449,7 +451,7 @@ nb::object group_norm(nb::handle x_obj, Int64 num_groups, nb::handle weight_obj,
 
 nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
                                nb::handle weight_obj, Int64 num_groups, Int axis, nb::handle out) {
-    const GroupInput in = take_group_input(x_obj, axis);
+    const GroupInput in = take_group_input(x_obj, axis, "x");
     check_groups(in, num_groups);
     return with_element_type(in.array, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -635,8 +637,8 @@ NB_MODULE(_core, m) {
     m.def("openmp_enabled", &batchnorm::openmp_enabled,
           "Whether this build runs in parallel (OpenMP); without it get_num_threads() is always 1.");
     m.def("set_num_threads", &batchnorm::set_num_threads, "n"_a, "Sets the threads for later calls (n >= 1).");
-    m.def("stats", &py::stats, "input"_a.none(), "axis"_a = 1,
-          nb::sig("def stats(input: object, axis: int = 1) "
+    m.def("stats", &py::stats, "x"_a.none(), "axis"_a = 1,
+          nb::sig("def stats(x: object, axis: int = 1) "
                   "-> tuple[numpy.typing.NDArray[numpy.floating[typing.Any]], "
                   "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
           "Per-channel mean and biased variance.");
@@ -672,9 +674,9 @@ NB_MODULE(_core, m) {
                   "eps: float, rms: bool = False, out: object | None = None, residual: object | None = None, "
                   "sum_out: object | None = None) -> tuple[typing.Any, typing.Any, typing.Any]"),
           "Layer norm (or RMS norm) over the last normalized_ndim dims; returns (y, mean, invstd).");
-    m.def("layer_norm_backward", &py::layer_norm_backward, "grad_y"_a.none(), "input"_a.none(), "mean"_a.none(),
+    m.def("layer_norm_backward", &py::layer_norm_backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(),
           "invstd"_a.none(), "weight"_a.none(), "normalized_ndim"_a, "rms"_a = false, "out"_a.none() = nb::none(),
-          nb::sig("def layer_norm_backward(grad_y: object, input: object, mean: object | None, invstd: object, "
+          nb::sig("def layer_norm_backward(grad_y: object, x: object, mean: object | None, invstd: object, "
                   "weight: object | None, normalized_ndim: int, rms: bool = False, out: object | None = None) "
                   "-> tuple[typing.Any, typing.Any, typing.Any]"),
           "Layer norm backward; returns (grad_x, grad_weight, grad_bias).");
@@ -684,9 +686,9 @@ NB_MODULE(_core, m) {
                   "eps: float, axis: int = 1, out: object | None = None, relu: bool = False) "
                   "-> tuple[typing.Any, typing.Any, typing.Any]"),
           "Group norm; returns (y, mean, invstd), statistics of shape (N, num_groups).");
-    m.def("group_norm_backward", &py::group_norm_backward, "grad_y"_a.none(), "input"_a.none(), "mean"_a.none(),
+    m.def("group_norm_backward", &py::group_norm_backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(),
           "invstd"_a.none(), "weight"_a.none(), "num_groups"_a, "axis"_a = 1, "out"_a.none() = nb::none(),
-          nb::sig("def group_norm_backward(grad_y: object, input: object, mean: object, invstd: object, "
+          nb::sig("def group_norm_backward(grad_y: object, x: object, mean: object, invstd: object, "
                   "weight: object | None, num_groups: int, axis: int = 1, out: object | None = None) "
                   "-> tuple[typing.Any, typing.Any, typing.Any]"),
           "Group norm backward; returns (grad_x, grad_weight, grad_bias).");

@@ -252,6 +252,98 @@ def test_export_records_the_ops(training, no_fallback):
                                        rtol=1e-5, atol=1e-5)
 
 
+def assert_within_one_ulp(got, want64, dtype, what):
+    """Every value of ``got`` (``dtype``) within one unit in the last place of the float64 ``want64``."""
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(want64.abs().clamp_min(torch.finfo(dtype).tiny))))
+    err = (got.double() - want64).abs()
+    assert bool((err <= ulp).all()), f"{what}: {float((err / ulp).max()):.2f} ulp"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_half_parameter_models_capture_the_ops(capture, training, dtype, no_fallback):
+    """model.bfloat16() / model.half(): fx.symbolic_trace (where the dtypes are known only when
+    the graph runs) and torch.export record the ops on float32 copies of the half parameters
+    and statistics, which are written back in their dtype; outputs and running statistics within
+    one ulp of the float64 computation on the same values. (fx's graph failed in the op with
+    half parameters; export recorded aten.batch_norm.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    with torch.no_grad():
+        for name, low, high in (("weight", 0.5, 1.5), ("bias", -1, 1), ("running_mean", -1, 1), ("running_var", 0.5, 2)):
+            getattr(model[0], name).uniform_(low, high)
+    model = bnt.convert(model).train(training).to(dtype)
+    before = {k: v.double() for k, v in model[0].state_dict().items()}
+    x = data(dtype=dtype)
+    if capture == "fx":
+        run = gm = torch.fx.symbolic_trace(model)
+        graph, state = gm.graph, model[0].state_dict
+    else:
+        ep = torch.export.export(model, (x,))
+        run = ep.module()
+        graph, state = ep.graph, lambda: {k[2:]: v for k, v in run.state_dict().items()}
+    assert f"batchnorm.batch_norm_{'train' if training else 'eval'}.default" in op_names(graph)
+    y = run(x)
+    assert y.dtype == dtype
+    x64, eps = x.double(), model[0].eps
+    if training:
+        mean, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    else:
+        mean, var = before["running_mean"], before["running_var"]
+    per = (-1, 1, 1)
+    want = (x64 - mean.view(per)) / torch.sqrt(var.view(per) + eps) * before["weight"].view(per) + before["bias"].view(per)
+    assert_within_one_ulp(y, want, dtype, "y")
+    if training:
+        n = x64.numel() / 3
+        assert_within_one_ulp(state()["running_mean"], 0.9 * before["running_mean"] + 0.1 * mean, dtype, "running_mean")
+        assert_within_one_ulp(state()["running_var"], 0.9 * before["running_var"] + 0.1 * var * n / (n - 1), dtype,
+                              "running_var")
+
+
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "GroupNorm", "InstanceNorm2d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_under_cpu_autocast_runs_the_ops(norm, training):
+    """torch.compile inside torch.autocast("cpu", bfloat16): the conv hands the norm bfloat16,
+    the norm runs batchnorm's op (it fell back to torch's function under autocast) with torch's
+    result, and that of a float64 computation on the same bfloat16 input."""
+    torch._dynamo.reset()
+    make = {"BatchNorm2d": lambda: torch.nn.BatchNorm2d(4), "GroupNorm": lambda: torch.nn.GroupNorm(2, 4),
+            "InstanceNorm2d": lambda: torch.nn.InstanceNorm2d(4, affine=True)}[norm]
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), make()).train(training)
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5)
+        ref[1].bias.uniform_(-1, 1)
+    ours = bnt.convert(copy.deepcopy(ref))
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(op_names(gm.graph))
+        return gm.forward
+    x = data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(ours, backend=backend)(x)
+        h = ref[0](x)  # the bfloat16 the norm receives
+        y_ref = ref[1](h)
+    assert any(name.startswith("batchnorm.") for name in seen), seen
+    assert y.dtype == y_ref.dtype == h.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
+    h64 = h.double()
+    dims = (0, 2, 3) if norm == "BatchNorm2d" else (2, 3)
+    if norm == "GroupNorm":
+        g = h64.view(4, 2, 2, 8, 8)
+        mean, var = g.mean((2, 3, 4), keepdim=True), g.var((2, 3, 4), unbiased=False, keepdim=True)
+        xhat = ((g - mean) / torch.sqrt(var + 1e-5)).view_as(h64)
+    elif norm == "BatchNorm2d" and not training:
+        xhat = (h64 - ref[1].running_mean.double().view(-1, 1, 1)) / torch.sqrt(ref[1].running_var.double().view(-1, 1, 1) + 1e-5)
+    else:
+        mean, var = h64.mean(dims, keepdim=True), h64.var(dims, unbiased=False, keepdim=True)
+        xhat = (h64 - mean) / torch.sqrt(var + 1e-5)
+    want = xhat * ref[1].weight.double().view(-1, 1, 1) + ref[1].bias.double().view(-1, 1, 1)
+    assert_within_one_ulp(y, want, torch.bfloat16, "y")
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's mkldnn modules use torch.jit
 @pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
 def test_inductor_training_runs_the_ops(fmt, no_fallback):

@@ -32,7 +32,7 @@ from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
 from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _plain_eager_input, _Proxy,
-                    _records_graph, _route, _tensor, _transform_active)
+                    _records_graph, _route, _tensor, _transform_active, _up)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -240,12 +240,6 @@ def _same_kind(x: Tensor, *params: Optional[Tensor]) -> bool:
                for t in given)
 
 
-def _up(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
-    """A half parameter of a half ``x`` as the float32 the kernels take (a differentiable
-    cast); anything else as is."""
-    return t.float() if t is not None and x.dtype in _HALVES and t.dtype == x.dtype else t
-
-
 def _opmath_eps(x: Tensor) -> float:
     """torch's ``eps=None`` for RMSNorm: the machine epsilon of the type ``x`` is computed in
     (float32 for the half types)."""
@@ -253,7 +247,7 @@ def _opmath_eps(x: Tensor) -> float:
 
 
 # Both read the input's dtype, which an fx proxy does not have: symbolic tracing records them
-# as calls, made when the graph runs.
+# as calls, made when the graph runs (fx.wrap names a function of the module that calls it).
 torch.fx.wrap("_up")
 torch.fx.wrap("_opmath_eps")
 

@@ -199,11 +199,11 @@ def _route(
     subclasses and torch-function modes)."""
     if isinstance(x, _Proxy):  # fx.symbolic_trace: record the op
         return "graph"
-    if _is_tracing() or torch.is_autocast_enabled("cpu"):
+    if _is_tracing():
         return None
-    if _is_compiling():
+    if _is_compiling():  # autocast too: it leaves batch norm alone, in graphs as in eager calls
         return "graph"
-    if _forward_ad_active(x, weight, bias):
+    if torch.is_autocast_enabled("cpu") or _forward_ad_active(x, weight, bias):
         return None
     tensors = [t for t in (x, running_mean, running_var, weight, bias) if t is not None]
     if any(type(t) in _GRAPH_TENSORS for t in tensors) or _dispatch_modes() > 0:
@@ -231,14 +231,37 @@ def _half_params(
     bias: Optional[Tensor],
 ) -> bool:
     """A half-precision input whose per-channel tensors all share its dtype
-    (``model.bfloat16()``), which torch accepts and computes with in float32."""
-    if isinstance(x, _Proxy):  # fx tracing: no dtype to look at
+    (``model.bfloat16()``), which torch accepts and computes with in float32. Tensors of
+    graph capture (``torch.export``'s fake and functional tensors) count as torch's own."""
+    if isinstance(x, _Proxy):  # fx tracing: no dtype to look at (_traced_batch_norm)
         return False
     given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
-    return x.dtype in _HALVES and bool(given) and all(type(t) in _TENSORS and t.dtype == x.dtype for t in given)
+    return x.dtype in _HALVES and bool(given) and all(
+        (type(t) in _TENSORS or type(t) in _GRAPH_TENSORS) and t.dtype == x.dtype for t in given)
+
+
+def _up(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
+    """A half per-channel tensor of a half ``x`` as the float32 the kernels take (a
+    differentiable cast, so its gradient comes back in its dtype); anything else as is."""
+    return t.float() if t is not None and x.dtype in _HALVES and t.dtype == x.dtype else t
+
+
+def _write_back(buffer: Tensor, widened: Tensor) -> None:
+    """A running statistic updated in its float32 copy (``_up``), written back rounded to
+    its dtype, as torch's CPU kernel stores it; nothing where there was no copy."""
+    if widened is not buffer:
+        with torch.no_grad():
+            buffer.copy_(widened)
+
+
+# Both read dtypes and identities, which fx proxies do not have: symbolic tracing records them
+# as calls, made when the graph runs (so a traced model.bfloat16() runs the kernels too).
+torch.fx.wrap("_up")
+torch.fx.wrap("_write_back")
 
 
 def _with_float_params(
+    run: Callable[..., Tensor],
     input: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -248,17 +271,14 @@ def _with_float_params(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """``batch_norm`` with float32 copies of half-precision parameters (differentiable casts,
-    so their gradients come back in their dtype) and statistics, which are written back
-    rounded to their dtype, as torch's CPU kernel does."""
-    def up(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.float()
-    rm, rv = up(running_mean), up(running_var)
-    y = batch_norm(input, rm, rv, up(weight), up(bias), training, momentum, eps)
+    """``run`` (batch_norm's arguments) on float32 copies of half-precision parameters and
+    statistics (``model.bfloat16()``), the statistics written back rounded to their dtype, as
+    torch's CPU kernel does."""
+    rm, rv = _up(input, running_mean), _up(input, running_var)
+    y = run(input, rm, rv, _up(input, weight), _up(input, bias), training, momentum, eps)
     if training and running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.copy_(rm)  # type: ignore[arg-type]
-            running_var.copy_(rv)  # type: ignore[arg-type]
+        _write_back(running_mean, rm)  # type: ignore[arg-type]
+        _write_back(running_var, rv)  # type: ignore[arg-type]
     return y
 
 
@@ -467,7 +487,7 @@ def batch_norm(
     if _half_params(input, running_mean, running_var, weight, bias) and (
             _eager(input, running_mean, running_var, weight, bias)
             or _route(input, running_mean, running_var, weight, bias) is not None):
-        return _with_float_params(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _with_float_params(batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps)
     if _eager(input, running_mean, running_var, weight, bias):
         if not _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps):
             return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -479,10 +499,11 @@ def batch_norm(
         else:
             y = _forward(input, running_mean, running_var, weight, bias, training, momentum, eps)[0]
         return ops.in_torch_layout(y, input, True)
+    if isinstance(input, _Proxy):  # fx tracing: half or not is known when the graph runs
+        return ops.in_torch_layout(_with_float_params(_graph_batch_norm, input, running_mean, running_var, weight,
+                                                      bias, training, momentum, eps), input, True)
     route = _route(input, running_mean, running_var, weight, bias)
-    if route is not None and (
-            isinstance(input, _Proxy)
-            or _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps)):
+    if route is not None and _kernels_apply(input, running_mean, running_var, weight, bias, training, momentum, eps):
         if route == "transform":
             return _apply(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
         return ops.in_torch_layout(

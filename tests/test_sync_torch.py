@@ -213,8 +213,9 @@ def test_drop_in_constructor_state_dict_and_conversion():
     assert type(model[1]) is bnt.SyncBatchNorm and type(model[2][0]) is bnt.SyncBatchNorm
     assert model[1].process_group is group
     assert model[1].weight is bn_layer.weight and model[1].running_var is bn_layer.running_var
-    again = bnt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.SyncBatchNorm(4)), sync=True)
-    assert [type(c) for c in again] == [bnt.SyncBatchNorm, bnt.SyncBatchNorm]
+    again = bnt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.SyncBatchNorm(4), torch.nn.GroupNorm(2, 4),
+                                            torch.nn.LayerNorm(4)), sync=True)
+    assert [type(c) for c in again] == [bnt.SyncBatchNorm, bnt.SyncBatchNorm, bnt.GroupNorm, bnt.LayerNorm]
     assert again[0].process_group is None
     plain = bnt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))
     assert type(plain[0]) is bnt.BatchNorm2d  # sync=False (default): the plain drop-in

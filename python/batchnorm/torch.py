@@ -848,7 +848,8 @@ def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
 
     ``sync``: True, or a torch.distributed ProcessGroup, makes every batch norm (also
     ``torch.nn.SyncBatchNorm``) a ``SyncBatchNorm`` over that group (True: the default
-    group), as ``SyncBatchNorm.convert_sync_batchnorm(module, group)`` does.
+    group), as ``SyncBatchNorm.convert_sync_batchnorm(module, group)`` does; the other
+    norms become their drop-ins all the same.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: recursive, in place (the
     children are replaced in their parents), returns ``module``; a batch norm passed at
@@ -860,12 +861,11 @@ def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
     """
     if sync is False:
         return _swap(module, _REPLACEMENTS)
-    if sync is True:
-        return convert_sync(module, None)
-    group_type = getattr(torch.distributed, "ProcessGroup", None)
-    if group_type is None or not isinstance(sync, group_type):
-        raise TypeError(f"sync must be True, False or a torch.distributed ProcessGroup, got {type(sync).__name__}")
-    return convert_sync(module, sync)
+    if sync is not True:
+        group_type = getattr(torch.distributed, "ProcessGroup", None)
+        if group_type is None or not isinstance(sync, group_type):
+            raise TypeError(f"sync must be True, False or a torch.distributed ProcessGroup, got {type(sync).__name__}")
+    return _swap(convert_sync(module, None if sync is True else sync), dict(_NORM_REPLACEMENTS))
 
 
 def revert(module: torch.nn.Module) -> torch.nn.Module:

@@ -611,3 +611,46 @@ def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):
         for (key, p), q in zip(ours.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=key)
         assert_states_match(ours, ref, (1e-6, 1e-6))
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return w * 2.0
+
+
+PRUNABLE = [("BatchNorm2d", (4,), (2, 4, 3, 3)), ("LayerNorm", (4,), (2, 3, 4)), ("GroupNorm", (2, 4), (2, 4, 3, 3)),
+            ("InstanceNorm2d", (4,), (2, 4, 3, 3)), ("RMSNorm", (4,), (2, 3, 4))]
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,args,shape", PRUNABLE, ids=[c[0] for c in PRUNABLE])
+def test_pruned_and_parametrized_weights_are_used(name, args, shape, training, how):
+    """torch.nn.utils.prune and parametrize move the weight out of _parameters and compute the
+    attribute (network slimming prunes batch-norm scales): the drop-ins read that weight (they
+    read _parameters and ran as if there were no weight), and its gradient reaches the original,
+    as torch's module does; both against the same module run in float64."""
+    from torch.nn.utils import parametrize, prune
+    kwargs = {"affine": True} if name.startswith("Instance") else {}
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(*args, **kwargs).train(training)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([2.0, -3.0, 0.5, 4.0]))
+    ours = bnt.convert(copy.deepcopy(ref))
+    ref64 = copy.deepcopy(ref).double()
+    x = data(shape, torch.float32)
+    results = []
+    for module, inp in ((ref64, x.double()), (ref, x), (ours, x)):
+        if how == "prune":
+            prune.l1_unstructured(module, "weight", amount=0.5)
+        else:
+            parametrize.register_parametrization(module, "weight", _Doubled())
+        y = module(inp)
+        y.pow(2).sum().backward()
+        original = module.weight_orig if how == "prune" else module.parametrizations.weight.original
+        results.append((y.detach().double(), original.grad.double()))
+    (y64, g64), (y_ref, g_ref), (y, g) = results
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g64, rtol=1e-4, atol=1e-4)

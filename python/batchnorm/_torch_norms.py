@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,13 @@ class _ParamViews:
     call, most of a small eval's Python."""
 
     _views: Optional[Tuple[Any, ...]] = None
+
+    def _param(self, name: str) -> Optional[Tensor]:
+        """``self.<name>``, from ``_parameters`` where it is there (``Module.__getattr__`` costs
+        about a microsecond); pruning and parametrizations move a parameter out of it and
+        compute the attribute instead (a pruned weight read from there was None: no weight)."""
+        params: Dict[str, Optional[Tensor]] = self._parameters  # type: ignore[attr-defined]
+        return params[name] if name in params else getattr(self, name, None)
 
     def _param_views(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      shape: Sequence[int]) -> Optional[Tuple[Any, Any]]:
@@ -352,8 +359,7 @@ class LayerNorm(_ParamViews, torch.nn.LayerNorm):
 
     @torch.jit.unused
     def _kernels(self, input: Tensor) -> Tensor:
-        params = self._parameters
-        weight, bias, shape = params.get("weight"), params.get("bias"), self.normalized_shape
+        weight, bias, shape = self._param("weight"), self._param("bias"), self.normalized_shape
         if shape and _direct(input) and input.shape[input.dim() - len(shape):] == shape and 0.0 < self.eps < math.inf:
             views = self._param_views(input, weight, bias, shape)
             if views is not None:
@@ -373,7 +379,7 @@ class RMSNorm(_ParamViews, torch.nn.RMSNorm):
 
     @torch.jit.unused
     def _kernels(self, x: Tensor) -> Tensor:
-        weight, shape, eps = self._parameters.get("weight"), self.normalized_shape, self.eps
+        weight, shape, eps = self._param("weight"), self.normalized_shape, self.eps
         if shape and _direct(x) and x.shape[x.dim() - len(shape):] == shape:
             value = torch.finfo(x.dtype).eps if eps is None else eps
             views = self._param_views(x, weight, None, shape) if 0.0 < value < math.inf else None
@@ -394,8 +400,7 @@ class GroupNorm(_ParamViews, torch.nn.GroupNorm):
 
     @torch.jit.unused
     def _kernels(self, input: Tensor) -> Tensor:
-        params = self._parameters
-        weight, bias, groups = params.get("weight"), params.get("bias"), self.num_groups
+        weight, bias, groups = self._param("weight"), self._param("bias"), self.num_groups
         # numel == groups: one value per group, torch's error (the general route raises it)
         if (_direct(input) and input.dim() >= 2 and input.shape[1] == self.num_channels and input.numel() != groups
                 and 0.0 < self.eps < math.inf):
@@ -448,8 +453,7 @@ class _InstanceDropIn(_ParamViews, torch.nn.modules.instancenorm._InstanceNorm):
 
     @torch.jit.unused
     def _kernels(self, input: Tensor) -> Tensor:
-        params = self._parameters
-        weight, bias = params.get("weight"), params.get("bias")
+        weight, bias = self._param("weight"), self._param("bias")
         # without running statistics (the default; buffers kept after track_running_stats was
         # turned off are still updated, as torch does); one value per instance is torch's error
         if (not self.track_running_stats and self.running_mean is None and self.running_var is None

@@ -655,13 +655,17 @@ class _DropIn(_BatchNorm):
         kernels on cached NumPy views of the module's tensors. None where this does not
         apply (``forward`` then takes the general route). Reads the tensors from
         ``_buffers`` / ``_parameters`` directly (``Module.__getattr__`` costs about a
-        microsecond per name). Every test here is a few tens of nanoseconds; together they
-        are most of a small call's cost, so they are spelled inline."""
+        microsecond per name); pruning and parametrizations move a tensor out of them (the
+        attribute is then computed), and such a module takes the general route, which reads
+        the attributes. Every test here is a few tens of nanoseconds; together they are most
+        of a small call's cost, so they are spelled inline."""
         if not _plain_eager_input(input):
             return None
         training = self.training
         buffers, params = self._buffers, self._parameters
-        w, b = params.get("weight"), params.get("bias")
+        if not ("weight" in params and "bias" in params and "running_mean" in buffers and "running_var" in buffers):
+            return None
+        w, b = params["weight"], params["bias"]
         rm = rv = None
         if not training or self.track_running_stats:
             rm, rv = buffers.get("running_mean"), buffers.get("running_var")

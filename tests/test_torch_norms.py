@@ -249,14 +249,23 @@ def norms_model(dtype=torch.float32):
         torch.nn.Flatten(2), torch.nn.LayerNorm(16), torch.nn.RMSNorm(16)).to(dtype)
 
 
-def test_compile_runs_the_ops():
+@pytest.mark.parametrize("profiled", [False, True], ids=["plain", "profiled"])
+def test_compile_runs_the_ops(profiled):
+    """One graph (fullgraph: the modules broke it at every norm, asking whether the profiler
+    ran), with the ops in it, torch's results and gradients; with and without a profiler."""
     torch._dynamo.reset()
     ref = norms_model()
-    compiled = torch.compile(bnt.convert(copy.deepcopy(ref)))
+    compiled = torch.compile(bnt.convert(copy.deepcopy(ref)), fullgraph=True)
     x = data((2, 3, 6, 6), torch.float32)
     x_ref = x.clone().requires_grad_(True)
     x.requires_grad_(True)
-    y, names = ops_run(lambda: compiled(x))
+    seen = []
+    if not profiled:
+        y = torch.compile(bnt.convert(copy.deepcopy(ref)), fullgraph=True,
+                          backend=lambda gm, _: seen.extend(n.target for n in gm.graph.nodes) or gm.forward)(x)
+        names = {f"batchnorm::{t.__name__.split('.')[0]}" for t in seen if "batchnorm" in str(t)}
+    else:
+        y, names = ops_run(lambda: compiled(x))
     assert {"batchnorm::group_norm", "batchnorm::instance_norm_train", "batchnorm::layer_norm"} <= names
     y_ref = ref(x_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)

@@ -65,10 +65,11 @@ def _direct(input: Tensor) -> bool:
     eager call on a contiguous non-empty float32/float64 CPU input. The module's own
     constructor vouches for the parameters' shapes, ``_ParamViews`` for their kind; each
     shortcut checks the input's shape. Not while a profiler runs: the general route shows the
-    kernels under the ops' names."""
-    return not (ops.profiling() or not _plain_eager_input(input) or input.dtype not in _FLOATS or not input.is_cpu
+    kernels under the ops' names. (The profiler is asked last: dynamo cannot trace that
+    question, and a compiled model broke its graph at every norm.)"""
+    return not (not _plain_eager_input(input) or input.dtype not in _FLOATS or not input.is_cpu
                 or input.layout != torch.strided or not input.is_contiguous() or input.numel() == 0
-                or _dispatch_modes() > 0)
+                or _dispatch_modes() > 0 or ops.profiling())
 
 
 class _ParamViews:

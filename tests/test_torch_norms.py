@@ -663,3 +663,35 @@ def test_pruned_and_parametrized_weights_are_used(name, args, shape, training, h
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, y64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, g64, rtol=1e-4, atol=1e-4)
+
+
+HOOKED = [("BatchNorm2d", (4,), (2, 4, 3, 3)), ("LayerNorm", (4,), (2, 3, 4)), ("RMSNorm", (4,), (2, 3, 4)),
+          ("GroupNorm", (2, 4), (2, 4, 3, 3)), ("InstanceNorm2d", (4,), (2, 4, 3, 3))]
+
+
+@pytest.mark.parametrize("name,args,shape", HOOKED, ids=[c[0] for c in HOOKED])
+def test_saved_tensor_hooks_own_the_saved_input(name, args, shape):
+    """Saved-tensor hooks (activation checkpointing, offloading) decide what a saved input's
+    memory does: with hooks that pack a copy, nothing else holds the input once the caller
+    drops it, as with torch's module (the drop-ins kept a NumPy view of it for backward), and
+    the gradient is torch's (and that of the module run in float64)."""
+    kwargs = {"affine": True} if name.startswith("Instance") else {}
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(*args, **kwargs)
+    ours = bnt.convert(copy.deepcopy(ref))
+    ref64 = copy.deepcopy(ref).double()
+    grads = []
+    for module, dtype in ((ref, torch.float32), (ours, torch.float32), (ref64, torch.float64)):
+        x = data(shape, dtype).requires_grad_(True)
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.detach().clone()) or len(packed) - 1,
+                                                      lambda i: packed[i]):
+            h = x * 2.0
+            y = module(h)
+        storage = h.untyped_storage()
+        del h
+        assert torch._C._storage_Use_Count(storage._cdata) == 1, type(module).__name__  # this handle alone
+        y.pow(2).sum().backward()
+        grads.append(x.grad.double())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-4)

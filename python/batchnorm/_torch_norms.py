@@ -197,13 +197,13 @@ class _DirectFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 views: Tuple[Any, Any], kernels: _Kernels) -> Tensor:
         """Run the kernels on x's view and the parameters' ``views``; keep what backward reads."""
-        xn = x.numpy(force=True)
-        y, mean, invstd = kernels.forward(xn, *views)
+        y, mean, invstd = kernels.forward(x.numpy(force=True), *views)
         if not kernels.keeps_input(x):
             x = x.clone()  # a tensor of its own, not an inference tensor
-            xn = x.numpy()
-        ctx.save_for_backward(x, weight, bias)  # version checks, and the fallback's tensors
-        ctx.kernels, ctx.arrays = kernels, (xn, views[0], mean, invstd)
+        # x only through save_for_backward (viewed again in backward): saved-tensor hooks
+        # (activation checkpointing, offloading) then decide what its memory does
+        ctx.save_for_backward(x, weight, bias)
+        ctx.kernels, ctx.arrays = kernels, (views[0], mean, invstd)
         return _tensor(y)
 
     @staticmethod
@@ -212,13 +212,14 @@ class _DirectFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         kernels: _Kernels = ctx.kernels
-        xn, weight_view, mean, invstd = ctx.arrays
+        weight_view, mean, invstd = ctx.arrays
         # a graph of the gradients (double backward), batched or unusual gradients, a bias
         # without a weight (the kernels give grad_bias beside a weight only): the op's rule
         if (type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled()
                 or ops.legacy_batched(grad_y) or grad_y.dtype != x.dtype or (weight is None and bias is not None)):
             return (*kernels.fallback(grad_y, x, weight, bias, mean, invstd, needs), None, None)
-        gx, gw, gb = kernels.backward(grad_y.contiguous().numpy(force=True), xn, mean, invstd, weight_view)
+        gx, gw, gb = kernels.backward(grad_y.contiguous().numpy(force=True), x.numpy(force=True), mean, invstd,
+                                      weight_view)
         return (_tensor(gx) if needs[0] else None,
                 torch.from_numpy(gw) if needs[1] and weight is not None else None,
                 torch.from_numpy(gb) if needs[2] and bias is not None else None, None, None)

@@ -357,20 +357,22 @@ class _EagerFunction(torch.autograd.Function):
         else:
             y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
             mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
-        ctx.save_for_backward(x, weight)  # version checks, and the ops' fallback
-        ctx.state = ((xn, w, mean, second), training, eps)  # one attribute: each costs a tenth of a us
+        # x only through save_for_backward (its view is made again in backward): saved-tensor
+        # hooks (activation checkpointing, offloading) then decide what x's memory does
+        ctx.save_for_backward(x, weight)
+        ctx.state = ((w, mean, second), training, eps)  # one attribute: each costs a tenth of a us
         return _tensor(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed); None for the rest."""
         x, weight = ctx.saved_tensors
-        arrays, training, eps = ctx.state
+        (w, mean, second), training, eps = ctx.state
         needs = ctx.needs_input_grad  # (only its first three are read)
-        grads = _kernel_backward(grad_y, arrays, training, eps, needs)
+        grads = _kernel_backward(grad_y, (_read_view(x), w, mean, second), training, eps, needs)
         if grads is None:  # create_graph (double backward), batched gradients: the ops
-            grads = ops.backward_of(grad_y, x, weight, _from_numpy(arrays[2]), _from_numpy(arrays[3]),
-                                    training, eps, needs[:3])
+            grads = ops.backward_of(grad_y, x, weight, _from_numpy(mean), _from_numpy(second), training, eps,
+                                    needs[:3])
         return (*grads, None, None, None, None)
 
 

@@ -140,15 +140,21 @@ LAYOUT_CASES = [  # (class name, constructor args, kwargs, shape, how the input 
 ]
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name,args,kwargs,shape,layout", LAYOUT_CASES,
                          ids=[f"{c[0]}-{c[4]}" for c in LAYOUT_CASES])
-def test_output_memory_format_is_torchs(name, args, kwargs, shape, layout, training):
+def test_output_memory_format_is_torchs(name, args, kwargs, shape, layout, training, compiled):
     """Outputs and input gradients have the strides of torch's: channels_last kept by group and
-    RMS norm, made contiguous by instance and layer norm; other dense orders contiguous."""
+    RMS norm, made contiguous by instance and layer norm; other dense orders contiguous. The
+    same under torch.compile, against torch's module compiled (the layout fix-up was skipped
+    there: a channels_last InstanceNorm2d output could not be .view()ed)."""
     ref, ours = pair(name, args, kwargs, torch.float32)
     ref.train(training)
     ours.train(training)
+    if compiled:
+        torch._dynamo.reset()
+        ref, ours = torch.compile(ref), torch.compile(ours)
     x = data(shape, torch.float32)
     x = last_two_swapped(x) if layout == "transposed" else x.to(memory_format=getattr(torch, layout))
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)

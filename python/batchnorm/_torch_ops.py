@@ -80,8 +80,9 @@ def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool) -> Tensor
     a (N, L, C) sequence transposed for BatchNorm1d: torch's output is contiguous there, and
     code after the norm may ``.view`` it. A copy in that case only. ``y`` as it is for an fx
     proxy (no strides) and under a functorch transform (its tensors cannot answer
-    channels_last queries)."""
-    if isinstance(x, torch.fx.Proxy) or transform_active() is not None:
+    channels_last queries); dynamo's tracing answers the transform question as if one ran,
+    and its fake tensors answer the layout queries, so a compiled call is fixed up too."""
+    if isinstance(x, torch.fx.Proxy) or (transform_active() is not None and not torch.compiler.is_compiling()):
         return y
     if y.is_contiguous() and (not follows_channels_last or x.is_contiguous()):
         return y

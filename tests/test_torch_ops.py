@@ -232,6 +232,38 @@ def test_fx_fusion_and_fuse_modules_on_converted_models():
     torch.testing.assert_close(torch.relu(q(x)), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_fuser_mapping_covers_torchs_batch_norm_fusions_and_qat():
+    """Every fusion of torch's default mapping that holds a batch norm works on the drop-ins
+    through FUSER_METHOD_MAPPING: eval fusions give the unfused model's output (conv-BN-ReLU,
+    transposed conv-BN, BN-ReLU; they raised \"did not find fuser method\"), and
+    fuse_modules_qat builds torch's QAT modules (they raised on the drop-in's type), which
+    train as torch's fused QAT model does."""
+    from torch.ao.quantization import fuse_modules, fuse_modules_qat
+    config = {"additional_fuser_method_mapping": bnt.FUSER_METHOD_MAPPING}
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
+                              torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with torch.no_grad():
+        for i in (1, 3, 5):
+            ref[i].weight.uniform_(0.5, 1.5)
+            ref[i].running_var.uniform_(0.5, 2)
+    groups = [["0", "1"], ["2", "3", "4"], ["5", "6"]]
+    x = data()
+    ours = bnt.convert(copy.deepcopy(ref)).eval()
+    fused = fuse_modules(ours, groups, fuse_custom_config_dict=config)
+    assert not any(type(m) in (bnt.BatchNorm2d, torch.nn.BatchNorm2d) for m in (fused[0], fused[2]))
+    x64 = x.double()
+    torch.testing.assert_close(fused(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused(x).double(), copy.deepcopy(ref).double().eval()(x64), rtol=1e-4, atol=1e-4)
+    tail = torch.nn.Sequential(*list(ref)[2:])  # torch fuses no transposed conv with a batch norm for QAT
+    qat_ref = fuse_modules_qat(copy.deepcopy(tail).train(), [["0", "1", "2"], ["3", "4"]])
+    qat = fuse_modules_qat(bnt.convert(copy.deepcopy(tail)).train(), [["0", "1", "2"], ["3", "4"]],
+                           fuse_custom_config_dict=config)
+    assert [type(m) for m in qat] == [type(m) for m in qat_ref]
+    h = torch.randn(4, 4, 6, 6)
+    torch.testing.assert_close(qat(h), qat_ref(h), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- torch.export, torch.compile
 
 

@@ -788,16 +788,24 @@ _REPLACEMENTS: Dict[type, Type[torch.nn.Module]] = {
 }
 _ORIGINALS: Dict[type, Type[torch.nn.Module]] = {new: old for old, new in _REPLACEMENTS.items()}
 
-# For torch.ao.quantization.fuse_modules, which looks fusers up by exact type:
+def _on_torch_modules(fuser: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    """torch's fuser ``fuser(is_qat, *modules)``, handed torch's own batch norms in place of the
+    drop-ins (holding the same tensors): its QAT modules (``nni.ConvBn2d``, ``BNReLU2d``, ...)
+    take exact torch types."""
+    def fuse(is_qat: bool, *modules: torch.nn.Module) -> torch.nn.Module:
+        return fuser(is_qat, *(revert(m) if type(m) in _ORIGINALS else m for m in modules))
+    return fuse
+
+
+# For torch.ao.quantization.fuse_modules / fuse_modules_qat, which look fusers up by exact type:
 # fuse_modules(model, names, fuse_custom_config_dict={"additional_fuser_method_mapping":
-# batchnorm.torch.FUSER_METHOD_MAPPING}).
+# batchnorm.torch.FUSER_METHOD_MAPPING}). Every fusion of torch's default mapping that holds a
+# batch norm (conv / transposed conv / linear + BN (+ ReLU), BN + ReLU), for the drop-ins.
 FUSER_METHOD_MAPPING: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = {
-    (conv, bn, *relu): fuser
-    for conv, bn in ((torch.nn.Conv1d, BatchNorm1d), (torch.nn.Conv2d, BatchNorm2d),
-                     (torch.nn.Conv3d, BatchNorm3d))
-    for relu, fuser in (((), fuser_methods.fuse_conv_bn), ((torch.nn.ReLU,), fuser_methods.fuse_conv_bn_relu))
+    tuple(_REPLACEMENTS.get(t, t) for t in types): _on_torch_modules(fuser)
+    for types, fuser in getattr(fuser_methods, "_DEFAULT_OP_LIST_TO_FUSER_METHOD").items()
+    if any(t in _REPLACEMENTS for t in types)
 }
-FUSER_METHOD_MAPPING[(torch.nn.Linear, BatchNorm1d)] = fuser_methods.fuse_linear_bn
 
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 _CACHES = ("_views", "_peers_checked")  # a drop-in's own: never carried to a replacement

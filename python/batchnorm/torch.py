@@ -233,7 +233,7 @@ def _half_params(
     """A half-precision input whose per-channel tensors all share its dtype
     (``model.bfloat16()``), which torch accepts and computes with in float32. Tensors of
     graph capture (``torch.export``'s fake and functional tensors) count as torch's own."""
-    if isinstance(x, _Proxy):  # fx tracing: no dtype to look at (_traced_batch_norm)
+    if isinstance(x, _Proxy):  # fx tracing: no dtype to look at (batch_norm records _up instead)
         return False
     given = [t for t in (running_mean, running_var, weight, bias) if t is not None]
     return x.dtype in _HALVES and bool(given) and all(

@@ -2,11 +2,14 @@
 // CPUs it may use (cpu_load.hpp).
 #include <gtest/gtest.h>
 
+#include <sched.h>
 #include <stdlib.h>  // mkstemp
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include <batchnorm/batchnorm.hpp>
@@ -51,5 +54,54 @@ TEST(CpuLoad, NeverMoreThanWantedNorFewerThanOne) {
         EXPECT_LE(got, wanted);
     }
 }
+
+#if defined(__linux__)
+int allowed_cpus() {
+    cpu_set_t set;
+    return sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+}
+
+// The check's first answer comes from the tasks running at that moment (it once counted every
+// CPU free for a whole window), and never exceeds the CPUs the process may use, also when it may
+// use one (a count above 1 was then run as asked).
+TEST(CpuLoad, FirstAnswerSeesABusyNeighbourAndTheAffinitySet) {
+    const int cpus = allowed_cpus();
+    if (cpus < 1) GTEST_SKIP() << "no affinity set";
+    {
+        batchnorm::detail::CpuLoad load(true);
+        EXPECT_LE(load.threads(cpus + 8), cpus);
+    }
+    if (cpus >= 2) {
+        std::atomic<bool> stop{false};
+        std::thread spinner([&] {
+            while (!stop.load(std::memory_order_relaxed)) {
+            }
+        });
+        batchnorm::detail::CpuLoad load(true);
+        const int got = load.threads(cpus);
+        stop = true;
+        spinner.join();
+        EXPECT_LE(got, cpus - 1) << "a spinning thread holds a CPU";
+    }
+    cpu_set_t all, one;
+    ASSERT_EQ(sched_getaffinity(0, sizeof all, &all), 0);
+    CPU_ZERO(&one);
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+        if (CPU_ISSET(c, &all)) {
+            CPU_SET(c, &one);
+            break;
+        }
+    ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+    batchnorm::detail::CpuLoad pinned(true);
+    const int got = pinned.threads(4);
+    ASSERT_EQ(sched_setaffinity(0, sizeof all, &all), 0);
+    EXPECT_EQ(got, 1);
+}
+
+TEST(CpuLoad, OffCountsEveryCpuFree) {
+    batchnorm::detail::CpuLoad off(false);
+    EXPECT_EQ(off.threads(64), 64);
+}
+#endif
 
 }  // namespace

@@ -55,11 +55,13 @@ constexpr bool openmp_enabled() {
 namespace detail {
 
 // The default count: the first value of OMP_NUM_THREADS when it is a positive number (it may
-// be a list, one value per nesting level), else the CPUs this process may run on.
+// be a list, one value per nesting level; blanks around a value are allowed, as libgomp allows
+// them), else the CPUs this process may run on.
 inline int default_num_threads() {
     if (const char* env = std::getenv("OMP_NUM_THREADS")) {
         char* end = nullptr;
         const long n = std::strtol(env, &end, 10);
+        while (end && (*end == ' ' || *end == '\t')) ++end;
         if (end != env && n >= 1 && (*end == '\0' || *end == ',')) return int(std::min(n, 1L << 20));
     }
 #if defined(_OPENMP) && defined(__linux__)

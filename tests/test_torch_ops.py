@@ -376,6 +376,26 @@ def test_compile_under_cpu_autocast_runs_the_ops(norm, training):
     assert_within_one_ulp(y, want, torch.bfloat16, "y")
 
 
+def test_compile_with_momentum_none_does_not_recompile_every_step():
+    """momentum=None (a cumulative average, factor 1/num_batches_tracked) in training under
+    torch.compile: the batch norm runs between graphs, as torch's own module ends up running,
+    not in a graph specialized on the factor (one recompilation per step, up to dynamo's
+    limit); running statistics and outputs as torch's, step after step."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=None))
+    ours = bnt.convert(copy.deepcopy(ref))
+    compiled = torch.compile(ours)
+    for step in range(6):
+        x = data(seed=step)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert_models_match(ours, ref)
+    assert int(ours[1].num_batches_tracked) == 6
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inductor's mkldnn modules use torch.jit
 @pytest.mark.parametrize("fmt", ["NCHW", "NHWC"])
 def test_inductor_training_runs_the_ops(fmt, no_fallback):

@@ -644,6 +644,14 @@ class _DropIn(_BatchNorm):
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
                           momentum, self.eps)
 
+    @torch.jit.unused
+    @torch._dynamo.disable  # type: ignore[untyped-decorator]
+    def _outside_graph(self, input: Tensor) -> Tensor:
+        """A training call with momentum=None under torch.compile, run eagerly between graphs,
+        as torch's own module ends up run: its factor 1/num_batches_tracked is a Python number
+        a graph would be specialized on, one recompilation per step until dynamo's limit."""
+        return self(input)  # type: ignore[no-any-return]
+
     def __getstate__(self) -> Dict[str, Any]:
         """Pickled and copied without the cached views (they alias this module's tensors)."""
         state = self.__dict__.copy()
@@ -662,6 +670,8 @@ class _DropIn(_BatchNorm):
         the attributes. Every test here is a few tens of nanoseconds; together they are most
         of a small call's cost, so they are spelled inline."""
         if not _plain_eager_input(input):
+            if self.momentum is None and self.training and self.track_running_stats and _is_compiling():
+                return self._outside_graph(input)  # type: ignore[no-any-return]
             return None
         training = self.training
         buffers, params = self._buffers, self._parameters

@@ -12,7 +12,8 @@
 // the last answer), so calls small enough to run on one thread never pay it. Where there is no
 // recent window to look back on (the first parallel call of the process, or the first after
 // more than kStaleWindows windows without one), the tasks runnable at that moment
-// (procs_running, this thread one of them) stand in for the load: a window averaged over an
+// (procs_running, this thread one of them; the affinity set's share of them when it holds
+// fewer than all CPUs) stand in for the load: a window averaged over an
 // idle spell said nothing of the neighbour that started just before the call. The affinity set
 // is read again at each sample, and a call never gets more threads than it holds CPUs.
 //
@@ -86,7 +87,8 @@ private:
 
     struct Stat {
         std::int64_t busy = -1;  // busy jiffies of the allowed CPUs; -1: unreadable
-        int running = 1;         // tasks runnable now, this thread one of them
+        int running = 1;         // tasks runnable now on any CPU, this thread one of them
+        int cpus = 0;            // CPUs listed (online)
     };
 
     static std::int64_t clock_ns(clockid_t id) {
@@ -112,6 +114,7 @@ private:
             if (line[3] < '0' || line[3] > '9') continue;  // the all-CPU summary line
             char* p = line + 3;
             const long cpu = std::strtol(p, &p, 10);
+            ++stat.cpus;
             if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(int(cpu), &allowed_)) continue;
             std::int64_t field[10] = {};
             for (int i = 0; i < 10; ++i) field[i] = std::strtoll(p, &p, 10);
@@ -142,9 +145,11 @@ private:
             enabled_.store(false);
             return;
         }
-        double others;  // the CPUs other tasks keep busy
+        double others;  // the CPUs of this set other tasks keep busy
         if (last == 0 || !same_set || now - last > kStaleWindows * kLoadWindowMs * 1000000) {
-            others = double(stat.running - 1);  // no recent window over this set: who runs now
+            // No recent window over this set: who runs now, on any CPU; this set's share of
+            // them where it holds fewer than all (a cpuset of a large busy host).
+            others = double(stat.running - 1) * double(allowed_count_) / double(std::max(allowed_count_, stat.cpus));
         } else {
             const double window = double(now - last);
             others = (double(stat.busy - last_busy_) * jiffy_ns_ - double(self - last_self_ns_)) / window;

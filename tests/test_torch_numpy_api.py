@@ -97,5 +97,7 @@ def test_every_numpy_module_takes_torchs_device_and_dtype_none(name, args, kwarg
         y = ours(x.numpy())
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(y), ref(x), rtol=1e-5, atol=1e-5)
+            y64 = ref.double()(x.double())  # the same module in float64
+        np.testing.assert_allclose(y, y64.numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="device.*meta"):
         getattr(batchnorm, name)(*args, **kwargs, device="meta")

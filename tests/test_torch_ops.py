@@ -387,12 +387,16 @@ def test_compile_with_momentum_none_does_not_recompile_every_step():
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=None))
     ours = bnt.convert(copy.deepcopy(ref))
+    ref64 = copy.deepcopy(ref).double()
     compiled = torch.compile(ours)
     for step in range(6):
         x = data(seed=step)
-        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+        y = compiled(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y.double(), ref64(x.double()), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert_models_match(ours, ref)
+    assert_models_match(copy.deepcopy(ours[1]).double(), ref64[1])
     assert int(ours[1].num_batches_tracked) == 6
 
 

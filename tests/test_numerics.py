@@ -138,7 +138,7 @@ def test_nonfinite_stays_in_its_channel_training(case, dtype, threads):
     clean = [0, 2, 4]
     mean, var = bn.batch_norm_stats(x, axis=axis)
     assert np.isnan(mean[1]) and np.isnan(var[1])
-    assert not np.isfinite(mean[3]) and not np.isfinite(var[3])
+    assert mean[3] == np.inf and np.isnan(var[3])  # as float64 NumPy and torch: inf, and inf - inf
     m_ref, v_ref = ref.stats(np.take(x, clean, axis=axis), axis)
     np.testing.assert_allclose(mean[clean], m_ref, rtol=1e-5, atol=1e-6 if dtype == np.float32 else 1e-12)
     np.testing.assert_allclose(var[clean], v_ref, rtol=1e-6 if dtype == np.float32 else 1e-12)
@@ -151,14 +151,73 @@ def test_nonfinite_stays_in_its_channel_training(case, dtype, threads):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.take(y, clean, axis=axis), y_ref, **tol)
     assert np.isfinite(m.running_mean[clean]).all() and np.isfinite(m.running_var[clean]).all()
-    assert np.isnan(m.running_mean[1]) and not np.isfinite(m.running_mean[3])
-    assert np.isnan(m.running_var[1]) and not np.isfinite(m.running_var[3]), m.running_var
+    assert np.isnan(m.running_mean[1]) and m.running_mean[3] == np.inf
+    assert np.isnan(m.running_var[1]) and np.isnan(m.running_var[3]), m.running_var
 
     gy = rng.standard_normal(shape).astype(dtype)
     gx = m.backward(gy)
     assert np.isfinite(np.take(gx, clean, axis=axis)).all()
     assert np.isfinite(m.weight_grad[clean]).all() and np.isfinite(m.bias_grad).all()
     assert np.isnan(m.weight_grad[1])
+
+
+# Every statistics path: channels-first planes (with several tiles per channel), short planes
+# read in blocks or as rows, channels-last.
+INF_CASES = [((4, 5, 6, 7), 1), ((64, 5, 2), 1), ((64, 5, 8), 1), ((4096, 5), 1), ((3, 5, 50000), 1),
+             ((4, 6, 7, 5), -1)]
+INF_IDS = ["NCHW", "NCL-2", "NCL-8", "NC", "NCL-tiles", "NHWC"]
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["+inf", "-inf"])
+@pytest.mark.parametrize("case", INF_CASES, ids=INF_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_infinity_gives_an_infinite_mean(case, dtype, sign, threads):
+    """A channel holding one infinity has that infinity as its mean and a NaN variance, as the
+    float64 mean and torch give; the first value of channel 1 is one (where a shift would be
+    probed), the last of channel 3 (after the shift was chosen)."""
+    shape, axis = case
+    x = np.random.default_rng(7).standard_normal(shape).astype(dtype)
+    xm = np.moveaxis(x, axis, -1)
+    xm[(0,) * (x.ndim - 1) + (1,)] = sign * np.inf
+    xm[(-1,) * (x.ndim - 1) + (3,)] = sign * np.inf
+    ref_mean = np.mean(np.moveaxis(x, axis, -1).reshape(-1, 5).astype(np.float64), axis=0)
+    assert ref_mean[1] == ref_mean[3] == sign * np.inf
+    mean, var = bn.batch_norm_stats(x, axis=axis)
+    np.testing.assert_array_equal(mean[[1, 3]], ref_mean[[1, 3]])
+    assert np.isnan(var[[1, 3]]).all()
+    np.testing.assert_allclose(mean[[0, 2, 4]], ref_mean[[0, 2, 4]], rtol=1e-5, atol=1e-6)
+
+    m = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d}[len(shape)](5, dtype=dtype, axis=axis)
+    y = m(x)
+    assert np.isnan(chan(y, axis, 1)).all() and np.isnan(chan(y, axis, 3)).all()
+    np.testing.assert_array_equal(m.running_mean[[1, 3]], [sign * np.inf] * 2)
+    assert np.isnan(m.running_var[[1, 3]]).all() and np.isfinite(m.running_var[[0, 2, 4]]).all()
+
+    torch = pytest.importorskip("torch")
+    t = torch.nn.functional
+    rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    t.batch_norm(torch.from_numpy(np.moveaxis(x, axis, 1).astype(np.float64)), rm, rv, training=True)
+    np.testing.assert_array_equal(m.running_mean[[1, 3]], rm.numpy()[[1, 3]])
+    np.testing.assert_array_equal(np.isnan(m.running_var), np.isnan(rv.numpy()))
+
+
+def test_sync_merge_keeps_an_infinite_rank_mean():
+    """SyncBatchNorm's merge of the ranks' partials: a rank whose mean is +inf makes the mean
+    +inf (not NaN), and finite ranks merge to the float64 mean of all their values."""
+    from batchnorm.distributed import merge
+
+    parts = [np.array([1.0, 2.0, 4.0]), np.array([3.0, 7.0]), np.array([np.inf, 1.0]), np.array([5.0])]
+    counts = np.array([len(p) for p in parts], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        means = np.array([[p.mean(), p.mean()] for p in parts])
+        m2s = np.array([[((p - p.mean()) ** 2).sum()] * 2 for p in parts])
+    means[2, 1], m2s[2, 1] = 2.0, 2.0  # column 1: rank 2 finite
+    count, mean, m2 = merge(counts, means, m2s)
+    assert count == 8
+    assert mean[0] == np.inf and np.isnan(m2[0])
+    finite = np.concatenate([parts[0], parts[1], [1.0, 3.0], parts[3]])
+    np.testing.assert_allclose(mean[1], finite.mean(), rtol=1e-15)
+    np.testing.assert_allclose(m2[1], ((finite - finite.mean()) ** 2).sum(), rtol=1e-14)
 
 
 @pytest.mark.parametrize("case", NAN_CASES, ids=NAN_IDS)

@@ -224,8 +224,11 @@ def merge(counts: FloatArray, means: FloatArray, m2s: FloatArray) -> Moments:
         total = na + nb
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(total > 0, nb / total, 0.0)
+            a_share = np.where(total > 0, na / total, 0.0)
         delta = mean[1:rest:2] - mean[0:rest:2]
-        merged_mean = mean[0:rest:2] + delta * share
+        # A weighted mean, not mean_a + delta * share: a rank whose mean is +inf (data holding
+        # +inf) then gives +inf, as torch does, not inf - inf = NaN.
+        merged_mean = mean[0:rest:2] * a_share + mean[1:rest:2] * share
         merged_m2 = m2[0:rest:2] + m2[1:rest:2] + delta * delta * (na * share)
         n = np.concatenate([total, n[rest:]])
         mean = np.concatenate([merged_mean, mean[rest:]])

@@ -98,10 +98,10 @@ Moments range_moments(const KernelTable<T>& k, const T* x, const Shape& s, std::
     for (std::int64_t t = begin; t < end; t += tile) {
         const std::int64_t t_end = std::min(end, t + tile);
         const double count = double(t_end - t);
-        compute_t<T> shift = compute_t<T>(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean());
+        compute_t<T> shift = compute_t<T>(finite_shift(total.count == 0 ? probe_mean(x, s, c, t, t_end) : total.mean()));
         Sums dev = range_dev(k, x, s, c, t, t_end, shift, prefetch);
         if (!shift_is_close(count, dev.first, dev.second)) {
-            shift = compute_t<T>(double(shift) + dev.first / count);
+            shift = compute_t<T>(finite_shift(double(shift) + dev.first / count));
             dev = range_dev(k, x, s, c, t, t_end, shift, false);  // the tile is in cache
         }
         total = merge(total, from_shifted_sums(count, double(shift), dev.first, dev.second));

@@ -133,9 +133,9 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
             std::fill_n(w.sum.begin(), ncols, 0.0);
             checked_cl_sum(k, tile, probe, cols, (n / probe) * b.ld, w.sum.data());  // one flush for all of them
             const double inv_probe = 1.0 / double(probe);  // any value near the mean will do as the shift
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.sum[j] * inv_probe);
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(finite_shift(w.sum[j] * inv_probe));
         } else {
-            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(w.moments.shift[j] + w.moments.offset[j]);
+            for (std::size_t j = 0; j < ncols; ++j) w.shift[j] = compute_t<T>(finite_shift(w.moments.shift[j] + w.moments.offset[j]));
         }
         std::fill_n(w.s1.begin(), ncols, 0.0);
         std::fill_n(w.s2.begin(), ncols, 0.0);

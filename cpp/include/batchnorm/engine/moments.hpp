@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace batchnorm::detail {
@@ -21,14 +22,22 @@ struct Moments {
     double unbiased_var() const { return m2 / (count - 1); }
 };
 
+// The offset of two parts' mean from the first's shift, given each part's offset from that
+// shift: their weighted mean. Not a_offset + (b_offset - a_offset) * b_weight, equal in exact
+// arithmetic, which makes a part whose mean is +inf (data holding +inf) NaN: inf - inf.
+inline double merged_offset(double a_offset, double b_offset, double a_weight, double b_weight) {
+    return a_offset * a_weight + b_offset * b_weight;
+}
+
 // Chan, Golub & LeVeque: exact in exact arithmetic, and stable because it only ever adds
 // non-negative sums of squares and a correction that is small when the means agree.
 inline Moments merge(const Moments& a, const Moments& b) {
     if (a.count == 0) return b;
     if (b.count == 0) return a;
     const double n = a.count + b.count;
-    const double delta = (b.shift - a.shift) + (b.offset - a.offset);
-    return {n, a.shift, a.offset + delta * (b.count / n), a.m2 + b.m2 + delta * delta * (a.count * b.count / n)};
+    const double b_offset = (b.shift - a.shift) + b.offset, delta = b_offset - a.offset;
+    return {n, a.shift, merged_offset(a.offset, b_offset, a.count / n, b.count / n),
+            a.m2 + b.m2 + delta * delta * (a.count * b.count / n)};
 }
 
 // Moments from sums of deviations from a shift close to the mean:
@@ -67,11 +76,11 @@ void merge_shifted_sums(MomentsColumns& m, std::int64_t cols, double count, cons
             m.m2[j] = b.m2;
         }
     } else {
-        const double n = m.count + count, b_weight = count / n, ab_weight = m.count * count / n;
+        const double n = m.count + count, a_weight = m.count / n, b_weight = count / n, ab_weight = m.count * count / n;
         for (std::int64_t j = 0; j < cols; ++j) {
             const Moments b = from_shifted_sums(count, double(shift[j]), s1[j], s2[j]);
-            const double delta = (b.shift - m.shift[j]) + (b.offset - m.offset[j]);
-            m.offset[j] += delta * b_weight;
+            const double b_offset = (b.shift - m.shift[j]) + b.offset, delta = b_offset - m.offset[j];
+            m.offset[j] = merged_offset(m.offset[j], b_offset, a_weight, b_weight);
             m.m2[j] = m.m2[j] + b.m2 + delta * delta * ab_weight;
         }
     }
@@ -87,15 +96,21 @@ inline void merge_columns(MomentsColumns& a, const MomentsColumns& b, std::int64
         std::copy_n(b.offset, cols, a.offset);
         std::copy_n(b.m2, cols, a.m2);
     } else {
-        const double n = a.count + b.count, b_weight = b.count / n, ab_weight = a.count * b.count / n;
+        const double n = a.count + b.count, a_weight = a.count / n, b_weight = b.count / n,
+                     ab_weight = a.count * b.count / n;
         for (std::int64_t j = 0; j < cols; ++j) {
-            const double delta = (b.shift[j] - a.shift[j]) + (b.offset[j] - a.offset[j]);
-            a.offset[j] += delta * b_weight;
+            const double b_offset = (b.shift[j] - a.shift[j]) + b.offset[j], delta = b_offset - a.offset[j];
+            a.offset[j] = merged_offset(a.offset[j], b_offset, a_weight, b_weight);
             a.m2[j] = a.m2[j] + b.m2[j] + delta * delta * ab_weight;
         }
     }
     a.count += b.count;
 }
+
+// A shift only serves accuracy, so any finite value will do. One taken from data holding +inf
+// would make every deviation NaN (inf - inf), where sums around zero give the mean torch gives:
+// inf (NaN only for data holding NaN or both infinities).
+inline double finite_shift(double shift) { return std::isfinite(shift) ? shift : 0.0; }
 
 // Whether sums around `shift` give the variance without losing digits: the correction
 // s1^2/n may cancel at most half of s2, i.e. the shift is within one standard deviation of the
@@ -122,7 +137,7 @@ void resum_far_columns(std::int64_t cols, std::int64_t gap, double count, Shift*
         for (std::int64_t i = end; i < cols && i < end + gap; ++i)
             if (far(i)) end = i + 1;
         for (std::int64_t i = j; i < end; ++i) {
-            if (far(i)) shift[i] = Shift(double(shift[i]) + s1[i] / count);
+            if (far(i)) shift[i] = Shift(finite_shift(double(shift[i]) + s1[i] / count));
             s1[i] = s2[i] = 0;
         }
         resum(j, end);

@@ -156,7 +156,7 @@ void block_sums(const KernelTable<T>& k, const T* x, const Shape& s, std::int64_
             odd += double(xb[j * len + at[i + 1]]);
         }
         if (i < probes) even += double(xb[j * len + at[i]]);
-        w.shift[std::size_t(j)] = compute_t<T>((even + odd) * inv_probes);
+        w.shift[std::size_t(j)] = compute_t<T>(finite_shift((even + odd) * inv_probes));
     }
     w.clear_sums();
     block_dev(k, x, s, first, 0, count, w, reads);

@@ -98,6 +98,55 @@ def test_matches_torch(name, args, kwargs, shape, op, dtype, training):
         assert_states_match(ours, ref, out_tol)
 
 
+# (case, parameter) for every parameter of every case
+PARAM_CASES = [(c, p) for c in CASES for p in ("weight", "bias")
+               if c[2].get("affine", c[0] in ("LayerNorm", "RMSNorm", "GroupNorm")) and c[2].get("elementwise_affine", True)
+               and (p == "weight" or (c[0] != "RMSNorm" and c[2].get("bias", True)))]
+
+
+def _step_after_update(module, x, param, create_graph, functional):
+    """Forward, an in-place update of ``param``, backward: the error's text, or the gradients."""
+    y = module(x) if not functional else bnt.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+    with torch.no_grad():
+        getattr(module, param).add_(0.5)
+    try:
+        grads = torch.autograd.grad(y.pow(2).sum(), [x, *module.parameters()], create_graph=create_graph)
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+        return "in-place error"
+    return grads
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double-backward-graph"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case,param", PARAM_CASES, ids=[f"{CASE_IDS[CASES.index(c)]}-{p}" for c, p in PARAM_CASES])
+def test_parameter_updated_between_forward_and_backward(case, param, training, create_graph):
+    """A parameter updated in place after the forward (a GAN's discriminator step, an EMA):
+    where torch's backward runs (a group norm's bias, an instance norm's weight and bias,
+    whose copy torch's instance norm uses), so does the drop-in's, with torch's gradients
+    (float64, the values of the forward); where torch raises for a weight it saved, so does
+    it. A bias enters no gradient: torch's layer norm saves it and raises, the drop-in keeps
+    none and gives the gradients of the forward (torch's, without the update)."""
+    name, args, kwargs, shape, _ = case
+    for functional in [False, True] if name == "GroupNorm" else [False]:
+        ref, ours = pair(name, args, kwargs, torch.float64)
+        ref.train(training)
+        ours.train(training)
+        x_ref = data(shape, torch.float64).requires_grad_(True)
+        x = x_ref.detach().clone().requires_grad_(True)
+        expected = _step_after_update(ref, x_ref, param, create_graph, False)
+        if isinstance(expected, str) and param == "bias":
+            ref = pair(name, args, kwargs, torch.float64)[0].train(training)  # not updated
+            expected = torch.autograd.grad(ref(x_ref).pow(2).sum(), [x_ref, *ref.parameters()])
+        got = _step_after_update(ours, x, param, create_graph, functional)
+        if isinstance(expected, str):
+            assert got == expected
+            continue
+        assert not isinstance(got, str), f"torch's backward ran, the drop-in's raised ({functional=})"
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("name,args,kwargs,shape,op", CASES, ids=CASE_IDS)
 def test_gradcheck(name, args, kwargs, shape, op):
     _, ours = pair(name, args, kwargs, torch.float64)

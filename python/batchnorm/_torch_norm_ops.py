@@ -84,13 +84,23 @@ def _backward_call(name: str, op: Any, kernel: Callable[..., Tuple[Tensor, Tenso
 
 
 def _affine_grads(grad_w: Tensor, grad_b: Tensor, grad_y: Tensor, weight: Optional[Tensor],
-                  bias: Optional[Tensor], dims: Sequence[int], needs: Sequence[bool]) -> Tuple[Any, Any]:
+                  has_bias: bool, dims: Sequence[int], needs: Sequence[bool]) -> Tuple[Any, Any]:
     """The kernels give grad_bias only beside a weight; a bias alone is the sum of grad_y."""
     gw = grad_w if needs[1] and weight is not None else None
     gb = None
-    if needs[2] and bias is not None:
+    if needs[2] and has_bias:
         gb = grad_b if weight is not None else grad_y.sum(list(dims))
     return gw, gb
+
+
+def _graph_grads(forward: Callable[[Tensor, Optional[Tensor]], Tensor], grad_y: Tensor, x: Tensor,
+                 weight: Optional[Tensor], has_bias: bool, dims: Sequence[int], needs: Sequence[bool]) -> Grads:
+    """``_torch_grads`` of ``forward(x, weight)``, the norm without its bias: the bias only
+    shifts the output, so its gradient is the sum of grad_y (with a graph too) and backward
+    never needs its values. So no rule saves the bias, and an in-place update of it between
+    forward and backward is no error (as for torch's batch and group norm)."""
+    gx, gw, _ = _torch_grads(lambda x_, w_, _b: forward(x_, w_), grad_y, (x, weight, None), needs)
+    return gx, gw, grad_y.sum(list(dims)) if needs[2] and has_bias else None
 
 
 # ---------------------------------------------------------------- layer norm and RMS norm
@@ -133,30 +143,31 @@ def _layer_backward_fake(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: 
 
 def _layer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
     input, ctx.normalized_ndim, weight, bias, ctx.eps, ctx.rms = inputs
+    ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(input, weight, bias, output[1], output[2])
+    ctx.save_for_backward(input, weight, output[1], output[2])
 
 
-def layered_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+def layered_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
                      invstd: Tensor, normalized_ndim: int, eps: float, rms: bool, needs: Sequence[bool]) -> Grads:
     """Gradients of (input, weight, bias) of a layer norm (RMS norm when ``rms``: no bias)
     over the last ``normalized_ndim`` dimensions."""
-    shape = x.shape[x.dim() - normalized_ndim:]
+    shape, dims = x.shape[x.dim() - normalized_ndim:], range(x.dim() - normalized_ndim)
     if torch.is_grad_enabled():
         if rms:
-            return _torch_grads(lambda x_, w_, _b: F.rms_norm(x_, shape, w_, eps), grad_y, (x, weight, None), needs)
-        return _torch_grads(lambda x_, w_, b_: F.layer_norm(x_, shape, w_, b_, eps), grad_y, (x, weight, bias),
+            return _graph_grads(lambda x_, w_: F.rms_norm(x_, shape, w_, eps), grad_y, x, weight, False, dims, needs)
+        return _graph_grads(lambda x_, w_: F.layer_norm(x_, shape, w_, None, eps), grad_y, x, weight, has_bias, dims,
                             needs)
     gx, gw_all, gb_all = _backward_call("layer_norm_backward", layer_norm_backward, _layer_backward_kernel,
                                         grad_y, x, mean, invstd, weight, normalized_ndim, rms)
-    gw, gb = _affine_grads(gw_all, gb_all, grad_y, weight, bias, range(x.dim() - normalized_ndim), needs)
+    gw, gb = _affine_grads(gw_all, gb_all, grad_y, weight, has_bias, dims, needs)
     return gx if needs[0] else None, gw, gb
 
 
 def _layer_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
-    x, weight, bias, mean, invstd = ctx.saved_tensors
+    x, weight, mean, invstd = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    gx, gw, gb = layered_backward(grad_y, x, weight, bias, mean, invstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
+    gx, gw, gb = layered_backward(grad_y, x, weight, ctx.has_bias, mean, invstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
                                   needs)
     return gx, None, gw, gb, None, None
 
@@ -197,29 +208,31 @@ def _group_backward_fake(grad_out: Tensor, input: Tensor, mean: Tensor, invstd: 
             _stats_empty(input, channels), _stats_empty(input, channels))
 
 
-def grouped_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def grouped_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool,
                      mean: Tensor, invstd: Tensor, groups: int, eps: float, needs: Sequence[bool]) -> Grads:
     """Gradients of (input, weight, bias) of a group norm with ``groups`` groups (instance
     norm: one channel a group)."""
+    dims = [d for d in range(x.dim()) if d != 1]
     if torch.is_grad_enabled():
-        return _torch_grads(lambda x_, w_, b_: F.group_norm(x_, groups, w_, b_, eps), grad_y, (x, weight, bias), needs)
+        return _graph_grads(lambda x_, w_: F.group_norm(x_, groups, w_, None, eps), grad_y, x, weight, has_bias, dims,
+                            needs)
     gx, gw_all, gb_all = _backward_call("group_norm_backward", group_norm_backward, _group_backward_kernel,
                                         grad_y, x, mean, invstd, weight, groups)
-    dims = [d for d in range(x.dim()) if d != 1]
-    gw, gb = _affine_grads(gw_all, gb_all, grad_y, weight, bias, dims, needs)
+    gw, gb = _affine_grads(gw_all, gb_all, grad_y, weight, has_bias, dims, needs)
     return gx if needs[0] else None, gw, gb
 
 
 def _group_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
     input, ctx.num_groups, weight, bias, ctx.eps = inputs
+    ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(input, weight, bias, output[1], output[2])
+    ctx.save_for_backward(input, weight, output[1], output[2])
 
 
 def _group_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
-    x, weight, bias, mean, invstd = ctx.saved_tensors
+    x, weight, mean, invstd = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    gx, gw, gb = grouped_backward(grad_y, x, weight, bias, mean, invstd, ctx.num_groups, ctx.eps, needs)
+    gx, gw, gb = grouped_backward(grad_y, x, weight, ctx.has_bias, mean, invstd, ctx.num_groups, ctx.eps, needs)
     return gx, None, gw, gb, None
 
 
@@ -254,14 +267,14 @@ def _instance_fake(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 
 def _instance_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     input, weight, bias = inputs[:3]
-    ctx.eps = inputs[6]
+    ctx.eps, ctx.has_bias = inputs[6], bias is not None
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(input, weight, bias, output[1], output[2])
+    ctx.save_for_backward(input, weight, output[1], output[2])
 
 
 def _instance_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
-    x, weight, bias, mean, invstd = ctx.saved_tensors
-    gx, gw, gb = grouped_backward(grad_y, x, weight, bias, mean, invstd, x.shape[1], ctx.eps,
+    x, weight, mean, invstd = ctx.saved_tensors
+    gx, gw, gb = grouped_backward(grad_y, x, weight, ctx.has_bias, mean, invstd, x.shape[1], ctx.eps,
                                   ctx.needs_input_grad[:3])
     return gx, gw, gb, None, None, None, None
 

@@ -125,7 +125,7 @@ class _Kernels:
     def backward(self, grad_y: Any, x: Any, mean: Any, invstd: Any, weight: Any) -> Tuple[Any, Any, Any]:
         raise NotImplementedError
 
-    def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Any,
+    def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Any,
                  invstd: Any, needs: Sequence[bool]) -> ops.Grads:
         raise NotImplementedError
 
@@ -154,10 +154,10 @@ class _LayerKernels(_Kernels):
         come from inference_mode) before backward; reading x there would raise."""
         return not self.rms or x.requires_grad
 
-    def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Any,
+    def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Any,
                  invstd: Any, needs: Sequence[bool]) -> ops.Grads:
         mean_t = _torch_ops.stats_like(x, 0) if mean is None else torch.from_numpy(mean)  # RMS norm: no mean
-        return ops.layered_backward(grad_y, x, weight, bias, mean_t, torch.from_numpy(invstd), self.ndim, self.eps,
+        return ops.layered_backward(grad_y, x, weight, has_bias, mean_t, torch.from_numpy(invstd), self.ndim, self.eps,
                                     self.rms, needs)
 
 
@@ -179,10 +179,10 @@ class _GroupKernels(_Kernels):
         groups = x.shape[1] if self.groups is None else self.groups
         return _core.group_norm_backward(grad_y, x, mean, invstd, weight, groups)
 
-    def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Any,
+    def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Any,
                  invstd: Any, needs: Sequence[bool]) -> ops.Grads:
         groups = x.shape[1] if self.groups is None else self.groups
-        return ops.grouped_backward(grad_y, x, weight, bias, torch.from_numpy(mean), torch.from_numpy(invstd), groups,
+        return ops.grouped_backward(grad_y, x, weight, has_bias, torch.from_numpy(mean), torch.from_numpy(invstd), groups,
                                     self.eps, needs)
 
 
@@ -201,28 +201,30 @@ class _DirectFunction(torch.autograd.Function):
         if not kernels.keeps_input(x):
             x = x.clone()  # a tensor of its own, not an inference tensor
         # x only through save_for_backward (viewed again in backward): saved-tensor hooks
-        # (activation checkpointing, offloading) then decide what its memory does
-        ctx.save_for_backward(x, weight, bias)
-        ctx.kernels, ctx.arrays = kernels, (views[0], mean, invstd)
+        # (activation checkpointing, offloading) then decide what its memory does. Not the
+        # bias, which backward never reads (ops._graph_grads)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias, ctx.kernels, ctx.arrays = bias is not None, kernels, (views[0], mean, invstd)
         return _tensor(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Gradients of input, weight and bias (those needed)."""
-        x, weight, bias = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        has_bias: bool = ctx.has_bias
         needs = ctx.needs_input_grad[:3]
         kernels: _Kernels = ctx.kernels
         weight_view, mean, invstd = ctx.arrays
         # a graph of the gradients (double backward), batched or unusual gradients, a bias
         # without a weight (the kernels give grad_bias beside a weight only): the op's rule
         if (type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled()
-                or ops.legacy_batched(grad_y) or grad_y.dtype != x.dtype or (weight is None and bias is not None)):
-            return (*kernels.fallback(grad_y, x, weight, bias, mean, invstd, needs), None, None)
+                or ops.legacy_batched(grad_y) or grad_y.dtype != x.dtype or (weight is None and has_bias)):
+            return (*kernels.fallback(grad_y, x, weight, has_bias, mean, invstd, needs), None, None)
         gx, gw, gb = kernels.backward(grad_y.contiguous().numpy(force=True), x.numpy(force=True), mean, invstd,
                                       weight_view)
         return (_tensor(gx) if needs[0] else None,
                 torch.from_numpy(gw) if needs[1] and weight is not None else None,
-                torch.from_numpy(gb) if needs[2] and bias is not None else None, None, None)
+                torch.from_numpy(gb) if needs[2] and has_bias else None, None, None)
 
 
 _direct_apply: Any = getattr(super(torch.autograd.Function, _DirectFunction), "apply")
@@ -327,6 +329,16 @@ def _instance_applies(x: Tensor, params: List[Optional[Tensor]], use_input_stats
     return x[0, 0].numel() > 1 and (running_mean is None or 0.0 <= momentum <= 1.0)
 
 
+def _copy_in_graph(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
+    """Instance norm's weight for a call that records a graph: a copy. torch's instance norm
+    runs a batch norm on its weight repeated per instance, a copy, so an in-place update of
+    the weight between forward and backward is no error there and backward uses the forward's
+    values; the copy does the same here."""
+    if weight is not None and _grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return weight.clone()
+    return weight
+
+
 def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
@@ -337,6 +349,8 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     if not isinstance(input, _Proxy) and not _instance_applies(input, params, use_input_stats, momentum, eps):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     weight, bias = _up(input, weight), _up(input, bias)
+    if not isinstance(input, _Proxy):
+        weight = _copy_in_graph(input, weight)
     if not use_input_stats:
         y = _torch_ops.batch_norm_eval(input, weight, bias, _up(input, running_mean), _up(input, running_var), eps)
     else:
@@ -463,7 +477,10 @@ class _InstanceDropIn(_ParamViews, torch.nn.modules.instancenorm._InstanceNorm):
                 and input.shape[1] == self.num_features and input[0, 0].numel() > 1 and 0.0 < self.eps < math.inf):
             views = self._param_views(input, weight, bias, (self.num_features,))
             if views is not None:
-                return _direct_call(input, weight, bias, views, _GroupKernels(None, self.eps))
+                copy = _copy_in_graph(input, weight)
+                if copy is not weight:
+                    views = (copy.detach().numpy(), views[1])  # type: ignore[union-attr]
+                return _direct_call(input, copy, bias, views, _GroupKernels(None, self.eps))
         return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                              self.training or not self.track_running_stats,
                              self.momentum if self.momentum is not None else 0.0, self.eps)

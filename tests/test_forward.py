@@ -213,6 +213,28 @@ def test_zero_size_functional(rng):
     assert bn.batch_norm(x, rm, rv, training=False).shape == x.shape
 
 
+def test_zero_size_outputs_are_writable():
+    """An empty out= or sum_out= (NumPy 2 gives np.zeros((0, 3, 4)) all-zero strides, no two
+    elements at one address since it has none) is accepted, in place too, as torch's is."""
+    x = np.zeros((0, 3, 4), np.float32)
+    assert x.strides == (0, 0, 0) or np.lib.NumpyVersion(np.__version__) < "2.0.0"
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for training in (True, False):
+        assert bn.batch_norm(x, rm, rv, training=training, out=x) is x
+        out = np.empty_like(x)
+        assert bn.batch_norm(x, rm, rv, training=training, out=out) is out
+    np.testing.assert_array_equal(rm, np.zeros(3))
+    np.testing.assert_array_equal(rv, np.ones(3))
+    m = bn.BatchNorm1d(3)
+    assert m(x, out=x) is x and m.num_batches_tracked == 0
+    gx = np.empty_like(x)
+    assert bn.batch_norm_backward(x, x, rm, rv, out=gx)[0] is gx
+    assert bn.layer_norm(x, (4,), out=out) is out
+    total = np.empty_like(x)
+    assert bn.layer_norm(x, (4,), residual=x, sum_out=total).shape == x.shape
+    assert bn.group_norm(x, 3, out=x) is x
+
+
 @pytest.mark.parametrize("shape,layout", [
     pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
     for s in [(4, 3), (2, 17, 5), (2, 3, 4, 5), (1, 33, 3, 3), (2, 3, 2, 3, 4)]

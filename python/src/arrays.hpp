@@ -289,9 +289,12 @@ void check_channel_dtype(const ArrayRef& a, const char* name) {
 
 // An array the call writes: not read-only, and no two of its elements at one address (a zero
 // stride over more than one element, as broadcast_to or as_strided make; torch refuses the same
-// for out= tensors), where every write but the last would be lost.
+// for out= tensors), where every write but the last would be lost. An empty array has no
+// elements to share one (NumPy 2 gives np.zeros((0, 3, 4)) all-zero strides).
 inline void check_writable(const ArrayRef& a, const char* name) {
     if (!a.writable) value_error(std::string(name) + " is read-only; pass a writable array");
+    for (int d = 0; d < a.rank; ++d)
+        if (a.shape[d] == 0) return;
     for (int d = 0; d < a.rank; ++d)
         if (a.strides[d] == 0 && a.shape[d] > 1)
             value_error(std::string(name) + " has more than one element at one memory location (a zero stride "

@@ -767,6 +767,13 @@ def _():
     return (lambda: m(x, activation="gelu", out=out)), [m, x, out]
 
 
+@case("unknown_activation_in_training", ValueError, "activation", "gelu", '"relu"')
+def _():
+    m = trained()
+    x = f32(2, 3, 4, 4)
+    return (lambda: m(x, activation="gelu")), [m, x]
+
+
 @case("unknown_activation_functional", ValueError, "activation", "sigmoid")
 def _():
     s = fstate()

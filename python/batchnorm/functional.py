@@ -154,10 +154,11 @@ def _name_the_scalar(**scalars: object) -> None:
         raise error from None  # not "during handling of" nanobind's error
 
 
-def _reject_fusion(residual: object, activation: object) -> None:
+def _reject_fusion(residual: object, activation: Optional[str]) -> None:
     """Raise if an inference-only fusion is requested where batch statistics are used."""
     # act(bn(x) + residual) is a one-pass inference kernel; with batch statistics the
     # result would also need its own backward, which this library does not provide.
+    _relu_flag(activation)  # a value that is wrong anywhere: that error first
     if residual is not None:
         raise ValueError("residual is only supported in eval mode with running statistics")
     if activation is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import batchnorm as bn
 from batchnorm import _core
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
@@ -406,6 +407,9 @@ def test_bad_input_is_named_and_changes_nothing():
     rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         _core.instance_norm(np.ones((2, 6, 1), np.float32), None, None, rm, rv, 0.1, 1e-5)
+    for empty in [(0, 6, 1), (0, 6, 1, 1)]:  # torch reads the spatial sizes of an empty batch too
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            bn.InstanceNorm1d(6)(np.ones(empty, np.float32)) if len(empty) == 3 else bn.instance_norm(np.ones(empty))
     with pytest.raises(ValueError, match="eps"):
         _core.instance_norm(x, None, None, rm, rv, 0.1, -1.0, 1, out)
     with pytest.raises(TypeError, match="sum_dy must have dtype float64"):

@@ -151,7 +151,7 @@ def test_normalized_shape_not_matching_the_trailing_dims(make, bad_shape, rng):
 
 
 @pytest.mark.parametrize("args,error,match", [
-    ((0,), ValueError, "normalized_shape"),
+    ((-1,), ValueError, "normalized_shape"),
     (((),), ValueError, "normalized_shape"),
     (("4",), TypeError, "normalized_shape"),
     ((4.0,), TypeError, "normalized_shape"),
@@ -164,6 +164,22 @@ def test_constructor_arguments(args, error, match):
         return
     with pytest.raises(error, match=match):
         bn.LayerNorm(*args)
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_zero_size_normalized_shape(cls):
+    """torch's LayerNorm(0) and RMSNorm([0, 4]) normalize an empty input to an empty output,
+    and their backward gives empty gradients; so do these."""
+    for shape, x_shape in [(0, (2, 3, 0)), ([0, 4], (2, 0, 4))]:
+        m = getattr(bn, cls)(shape)
+        x = np.zeros(x_shape, np.float32)
+        y = m(x)
+        assert y.shape == x_shape and y.dtype == np.float32
+        gx = m.backward(np.ones_like(y))
+        assert gx.shape == x_shape and m.weight_grad.shape == m.weight.shape == m.normalized_shape
+        torch = pytest.importorskip("torch")
+        t = getattr(torch.nn, cls)(shape)
+        assert tuple(t(torch.from_numpy(x)).shape) == y.shape and tuple(t.weight.shape) == m.weight.shape
 
 
 def test_wrong_dtype_and_weight_change_nothing(rng):

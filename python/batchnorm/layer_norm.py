@@ -48,8 +48,8 @@ def _normalized_shape(normalized_shape: object) -> Tuple[int, ...]:
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
             "least one element, but got normalized_shape = []"
         )
-    if any(d <= 0 for d in shape):
-        raise ValueError(f"normalized_shape must hold positive sizes, got {list(shape)}")
+    if any(d < 0 for d in shape):  # zero is torch's too: an empty input normalized to an empty output
+        raise ValueError(f"normalized_shape must hold sizes >= 0, got {list(shape)}")
     return shape
 
 

@@ -411,7 +411,9 @@ GroupInput take_group_input(nb::handle h, int axis, const char* name = "input") 
     const Layout channels_last = ordered_layout(x, last);
     g.shape.batch = x.shape[0];
     g.shape.channels = x.shape[a];
-    g.shape.spatial = g.shape.batch * g.shape.channels == 0 ? 0 : x.size() / (g.shape.batch * g.shape.channels);
+    g.shape.spatial = 1;  // the product of the spatial sizes, an empty batch's too (torch's checks read it)
+    for (int d = 1; d < x.rank; ++d)
+        if (d != a) g.shape.spatial *= x.shape[d];
     if (x.size() != 0 && !g.layout.matches(x) && channels_last.matches(x)) {
         g.layout = channels_last;
         g.shape.channels_last = true;

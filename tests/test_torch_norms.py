@@ -651,6 +651,63 @@ def test_cached_param_views_follow_swapped_memory_and_copies(monkeypatch, name, 
         check(ours, ref, torch.float64)
 
 
+@pytest.mark.parametrize("make", [lambda: torch.nn.GroupNorm(2, 4), lambda: torch.nn.InstanceNorm2d(4, affine=True),
+                                  lambda: torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True).eval()],
+                         ids=["GroupNorm", "InstanceNorm2d", "InstanceNorm2d-eval"])
+def test_input_edited_after_forward_when_the_kernels_read_a_copy(make):
+    """An input the kernels cannot read in place (neither channels-first nor channels-last
+    dense) is copied, and the copy is what backward keeps, as torch keeps its contiguous copy:
+    editing the input in place between forward and backward is no error (float64, torch's
+    module the reference)."""
+    torch.manual_seed(0)
+    ref = make().double()
+    ours = bnt.convert(copy.deepcopy(ref))
+    grads = []
+    for m in (ref, ours):
+        leaf = data((2, 4, 3, 5), torch.float64).requires_grad_(True)
+        x = (leaf * 1.0).transpose(0, -1).contiguous().transpose(0, -1)  # dims 0 and 3 swapped in memory
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        y = m(x)
+        with torch.no_grad():
+            x.add_(1.0)
+        y.pow(2).sum().backward()
+        grads.append([leaf.grad, *[p.grad for p in m.parameters()]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.GroupNorm(2, 4), lambda: torch.nn.InstanceNorm2d(4, affine=True),
+                                  lambda: torch.nn.LayerNorm([4, 5, 5]), lambda: torch.nn.BatchNorm2d(4),
+                                  lambda: torch.nn.BatchNorm2d(4).eval()],
+                         ids=["GroupNorm", "InstanceNorm2d", "LayerNorm", "BatchNorm2d-train", "BatchNorm2d-eval"])
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_cached_views_follow_a_view_at_the_same_address(make, how):
+    """Parameters in one flat buffer: a weight swapped for other elements of it that start at
+    the same address (a column, then a row) is a new view, not the cached one. Float64, so
+    torch's module is the float64 reference."""
+    torch.manual_seed(0)
+    ref = make().double()
+    ours = bnt.convert(copy.deepcopy(ref))
+    numel = ref.weight.numel()
+    flat = torch.randn(2 * numel, dtype=torch.float64)
+    x = data((3, 4, 5, 5), torch.float64)
+    for layout in [(ref.weight.shape, [2 * s for s in ref.weight.stride()]), (ref.weight.shape, ref.weight.stride())]:
+        for m in (ref, ours):
+            view = flat.as_strided(*layout)
+            with torch.no_grad():
+                if how == "data":
+                    m.weight.data = view
+                else:
+                    m.weight.set_(flat.untyped_storage(), 0, *layout)
+            assert m.weight.data_ptr() == flat.data_ptr()
+        x_ref, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_ref, y = ref(x_ref), ours(x_ours)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        y_ref.backward(x)
+        y.backward(x)
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-11, atol=1e-11)
+
+
 def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):
     """A plain eager call that records a graph runs the kernels forward and backward through a
     plain autograd function (the ops, patched to raise here, are not dispatched), shown in the

@@ -74,8 +74,8 @@ def _direct(input: Tensor) -> bool:
 
 class _ParamViews:
     """Mixin of the sibling drop-ins: NumPy views of the module's weight and bias, cached while
-    the same tensors hold the same memory (``.data =`` and ``.to()`` swap the memory under the
-    same Parameter), as batch norm's drop-in caches its views: two views cost about 1.4 us a
+    the same tensors hold the same memory at the same strides (``.data =`` and ``.to()`` swap
+    the memory under the same Parameter), as batch norm's drop-in caches its views: two views cost about 1.4 us a
     call, most of a small eval's Python."""
 
     _views: Optional[Tuple[Any, ...]] = None
@@ -93,7 +93,8 @@ class _ParamViews:
         not a plain CPU tensor of ``shape`` and of the input's dtype (the call then takes the
         route, and torch's errors)."""
         views = self._views
-        key = (weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0)
+        key = (weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
+               weight.stride() if weight is not None else 0, bias.stride() if bias is not None else 0)
         if views is None or views[0] is not weight or views[1] is not bias or views[2] != key:
             if not all(p is None or (type(p) in (Tensor, torch.nn.Parameter) and p.is_cpu and p.layout == torch.strided
                                      and p.dtype in _FLOATS and tuple(p.shape) == tuple(shape))
@@ -307,7 +308,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
             and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
-        y = _run("group_norm", input, num_groups, _up(input, weight), _up(input, bias), eps)[0]
+        y = _run("group_norm", _dense(input), num_groups, _up(input, weight), _up(input, bias), eps)[0]
         return _torch_ops.in_torch_layout(y, input, True)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
@@ -327,6 +328,14 @@ def _instance_applies(x: Tensor, params: List[Optional[Tensor]], use_input_stats
         return running_mean is not None
     # one value per instance: torch's error
     return x[0, 0].numel() > 1 and (running_mean is None or 0.0 <= momentum <= 1.0)
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` in memory the kernels read in place (``ops.channels_dense``: a copy when it is
+    neither channels-first nor channels-last dense), made before the op, so that the op saves
+    the copy, as torch's ops save theirs: an in-place edit of ``x`` between forward and
+    backward is then no error."""
+    return x if isinstance(x, _Proxy) else ops.channels_dense(x)
 
 
 def _copy_in_graph(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
@@ -351,10 +360,11 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     weight, bias = _up(input, weight), _up(input, bias)
     if not isinstance(input, _Proxy):
         weight = _copy_in_graph(input, weight)
+    dense = _dense(input)
     if not use_input_stats:
-        y = _torch_ops.batch_norm_eval(input, weight, bias, _up(input, running_mean), _up(input, running_var), eps)
+        y = _torch_ops.batch_norm_eval(dense, weight, bias, _up(input, running_mean), _up(input, running_var), eps)
     else:
-        y, _, _, new_mean, new_var = _run("instance_norm_train", input, weight, bias, _up(input, running_mean),
+        y, _, _, new_mean, new_var = _run("instance_norm_train", dense, weight, bias, _up(input, running_mean),
                                            _up(input, running_var), momentum, eps)
         if running_mean is not None and running_var is not None:  # the op's outputs carry no grad
             with torch.no_grad():

@@ -514,13 +514,16 @@ def batch_norm(
 
 
 def _memory_of(rm: Optional[Tensor], rv: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor],
-               counter: Optional[Tensor]) -> Tuple[int, ...]:
-    """Where each tensor's memory is (0 for None): ``.data =`` and ``Module.to()`` swap it
-    under the same Parameter, which keeps its identity. (Spelled out: a generator costs
-    half a microsecond here.)"""
+               counter: Optional[Tensor]) -> Tuple[Any, ...]:
+    """Where each tensor's memory is and its stride (0 for None): ``.data =`` and ``Module.to()``
+    swap it under the same Parameter, which keeps its identity, and a view of other elements
+    may start at the same address (parameters in one flat buffer). (Spelled out: a generator
+    costs half a microsecond here.)"""
     return (rm.data_ptr() if rm is not None else 0, rv.data_ptr() if rv is not None else 0,
             w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0,
-            counter.data_ptr() if counter is not None else 0)
+            counter.data_ptr() if counter is not None else 0,
+            rm.stride() if rm is not None else 0, rv.stride() if rv is not None else 0,
+            w.stride() if w is not None else 0, b.stride() if b is not None else 0)
 
 
 class _ModuleViews:
@@ -535,7 +538,7 @@ class _ModuleViews:
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     counter: Optional[Tensor]
-    memory: Tuple[int, ...]
+    memory: Tuple[Any, ...]
     eps: float
     arrays: Tuple[Any, Any, Any, Any]
     count: Any  # the counter's 1-element NumPy view, or None

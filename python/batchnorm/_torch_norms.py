@@ -31,8 +31,8 @@ from . import _torch_norm_ops as ops
 from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
-from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _plain_eager_input, _Proxy,
-                    _records_graph, _route, _tensor, _transform_active, _up)
+from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _is_tracing, _plain_eager_input,
+                    _Proxy, _records_graph, _route, _tensor, _transform_active, _up)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -302,7 +302,7 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.group_norm`` on batchnorm's kernels (channels-last memory read in place)."""
-    if not isinstance(input, _Proxy):
+    if not isinstance(input, _Proxy) and not _is_tracing():  # traced: torch's function, its check
         _check_values_per_group(input.shape, num_groups, 1)  # torch's first check, in its words
     if isinstance(input, _Proxy) or (
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2

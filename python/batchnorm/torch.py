@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.onnx
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.ao.quantization import fuser_method_mappings as fuser_methods
@@ -64,6 +65,7 @@ _has_torch_function = torch.overrides.has_torch_function_variadic
 _is_compiling = torch.compiler.is_compiling
 _is_tracing: Callable[[], bool] = getattr(torch.jit, "is_tracing")
 _is_scripting: Callable[[], bool] = getattr(torch.jit, "is_scripting")
+_in_onnx_export: Callable[[], bool] = torch.onnx.is_in_onnx_export
 _transform_active = ops.transform_active
 _Proxy = torch.fx.Proxy
 _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack")
@@ -195,11 +197,11 @@ def _route(
     """How a call that is not plain eager runs batchnorm's kernels: "graph" (the
     ``batchnorm::`` ops with their own autograd: fx, dynamo / export, dispatch-mode tracing
     such as make_fx), "transform" (``torch.func`` grad / vmap: the autograd.Function over
-    the ops), or None (torch's op: TorchScript tracing, autocast, forward-mode AD, tensor
-    subclasses and torch-function modes)."""
+    the ops), or None (torch's op: TorchScript tracing, ONNX export, autocast, forward-mode AD,
+    tensor subclasses and torch-function modes)."""
     if isinstance(x, _Proxy):  # fx.symbolic_trace: record the op
         return "graph"
-    if _is_tracing():
+    if _is_tracing() or _in_onnx_export():  # ONNX has no batchnorm:: ops, but its own norms
         return None
     if _is_compiling():  # autocast too: it leaves batch norm alone, in graphs as in eager calls
         return "graph"

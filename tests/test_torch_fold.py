@@ -225,3 +225,139 @@ def test_fold_model_folds_transposed_convolutions_of_one_group(dim):
     torch.testing.assert_close(model[0].bias, reference.bias, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _folds_like_the_unfolded_model(model, x, expected_types):
+    """fold_model(model) in float64 against the unfolded float64 model: the layer types after
+    folding, and the outputs (float64 rounding of a different summation order)."""
+    model = model.double().eval()
+    x = x.double()
+    with torch.no_grad():
+        expected = model(x)
+    assert bnt.fold_model(model) is model
+    assert [type(m) for m in model.modules()][1:] == expected_types
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    return model
+
+
+def test_fold_model_pairs_only_children_that_follow_each_other():
+    """A module listed twice in a Sequential (one ReLU reused) is two steps of the chain: the
+    conv before its second use is not followed by the batch norm after it."""
+    gen = torch.Generator().manual_seed(21)
+    act = nn.ReLU()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.Conv2d(4, 4, 3, padding=1), act,
+                          randomize_bn(nn.BatchNorm2d(4), gen))
+    _folds_like_the_unfolded_model(model, torch.randn(2, 3, 6, 6, generator=gen),
+                                   [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d])
+
+
+def test_fold_model_leaves_subclasses_that_may_compute_otherwise():
+    """Default discovery folds exact batch-norm classes inside plain Sequentials: a subclass
+    of either may override forward (convert and torch's fuse_modules leave them alone too)."""
+    class ScaledBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 3.0
+
+    class Branches(nn.Sequential):  # its children summed, not chained
+        def forward(self, x):
+            return sum(m(x) for m in self)
+
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 4, 5, 5, generator=gen)
+    _folds_like_the_unfolded_model(nn.Sequential(nn.Conv2d(4, 4, 1), randomize_bn(ScaledBN(4), gen)), x,
+                                   [nn.Conv2d, ScaledBN])
+    model = Branches(nn.Conv2d(4, 4, 1), randomize_bn(nn.BatchNorm2d(4), gen))
+    _folds_like_the_unfolded_model(model, x, [nn.Conv2d, nn.BatchNorm2d])
+    lazy = nn.Sequential(nn.Conv2d(3, 3, 1), nn.LazyBatchNorm2d()).eval()  # no statistics yet: left alone
+    assert bnt.fold_model(lazy) is lazy and type(lazy[1]) is nn.LazyBatchNorm2d
+
+
+def test_fold_model_folds_shared_blocks_once_and_shared_layers_at_each_place():
+    """A block registered under two parents is one place: folded once, for both uses. A conv
+    registered in two Sequentials with a batch norm after each is two places: each gets its
+    own folded copy."""
+    gen = torch.Generator().manual_seed(23)
+    shared = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), randomize_bn(nn.BatchNorm2d(4), gen), nn.ReLU())
+    conv = nn.Conv2d(4, 4, 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(3, 4, 1), shared)
+            self.dec = nn.Sequential(shared, nn.Conv2d(4, 4, 1))
+            self.left = nn.Sequential(conv, randomize_bn(nn.BatchNorm2d(4), gen))
+            self.right = nn.Sequential(conv, randomize_bn(nn.BatchNorm2d(4), gen))
+
+        def forward(self, x):
+            h = self.dec(self.enc(x))
+            return self.left(h) * self.right(h)
+
+    model = Net().double().eval()
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    bnt.fold_model(model)
+    assert type(shared[1]) is nn.Identity and model.enc[1] is model.dec[0]
+    assert type(model.left[1]) is type(model.right[1]) is nn.Identity and model.left[0] is not model.right[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_model_is_all_or_nothing_and_folds_again():
+    """A fold that fails (torch's fusion cannot copy a pruned conv) leaves every pair as it
+    was; a Linear into a batch norm without affine parameters folds; the Identity left in a
+    batch norm's place is in eval mode, so fold_model runs again on the folded model."""
+    import torch.nn.utils.prune as prune
+
+    gen = torch.Generator().manual_seed(24)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), randomize_bn(nn.BatchNorm2d(4), gen),
+                          nn.Conv2d(4, 4, 1), randomize_bn(nn.BatchNorm2d(4), gen)).eval()
+    prune.l1_unstructured(model[2], "weight", 0.5)
+    with pytest.raises(RuntimeError):
+        bnt.fold_model(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d]
+
+    bn = nn.BatchNorm1d(6, affine=False)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(6, generator=gen))
+        bn.running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), randomize_bn(nn.BatchNorm1d(4), gen), nn.Flatten(), nn.Linear(8, 6), bn)
+    model = _folds_like_the_unfolded_model(model, torch.randn(2, 3, 2, generator=gen),
+                                           [nn.Conv1d, nn.Identity, nn.Flatten, nn.Linear, nn.Identity])
+    assert bnt.fold_model(model) is model  # again: nothing left to fold, and no training flag in the way
+
+
+def test_fold_model_moves_batch_norm_hooks_and_keeps_pairs_with_hooks_in_between():
+    """The batch norm's forward hooks move to the folded layer (they see the same output, as
+    torch's fuse_modules moves them); a pair with a hook on the value between the two (the
+    layer's forward hook, the batch norm's pre-hook) is not folded by default and is a
+    ValueError when named, model unchanged."""
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), randomize_bn(nn.BatchNorm2d(4), gen)).double().eval()
+    model[1].register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+    with torch.no_grad():
+        expected = model(x)
+        bnt.fold_model(model)
+        assert type(model[1]) is nn.Identity
+        model(x)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], expected, rtol=1e-12, atol=1e-12)
+
+    for hook_on in ("layer", "batch norm"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), randomize_bn(nn.BatchNorm2d(4), gen)).double().eval()
+        if hook_on == "layer":
+            model[0].register_forward_hook(lambda mod, args, out: out * 2)
+        else:
+            model[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+        with torch.no_grad():
+            expected = model(x)
+        bnt.fold_model(model)
+        assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d]
+        with pytest.raises(ValueError, match="hooks"):
+            bnt.fold_model(model, [("0", "1")])
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -33,6 +33,7 @@ the only module of the package that imports torch at import time.
 # mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
@@ -911,6 +912,9 @@ def revert(module: torch.nn.Module) -> torch.nn.Module:
 
 _TRANSPOSED: Tuple[type, ...] = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 _FOLDABLE: Tuple[type, ...] = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear) + _TRANSPOSED
+# the batch norms default discovery folds: torch's and the drop-ins, exactly
+_FOLDED_NORMS: Tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                                   BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def _folds(layer: torch.nn.Module) -> bool:
@@ -920,19 +924,57 @@ def _folds(layer: torch.nn.Module) -> bool:
     return type(layer) in _FOLDABLE and not (isinstance(layer, _TRANSPOSED) and layer.groups != 1)
 
 
-def _foldable_pairs(module: torch.nn.Module, prefix: str = "") -> List[Tuple[str, str]]:
-    """(layer, batch norm) names of consecutive children of ``nn.Sequential`` containers,
-    where the order of the children is the order of the computation."""
+def _folds_into(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
+    """Whether default discovery folds the batch norm ``bn`` into ``layer``, the child before
+    it: exact classes only (a subclass may override ``forward``, an uninitialized lazy batch
+    norm has no statistics yet), running statistics, and no hook that would see the value
+    between the two, which folding removes (the layer's forward hooks, the batch norm's
+    forward pre-hooks)."""
+    return (_folds(layer) and type(bn) in _FOLDED_NORMS and bn.running_mean is not None
+            and bn.running_var is not None and not _hooks_between(layer, bn))
+
+
+def _hooks_between(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
+    return bool(layer._forward_hooks or bn._forward_pre_hooks)
+
+
+def _foldable_pairs(model: torch.nn.Module) -> List[Tuple[str, str]]:
+    """(layer, batch norm) names of consecutive children of plain ``nn.Sequential``
+    containers, where the order of the children is the order of the computation (a subclass
+    may override ``forward``). Each container once (``named_modules``: a block shared by two
+    parents is folded once, for both), its children as listed, a module listed twice too."""
     pairs: List[Tuple[str, str]] = []
-    children = list(module.named_children())
-    if isinstance(module, torch.nn.Sequential):
+    for prefix, module in model.named_modules():
+        if type(module) is not torch.nn.Sequential:
+            continue
+        children = [(name, child) for name, child in module._modules.items() if child is not None]
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if (_folds(a) and isinstance(b, _BatchNorm) and type(b) is not torch.nn.SyncBatchNorm
-                    and b.running_mean is not None and b.running_var is not None):
-                pairs.append((prefix + name_a, prefix + name_b))
-    for name, child in children:
-        pairs.extend(_foldable_pairs(child, prefix + name + "."))
+            if _folds_into(a, b):
+                pairs.append((f"{prefix}.{name_a}" if prefix else name_a, f"{prefix}.{name_b}" if prefix else name_b))
     return pairs
+
+
+def _folded_layer(layer: torch.nn.Module, bn: _BatchNorm) -> torch.nn.Module:
+    """A copy of ``layer`` with ``bn`` folded in (torch's ``fuse_conv_bn_eval`` /
+    ``fuse_linear_bn_eval``), which takes over the batch norm's forward hooks: it gives the
+    output they saw, as torch's ``fuse_modules`` moves them."""
+    folded: torch.nn.Module
+    if isinstance(layer, torch.nn.Linear):
+        if bn.weight is None or bn.bias is None:  # fuse_linear_bn_eval multiplies by None (affine=False)
+            folded = copy.deepcopy(layer)
+            ones, zeros = torch.ones_like(bn.running_mean), torch.zeros_like(bn.running_mean)
+            folded.weight, folded.bias = torch.nn.utils.fusion.fuse_linear_bn_weights(
+                layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                ones if bn.weight is None else bn.weight, zeros if bn.bias is None else bn.bias)
+        else:
+            folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
+    else:
+        folded = torch.nn.utils.fusion.fuse_conv_bn_eval(  # type: ignore[type-var]
+            layer, bn, transpose=isinstance(layer, _TRANSPOSED))
+    for key, hook in bn._forward_hooks.items():
+        folded.register_forward_hook(hook, with_kwargs=key in bn._forward_hooks_with_kwargs,
+                                     always_call=key in bn._forward_hooks_always_called)
+    return folded
 
 
 def fold_model(model: torch.nn.Module,
@@ -942,19 +984,23 @@ def fold_model(model: torch.nn.Module,
     ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in
     ``torch.ao.quantization.fuse_modules``; by default every conv/linear (also a transposed
     conv of one group, as a decoder or GAN generator has) followed directly by
-    a batch norm (plain torch or converted) with running statistics inside an
-    ``nn.Sequential``. Every pair is checked before any is folded: a bad one (not a conv/linear
-    and a batch norm, one without running statistics, a layer whose output count is not the
-    batch norm's feature count, a module named in two pairs) is an error that leaves
-    ``model`` as it was. Each layer is
-    replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval`` /
-    ``fuse_linear_bn_eval``) and each batch norm by ``nn.Identity``, in place; returns
-    ``model`` (unchanged when nothing folds). No fx: works on any model, traceable or not.
-    A model in training mode is a ValueError (the batch statistics cannot be folded).
+    a batch norm (plain torch or converted, not a subclass) with running statistics inside a
+    plain ``nn.Sequential``, unless a hook would see the value between them (the layer's
+    forward hooks, the batch norm's forward pre-hooks). Every pair is checked and folded
+    before any is put in: a bad one (not a conv/linear and a batch norm, one without running
+    statistics, a layer whose output count is not the batch norm's feature count, a place
+    named in two pairs, such hooks) or a failed fold is an error that leaves ``model`` as it
+    was. Each layer is replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval``
+    / ``fuse_linear_bn_eval``), which takes over the batch norm's forward hooks, and each
+    batch norm by an eval-mode ``nn.Identity``, in place (at the names given: a module
+    shared by other places stays there); returns ``model`` (unchanged when nothing folds).
+    No fx: works on any model, traceable or not. A model in training mode is a ValueError
+    (the batch statistics cannot be folded).
     """
     if model.training or any(m.training for m in model.modules()):
         raise ValueError("model: fold_model needs an eval-mode model (call model.eval() first)")
-    checked: List[Tuple[str, str, torch.nn.Module, _BatchNorm]] = []  # all, before any is folded
+    checked: List[Tuple[str, str, torch.nn.Module, _BatchNorm]] = []
+    places: Dict[Tuple[int, str], str] = {}  # (parent, child key) of every named module: each folds once
     for layer_name, bn_name in _foldable_pairs(model) if pairs is None else pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         if type(layer) not in _FOLDABLE or not isinstance(bn, _BatchNorm):
@@ -970,20 +1016,23 @@ def fold_model(model: torch.nn.Module,
         if outputs != bn.num_features:
             raise ValueError(f"pairs: {layer_name!r} has {outputs} outputs but batch norm {bn_name!r} "
                              f"normalizes {bn.num_features} features, so it cannot be folded into it")
-        # A module in two pairs would be folded from its unfolded self twice, the first fold lost.
-        for name, module in ((layer_name, layer), (bn_name, bn)):
-            if any(module is m for pair in checked for m in pair[2:]):
-                raise ValueError(f"pairs: {name!r} is named in more than one pair (each module folds once)")
+        if _hooks_between(layer, bn):
+            raise ValueError(f"pairs: ({layer_name!r}, {bn_name!r}) has hooks on the value between them "
+                             "(forward hooks of the layer, forward pre-hooks of the batch norm), which "
+                             "folding removes")
+        # A place in two pairs would be folded from its unfolded module twice, the first fold lost.
+        for name in (layer_name, bn_name):
+            parent, _, leaf = name.rpartition(".")
+            place = (id(model.get_submodule(parent)), leaf)
+            if place in places:
+                raise ValueError(f"pairs: {name!r} is named in more than one pair (each module folds once)"
+                                 + (f", as {places[place]!r}" if places[place] != name else ""))
+            places[place] = name
         checked.append((layer_name, bn_name, layer, bn))
-    for layer_name, bn_name, layer, bn in checked:
-        folded: torch.nn.Module
-        if isinstance(layer, torch.nn.Linear):
-            folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
-        else:
-            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(  # type: ignore[type-var]
-                layer, bn, transpose=isinstance(layer, _TRANSPOSED))
-        _set_submodule(model, layer_name, folded)
-        _set_submodule(model, bn_name, torch.nn.Identity())
+    folded = [_folded_layer(layer, bn) for _, _, layer, bn in checked]  # all of them before any is put in
+    for (layer_name, bn_name, _, bn), new in zip(checked, folded):
+        _set_submodule(model, layer_name, new)
+        _set_submodule(model, bn_name, torch.nn.Identity().train(bn.training))
     return model
 
 

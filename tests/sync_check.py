@@ -147,3 +147,18 @@ def check_case(ranks: List[Dict[str, Any]], impl: str, case: Case, world: int) -
                 for oracle in oracles(case.name, world):
                     assert_close_sum(total, oracle[f"{step}/{grad}"], base[f"{step}/abs_{grad}"], dtype,
                                      err_msg=f"{impl} {case.name} world {world} rank {rank} step {step}: {grad}")
+
+
+def check_copies_of_checked_modules(faults: List[Dict[str, Any]]) -> None:
+    """sync_worker._copies_of_checked_modules: rank r ran (2, 3, 2, 2) ramps times r + 1, so
+    channel c's mean over the ranks is (2C + 4c + 1.5) (world + 1) / 2, C = 3; after k steps
+    from zero the running mean is (1 - 0.9^k) times it: k = 2 for the copy, 3 after it."""
+    world = len(faults)
+    mean = sum(2 * 3 + 4 * c + 1.5 for c in range(3)) * (world + 1) / 2
+    for f in faults:
+        assert f["copied"]["raised"] is None, f["copied"]
+        np.testing.assert_allclose(f["copied"]["value"], (1 - 0.9**2) * mean, rtol=1e-6)
+        assert f["new_job"]["raised"] == "ValueError" and "num_features differs" in f["new_job"]["message"], f
+        assert f["after_new_job"]["raised"] is None, f["after_new_job"]
+        np.testing.assert_allclose(f["after_new_job"]["value"], (1 - 0.9**3) * mean, rtol=1e-6)
+    assert len({f["copied"]["value"] for f in faults}) == 1 and len({f["after_new_job"]["value"] for f in faults}) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 import zlib
@@ -215,6 +216,32 @@ def _numpy_faults(make: Callable[..., Any], world: int, rank: int) -> Dict[str, 
     faults["one_value"] = _outcome(
         lambda: make(3)(np.ones((1, 3), np.float32) if rank == 0 else np.ones((0, 3), np.float32)).shape)
     faults["after"] = _outcome(lambda: float(np.asarray(good(x)).sum()))
+    faults.update(_copies_of_checked_modules(
+        make, lambda m: (m(_ramp(m.num_features) * (rank + 1)), float(m.running_mean.sum()))[1], rank))
+    return faults
+
+
+def _ramp(channels: int) -> np.ndarray:
+    return np.arange(8 * channels, dtype=np.float32).reshape(2, channels, 2, 2)
+
+
+def _copies_of_checked_modules(make: Callable[..., Any], step: Callable[[Any], float], rank: int) -> Dict[str, Any]:
+    """A module that checked its peers, kept by rank 0 while the others load a pickled copy
+    of it (broadcast_object_list, or a checkpoint some ranks restore): the next step is the
+    same exchange on every rank, so it gives every rank the same running mean (``step``
+    returns its sum). And in a new job
+    (here: this process's tokens forgotten, as a new process starts without them) a loaded
+    module checks again: a rank whose module has other channels is every rank's ValueError."""
+    from batchnorm import distributed
+
+    trained, other = make(3), make(4)
+    step(trained), step(other)  # both checked, on every rank
+    kept = trained if rank == 0 else pickle.loads(pickle.dumps(trained))
+    faults = {"copied": _outcome(lambda: step(kept))}
+    distributed._TOKENS.clear()  # a new job
+    loaded = pickle.loads(pickle.dumps(trained if rank == 0 else other))
+    faults["new_job"] = _outcome(lambda: step(loaded))
+    faults["after_new_job"] = _outcome(lambda: step(kept))
     return faults
 
 
@@ -234,6 +261,9 @@ def _torch_faults(world: int, rank: int) -> Dict[str, Any]:
         "bad_input": _outcome(lambda: list(good(x if rank != last else x[:, :2]).shape)),
         "after": _outcome(lambda: float(good(x).sum())),
     }
+    faults.update(_copies_of_checked_modules(
+        bnt.SyncBatchNorm,
+        lambda m: (m(torch.from_numpy(_ramp(m.num_features) * (rank + 1))), float(m.running_mean.sum()))[1], rank))
     return faults
 
 

@@ -96,6 +96,7 @@ def test_faults_raise_on_every_rank(numerics):
         assert f["mpi/all_empty"]["value"] == [[0, 3, 2, 2], [0, 3, 2, 2], 0]
         assert "Expected more than 1 value per channel" in f["mpi/one_value"]["message"]
         assert f["mpi/after"]["raised"] is None
+    sync_check.check_copies_of_checked_modules([{k[4:]: v for k, v in f.items() if k.startswith("mpi/")} for f in faults])
 
 
 @pytest.mark.subprocess

@@ -119,6 +119,7 @@ def test_mismatched_ranks_raise_on_every_rank(numerics, prefix):
             assert f"rank(s) [{world - 1}]" in bad["message"] and "raised in their forward" in bad["message"]
         assert f["after"]["raised"] is None, f["after"]  # the group still works
     assert len({f["after"]["value"] for f in faults}) == 1  # the same input on every rank
+    sync_check.check_copies_of_checked_modules(faults)
 
 
 @pytest.mark.subprocess
@@ -260,16 +261,18 @@ def test_convert_sync_keeps_hooks_and_attributes_and_checks_sync():
     assert calls == [1]
 
 
-def test_pickle_and_copy_forget_the_checked_group():
-    """A module saved after a step must check its ranks again in the job that loads it."""
+def test_pickle_and_copy_keep_the_token_of_the_last_check():
+    """A copy keeps the job's token of its module's last peer check, so a rank that loads a
+    copy decides as the rank that kept the original whether to check again (the ranks' runs
+    in sync_worker._copies_of_checked_modules); a new job has tokens of its own."""
     m = bnt.SyncBatchNorm(3)
-    m._peers_checked = ("gloo", 2, 7)  # as _link records it after a checked step
-    assert "_peers_checked" not in pickle.loads(pickle.dumps(m)).__dict__
-    assert "_peers_checked" not in copy.deepcopy(m).__dict__
+    m._peers_checked = 12345.0  # as _link records it after a checked step
+    assert pickle.loads(pickle.dumps(m))._peers_checked == 12345.0
+    assert copy.deepcopy(m)._peers_checked == 12345.0
     buffer = io.BytesIO()
     torch.save(m, buffer)
     buffer.seek(0)
-    assert "_peers_checked" not in torch.load(buffer, weights_only=False).__dict__
+    assert torch.load(buffer, weights_only=False)._peers_checked == 12345.0
 
 
 def test_numpy_module_on_a_non_member_rank_says_so_at_first_use():

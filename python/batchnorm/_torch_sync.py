@@ -39,6 +39,7 @@ from .distributed import (
     global_moments,
     invstd_of,
     kernel_stats,
+    peers_checked,
     shifted_bias,
     shifted_sum_dy,
     update_running,
@@ -180,18 +181,11 @@ class SyncBatchNorm(_BatchNorm):
             if t is not None and t.dtype != input.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}")
 
-    def __getstate__(self) -> Dict[str, Any]:
-        """Pickled and copied without the record of a checked group: a loaded module may run
-        in another job, whose ranks it has not checked."""
-        state = self.__dict__.copy()
-        state.pop("_peers_checked", None)
-        return state
-
     def _link(self) -> _Transport:
         link = _TorchTransport(self.process_group)
-        if link.size > 1 and getattr(self, "_peers_checked", None) != link.key:
-            check_peers(link, self.num_features, _FLOATS.get(self._param_dtype(), np.dtype(np.float32)))
-            self._peers_checked = link.key
+        if not peers_checked(link, getattr(self, "_peers_checked", None)):  # distributed._TOKENS
+            self._peers_checked = check_peers(link, self.num_features,
+                                              _FLOATS.get(self._param_dtype(), np.dtype(np.float32)))
         return link
 
     def _param_dtype(self) -> torch.dtype:

@@ -22,8 +22,9 @@ exchange, merge and running-statistics rule.
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -185,11 +186,37 @@ def _same_dtype(link: _Transport, codes: FloatArray, what: str) -> None:
         raise TypeError(f"SyncBatchNorm: {what} differs across the ranks of {link.name} ({listing})")
 
 
-def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> None:
-    """Compare channel counts and dtypes across ranks (one all-gather of 2 values); raise
-    the same error on every rank when they differ, before any per-channel exchange."""
-    mine = np.array([float(channels), _DTYPE_CODES[dtype]])
-    table = link.allgather(mine, "channel counts and dtypes")
+# Each communicator's token in this job, as (key, token): a number its ranks agreed on at this
+# process's first check over it. A module remembers the token of its last check, pickled with
+# it. Whether a module checks its peers must be the same on every rank (a rank that checks
+# while another exchanges statistics garbles both exchanges), so it is decided by what every
+# rank holds alike: the module's state and the job's token. Not by the module object: rank 0
+# may keep its module while another rank loads a pickled copy of it (broadcast_object_list).
+# A job that loads a module saved by another job has tokens of its own, so it checks again.
+_TOKENS: List[Tuple[Any, float]] = []
+
+
+def _token(key: Any) -> Optional[float]:
+    """This job's token of the communicator ``key`` (a list, compared by ==: mpi4py
+    communicators compare by handle but do not hash)."""
+    return next((token for k, token in _TOKENS if k == key), None)
+
+
+def peers_checked(link: _Transport, token: Optional[float]) -> bool:
+    """Whether a module whose last peer check gave ``token`` need not check over ``link``."""
+    return link.size == 1 or (token is not None and token == _token(link.key))
+
+
+def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> float:
+    """Compare channel counts and dtypes across ranks (one all-gather of 3 values); raise
+    the same error on every rank when they differ, before any per-channel exchange. Returns
+    the communicator's token in this job (rank 0's: a fresh random number at the first check
+    of the job's processes over it)."""
+    token = _token(link.key)
+    proposed = token if token is not None else float(int.from_bytes(os.urandom(6), "little") + 1)
+    table = link.allgather(np.array([float(channels), _DTYPE_CODES[dtype], proposed]), "channel counts and dtypes")
+    token = float(table[0, 2])
+    _TOKENS[:] = [(k, t) for k, t in _TOKENS if k != link.key] + [(link.key, token)]
     counts, codes = table[:, 0].astype(np.int64), table[:, 1]
     if (counts != counts[0]).any():
         listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
@@ -198,6 +225,7 @@ def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> None:
             "every rank must run the same model"
         )
     _same_dtype(link, codes, "dtype")
+    return token
 
 
 def _peers_failed(link: _Transport, statuses: FloatArray, what: str) -> None:
@@ -443,13 +471,12 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias, dtype=dtype, axis=axis)
         _check_comm(comm)
         self.comm = comm
-        self._checked: Any = None  # the communicator the peers were last compared over
+        self._checked: Optional[float] = None  # the token of the last peer check (check_peers)
 
     def _link(self) -> _Transport:
         link = transport(self.comm)
-        if link.size > 1 and self._checked != link.key:
-            check_peers(link, self.num_features, self.dtype)
-            self._checked = link.key
+        if not peers_checked(link, self._checked):
+            self._checked = check_peers(link, self.num_features, self.dtype)
         return link
 
     def __call__(
@@ -541,7 +568,6 @@ class SyncBatchNorm(_BatchNorm):
     def __getstate__(self) -> Any:
         state = super().__getstate__()
         state["_sync_saved"] = None
-        state["_checked"] = None
         return state
 
     def extra_repr(self) -> str:

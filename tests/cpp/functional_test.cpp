@@ -257,7 +257,21 @@ TYPED_TEST(Functional, NoChannels) {
         batchnorm::backward<T>(x, x, y, s, none, none, nullptr, none, none);
         EXPECT_EQ(y[0], T(6));
         EXPECT_EQ(none[0], T(7));
+        // Per-channel arrays of no values may be null (an empty std::vector's data()), in every
+        // entry point, as forward_train and Inference take them.
+        batchnorm::batch_stats<T>(x, s, nullptr, nullptr);
+        batchnorm::forward_train<T>(x, y, s, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, nullptr, nullptr);
+        batchnorm::forward_eval<T>(x, y, s, nullptr, nullptr, nullptr, nullptr, 1e-5);
+        batchnorm::backward<T>(x, x, y, s, nullptr, nullptr, nullptr, nullptr, nullptr);
+        batchnorm::batch_norm_apply<T>(x, y, s, nullptr, nullptr, nullptr, nullptr);
+        batchnorm::batch_norm_backward_reduce<T>(x, x, s, nullptr, nullptr, nullptr);
+        batchnorm::batch_norm_backward_apply<T>(x, x, y, s, nullptr, nullptr, nullptr, nullptr, nullptr, 8.0);
+        EXPECT_EQ(y[0], T(6));
     }
+    // With channels, null is still an error that names the array.
+    T x[4] = {}, y[4] = {};
+    EXPECT_THROW(batchnorm::forward_eval<T>(x, y, Shape{2, 2, 1}, nullptr, nullptr, nullptr, nullptr, 1e-5),
+                 batchnorm::invalid_argument);
 }
 
 // The ISA in use is one this machine supports (BATCHNORM_ISA may force another; ctest runs the

@@ -75,8 +75,8 @@ void batch_norm_apply(const T* x, T* y, const Shape& shape, const compute_t<T>* 
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
-    detail::check_pointer(mean, "mean");
-    detail::check_pointer(invstd, "invstd");
+    detail::check_channel_pointer(mean, "mean", shape.channels);
+    detail::check_channel_pointer(invstd, "invstd", shape.channels);
     if (shape.size() == 0) return;
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
@@ -97,9 +97,9 @@ void batch_norm_backward_reduce(const T* grad_y, const T* x, const Shape& shape,
                                 double* sum_dy_xmu) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
-    detail::check_pointer(mean, "mean");
-    detail::check_pointer(sum_dy, "sum_dy");
-    detail::check_pointer(sum_dy_xmu, "sum_dy_xmu");
+    detail::check_channel_pointer(mean, "mean", shape.channels);
+    detail::check_channel_pointer(sum_dy, "sum_dy", shape.channels);
+    detail::check_channel_pointer(sum_dy_xmu, "sum_dy_xmu", shape.channels);
     if (shape.size() == 0) {
         std::fill_n(sum_dy, shape.channels, 0.0);
         std::fill_n(sum_dy_xmu, shape.channels, 0.0);
@@ -120,10 +120,10 @@ void batch_norm_backward_apply(const T* grad_y, const T* x, T* grad_x, const Sha
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
-    detail::check_pointer(mean, "mean");
-    detail::check_pointer(invstd, "invstd");
-    detail::check_pointer(sum_dy, "sum_dy");
-    detail::check_pointer(sum_dy_xmu, "sum_dy_xmu");
+    detail::check_channel_pointer(mean, "mean", shape.channels);
+    detail::check_channel_pointer(invstd, "invstd", shape.channels);
+    detail::check_channel_pointer(sum_dy, "sum_dy", shape.channels);
+    detail::check_channel_pointer(sum_dy_xmu, "sum_dy_xmu", shape.channels);
     detail::require(count > 0, "count must be positive, got ", count);
     if (shape.size() == 0) return;
     detail::check_pointer(grad_y, "grad_y");

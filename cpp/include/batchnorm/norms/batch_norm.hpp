@@ -155,8 +155,8 @@ void batch_stats(const T* x, const Shape& shape, compute_t<T>* mean, compute_t<T
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
-    detail::check_pointer(mean, "mean");
-    detail::check_pointer(var, "var");
+    detail::check_channel_pointer(mean, "mean", shape.channels);
+    detail::check_channel_pointer(var, "var", shape.channels);
     if (shape.size() == 0) {  // no values: NaN statistics for every channel there is
         std::fill_n(mean, shape.channels, std::numeric_limits<P>::quiet_NaN());
         std::fill_n(var, shape.channels, std::numeric_limits<P>::quiet_NaN());
@@ -215,8 +215,8 @@ void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean
     detail::check_element_type<T>();
     detail::check_shape(shape);
     detail::check_eps(eps);
-    detail::check_pointer(mean, "mean");
-    detail::check_pointer(var, "var");
+    detail::check_channel_pointer(mean, "mean", shape.channels);
+    detail::check_channel_pointer(var, "var", shape.channels);
     if (shape.size() == 0) return;
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
@@ -266,8 +266,8 @@ void backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, const 
     using P = compute_t<T>;
     detail::check_element_type<T>();
     detail::check_shape(shape);
-    detail::check_pointer(mean, "mean");
-    detail::check_pointer(invstd, "invstd");
+    detail::check_channel_pointer(mean, "mean", shape.channels);
+    detail::check_channel_pointer(invstd, "invstd", shape.channels);
     if (shape.size() == 0) {
         if (grad_weight) std::fill_n(grad_weight, shape.channels, P(0));
         if (grad_bias) std::fill_n(grad_bias, shape.channels, P(0));

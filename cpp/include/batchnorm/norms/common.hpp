@@ -23,6 +23,12 @@ inline void check_pointer(const void* p, const char* name) {
     require(p != nullptr, name, " must not be null");
 }
 
+// A per-channel array holds `channels` values: with none, null is an empty array (what an
+// empty std::vector's data() gives).
+inline void check_channel_pointer(const void* p, const char* name, std::int64_t channels) {
+    require(p != nullptr || channels == 0, name, " must not be null");
+}
+
 inline void check_momentum(double momentum) {
     require(momentum >= 0 && momentum <= 1, "momentum must be in [0, 1], got ", momentum);
 }

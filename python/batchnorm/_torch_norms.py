@@ -75,8 +75,8 @@ def _direct(input: Tensor) -> bool:
 class _ParamViews:
     """Mixin of the sibling drop-ins: NumPy views of the module's weight and bias, cached while
     the same tensors hold the same memory at the same strides (``.data =`` and ``.to()`` swap
-    the memory under the same Parameter), as batch norm's drop-in caches its views: two views cost about 1.4 us a
-    call, most of a small eval's Python."""
+    the memory under the same Parameter), as batch norm's drop-in caches its views: two views
+    cost about 1.4 us a call, most of a small eval's Python."""
 
     _views: Optional[Tuple[Any, ...]] = None
 

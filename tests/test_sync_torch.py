@@ -287,6 +287,23 @@ def test_numpy_module_on_a_non_member_rank_says_so_at_first_use():
     assert int(m.num_batches_tracked) == 0
 
 
+def test_drop_in_on_a_non_member_rank_says_so_at_first_use():
+    """``convert(model, sync=new_group(...))`` on a rank outside the group gets
+    GroupMember.NON_GROUP_MEMBER: taken, as torch's convert_sync_batchnorm takes it; a training
+    step refuses it naming process_group, with no state changed; eval needs no exchange."""
+    import torch.distributed as dist
+    outside = dist.GroupMember.NON_GROUP_MEMBER
+    model = bnt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), sync=outside)
+    assert type(model[0]) is bnt.SyncBatchNorm and model[0].process_group == outside
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="process_group is torch.distributed's GroupMember.NON_GROUP_MEMBER"):
+        model(x)
+    assert int(model[0].num_batches_tracked) == 0 and torch.equal(model[0].running_mean, torch.zeros(3))
+    y = model.eval()(x)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x.double(), torch.zeros(3).double(),
+                                                                 torch.ones(3).double()).float())
+
+
 def test_revert_undoes_convert_sync():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4),
                                 torch.nn.Sequential(torch.nn.SyncBatchNorm(4, affine=False)))

@@ -30,7 +30,6 @@ from .distributed import (
     _DTYPE_CODES,
     Moments,
     _local_moments,
-    _TorchTransport,
     _Transport,
     backward_sums,
     check_count,
@@ -42,6 +41,7 @@ from .distributed import (
     peers_checked,
     shifted_bias,
     shifted_sum_dy,
+    torch_transport,
     update_running,
 )
 
@@ -182,7 +182,7 @@ class SyncBatchNorm(_BatchNorm):
                 raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}")
 
     def _link(self) -> _Transport:
-        link = _TorchTransport(self.process_group)
+        link = torch_transport(self.process_group, "process_group")
         if not peers_checked(link, getattr(self, "_peers_checked", None)):  # distributed._TOKENS
             self._peers_checked = check_peers(link, self.num_features,
                                               _FLOATS.get(self._param_dtype(), np.dtype(np.float32)))

@@ -169,11 +169,17 @@ def transport(comm: Any) -> _Transport:
         if comm == sys.modules["mpi4py.MPI"].COMM_NULL:
             raise ValueError("comm is MPI.COMM_NULL: this process is not in the communicator")
         return _MPITransport(comm)
-    if _is_torch_non_member(comm):
-        raise ValueError("comm is torch.distributed's GroupMember.NON_GROUP_MEMBER (what new_group returns "
-                         "outside the group): this process is not in the group")
     _check_comm(comm)
-    return _TorchTransport(comm)
+    return torch_transport(comm, "comm")
+
+
+def torch_transport(group: Any, name: str) -> _Transport:
+    """The engine for a torch.distributed ``group`` (None: the default group); a ValueError
+    naming the argument ``name`` on a rank outside the group."""
+    if _is_torch_non_member(group):
+        raise ValueError(f"{name} is torch.distributed's GroupMember.NON_GROUP_MEMBER (what new_group returns "
+                         "outside the group): this process is not in the group")
+    return _TorchTransport(group)
 
 
 # ---- the exchanges ------------------------------------------------------------------------

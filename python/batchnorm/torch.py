@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from . import _torch_ops as ops
 from . import functional
+from .distributed import _is_torch_non_member
 
 __all__ = ["FUSER_METHOD_MAPPING", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm", "SyncBatchNorm",
@@ -893,7 +894,9 @@ def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
         return _swap(module, _REPLACEMENTS)
     if sync is not True:
         group_type = getattr(torch.distributed, "ProcessGroup", None)
-        if group_type is None or not isinstance(sync, group_type):
+        # new_group's stand-in on the ranks outside the group is taken, as torch's
+        # convert_sync_batchnorm takes it; the module says so at its first exchange
+        if (group_type is None or not isinstance(sync, group_type)) and not _is_torch_non_member(sync):
             raise TypeError(f"sync must be True, False or a torch.distributed ProcessGroup, got {type(sync).__name__}")
     return _swap(convert_sync(module, None if sync is True else sync), dict(_NORM_REPLACEMENTS))
 

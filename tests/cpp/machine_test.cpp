@@ -1,5 +1,6 @@
 // What the library reads from the machine: cache sizes (engine/cache.hpp) and the load of the
-// CPUs it may use (cpu_load.hpp).
+// CPUs it may use (cpu_load.hpp); and what it keeps of the machine's memory between calls
+// (engine/call_scratch.hpp).
 #include <gtest/gtest.h>
 
 #include <sched.h>
@@ -14,6 +15,7 @@
 
 #include <batchnorm/batchnorm.hpp>
 #include <batchnorm/engine/cache.hpp>
+#include <batchnorm/engine/call_scratch.hpp>
 
 namespace {
 
@@ -105,3 +107,26 @@ TEST(CpuLoad, OffCountsEveryCpuFree) {
 #endif
 
 }  // namespace
+
+// A call's scratch: a thread keeps a small call's buffer for the next call, never a large
+// one's (it would hold that memory for as long as the thread lives).
+TEST(CallScratch, ThreadKeepsOnlySmallBuffers) {
+    using batchnorm::detail::CallScratch;
+    using batchnorm::detail::kKeptScratchBytes;
+    struct Site;
+    using Scratch = CallScratch<float, Site>;
+    const std::size_t small = 1000, large = 4 * kKeptScratchBytes / sizeof(float);
+    {
+        Scratch s(small);
+        s.data()[small - 1] = 1.f;
+    }
+    EXPECT_GE(Scratch::kept_capacity(), small);
+    {
+        Scratch s(large);
+        s.data()[large - 1] = 2.f;  // the whole of it is there
+    }
+    EXPECT_LE(Scratch::kept_capacity() * sizeof(float), kKeptScratchBytes);
+    std::size_t other_thread = 1;
+    std::thread([&] { other_thread = Scratch::kept_capacity(); }).join();
+    EXPECT_EQ(other_thread, 0u);  // each thread its own
+}

@@ -10,6 +10,7 @@
 #include "../dispatch.hpp"
 #include "../shape.hpp"
 #include "affine.hpp"
+#include "call_scratch.hpp"
 #include "channels_first.hpp"
 #include "channels_last.hpp"
 
@@ -92,10 +93,9 @@ void apply_affine(const T* x, const T* residual, T* y, const Shape& shape, const
         eval_channels_last(k, x, residual, y, shape, shift, alpha, beta, relu);
     } else {
         // Small planes, read as rows of C*inner columns: each factor repeated over its channel's
-        // columns, in a buffer this thread keeps.
-        thread_local std::vector<compute_t<T>> columns;
+        // columns.
         const std::int64_t cols = shape.channels * shape.inner;
-        columns.resize(3 * std::size_t(cols));
+        CallScratch<compute_t<T>, struct ColumnFactors> columns(3 * std::size_t(cols));
         compute_t<T> *s = columns.data(), *a = s + cols, *b = a + cols;
         for (std::int64_t c = 0; c < shape.channels; ++c) {
             std::fill_n(s + c * shape.inner, shape.inner, shift[c]);

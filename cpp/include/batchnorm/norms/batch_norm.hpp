@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../engine/call_scratch.hpp"
 #include "../engine/engine.hpp"
 #include "common.hpp"
 #include "running_stats.hpp"
@@ -220,9 +221,7 @@ void forward_eval(const T* x, T* y, const Shape& shape, const compute_t<T>* mean
     if (shape.size() == 0) return;
     detail::check_pointer(x, "x");
     detail::check_pointer(y, "y");
-    // Per-channel factors in a buffer this thread keeps: no allocation per call once warm.
-    thread_local std::vector<P> factors;
-    factors.resize(2 * std::size_t(shape.channels));
+    detail::CallScratch<P, struct EvalFactors> factors(2 * std::size_t(shape.channels));
     P* alpha = factors.data();
     P* beta = alpha + shape.channels;
     detail::kernels<T>().eval_factors(var, weight, bias, shape.channels, eps, alpha, beta);

@@ -708,6 +708,45 @@ def test_cached_views_follow_a_view_at_the_same_address(make, how):
         torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("make", [lambda: torch.nn.BatchNorm2d(4), lambda: torch.nn.BatchNorm2d(4).eval(),
+                                  lambda: torch.nn.GroupNorm(2, 4), lambda: torch.nn.LayerNorm([4, 5, 5])],
+                         ids=["BatchNorm2d-train", "BatchNorm2d-eval", "GroupNorm", "LayerNorm"])
+@pytest.mark.parametrize("how", ["load_state_dict", "to", "assign"])
+def test_replaced_tensors_are_not_kept_by_the_cached_views(make, how):
+    """The views a module's shortcut caches go when its tensors are replaced through the
+    module, so the old tensors are freed at once, as by torch's module; the next call
+    normalizes with the new ones (float64 torch module, the reference)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    ref = make()
+    ours = bnt.convert(copy.deepcopy(ref))
+    x = data((3, 4, 5, 5), torch.float32)
+    with torch.no_grad():
+        ours(x)  # fills the cache
+    old = [weakref.ref(t) for t in (*ours.parameters(), *ours.buffers())]
+    if how == "load_state_dict":  # new tensors: the old ones must be freed
+        state = {k: v.clone() * 1.5 if v.is_floating_point() else v.clone() for k, v in ours.state_dict().items()}
+        ours.load_state_dict(state, assign=True)
+        ref.load_state_dict(state)
+        del state
+    elif how == "assign":
+        ours.weight = torch.nn.Parameter(torch.full_like(ours.weight, 2.0))
+        with torch.no_grad():
+            ref.weight.fill_(2.0)
+        old = old[:1]
+    else:  # .to() keeps the Parameter objects and swaps their memory: the views of it must go
+        ours.double()
+        x = x.double()
+        old = []
+        assert ours.__dict__.get("_views") is None
+    gc.collect()
+    assert all(r() is None for r in old), [r() is not None for r in old]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).double(), ref.double()(x.double()), rtol=1e-5, atol=1e-5)
+
+
 def test_eager_calls_with_grad_run_the_kernels_without_the_ops(monkeypatch):
     """A plain eager call that records a graph runs the kernels forward and backward through a
     plain autograd function (the ops, patched to raise here, are not dispatched), shown in the

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
 from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _is_tracing, _plain_eager_input,
-                    _Proxy, _records_graph, _route, _tensor, _transform_active, _up)
+                    _Proxy, _records_graph, _route, _tensor, _transform_active, _up, _ViewsFollowTensors)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -72,7 +72,7 @@ def _direct(input: Tensor) -> bool:
                 or _dispatch_modes() > 0 or ops.profiling())
 
 
-class _ParamViews:
+class _ParamViews(_ViewsFollowTensors):
     """Mixin of the sibling drop-ins: NumPy views of the module's weight and bias, cached while
     the same tensors hold the same memory at the same strides (``.data =`` and ``.to()`` swap
     the memory under the same Parameter), as batch norm's drop-in caches its views: two views
@@ -84,7 +84,7 @@ class _ParamViews:
         """``self.<name>``, from ``_parameters`` where it is there (``Module.__getattr__`` costs
         about a microsecond); pruning and parametrizations move a parameter out of it and
         compute the attribute instead (a pruned weight read from there was None: no weight)."""
-        params: Dict[str, Optional[Tensor]] = self._parameters  # type: ignore[attr-defined]
+        params = self._parameters
         return params[name] if name in params else getattr(self, name, None)
 
     def _param_views(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

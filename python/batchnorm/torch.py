@@ -574,7 +574,27 @@ class _ModuleViews:
         return views
 
 
-class _DropIn(_BatchNorm):
+class _ViewsFollowTensors(torch.nn.Module):
+    """Mixin of the drop-ins whose shortcut caches NumPy views of their tensors (``_views``):
+    the cache goes when the module's tensors are replaced through the module (``.to()``,
+    ``.double()``, attribute assignment, ``load_state_dict(assign=True)``), since it holds the
+    old tensors' memory, which torch's own module frees at once. A ``.data =`` swap, which the
+    module cannot see, is released at its next call."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self.__dict__.pop("_views", None)
+        return super()._apply(fn, recurse)
+
+    def register_parameter(self, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        self.__dict__.pop("_views", None)
+        super().register_parameter(name, param)
+
+    def register_buffer(self, name: str, tensor: Optional[Tensor], persistent: bool = True) -> None:
+        self.__dict__.pop("_views", None)
+        super().register_buffer(name, tensor, persistent)
+
+
+class _DropIn(_ViewsFollowTensors, _BatchNorm):
     """torch's ``_BatchNorm.forward``, line for line, calling ``batch_norm`` above; with a
     shortcut for plain eager calls (the per-call cost of a small layer is mostly Python)."""
 

@@ -339,6 +339,49 @@ def test_export_records_the_ops():
     torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_with_dynamic_sizes_keeps_them_dynamic(strict):
+    """Batch and spatial sizes exported as Dims stay symbolic through every converted norm
+    (group norm's own check once made them constants): the program runs other sizes, as
+    torch's model's does (float64, the reference)."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(4, 8), torch.nn.InstanceNorm2d(8, affine=True),
+                              torch.nn.BatchNorm2d(8)).double().eval()
+    dims = ({0: Dim("batch", min=2, max=64), 2: Dim("height", min=4, max=32), 3: Dim("width", min=4, max=32)},)
+    ep = torch.export.export(bnt.convert(copy.deepcopy(ref)), (data((2, 3, 6, 6), torch.float64),),
+                             dynamic_shapes=dims, strict=strict)
+    for shape in [(3, 3, 5, 7), (5, 3, 9, 4)]:
+        x = data(shape, torch.float64, seed=4)
+        torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_non_strict_export_of_a_cumulative_average_gives_torchs_error():
+    """A training batch norm with momentum=None cannot be exported (its factor
+    1/num_batches_tracked is data): the converted module raises what torch's raises."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    x = data((2, 4, 3, 3), torch.float32)
+    for module in (torch.nn.BatchNorm2d(4, momentum=None), bnt.BatchNorm2d(4, momentum=None)):
+        with pytest.raises(GuardOnDataDependentSymNode):
+            torch.export.export(module.train(), (x,), strict=False)
+
+
+def test_fx_trace_in_eval_keeps_the_batch_counter():
+    """An eval-mode trace of a converted batch norm keeps ``num_batches_tracked``, so the
+    GraphModule's state_dict has the keys of torch's traced model and takes its checkpoints."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    ours = torch.fx.symbolic_trace(bnt.convert(copy.deepcopy(model)))
+    theirs = torch.fx.symbolic_trace(copy.deepcopy(model))
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    ours.load_state_dict(model.state_dict())
+    x = data((2, 3, 6, 6), torch.float64)
+    torch.testing.assert_close(ours.double()(x), model.double()(x), rtol=1e-12, atol=1e-12)
+    assert sorted(torch.fx.symbolic_trace(bnt.BatchNorm2d(4).eval()).state_dict()) == \
+        sorted(torch.nn.BatchNorm2d(4).state_dict())  # traced at the top too
+
+
 # The instance norms are leaf modules under fx, as torch's are (test_fx_keeps_instance_norms_as_modules).
 FX_CASES = [(c[0], c[1], c[2], c[3]) for c in CASES if not c[0].startswith("Instance")] + [
     ("RMSNorm", (16,), {"elementwise_affine": False}, (4, 16)),  # eps=None and no weight

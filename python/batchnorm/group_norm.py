@@ -44,9 +44,11 @@ def _check_values_per_group(shape: Sequence[int], num_groups: object, axis: obje
     if groups <= 0 or not -rank <= int(axis) < rank:
         return
     channel = int(axis) % rank
-    spatial = [int(d) for i, d in enumerate(shape) if i not in (0, channel)]
-    size = [int(shape[0]) * int(shape[channel]) // groups, groups, *spatial]
-    if channel != 0 and size[0] * math.prod(spatial) == 1:
+    # The sizes as given, no int(): torch.export's symbolic sizes would be fixed by it.
+    spatial = [d for i, d in enumerate(shape) if i not in (0, channel)]
+    first = shape[0] * shape[channel] // groups
+    if channel != 0 and first * math.prod(spatial) == 1:
+        size = [int(first), groups, *map(int, spatial)]
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 

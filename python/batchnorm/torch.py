@@ -65,6 +65,8 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
 _has_torch_function = torch.overrides.has_torch_function_variadic
 _is_compiling = torch.compiler.is_compiling
+# dynamo itself tracing (not a non-strict torch.export, which runs the Python as it is)
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _is_tracing: Callable[[], bool] = getattr(torch.jit, "is_tracing")
 _is_scripting: Callable[[], bool] = getattr(torch.jit, "is_scripting")
 _in_onnx_export: Callable[[], bool] = torch.onnx.is_in_onnx_export
@@ -643,9 +645,15 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
 
     @torch.jit.unused
     def _check_dim(self, input: Tensor) -> None:
-        """torch's rank check, except on ``torch.fx`` proxies (the rank is unknown while tracing)."""
+        """torch's rank check, except on ``torch.fx`` proxies (the rank is unknown while tracing):
+        there, a trace that does not count the batch reads ``num_batches_tracked`` all the same,
+        so the GraphModule keeps the buffer and its ``state_dict`` torch's keys (torch's module,
+        a leaf of the trace, keeps all of its buffers)."""
         if not isinstance(input, _Proxy):
             self._check_input_dim(input)
+        elif self.num_batches_tracked is not None and not (self.training and self.track_running_stats):
+            path = "" if input.tracer.root is self else input.tracer.path_of_module(self) + "."
+            input.tracer.create_proxy("get_attr", path + "num_batches_tracked", (), {})
 
     @torch.jit.unused
     def _count_batch(self, input: Tensor) -> None:
@@ -697,7 +705,7 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
         the attributes. Every test here is a few tens of nanoseconds; together they are most
         of a small call's cost, so they are spelled inline."""
         if not _plain_eager_input(input):
-            if self.momentum is None and self.training and self.track_running_stats and _is_compiling():
+            if self.momentum is None and self.training and self.track_running_stats and _is_dynamo_compiling():
                 return self._outside_graph(input)  # type: ignore[no-any-return]
             return None
         training = self.training

@@ -343,7 +343,8 @@ def _copy_in_graph(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
     runs a batch norm on its weight repeated per instance, a copy, so an in-place update of
     the weight between forward and backward is no error there and backward uses the forward's
     values; the copy does the same here."""
-    if weight is not None and _grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if (weight is not None and not isinstance(x, _Proxy) and _grad_enabled()
+            and (x.requires_grad or weight.requires_grad)):
         return weight.clone()
     return weight
 
@@ -357,9 +358,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     params = [weight, bias, running_mean, running_var]
     if not isinstance(input, _Proxy) and not _instance_applies(input, params, use_input_stats, momentum, eps):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    weight, bias = _up(input, weight), _up(input, bias)
-    if not isinstance(input, _Proxy):
-        weight = _copy_in_graph(input, weight)
+    weight, bias = _copy_in_graph(input, _up(input, weight)), _up(input, bias)
     dense = _dense(input)
     if not use_input_stats:
         y = _torch_ops.batch_norm_eval(dense, weight, bias, _up(input, running_mean), _up(input, running_var), eps)

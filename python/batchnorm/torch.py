@@ -991,14 +991,13 @@ def _folded_layer(layer: torch.nn.Module, bn: _BatchNorm) -> torch.nn.Module:
     output they saw, as torch's ``fuse_modules`` moves them."""
     folded: torch.nn.Module
     if isinstance(layer, torch.nn.Linear):
-        if bn.weight is None or bn.bias is None:  # fuse_linear_bn_eval multiplies by None (affine=False)
-            folded = copy.deepcopy(layer)
-            ones, zeros = torch.ones_like(bn.running_mean), torch.zeros_like(bn.running_mean)
-            folded.weight, folded.bias = torch.nn.utils.fusion.fuse_linear_bn_weights(
-                layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
-                ones if bn.weight is None else bn.weight, zeros if bn.bias is None else bn.bias)
-        else:
-            folded = torch.nn.utils.fusion.fuse_linear_bn_eval(layer, bn)
+        # fuse_linear_bn_eval's own steps, with 1 and 0 for the parameters of a batch norm
+        # without affine ones: it multiplies by None there
+        folded = copy.deepcopy(layer)
+        folded.weight, folded.bias = torch.nn.utils.fusion.fuse_linear_bn_weights(
+            layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,  # type: ignore[arg-type]
+            torch.ones_like(bn.running_mean) if bn.weight is None else bn.weight,
+            torch.zeros_like(bn.running_mean) if bn.bias is None else bn.bias)
     else:
         folded = torch.nn.utils.fusion.fuse_conv_bn_eval(  # type: ignore[type-var]
             layer, bn, transpose=isinstance(layer, _TRANSPOSED))

@@ -448,6 +448,15 @@ def _():
     return (lambda: m(x, out=out)), [m, x, out]
 
 
+@case("out_wrong_dtype_module_without_arrays", TypeError, r"^out has dtype float32", "float64")
+def _():
+    # float64 input is this module's to take (it holds no arrays): the fault is `out`'s
+    m = bn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    x = f32(4, 3, 5).astype(np.float64)
+    out = np.full((4, 3, 5), 7.0, np.float32)
+    return (lambda: m(x, out=out)), [m, x, out]
+
+
 @case("out_is_list", TypeError, r"\bout\b")
 def _():
     s = fstate()
@@ -1012,6 +1021,14 @@ SCALAR_CALLS = {
     "layer_norm_eps_bool": (lambda v, x: bn.layer_norm(x, 3, eps=v), True, "eps", "a float"),
     "fold_axis": (lambda v, x: bn.fold(trained().eval(), np.ones((3, 2, 1, 1), np.float32), axis=v), 0.0,
                   "axis", "an int"),
+    # NumPy's bool too (nanobind's float conversion took it as 1.0)
+    "batch_norm_train_momentum_numpy_bool": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32),
+                                                                        np.ones(6, np.float32), training=True,
+                                                                        momentum=v), np.True_, "momentum", "a float"),
+    "batch_norm_eval_eps_numpy_bool": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                                  eps=v), np.True_, "eps", "a float"),
+    "layer_norm_eps_numpy_bool": (lambda v, x: bn.layer_norm(x, 3, eps=v), np.True_, "eps", "a float"),
+    "group_norm_axis_numpy_bool": (lambda v, x: bn.group_norm(x, 2, axis=v), np.True_, "axis", "an int"),
 }
 
 
@@ -1022,6 +1039,28 @@ def test_scalar_argument_of_the_wrong_type_is_named(name):
     before = x.copy()
     with pytest.raises(TypeError, match=all_of(rf"^{arg} must be {kind}, got {type(bad).__name__}$")):
         call(bad, x)
+    np.testing.assert_array_equal(x, before)
+
+
+# Integers beyond the core's C types: a ValueError naming the argument, not the signature dump.
+BIG_INTEGERS = {
+    "batch_norm_train_axis": (lambda x: bn.batch_norm(x, None, None, training=True, axis=2 ** 31), "axis"),
+    "batch_norm_eval_axis": (lambda x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                     axis=-(2 ** 31) - 1), "axis"),
+    "batch_norm_stats_axis": (lambda x: bn.batch_norm_stats(x, axis=2 ** 63), "axis"),
+    "group_norm_num_groups": (lambda x: bn.group_norm(x, 2 ** 64), "num_groups"),
+    "group_norm_backward_num_groups": (lambda x: bn.group_norm_backward(x, x, 2 ** 63, *_gn_stats()), "num_groups"),
+    "instance_norm_axis": (lambda x: bn.instance_norm(x, axis=2 ** 40), "axis"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BIG_INTEGERS))
+def test_integer_beyond_the_core_is_named(name):
+    call, arg = BIG_INTEGERS[name]
+    x = _x()
+    before = x.copy()
+    with pytest.raises(ValueError, match=rf"^{arg} -?\d+ is out of range"):
+        call(x)
     np.testing.assert_array_equal(x, before)
 
 

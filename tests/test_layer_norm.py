@@ -119,6 +119,11 @@ def test_backward_helpers_without_a_weight_give_the_parameter_gradients(dtype, r
                   ref.group_norm_backward(gy, x, 5, gmean, ginv)),
         "instance": (lambda w: bn.instance_norm_backward(gy, x, cast[5], cast[6], w), np.ones(5, dtype),
                      ref.instance_norm_backward(gy, x, imean, iinv)),
+        # the channel axis as a NumPy integer (read from an array's shape or attributes)
+        "group, NumPy axis": (lambda w: bn.group_norm_backward(gy, x, 5, cast[3], cast[4], w, axis=np.int64(1)),
+                              np.ones(5, dtype), ref.group_norm_backward(gy, x, 5, gmean, ginv)),
+        "instance, NumPy axis": (lambda w: bn.instance_norm_backward(gy, x, cast[5], cast[6], w, axis=np.intp(-2)),
+                                 np.ones(5, dtype), ref.instance_norm_backward(gy, x, imean, iinv)),
     }
     for name, (backward, explicit, expected) in cases.items():
         got, with_ones = backward(None), backward(explicit)

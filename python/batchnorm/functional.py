@@ -141,16 +141,26 @@ def _real(name: str, value: object) -> float:
     return float(value)
 
 
+# The integers the core takes as 64-bit; the others (``axis``) are C ints.
+_INT64_SCALARS = ("num_groups",)
+
+
 def _name_the_scalar(**scalars: object) -> None:
     """After ``_core`` refused a call's argument types (nanobind's message then lists the
     core's signatures): raises the TypeError of ``_real`` (``eps``, ``momentum``) or
-    ``_integer`` (the others) for the scalar argument of the wrong type, if one is; else
-    returns, and the caller re-raises nanobind's. Called only on that failure, so the calls
-    that succeed pay nothing for it."""
+    ``_integer`` (the others) for the scalar argument of the wrong type, if one is, or a
+    ValueError for an integer beyond the core's C type; else returns, and the caller
+    re-raises nanobind's. Called only on that failure, so the calls that succeed pay
+    nothing for it."""
     try:
         for name, value in scalars.items():
-            (_real if name in ("eps", "momentum") else _integer)(name, value)
-    except TypeError as error:
+            if name in ("eps", "momentum"):
+                _real(name, value)
+                continue
+            bits = 63 if name in _INT64_SCALARS else 31
+            if not -(2 ** bits) <= _integer(name, value) < 2 ** bits:
+                raise ValueError(f"{name} {value} is out of range")
+    except (TypeError, ValueError) as error:
         raise error from None  # not "during handling of" nanobind's error
 
 

@@ -115,8 +115,9 @@ def group_norm_backward(
         arrays are of the kind of ``grad_y``.
     """
     if weight is None:
+        _name_the_scalar(axis=axis)  # before it indexes the shape (any integer type; no bool)
         shape = _shape_of(x)
-        if len(shape) >= 2 and isinstance(axis, int) and -len(shape) <= axis < len(shape):  # else the core's error
+        if len(shape) >= 2 and -len(shape) <= axis < len(shape):  # else the core's error
             weight = _ones_like_params(x, (shape[axis],))
     try:
         grads = _group_norm_backward(grad_y, x, mean, invstd, weight, num_groups, axis, out)

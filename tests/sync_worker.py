@@ -193,6 +193,21 @@ def _numpy_faults(make: Callable[..., Any], world: int, rank: int) -> Dict[str, 
     before = int(good.num_batches_tracked)
     faults["bad_out"] = _outcome(lambda: good(x, out=np.empty_like(x) if rank != last else np.empty((2, 3), np.float32)).shape)
     faults["bad_out_counted"] = int(good.num_batches_tracked) - before
+    # an `out` the kernel refuses after the exchange: its elements at one address, or the
+    # module's own weight (forward and backward; a batch of one sample whose plane is 1x1)
+    one_address = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=x.shape, strides=(0,) * x.ndim)
+    faults["zero_stride_out"] = _outcome(lambda: good(x, out=np.empty_like(x) if rank != last else one_address).shape)
+    wide = make(24)
+    sample = np.arange(24, dtype=np.float32).reshape(1, 24, 1, 1) * (rank + 1)
+    on_weight = wide.weight.reshape(sample.shape)
+    faults["out_on_weight"] = _outcome(lambda: wide(sample, out=np.empty_like(sample) if rank != last else on_weight).shape)
+    faults["refused_out_counted"] = int(good.num_batches_tracked) - before + int(wide.num_batches_tracked)
+
+    def grad_out_on_weight() -> Any:
+        wide(sample)
+        return wide.backward(sample, out=np.empty_like(sample) if rank != last else on_weight).shape
+
+    faults["grad_out_on_weight"] = _outcome(grad_out_on_weight)
 
     def bad_grad_out() -> Any:
         good(x)

@@ -84,14 +84,15 @@ def test_faults_raise_on_every_rank(numerics):
         assert "num_features differs" in f["mpi/channels"]["message"]
         assert f["mpi/dtype"]["raised"] == "TypeError"
         assert "rank 0: float64, rank 1: float32" in f["mpi/dtype"]["message"]
-        for name in ("bad_input", "bad_dtype_input", "bad_grad", "bad_out", "bad_grad_out"):
+        for name in ("bad_input", "bad_dtype_input", "bad_grad", "bad_out", "bad_grad_out", "zero_stride_out",
+                     "out_on_weight", "grad_out_on_weight"):
             got = f[f"mpi/{name}"]
             if last:
                 assert got["raised"] in ("ValueError", "TypeError"), (name, got)
             else:
                 assert got["raised"] == "RuntimeError" and f"rank(s) [{world - 1}]" in got["message"] \
                     or "1 rank(s)" in got["message"], (name, got)
-        assert f["mpi/bad_out_counted"] == 0  # no rank counted the failed step
+        assert f["mpi/bad_out_counted"] == f["mpi/refused_out_counted"] == 0  # no rank counted a failed step
         assert f["mpi/eval_local"] == {**f["mpi/eval_local"], "raised": None, "value": 0.0}
         assert f["mpi/all_empty"]["value"] == [[0, 3, 2, 2], [0, 3, 2, 2], 0]
         assert "Expected more than 1 value per channel" in f["mpi/one_value"]["message"]

@@ -135,7 +135,9 @@ def test_numpy_module_faults_inside_a_step(numerics):
             assert "raised in their backward" in grad["message"]
         out = f["bad_out"]  # a bad `out` on one rank: every rank raises, none counts the step
         assert out["raised"] == ("ValueError" if last else "RuntimeError"), out
-        assert f["bad_out_counted"] == 0
+        assert f["bad_out_counted"] == f["refused_out_counted"] == 0
+        for name in ("zero_stride_out", "out_on_weight", "grad_out_on_weight"):  # the kernel's checks, made first
+            assert f[name]["raised"] == ("ValueError" if last else "RuntimeError"), (name, f[name])
         grad_out = f["bad_grad_out"]
         assert grad_out["raised"] == ("TypeError" if last else "RuntimeError"), grad_out
         assert f["eval_local"] == {**f["eval_local"], "raised": None, "value": 0.0}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -334,10 +334,11 @@ def check_count(count: float, link: _Transport) -> None:
         )
 
 
-def check_out(out: Any, like: ArrayIn) -> None:
-    """The kernels' checks of ``out`` (an array of ``like``'s dtype and shape, writable, no
-    tensor that requires grad), in their words, made in a step's local part: a bad ``out`` on
-    one rank then fails the step on every rank before any rank changes state (the kernels,
+def check_out(out: Any, like: ArrayIn, apart: Dict[str, Optional[FloatArray]]) -> None:
+    """The kernels' checks of ``out`` (an array of ``like``'s dtype and shape, writable, its
+    elements at separate addresses, no tensor that requires grad, sharing no memory with the
+    per-channel arrays in ``apart``), in their words, made in a step's local part: a bad ``out``
+    on one rank then fails the step on every rank before any rank changes state (the kernels,
     which check again, run after the exchange)."""
     if out is None:
         return
@@ -354,6 +355,14 @@ def check_out(out: Any, like: ArrayIn) -> None:
         raise ValueError(f"out must have the input's shape {reference.shape}, got {array.shape}")
     if not array.flags.writeable:
         raise ValueError("out is read-only; pass a writable array")
+    if array.size > 1:
+        for dim, (size, stride) in enumerate(zip(array.shape, array.strides)):
+            if stride == 0 and size > 1:
+                raise ValueError(f"out has more than one element at one memory location (a zero stride in "
+                                 f"dimension {dim}); pass an array whose elements are separate")
+    for name, other in apart.items():
+        if other is not None and np.may_share_memory(array, other):
+            raise ValueError(f"out overlaps {name}; pass a separate array")
 
 
 def _empty_like(x: ArrayIn) -> FloatArray:
@@ -509,7 +518,8 @@ class SyncBatchNorm(_BatchNorm):
             empty[0] = self._check_input(x)
             if _to_numpy(x).dtype != self.dtype:
                 raise TypeError(f"x must have dtype {self.dtype} (the module's), got {_to_numpy(x).dtype}")
-            check_out(out, x)
+            check_out(out, x, {"weight": self.weight, "bias": self.bias, "running_mean": self.running_mean,
+                               "running_var": self.running_var})
             return _local_moments(x, axis, empty[0], channels), _DTYPE_CODES[self.dtype]
 
         count, mean, m2 = global_moments(link, channels, local)
@@ -555,7 +565,7 @@ class SyncBatchNorm(_BatchNorm):
                     f"grad_y must have the shape of the forward's input {_to_numpy(x).shape}, "
                     f"got {_to_numpy(grad_y).shape}"
                 )
-            check_out(out, grad_y)
+            check_out(out, grad_y, {"weight": weight})
             return backward_sums(grad_y, x, stats, axis, empty)
 
         _, (sum_dy, sum_dy_xmu) = global_grad_sums(link, self.num_features, local)

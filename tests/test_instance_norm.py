@@ -65,6 +65,55 @@ def test_unbatched_matches_torch(torch, rng):
     assert_close(m(x), tm(torch.from_numpy(x)).numpy(), np.float32)
 
 
+def test_unbatched_arguments_get_the_batched_checks(torch, rng):
+    """An unbatched call runs as a batch of one sample: its out and grad_y are checked as the
+    batched call's are, and written in place (a list was converted and its copy written)."""
+    x = logical_data(rng, (3, 5))
+    m = bn.InstanceNorm1d(3, affine=True, dtype=np.float64)
+    as_list = np.zeros((3, 5)).tolist()
+    for bad in (as_list, np.zeros((3, 5), np.float32)):
+        with pytest.raises(TypeError, match=r"\bout\b"):
+            m(x, out=bad)
+    assert as_list == np.zeros((3, 5)).tolist()
+    with pytest.raises(TypeError, match="requires grad"):
+        m(torch.tensor(x, requires_grad=True))
+    with pytest.raises(TypeError, match="requires grad"):
+        m(x, out=torch.zeros(3, 5, dtype=torch.float64, requires_grad=True))
+    out = np.empty((3, 5))
+    assert m(x, out=out) is out
+    assert_close(out, ref.instance_norm(x[None])[0][0], np.float64)
+    with pytest.raises(TypeError, match=r"\bgrad_y\b"):
+        m.backward(np.ones((3, 5)).tolist())
+    grad_x = torch.empty(3, 5, dtype=torch.float64)
+    assert m.backward(np.ones((3, 5)), out=grad_x) is grad_x
+    assert_close(grad_x.numpy(), m.backward(np.ones((3, 5))), np.float64)
+
+
+@pytest.mark.parametrize("axis", [1, -1], ids=["cf", "cl"])
+def test_zero_channels_give_empty_results(axis):
+    """N x 0 instances: empty outputs, statistics and gradients, as torch gives (the kernel
+    wrote N statistics into the N x 0 of them, past the end of the allocation)."""
+    shape = (64, 0, 3) if axis == 1 else (64, 3, 0)
+    x = np.zeros(shape, np.float32)
+    for _ in range(3):
+        assert bn.instance_norm(x, axis=axis).shape == shape
+    stats = np.zeros((64, 0), np.float32)
+    grad_x, grad_weight, grad_bias = bn.instance_norm_backward(x, x, stats, stats, axis=axis)
+    assert grad_x.shape == shape and grad_weight.shape == grad_bias.shape == (0,)
+    assert grad_weight.dtype == np.float32
+    with pytest.raises(ValueError, match="grad_y"):
+        bn.instance_norm_backward(x[:1], x, stats, stats, axis=axis)
+
+
+def test_zero_channels_in_torch(torch):
+    bnt = pytest.importorskip("batchnorm.torch")
+    x = torch.zeros(64, 0, 3)
+    for _ in range(3):
+        outputs = torch.ops.batchnorm.instance_norm_train(x, None, None, None, None, 0.1, 1e-5)
+        assert [tuple(t.shape) for t in outputs] == [(64, 0, 3), (64, 0), (64, 0), (0,), (0,)]
+    assert bnt.instance_norm(x).shape == bnt.InstanceNorm1d(0)(x).shape == x.shape
+
+
 def test_channel_mismatch_warns_without_affine_and_raises_with(rng):
     x = logical_data(rng, (2, 5, 8))
     with pytest.warns(UserWarning, match="does not match num_features"):

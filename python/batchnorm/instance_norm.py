@@ -124,17 +124,29 @@ def instance_norm_backward(
     channels = shape[axis]  # an instance is a group of one channel
     if weight is None:
         weight = _ones_like_params(x, (channels,))
+    if channels == 0:  # no instance, nothing to differentiate (group norm takes no zero groups)
+        if tuple(_shape_of(grad_y, "grad_y")) != tuple(shape):
+            raise ValueError(f"grad_y must have the shape of x {tuple(shape)}, got {tuple(_shape_of(grad_y, 'grad_y'))}")
+        no_params = np.empty(0, np.asarray(weight).dtype)
+        return _returned_grads(grad_y, out, (np.empty(tuple(shape), _to_numpy(x).dtype), no_params, no_params.copy()))
     grads = _group_norm_backward(grad_y, x, mean, invstd, weight, channels, axis, out)
     return _returned_grads(grad_y, out, grads)
+
+
+def _batch_of_one(value: Any) -> Any:
+    """An unbatched array or tensor as a batch of one sample: a view of the same kind, so that
+    the kernels' checks (an array, writable, no tensor that requires grad) see what the caller
+    passed. Anything else is passed on as it is, for the kernels to refuse by name."""
+    if isinstance(value, np.ndarray) or hasattr(value, "__dlpack__"):
+        return value[None]
+    return value
 
 
 def _unbatched(grads: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     """The backward of a forward that added a batch dim to an unbatched input."""
 
     def unbatched_grads(grad_y: Any, out: Any) -> Any:
-        grad_x, grad_weight, grad_bias = grads(
-            _to_numpy(grad_y)[None], None if out is None else _to_numpy(out)[None]
-        )
+        grad_x, grad_weight, grad_bias = grads(_batch_of_one(grad_y), _batch_of_one(out))
         return grad_x[0], grad_weight, grad_bias
 
     return unbatched_grads
@@ -198,8 +210,7 @@ class _InstanceNorm(_NormBase):
         relu = activation is not None and _relu_flag(activation)
         xb, outb = x, out
         if unbatched:
-            xb = _to_numpy(x)[None]
-            outb = None if out is None else _to_numpy(out)[None]
+            xb, outb = _batch_of_one(x), _batch_of_one(out)
         state = self.__dict__
         weight, bias = state["_weight"], state["_bias"]
         running_mean, running_var = state["_running_mean"], state["_running_var"]

@@ -293,6 +293,23 @@ TYPED_TEST(Norms, InstanceNormRunningStatistics) {
     }
 }
 
+TYPED_TEST(Norms, InstanceNormWithoutChannelsWritesNoStatistics) {
+    // N x 0 instances: no statistics to write (the guards around them must stay untouched)
+    using T = TypeParam;
+    using P = batchnorm::compute_t<T>;
+    for (bool last : {false, true}) {
+        const GroupShape s{8, 0, 3, last};
+        std::vector<P> guard_mean(8, P(7)), guard_invstd(8, P(7));
+        std::vector<T> x(1), y(1, T(5));
+        batchnorm::instance_norm(x.data(), y.data(), s, static_cast<const P*>(nullptr), static_cast<const P*>(nullptr),
+                                 static_cast<P*>(nullptr), static_cast<P*>(nullptr), 0.1, 1e-5, guard_mean.data(),
+                                 guard_invstd.data());
+        EXPECT_EQ(guard_mean, std::vector<P>(8, P(7)));
+        EXPECT_EQ(guard_invstd, std::vector<P>(8, P(7)));
+        EXPECT_EQ(y[0], T(5));
+    }
+}
+
 TYPED_TEST(Norms, LayerClasses) {
     using T = TypeParam;
     // GroupNorm<T> equals the function; backward fills the parameter gradients.

@@ -32,8 +32,8 @@ void instance_norm(const T* x, T* y, const GroupShape& shape, const compute_t<T>
     detail::require(shape.spatial != 1, "Expected more than 1 spatial element when training, got input size (",
                     shape.batch, ", ", shape.channels, ", ", shape.spatial, ")");
     const std::int64_t C = shape.channels;
-    if (shape.size() == 0) {
-        group_norm(x, y, shape, C > 0 ? C : 1, weight, bias, eps, save_mean, save_invstd, act);
+    if (shape.size() == 0) {  // nothing to normalize; without channels, no statistics either (N x 0)
+        if (C > 0) group_norm(x, y, shape, C, weight, bias, eps, save_mean, save_invstd, act);
         return;
     }
     std::vector<double> means, vars;

@@ -169,8 +169,9 @@ def _check_channels(shape: Tuple[int, ...], axis: int, channels: int, name: str)
 def _eval_saved(module: Any) -> FloatArray:
     """The (2, C) array a running-statistics forward has ``_core.forward_eval`` write its mean
     and invstd into (``saved=``), so later updates of the running buffers do not reach its
-    backward (PyTorch's rule: as saved at forward). One per module, reused: only the last
-    forward's saved context refers to it, and copies of the module get their own."""
+    backward (the forward's values, as torch's autograd formula saves them). One per module,
+    reused: only the last forward's saved context refers to it, and copies of the module get
+    their own."""
     saved: Optional[FloatArray] = module.__dict__.get("_eval_stats")
     if saved is None:
         saved = module.__dict__["_eval_stats"] = np.empty((2,) + module._param_shape, module.dtype)
@@ -285,7 +286,8 @@ class _Module:
         """Gradient of the last forward; sets ``weight_grad`` and ``bias_grad``.
 
         Uses the ``x`` and ``weight`` arrays of the last forward, by reference, and the
-        statistics that forward used, as they were then (PyTorch's rule).
+        statistics that forward used, as they were then (the values torch's autograd
+        formula saves).
 
         Returns
         -------

@@ -265,7 +265,7 @@ def backward_of(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], mean:
                 needs: Sequence[bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of (input, weight, bias), None where not needed. ``mean``/``second`` are the
     batch mean and invstd (training) or the running mean and variance as saved at forward
-    (eval: PyTorch's rule). With grad mode on (``create_graph=True``) torch's differentiable
+    (eval: the forward's values, as torch's autograd formula saves them). With grad mode on (``create_graph=True``) torch's differentiable
     ``native_batch_norm_backward`` runs, so that higher-order gradients exist."""
     mask = [needs[0], needs[1] and weight is not None, needs[2]]
     if torch.is_grad_enabled() and not training:

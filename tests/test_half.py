@@ -452,6 +452,47 @@ def test_torch_model_in_half(torch, tdtype, channels_last, monkeypatch, rng):
     assert_within_ulp(y_eval.float().numpy(), y_eval64, half, np.abs(y_eval64 - b) + np.abs(b))
 
 
+def _higher_order_grads(torch, module, x, training):
+    """A gradient penalty's gradients (double backward; training, where the first gradient
+    depends on x) and batched input gradients (``is_grads_batched``) of ``module`` at ``x``."""
+    module.train(training)
+    x = x.detach().requires_grad_()
+    grads = []
+    if training:
+        r = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(x.dtype)
+        (g,) = torch.autograd.grad((module(x) * r).sum(), x, create_graph=True)
+        g.float().pow(2).sum().backward()
+        grads += [x.grad, module.weight.grad]
+    y = module(x)
+    cotangents = torch.randn((2, *y.shape), generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    grads += list(torch.autograd.grad(y, x, cotangents, is_grads_batched=True))
+    return [g.double().numpy() for g in grads]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
+def test_torch_half_parameters_double_backward_and_batched_grads(torch, tdtype, training, rng):
+    """``model.bfloat16()`` / ``model.half()``: double backward and batched gradients (torch's
+    differentiable formulas) take the half weight as the float32 the forward computed with.
+    Against float64 torch on the same (upcast) values: within 2 half-type epsilons of the
+    largest gradient (the chain rounds its intermediate gradient to the half type)."""
+    dt = getattr(torch, tdtype)
+    m = pytest.importorskip("batchnorm.torch").BatchNorm2d(3)
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy(params(rng, 3)[0]))
+        m.bias.copy_(torch.from_numpy(params(rng, 3)[1]))
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    m.to(dt)
+    reference = torch.nn.BatchNorm2d(3).double()  # the half values, upcast
+    reference.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in m.state_dict().items()})
+    x = torch.from_numpy(rng.standard_normal((4, 3, 5, 5)).astype(np.float32) * 2 + 1).to(dt)
+    got = _higher_order_grads(torch, m, x, training)
+    expected = _higher_order_grads(torch, reference, x.double(), training)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=2 * float(torch.finfo(dt).eps) * np.abs(e).max())
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16"])
 def test_torch_half_module_shortcut_matches_the_functional_route(torch, tdtype, momentum, monkeypatch, rng):

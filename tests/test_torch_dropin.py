@@ -192,8 +192,8 @@ def test_no_grad_forward_builds_no_graph_and_updates_stats(rng, no_fallback):
 
 
 # half tensors (model.bfloat16(), float16 input) run on the kernels now: tests/test_half.py
-@pytest.mark.parametrize("what", ["running-requires-grad", "empty",
-                                  "one-value-per-channel", "mixed-dtype", "eps0", "meta"])
+@pytest.mark.parametrize("what", ["running-requires-grad", "empty", "one-value-per-channel", "mixed-dtype",
+                                  "eps0", "eps-bool", "momentum-bool", "meta"])
 def test_falls_back_to_torch_where_kernels_do_not_apply(what, fallback_calls, rng):
     m, ref = bnt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     x = torch.randn(2, 3, 4, 4)
@@ -210,6 +210,9 @@ def test_falls_back_to_torch_where_kernels_do_not_apply(what, fallback_calls, rn
         x = x.double()
     elif what == "eps0":
         m.eps = ref.eps = 0.0
+    elif what in ("eps-bool", "momentum-bool"):  # torch reads True as 1.0; the kernels' bindings take no bool
+        setattr(m, what[:-5], True)
+        setattr(ref, what[:-5], True)
     elif what == "meta":
         m, ref, x = m.to("meta"), ref.to("meta"), x.to("meta")
     try:
@@ -408,6 +411,40 @@ def test_convert_top_level_returns_replacement():
     assert bnt.convert(new) is new  # already converted: unchanged
 
 
+@pytest.mark.parametrize("make", [lambda: bnt.BatchNorm2d(3), lambda: bnt.GroupNorm(1, 3), lambda: bnt.LayerNorm(5)],
+                         ids=["BatchNorm2d", "GroupNorm", "LayerNorm"])
+def test_copies_of_a_compiled_module_run_themselves(make):
+    """As torch's modules: a copy or a pickle of a module compiled with ``Module.compile()``
+    leaves the compiled call behind (it is bound to the original), so the copy runs itself."""
+    m = make()
+    m.compile(backend="eager")
+    x = torch.randn(4, 3, 5, 5)
+    m(x)
+    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        c.eval() if isinstance(c, bnt.BatchNorm2d) else c.weight.data.mul_(2)  # a change only the copy sees
+        y = c(x)
+        if isinstance(c, bnt.BatchNorm2d):  # eval: the running statistics, and nothing counted
+            torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, c.running_mean, c.running_var, c.weight,
+                                                                         c.bias, False, 0.1, c.eps))
+        else:
+            assert not torch.equal(y, m(x))
+        for key, value in m.state_dict().items():
+            assert torch.equal(value, before[key]), key
+
+
+def test_convert_a_compiled_batch_norm():
+    """A batch norm compiled with ``Module.compile()`` and then converted (or reverted): the
+    replacement runs itself (eagerly), not the old module's compiled call."""
+    ref = torch.nn.BatchNorm2d(3).eval()
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    for m, swap in ((torch.nn.BatchNorm2d(3), bnt.convert), (bnt.BatchNorm2d(3), bnt.revert)):
+        m.compile(backend="eager")
+        new = swap(m).eval()
+        torch.testing.assert_close(new(x), ref(x))  # eval: the running statistics
+        assert int(new.num_batches_tracked) == 0
+
+
 def small_cnn(seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(
@@ -479,6 +516,8 @@ def test_torchscript_scripts_and_saves_with_torchs_op(rng):
         ref.load_state_dict(ours.state_dict())
         ours.train(training)
         ref.train(training)
+        warm = torch.randn(2, 3, 8, 8)  # a module that has run (and cached its views) scripts too
+        torch.testing.assert_close(ours(warm), ref(warm))
         scripted = torch.jit.script(ours)
         buf = io.BytesIO()
         torch.jit.save(scripted, buf)

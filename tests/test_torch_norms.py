@@ -252,6 +252,136 @@ def test_torch_keeps_what_the_kernels_do_not_take():
             bnt.group_norm(x, groups)
 
 
+@pytest.mark.parametrize("name,args,kwargs,shape,op", CASES, ids=CASE_IDS)
+def test_bool_eps_and_momentum_are_torchs_numbers(name, args, kwargs, shape, op):
+    """torch reads eps=True and momentum=True as 1.0 (the kernels' bindings take no bool):
+    torch's results and state, before and after the module's views are cached."""
+    ref, ours = pair(name, args, kwargs, torch.float32)
+    x = data(shape, torch.float32)
+    torch.testing.assert_close(ours(x), ref(x))
+    for attr in ("eps", "momentum"):
+        if hasattr(ref, attr) and getattr(ref, attr) is not None:
+            setattr(ref, attr, True)
+            setattr(ours, attr, True)
+            torch.testing.assert_close(ours(x), ref(x))
+            assert_states_match(ours, ref, TOL[torch.float32][0])
+
+
+def test_bool_eps_and_momentum_in_the_functional_forms():
+    x, w, b = data((3, 4, 5), torch.float32), torch.rand(4) + 0.5, torch.rand(4)
+    F = torch.nn.functional
+    calls = [
+        lambda f, m: f.layer_norm(x, (5,), w[:1].expand(5).clone(), None, eps=True),
+        lambda f, m: f.rms_norm(x, (5,), None, eps=True),
+        lambda f, m: f.group_norm(x, 2, w, b, eps=True),
+        lambda f, m: f.instance_norm(x, m[0], m[1], w, b, True, momentum=True, eps=True),
+        lambda f, m: f.batch_norm(x, m[0], m[1], w, b, True, momentum=True, eps=True),
+    ]
+    for call in calls:
+        stats = [torch.zeros(4), torch.ones(4)], [torch.zeros(4), torch.ones(4)]
+        torch.testing.assert_close(call(bnt, stats[0]), call(F, stats[1]))
+        torch.testing.assert_close(stats[0], stats[1])
+
+
+def test_scalars_of_other_types_get_torchs_result_or_error():
+    """A scalar argument that is not a plain number (None, a string, a 0-d tensor, a float
+    num_groups): torch's function runs, with its result or its error in its words."""
+    x, rm, rv = data((4, 3, 5), torch.float32), torch.zeros(3), torch.ones(3)
+    F = torch.nn.functional
+    calls = [
+        lambda f: f.batch_norm(x, rm.clone(), rv.clone(), training=True, momentum=None),
+        lambda f: f.batch_norm(x, rm.clone(), rv.clone(), eps=torch.tensor(1e-3)),
+        lambda f: f.instance_norm(x, eps=None),
+        lambda f: f.layer_norm(x, (5,), eps="1e-5"),
+        lambda f: f.rms_norm(x, (5,), eps="1e-5"),
+        lambda f: f.group_norm(x, 3, eps=None),
+        lambda f: f.group_norm(x, 1.5),
+    ]
+    for call in calls:
+        try:
+            expected = call(F)
+        except Exception as error:
+            with pytest.raises(type(error), match=re.escape(str(error))):
+                call(bnt)
+        else:
+            torch.testing.assert_close(call(bnt), expected)
+    for nn in (torch.nn, bnt):  # a module's eps as a 0-d tensor: its eval backward too
+        m = nn.BatchNorm1d(3).eval()
+        m.eps = torch.tensor(1e-3)
+        xg = x[..., 0].clone().requires_grad_()
+        m(xg).sum().backward()
+        torch.testing.assert_close(xg.grad, torch.full((4, 3), (1 + 1e-3) ** -0.5))
+
+
+def test_non_tensor_input_gets_torchs_error():
+    x = data((3, 4, 5), torch.float32)
+    F = torch.nn.functional
+    calls = [
+        lambda f: f.rms_norm(x.numpy(), (5,)),
+        lambda f: f.layer_norm(x.tolist(), (5,)),
+        lambda f: f.group_norm(x.numpy(), 2),
+        lambda f: f.batch_norm(x.tolist(), torch.zeros(4), torch.ones(4)),
+    ]
+    for call in calls:
+        with pytest.raises(Exception) as expected:
+            call(F)
+        with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+            call(bnt)
+    for make in (lambda m: m.RMSNorm(5), lambda m: m.LayerNorm(5), lambda m: m.BatchNorm1d(4).eval()):
+        with pytest.raises(Exception) as expected:
+            make(torch.nn)(None)
+        with pytest.raises(type(expected.value)):
+            make(bnt)(None)
+
+
+INFERENCE_MAKERS = {
+    "BatchNorm2d": lambda nn: nn.BatchNorm2d(3), "BatchNorm2d-cumulative": lambda nn: nn.BatchNorm2d(3, momentum=None),
+    "LayerNorm": lambda nn: nn.LayerNorm(5), "GroupNorm": lambda nn: nn.GroupNorm(1, 3),
+    "InstanceNorm2d": lambda nn: nn.InstanceNorm2d(3, affine=True),
+    "InstanceNorm2d-tracked": lambda nn: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+    "RMSNorm": lambda nn: nn.RMSNorm(5),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("made", ["input", "model-and-input"])
+@pytest.mark.parametrize("name", sorted(INFERENCE_MAKERS))
+def test_inference_tensors_outside_inference_mode_as_torch(name, made, training):
+    """Tensors made under ``torch.inference_mode`` used outside it, with grad mode on: a model
+    and input made there run without a graph (their requires_grad does not count), as in
+    torch; an inference input to a model that trains raises torch's error before any running
+    statistic moves."""
+    with torch.inference_mode():
+        x = data((4, 3, 5, 5), torch.float32)
+    results = []
+    for nn in (torch.nn, bnt):
+        if made == "model-and-input":
+            with torch.inference_mode():
+                m = INFERENCE_MAKERS[name](nn).train(training)
+        else:
+            m = INFERENCE_MAKERS[name](nn).train(training)
+        try:
+            y = m(x)
+            outcome = (None, y.detach().clone(), y.requires_grad)
+        except RuntimeError as error:
+            outcome = (str(error), None, None)
+        results.append((outcome, {k: v.clone() for k, v in m.state_dict().items()}))
+    (expected, expected_state), (got, state) = results
+    assert got[0] == expected[0]
+    if expected[0] is None:
+        torch.testing.assert_close(got[1], expected[1])
+        # torch's composite rms_norm multiplies by the weight last: its output requires grad there
+        if not (name == "RMSNorm" and made == "model-and-input"):
+            assert got[2] == expected[2]
+    assert_states_match_dicts(state, expected_state)
+
+
+def assert_states_match_dicts(ours, ref):
+    assert list(ours) == list(ref)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
 def test_convert_and_revert_swap_every_norm():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -458,6 +588,7 @@ def test_script_and_trace_match_torch():
     ref = norms_model()
     ours = bnt.convert(copy.deepcopy(ref))
     x = data((2, 3, 6, 6), torch.float32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)  # modules that have run script too
     scripted = torch.jit.script(ours)
     traced = torch.jit.trace(ours, (x,))
     x2 = data((2, 3, 6, 6), torch.float32, seed=5)

@@ -31,8 +31,9 @@ from . import _torch_norm_ops as ops
 from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
-from .torch import (_DropIn, _dispatch_modes, _eager, _grad_enabled, _is_scripting, _is_tracing, _plain_eager_input,
-                    _Proxy, _records_graph, _route, _tensor, _transform_active, _up, _ViewsFollowTensors)
+from .torch import (_dispatch_modes, _eager, _eps_applies, _grad_enabled, _integer, _is_compiling, _is_scripting,
+                    _is_tracing, _momentum_applies, _plain_eager_input, _Proxy, _records_graph, _route, _tensor, _tracked,
+                    _transform_active, _up, _ViewsFollowTensors)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -53,7 +54,7 @@ def _run(name: str, x: Tensor, *args: Any) -> Any:
     """The op ``batchnorm::<name>`` on ``(x, *args)``; for a plain eager call, its kernel
     directly (no grad needed) or with its autograd rule as a plain autograd function."""
     if type(x) is Tensor and _eager(x, None, None, None, None) and _dispatch_modes() == 0:
-        if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, *args))):
+        if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and _tracked(t) for t in (x, *args))):
             return ops.call_kernel(name, ops.KERNELS[name], x, *args)
         return ops.EAGER[name](x, *args)
     return getattr(ops, name)(x, *args)
@@ -106,8 +107,6 @@ class _ParamViews(_ViewsFollowTensors):
             views = self._views = (weight, bias, key, (_numpy(weight), _numpy(bias)), dtypes.pop() if dtypes else None)
         dtype = views[4]
         return views[3] if dtype is None or dtype is input.dtype else None
-
-    __getstate__ = _DropIn.__getstate__  # pickled and copied without the cached views
 
 
 class _Kernels:
@@ -270,7 +269,7 @@ def _shape(normalized_shape: _Shape) -> Tuple[int, ...]:
 
 def _layer_applies(x: Tensor, shape: Tuple[int, ...], eps: float, *params: Optional[Tensor]) -> bool:
     return (_same_kind(x, *params) and 0 < len(shape) <= x.dim() and tuple(x.shape[x.dim() - len(shape):]) == shape
-            and all(t is None or tuple(t.shape) == shape for t in params) and 0.0 < eps < float("inf"))
+            and all(t is None or tuple(t.shape) == shape for t in params) and _eps_applies(eps))
 
 
 def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
@@ -289,6 +288,8 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     epsilon of the type the input is computed in (float32 for half inputs), as in torch."""
     shape = _shape(normalized_shape)
     if not isinstance(input, _Proxy):
+        if not isinstance(input, Tensor):  # torch's TypeError naming the argument
+            return F.rms_norm(input, list(shape), weight, eps)
         value = _opmath_eps(input) if eps is None and input.is_floating_point() else eps
         if not (_graph_or_eager(input, weight) and value is not None and _layer_applies(input, shape, value, weight)):
             return F.rms_norm(input, list(shape), weight, eps)
@@ -306,7 +307,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         _check_values_per_group(input.shape, num_groups, 1)  # torch's first check, in its words
     if isinstance(input, _Proxy) or (
             _graph_or_eager(input, weight, bias) and _same_kind(input, weight, bias) and input.dim() >= 2
-            and num_groups > 0 and input.shape[1] % num_groups == 0 and 0.0 < eps < float("inf")
+            and _integer(num_groups) and num_groups > 0 and input.shape[1] % num_groups == 0 and _eps_applies(eps)
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
         y = _run("group_norm", _dense(input), num_groups, _up(input, weight), _up(input, bias), eps)[0]
         return _torch_ops.in_torch_layout(y, input, True)
@@ -316,7 +317,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
 def _instance_applies(x: Tensor, params: List[Optional[Tensor]], use_input_stats: bool, momentum: float,
                       eps: float) -> bool:
     running_mean, running_var = params[2], params[3]
-    if not (_graph_or_eager(x, *params) and _same_kind(x, *params) and x.dim() >= 3 and 0.0 < eps < float("inf")):
+    if not (_graph_or_eager(x, *params) and _same_kind(x, *params) and x.dim() >= 3 and _eps_applies(eps)):
         return False
     if any(t is not None and tuple(t.shape) != (x.shape[1],) for t in params):
         return False
@@ -324,10 +325,11 @@ def _instance_applies(x: Tensor, params: List[Optional[Tensor]], use_input_stats
         return False
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):  # type: ignore[union-attr]
         return False
-    if not use_input_stats:
-        return running_mean is not None
+    if not use_input_stats:  # torch's op also for parameters made under inference_mode, which it takes there
+        return running_mean is not None and (_is_compiling() or torch.is_inference_mode_enabled() or not any(
+            t is not None and t.is_inference() for t in params[:2]))
     # one value per instance: torch's error
-    return x[0, 0].numel() > 1 and (running_mean is None or 0.0 <= momentum <= 1.0)
+    return x[0, 0].numel() > 1 and (running_mean is None or _momentum_applies(momentum))
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -343,8 +345,7 @@ def _copy_in_graph(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
     runs a batch norm on its weight repeated per instance, a copy, so an in-place update of
     the weight between forward and backward is no error there and backward uses the forward's
     values; the copy does the same here."""
-    if (weight is not None and not isinstance(x, _Proxy) and _grad_enabled()
-            and (x.requires_grad or weight.requires_grad)):
+    if weight is not None and not isinstance(x, _Proxy) and _records_graph(x, weight, None):
         return weight.clone()
     return weight
 
@@ -385,7 +386,7 @@ class LayerNorm(_ParamViews, torch.nn.LayerNorm):
     @torch.jit.unused
     def _kernels(self, input: Tensor) -> Tensor:
         weight, bias, shape = self._param("weight"), self._param("bias"), self.normalized_shape
-        if shape and _direct(input) and input.shape[input.dim() - len(shape):] == shape and 0.0 < self.eps < math.inf:
+        if shape and _direct(input) and input.shape[input.dim() - len(shape):] == shape and _eps_applies(self.eps):
             views = self._param_views(input, weight, bias, shape)
             if views is not None:
                 return _direct_call(input, weight, bias, views, _LayerKernels(len(shape), self.eps, False))
@@ -407,7 +408,7 @@ class RMSNorm(_ParamViews, torch.nn.RMSNorm):
         weight, shape, eps = self._param("weight"), self.normalized_shape, self.eps
         if shape and _direct(x) and x.shape[x.dim() - len(shape):] == shape:
             value = torch.finfo(x.dtype).eps if eps is None else eps
-            views = self._param_views(x, weight, None, shape) if 0.0 < value < math.inf else None
+            views = self._param_views(x, weight, None, shape) if _eps_applies(value) else None
             if views is not None:
                 return _direct_call(x, weight, None, views, _LayerKernels(len(shape), value, True))
         return rms_norm(x, shape, weight, eps)
@@ -428,7 +429,7 @@ class GroupNorm(_ParamViews, torch.nn.GroupNorm):
         weight, bias, groups = self._param("weight"), self._param("bias"), self.num_groups
         # numel == groups: one value per group, torch's error (the general route raises it)
         if (_direct(input) and input.dim() >= 2 and input.shape[1] == self.num_channels and input.numel() != groups
-                and 0.0 < self.eps < math.inf):
+                and _eps_applies(self.eps)):
             views = self._param_views(input, weight, bias, (self.num_channels,))
             if views is not None:
                 return _direct_call(input, weight, bias, views, _GroupKernels(groups, self.eps))
@@ -483,7 +484,7 @@ class _InstanceDropIn(_ParamViews, torch.nn.modules.instancenorm._InstanceNorm):
         # turned off are still updated, as torch does); one value per instance is torch's error
         if (not self.track_running_stats and self.running_mean is None and self.running_var is None
                 and _direct(input) and input.dim() >= 3
-                and input.shape[1] == self.num_features and input[0, 0].numel() > 1 and 0.0 < self.eps < math.inf):
+                and input.shape[1] == self.num_features and input[0, 0].numel() > 1 and _eps_applies(self.eps)):
             views = self._param_views(input, weight, bias, (self.num_features,))
             if views is not None:
                 copy = _copy_in_graph(input, weight)

@@ -34,6 +34,8 @@ the only module of the package that imports torch at import time.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
@@ -88,9 +90,16 @@ def _tensor(array: Any) -> Tensor:
 
 
 def _records_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether autograd records this call: grad mode on and a tensor that requires grad."""
-    return _grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                or (bias is not None and bias.requires_grad))
+    """Whether autograd records this call: grad mode on and a tensor that requires grad. An
+    inference tensor (made under ``torch.inference_mode``) counts as not requiring it, as in
+    torch: a model built there runs outside it without a graph."""
+    return _grad_enabled() and (_tracked(input) or (weight is not None and _tracked(weight))
+                                or (bias is not None and _tracked(bias)))
+
+
+def _tracked(t: Tensor) -> bool:
+    # (dynamo cannot trace is_inference(); a compiled graph holds no inference tensors)
+    return t.requires_grad and (_is_compiling() or not t.is_inference())
 
 
 def _plain_eager_input(input: Tensor) -> bool:
@@ -129,6 +138,27 @@ def _per_channel_ok(t: Optional[Tensor], x: Tensor, channels: int, widened: bool
     )
 
 
+def _number(value: object) -> bool:
+    """A real number the kernels' bindings take: not a flag (torch reads True as 1.0), a
+    tensor or anything else, for which torch's op runs, with its result or its error."""
+    return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+
+
+def _eps_applies(eps: float) -> bool:
+    """An ``eps`` the kernels take: a positive finite number (see ``_number``)."""
+    return _number(eps) and 0.0 < eps < math.inf
+
+
+def _momentum_applies(momentum: float) -> bool:
+    """A ``momentum`` the kernels take: a number in [0, 1] (see ``_number``)."""
+    return _number(momentum) and 0.0 <= momentum <= 1.0
+
+
+def _integer(value: object) -> bool:
+    """An integer the kernels' bindings take (``num_groups``): not a flag, not a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _kernels_apply(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -156,11 +186,13 @@ def _kernels_apply(
         return False
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):  # type: ignore[union-attr]
         return False
-    if training and running_mean is not None and not 0.0 <= momentum <= 1.0:
+    if training and running_mean is not None and not _momentum_applies(momentum):
         return False
     if training and _updates_inference_tensor(running_mean, running_var):
         return False
-    if not 0.0 < eps < float("inf"):
+    if training and running_mean is not None and _saves_inference_input(x, weight, bias):
+        return False
+    if not _eps_applies(eps):
         return False
     return all(_per_channel_ok(t, x, channels, widened) for t in (running_mean, running_var, weight, bias))
 
@@ -172,6 +204,13 @@ def _updates_inference_tensor(*tensors: Optional[Tensor]) -> bool:
     if _is_compiling():  # dynamo cannot trace these tests (and captures the update as a graph)
         return False
     return not _inference_mode() and any(t is not None and t.is_inference() for t in tensors)
+
+
+def _saves_inference_input(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether a call would save an inference tensor ``x`` for backward, which torch refuses
+    after its op ran; a training call of the kernels would have moved the running statistics
+    by then, so torch's op runs, for its error, before they move."""
+    return not _is_compiling() and x.is_inference() and not _inference_mode() and _records_graph(x, weight, bias)
 
 
 def _eager(
@@ -356,16 +395,17 @@ class _EagerFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         """Run the kernels; keep the NumPy views backward needs."""
+        # x only through save_for_backward (its view is made again in backward): saved-tensor
+        # hooks (activation checkpointing, offloading) then decide what x's memory does. Saved
+        # first: it raises for an inference tensor, before the running statistics move.
+        ctx.save_for_backward(x, weight)
         xn = _read_view(x)
         w, b, rm, rv = arrays
         if training:
             y, mean, second = _core.forward_train(xn, w, b, rm, rv, momentum, eps, 1, None)
         else:
             y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
-            mean, second = rm.copy(), rv.copy()  # PyTorch's rule: the statistics at forward
-        # x only through save_for_backward (its view is made again in backward): saved-tensor
-        # hooks (activation checkpointing, offloading) then decide what x's memory does
-        ctx.save_for_backward(x, weight)
+            mean, second = rm.copy(), rv.copy()  # the statistics at forward
         ctx.state = ((w, mean, second), training, eps)  # one attribute: each costs a tenth of a us
         return _tensor(y)
 
@@ -376,8 +416,10 @@ class _EagerFunction(torch.autograd.Function):
         (w, mean, second), training, eps = ctx.state
         needs = ctx.needs_input_grad  # (only its first three are read)
         grads = _kernel_backward(grad_y, (_read_view(x), w, mean, second), training, eps, needs)
-        if grads is None:  # create_graph (double backward), batched gradients: the ops
-            grads = ops.backward_of(grad_y, x, weight, _from_numpy(mean), _from_numpy(second), training, eps,
+        if grads is None:  # create_graph (double backward), batched gradients: the ops, with a
+            # half weight (model.bfloat16()) as the float32 the forward computed with (a
+            # differentiable cast: its gradient comes back in its dtype)
+            grads = ops.backward_of(grad_y, x, _up(x, weight), _from_numpy(mean), _from_numpy(second), training, eps,
                                     needs[:3])
         return (*grads, None, None, None, None)
 
@@ -389,8 +431,8 @@ class _BatchNormFunction(torch.autograd.Function):
     """Batch norm with autograd under ``torch.func`` transforms (``setup_context`` and a
     generated vmap rule make it usable there): the kernels directly where the transform
     hands plain tensors down (grad), the ``batchnorm::`` ops where not (vmap). Returns (y, a, b): the batch mean and invstd
-    in training, copies of the running mean and variance in eval (PyTorch's rule: backward
-    uses the running statistics as they were at forward)."""
+    in training, copies of the running mean and variance in eval (backward uses the running
+    statistics as they were at forward, the values torch's autograd formula saves)."""
 
     generate_vmap_rule = True
 
@@ -492,6 +534,8 @@ def batch_norm(
     (see the module docstring). The output has torch's memory format: channels_last for a
     channels_last input, contiguous otherwise (``ops.in_torch_layout``).
     """
+    if not isinstance(input, (Tensor, _Proxy)):  # torch's error for it
+        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if _half_params(input, running_mean, running_var, weight, bias) and (
             _eager(input, running_mean, running_var, weight, bias)
             or _route(input, running_mean, running_var, weight, bias) is not None):
@@ -582,6 +626,15 @@ class _ViewsFollowTensors(torch.nn.Module):
     ``.double()``, attribute assignment, ``load_state_dict(assign=True)``), since it holds the
     old tensors' memory, which torch's own module frees at once. A ``.data =`` swap, which the
     module cannot see, is released at its next call."""
+
+    __jit_ignored_attributes__ = ["_views"]  # TorchScript cannot type the cache (and never uses it)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch's state (without ``Module.compile()``'s bound call), pickled and copied
+        without the cached views (they alias this module's tensors)."""
+        state: Dict[str, Any] = super().__getstate__()
+        state.pop("_views", None)
+        return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self.__dict__.pop("_views", None)
@@ -687,12 +740,6 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
         a graph would be specialized on, one recompilation per step until dynamo's limit."""
         return self(input)  # type: ignore[no-any-return]
 
-    def __getstate__(self) -> Dict[str, Any]:
-        """Pickled and copied without the cached views (they alias this module's tensors)."""
-        state = self.__dict__.copy()
-        state.pop("_views", None)
-        return state
-
     @torch.jit.unused
     def _shortcut(self, input: Tensor) -> Optional[Tensor]:
         """``forward`` for a plain eager call (CPU tensors of torch's own classes, no graph
@@ -734,11 +781,13 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
             return None
         momentum = 0.0
         if training:
-            if input.numel() == views.channels or (views.inference and not _inference_mode()):
-                return None  # one value per channel, an inference tensor to update: torch's error
+            # one value per channel, an inference tensor to update or to save for backward:
+            # the general route, for torch's error before any state moves
+            if input.numel() == views.channels or ((views.inference or input.is_inference()) and not _inference_mode()):
+                return None
             if rm is not None:
                 momentum = self.momentum  # type: ignore[assignment]
-                if momentum is not None and not 0.0 <= momentum <= 1.0:
+                if momentum is not None and not _momentum_applies(momentum):
                     return None
                 if counter is not None:
                     count = views.count
@@ -751,29 +800,30 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
                 if momentum is None:
                     momentum = 0.0
         if views.half:  # model.bfloat16(): float32 copies, as torch computes (never cached: see _widened)
-            return self._widened(input, w, b, views.arrays, training, momentum)
-        return self._run(input, w, b, views.arrays, training, momentum)
+            return self._widened(input, w, b, views.arrays, training, momentum, views.eps)
+        return self._run(input, w, b, views.arrays, training, momentum, views.eps)
 
     @torch.jit.unused
     def _run(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], arrays: Tuple[Any, Any, Any, Any],
-             training: bool, momentum: float) -> Tensor:
-        """The kernels on NumPy arrays of (weight, bias, running mean, running variance)."""
+             training: bool, momentum: float, eps: float) -> Tensor:
+        """The kernels on NumPy arrays of (weight, bias, running mean, running variance), with
+        the cached views' ``eps`` (the number ``_kernels_apply`` accepted, equal to ``self.eps``)."""
         if _records_graph(input, w, b):
-            return _eager_apply(input, w, b, arrays, training, momentum, self.eps)
+            return _eager_apply(input, w, b, arrays, training, momentum, eps)
         w_np, b_np, rm_np, rv_np = arrays
         if input.dtype is _BFLOAT16:
             x = ops.bfloat16_view(input)
             if not training:
-                return _tensor(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
-            return _tensor(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+                return _tensor(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, eps, 1, None, None, False))
+            return _tensor(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, eps, 1, None)[0])
         x = input.numpy(force=True)
         if not training:
-            return _from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, self.eps, 1, None, None, False))
-        return _from_numpy(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, self.eps, 1, None)[0])
+            return _from_numpy(_core.forward_eval(x, rm_np, rv_np, w_np, b_np, eps, 1, None, None, False))
+        return _from_numpy(_core.forward_train(x, w_np, b_np, rm_np, rv_np, momentum, eps, 1, None)[0])
 
     @torch.jit.unused
     def _widened(self, input: Tensor, w: Optional[Tensor], b: Optional[Tensor], halves: Tuple[Any, Any, Any, Any],
-                 training: bool, momentum: float) -> Tensor:
+                 training: bool, momentum: float, eps: float) -> Tensor:
         """``_run`` with float32 copies of half-precision parameters and statistics, made per
         call: a cached copy would miss writes through ``.data`` and torch's own in-place
         updates, which bump no version counter. Parameter gradients come back in float32 and
@@ -781,7 +831,7 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
         rounded to nearest even, as torch's CPU kernel stores them."""
         arrays: Tuple[Any, Any, Any, Any] = tuple(  # type: ignore[assignment]
             None if a is None else a.astype(np.float32) for a in halves)
-        y = self._run(input, w, b, arrays, training, momentum)
+        y = self._run(input, w, b, arrays, training, momentum, eps)
         if training and halves[2] is not None:
             halves[2][...] = arrays[2]
             halves[3][...] = arrays[3]
@@ -853,7 +903,9 @@ FUSER_METHOD_MAPPING: Dict[Tuple[type, ...], Callable[..., torch.nn.Module]] = {
 }
 
 _OWN_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-_CACHES = ("_views", "_peers_checked")  # a drop-in's own: never carried to a replacement
+# Never carried to a replacement: a drop-in's own caches, and ``Module.compile()``'s call,
+# which is bound to the old module (the replacement would run it); compile after converting.
+_CACHES = ("_views", "_peers_checked", "_compiled_call_impl")
 
 
 def _replacement(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.nn.Module:

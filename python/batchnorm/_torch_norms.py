@@ -31,9 +31,10 @@ from . import _torch_norm_ops as ops
 from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
-from .torch import (_dispatch_modes, _eager, _eps_applies, _grad_enabled, _integer, _is_compiling, _is_scripting,
-                    _is_tracing, _momentum_applies, _plain_eager_input, _Proxy, _records_graph, _route, _tensor, _tracked,
-                    _transform_active, _up, _ViewsFollowTensors)
+from .torch import (_dispatch_modes, _eager, _eps_applies, _grad_enabled, _grad_outside_inference_mode, _integer,
+                    _is_compiling, _is_scripting, _is_tracing, _momentum_applies, _plain_eager_input, _Proxy,
+                    _records_graph, _records_module_graph, _route, _tensor, _tracked, _transform_active, _up,
+                    _ViewsFollowTensors)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -92,7 +93,8 @@ class _ParamViews(_ViewsFollowTensors):
                      shape: Sequence[int]) -> Optional[Tuple[Any, Any]]:
         """(weight, bias) as NumPy views (None for an absent one); None where a parameter is
         not a plain CPU tensor of ``shape`` and of the input's dtype (the call then takes the
-        route, and torch's errors)."""
+        route, and torch's errors), and for parameters made under ``torch.inference_mode``
+        while grad is on outside it (the route decides on a graph)."""
         views = self._views
         key = (weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
                weight.stride() if weight is not None else 0, bias.stride() if bias is not None else 0)
@@ -104,7 +106,11 @@ class _ParamViews(_ViewsFollowTensors):
             dtypes = {p.dtype for p in (weight, bias) if p is not None}
             if len(dtypes) > 1:
                 return None
-            views = self._views = (weight, bias, key, (_numpy(weight), _numpy(bias)), dtypes.pop() if dtypes else None)
+            made_in_inference_mode = any(p is not None and p.is_inference() for p in (weight, bias))
+            views = self._views = (weight, bias, key, (_numpy(weight), _numpy(bias)), dtypes.pop() if dtypes else None,
+                                   made_in_inference_mode)
+        if views[5] and _grad_outside_inference_mode():
+            return None
         dtype = views[4]
         return views[3] if dtype is None or dtype is input.dtype else None
 
@@ -234,7 +240,7 @@ def _direct_call(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], vi
                  kernels: _Kernels) -> Tensor:
     """A module's call that ``_direct`` let through: with its autograd node when it records a
     graph, else the kernel alone; ``views``: the parameters' (``_ParamViews``)."""
-    if _records_graph(x, weight, bias):
+    if _records_module_graph(x, weight, bias):
         return _direct_apply(x, weight, bias, views, kernels)  # type: ignore[no-any-return]
     return _tensor(kernels.forward(x.numpy(), *views)[0])
 

@@ -102,6 +102,22 @@ def _tracked(t: Tensor) -> bool:
     return t.requires_grad and (_is_compiling() or not t.is_inference())
 
 
+def _records_module_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """``_records_graph`` for a module's shortcut, which leaves parameters made under
+    ``torch.inference_mode`` to the general route where grad is on (``_grad_outside_inference_mode``):
+    whether a tensor requires grad then decides (the inference tests cost a quarter of a
+    microsecond, a few percent of a small call). An inference input that requires grad
+    would be saved and raise, as torch's module raises for it."""
+    return _grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                or (bias is not None and bias.requires_grad))
+
+
+def _grad_outside_inference_mode() -> bool:
+    """Grad mode on outside ``torch.inference_mode``: a module shortcut whose parameters were
+    made there hands such a call to the general route (see ``_records_module_graph``)."""
+    return _grad_enabled() and not _inference_mode()
+
+
 def _plain_eager_input(input: Tensor) -> bool:
     """The cheap first test of a module's shortcut: a tensor of torch's own class, outside
     graph capture, TorchScript tracing, ``torch.func`` transforms, forward-mode AD and
@@ -582,7 +598,7 @@ class _ModuleViews:
     NumPy views, and what an input must match to use them."""
 
     __slots__ = ("running_mean", "running_var", "weight", "bias", "counter", "memory", "eps", "arrays", "count",
-                 "dtype", "channels", "half", "inference")
+                 "dtype", "channels", "half", "inference", "inference_params")
     running_mean: Optional[Tensor]
     running_var: Optional[Tensor]
     weight: Optional[Tensor]
@@ -595,7 +611,8 @@ class _ModuleViews:
     dtype: torch.dtype
     channels: int
     half: bool
-    inference: bool
+    inference: bool  # running statistics or counter made under torch.inference_mode
+    inference_params: bool  # weight or bias made there
 
     @staticmethod
     def make(input: Tensor, rm: Optional[Tensor], rv: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor],
@@ -617,6 +634,7 @@ class _ModuleViews:
                        and counter.is_cpu and counter.shape == () else None)
         views.dtype, views.channels, views.half = input.dtype, input.shape[1], half
         views.inference = any(t is not None and t.is_inference() for t in (rm, rv, counter))  # see _updates_inference_tensor
+        views.inference_params = any(t is not None and t.is_inference() for t in (w, b))
         return views
 
 
@@ -773,6 +791,8 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
             views = self._views = _ModuleViews.make(input, rm, rv, w, b, counter, self.eps)
             if views is None:
                 return None
+        if views.inference_params and _grad_outside_inference_mode():
+            return None
         # a channel count other than the cached one: the general route, for torch's error; a
         # memory order other than contiguous or channels_last: there, for torch's output layout
         if (input.dtype is not views.dtype or input.dim() not in self._ranks or input.shape[1] != views.channels
@@ -808,7 +828,7 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
              training: bool, momentum: float, eps: float) -> Tensor:
         """The kernels on NumPy arrays of (weight, bias, running mean, running variance), with
         the cached views' ``eps`` (the number ``_kernels_apply`` accepted, equal to ``self.eps``)."""
-        if _records_graph(input, w, b):
+        if _records_module_graph(input, w, b):
             return _eager_apply(input, w, b, arrays, training, momentum, eps)
         w_np, b_np, rm_np, rv_np = arrays
         if input.dtype is _BFLOAT16:

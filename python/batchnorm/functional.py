@@ -298,7 +298,8 @@ def batch_norm_stats(x: ArrayIn, *, axis: int = 1) -> Tuple[Any, Any]:
 
     Returns
     -------
-    (mean, var) : two new (C,) arrays of the dtype and kind of ``x`` (NumPy or torch).
+    (mean, var) : two new (C,) arrays of the kind of ``x`` (NumPy or torch), in its dtype
+        (float32 for float16 and bfloat16 input).
     """
     try:
         moments = _stats(x, axis)

@@ -1,6 +1,6 @@
 // batchnorm::RMSNorm<T>: PyTorch's nn.RMSNorm, y = x/sqrt(mean(x^2) + eps)*weight per row.
 //
-//   batchnorm::RMSNorm<float> rms({4096});                  // eps: machine epsilon of T
+//   batchnorm::RMSNorm<float> rms({4096});                  // eps: machine epsilon of compute_t<T>
 //   rms.forward(x, y, rows);
 //   rms.backward(grad_y, x, grad_x, rows);                  // sets weight_grad
 #pragma once

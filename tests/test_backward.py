@@ -147,6 +147,25 @@ def test_backward_after_in_place_forward(rng):
     check_grads(gx, m.weight_grad, m.bias_grad, x0, gy, mean, 1 / np.sqrt(var + 1e-5), m.weight, 1, np.float32)
 
 
+@pytest.mark.parametrize("make", [lambda: bn.BatchNorm1d(3), lambda: bn.LayerNorm(3), lambda: bn.GroupNorm(1, 3)],
+                         ids=["BatchNorm1d", "LayerNorm", "GroupNorm"])
+def test_backward_after_a_forward_beside_its_input(make, rng):
+    """out and x side by side in one buffer ([x | bn(x)], a concatenation's buffer): out lies
+    within x's bounds but shares no element with it, so x is intact and backward works (it
+    raised as after out=x), giving what a separate out gives."""
+    buffer = logical_data(rng, (8, 6)).astype(np.float32)
+    x, out = buffer[:, :3], buffer[:, 3:]
+    gy = rng.standard_normal((8, 3)).astype(np.float32)
+    m, separate = make(), make()
+    for module in (m, separate):
+        module.weight[:] = [0.5, -1.0, 2.0]
+    m(x, out=out)
+    expected_y = separate(x.copy())
+    np.testing.assert_array_equal(out, expected_y)
+    np.testing.assert_array_equal(m.backward(gy), separate.backward(gy))
+    np.testing.assert_array_equal(m.weight_grad, separate.weight_grad)
+
+
 @pytest.mark.parametrize("shape,layout", [
     pytest.param(s, lay, id=f"{'x'.join(map(str, s))}-{lay}")
     for s in [(5, 3), (2, 17, 5), (2, 3, 4, 5), (1, 33, 3, 3), (2, 1, 2, 3, 4)]

@@ -156,6 +156,41 @@ def test_load_state_dict_non_strict_like_torch(torch, rng):
     assert sorted(res.unexpected_keys) == sorted(tres.unexpected_keys) == ["extra"]
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+@pytest.mark.parametrize("versioned", [True, False], ids=["torch-state-dict", "plain-dict"])
+def test_instance_norm_checkpoint_with_running_stats_like_torch(torch, versioned, strict):
+    """Running statistics in a checkpoint for an instance norm that does not track them: an
+    error even when not strict if the checkpoint has no version (torch's pre-0.4 rule), else
+    unexpected keys; torch's messages, and nothing written on error."""
+    checkpoint = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True).state_dict()
+    checkpoint = checkpoint if versioned else dict(checkpoint)
+    results = []
+    ref = torch.nn.InstanceNorm2d(3, affine=True)
+    with torch.no_grad():
+        ref.weight.fill_(2)
+    m = bn.InstanceNorm2d(3, affine=True)
+    m.weight[...] = 2
+    for m in (ref, m):
+        try:
+            keys = m.load_state_dict(checkpoint, strict=strict)
+            results.append((None, sorted(keys.missing_keys), sorted(keys.unexpected_keys)))
+        except RuntimeError as error:
+            results.append((str(error), None, None))
+            if isinstance(m, bn.InstanceNorm2d):  # nothing written (torch's module copies as it goes)
+                assert float(m.weight[0]) == 2
+    assert results[1] == results[0]
+
+
+def test_load_state_dict_one_element_counter_like_torch(torch):
+    """A 1-element num_batches_tracked (checkpoints of torch 0.3) loads into the 0-d counter."""
+    checkpoint = dict(torch.nn.BatchNorm1d(3).state_dict())
+    checkpoint["num_batches_tracked"] = torch.tensor([7])
+    ref, m = torch.nn.BatchNorm1d(3), bn.BatchNorm1d(3)
+    ref.load_state_dict(checkpoint)
+    m.load_state_dict(checkpoint)
+    assert m.num_batches_tracked.shape == () and int(m.num_batches_tracked) == int(ref.num_batches_tracked) == 7
+
+
 @pytest.mark.parametrize("cls", [bn.BatchNorm1d, bn.BatchNorm2d, bn.BatchNorm3d], ids=CLS_IDS)
 def test_train_eval_return_self(cls):
     m = cls(3)

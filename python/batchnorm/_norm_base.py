@@ -99,6 +99,17 @@ def _quoted(keys: List[str]) -> str:
     return ", ".join(f'"{key}"' for key in keys)
 
 
+def _wrote_input(out: Any, x: Any) -> bool:
+    """Whether a forward's ``out`` shares an element with its input ``x`` (it overwrote it):
+    exact, since an output beside the input in one buffer (``[x | bn(x)]``) lies within the
+    input's bounds without touching it. Where that is too hard to tell, assumed."""
+    work: Any = 1 << 16  # a bound on the search (NumPy's stubs know only 0 and -1, unbounded)
+    try:
+        return bool(np.shares_memory(_to_numpy(out), _to_numpy(x), max_work=work))
+    except np.exceptions.TooHardError:
+        return True
+
+
 def _fill(*pairs: Tuple[Optional[npt.NDArray[Any]], int]) -> None:
     """Fill each array that exists with its value, in place (holders keep seeing it)."""
     for array, value in pairs:
@@ -306,7 +317,7 @@ class _Module:
             raise RuntimeError("backward needs a forward first: call the module on an input")
         if saved.why_not is not None:
             raise RuntimeError(saved.why_not)
-        if saved.out is not None and np.may_share_memory(_to_numpy(saved.out), _to_numpy(saved.x)):
+        if saved.out is not None and _wrote_input(saved.out, saved.x):
             raise RuntimeError(_NO_BACKWARD_IN_PLACE)
         grads = saved.grads
         assert grads is not None  # only a forward with why_not set saves none
@@ -349,13 +360,15 @@ class _Module:
             raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
         targets = self._state_arrays()
         optional = self._optional_keys
+        class_errors, dropped = self._checkpoint_errors(state_dict)
         missing = [k for k in targets if k not in state_dict and k not in optional]
-        unexpected = [k for k in state_dict if k not in targets]
+        unexpected = [k for k in state_dict if k not in targets and k not in dropped]
         errors = []  # torch's wording and order, so messages read the same
         if strict and missing:
             errors.append(f"Missing key(s) in state_dict: {_quoted(missing)}. ")
         if strict and unexpected:
             errors.append(f"Unexpected key(s) in state_dict: {_quoted(unexpected)}. ")
+        errors += class_errors
         values = {}
         for key, target in targets.items():
             if key not in state_dict:
@@ -366,6 +379,8 @@ class _Module:
                               f"object from checkpoint but received {type(given)}")
                 continue
             value = _to_numpy(given)
+            if target.ndim == 0 and value.shape == (1,):  # a 0.3-era checkpoint's counter, as torch loads it
+                value = value.reshape(())
             if value.shape != target.shape:
                 errors.append(
                     f"size mismatch for {key}: copying a param with shape {value.shape} from "
@@ -384,6 +399,11 @@ class _Module:
         for key, value in values.items():
             np.copyto(targets[key], value, casting="same_kind")
         return IncompatibleKeys(missing, unexpected)
+
+    def _checkpoint_errors(self, state_dict: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
+        """A module class's own errors for a checkpoint, and the keys it takes out of it, as
+        torch's ``_load_from_state_dict`` overrides add them; none here."""
+        return [], []
 
     def reset_parameters(self) -> None:
         """Set weight 1, bias 0, in place (torch's method)."""

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from .functional import ArrayIn, FloatArray, _like, _reject_fusion, _returned
-from ._norm_base import _NO_BACKWARD_IN_PLACE, _to_numpy
+from ._norm_base import _NO_BACKWARD_IN_PLACE, _to_numpy, _wrote_input
 from .modules import _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -558,7 +558,7 @@ class SyncBatchNorm(_BatchNorm):
             return _like(grad_y, _empty_like(grad_y)) if out is None else out
 
         def local() -> Tuple[FloatArray, FloatArray]:
-            if saved_out is not None and np.may_share_memory(_to_numpy(saved_out), _to_numpy(x)):
+            if saved_out is not None and _wrote_input(saved_out, x):
                 raise RuntimeError(_NO_BACKWARD_IN_PLACE)
             if _to_numpy(grad_y).shape != _to_numpy(x).shape:
                 raise ValueError(

@@ -7,7 +7,7 @@ input (-1 for channels-last data)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -170,6 +170,24 @@ class _InstanceNorm(_NormBase):
     ) -> None:
         _cpu_device(device)
         self._init_norm_base(num_features, eps, momentum, affine, track_running_stats, dtype, axis, bias)
+
+    def _checkpoint_errors(self, state_dict: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
+        """torch's ``_InstanceNorm._load_from_state_dict``: a checkpoint without a version (a
+        plain dict, or one saved before torch 0.4, when instance norm tracked running
+        statistics by default) holding running statistics for a module that does not track
+        them is an error, even when not strict; the keys are not reported as unexpected."""
+        metadata = getattr(state_dict, "_metadata", None)
+        version = None if metadata is None else metadata.get("", {}).get("version")
+        keys = [k for k in ("running_mean", "running_var") if k in state_dict]
+        if version is not None or self.track_running_stats or not keys:
+            return [], []
+        name = type(self).__name__
+        names = " and ".join(f'"{k}"' for k in keys)
+        return [f"Unexpected running stats buffer(s) {names} for {name} with track_running_stats=False. If "
+                "state_dict is a checkpoint saved before 0.4.0, this may be expected because "
+                f"{name} does not track running stats by default since 0.4.0. Please remove these keys from "
+                "state_dict. If the running stats are actually needed, instead set track_running_stats=True in "
+                f"{name} to enable them. See the documentation of {name} for details."], keys
 
     def _check_input(self, x: Any) -> bool:
         """torch's checks and warning; return whether ``x`` is unbatched."""

@@ -193,7 +193,7 @@ def test_no_grad_forward_builds_no_graph_and_updates_stats(rng, no_fallback):
 
 # half tensors (model.bfloat16(), float16 input) run on the kernels now: tests/test_half.py
 @pytest.mark.parametrize("what", ["running-requires-grad", "empty", "one-value-per-channel", "mixed-dtype",
-                                  "eps0", "eps-bool", "momentum-bool", "meta"])
+                                  "eps0", "eps-bool", "momentum-bool", "interleaved-running-stats", "meta"])
 def test_falls_back_to_torch_where_kernels_do_not_apply(what, fallback_calls, rng):
     m, ref = bnt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     x = torch.randn(2, 3, 4, 4)
@@ -213,6 +213,11 @@ def test_falls_back_to_torch_where_kernels_do_not_apply(what, fallback_calls, rn
     elif what in ("eps-bool", "momentum-bool"):  # torch reads True as 1.0; the kernels' bindings take no bool
         setattr(m, what[:-5], True)
         setattr(ref, what[:-5], True)
+    elif what == "interleaved-running-stats":  # two views of one buffer, no element shared
+        for mod in (m, ref):
+            stats = torch.zeros(3, 2)
+            stats[:, 1] = 1
+            mod.running_mean, mod.running_var = stats[:, 0], stats[:, 1]
     elif what == "meta":
         m, ref, x = m.to("meta"), ref.to("meta"), x.to("meta")
     try:

@@ -200,7 +200,8 @@ def _kernels_apply(
         return False
     if running_mean is None and not training:  # torch's error, in its words and type
         return False
-    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):  # type: ignore[union-attr]
+    if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad  # type: ignore[union-attr]
+                                     or not _apart(running_mean, running_var)):  # type: ignore[arg-type]
         return False
     if training and running_mean is not None and not _momentum_applies(momentum):
         return False
@@ -220,6 +221,23 @@ def _updates_inference_tensor(*tensors: Optional[Tensor]) -> bool:
     if _is_compiling():  # dynamo cannot trace these tests (and captures the update as a graph)
         return False
     return not _inference_mode() and any(t is not None and t.is_inference() for t in tensors)
+
+
+def _apart(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two 1-D tensors are apart, as the kernels require of the
+    running statistics; torch also takes interleaved views of one buffer (its op runs then).
+    Tensors without memory (graph capture's fake tensors) count as apart."""
+    def span(t: Tensor) -> Tuple[int, int]:
+        start = t.data_ptr()
+        return start, start + ((t.numel() - 1) * max(t.stride(0), 0) + 1) * t.element_size()
+
+    if _is_compiling() or a.numel() == 0 or b.numel() == 0 or a.dim() != 1 or b.dim() != 1:
+        return True  # (dynamo cannot trace data_ptr; other shapes: _per_channel_ok refuses them)
+    try:
+        (a0, a1), (b0, b1) = span(a), span(b)
+    except RuntimeError:
+        return True
+    return a1 <= b0 or b1 <= a0
 
 
 def _saves_inference_input(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:

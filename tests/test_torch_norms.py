@@ -184,6 +184,11 @@ LAYOUT_CASES = [  # (class name, constructor args, kwargs, shape, how the input 
     ("GroupNorm", (3, 6), {}, (2, 6, 5, 4), "channels_last"),
     ("GroupNorm", (3, 6), {}, (2, 6, 5, 4), "transposed"),
     ("GroupNorm", (2, 6), {}, (3, 6, 9), "transposed"),
+    # NWHC memory with a size-1 height: channels_last-contiguous, but torch suggests contiguous
+    # (and so does its group norm; its batch norm keeps the input's order)
+    ("GroupNorm", (3, 6), {}, (2, 6, 1, 4), "nwhc"),
+    ("GroupNorm", (3, 6), {}, (2, 6, 4, 1), "nwhc"),
+    ("BatchNorm2d", (6,), {}, (2, 6, 1, 4), "nwhc"),
     ("LayerNorm", (4,), {}, (2, 6, 5, 4), "channels_last"),
     ("LayerNorm", (9,), {}, (3, 6, 9), "transposed"),
 ]
@@ -205,7 +210,12 @@ def test_output_memory_format_is_torchs(name, args, kwargs, shape, layout, train
         torch._dynamo.reset()
         ref, ours = torch.compile(ref), torch.compile(ours)
     x = data(shape, torch.float32)
-    x = last_two_swapped(x) if layout == "transposed" else x.to(memory_format=getattr(torch, layout))
+    if layout == "transposed":
+        x = last_two_swapped(x)
+    elif layout == "nwhc":
+        x = x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+    else:
+        x = x.to(memory_format=getattr(torch, layout))
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = ours(xa), ref(xb)
     assert ya.stride() == yb.stride()

@@ -316,7 +316,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
             and _integer(num_groups) and num_groups > 0 and input.shape[1] % num_groups == 0 and _eps_applies(eps)
             and all(t is None or tuple(t.shape) == (input.shape[1],) for t in (weight, bias))):
         y = _run("group_norm", _dense(input), num_groups, _up(input, weight), _up(input, bias), eps)[0]
-        return _torch_ops.in_torch_layout(y, input, True)
+        return _torch_ops.in_torch_layout(y, input, True, suggested=True)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 

@@ -71,7 +71,7 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 transform_active: Callable[[], Any] = torch._C._functorch.peek_interpreter_stack
 
 
-def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool) -> Tensor:
+def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool, suggested: bool = False) -> Tensor:
     """``y``, the kernels' output for ``x``, in the memory format of torch's own op's output:
     ``x``'s suggested format (channels_last for a 4-D / 5-D input strided that way, else
     contiguous) where ``follows_channels_last`` (batch, group and RMS norm), contiguous where
@@ -81,14 +81,18 @@ def in_torch_layout(y: Tensor, x: Tensor, follows_channels_last: bool) -> Tensor
     code after the norm may ``.view`` it. A copy in that case only. ``y`` as it is for an fx
     proxy (no strides) and under a functorch transform (its tensors cannot answer
     channels_last queries); dynamo's tracing answers the transform question as if one ran,
-    and its fake tensors answer the layout queries, so a compiled call is fixed up too."""
+    and its fake tensors answer the layout queries, so a compiled call is fixed up too.
+    ``suggested``: ``x``'s suggested format always (group norm's rule), also where a size-1
+    dimension makes ``x`` channels_last-contiguous but torch suggests contiguous: batch norm
+    keeps such an input's order in its output, group norm does not."""
     if isinstance(x, torch.fx.Proxy) or (transform_active() is not None and not torch.compiler.is_compiling()):
         return y
     if y.is_contiguous() and (not follows_channels_last or x.is_contiguous()):
         return y
     if follows_channels_last:
         cl = CHANNELS_LAST.get(x.dim())
-        if cl is not None and x.is_contiguous(memory_format=cl) and y.is_contiguous(memory_format=cl):
+        if (not suggested and cl is not None and x.is_contiguous(memory_format=cl)
+                and y.is_contiguous(memory_format=cl)):
             return y
         fmt = suggest_memory_format(x)
     else:

@@ -16,7 +16,7 @@ Exported by ``batchnorm.torch``; importing it imports torch.
 # mypy: disable-error-code="no-untyped-call"
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar, overload
 
 import numpy as np
 import torch
@@ -127,6 +127,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
+_M = TypeVar("_M", bound=torch.nn.Module)
+_Sync = TypeVar("_Sync", bound="SyncBatchNorm")
+
+
 class SyncBatchNorm(_BatchNorm):
     """``torch.nn.SyncBatchNorm`` whose training statistics span a gloo/MPI process group,
     on CPU tensors (float32/float64, contiguous or channels_last).
@@ -220,6 +224,14 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         return y
 
+    # A batch norm passed at the top level gives a new module of this class; any other
+    # module is returned itself.
+    @overload
+    @classmethod
+    def convert_sync_batchnorm(cls: Type[_Sync], module: _BatchNorm, process_group: Any = ...) -> _Sync: ...
+    @overload
+    @classmethod
+    def convert_sync_batchnorm(cls, module: _M, process_group: Any = ...) -> _M: ...
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
         """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` making this class: every

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -494,6 +494,24 @@ class SyncBatchNorm(_BatchNorm):
             self._checked = check_peers(link, self.num_features, self.dtype)
         return link
 
+    @overload
+    def __call__(
+        self,
+        x: npt.NDArray[Any],
+        out: Optional[npt.NDArray[Any]] = ...,
+        *,
+        residual: Optional[ArrayIn] = ...,
+        activation: Optional[str] = ...,
+    ) -> FloatArray: ...
+    @overload
+    def __call__(
+        self,
+        x: ArrayIn,
+        out: Optional[ArrayIn] = ...,
+        *,
+        residual: Optional[ArrayIn] = ...,
+        activation: Optional[str] = ...,
+    ) -> Any: ...
     def __call__(
         self,
         x: ArrayIn,
@@ -544,6 +562,10 @@ class SyncBatchNorm(_BatchNorm):
 
     forward = __call__
 
+    @overload
+    def backward(self, grad_y: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ...) -> FloatArray: ...
+    @overload
+    def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = ...) -> Any: ...
     def backward(self, grad_y: ArrayIn, out: Optional[ArrayIn] = None) -> Any:
         """Gradient of the last forward: ``grad_x`` for this rank's part; ``weight_grad`` and
         ``bias_grad`` of the whole batch (summed over ranks). After an eval or one-process

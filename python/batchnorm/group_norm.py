@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +22,7 @@ from ._norm_base import (
     _positive_int,
     _shape_of,
 )
-from .functional import (ArrayIn, Triple, _integer, _name_the_scalar, _ones_like_params, _relu_flag, _returned,
+from .functional import (ArrayIn, FloatArray, Triple, _integer, _name_the_scalar, _ones_like_params, _relu_flag, _returned,
                          _returned_grads)
 
 __all__ = ["GroupNorm", "group_norm", "group_norm_backward"]
@@ -52,6 +52,30 @@ def _check_values_per_group(shape: Sequence[int], num_groups: object, axis: obje
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+@overload
+def group_norm(
+    input: npt.NDArray[Any],
+    num_groups: int,
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    eps: float = ...,
+    *,
+    axis: int = ...,
+    out: Optional[npt.NDArray[Any]] = ...,
+    activation: Optional[str] = ...,
+) -> FloatArray: ...
+@overload
+def group_norm(
+    input: ArrayIn,
+    num_groups: int,
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    eps: float = ...,
+    *,
+    axis: int = ...,
+    out: Optional[ArrayIn] = ...,
+    activation: Optional[str] = ...,
+) -> Any: ...
 def group_norm(
     input: ArrayIn,
     num_groups: int,
@@ -92,6 +116,30 @@ def group_norm(
     return _returned(input, out, y)
 
 
+@overload
+def group_norm_backward(
+    grad_y: npt.NDArray[Any],
+    x: ArrayIn,
+    num_groups: int,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    axis: int = ...,
+    out: Optional[npt.NDArray[Any]] = ...,
+) -> Triple: ...
+@overload
+def group_norm_backward(
+    grad_y: ArrayIn,
+    x: ArrayIn,
+    num_groups: int,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    axis: int = ...,
+    out: Optional[ArrayIn] = ...,
+) -> Tuple[Any, Any, Any]: ...
 def group_norm_backward(
     grad_y: ArrayIn,
     x: ArrayIn,
@@ -192,6 +240,14 @@ class GroupNorm(_Module):
         _check_channels(shape, self.axis, self.num_channels, "num_channels")
         _check_values_per_group(shape, self.num_groups, self.axis)
 
+    @overload
+    def __call__(
+        self, x: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ..., *, activation: Optional[str] = ...
+    ) -> FloatArray: ...
+    @overload
+    def __call__(
+        self, x: ArrayIn, out: Optional[ArrayIn] = ..., *, activation: Optional[str] = ...
+    ) -> Any: ...
     def __call__(
         self, x: ArrayIn, out: Optional[ArrayIn] = None, *, activation: Optional[str] = None
     ) -> Any:

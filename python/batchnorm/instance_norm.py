@@ -7,7 +7,7 @@ input (-1 for channels-last data)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +17,7 @@ from ._norm_base import (_NO_BACKWARD_ACTIVATION, _cpu_device, _eval_backward, _
                          _to_numpy)
 from .functional import (
     ArrayIn,
+    FloatArray,
     Triple,
     _forward_eval,
     _name_the_scalar,
@@ -45,6 +46,36 @@ def _eval_inputs(running_mean: object, running_var: object) -> None:
         )
 
 
+@overload
+def instance_norm(
+    input: npt.NDArray[Any],
+    running_mean: Optional[ArrayIn] = ...,
+    running_var: Optional[ArrayIn] = ...,
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    use_input_stats: bool = ...,
+    momentum: float = ...,
+    eps: float = ...,
+    *,
+    axis: int = ...,
+    out: Optional[npt.NDArray[Any]] = ...,
+    activation: Optional[str] = ...,
+) -> FloatArray: ...
+@overload
+def instance_norm(
+    input: ArrayIn,
+    running_mean: Optional[ArrayIn] = ...,
+    running_var: Optional[ArrayIn] = ...,
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    use_input_stats: bool = ...,
+    momentum: float = ...,
+    eps: float = ...,
+    *,
+    axis: int = ...,
+    out: Optional[ArrayIn] = ...,
+    activation: Optional[str] = ...,
+) -> Any: ...
 def instance_norm(
     input: ArrayIn,
     running_mean: Optional[ArrayIn] = None,
@@ -94,6 +125,28 @@ def instance_norm(
     return _returned(input, out, y)
 
 
+@overload
+def instance_norm_backward(
+    grad_y: npt.NDArray[Any],
+    x: ArrayIn,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    axis: int = ...,
+    out: Optional[npt.NDArray[Any]] = ...,
+) -> Triple: ...
+@overload
+def instance_norm_backward(
+    grad_y: ArrayIn,
+    x: ArrayIn,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    axis: int = ...,
+    out: Optional[ArrayIn] = ...,
+) -> Tuple[Any, Any, Any]: ...
 def instance_norm_backward(
     grad_y: ArrayIn,
     x: ArrayIn,
@@ -212,6 +265,14 @@ class _InstanceNorm(_NormBase):
             )
         return unbatched
 
+    @overload
+    def __call__(
+        self, x: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ..., *, activation: Optional[str] = ...
+    ) -> FloatArray: ...
+    @overload
+    def __call__(
+        self, x: ArrayIn, out: Optional[ArrayIn] = ..., *, activation: Optional[str] = ...
+    ) -> Any: ...
     def __call__(
         self, x: ArrayIn, out: Optional[ArrayIn] = None, *, activation: Optional[str] = None
     ) -> Any:

@@ -10,14 +10,14 @@ sum to ``sum_out`` (ONNX Runtime's SkipLayerNormalization, the transformer resid
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from ._norm_base import _cpu_device, _eps, _Module, _shape_of, _to_numpy
-from .functional import ArrayIn, Triple, _integer, _name_the_scalar, _ones_like_params, _returned, _returned_grads
+from .functional import ArrayIn, FloatArray, Triple, _integer, _name_the_scalar, _ones_like_params, _returned, _returned_grads
 
 __all__ = [
     "LayerNorm",
@@ -77,6 +77,30 @@ def _machine_eps(input: Any) -> float:
     return float(np.finfo(name).eps)
 
 
+@overload
+def layer_norm(
+    input: npt.NDArray[Any],
+    normalized_shape: ShapeLike,
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    eps: float = ...,
+    *,
+    out: Optional[npt.NDArray[Any]] = ...,
+    residual: Optional[ArrayIn] = ...,
+    sum_out: Optional[ArrayIn] = ...,
+) -> FloatArray: ...
+@overload
+def layer_norm(
+    input: ArrayIn,
+    normalized_shape: ShapeLike,
+    weight: Optional[ArrayIn] = ...,
+    bias: Optional[ArrayIn] = ...,
+    eps: float = ...,
+    *,
+    out: Optional[ArrayIn] = ...,
+    residual: Optional[ArrayIn] = ...,
+    sum_out: Optional[ArrayIn] = ...,
+) -> Any: ...
 def layer_norm(
     input: ArrayIn,
     normalized_shape: ShapeLike,
@@ -118,6 +142,28 @@ def layer_norm(
     return _returned(input, out, y)
 
 
+@overload
+def rms_norm(
+    input: npt.NDArray[Any],
+    normalized_shape: ShapeLike,
+    weight: Optional[ArrayIn] = ...,
+    eps: Optional[float] = ...,
+    *,
+    out: Optional[npt.NDArray[Any]] = ...,
+    residual: Optional[ArrayIn] = ...,
+    sum_out: Optional[ArrayIn] = ...,
+) -> FloatArray: ...
+@overload
+def rms_norm(
+    input: ArrayIn,
+    normalized_shape: ShapeLike,
+    weight: Optional[ArrayIn] = ...,
+    eps: Optional[float] = ...,
+    *,
+    out: Optional[ArrayIn] = ...,
+    residual: Optional[ArrayIn] = ...,
+    sum_out: Optional[ArrayIn] = ...,
+) -> Any: ...
 def rms_norm(
     input: ArrayIn,
     normalized_shape: ShapeLike,
@@ -145,6 +191,28 @@ def rms_norm(
     return _returned(input, out, y)
 
 
+@overload
+def layer_norm_backward(
+    grad_y: npt.NDArray[Any],
+    x: ArrayIn,
+    normalized_shape: ShapeLike,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    out: Optional[npt.NDArray[Any]] = ...,
+) -> Triple: ...
+@overload
+def layer_norm_backward(
+    grad_y: ArrayIn,
+    x: ArrayIn,
+    normalized_shape: ShapeLike,
+    mean: ArrayIn,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    out: Optional[ArrayIn] = ...,
+) -> Tuple[Any, Any, Any]: ...
 def layer_norm_backward(
     grad_y: ArrayIn,
     x: ArrayIn,
@@ -174,6 +242,26 @@ def layer_norm_backward(
     return _returned_grads(grad_y, out, grads)
 
 
+@overload
+def rms_norm_backward(
+    grad_y: npt.NDArray[Any],
+    x: ArrayIn,
+    normalized_shape: ShapeLike,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    out: Optional[npt.NDArray[Any]] = ...,
+) -> Tuple[FloatArray, FloatArray]: ...
+@overload
+def rms_norm_backward(
+    grad_y: ArrayIn,
+    x: ArrayIn,
+    normalized_shape: ShapeLike,
+    invstd: ArrayIn,
+    weight: Optional[ArrayIn] = ...,
+    *,
+    out: Optional[ArrayIn] = ...,
+) -> Tuple[Any, Any]: ...
 def rms_norm_backward(
     grad_y: ArrayIn,
     x: ArrayIn,
@@ -208,6 +296,10 @@ class _LayerNormBase(_Module):
         self.normalized_shape = _normalized_shape(normalized_shape)
         self._init_module(dtype, self.normalized_shape)
 
+    @overload
+    def __call__(self, x: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ...) -> FloatArray: ...
+    @overload
+    def __call__(self, x: ArrayIn, out: Optional[ArrayIn] = ...) -> Any: ...
     def __call__(self, x: ArrayIn, out: Optional[ArrayIn] = None) -> Any:
         """Normalize ``x`` over its trailing ``normalized_shape`` dims, as the torch module.
 

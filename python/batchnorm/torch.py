@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, TypeVar, overload
 
 import numpy as np
 import torch
@@ -991,6 +991,20 @@ def _swap(module: torch.nn.Module, classes: Dict[type, Type[torch.nn.Module]]) -
     return _swap_tree(module, replace)
 
 
+# convert and revert return their argument itself, unless it is one of the modules they swap,
+# when they return its replacement: for convert a subclass of the argument's class (a drop-in,
+# or with ``sync`` a SyncBatchNorm for any batch norm), for revert the drop-in's torch class.
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+@overload
+def convert(module: _M, sync: Literal[False] = ...) -> _M: ...
+@overload
+def convert(module: _BatchNorm, sync: Literal[True]) -> SyncBatchNorm: ...
+@overload
+def convert(module: _BatchNorm, sync: Any) -> _BatchNorm: ...
+@overload
+def convert(module: _M, sync: Any) -> _M: ...
 def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
     """Swap every ``torch.nn.BatchNorm1d/2d/3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``
     and ``InstanceNorm1d/2d/3d`` in ``module`` for batchnorm's drop-in.
@@ -1019,6 +1033,28 @@ def convert(module: torch.nn.Module, sync: Any = False) -> torch.nn.Module:
     return _swap(convert_sync(module, None if sync is True else sync), dict(_NORM_REPLACEMENTS))
 
 
+@overload
+def revert(module: BatchNorm1d) -> torch.nn.BatchNorm1d: ...
+@overload
+def revert(module: BatchNorm2d) -> torch.nn.BatchNorm2d: ...
+@overload
+def revert(module: BatchNorm3d) -> torch.nn.BatchNorm3d: ...
+@overload
+def revert(module: SyncBatchNorm) -> torch.nn.SyncBatchNorm: ...
+@overload
+def revert(module: LayerNorm) -> torch.nn.LayerNorm: ...
+@overload
+def revert(module: RMSNorm) -> torch.nn.RMSNorm: ...
+@overload
+def revert(module: GroupNorm) -> torch.nn.GroupNorm: ...
+@overload
+def revert(module: InstanceNorm1d) -> torch.nn.InstanceNorm1d: ...
+@overload
+def revert(module: InstanceNorm2d) -> torch.nn.InstanceNorm2d: ...
+@overload
+def revert(module: InstanceNorm3d) -> torch.nn.InstanceNorm3d: ...
+@overload
+def revert(module: _M) -> _M: ...
 def revert(module: torch.nn.Module) -> torch.nn.Module:
     """The inverse of ``convert``: every drop-in becomes a plain torch module (``BatchNorm1d``,
     ``LayerNorm``, ``GroupNorm``, ...) again, in place, holding the same parameter and buffer tensors, flags and hooks.
@@ -1097,8 +1133,7 @@ def _folded_layer(layer: torch.nn.Module, bn: _BatchNorm) -> torch.nn.Module:
     return folded
 
 
-def fold_model(model: torch.nn.Module,
-               pairs: Optional[List[Tuple[str, str]]] = None) -> torch.nn.Module:
+def fold_model(model: _M, pairs: Optional[List[Tuple[str, str]]] = None) -> _M:
     """Fold eval-mode batch norms into the convolutions / linear layers that feed them.
 
     ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in

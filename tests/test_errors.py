@@ -89,6 +89,24 @@ def _():
     return (lambda: m(x)), [m, x]
 
 
+@pytest.mark.parametrize("make", [lambda dt: bn.LayerNorm(5, dtype=dt), lambda dt: bn.RMSNorm(5, dtype=dt),
+                                  lambda dt: bn.GroupNorm(1, 3, dtype=dt),
+                                  lambda dt: bn.InstanceNorm1d(3, track_running_stats=True, dtype=dt)],
+                         ids=["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm1d"])
+@pytest.mark.parametrize("module_dtype,x_dtype", [(np.float32, np.float64), (np.float64, np.float32),
+                                                  (np.float64, np.float16)], ids=["f64-x", "f32-x", "f16-x"])
+def test_sibling_module_of_another_dtype_names_x(make, module_dtype, x_dtype):
+    """The caller passed only x: the message names it and the module's dtype (the core named
+    the first of the module's arrays it checked), and the call changes nothing."""
+    m = make(module_dtype)
+    x = f32(4, 3, 5).astype(x_dtype)
+    before = snapshot(m, x)
+    with pytest.raises(TypeError, match=all_of(r"^x has dtype " + np.dtype(x_dtype).name,
+                                               f"is {np.dtype(module_dtype).name}", r"dtype=np\.float")):
+        m(x)
+    assert_unchanged(before, m, x)
+
+
 @case("int32_x_module", TypeError, X, "int32")
 def _():
     m = trained()

@@ -405,6 +405,24 @@ class _Module:
         torch's ``_load_from_state_dict`` overrides add them; none here."""
         return [], []
 
+    def _blame_dtype(self, x: Any, **arrays: Optional[npt.NDArray[Any]]) -> None:
+        """After a call the core refused with a TypeError: when ``x`` has a dtype this module
+        does not take but a module of another dtype would, and the call passed some of the
+        module's own ``arrays``, say so (the core can only name the first of those arrays it
+        checks, which the caller did not pass). Otherwise the core's error stands: it names
+        the argument at fault (``out``, ``residual``, an integer ``x``)."""
+        given = [name for name, array in arrays.items() if array is not None]
+        dtype = str(_to_numpy(x).dtype)
+        wanted = {"float16": "float32", "bfloat16": "float32"}.get(dtype, dtype)
+        if not given or wanted not in ("float32", "float64") or np.dtype(wanted) == self.dtype:
+            return
+        takes = "float64" if self.dtype == np.float64 else "float32, float16 or bfloat16"
+        name = type(self).__name__
+        held = ", ".join(given[:-1]) + " and " + given[-1] if len(given) > 1 else given[0]
+        sizes = self._torch_repr().split(", eps=")[0]  # the repr's leading sizes, as the constructor takes them
+        raise TypeError(f"x has dtype {dtype} but this {name} is {self.dtype} (its {held}): pass {takes} input, "
+                        f"or make a {wanted} module with {name}({sizes}, dtype=np.{wanted})") from None
+
     def reset_parameters(self) -> None:
         """Set weight 1, bias 0, in place (torch's method)."""
         _fill((self.weight, 1), (self.bias, 0))

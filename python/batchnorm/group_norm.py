@@ -259,7 +259,11 @@ class GroupNorm(_Module):
         relu = activation is not None and _relu_flag(activation)
         weight, bias = self.__dict__["_weight"], self.__dict__["_bias"]
         groups, axis = self.num_groups, self.axis
-        y, mean, invstd = _group_norm(x, groups, weight, bias, self.eps, axis, out, relu)
+        try:
+            y, mean, invstd = _group_norm(x, groups, weight, bias, self.eps, axis, out, relu)
+        except TypeError:
+            self._blame_dtype(x, weight=weight, bias=bias)
+            raise
         if relu:
             self._save(x, out, weight, None, _NO_BACKWARD_ACTIVATION)
         else:

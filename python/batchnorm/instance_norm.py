@@ -295,18 +295,27 @@ class _InstanceNorm(_NormBase):
         running_mean, running_var = state["_running_mean"], state["_running_var"]
         eps, axis = self.eps, self.axis
         grads: Optional[Callable[[Any, Any], Any]]
+        own = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
         if self.training or not self.track_running_stats:
             momentum = 0.0 if self.momentum is None else self.momentum
-            y, mean, invstd = _instance_norm(
-                xb, weight, bias, running_mean, running_var, momentum, eps, axis, outb, relu
-            )
+            try:
+                y, mean, invstd = _instance_norm(
+                    xb, weight, bias, running_mean, running_var, momentum, eps, axis, outb, relu
+                )
+            except TypeError:
+                self._blame_dtype(x, **own)
+                raise
             channels = _shape_of(xb)[axis]
 
             def grads(gy: Any, o: Any) -> Any:
                 return _group_norm_backward(gy, xb, mean, invstd, weight, channels, axis, o)
         else:
             saved = _eval_saved(self)
-            y = _forward_eval(xb, running_mean, running_var, weight, bias, eps, axis, outb, None, relu, saved)
+            try:
+                y = _forward_eval(xb, running_mean, running_var, weight, bias, eps, axis, outb, None, relu, saved)
+            except TypeError:
+                self._blame_dtype(x, **own)
+                raise
 
             def grads(gy: Any, o: Any) -> Any:
                 return _eval_backward(gy, o, xb, saved, weight, axis)

@@ -311,7 +311,11 @@ class _LayerNormBase(_Module):
         _check_trailing(x, shape)
         eps = _machine_eps(x) if self.eps is None else self.eps
         weight, bias = self.__dict__["_weight"], self.__dict__["_bias"]
-        y, mean, invstd = _layer_norm(x, len(shape), weight, bias, eps, self._rms, out)
+        try:
+            y, mean, invstd = _layer_norm(x, len(shape), weight, bias, eps, self._rms, out)
+        except TypeError:
+            self._blame_dtype(x, weight=weight, bias=bias)
+            raise
         nd, rms = len(shape), self._rms
         self._save(x, out, weight,
                    lambda gy, o: _layer_norm_backward(gy, x, mean, invstd, weight, nd, rms, o))

@@ -137,7 +137,7 @@ class _BatchNorm(_NormBase):
                     self._momentum_factor(counter) if momentum is None else momentum, state["eps"], axis, out,
                 )
             except TypeError:
-                self._blame_dtype(x, weight, bias, running_mean, running_var)
+                self._blame_dtype(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
                 raise
             # Only after _core succeeded (a failed call must not count a batch); an empty
             # batch carries no statistics and is not counted either. `[()]`: an in-place add
@@ -157,7 +157,7 @@ class _BatchNorm(_NormBase):
                     fused and _relu_flag(activation), saved,
                 )
             except TypeError:
-                self._blame_dtype(x, weight, bias, running_mean, running_var)
+                self._blame_dtype(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
                 raise
             if fused:
                 self._save(x, out, weight, None, _NO_BACKWARD_FUSED)
@@ -168,20 +168,6 @@ class _BatchNorm(_NormBase):
         return _like(x, y)
 
     forward = __call__
-
-    def _blame_dtype(self, x: ArrayIn, *arrays: Optional[npt.NDArray[Any]]) -> None:
-        """After a failed call: when ``x`` is the other float dtype and the call passed some of
-        the module's own ``arrays``, say that they have this module's dtype (the core can only
-        blame the first of them it checks). Without any, the core's error stands: it names the
-        argument at fault (``out``, ``residual``)."""
-        dtype = _to_numpy(x).dtype
-        if dtype != self.dtype and dtype in (np.float32, np.float64) and any(a is not None for a in arrays):
-            name = type(self).__name__
-            raise TypeError(
-                f"x has dtype {dtype} but this {name} is {self.dtype} (its weight, bias and running "
-                f"statistics): pass {self.dtype} input, or make a {dtype} module with "
-                f"{name}({self.num_features}, dtype=np.{dtype})"
-            ) from None
 
     def _momentum_factor(self, counter: Optional[npt.NDArray[Any]]) -> float:
         """torch's exponential_average_factor; ``counter`` is incremented after the batch."""

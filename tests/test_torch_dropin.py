@@ -236,6 +236,30 @@ def test_falls_back_to_torch_where_kernels_do_not_apply(what, fallback_calls, rn
         assert int(m.num_batches_tracked) == int(ref.num_batches_tracked)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradients_of_nhwc_memory_with_a_size_one_height(training, rng, no_fallback):
+    """(2, 6, 1, 4) in NWHC memory: channels_last-contiguous, with a height stride no format
+    gives it. torch 2.13's own BatchNorm2d gets this input's gradient wrong (off by up to 1.7
+    here); the drop-in's matches the float64 reference."""
+    import reference as ref
+
+    x64 = rng.standard_normal((2, 6, 1, 4)) * 3 + 2
+    x = torch.from_numpy(x64.astype(np.float32)).permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)
+    gy = rng.standard_normal((2, 6, 1, 4)).astype(np.float32)
+    m = bnt.BatchNorm2d(6).train(training)
+    with torch.no_grad():
+        m.running_var.fill_(2.0)
+    x.requires_grad_()
+    m(x).backward(torch.from_numpy(gy))
+    xs = x.detach().double().numpy()
+    if training:
+        mean, var = ref.stats(xs)
+        expected = ref.backward_train(gy, xs, mean, 1 / np.sqrt(var + 1e-5), np.ones(6))[0]
+    else:
+        expected = ref.backward_eval(gy, xs, np.zeros(6), np.full(6, 2.0), np.ones(6))[0]
+    assert_close(x.grad.numpy(), expected, np.float32, scale=4)
+
+
 def test_kernels_run_for_plain_cpu_tensors(fallback_calls):
     m = bnt.BatchNorm2d(3)
     m(torch.randn(2, 3, 4, 4))

@@ -8,6 +8,7 @@ Modules, by what they hold:
   impls    one adapter per implementation (batchnorm, torch, onnxruntime, numpy)
   timing   calibrated, interleaved, paired timing with median and IQR
   runner   the loop over cases x operations x thread counts
+  arguments  argparse types the entry points share (positive counts, durations, shapes)
   latency  per-call latency of a tiny input (call overhead, not bandwidth)
   torch_overhead  per-call cost of one layer: torch.nn.BatchNorm2d vs batchnorm.torch
   model    whole torch models (BN-heavy stack, ResNet-18 shape), with and without convert

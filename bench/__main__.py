@@ -17,7 +17,9 @@ import sys
 import time
 
 from . import chart, impls, latency, machine, report, runner
-from .cases import DEFAULT_SHAPES, iter_cases, iter_norm_cases, make_arrays, make_norm_arrays, parse_shape
+from .arguments import (add_threads, existing_file, non_negative_float, non_negative_int, positive_float,
+                        positive_int, shape)
+from .cases import DEFAULT_SHAPES, iter_cases, iter_norm_cases, make_arrays, make_norm_arrays
 from .ops import NORM_OPS, OPS
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -42,17 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
                    help="float16/bfloat16: data in the half type, per-channel arrays float32; the "
                         "'batchnorm f32' column is the float32 call on the same shape")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    add_threads(p)
     p.add_argument("--family", choices=("batch", "norms"), default="batch",
                    help="batch norm (default) or LayerNorm/RMSNorm/GroupNorm/InstanceNorm "
                         "on the issue's fixed shapes (--shapes and the latency do not apply)")
     p.add_argument("--ops", nargs="+", choices=[*OPS, *NORM_OPS],
                    help="default: every op of the family")
     p.add_argument("--impls", nargs="+", choices=impls.NAMES, default=list(impls.NAMES))
-    p.add_argument("--shapes", nargs="+", type=parse_shape, default=list(DEFAULT_SHAPES),
-                   metavar="N,C,...", help="logical shapes, channels second")
-    p.add_argument("--rounds", type=int, help="override the rounds per cell")
-    p.add_argument("--sample-ms", type=float, help="override the duration of one sample")
+    p.add_argument("--shapes", nargs="+", type=shape, default=list(DEFAULT_SHAPES),
+                   metavar="N,C,...", help="logical shapes, channels second, every dimension 1 or more")
+    p.add_argument("--rounds", type=positive_int, help="override the rounds per cell (1 or more)")
+    p.add_argument("--sample-ms", type=positive_float, help="override the duration of one sample (above 0)")
     p.add_argument("--passive-wait", action="store_true",
                    help="OMP_WAIT_POLICY=passive and no ONNX Runtime spinning: idle pool "
                         "threads sleep instead of spinning (see README)")
@@ -60,16 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure with a process spinning on one CPU (results named busy, or "
                         "norms-busy)")
     p.add_argument("--no-latency", action="store_true", help="skip the tiny-input latency")
-    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+    p.add_argument("--wait-quiet", type=non_negative_float, default=0, metavar="SECONDS",
                    help="first wait up to SECONDS for idle CPUs (others below "
                         f"{machine.QUIET_BUSY * 100:.0f}%%)")
-    p.add_argument("--retry-disturbed", type=int, default=0, metavar="N",
+    p.add_argument("--retry-disturbed", type=non_negative_int, default=0, metavar="N",
                    help="re-measure a cell up to N times while other processes take over "
                         f"{machine.QUIET_BUSY * 100:.0f}%% of the CPUs (each retry first waits "
                         "--wait-quiet seconds at most); the quietest attempt is kept")
     p.add_argument("--readme", action="store_true",
                    help="also copy the tables into the results section of bench/README.md")
-    p.add_argument("--from-json", type=pathlib.Path, metavar="PATH",
+    p.add_argument("--from-json", type=existing_file, metavar="PATH",
                    help="measure nothing: rewrite the report (and --readme) from a results file")
     p.add_argument("--save", action="store_true",
                    help="write a partial run (--quick, --shapes, --ops, --impls, --threads, --rounds, "
@@ -108,8 +110,8 @@ def _partial(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
 def collect(args: argparse.Namespace) -> dict:
     """Run everything the arguments ask for; the results as written to JSON."""
     rounds, target_s = QUICK if args.quick else FULL
-    rounds = args.rounds or rounds
-    target_s = args.sample_ms / 1e3 if args.sample_ms else target_s
+    rounds = rounds if args.rounds is None else args.rounds
+    target_s = target_s if args.sample_ms is None else args.sample_ms / 1e3
     if args.passive_wait:  # must precede the first import of an OpenMP runtime
         os.environ["OMP_WAIT_POLICY"] = "passive"
 

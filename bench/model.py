@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from . import machine, timing
+from .arguments import add_threads, positive_float, positive_int
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -40,11 +41,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=["train", "infer"], default=["train", "infer"])
     p.add_argument("--backends", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     p.add_argument("--formats", nargs="+", choices=["NCHW", "channels_last"], default=["NCHW", "channels_last"])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=64, help="height and width of the input images")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--sample-s", type=float, default=0.25, help="seconds of steps per sample")
+    add_threads(p)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--size", type=positive_int, default=64, help="height and width of the input images")
+    p.add_argument("--rounds", type=positive_int, default=7)
+    p.add_argument("--sample-s", type=positive_float, default=0.25, help="seconds of steps per sample")
     p.add_argument("--quick", action="store_true", help="3 rounds of 0.1 s samples")
     return p.parse_args(argv)
 

@@ -28,6 +28,11 @@ class Settings:
     retries: int = 0  # re-measurements of a cell that other processes disturbed
     wait_quiet_s: float = 0.0  # how long each re-measurement waits for idle CPUs
 
+    def __post_init__(self) -> None:
+        # the command lines refuse these (bench.arguments); a caller in Python gets the same word
+        if self.rounds < 1 or not self.target_s > 0 or self.retries < 0 or self.wait_quiet_s < 0:
+            raise ValueError(f"rounds >= 1, target_s > 0, retries >= 0 and wait_quiet_s >= 0, got {self}")
+
 
 def _tolerance(dtype: str) -> float:
     # a few roundings of the output type (half types: float32 math, one rounding on store)

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 
+from .arguments import positive_int
+
 C_SHAPES = [(8, 64, 28, 28), (8, 256, 7, 7)]
 
 
@@ -226,10 +228,10 @@ def table(rows: List[Dict[str, Any]]) -> str:
 
 def main(argv: List[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.sync", description=__doc__.split("\n")[0])
-    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--worlds", type=positive_int, nargs="+", default=[2, 4])
     p.add_argument("--engines", nargs="+", default=["gloo", "mpi"], choices=["gloo", "mpi"])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--rounds", type=positive_int, default=7)
     p.add_argument("--model", action="store_true", help="print the cost model for 64-1024 ranks only")
     p.add_argument("--mpi-rank", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

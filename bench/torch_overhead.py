@@ -21,6 +21,7 @@ import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from . import machine, timing
+from .arguments import add_threads, positive_float, positive_int
 
 SHAPES = [(32, 64, 8, 8), (32, 256, 4, 4), (1, 64, 7, 7)]
 # the other norms: (class, constructor args, input shape), small calls and a transformer block's
@@ -33,9 +34,9 @@ NORM_CELLS = [("LayerNorm", (64,), (8, 49, 64)), ("LayerNorm", (768,), (4, 128, 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.torch_overhead",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--sample-s", type=float, default=0.05, help="seconds of calls per sample")
+    add_threads(p)
+    p.add_argument("--rounds", type=positive_int, default=15)
+    p.add_argument("--sample-s", type=positive_float, default=0.05, help="seconds of calls per sample")
     p.add_argument("--quick", action="store_true", help="5 rounds of 0.02 s samples")
     p.add_argument("--family", choices=["batch", "norms"], default="batch",
                    help="BatchNorm2d (default) or the other norms' drop-ins")

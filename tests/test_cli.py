@@ -65,10 +65,17 @@ def test_main_version():
     assert r.stdout.strip() == f"batchnorm {bn.__version__}"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(module, *args):
+    """``python -m <module> args`` from the repository root, where the bench package lives."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
 def test_bench_numerics_help():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "bench.numerics", "--help"], capture_output=True,
-                       text=True, timeout=120, cwd=root)
+    r = bench("bench.numerics", "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: python -m bench.numerics")
     assert "| dtype |" not in r.stdout  # help only: the matrix did not run
@@ -80,3 +87,47 @@ def test_import_does_not_read_package_metadata():
     r = run(["-c", "import sys, batchnorm; print('importlib.metadata' in sys.modules)"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+# Values no run can use: argparse's usage error (exit code 2, naming the option) before anything
+# is measured, not a traceback nor a run whose cells all fail. (module, option, value)
+BAD_BENCH_ARGUMENTS = [
+    ("bench", "--threads", "0"),
+    ("bench", "--threads", "-1"),
+    ("bench", "--rounds", "0"),
+    ("bench", "--rounds", "-1"),
+    ("bench", "--sample-ms", "0"),
+    ("bench", "--sample-ms", "-1"),
+    ("bench", "--sample-ms", "nan"),
+    ("bench", "--shapes", "0,2"),
+    ("bench", "--shapes", "2,-3,4"),
+    ("bench", "--shapes", "a,b"),
+    ("bench", "--retry-disturbed", "-1"),
+    ("bench", "--wait-quiet", "-1"),
+    ("bench", "--from-json", os.path.join(ROOT, "no", "such", "results.json")),
+    ("bench.torch_overhead", "--threads", "0"),
+    ("bench.torch_overhead", "--rounds", "0"),
+    ("bench.torch_overhead", "--sample-s", "0"),
+    ("bench.model", "--threads", "-1"),
+    ("bench.model", "--rounds", "-1"),
+    ("bench.model", "--sample-s", "-0.5"),
+    ("bench.model", "--batch", "0"),
+    ("bench.model", "--size", "0"),
+    ("bench.sync", "--worlds", "0"),
+    ("bench.sync", "--steps", "0"),
+    ("bench.sync", "--rounds", "0"),
+]
+
+
+@pytest.mark.parametrize("module, option, value", BAD_BENCH_ARGUMENTS)
+def test_bench_refuses_impossible_arguments(module, option, value, tmp_path):
+    # python -m bench: a tiny run around the bad value (later values of an option win), so
+    # that a regression costs seconds and writes only into tmp_path
+    small = ["--quick", "--ops", "eval", "--impls", "numpy", "--shapes", "1,2", "--no-latency",
+             "--out-dir", str(tmp_path / "out")] if module == "bench" else []
+    r = bench(module, *small, option, value)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert f"error: argument {option}: " in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == "" and not (tmp_path / "out").exists()  # measured and wrote nothing
+

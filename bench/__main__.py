@@ -42,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 rounds of ~1 ms samples")
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
-                   help="float16/bfloat16: data in the half type, per-channel arrays float32; the "
-                        "'batchnorm f32' column is the float32 call on the same shape")
+                   help="float16/bfloat16 (either family): data in the half type, per-channel arrays "
+                        "float32; the 'batchnorm f32' column is the float32 call on the same shape")
     add_threads(p)
     p.add_argument("--family", choices=("batch", "norms"), default="batch",
                    help="batch norm (default) or LayerNorm/RMSNorm/GroupNorm/InstanceNorm "
@@ -83,8 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "--family norms, busy with --busy-neighbour; -<dtype> appended "
                                    "for any dtype but float32, e.g. latest-float64)")
     args = p.parse_args(argv)
-    if args.dtype in ("float16", "bfloat16") and args.family == "norms":
-        p.error("--dtype float16/bfloat16 measures batch norm (the other norms take float32/float64)")
     if args.out_dir is None:
         args.out_dir = LOCAL_DIR if _partial(args, p) and not args.save else results_dir()
     family_ops = NORM_OPS if args.family == "norms" else OPS

@@ -97,10 +97,7 @@ class Case(_Sized):
 
     def to_torch(self, array: np.ndarray):
         """Zero-copy torch view in logical (N, C, ...) order; channels_last strides for NHWC."""
-        import torch
-
-        tensor = (torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-                  if array.dtype.name == "bfloat16" else torch.from_numpy(array))
+        tensor = torch_view(array)
         if self.layout == CHANNELS_LAST:
             rank = array.ndim
             tensor = tensor.permute(0, rank - 1, *range(1, rank - 1))
@@ -111,8 +108,7 @@ class Case(_Sized):
         if self.layout == CHANNELS_LAST:
             rank = tensor.dim()
             tensor = tensor.permute(0, *range(2, rank), 1)
-        tensor = tensor.detach()
-        return tensor.float().numpy() if tensor.dtype is torch_bfloat16() else tensor.numpy()
+        return torch_to_numpy(tensor)
 
 
 @dataclasses.dataclass
@@ -157,10 +153,21 @@ def param_dtype(name: str) -> np.dtype:
     return np.dtype(np.float32) if name in HALF_DTYPES else np.dtype(name)
 
 
-def torch_bfloat16():
+def torch_view(array: np.ndarray):
+    """Zero-copy torch tensor of a NumPy array, an ml_dtypes bfloat16 one included."""
     import torch
 
-    return torch.bfloat16
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A torch result as NumPy, for comparing with the reference (bfloat16 through float32)."""
+    import torch
+
+    tensor = tensor.detach()
+    return tensor.float().numpy() if tensor.dtype is torch.bfloat16 else tensor.numpy()
 
 
 def make_arrays(case: Case, seed: int = 0) -> Arrays:
@@ -270,7 +277,9 @@ NORM_CASES: tuple[tuple[str, tuple[int, ...], int], ...] = (
 
 @dataclasses.dataclass
 class NormArrays:
-    """Every buffer of one norm case, shared by all implementations."""
+    """Every buffer of one norm case, shared by all implementations. x, grad_y and out are of
+    the case's dtype; the others float32 for half data (as torch's and batchnorm's half norms
+    take and save them), else of the case's dtype."""
 
     x: np.ndarray
     grad_y: np.ndarray
@@ -286,7 +295,7 @@ class NormArrays:
 
 def make_norm_arrays(case: NormCase, seed: int = 0) -> NormArrays:
     rng = np.random.default_rng(seed)
-    dtype = np.dtype(case.dtype)
+    dtype, vector_dtype = numpy_dtype(case.dtype), param_dtype(case.dtype)
     x = rng.normal(0.5, 2.0, size=case.shape).astype(dtype)
     rows = x.astype(np.float64).reshape(case.rows, -1)
     mean = rows.mean(axis=1)
@@ -296,10 +305,10 @@ def make_norm_arrays(case: NormCase, seed: int = 0) -> NormArrays:
         x=x,
         grad_y=rng.normal(0.0, 1.0, size=case.shape).astype(dtype),
         out=np.zeros_like(x),
-        weight=rng.uniform(0.5, 1.5, size=params).astype(dtype),
-        bias=rng.uniform(-0.5, 0.5, size=params).astype(dtype),
-        save_mean=mean.astype(dtype),
-        save_invstd=(1.0 / np.sqrt(second + EPS)).astype(dtype),
+        weight=rng.uniform(0.5, 1.5, size=params).astype(vector_dtype),
+        bias=rng.uniform(-0.5, 0.5, size=params).astype(vector_dtype),
+        save_mean=mean.astype(vector_dtype),
+        save_invstd=(1.0 / np.sqrt(second + EPS)).astype(vector_dtype),
     )
 
 

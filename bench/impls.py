@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Callable
 
 import numpy as np
 
-from .cases import CHANNELS_LAST, EPS, HALF_DTYPES, MOMENTUM, Arrays, Case, NormArrays, NormCase
+from .cases import (CHANNELS_LAST, EPS, HALF_DTYPES, MOMENTUM, Arrays, Case, NormArrays, NormCase, torch_to_numpy,
+                    torch_view)
 
 
 class NotApplicable(Exception):
@@ -132,7 +134,10 @@ class BatchnormFloat32(Batchnorm):
         return super().prepare(op, case, dataclasses.replace(a, **single))
 
     def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
-        raise NotApplicable("the float32 twin of a half-precision case")
+        if case.dtype not in HALF_DTYPES:
+            raise NotApplicable("the float32 twin of a half-precision case")
+        single = {name: getattr(a, name).astype(np.float32) for name in ("x", "grad_y", "out")}
+        return super().prepare_norm(op, case, dataclasses.replace(a, **single))
 
 
 class Torch(Impl):
@@ -149,6 +154,9 @@ class Torch(Impl):
             return
         self.torch, self.F = torch, F
         self.version = torch.__version__
+        # half data with a float32 weight: F.rms_norm takes its composite (unfused) path and
+        # warns so; that path is what the bench measures (bench/README.md)
+        warnings.filterwarnings("ignore", "Mismatch dtype between input and weight", UserWarning)
 
     def set_threads(self, n: int) -> None:
         self.torch.set_num_threads(n)
@@ -178,7 +186,7 @@ class Torch(Impl):
 
     def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
         F, torch = self.F, self.torch
-        x, gy, w, b = (torch.from_numpy(v) for v in (a.x, a.grad_y, a.weight, a.bias))
+        x, gy, w, b = (torch_view(v) for v in (a.x, a.grad_y, a.weight, a.bias))
         d, n, c = [case.shape[-1]], case.shape[0], case.shape[1]
         if op == "norm_forward":
             run = {
@@ -187,7 +195,7 @@ class Torch(Impl):
                 "group": lambda: F.group_norm(x, case.groups, w, b, EPS),
                 "instance": lambda: F.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS),
             }[case.norm]
-            return Prepared(run, lambda y: y.numpy())
+            return Prepared(run, torch_to_numpy)
         if op != "norm_backward":
             raise NotApplicable(op)
         # ATen's backward kernels themselves (RMSNorm: its autograd graph): no forward recomputation
@@ -196,7 +204,7 @@ class Torch(Impl):
         stats = (*case.shape[:-1], 1)
         spatial = case.numel // (n * c)
         if case.norm == "rms":
-            return Prepared(self._rms_backward(x, gy, w, d), lambda result: result[0].numpy())
+            return Prepared(self._rms_backward(x, gy, w, d), lambda result: torch_to_numpy(result[0]))
         run = {
             "layer": lambda: aten.native_layer_norm_backward(
                 gy, x, d, mean.view(stats), invstd.view(stats), w, b, [True, True, True]),
@@ -205,7 +213,7 @@ class Torch(Impl):
             "instance": lambda: aten.native_group_norm_backward(
                 gy, x, mean.view(n, -1), invstd.view(n, -1), w, n, c, spatial, c, [True, True, True]),
         }[case.norm]
-        return Prepared(run, lambda result: result[0].numpy())
+        return Prepared(run, lambda result: torch_to_numpy(result[0]))
 
     def _rms_backward(self, x, gy, w, d):
         """torch has no CPU backward kernel for RMSNorm: its autograd graph (recorded once,
@@ -269,9 +277,12 @@ class OnnxRuntime(Impl):
     def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
         if op != "norm_forward":
             raise NotApplicable("ONNX Runtime runs inference only")
+        if case.dtype == "bfloat16":
+            raise NotApplicable("ONNX Runtime's CPU provider has no bfloat16 normalization kernels")
         helper, numpy_helper = self.onnx.helper, self.onnx.numpy_helper
         element = helper.np_dtype_to_tensor_dtype(np.dtype(case.dtype))
-        weight, bias = a.weight, a.bias
+        # ONNX types scale and B as x (no float32 parameters for float16 data): float16 copies
+        weight, bias = a.weight.astype(a.x.dtype), a.bias.astype(a.x.dtype)
         # node, opset (domain "" unless com.microsoft), attributes, and whether it takes a bias
         node, opset, attributes, with_bias = {
             "layer": ("LayerNormalization", 17, {"axis": -1}, True),
@@ -354,26 +365,38 @@ class NumPy(Impl):
 
 
     def prepare_norm(self, op: str, case: NormCase, a: NormArrays) -> Prepared:
-        rows = a.x.reshape(case.rows, -1)
         w, b = a.weight.reshape(case.param_shape), a.bias.reshape(case.param_shape)
         rms = case.norm == "rms"
+        # half data: float32 math on float32 copies of x and grad_y, the result rounded back
+        # into the half output (NumPy's half arithmetic would round after every operation)
+        half = case.dtype in HALF_DTYPES
+        x_rows = a.x.reshape(case.rows, -1)
+
+        def store(y):
+            if not half:
+                return y
+            a.out[...] = y
+            return a.out
 
         def forward():
+            rows = x_rows.astype(np.float32) if half else x_rows
             centred = rows if rms else rows - rows.mean(axis=1, keepdims=True)
             second = (centred * centred).mean(axis=1, keepdims=True)
             y = (centred / np.sqrt(second + EPS)).reshape(case.shape) * w
-            return y if rms else np.add(y, b, out=y)
+            return store(y if rms else np.add(y, b, out=y))
 
         def backward():
+            rows = x_rows.astype(np.float32) if half else x_rows
+            gy = a.grad_y.astype(np.float32) if half else a.grad_y
             invstd = a.save_invstd[:, None]
             xhat = (rows if rms else rows - a.save_mean[:, None]) * invstd
-            g = (a.grad_y * w).reshape(case.rows, -1)
+            g = (gy * w).reshape(case.rows, -1)
             centred = g if rms else g - g.mean(axis=1, keepdims=True)
             grad_x = invstd * (centred - xhat * (g * xhat).mean(axis=1, keepdims=True))
-            gy_xhat = a.grad_y * xhat.reshape(case.shape)
+            gy_xhat = gy * xhat.reshape(case.shape)
             axes = tuple(range(len(case.shape) - 1)) if case.norm in ("layer", "rms") else \
                 (0, *range(2, len(case.shape)))
-            return grad_x.reshape(case.shape), gy_xhat.sum(axis=axes), a.grad_y.sum(axis=axes)
+            return store(grad_x.reshape(case.shape)), gy_xhat.sum(axis=axes), gy.sum(axis=axes)
 
         runs = {"norm_forward": forward, "norm_backward": backward}
         if op not in runs:

@@ -131,3 +131,29 @@ def test_bench_refuses_impossible_arguments(module, option, value, tmp_path):
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stdout == "" and not (tmp_path / "out").exists()  # measured and wrote nothing
 
+
+def test_bench_norms_take_half_dtypes():
+    """--family norms runs float16 and bfloat16 (once refused): the arguments parse, and every
+    implementation gives the reference's output on a small case of each norm or says why not."""
+    code = """if True:
+        from bench import impls, runner
+        from bench.__main__ import parse_args
+        from bench.cases import NormCase, make_norm_arrays
+        from bench.ops import NORM_OPS
+        assert parse_args(["--family", "norms", "--dtype", "bfloat16"]).name == "norms-bfloat16"
+        loaded = [i for i in impls.load() if i.unavailable is None]
+        for dtype in ("float16", "bfloat16"):
+            for case in (NormCase("layer", (4, 8, 64), dtype), NormCase("rms", (2, 256), dtype),
+                         NormCase("group", (2, 32, 8, 8), dtype, 4), NormCase("instance", (2, 16, 8, 8), dtype)):
+                arrays = make_norm_arrays(case)
+                for op in NORM_OPS.values():
+                    reference = op.reference(case, arrays)
+                    _, status = runner._prepare_all(loaded, op, case, arrays, reference, 1)
+                    for name, s in status.items():
+                        assert s["status"] in ("ok", "n/a"), (dtype, case.layout, op.name, name, s)
+                    assert status["batchnorm"]["status"] == "ok", status
+                    print(dtype, case.layout, op.name, sorted(n for n, s in status.items() if s["status"] == "ok"))
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr

@@ -428,11 +428,9 @@ class _EagerFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> Tensor:
-        """Run the kernels; keep the NumPy views backward needs."""
-        # x only through save_for_backward (its view is made again in backward): saved-tensor
-        # hooks (activation checkpointing, offloading) then decide what x's memory does. Saved
-        # first: it raises for an inference tensor, before the running statistics move.
-        ctx.save_for_backward(x, weight)
+        """Run the kernels; keep the NumPy views backward needs. (An inference tensor ``x``
+        fails to be saved only after this returns, so the callers send a training call with
+        one to torch's op first: ``_saves_inference_input``.)"""
         xn = _read_view(x)
         w, b, rm, rv = arrays
         if training:
@@ -440,6 +438,9 @@ class _EagerFunction(torch.autograd.Function):
         else:
             y = _core.forward_eval(xn, rm, rv, w, b, eps, 1, None, None, False)
             mean, second = rm.copy(), rv.copy()  # the statistics at forward
+        # x only through save_for_backward (its view is made again in backward): saved-tensor
+        # hooks (activation checkpointing, offloading) then decide what x's memory does
+        ctx.save_for_backward(x, weight)
         ctx.state = ((w, mean, second), training, eps)  # one attribute: each costs a tenth of a us
         return _tensor(y)
 

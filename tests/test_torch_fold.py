@@ -134,6 +134,25 @@ def test_fold_model_without_pairs_is_unchanged_and_training_is_an_error():
 
 
 
+@pytest.mark.parametrize("linear_outputs", [4, 8], ids=["other-size", "same-size"])
+def test_fold_model_leaves_a_linear_layer_before_a_batch_norm_2d(linear_outputs):
+    """A linear layer acts on the last axis; a BatchNorm2d after it normalizes the channels:
+    default discovery pairs a linear layer with a BatchNorm1d of its outputs only (as torch's
+    fx fusion), so this model folds its conv pair and stays equal (it raised for 4 outputs
+    and folded the wrong axis for 8, off by up to 2). Naming the pair is an error."""
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), randomize_bn(nn.BatchNorm2d(8), gen), nn.Linear(6, linear_outputs),
+                          randomize_bn(nn.BatchNorm2d(8), gen)).eval()
+    x = torch.randn(2, 8, 6, 6, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+        folded = bnt.fold_model(copy.deepcopy(model))
+        assert [type(m) for m in folded] == [nn.Conv2d, nn.Identity, nn.Linear, nn.BatchNorm2d]
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"pairs: '2' is a Linear and batch norm '3' a BatchNorm2d"):
+        bnt.fold_model(model, [("2", "3")])
+
+
 @pytest.mark.parametrize("pairs, message", [
     ([("0", "1"), ("2", "1")], r"pairs: '2' has 4 outputs but batch norm '1' normalizes 8"),
     ([("0", "1"), ("0", "1")], r"pairs: '0' is named in more than one pair"),

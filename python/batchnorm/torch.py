@@ -1075,6 +1075,22 @@ _FOLDED_NORMS: Tuple[type, ...] = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, t
                                    BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
+def _spatial_dims(module: torch.nn.Module) -> int:
+    """1, 2 or 3 for a conv, transposed conv or batch norm of that many dimensions; a linear
+    layer counts as 1 (it folds into a BatchNorm1d over its outputs, as torch's fusions pair
+    them); 0 for anything else (a SyncBatchNorm or a lazy batch norm takes any)."""
+    for dims, kinds in enumerate(((torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear, torch.nn.BatchNorm1d),
+                                  (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.BatchNorm2d),
+                                  (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d)), start=1):
+        if isinstance(module, kinds):
+            return dims
+    return 0
+
+
+def _outputs(layer: torch.nn.Module) -> int:
+    return layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels  # type: ignore[return-value]
+
+
 def _folds(layer: torch.nn.Module) -> bool:
     """Whether torch's fusion routines fold a batch norm into ``layer``: a conv, a linear, or a
     transposed conv of one group (``fuse_conv_bn_eval(transpose=True)`` scales the weight's
@@ -1085,10 +1101,12 @@ def _folds(layer: torch.nn.Module) -> bool:
 def _folds_into(layer: torch.nn.Module, bn: torch.nn.Module) -> bool:
     """Whether default discovery folds the batch norm ``bn`` into ``layer``, the child before
     it: exact classes only (a subclass may override ``forward``, an uninitialized lazy batch
-    norm has no statistics yet), running statistics, and no hook that would see the value
-    between the two, which folding removes (the layer's forward hooks, the batch norm's
-    forward pre-hooks)."""
-    return (_folds(layer) and type(bn) in _FOLDED_NORMS and bn.running_mean is not None
+    norm has no statistics yet), of the same dimensions (a linear layer before a BatchNorm2d
+    acts on the last axis, not the channels), the layer's outputs the batch norm's features,
+    running statistics, and no hook that would see the value between the two, which folding
+    removes (the layer's forward hooks, the batch norm's forward pre-hooks)."""
+    return (_folds(layer) and type(bn) in _FOLDED_NORMS and _spatial_dims(layer) == _spatial_dims(bn)
+            and _outputs(layer) == bn.num_features and bn.running_mean is not None
             and bn.running_var is not None and not _hooks_between(layer, bn))
 
 
@@ -1140,13 +1158,17 @@ def fold_model(model: _M, pairs: Optional[List[Tuple[str, str]]] = None) -> _M:
     ``pairs`` names (layer, batch norm) submodules as ``model.get_submodule`` does, as in
     ``torch.ao.quantization.fuse_modules``; by default every conv/linear (also a transposed
     conv of one group, as a decoder or GAN generator has) followed directly by
-    a batch norm (plain torch or converted, not a subclass) with running statistics inside a
-    plain ``nn.Sequential``, unless a hook would see the value between them (the layer's
-    forward hooks, the batch norm's forward pre-hooks). Every pair is checked and folded
+    a batch norm of its dimensions (a linear layer: a BatchNorm1d, as torch's fusions pair
+    them) over its outputs (plain torch or converted, not a subclass) with running
+    statistics inside a plain ``nn.Sequential``, unless a hook would see the value between
+    them (the layer's forward hooks, the batch norm's forward pre-hooks). A linear layer
+    before a BatchNorm1d is folded over its outputs, which is right for (N, C) input; on
+    (N, C, L) input, where the linear layer acts on L, it is not (torch's fx fusion folds it
+    alike): name the pairs for such a model. Every pair is checked and folded
     before any is put in: a bad one (not a conv/linear and a batch norm, one without running
-    statistics, a layer whose output count is not the batch norm's feature count, a place
-    named in two pairs, such hooks) or a failed fold is an error that leaves ``model`` as it
-    was. Each layer is replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval``
+    statistics, a layer of other dimensions than the batch norm's or whose output count is
+    not its feature count, a place named in two pairs, such hooks) or a failed fold is an
+    error that leaves ``model`` as it was. Each layer is replaced by a folded copy (``torch.nn.utils.fusion.fuse_conv_bn_eval``
     / ``fuse_linear_bn_eval``), which takes over the batch norm's forward hooks, and each
     batch norm by an eval-mode ``nn.Identity``, in place (at the names given: a module
     shared by other places stays there); returns ``model`` (unchanged when nothing folds).
@@ -1168,7 +1190,10 @@ def fold_model(model: _M, pairs: Optional[List[Tuple[str, str]]] = None) -> _M:
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"pairs: batch norm {bn_name!r} has no running statistics "
                              "(track_running_stats=False), so it cannot be folded")
-        outputs = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
+        if _spatial_dims(bn) and _spatial_dims(layer) != _spatial_dims(bn):  # (SyncBatchNorm takes any)
+            raise ValueError(f"pairs: {layer_name!r} is a {type(layer).__name__} and batch norm {bn_name!r} a "
+                             f"{type(bn).__name__}: the layer's outputs are not the batch norm's channels")
+        outputs = _outputs(layer)
         if outputs != bn.num_features:
             raise ValueError(f"pairs: {layer_name!r} has {outputs} outputs but batch norm {bn_name!r} "
                              f"normalizes {bn.num_features} features, so it cannot be folded into it")

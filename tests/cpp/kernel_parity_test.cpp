@@ -47,7 +47,15 @@ using batchnorm::Isa;
 using batchnorm::detail::KernelTable;
 using batchnorm::detail::BlockReads;
 using batchnorm::detail::Sums;
+using batchnorm::detail::Writes;
 using i64 = std::int64_t;
+
+// Every way an apply kernel may write its output (streamed: non-temporal stores where the
+// backend has them), each of which must give the same values.
+constexpr Writes kAllWrites[] = {Writes::cached, Writes::prefetched, Writes::streamed};
+std::string writes_tag(Writes writes) {
+    return writes == Writes::cached ? "" : writes == Writes::prefetched ? " prefetched" : " streamed";
+}
 
 constexpr i64 kGuard = 16;        // past-the-end guard elements: the widest vector (AVX-512 float)
 constexpr double kSentinel = -12345.5;  // exact in float and double; no kernel output equals it
@@ -213,16 +221,19 @@ void test_cf(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                 check_sum(ck, where, "cf_dot.first", dot.first, g, sum_tol<T>(ag, n));
                 check_sum(ck, where, "cf_dot.second", dot.second, gd, sum_tol<T>(agd, n));
 
-                std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false, prefetch);
-                check_output(ck, where, "cf_affine", y, ey);
-                y = sentinel_vec<T>(size + kGuard);
-                t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, true, prefetch);
-                check_output(ck, where, "cf_affine relu", y, relu_of(ey));
+                for (const Writes writes : kAllWrites) {  // how the output is written must not change a value
+                    const std::string at = where + writes_tag(writes);
+                    std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                    t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, false, writes);
+                    check_output(ck, at, "cf_affine", y, ey);
+                    y = sentinel_vec<T>(size + kGuard);
+                    t.cf_affine(x.data(), y.data(), count, len, stride, shift, alpha, beta, true, writes);
+                    check_output(ck, at, "cf_affine relu", y, relu_of(ey));
 
-                std::vector<T> gx = sentinel_vec<T>(size + kGuard);
-                t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q, prefetch);
-                check_output(ck, where, "cf_grad", gx, eg);
+                    std::vector<T> gx = sentinel_vec<T>(size + kGuard);
+                    t.cf_grad(dy.data(), x.data(), gx.data(), count, len, stride, shift, k, m, q, writes);
+                    check_output(ck, at, "cf_grad", gx, eg);
+                }
             }
         }
     }
@@ -295,19 +306,21 @@ void test_pb(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
                         check_sum(ck, at, "pb_dot.second", t2[u], gd[u], sum_tol<T>(agd[u] + s0, n));
                     }
                 }
-                const bool prefetch = (rows + planes) % 2 == 0;  // prefetching must not change a value
-                std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), false,
-                            prefetch);
-                check_output(ck, where, "pb_affine", y, ey);
-                y = sentinel_vec<T>(size + kGuard);
-                t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), true,
-                            prefetch);
-                check_output(ck, where, "pb_affine relu", y, relu_of(ey));
-                std::vector<T> gx = sentinel_vec<T>(size + kGuard);
-                t.pb_grad(dy.data(), x.data(), gx.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(),
-                          c.data(), prefetch);
-                check_output(ck, where, "pb_grad", gx, eg);
+                for (const Writes writes : kAllWrites) {  // how the output is written must not change a value
+                    const std::string at = where + writes_tag(writes);
+                    std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                    t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), false,
+                                writes);
+                    check_output(ck, at, "pb_affine", y, ey);
+                    y = sentinel_vec<T>(size + kGuard);
+                    t.pb_affine(x.data(), y.data(), rows, stride, planes, len, shift.data(), a.data(), b.data(), true,
+                                writes);
+                    check_output(ck, at, "pb_affine relu", y, relu_of(ey));
+                    std::vector<T> gx = sentinel_vec<T>(size + kGuard);
+                    t.pb_grad(dy.data(), x.data(), gx.data(), rows, stride, planes, len, shift.data(), a.data(),
+                              b.data(), c.data(), writes);
+                    check_output(ck, at, "pb_grad", gx, eg);
+                }
             }
         }
     }
@@ -344,10 +357,12 @@ void test_rows(const KernelTable<T>& t, const std::string& tag, std::mt19937_64&
                         e.set(i, v, std::fabs(d * double(alpha[c])) + std::fabs(double(beta[c])) + std::fabs(r));
                     }
                 }
-                std::vector<T> y = sentinel_vec<T>(size + kGuard);
-                t.rows_affine(x.data(), residual ? res.data() : nullptr, y.data(), planes, len, first, channels,
-                              shift.data(), alpha.data(), beta.data(), relu);
-                check_output(ck, where, "rows_affine", y, e);
+                for (const Writes writes : kAllWrites) {
+                    std::vector<T> y = sentinel_vec<T>(size + kGuard);
+                    t.rows_affine(x.data(), residual ? res.data() : nullptr, y.data(), planes, len, first, channels,
+                                  shift.data(), alpha.data(), beta.data(), relu, writes);
+                    check_output(ck, where + writes_tag(writes), "rows_affine", y, e);
+                }
             }
         }
     }
@@ -603,7 +618,7 @@ void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck)
             // The same data as `rows` planes of one channel each.
             y = sentinel_vec<T>(size + kGuard);
             t.rows_affine(x.data(), res.data(), y.data(), rows, cols, 0, 1, shift.data(), alpha.data(), beta.data(),
-                          true);
+                          true, Writes::cached);
             check_output(ck, where, "rows_affine relu NaN", y, e);
         }
     }
@@ -621,16 +636,21 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
     const i64 n = 65536;
     std::vector<T> x(static_cast<size_t>(n));
     for (i64 i = 0; i < n; ++i) x[size_t(i)] = T::from_bits(std::uint16_t(i));
-    std::vector<T> y = sentinel_vec<T>(n + 3);
-    t.cf_affine(x.data(), y.data(), 1, n - 3, 0, C(0), C(1), C(-0.0), false, false);  // a tail, then the last 3 by cl
-    const std::vector<C> zero(3, C(0)), one(3, C(1)), minus_zero(3, C(-0.0));
-    t.cl_affine(x.data() + n - 3, nullptr, y.data() + n - 3, 1, 3, 3, zero.data(), one.data(), minus_zero.data(), false);
     i64 bad = 0;
-    for (i64 i = 0; i < n; ++i) {
-        const bool nan = std::isnan(float(x[size_t(i)]));
-        if (nan ? !std::isnan(float(y[size_t(i)])) : y[size_t(i)].bits != x[size_t(i)].bits) ++bad;
+    for (const Writes writes : kAllWrites) {  // non-temporal stores narrow as plain ones do
+        std::vector<T> y = sentinel_vec<T>(n + 3);
+        t.cf_affine(x.data(), y.data(), 1, n - 3, 0, C(0), C(1), C(-0.0), false, writes);  // a tail, then 3 by cl
+        const std::vector<C> zero(3, C(0)), one(3, C(1)), minus_zero(3, C(-0.0));
+        t.cl_affine(x.data() + n - 3, nullptr, y.data() + n - 3, 1, 3, 3, zero.data(), one.data(), minus_zero.data(),
+                    false);
+        bad = 0;
+        for (i64 i = 0; i < n; ++i) {
+            const bool nan = std::isnan(float(x[size_t(i)]));
+            if (nan ? !std::isnan(float(y[size_t(i)])) : y[size_t(i)].bits != x[size_t(i)].bits) ++bad;
+        }
+        ck.check(bad == 0 && y[size_t(n)].bits == T(kSentinel).bits, tag + writes_tag(writes),
+                 fmt("widen: %.0f of 65536 patterns changed", double(bad), 0, 0));
     }
-    ck.check(bad == 0 && y[size_t(n)].bits == T(kSentinel).bits, tag, fmt("widen: %.0f of 65536 patterns changed", double(bad), 0, 0));
 
     const i64 cols = 4099;
     std::vector<C> a(static_cast<size_t>(cols));
@@ -675,18 +695,20 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
             ck.check(wrong == 0 && got[size_t(size)].bits == T(kSentinel).bits, tag,
                      fmt("narrow by planes, len %.0f: %.0f values wrong in", double(len), double(wrong), 0) + kernel);
         };
-        std::vector<T> ys = sentinel_vec<T>(size + kGuard);
-        t.rows_affine(xs.data(), nullptr, ys.data(), planes, len, 0, planes, zero_c.data(), scale.data(), zero_c.data(),
-                      false);
-        check_planes(ys, " rows_affine");
-        ys = sentinel_vec<T>(size + kGuard);
-        t.pb_affine(xs.data(), ys.data(), 1, size, planes, len, zero_c.data(), scale.data(), zero_c.data(), false,
-                    false);
-        check_planes(ys, " pb_affine");
-        ys = sentinel_vec<T>(size + kGuard);
-        t.pb_grad(dys.data(), xs.data(), ys.data(), 1, size, planes, len, zero_c.data(), zero_c.data(), scale.data(),
-                  zero_c.data(), false);
-        check_planes(ys, " pb_grad");
+        for (const Writes writes : kAllWrites) {
+            std::vector<T> ys = sentinel_vec<T>(size + kGuard);
+            t.rows_affine(xs.data(), nullptr, ys.data(), planes, len, 0, planes, zero_c.data(), scale.data(),
+                          zero_c.data(), false, writes);
+            check_planes(ys, " rows_affine");
+            ys = sentinel_vec<T>(size + kGuard);
+            t.pb_affine(xs.data(), ys.data(), 1, size, planes, len, zero_c.data(), scale.data(), zero_c.data(), false,
+                        writes);
+            check_planes(ys, " pb_affine");
+            ys = sentinel_vec<T>(size + kGuard);
+            t.pb_grad(dys.data(), xs.data(), ys.data(), 1, size, planes, len, zero_c.data(), zero_c.data(),
+                      scale.data(), zero_c.data(), writes);
+            check_planes(ys, " pb_grad");
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <string>
 
+#include "../kernels/table.hpp"  // Writes
 #include "../shape.hpp"
 
 namespace batchnorm::detail {
@@ -17,6 +18,7 @@ namespace batchnorm::detail {
 struct CacheSizes {
     std::int64_t l1d = std::int64_t(32) << 10;
     std::int64_t l2 = std::int64_t(1) << 20;
+    std::int64_t l3 = std::int64_t(32) << 20;  // shared by a cluster of cores (an AMD CCX, an Intel socket)
 };
 
 // "48K", "1024K", "32M" -> bytes; 0 when unreadable.
@@ -54,6 +56,7 @@ inline CacheSizes read_cache_sizes() {
         if (bytes <= 0) continue;
         if (level == 1) sizes.l1d = bytes;
         if (level == 2) sizes.l2 = bytes;
+        if (level == 3) sizes.l3 = bytes;
     }
 #endif
     return sizes;
@@ -86,6 +89,28 @@ constexpr std::int64_t kPrefetchCacheShares = 16;
 template <class T>
 bool prefetch_planes(const Shape& s, int arrays) {
     return arrays * s.size() * std::int64_t(sizeof(T)) > kPrefetchCacheShares * cache_sizes().l2;
+}
+
+// How the apply kernels of a channels-first call write its output (Writes, kernels/table.hpp):
+// `arrays` arrays of this shape (inputs and output) in runs of `run` values.
+// Streamed (non-temporal stores) when the arrays pass half the L3: such an output cannot stay
+// in the caches until the next layer reads it, and plain stores first read each of its lines
+// from memory (oneDNN's batch normalization has non-temporal stores too). AMD EPYC
+// Zen 4 (32 MiB L3), 1 thread, float32, bench/cpp/functional_timing.cpp with 64-byte aligned
+// arrays, two alternating runs each, old -> new: 32x64x56x56 training 4105-4199 -> 2471-2789 us,
+// eval 2528-2665 -> 1355-1650, backward 5374-5512 -> 3800-4095; 4x256x56x56 training
+// 1500-1807 -> 795-891, backward 2493-2663 -> 1235-1478; 2x256x56x56 (6.4 MiB per array)
+// backward 575-647 -> 428-436. Below the threshold streaming costs: eval of 2x256x56x56, whose
+// output stays in the L3, 170 -> 274-288 us.
+// Only runs of kMinStreamRunBytes or more: a run's first and last partial lines take plain
+// stores, and a short run is little else.
+constexpr std::int64_t kMinStreamRunBytes = 1024;
+
+template <class T>
+Writes output_writes(const Shape& s, int arrays, std::int64_t run) {
+    const std::int64_t bytes = arrays * s.size() * std::int64_t(sizeof(T));
+    if (2 * bytes > cache_sizes().l3 && run * std::int64_t(sizeof(T)) >= kMinStreamRunBytes) return Writes::streamed;
+    return prefetch_planes<T>(s, arrays) ? Writes::prefetched : Writes::cached;
 }
 
 }  // namespace batchnorm::detail

@@ -212,6 +212,7 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
     if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, relu, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
     const bool prefetch = prefetch_planes<T>(s, 2);
+    const Writes writes = output_writes<T>(s, 2, s.inner);
     for_each_channel<Moments>(
         s, sched,
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_moments(k, x, s, c, b, e, prefetch); },
@@ -219,7 +220,7 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
         [&](std::int64_t c, std::int64_t b, std::int64_t e) {
             const ChannelAffine<compute_t<T>> a = affine[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, relu, prefetch);
+                k.cf_affine(x + at, y + at, n, len, stride, a.shift, a.alpha, a.beta, relu, writes);
             });
         });
 }
@@ -234,6 +235,7 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
     if (pb.blocks > 0) return backward_plane_blocks(k, dy, x, gx, s, shift, sched, pb, finish);
     std::vector<GradCoefficients<compute_t<T>>> coef(std::size_t(s.channels));
     const bool prefetch = prefetch_planes<T>(s, 3);
+    const Writes writes = output_writes<T>(s, 3, s.inner);
     for_each_channel<Sums>(
         s, sched,
         [&](std::int64_t c, std::int64_t b, std::int64_t e) { return range_dot(k, dy, x, s, c, b, e, shift[c], prefetch); },
@@ -242,7 +244,7 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
             if (!gx) return;
             const GradCoefficients<compute_t<T>> g = coef[std::size_t(c)];
             for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t cnt, std::int64_t len, std::int64_t stride) {
-                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q, prefetch);
+                k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q, writes);
             });
         });
 }
@@ -255,12 +257,13 @@ void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual,
     const std::int64_t planes = s.outer * s.channels;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(parallel_bytes<T>(inputs, s.size()), planes);
+    const Writes writes = output_writes<T>(s, inputs, s.inner);
     run_parallel(threads, [&] {
         const auto [begin, end] = my_share(planes);
         const std::int64_t at = begin * s.inner;
         if (begin < end)
             k.rows_affine(x + at, residual ? residual + at : nullptr, y + at, end - begin, s.inner,
-                          begin % s.channels, s.channels, shift, alpha, beta, relu);
+                          begin % s.channels, s.channels, shift, alpha, beta, relu, writes);
     });
 }
 

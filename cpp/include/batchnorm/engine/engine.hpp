@@ -53,14 +53,14 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
     const auto& k = kernels<T>();
     const std::int64_t bytes = parallel_bytes<T>(3, s.size());
     if (!reads_as_rows<T>(s)) {
-        const bool prefetch = prefetch_planes<T>(s, 3);
+        const Writes writes = output_writes<T>(s, 3, s.inner);
         for_each_channel<Sums>(
             s, bytes, [](std::int64_t, std::int64_t, std::int64_t) { return Sums{}; },
             [](std::int64_t, const Sums&) {},
             [&](std::int64_t c, std::int64_t b, std::int64_t e) {
                 const GradCoefficients<compute_t<T>> g = coef[c];
                 for_each_run(s, c, b, e, [&](std::int64_t at, std::int64_t n, std::int64_t len, std::int64_t stride) {
-                    k.cf_grad(dy + at, x + at, gx + at, n, len, stride, g.shift, g.k, g.m, g.q, prefetch);
+                    k.cf_grad(dy + at, x + at, gx + at, n, len, stride, g.shift, g.k, g.m, g.q, writes);
                 });
             });
         return;

@@ -193,7 +193,7 @@ template <class T, class Finish>
 void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
                             const PlaneBlocks& pb, bool relu, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
-    const bool prefetch = prefetch_planes<T>(s, 2);
+    const Writes writes = output_writes<T>(s, 2, len);
     const BlockReads reads = block_reads<T>(s, 1, 2);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         block_sums(k, x, s, first, count, w, reads);
@@ -201,7 +201,7 @@ void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Sha
                         w.b.data());
         const std::int64_t at = first * len;
         k.pb_affine(x + at, y + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(), relu,
-                    prefetch);
+                    writes);
     });
 }
 
@@ -213,7 +213,7 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
                            const compute_t<T>* shift, const ChannelSchedule& sched, const PlaneBlocks& pb,
                            Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
-    const bool prefetch = prefetch_planes<T>(s, 3);
+    const Writes writes = output_writes<T>(s, 3, len);
     const BlockReads reads = block_reads<T>(s, 2, 3);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         const std::int64_t at = first * len;
@@ -228,7 +228,7 @@ void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* 
         finish.channels(first, count, w.s1.data(), w.s2.data(), w.shift.data(), w.a.data(), w.b.data(), w.c.data());
         if (gx)
             k.pb_grad(dy + at, x + at, gx + at, s.outer, stride, count, len, w.shift.data(), w.a.data(), w.b.data(),
-                      w.c.data(), prefetch);
+                      w.c.data(), writes);
     });
 }
 

@@ -65,6 +65,9 @@ struct Ops<double> {
         return _mm256_blendv_pd(fill, _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
     }
     static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+    // Non-temporal stores (Writes::streamed in table.hpp): p aligned to the vector's bytes.
+    static void stream(double* p, V v) { _mm256_stream_pd(p, v); }
+    static void fence() { _mm_sfence(); }
     // n doubles are 2n floats: the same bytes through Ops<float>'s plain stores (2n is even,
     // so only its 16- and 8-byte stores run).
     static void store_partial(double* p, V v, std::int64_t n);
@@ -133,6 +136,8 @@ struct Ops<float> {
         return _mm256_blendv_ps(fill, _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
     }
     static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+    static void fence() { _mm_sfence(); }
     static void store_partial(float* p, V v, std::int64_t n) {
         __m128 part = _mm256_castps256_ps128(v);
         if (n & 4) {
@@ -161,6 +166,8 @@ struct Ops<float> {
     }
     template <class H>
     static void store(H* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), HalfConvert<H>::narrow(v)); }
+    template <class H>
+    static void stream(H* p, V v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), HalfConvert<H>::narrow(v)); }
     template <class H>
     static void store_partial(H* p, V v, std::int64_t n) {
         alignas(16) std::uint16_t lanes[8];

@@ -44,6 +44,9 @@ struct Ops<double> {
         return _mm512_insertf64x4(fill, _mm256_mask_loadu_pd(_mm512_castpd512_pd256(fill), first_lanes_8(n), p), 0);
     }
     static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+    // Non-temporal stores (Writes::streamed in table.hpp): p aligned to the vector's bytes.
+    static void stream(double* p, V v) { _mm512_stream_pd(p, v); }
+    static void fence() { _mm_sfence(); }
     static void store_partial(double* p, V v, std::int64_t n) {
         if (n > 4) {
             _mm256_storeu_pd(p, _mm512_castpd512_pd256(v));
@@ -123,6 +126,8 @@ struct Ops<float> {
         return _mm512_insertf32x8(fill, _mm256_mask_loadu_ps(_mm512_castps512_ps256(fill), first_lanes_8(n), p), 0);
     }
     static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
+    static void fence() { _mm_sfence(); }
     static void store_partial(float* p, V v, std::int64_t n) {
         if (n > 8) {
             _mm256_storeu_ps(p, _mm512_castps512_ps256(v));
@@ -143,6 +148,8 @@ struct Ops<float> {
     }
     template <class H>
     static void store(H* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), HalfConvert<H>::narrow(v)); }
+    template <class H>
+    static void stream(H* p, V v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), HalfConvert<H>::narrow(v)); }
     template <class H>
     static void store_partial(H* p, V v, std::int64_t n) {
         _mm256_mask_storeu_epi16(p, first_lanes_16(n), in_register(HalfConvert<H>::narrow(v)));

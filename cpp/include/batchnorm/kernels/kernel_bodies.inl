@@ -140,24 +140,79 @@ BATCHNORM_ALWAYS_INLINE V grad_value(V dy, V x, V s, V k, V m, V q, O) {
     return O::fma(dy, k, O::fma(O::sub(x, s), m, q));
 }
 
-template <class S, bool kResidual, bool kRelu>
+// Whether Ops has non-temporal stores of P (the x86 backends): O::stream(p, v), then O::fence().
+// Elsewhere a streamed output is written by plain stores.
+template <class O, class P, class = void>
+struct streams : std::false_type {};
+template <class O, class P>
+struct streams<O, P, std::void_t<decltype(O::stream(std::declval<P*>(), std::declval<typename O::V>()))>>
+    : std::true_type {};
+
+// The values of a run at p before its first cache-line boundary, from where every whole vector
+// is aligned as a non-temporal store needs it; all n for storage not aligned to its own type.
+constexpr i64 kLineBytes = 64;
+template <class P>
+BATCHNORM_ALWAYS_INLINE i64 values_before_line(const P* p, i64 n) {
+    const auto at = reinterpret_cast<std::uintptr_t>(p);
+    if (at % sizeof(P) != 0) return n;
+    return std::min(n, i64((kLineBytes - i64(at % kLineBytes)) % kLineBytes) / i64(sizeof(P)));
+}
+
+// After a kernel's streamed stores: they are weakly ordered, so the kernel fences them before
+// it returns, and the threads that join after it see the output.
+template <class S>
+BATCHNORM_ALWAYS_INLINE void end_writes(Writes writes) {
+    using O = Ops<compute_t<S>>;
+    if constexpr (streams<O, S>::value)
+        if (writes == Writes::streamed) O::fence();
+}
+
+// y[i..n) = act((x - shift) * alpha + beta + residual): plain stores from i = 0; with kStream
+// (where Ops streams S), plain stores up to the first line boundary, non-temporal stores of the
+// whole vectors from there, plain ones for the last partial vector.
+template <class S, bool kResidual, bool kRelu, bool kStream = false>
 BATCHNORM_ALWAYS_INLINE void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V alpha, typename Ops<compute_t<S>>::V beta) {
     using T = compute_t<S>;
     using O = Ops<T>;
     using V = typename O::V;
-    for (i64 i = 0; i < n; i += O::W) {
+    i64 i = 0;
+    if constexpr (kStream && streams<O, S>::value) {
+        const i64 head = values_before_line(y, n);
+        run_affine<S, kResidual, kRelu>(x, residual, y, head, shift, alpha, beta);
+        for (i = head; i + O::W <= n; i += O::W) {
+            const V r = kResidual ? O::load(residual + i) : O::zero();
+            O::stream(y + i, affine_value<kResidual, kRelu>(O::load(x + i), r, shift, alpha, beta, O{}));
+        }
+    }
+    for (; i < n; i += O::W) {
         const V r = kResidual ? load_n(residual + i, n - i, O::zero()) : O::zero();
         store_n(y + i, affine_value<kResidual, kRelu>(load_n(x + i, n - i, shift), r, shift, alpha, beta, O{}), n - i);
     }
 }
 
-template <class S>
+// gx = dy * k + (x - shift) * m + q over one run, kStream as for run_affine.
+template <class S, bool kStream = false>
 BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V k, typename Ops<compute_t<S>>::V m, typename Ops<compute_t<S>>::V q) {
     using T = compute_t<S>;
     using O = Ops<T>;
-    for (i64 i = 0; i < n; i += O::W)
+    i64 i = 0;
+    if constexpr (kStream && streams<O, S>::value) {
+        const i64 head = values_before_line(gx, n);
+        run_grad(dy, x, gx, head, shift, k, m, q);
+        for (i = head; i + O::W <= n; i += O::W)
+            O::stream(gx + i, grad_value(O::load(dy + i), O::load(x + i), shift, k, m, q, O{}));
+    }
+    for (; i < n; i += O::W)
         store_n(gx + i, grad_value(load_n(dy + i, n - i, O::zero()), load_n(x + i, n - i, shift), shift, k, m, q, O{}),
                 n - i);
+}
+
+// f(std::true_type{}) when flag, else f(std::false_type{}): the flag as a compile-time
+// constant (decltype(c)::value), so each kernel body is written once for both.
+template <class F>
+BATCHNORM_ALWAYS_INLINE void with_flag(bool flag, F&& f) {
+    if (flag) f(std::true_type{});
+    else f(std::false_type{});
 }
 
 // ---- channels-first: runs of one channel -----------------------------------------------------
@@ -264,43 +319,44 @@ Sums cf_dot(const S* dy, const S* x, i64 count, i64 len, i64 stride, compute_t<S
     return acc.flush();
 }
 
-// f(std::true_type{}) when relu, else f(std::false_type{}): the flag as a compile-time
-// constant (decltype(flag)::value), so each kernel body is written once for both.
-template <class F>
-BATCHNORM_ALWAYS_INLINE void with_relu(bool relu, F&& f) {
-    if (relu) f(std::true_type{});
-    else f(std::false_type{});
-}
-
 template <class S>
 void cf_affine(const S* x, S* y, i64 count, i64 len, i64 stride, compute_t<S> shift, compute_t<S> alpha,
-               compute_t<S> beta, bool relu, bool prefetch) {
+               compute_t<S> beta, bool relu, Writes writes) {
     using O = Ops<compute_t<S>>;
     const auto s = O::set1(shift), a = O::set1(alpha), b = O::set1(beta);
-    with_relu(relu, [&](auto flag) {
-        const auto apply = [&](i64 at, i64 n) {
-            run_affine<S, false, decltype(flag)::value>(x + at, nullptr, y + at, n, s, a, b);
-        };
-        if (prefetch && len * i64(sizeof(S)) > kPrefetchMaxBytes)
-            for_each_chunk<S>(
-                count, len, stride, [&](i64 at, i64 n) { prefetch_run<true>(y + at, n); }, apply);
-        else
-            for (i64 r = 0; r < count; ++r) apply(r * stride, len);
+    with_flag(relu, [&](auto relu_flag) {
+        with_flag(writes == Writes::streamed, [&](auto stream_flag) {
+            const auto apply = [&](i64 at, i64 n) {
+                run_affine<S, false, decltype(relu_flag)::value, decltype(stream_flag)::value>(x + at, nullptr, y + at,
+                                                                                               n, s, a, b);
+            };
+            if (writes == Writes::prefetched && len * i64(sizeof(S)) > kPrefetchMaxBytes)
+                for_each_chunk<S>(
+                    count, len, stride, [&](i64 at, i64 n) { prefetch_run<true>(y + at, n); }, apply);
+            else
+                for (i64 r = 0; r < count; ++r) apply(r * stride, len);
+        });
     });
+    end_writes<S>(writes);
 }
 
 template <class S>
 void cf_grad(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, compute_t<S> shift, compute_t<S> k,
-             compute_t<S> m, compute_t<S> q, bool prefetch) {
+             compute_t<S> m, compute_t<S> q, Writes writes) {
     using T = compute_t<S>;
     using O = Ops<T>;
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
-    const auto apply = [&](i64 at, i64 n) { run_grad(dy + at, x + at, gx + at, n, s, kv, mv, qv); };
-    if (prefetch && len * i64(sizeof(S)) > kPrefetchMaxBytes)
-        for_each_chunk<S>(
-            count, len, stride, [&](i64 at, i64 n) { prefetch_run<true>(gx + at, n); }, apply);
-    else
-        for (i64 r = 0; r < count; ++r) apply(r * stride, len);
+    with_flag(writes == Writes::streamed, [&](auto stream_flag) {
+        const auto apply = [&](i64 at, i64 n) {
+            run_grad<S, decltype(stream_flag)::value>(dy + at, x + at, gx + at, n, s, kv, mv, qv);
+        };
+        if (writes == Writes::prefetched && len * i64(sizeof(S)) > kPrefetchMaxBytes)
+            for_each_chunk<S>(
+                count, len, stride, [&](i64 at, i64 n) { prefetch_run<true>(gx + at, n); }, apply);
+        else
+            for (i64 r = 0; r < count; ++r) apply(r * stride, len);
+    });
+    end_writes<S>(writes);
 }
 
 // ---- channels-first: blocks of short planes -----------------------------------------------
@@ -619,7 +675,7 @@ struct PlaneApply {
     S* y_;
     i64 rows_, stride_, planes_, len_;
     const T *shift_, *a_, *b_, *c_;
-    bool prefetch_;  // prefetch the output planes kPrefetchRuns rows ahead, for writing
+    Writes writes_;  // prefetched: the output planes kPrefetchRuns rows ahead, for writing
 
     template <int kV>
     void run() const {
@@ -629,10 +685,11 @@ struct PlaneApply {
         S* const y = y_;
         const T *const shift = shift_, *const a = a_, *const b = b_, *const c = c_;
         const i64 rows = rows_, stride = stride_, planes = planes_, len = len_, last = len - (kV - 1) * O::W;
+        const bool prefetch = writes_ == Writes::prefetched;
         for (i64 r = 0; r < rows; ++r)
             for (i64 j = 0; j < planes; ++j) {
                 const i64 at = r * stride + j * len;
-                if (prefetch_ && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
+                if (prefetch && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
                 const V s = O::set1(shift[j]), av = O::set1(a[j]), bv = O::set1(b[j]);
                 if constexpr (kGrad) {
                     plane_grad<kV>(dy + at, x + at, y + at, last, s, av, bv, O::set1(c[j]));
@@ -642,42 +699,58 @@ struct PlaneApply {
             }
     }
 
-    // Planes longer than kFlushVectors vectors: each a run, as the channel-by-channel kernels
-    // apply one (run_grad, run_affine).
+    // Planes longer than kFlushVectors vectors, and streamed output: each plane a run, as the
+    // channel-by-channel kernels apply one (run_grad, run_affine).
     void run_long() const {
+        with_flag(writes_ == Writes::streamed, [&](auto stream_flag) { run_runs<decltype(stream_flag)::value>(); });
+    }
+
+    template <bool kStream>
+    void run_runs() const {
         using O = Ops<T>;
         const S *const dy = dy_, *const x = x_;
         S* const y = y_;
         const i64 rows = rows_, stride = stride_, planes = planes_, len = len_;
+        const bool prefetch = writes_ == Writes::prefetched;
         for (i64 r = 0; r < rows; ++r)
             for (i64 j = 0; j < planes; ++j) {
                 const i64 at = r * stride + j * len;
-                if (prefetch_ && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
+                if (prefetch && r + kPrefetchRuns < rows) prefetch_run<true>(y + at + kPrefetchRuns * stride, len);
                 if constexpr (kGrad)
-                    run_grad(dy + at, x + at, y + at, len, O::set1(shift_[j]), O::set1(a_[j]), O::set1(b_[j]),
-                             O::set1(c_[j]));
+                    run_grad<S, kStream>(dy + at, x + at, y + at, len, O::set1(shift_[j]), O::set1(a_[j]),
+                                         O::set1(b_[j]), O::set1(c_[j]));
                 else
-                    run_affine<S, false, kRelu>(x + at, nullptr, y + at, len, O::set1(shift_[j]), O::set1(a_[j]),
-                                                O::set1(b_[j]));
+                    run_affine<S, false, kRelu, kStream>(x + at, nullptr, y + at, len, O::set1(shift_[j]),
+                                                         O::set1(a_[j]), O::set1(b_[j]));
             }
     }
 };
 
+// Runs op over planes of len values of S, as with_plane_length does, but a streamed output
+// plane by plane (run_long): its stores begin at a line boundary, which a plane's compile-time
+// vectors do not.
+template <class S, class Op>
+BATCHNORM_ALWAYS_INLINE void with_plane_writes(i64 len, Writes writes, Op& op) {
+    if (writes == Writes::streamed) op.run_long();
+    else with_plane_length<S>(len, op);
+    end_writes<S>(writes);
+}
+
 template <class S>
 void pb_affine(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
-               const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, bool prefetch) {
-    with_relu(relu, [&](auto flag) {
+               const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, Writes writes) {
+    with_flag(relu, [&](auto flag) {
         PlaneApply<S, false, decltype(flag)::value> op{nullptr, x,    y,     rows, stride,  planes,
-                                                       len,     shift, alpha, beta, nullptr, prefetch};
-        with_plane_length<S>(len, op);
+                                                       len,     shift, alpha, beta, nullptr, writes};
+        with_plane_writes<S>(len, writes, op);
     });
 }
 
 template <class S>
 void pb_grad(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const compute_t<S>* shift,
-             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, bool prefetch) {
-    PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q, prefetch};
-    with_plane_length<S>(len, op);
+             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, Writes writes) {
+    PlaneApply<S, true> op{dy, x, gx, rows, stride, planes, len, shift, k, m, q, writes};
+    with_plane_writes<S>(len, writes, op);
 }
 
 // Eval over `planes` contiguous planes of len values, plane r of channel
@@ -691,6 +764,7 @@ struct RowsAffine {
     S* y_;
     i64 planes_, len_, first_channel_, channels_;
     const T *shift_, *alpha_, *beta_;
+    Writes writes_;
 
     template <int kV>
     void run() const {
@@ -710,35 +784,39 @@ struct RowsAffine {
     }
 
     void run_long() const {
+        with_flag(writes_ == Writes::streamed, [&](auto stream_flag) { run_runs<decltype(stream_flag)::value>(); });
+    }
+
+    template <bool kStream>
+    void run_runs() const {
         using O = Ops<T>;
         i64 c = first_channel_;
         for (i64 r = 0; r < planes_; ++r) {
             const i64 at = r * len_;
-            run_affine<S, kResidual, kRelu>(x_ + at, kResidual ? residual_ + at : nullptr, y_ + at, len_,
-                                            O::set1(shift_[c]), O::set1(alpha_[c]), O::set1(beta_[c]));
+            run_affine<S, kResidual, kRelu, kStream>(x_ + at, kResidual ? residual_ + at : nullptr, y_ + at, len_,
+                                                     O::set1(shift_[c]), O::set1(alpha_[c]), O::set1(beta_[c]));
             if (++c == channels_) c = 0;
         }
     }
 };
 
 template <class S, bool kResidual, bool kRelu>
-void rows_affine_as(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
-                    i64 channels, const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta) {
-    RowsAffine<S, kResidual, kRelu> op{x, residual, y, planes, len, first_channel, channels, shift, alpha, beta};
-    with_plane_length<S>(len, op);
+void rows_affine_as(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel, i64 channels,
+                    const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta, Writes writes) {
+    RowsAffine<S, kResidual, kRelu> op{x, residual, y, planes, len, first_channel, channels, shift, alpha, beta, writes};
+    with_plane_writes<S>(len, writes, op);
 }
 
 template <class S>
 void rows_affine(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
                  i64 channels, const compute_t<S>* shift, const compute_t<S>* alpha, const compute_t<S>* beta,
-                 bool relu) {
-    if (residual) {
-        if (relu) rows_affine_as<S, true, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
-        else rows_affine_as<S, true, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
-    } else {
-        if (relu) rows_affine_as<S, false, true>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
-        else rows_affine_as<S, false, false>(x, residual, y, planes, len, first_channel, channels, shift, alpha, beta);
-    }
+                 bool relu, Writes writes) {
+    with_flag(residual != nullptr, [&](auto residual_flag) {
+        with_flag(relu, [&](auto relu_flag) {
+            rows_affine_as<S, decltype(residual_flag)::value, decltype(relu_flag)::value>(
+                x, residual, y, planes, len, first_channel, channels, shift, alpha, beta, writes);
+        });
+    });
 }
 
 // ---- channels-last: row-major tiles, one column per channel ----------------------------------
@@ -1171,7 +1249,7 @@ void row_wgrad(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, com
                compute_t<S> m, compute_t<S> q) {
     using T = compute_t<S>;
     using O = Ops<T>;
-    if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, false);
+    if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, Writes::cached);
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
     for (i64 i = 0; i < n; i += O::W) {
         const auto g = O::mul(load_n(dy + i, n - i, O::zero()), load_n(w + i, n - i, O::zero()));

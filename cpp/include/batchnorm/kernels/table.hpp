@@ -2,8 +2,9 @@
 // (ISA-neutral, OpenMP) calls only these. Two families:
 //  - cf_*: channels-first. One channel's values come as `count` runs of `len` contiguous values,
 //    `stride` apart (a run is one (n, c) plane of NCHW). Vectorized along the run. prefetch:
-//    runs past kPrefetchMaxBytes prefetch the next run as they go, those the kernel reads
-//    (cf_dev, cf_dot) or writes (cf_affine, cf_grad), for data from beyond the core's caches.
+//    runs past kPrefetchMaxBytes prefetch the next run as they go, those the reductions read
+//    (cf_dev, cf_dot), for data from beyond the core's caches; the apply kernels (cf_affine,
+//    cf_grad) take Writes.
 //  - rows_* and cl_*: row-major tiles of `rows` rows x `cols` contiguous columns, one column per
 //    channel (channels-last), rows `ld` values apart (ld = cols for whole rows; more for a block
 //    of columns). Vectorized across columns; per-column results add into float64.
@@ -56,6 +57,15 @@ constexpr std::int64_t kFlushVectors = 16;
 // of the planes a few rows ahead (prefetch_planes in engine/cache.hpp).
 enum class BlockReads { resident, streamed, prefetched };
 
+// How an apply kernel writes its output. cached: plain stores. prefetched: the same, with
+// software prefetch (for writing) of the run or plane the kernel writes next, for outputs whose
+// lines come from beyond the core's caches. streamed: non-temporal stores, which write whole
+// cache lines to memory without first reading them in (and without filling the caches with an
+// output too large to stay there): the cache-line-aligned vectors of each run, the run's first
+// and last partial lines by plain stores; the kernel fences the stores before it returns, so
+// the output is visible to every thread once the call's threads have joined.
+enum class Writes { cached, prefetched, streamed };
+
 // S is the storage type of the data (x, y, dy, gx, residual); T = compute_t<S> the type of
 // scalars, per-column factors and per-element parameters (the same for float and double).
 template <class S>
@@ -68,14 +78,14 @@ struct KernelTable {
     Sums (*cf_dot)(const S* dy, const S* x, i64 count, i64 len, i64 stride, T shift, bool prefetch);
     // y = act((x - shift) * alpha + beta), act relu or none
     void (*cf_affine)(const S* x, S* y, i64 count, i64 len, i64 stride, T shift, T alpha, T beta, bool relu,
-                      bool prefetch);
+                      Writes writes);
     // gx = dy * k + (x - shift) * m + q
     void (*cf_grad)(const S* dy, const S* x, S* gx, i64 count, i64 len, i64 stride, T shift, T k,
-                    T m, T q, bool prefetch);
+                    T m, T q, Writes writes);
     // Eval over whole planes in memory order: plane r has channel (first_channel + r) % channels.
     // y = act((x - shift[c]) * alpha[c] + beta[c] + residual), residual may be null.
     void (*rows_affine)(const S* x, const S* residual, S* y, i64 planes, i64 len, i64 first_channel,
-                        i64 channels, const T* shift, const T* alpha, const T* beta, bool relu);
+                        i64 channels, const T* shift, const T* alpha, const T* beta, bool relu, Writes writes);
 
     // sum[j] += sum over rows of x[r][j]
     void (*cl_sum)(const S* x, i64 rows, i64 cols, i64 ld, double* sum);
@@ -104,10 +114,9 @@ struct KernelTable {
                      double* sdy, double* sdyx);
 
     // pb_*: a block of `planes` consecutive channels of a channels-first input, plane j of row r
-    // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long. prefetch:
-    // software prefetch of the planes a few rows ahead, those the kernel writes (pb_affine,
-    // pb_grad), for data that come from beyond the core's caches; the reductions (pb_dev,
-    // pb_dot) take BlockReads, where their data come from.
+    // at r * stride + j * len, planes at most kFlushVectors vectors (of `lanes`) long. The apply
+    // kernels (pb_affine, pb_grad) take Writes (prefetched: the planes a few rows ahead), the
+    // reductions (pb_dev, pb_dot) BlockReads, where their data come from.
     // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
     void (*pb_dev)(const S* x, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, double* s1, double* s2,
                    BlockReads reads);
@@ -116,10 +125,10 @@ struct KernelTable {
                    double* sdy, double* sdyx, BlockReads reads);
     // y = act((x - shift[j]) * alpha[j] + beta[j]), act relu or none
     void (*pb_affine)(const S* x, S* y, i64 rows, i64 stride, i64 planes, i64 len, const T* shift, const T* alpha,
-                      const T* beta, bool relu, bool prefetch);
+                      const T* beta, bool relu, Writes writes);
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
     void (*pb_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 stride, i64 planes, i64 len, const T* shift,
-                    const T* k, const T* m, const T* q, bool prefetch);
+                    const T* k, const T* m, const T* q, Writes writes);
     // Eval factors from given statistics, in float64 lanes, the shift being the mean itself:
     // alpha = weight * (1 / sqrt(var + eps)), beta = bias - 0*alpha (weight, bias null: 1, 0).
     void (*eval_factors)(const T* var, const T* weight, const T* bias, i64 channels, double eps, T* alpha,

@@ -127,7 +127,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), c = (sg % groups) * per_group + p;
                     const ChannelAffine<P> a = affine_for<P>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
                     const std::int64_t at = sg * seg.inner + v;
-                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu, false);
+                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu, Writes::cached);
                     v = end;
                 }
             });
@@ -249,7 +249,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
                     const P kc = P(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
                     k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc, mc[std::size_t(sg)],
-                              qc[std::size_t(sg)], false);
+                              qc[std::size_t(sg)], Writes::cached);
                     v = end;
                 }
             });

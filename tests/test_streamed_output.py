@@ -1,10 +1,11 @@
 """Outputs too large for the caches are written by non-temporal stores (engine/cache.hpp,
-output_writes: a channels-first call whose arrays pass half the L3, in runs of 1 KiB or more):
-plain stores up to a run's first cache-line boundary, streamed whole vectors, plain stores for
-the rest. The values must be those of any other call: checked here against the float64
-reference on arrays of 16 MiB (float32), past half of a 32 MiB L3 in every call, for outputs
-that start at several offsets within a cache line and one byte past an aligned address. The
-kernel parity test checks the
+output_writes: a call whose arrays pass half the L3): channels-first runs of 1 KiB or more
+with plain stores up to their first cache-line boundary and for their last partial vector;
+channels-last rows of whole lines from the first line boundary, their factors rotated to match
+(engine/channels_last.hpp, apply_rows). The values must be those of any other call: checked
+here against the float64 reference on arrays of 16 MiB (float32), past half of a 32 MiB L3 in
+every call, in both layouts, for outputs that start at several offsets within a cache line and
+one byte past an aligned address. The kernel parity test checks the
 streamed kernels of every ISA on small arrays; this checks what the engine picks."""
 
 from __future__ import annotations
@@ -18,32 +19,41 @@ from helpers import assert_close
 from test_misaligned import misaligned
 
 SHAPE = (4, 64, 128, 128)  # 56x56 planes and larger are where ResNet's early stages stream
+layouts = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 
 
-def inputs(rng, dtype, shape=SHAPE):
+def inputs(rng, dtype, shape=SHAPE, channels_last=False):
     c = shape[1]
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    if channels_last:  # NHWC memory, the same logical NCHW array
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
     w = (rng.standard_normal(c) * 0.5 + 1).astype(np.float32 if dtype == np.float16 else dtype)
     b = rng.standard_normal(c).astype(w.dtype)
     return x, w, b
 
 
 def at_offset(like, values_in):
-    """An empty array like ``like`` starting ``values_in`` elements into its buffer."""
+    """An empty array like ``like`` (and in its memory order) starting ``values_in`` elements
+    into its buffer."""
     buf = np.empty(like.size + values_in, like.dtype)
-    return buf[values_in:].reshape(like.shape)
+    if like.flags.c_contiguous:
+        return buf[values_in:].reshape(like.shape)
+    nhwc = (like.shape[0],) + like.shape[2:] + (like.shape[1],)
+    return np.moveaxis(buf[values_in:].reshape(nhwc), -1, 1)
 
 
+@layouts
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_train_and_backward(dtype, rng, threads):
-    x, w, b = inputs(rng, dtype)
+def test_train_and_backward(dtype, channels_last, rng, threads):
+    x, w, b = inputs(rng, dtype, channels_last=channels_last)
     rm, rv = np.zeros(x.shape[1], dtype), np.ones(x.shape[1], dtype)
     y = bn.batch_norm(x, rm, rv, w, b, training=True)
     y64, mean, invstd, new_rm, new_rv = ref.forward_train(x, w, b, np.zeros_like(rm), np.ones_like(rv))
     assert_close(y, y64, dtype, err_msg="training forward")
     assert_close(rm, new_rm, dtype)
     assert_close(rv, new_rv, dtype)
-    gy = rng.standard_normal(x.shape).astype(dtype)
+    gy = np.empty_like(x)
+    gy[...] = rng.standard_normal(x.shape)
     m, v = bn.batch_norm_stats(x)
     gx, gw, gb = bn.batch_norm_backward(gy, x, m, 1 / np.sqrt(v + dtype(1e-5)), w)
     gx64, gw64, gb64 = ref.backward_train(gy, x, mean, invstd, w)
@@ -53,23 +63,30 @@ def test_train_and_backward(dtype, rng, threads):
     assert_close(gw, gw64, dtype, scale=np.sqrt(n))
 
 
+@layouts
 @pytest.mark.parametrize("values_in", [0, 1, 5, 15, "byte"])
-def test_eval_residual_relu_into_any_offset(values_in, rng, threads):
+def test_eval_residual_relu_into_any_offset(values_in, channels_last, rng, threads):
     dtype = np.float32
-    x, w, b = inputs(rng, dtype)
-    r = rng.standard_normal(x.shape).astype(dtype)
+    x, w, b = inputs(rng, dtype, channels_last=channels_last)
+    r = np.empty_like(x)
+    r[...] = rng.standard_normal(x.shape)
     rm = rng.standard_normal(x.shape[1]).astype(dtype)
     rv = (rng.random(x.shape[1]) + 0.5).astype(dtype)
-    out = misaligned(np.zeros_like(x)) if values_in == "byte" else at_offset(x, values_in)
+    if values_in == "byte":
+        out = misaligned(np.zeros_like(x), channels_last)
+    else:
+        out = at_offset(x, values_in)
+    assert out.strides == x.strides
     got = bn.batch_norm(x, rm, rv, w, b, residual=r, activation="relu", out=out)
     assert got is out
     assert_close(out, ref.fused_eval(x, rm, rv, w, b, 1e-5, 1, r, "relu"), dtype)
 
 
-def test_float16_within_one_ulp(rng, threads):
+@layouts
+def test_float16_within_one_ulp(channels_last, rng, threads):
     """Half outputs stream as 16-bit lanes: within 1 ulp of float16 at the float64 result, plus
     float32 roundings of the terms (tests/test_half.py's rule)."""
-    x, w, b = inputs(rng, np.float16, (8, 64, 128, 128))
+    x, w, b = inputs(rng, np.float16, (8, 64, 128, 128), channels_last)
     rm, rv = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
     y = bn.batch_norm(x, rm, rv, w, b, training=True)
     x64 = x.astype(np.float64)

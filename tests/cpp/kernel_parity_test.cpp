@@ -162,6 +162,17 @@ std::vector<T> random_vec(std::mt19937_64& rng, i64 n, double mean, double sd) {
 template <class T>
 std::vector<T> sentinel_vec(i64 n) { return std::vector<T>(size_t(n), T(kSentinel)); }
 
+// What kernel(out) writes into a sentinel buffer of n values that begins on a cache line (where
+// the row-major kernels stream a Writes::streamed output), copied out for check_output.
+template <class T, class Kernel>
+std::vector<T> written_at_line(i64 n, Kernel&& kernel) {
+    std::vector<T> buf(size_t(n) + 64, T(kSentinel));
+    const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+    const size_t skip = size_t((64 - addr % 64) % 64) / sizeof(T);  // heap blocks are aligned to T
+    kernel(buf.data() + skip);
+    return std::vector<T>(buf.begin() + std::ptrdiff_t(skip), buf.begin() + std::ptrdiff_t(skip + size_t(n)));
+}
+
 // Data means cycle through these: a large mean is where float statistics go wrong.
 constexpr double kMeans[] = {0.0, 1.0, -50.0, 1e4, 1e6};
 
@@ -476,19 +487,34 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
             const std::string w = where + (residual ? " residual" : "") + (relu ? " relu" : "");
             std::vector<T> y = sentinel_vec<T>(size + kGuard);
             t.cl_affine(x.data(), residual ? res.data() : nullptr, y.data(), rows, cols, cols, shift.data(),
-                        alpha.data(), beta.data(), relu);
+                        alpha.data(), beta.data(), relu, Writes::cached);
             check_output(ck, w, "cl_affine", y, e);
+            for (const Writes writes : kAllWrites) {  // rows of whole lines stream from a line boundary
+                y = written_at_line<T>(size + kGuard, [&](T* out) {
+                    t.cl_affine(x.data(), residual ? res.data() : nullptr, out, rows, cols, cols, shift.data(),
+                                alpha.data(), beta.data(), relu, writes);
+                });
+                check_output(ck, w + " at a line" + writes_tag(writes), "cl_affine", y, e);
+            }
 
             // In place (y == x), as `out=x` does, in an exact-size buffer: ASan sees any access past it.
             std::vector<T> z = x;
             t.cl_affine(z.data(), residual ? res.data() : nullptr, z.data(), rows, cols, cols, shift.data(),
-                        alpha.data(), beta.data(), relu);
+                        alpha.data(), beta.data(), relu, Writes::streamed);
             check_output(ck, w + " in-place", "cl_affine", z, e);
         }
 
         std::vector<T> gx = sentinel_vec<T>(size + kGuard);
-        t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, cols, shift.data(), k.data(), m.data(), q.data());
+        t.cl_grad(dy.data(), x.data(), gx.data(), rows, cols, cols, shift.data(), k.data(), m.data(), q.data(),
+                  Writes::cached);
         check_output(ck, where, "cl_grad", gx, eg);
+        for (const Writes writes : kAllWrites) {
+            gx = written_at_line<T>(size + kGuard, [&](T* out) {
+                t.cl_grad(dy.data(), x.data(), out, rows, cols, cols, shift.data(), k.data(), m.data(), q.data(),
+                          writes);
+            });
+            check_output(ck, where + " at a line" + writes_tag(writes), "cl_grad", gx, eg);
+        }
     }
 }
 
@@ -585,7 +611,8 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
                       std::fabs(d * double(alpha[size_t(j)])) + std::fabs(double(beta[size_t(j)])));
             }
         std::vector<T> y = sentinel_vec<T>(size + kGuard);
-        t.cl_affine(x.data(), nullptr, y.data(), rows, cols, ld, shift.data(), alpha.data(), beta.data(), false);
+        t.cl_affine(x.data(), nullptr, y.data(), rows, cols, ld, shift.data(), alpha.data(), beta.data(), false,
+                    Writes::cached);
         check_output(ck, tag + " ld=" + std::to_string(ld) + " cols=" + std::to_string(cols), "cl_affine block", y, e);
     }
 }
@@ -613,7 +640,8 @@ void test_relu_nan(const KernelTable<T>& t, const std::string& tag, Checker& ck)
             const std::string where =
                 tag + " cols=" + std::to_string(cols) + (nan_in_residual ? " NaN residual" : " NaN x");
             std::vector<T> y = sentinel_vec<T>(size + kGuard);
-            t.cl_affine(x.data(), res.data(), y.data(), rows, cols, cols, shift.data(), alpha.data(), beta.data(), true);
+            t.cl_affine(x.data(), res.data(), y.data(), rows, cols, cols, shift.data(), alpha.data(), beta.data(), true,
+                        Writes::cached);
             check_output(ck, where, "cl_affine relu NaN", y, e);
             // The same data as `rows` planes of one channel each.
             y = sentinel_vec<T>(size + kGuard);
@@ -642,7 +670,7 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
         t.cf_affine(x.data(), y.data(), 1, n - 3, 0, C(0), C(1), C(-0.0), false, writes);  // a tail, then 3 by cl
         const std::vector<C> zero(3, C(0)), one(3, C(1)), minus_zero(3, C(-0.0));
         t.cl_affine(x.data() + n - 3, nullptr, y.data() + n - 3, 1, 3, 3, zero.data(), one.data(), minus_zero.data(),
-                    false);
+                    false, Writes::cached);
         bad = 0;
         for (i64 i = 0; i < n; ++i) {
             const bool nan = std::isnan(float(x[size_t(i)]));
@@ -666,7 +694,8 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
     const std::vector<T> ones(size_t(cols), T(1.0f));
     const std::vector<C> zeros(size_t(cols), C(0));
     std::vector<T> out = sentinel_vec<T>(cols + kGuard);
-    t.cl_affine(ones.data(), nullptr, out.data(), 1, cols, cols, zeros.data(), a.data(), zeros.data(), false);
+    t.cl_affine(ones.data(), nullptr, out.data(), 1, cols, cols, zeros.data(), a.data(), zeros.data(), false,
+                Writes::cached);
     bad = 0;
     for (i64 j = 0; j < cols; ++j) {
         const T want = T(C(1) * a[size_t(j)] + C(0));

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -293,6 +294,35 @@ private:
     std::vector<T> values_;
 };
 
+// Calls apply(offset, rows, cols, factors, writes), the apply kernel over `rows` rows of `cols`
+// values `ld` apart from value `offset` of the range (the output y), with per-column factor
+// arrays. A streamed output (output_writes) is written by non-temporal stores only where every
+// row begins on a cache line (streams_rows): rows of whole lines (ld == cols, ld values a whole
+// number of lines) whose first one does not begin on a line are taken from the first line
+// boundary, h values in, as rows of the same width whose factors are rotated by h; the h values
+// before it and the last row's rest take plain stores. (NumPy's large arrays begin 16 bytes past
+// a page; torch's on a line.)
+template <class T, std::size_t N, class Apply>
+void apply_rows(const T* y, std::int64_t rows, std::int64_t cols, std::int64_t ld, Writes writes,
+                const std::array<const compute_t<T>*, N>& factors, Apply&& apply) {
+    const std::int64_t h = values_before_line(y, cols);
+    const bool rotate = writes == Writes::streamed && cols == ld && ld * std::int64_t(sizeof(T)) % kLineBytes == 0 &&
+                        h > 0 && h < cols && rows > 1;
+    if (!rotate) return apply(std::int64_t(0), rows, cols, factors, writes);
+    thread_local std::vector<compute_t<T>> rotated;
+    rotated.resize(N * std::size_t(cols));
+    std::array<const compute_t<T>*, N> shifted, rest;
+    for (std::size_t i = 0; i < N; ++i) {
+        compute_t<T>* r = rotated.data() + i * std::size_t(cols);
+        std::rotate_copy(factors[i], factors[i] + h, factors[i] + cols, r);
+        shifted[i] = r;
+        rest[i] = factors[i] + h;
+    }
+    apply(std::int64_t(0), std::int64_t(1), h, factors, Writes::cached);
+    apply(h, rows - 1, cols, shifted, writes);
+    apply((rows - 1) * ld + h, std::int64_t(1), cols - h, rest, Writes::cached);
+}
+
 // Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
 // relu), each thread its rows. With one column per channel (inner 1), a range of channels is
 // finished at once, finish.channels(c, count, moments, shift, alpha, beta), the moments and
@@ -301,6 +331,7 @@ template <class T, class Finish>
 void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Shape& s, bool relu,
                              Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
+    const Writes writes = output_writes<T>(s, 2, s.size());  // rows of a tile are one run
     for_each_row_block<T>(
         s, parallel_bytes<T>(kNormalizeArrays, s.size()),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
@@ -320,8 +351,11 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
         },
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             const std::int64_t at = b * blk.ld + blk.col;
-            k.cl_affine(x + at, nullptr, y + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
-                        relu);
+            apply_rows<T, 3>(y + at, e - b, blk.cols, blk.ld, writes, {shift.data(), alpha.data(), beta.data()},
+                             [&](std::int64_t o, std::int64_t rows, std::int64_t cols, const auto& f, Writes w) {
+                                 k.cl_affine(x + at + o, nullptr, y + at + o, rows, cols, blk.ld, f[0], f[1], f[2],
+                                             relu, w);
+                             });
         });
 }
 
@@ -332,6 +366,7 @@ template <class T, class Finish>
 void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                             const compute_t<T>* shift_of, Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
+    const Writes writes = output_writes<T>(s, 3, s.size());
     for_each_row_block<T>(
         s, parallel_bytes<T>(kBackwardArrays, s.size()),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
@@ -374,8 +409,12 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             if (!gx) return;
             const std::int64_t at = b * blk.ld + blk.col;
-            k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), k_coef.data(), m_coef.data(),
-                      q_coef.data());
+            apply_rows<T, 4>(gx + at, e - b, blk.cols, blk.ld, writes,
+                             {shift.data(), k_coef.data(), m_coef.data(), q_coef.data()},
+                             [&](std::int64_t o, std::int64_t rows, std::int64_t cols, const auto& f, Writes w) {
+                                 k.cl_grad(dy + at + o, x + at + o, gx + at + o, rows, cols, blk.ld, f[0], f[1], f[2],
+                                           f[3], w);
+                             });
         });
 }
 
@@ -386,11 +425,16 @@ void eval_channels_last(const KernelTable<T>& k, const T* x, const T* residual, 
     const std::int64_t rows = s.outer, cols = s.channels * s.inner;
     const int inputs = residual ? 3 : 2;
     const int threads = threads_for(parallel_bytes<T>(inputs, s.size()), rows);
+    const Writes writes = output_writes<T>(s, inputs, s.size());
     run_parallel(threads, [&] {
         const auto [b, e] = my_share(rows);
-        if (b < e)
-            k.cl_affine(x + b * cols, residual ? residual + b * cols : nullptr, y + b * cols, e - b, cols, cols, shift,
-                        alpha, beta, relu);
+        if (b >= e) return;
+        const std::int64_t at = b * cols;
+        apply_rows<T, 3>(y + at, e - b, cols, cols, writes, {shift, alpha, beta},
+                         [&](std::int64_t o, std::int64_t n, std::int64_t width, const auto& f, Writes w) {
+                             k.cl_affine(x + at + o, residual ? residual + at + o : nullptr, y + at + o, n, width,
+                                         cols, f[0], f[1], f[2], relu, w);
+                         });
     });
 }
 

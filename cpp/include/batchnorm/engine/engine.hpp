@@ -77,7 +77,7 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
             const std::int64_t at = b * blk.ld + blk.col;
             k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), k_coef.data(), m_coef.data(),
-                      q_coef.data());
+                      q_coef.data(), Writes::cached);
         });
 }
 

@@ -148,16 +148,6 @@ template <class O, class P>
 struct streams<O, P, std::void_t<decltype(O::stream(std::declval<P*>(), std::declval<typename O::V>()))>>
     : std::true_type {};
 
-// The values of a run at p before its first cache-line boundary, from where every whole vector
-// is aligned as a non-temporal store needs it; all n for storage not aligned to its own type.
-constexpr i64 kLineBytes = 64;
-template <class P>
-BATCHNORM_ALWAYS_INLINE i64 values_before_line(const P* p, i64 n) {
-    const auto at = reinterpret_cast<std::uintptr_t>(p);
-    if (at % sizeof(P) != 0) return n;
-    return std::min(n, i64((kLineBytes - i64(at % kLineBytes)) % kLineBytes) / i64(sizeof(P)));
-}
-
 // After a kernel's streamed stores: they are weakly ordered, so the kernel fences them before
 // it returns, and the threads that join after it see the output.
 template <class S>
@@ -853,10 +843,21 @@ inline typename Ops<T>::V load_block(const P* p, int k, int nb, i64 last, typena
     return Ops<T>::load(p);
 }
 
-template <class T, bool kTail, class P>
+// kStream: whole vectors by non-temporal stores (where Ops streams P; p then aligned for them).
+template <class T, bool kTail, bool kStream = false, class P>
 inline void store_block(P* p, typename Ops<T>::V v, int k, int nb, i64 last) {
     if (kTail && k == nb - 1) Ops<T>::store_partial(p, v, last);
+    else if constexpr (kStream && streams<Ops<T>, P>::value) Ops<T>::stream(p, v);
     else Ops<T>::store(p, v);
+}
+
+// Whether a row-major apply streams its output: Writes::streamed, and rows `ld` values apart
+// that all begin on a cache line (the driver shifts rows whose first one does not: see
+// engine/channels_last.hpp, apply_rows), so every whole vector is aligned.
+template <class S>
+BATCHNORM_ALWAYS_INLINE bool streams_rows(const S* y, i64 ld, Writes writes) {
+    return streams<Ops<compute_t<S>>, S>::value && writes == Writes::streamed &&
+           reinterpret_cast<std::uintptr_t>(y) % kLineBytes == 0 && ld * i64(sizeof(S)) % kLineBytes == 0;
 }
 
 template <class T, bool kTail>
@@ -1102,7 +1103,7 @@ void cl_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute_t
 // 11 rounds), pairs -> rows: backward 6272x256 963 -> 700 us, 256x1024 103 -> 96; eval
 // 6272x256 262 -> 218; 4096x64, 32x2048 and 392x512 within 1 us either way.
 
-template <class S, bool kResidual, bool kRelu>
+template <class S, bool kResidual, bool kRelu, bool kStream>
 struct ClAffine {
     using T = compute_t<S>;
     static constexpr bool kApply = true;
@@ -1126,35 +1127,32 @@ struct ClAffine {
                 const auto sk = s[k];
                 const i64 at = r * ld + j + k * O::W;
                 const auto res = kResidual ? load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()) : O::zero();
-                store_block<T, kTail>(y + at,
-                                      affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at, k, int(nb), last, sk),
-                                                                     res, sk, a[k], b[k], O{}),
-                                      k, int(nb), last);
+                store_block<T, kTail, kStream>(
+                    y + at,
+                    affine_value<kResidual, kRelu>(load_block<T, kTail>(x + at, k, int(nb), last, sk), res, sk, a[k],
+                                                   b[k], O{}),
+                    k, int(nb), last);
             }
     }
 };
 
-template <class S, bool kResidual, bool kRelu>
-void cl_affine_as(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
-                  const compute_t<S>* alpha, const compute_t<S>* beta) {
-    using T = compute_t<S>;
-    ClAffine<S, kResidual, kRelu> op{x, residual, y, cols, ld, shift, alpha, beta};
-    for_each_block<T>(rows, cols, op);
-}
-
 template <class S>
 void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
-               const compute_t<S>* alpha, const compute_t<S>* beta, bool relu) {
-    if (residual) {
-        if (relu) cl_affine_as<S, true, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
-        else cl_affine_as<S, true, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
-    } else {
-        if (relu) cl_affine_as<S, false, true>(x, residual, y, rows, cols, ld, shift, alpha, beta);
-        else cl_affine_as<S, false, false>(x, residual, y, rows, cols, ld, shift, alpha, beta);
-    }
+               const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, Writes writes) {
+    using T = compute_t<S>;
+    with_flag(residual != nullptr, [&](auto residual_flag) {
+        with_flag(relu, [&](auto relu_flag) {
+            with_flag(streams_rows(y, ld, writes), [&](auto stream_flag) {
+                ClAffine<S, decltype(residual_flag)::value, decltype(relu_flag)::value, decltype(stream_flag)::value>
+                    op{x, residual, y, cols, ld, shift, alpha, beta};
+                for_each_block<T>(rows, cols, op);
+            });
+        });
+    });
+    end_writes<S>(writes);
 }
 
-template <class S>
+template <class S, bool kStream>
 struct ClGrad {
     using T = compute_t<S>;
     static constexpr bool kApply = true;
@@ -1179,17 +1177,21 @@ struct ClGrad {
                 const i64 at = r * ld + j + k * O::W;
                 const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
                 const auto xv = load_block<T, kTail>(x + at, k, int(nb), last, sk);
-                store_block<T, kTail>(gx + at, grad_value(gy, xv, sk, kc[k], mc[k], qc[k], O{}), k, int(nb), last);
+                store_block<T, kTail, kStream>(gx + at, grad_value(gy, xv, sk, kc[k], mc[k], qc[k], O{}), k, int(nb),
+                                               last);
             }
     }
 };
 
 template <class S>
 void cl_grad(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift,
-             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q) {
+             const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, Writes writes) {
     using T = compute_t<S>;
-    ClGrad<S> op{dy, x, gx, cols, ld, shift, k, m, q};
-    for_each_block<T>(rows, cols, op);
+    with_flag(streams_rows(gx, ld, writes), [&](auto stream_flag) {
+        ClGrad<S, decltype(stream_flag)::value> op{dy, x, gx, cols, ld, shift, k, m, q};
+        for_each_block<T>(rows, cols, op);
+    });
+    end_writes<S>(writes);
 }
 
 // ---- rows with per-element parameters (layer norm, RMS norm) ---------------------------------

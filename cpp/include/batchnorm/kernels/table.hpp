@@ -66,6 +66,18 @@ enum class BlockReads { resident, streamed, prefetched };
 // the output is visible to every thread once the call's threads have joined.
 enum class Writes { cached, prefetched, streamed };
 
+// The values of a run of n at p before its first cache-line boundary, from where every whole
+// vector is aligned as a non-temporal store needs it; all n for storage not aligned to its own
+// type.
+constexpr std::int64_t kLineBytes = 64;
+template <class P>
+inline std::int64_t values_before_line(const P* p, std::int64_t n) {
+    const auto at = reinterpret_cast<std::uintptr_t>(p);
+    if (at % sizeof(P) != 0) return n;
+    const auto before = std::int64_t((kLineBytes - std::int64_t(at % kLineBytes)) % kLineBytes) / std::int64_t(sizeof(P));
+    return before < n ? before : n;
+}
+
 // S is the storage type of the data (x, y, dy, gx, residual); T = compute_t<S> the type of
 // scalars, per-column factors and per-element parameters (the same for float and double).
 template <class S>
@@ -95,11 +107,12 @@ struct KernelTable {
     void (*cl_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy,
                    double* sdyx);
     // y = act((x - shift[j]) * alpha[j] + beta[j] + residual), residual may be null
+    // (streamed: whole vectors by non-temporal stores where every row of y begins on a cache line)
     void (*cl_affine)(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const T* shift,
-                      const T* alpha, const T* beta, bool relu);
+                      const T* alpha, const T* beta, bool relu, Writes writes);
     // gx = dy * k[j] + (x - shift[j]) * m[j] + q[j]
     void (*cl_grad)(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const T* shift,
-                    const T* k, const T* m, const T* q);
+                    const T* k, const T* m, const T* q, Writes writes);
 
     // out = a + b
     void (*add)(const S* a, const S* b, S* out, i64 n);

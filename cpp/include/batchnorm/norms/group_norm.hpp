@@ -152,7 +152,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
                 const std::int64_t at = b * blk.ld + blk.col;
                 k.cl_affine(xn + at, nullptr, yn + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
-                            relu);
+                            relu, Writes::cached);
             });
     }
 }
@@ -289,7 +289,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     if (!gx) return;
                     const std::int64_t at = base + b * blk.ld + blk.col;
                     k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), kcol.data(), mcol.data(),
-                              qcol.data());
+                              qcol.data(), Writes::cached);
                 });
         }
     }

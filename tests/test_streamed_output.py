@@ -96,3 +96,23 @@ def test_float16_within_one_ulp(channels_last, rng, threads):
     bound = spacing + 8 * 2.0**-24 * (np.abs(y64 - bb) + np.abs(bb))
     err = np.abs(y.astype(np.float64) - y64)
     assert y.dtype == np.float16 and np.all(err <= bound), f"{np.count_nonzero(err > bound)} values off"
+
+
+@layouts
+def test_group_norm_forward_and_backward(channels_last, rng, threads):
+    """Group norm (and instance norm, one group per channel) stream as batch norm does: by
+    planes channels-first, by rows of whole lines channels-last."""
+    x, w, b = inputs(rng, np.float32, channels_last=channels_last)
+    for groups in (8, x.shape[1]):
+        y = bn.group_norm(x, groups, w, b, out=at_offset(x, 3))
+        y64, mean, invstd = ref.group_norm(x, groups, w, b)
+        assert_close(y, y64, np.float32, err_msg=f"{groups} groups")
+        gy = np.empty_like(x)
+        gy[...] = rng.standard_normal(x.shape)
+        gx, gw, gb = bn.group_norm_backward(gy, x, groups, mean.astype(np.float32), invstd.astype(np.float32), w)
+        gx64, gw64, gb64 = ref.group_norm_backward(gy, x, groups, mean, invstd, w)
+        assert_close(gx, gx64, np.float32, err_msg=f"{groups} groups grad_x")
+        n = x.size // x.shape[1]
+        assert_close(gw, gw64, np.float32, scale=np.sqrt(n))
+        assert_close(gb, gb64, np.float32, scale=np.sqrt(n))
+    assert_close(bn.instance_norm(x, weight=w, bias=b), ref.instance_norm(x, weight=w, bias=b)[0], np.float32)

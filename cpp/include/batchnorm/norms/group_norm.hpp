@@ -116,6 +116,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
         // Per segment its moments and invstd; each plane's factors are derived as it is applied,
         // so the scratch is per group, not per (sample, channel).
         const Shape seg{1, s.batch * groups, per_group * hw};
+        const Writes writes = output_writes<T>(seg, 2, hw);
         std::vector<std::pair<Moments, double>> stats(static_cast<std::size_t>(seg.channels));
         for_each_channel<Moments>(
             seg, parallel_bytes<T>(kNormalizeArrays, s.size()),
@@ -127,7 +128,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), c = (sg % groups) * per_group + p;
                     const ChannelAffine<P> a = affine_for<P>(m, invstd, value_or(weight, c, 1.0), value_or(bias, c, 0.0));
                     const std::int64_t at = sg * seg.inner + v;
-                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu, Writes::cached);
+                    k.cf_affine(x + at, y + at, 1, end - v, 0, a.shift, a.alpha, a.beta, relu, writes);
                     v = end;
                 }
             });
@@ -135,6 +136,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
     }
     const Shape rows = group_rows(s, groups);
     PerColumn<P> shift(rows), alpha(rows), beta(rows);
+    const Writes writes = output_writes<T>(Shape{1, 1, s.size()}, 2, s.size());
     for (std::int64_t n = 0; n < s.batch; ++n) {
         const T* xn = x + n * hw * C;
         T* yn = y + n * hw * C;
@@ -151,8 +153,11 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
             }),
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
                 const std::int64_t at = b * blk.ld + blk.col;
-                k.cl_affine(xn + at, nullptr, yn + at, e - b, blk.cols, blk.ld, shift.data(), alpha.data(), beta.data(),
-                            relu, Writes::cached);
+                apply_rows<T, 3>(yn + at, e - b, blk.cols, blk.ld, writes, {shift.data(), alpha.data(), beta.data()},
+                                 [&](std::int64_t o, std::int64_t n_rows, std::int64_t cols, const auto& f, Writes w) {
+                                     k.cl_affine(xn + at + o, nullptr, yn + at + o, n_rows, cols, blk.ld, f[0], f[1],
+                                                 f[2], relu, w);
+                                 });
             });
     }
 }
@@ -223,6 +228,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         });
     } else if (!s.channels_last) {
         const Shape seg{1, s.batch * groups, per_group * hw};
+        const Writes writes = output_writes<T>(seg, 3, hw);
         std::vector<P> mc(static_cast<std::size_t>(seg.channels)), qc(mc.size());
         for_each_channel<PlaneSums>(
             seg, parallel_bytes<T>(kBackwardArrays, s.size()),
@@ -249,13 +255,14 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     const std::int64_t p = v / hw, end = std::min(e, (p + 1) * hw), at = sg * seg.inner + v;
                     const P kc = P(value_or(weight, (sg % groups) * per_group + p, 1.0) * double(invstd[sg]));
                     k.cf_grad(dy + at, x + at, gx + at, 1, end - v, 0, mean[sg], kc, mc[std::size_t(sg)],
-                              qc[std::size_t(sg)], Writes::cached);
+                              qc[std::size_t(sg)], writes);
                     v = end;
                 }
             });
     } else {
         const Shape rows = group_rows(s, groups);
         PerColumn<P> shift(rows), kcol(rows), mcol(rows), qcol(rows);
+        const Writes writes = output_writes<T>(Shape{1, 1, s.size()}, 3, s.size());
         for (std::int64_t n = 0; n < s.batch; ++n) {
             const std::int64_t base = n * hw * C;
             for_each_row_block<T>(
@@ -288,8 +295,12 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                 [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
                     if (!gx) return;
                     const std::int64_t at = base + b * blk.ld + blk.col;
-                    k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), kcol.data(), mcol.data(),
-                              qcol.data(), Writes::cached);
+                    apply_rows<T, 4>(gx + at, e - b, blk.cols, blk.ld, writes,
+                                     {shift.data(), kcol.data(), mcol.data(), qcol.data()},
+                                     [&](std::int64_t o, std::int64_t n_rows, std::int64_t cols, const auto& f, Writes w) {
+                                         k.cl_grad(dy + at + o, x + at + o, gx + at + o, n_rows, cols, blk.ld, f[0],
+                                                   f[1], f[2], f[3], w);
+                                     });
                 });
         }
     }

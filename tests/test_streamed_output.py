@@ -1,12 +1,12 @@
 """Outputs too large for the caches are written by non-temporal stores (engine/cache.hpp,
-output_writes: a call whose arrays pass half the L3): channels-first runs of 1 KiB or more
-with plain stores up to their first cache-line boundary and for their last partial vector;
-channels-last rows of whole lines from the first line boundary, their factors rotated to match
-(engine/channels_last.hpp, apply_rows). The values must be those of any other call: checked
-here against the float64 reference on arrays of 16 MiB (float32), past half of a 32 MiB L3 in
-every call, in both layouts, for outputs that start at several offsets within a cache line and
-one byte past an aligned address. The kernel parity test checks the
-streamed kernels of every ISA on small arrays; this checks what the engine picks."""
+output_writes: a call whose arrays pass half the L3): channels-first runs and layer norm rows
+of 1 KiB or more with plain stores up to their first cache-line boundary and for their last
+partial vector; channels-last rows of whole lines from the first line boundary, their factors
+rotated to match (engine/channels_last.hpp, apply_rows). The values must be those of any other
+call: checked here against the float64 reference on arrays of 16 MiB (float32), past half of a
+32 MiB L3 in every call, in both layouts, for outputs that start at several offsets within a
+cache line and one byte past an aligned address. The kernel parity test checks the streamed
+kernels of every ISA on small arrays; this checks what the engine picks."""
 
 from __future__ import annotations
 
@@ -116,3 +116,23 @@ def test_group_norm_forward_and_backward(channels_last, rng, threads):
         assert_close(gw, gw64, np.float32, scale=np.sqrt(n))
         assert_close(gb, gb64, np.float32, scale=np.sqrt(n))
     assert_close(bn.instance_norm(x, weight=w, bias=b), ref.instance_norm(x, weight=w, bias=b)[0], np.float32)
+
+
+@pytest.mark.parametrize("hidden", [1024, 1000])
+def test_layer_and_rms_norm(hidden, rng, threads):
+    """Layer norm and RMS norm stream row by row (rows of 1 KiB or more); a row of 1000 float32
+    values starts at every offset within a line."""
+    x = (rng.standard_normal((4200, hidden)) * 2 + 3).astype(np.float32)
+    w = (rng.standard_normal(hidden) * 0.5 + 1).astype(np.float32)
+    b = rng.standard_normal(hidden).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    y64, mean, invstd = ref.layer_norm(x, 1, w, b)
+    assert_close(bn.layer_norm(x, (hidden,), w, b, out=at_offset(x, 7)), y64, np.float32)
+    assert_close(bn.layer_norm(x, (hidden,), w, b, residual=r), ref.layer_norm(x, 1, w, b, residual=r)[0], np.float32)
+    assert_close(bn.rms_norm(x, (hidden,), w, 1e-5), ref.rms_norm(x, 1, w, 1e-5)[0], np.float32)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    gx, gw, gb = bn.layer_norm_backward(gy, x, (hidden,), mean.astype(np.float32), invstd.astype(np.float32), w)
+    gx64, gw64, gb64 = ref.layer_norm_backward(gy, x, 1, mean, invstd, w)
+    assert_close(gx, gx64, np.float32)
+    assert_close(gw, gw64, np.float32, scale=np.sqrt(x.shape[0]))
+    assert_close(gb, gb64, np.float32, scale=np.sqrt(x.shape[0]))

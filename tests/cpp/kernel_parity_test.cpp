@@ -559,16 +559,20 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
                 eg.set(i, g * double(k) + d * double(m) + double(q),
                        std::fabs(g * double(k)) + std::fabs(d * double(m)) + std::fabs(double(q)));
             }
-            std::vector<T> y = sentinel_vec<T>(n + kGuard);
-            t.row_scale(x.data(), y.data(), n, shift, scale, offset, wp, bp);
-            check_output(ck, wv, "row_scale", y, ey);
+            for (const Writes writes : kAllWrites) {
+                std::vector<T> y = sentinel_vec<T>(n + kGuard);
+                t.row_scale(x.data(), y.data(), n, shift, scale, offset, wp, bp, writes);
+                check_output(ck, wv + writes_tag(writes), "row_scale", y, ey);
+            }
             if (bp) continue;  // row_wdot and row_wgrad take no bias
             const Sums dot = t.row_wdot(dy.data(), x.data(), wp, n, shift);
             check_sum(ck, wv, "row_wdot.first", dot.first, g1, sum_tol<T>(ag1, n) * 2);
             check_sum(ck, wv, "row_wdot.second", dot.second, g2, sum_tol<T>(ag2, n) * 2);
-            std::vector<T> gx = sentinel_vec<T>(n + kGuard);
-            t.row_wgrad(dy.data(), x.data(), wp, gx.data(), n, shift, k, m, q);
-            check_output(ck, wv, "row_wgrad", gx, eg);
+            for (const Writes writes : kAllWrites) {
+                std::vector<T> gx = sentinel_vec<T>(n + kGuard);
+                t.row_wgrad(dy.data(), x.data(), wp, gx.data(), n, shift, k, m, q, writes);
+                check_output(ck, wv + writes_tag(writes), "row_wgrad", gx, eg);
+            }
         }
     }
     // cols_dot over a block of columns of wider rows (ld > cols), adding into non-zero sums.

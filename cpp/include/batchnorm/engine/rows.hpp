@@ -95,11 +95,12 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
     std::vector<RowScale<compute_t<T>>> scale(static_cast<std::size_t>(rows));
     const int passes = residual ? (sum_out ? 5 : 4) : 2;
     const std::int64_t bytes = parallel_bytes<T>(passes, seg.size());
+    const Writes writes = output_writes<T>(seg, residual ? (sum_out ? 4 : 3) : 2, cols);
     const auto apply = [&](std::int64_t r, std::int64_t b, std::int64_t e) {
         const RowScale<compute_t<T>> s = scale[std::size_t(r)];
         const std::int64_t at = r * cols + b;
         k.row_scale(src + at, y + at, e - b, s.shift, s.scale, s.offset, weight ? weight + b : nullptr,
-                    bias ? bias + b : nullptr);
+                    bias ? bias + b : nullptr, writes);
     };
     const ChannelSchedule sched = schedule_channels(seg, bytes);
     const PlaneBlocks pb = row_blocks<T>(seg, sched, passes);
@@ -165,10 +166,11 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
     const Shape seg{1, rows, cols};
     const std::int64_t bytes = parallel_bytes<T>(kBackwardArrays, seg.size());
     const int threads = threads_for(bytes, rows);
+    const Writes writes = output_writes<T>(seg, 3, cols);
     const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<compute_t<T>>& g) {
         if (!gx) return;
         const std::int64_t at = r * cols + b;
-        k.row_wgrad(dy + at, x + at, weight ? weight + b : nullptr, gx + at, e - b, g.shift, g.k, g.m, g.q);
+        k.row_wgrad(dy + at, x + at, weight ? weight + b : nullptr, gx + at, e - b, g.shift, g.k, g.m, g.q, writes);
     };
     const auto row_sums = [&](std::int64_t r, std::int64_t b, std::int64_t e) {
         const std::int64_t at = r * cols + b;

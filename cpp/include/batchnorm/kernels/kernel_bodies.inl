@@ -1206,30 +1206,49 @@ void add(const S* a, const S* b, S* out, i64 n) {
         store_n(out + i, O::add(load_n(a + i, n - i, O::zero()), load_n(b + i, n - i, O::zero())), n - i);
 }
 
-template <class S, bool kWeight, bool kBias>
+// ((x - s) * a + o) * w + b, w and b per element when kWeight, kBias.
+template <bool kWeight, bool kBias, class V, class O>
+BATCHNORM_ALWAYS_INLINE V row_value(V x, V w, V b, V s, V a, V o, O) {
+    V v = O::fma(O::sub(x, s), a, o);
+    if constexpr (kWeight) v = O::mul(v, w);
+    if constexpr (kBias) v = O::add(v, b);
+    return v;
+}
+
+// kStream as for run_affine.
+template <class S, bool kWeight, bool kBias, bool kStream = false>
 void row_scale_as(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scale, compute_t<S> offset,
                   const compute_t<S>* w, const compute_t<S>* b) {
     using T = compute_t<S>;
     using O = Ops<T>;
     const auto s = O::set1(shift), a = O::set1(scale), o = O::set1(offset);
-    for (i64 i = 0; i < n; i += O::W) {
-        auto v = O::fma(O::sub(load_n(x + i, n - i, s), s), a, o);
-        if constexpr (kWeight) v = O::mul(v, load_n(w + i, n - i, O::zero()));
-        if constexpr (kBias) v = O::add(v, load_n(b + i, n - i, O::zero()));
-        store_n(y + i, v, n - i);
+    i64 i = 0;
+    if constexpr (kStream && streams<O, S>::value) {
+        const i64 head = values_before_line(y, n);
+        row_scale_as<S, kWeight, kBias>(x, y, head, shift, scale, offset, w, b);
+        for (i = head; i + O::W <= n; i += O::W)
+            O::stream(y + i, row_value<kWeight, kBias>(O::load(x + i), kWeight ? O::load(w + i) : O::zero(),
+                                                       kBias ? O::load(b + i) : O::zero(), s, a, o, O{}));
     }
+    for (; i < n; i += O::W)
+        store_n(y + i,
+                row_value<kWeight, kBias>(load_n(x + i, n - i, s), kWeight ? load_n(w + i, n - i, O::zero()) : O::zero(),
+                                          kBias ? load_n(b + i, n - i, O::zero()) : O::zero(), s, a, o, O{}),
+                n - i);
 }
 
 template <class S>
 void row_scale(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scale, compute_t<S> offset,
-               const compute_t<S>* w, const compute_t<S>* b) {
-    if (w) {
-        if (b) row_scale_as<S, true, true>(x, y, n, shift, scale, offset, w, b);
-        else row_scale_as<S, true, false>(x, y, n, shift, scale, offset, w, b);
-    } else {
-        if (b) row_scale_as<S, false, true>(x, y, n, shift, scale, offset, w, b);
-        else row_scale_as<S, false, false>(x, y, n, shift, scale, offset, w, b);
-    }
+               const compute_t<S>* w, const compute_t<S>* b, Writes writes) {
+    with_flag(w != nullptr, [&](auto weight_flag) {
+        with_flag(b != nullptr, [&](auto bias_flag) {
+            with_flag(writes == Writes::streamed, [&](auto stream_flag) {
+                row_scale_as<S, decltype(weight_flag)::value, decltype(bias_flag)::value, decltype(stream_flag)::value>(
+                    x, y, n, shift, scale, offset, w, b);
+            });
+        });
+    });
+    end_writes<S>(writes);
 }
 
 template <class S>
@@ -1246,17 +1265,33 @@ Sums row_wdot(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S
     return acc.flush();
 }
 
-template <class S>
-void row_wgrad(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, compute_t<S> shift, compute_t<S> k,
-               compute_t<S> m, compute_t<S> q) {
+template <class S, bool kStream>
+void row_wgrad_as(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, compute_t<S> shift, compute_t<S> k,
+                  compute_t<S> m, compute_t<S> q) {
     using T = compute_t<S>;
     using O = Ops<T>;
-    if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, Writes::cached);
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
-    for (i64 i = 0; i < n; i += O::W) {
+    i64 i = 0;
+    if constexpr (kStream && streams<O, S>::value) {
+        const i64 head = values_before_line(gx, n);
+        row_wgrad_as<S, false>(dy, x, w, gx, head, shift, k, m, q);
+        for (i = head; i + O::W <= n; i += O::W)
+            O::stream(gx + i, grad_value(O::mul(O::load(dy + i), O::load(w + i)), O::load(x + i), s, kv, mv, qv, O{}));
+    }
+    for (; i < n; i += O::W) {
         const auto g = O::mul(load_n(dy + i, n - i, O::zero()), load_n(w + i, n - i, O::zero()));
         store_n(gx + i, grad_value(g, load_n(x + i, n - i, s), s, kv, mv, qv, O{}), n - i);
     }
+}
+
+template <class S>
+void row_wgrad(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, compute_t<S> shift, compute_t<S> k,
+               compute_t<S> m, compute_t<S> q, Writes writes) {
+    if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, writes);
+    with_flag(writes == Writes::streamed, [&](auto stream_flag) {
+        row_wgrad_as<S, decltype(stream_flag)::value>(dy, x, w, gx, n, shift, k, m, q);
+    });
+    end_writes<S>(writes);
 }
 
 // Column sums over rows with per-row scalars: sdy[j] += sum_r dy[r][j] and

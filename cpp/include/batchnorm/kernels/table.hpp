@@ -117,11 +117,11 @@ struct KernelTable {
     // out = a + b
     void (*add)(const S* a, const S* b, S* out, i64 n);
     // y = ((x - shift) * scale + offset) * w + b, w and b per element (null: 1 and 0)
-    void (*row_scale)(const S* x, S* y, i64 n, T shift, T scale, T offset, const T* w, const T* b);
+    void (*row_scale)(const S* x, S* y, i64 n, T shift, T scale, T offset, const T* w, const T* b, Writes writes);
     // {sum(dy * w), sum(dy * w * (x - shift))} (w null: 1)
     Sums (*row_wdot)(const S* dy, const S* x, const T* w, i64 n, T shift);
     // gx = dy * w * k + (x - shift) * m + q (w null: 1)
-    void (*row_wgrad)(const S* dy, const S* x, const T* w, S* gx, i64 n, T shift, T k, T m, T q);
+    void (*row_wgrad)(const S* dy, const S* x, const T* w, S* gx, i64 n, T shift, T k, T m, T q, Writes writes);
     // sdy[j] += sum(dy[r][j]), sdyx[j] += sum(dy[r][j] * (x[r][j] - shift[r]) * scale[r])
     void (*cols_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale,
                      double* sdy, double* sdyx);

@@ -198,7 +198,7 @@ BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typ
 }
 
 // f(std::true_type{}) when flag, else f(std::false_type{}): the flag as a compile-time
-// constant (decltype(c)::value), so each kernel body is written once for both.
+// constant in f (decltype(argument)::value), so each kernel body is written once for both.
 template <class F>
 BATCHNORM_ALWAYS_INLINE void with_flag(bool flag, F&& f) {
     if (flag) f(std::true_type{});

@@ -136,3 +136,23 @@ def test_layer_and_rms_norm(hidden, rng, threads):
     assert_close(gx, gx64, np.float32)
     assert_close(gw, gw64, np.float32, scale=np.sqrt(x.shape[0]))
     assert_close(gb, gb64, np.float32, scale=np.sqrt(x.shape[0]))
+
+
+@layouts
+def test_backward_apply_from_gathered_sums(channels_last, rng, threads):
+    """SyncBatchNorm's input gradient from sums gathered over the participants (here one) goes
+    through the engine's one-pass gradient apply, which streams in both layouts too."""
+    from batchnorm import _core
+
+    x, w, _ = inputs(rng, np.float32, channels_last=channels_last)
+    gy = np.empty_like(x)
+    gy[...] = rng.standard_normal(x.shape)
+    mean, var = bn.batch_norm_stats(x)
+    invstd = (1 / np.sqrt(var.astype(np.float64) + 1e-5)).astype(np.float32)
+    axes = (0, 2, 3)
+    xmu = x.astype(np.float64) - ref.bshape(mean.astype(np.float64), 4, 1)
+    sum_dy = gy.astype(np.float64).sum(axis=axes)
+    sum_dy_xmu = (gy.astype(np.float64) * xmu).sum(axis=axes)
+    n = x.size // x.shape[1]
+    gx = _core.batch_norm_backward_apply(gy, x, mean, invstd, w, sum_dy, sum_dy_xmu, float(n), 1, at_offset(x, 9))
+    assert_close(gx, ref.backward_train(gy, x, mean, invstd, w)[0], np.float32)

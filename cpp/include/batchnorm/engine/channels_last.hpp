@@ -323,6 +323,30 @@ void apply_rows(const T* y, std::int64_t rows, std::int64_t cols, std::int64_t l
     apply((rows - 1) * ld + h, std::int64_t(1), cols - h, rest, Writes::cached);
 }
 
+// The normalize (then ReLU when relu) and the gradient apply over rows [b, e) of a column
+// block, through apply_rows.
+template <class T>
+void affine_block_rows(const KernelTable<T>& k, const T* x, T* y, std::int64_t b, std::int64_t e,
+                       const ColumnBlock& blk, Writes writes, const compute_t<T>* shift, const compute_t<T>* alpha,
+                       const compute_t<T>* beta, bool relu) {
+    const std::int64_t at = b * blk.ld + blk.col;
+    apply_rows<T, 3>(y + at, e - b, blk.cols, blk.ld, writes, {shift, alpha, beta},
+                     [&](std::int64_t o, std::int64_t rows, std::int64_t cols, const auto& f, Writes w) {
+                         k.cl_affine(x + at + o, nullptr, y + at + o, rows, cols, blk.ld, f[0], f[1], f[2], relu, w);
+                     });
+}
+
+template <class T>
+void grad_block_rows(const KernelTable<T>& k, const T* dy, const T* x, T* gx, std::int64_t b, std::int64_t e,
+                     const ColumnBlock& blk, Writes writes, const compute_t<T>* shift, const compute_t<T>* k_coef,
+                     const compute_t<T>* m_coef, const compute_t<T>* q_coef) {
+    const std::int64_t at = b * blk.ld + blk.col;
+    apply_rows<T, 4>(gx + at, e - b, blk.cols, blk.ld, writes, {shift, k_coef, m_coef, q_coef},
+                     [&](std::int64_t o, std::int64_t rows, std::int64_t cols, const auto& f, Writes w) {
+                         k.cl_grad(dy + at + o, x + at + o, gx + at + o, rows, cols, blk.ld, f[0], f[1], f[2], f[3], w);
+                     });
+}
+
 // Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
 // relu), each thread its rows. With one column per channel (inner 1), a range of channels is
 // finished at once, finish.channels(c, count, moments, shift, alpha, beta), the moments and
@@ -350,12 +374,7 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
             }
         },
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
-            const std::int64_t at = b * blk.ld + blk.col;
-            apply_rows<T, 3>(y + at, e - b, blk.cols, blk.ld, writes, {shift.data(), alpha.data(), beta.data()},
-                             [&](std::int64_t o, std::int64_t rows, std::int64_t cols, const auto& f, Writes w) {
-                                 k.cl_affine(x + at + o, nullptr, y + at + o, rows, cols, blk.ld, f[0], f[1], f[2],
-                                             relu, w);
-                             });
+            affine_block_rows(k, x, y, b, e, blk, writes, shift.data(), alpha.data(), beta.data(), relu);
         });
 }
 
@@ -407,14 +426,9 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             }
         },
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
-            if (!gx) return;
-            const std::int64_t at = b * blk.ld + blk.col;
-            apply_rows<T, 4>(gx + at, e - b, blk.cols, blk.ld, writes,
-                             {shift.data(), k_coef.data(), m_coef.data(), q_coef.data()},
-                             [&](std::int64_t o, std::int64_t rows, std::int64_t cols, const auto& f, Writes w) {
-                                 k.cl_grad(dy + at + o, x + at + o, gx + at + o, rows, cols, blk.ld, f[0], f[1], f[2],
-                                           f[3], w);
-                             });
+            if (gx)
+                grad_block_rows(k, dy, x, gx, b, e, blk, writes, shift.data(), k_coef.data(), m_coef.data(),
+                                q_coef.data());
         });
 }
 

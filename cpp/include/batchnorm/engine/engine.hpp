@@ -66,6 +66,7 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
         return;
     }
     PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
+    const Writes writes = output_writes<T>(s, 3, s.size());
     for_each_row_block<T>(
         s, bytes, [](std::int64_t, std::int64_t, const ColumnBlock&, ColumnScratch<T>&) {},
         each_channel([&](std::int64_t c, const ColumnBlock& blk, const auto&) {
@@ -75,9 +76,8 @@ void apply_grad(const T* dy, const T* x, T* gx, const Shape& s, const GradCoeffi
             q_coef.set(blk, c, coef[c].q);
         }),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
-            const std::int64_t at = b * blk.ld + blk.col;
-            k.cl_grad(dy + at, x + at, gx + at, e - b, blk.cols, blk.ld, shift.data(), k_coef.data(), m_coef.data(),
-                      q_coef.data(), Writes::cached);
+            grad_block_rows(k, dy, x, gx, b, e, blk, writes, shift.data(), k_coef.data(), m_coef.data(),
+                            q_coef.data());
         });
 }
 

@@ -152,12 +152,7 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
                         alpha.data() + at, beta.data() + at);
             }),
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
-                const std::int64_t at = b * blk.ld + blk.col;
-                apply_rows<T, 3>(yn + at, e - b, blk.cols, blk.ld, writes, {shift.data(), alpha.data(), beta.data()},
-                                 [&](std::int64_t o, std::int64_t n_rows, std::int64_t cols, const auto& f, Writes w) {
-                                     k.cl_affine(xn + at + o, nullptr, yn + at + o, n_rows, cols, blk.ld, f[0], f[1],
-                                                 f[2], relu, w);
-                                 });
+                affine_block_rows(k, xn, yn, b, e, blk, writes, shift.data(), alpha.data(), beta.data(), relu);
             });
     }
 }
@@ -293,14 +288,9 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     std::fill_n(qcol.data() + j0, per_group, q);
                 }),
                 [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk) {
-                    if (!gx) return;
-                    const std::int64_t at = base + b * blk.ld + blk.col;
-                    apply_rows<T, 4>(gx + at, e - b, blk.cols, blk.ld, writes,
-                                     {shift.data(), kcol.data(), mcol.data(), qcol.data()},
-                                     [&](std::int64_t o, std::int64_t n_rows, std::int64_t cols, const auto& f, Writes w) {
-                                         k.cl_grad(dy + at + o, x + at + o, gx + at + o, n_rows, cols, blk.ld, f[0],
-                                                   f[1], f[2], f[3], w);
-                                     });
+                    if (gx)
+                        grad_block_rows(k, dy + base, x + base, gx + base, b, e, blk, writes, shift.data(),
+                                        kcol.data(), mcol.data(), qcol.data());
                 });
         }
     }

@@ -88,6 +88,11 @@ struct Ops<double> {
         const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
         return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
     }
+    // Lane i: the sum of v[i]'s lanes, for W vectors.
+    static V sum_each(const V* v) {
+        const V a = _mm256_hadd_pd(v[0], v[1]), b = _mm256_hadd_pd(v[2], v[3]);  // pairs of elements
+        return _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20), _mm256_permute2f128_pd(a, b, 0x31));
+    }
     static void add_lanes_to(double* dst, V v) { _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), v)); }
     static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
         store_partial(dst, _mm256_add_pd(_mm256_maskload_pd(dst, first_lanes_64(n)), v), n);
@@ -183,6 +188,13 @@ struct Ops<float> {
     static __m256d low(V v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
     static __m256d high(V v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
     static double sum_lanes(V v) { return Ops<double>::sum_lanes(_mm256_add_pd(low(v), high(v))); }
+    // In float32, unlike sum_lanes: the reductions count these adds against kFlushVectors.
+    static V sum_each(const V* v) {
+        V u[2];
+        for (int i = 0; i < 2; ++i)  // each 128-bit half: v[4i .. 4i+3] over its four elements
+            u[i] = _mm256_hadd_ps(_mm256_hadd_ps(v[4 * i], v[4 * i + 1]), _mm256_hadd_ps(v[4 * i + 2], v[4 * i + 3]));
+        return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+    }
     static void add_lanes_to(double* dst, V v) {
         _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), low(v)));
         _mm256_storeu_pd(dst + 4, _mm256_add_pd(_mm256_loadu_pd(dst + 4), high(v)));

@@ -68,6 +68,20 @@ struct Ops<double> {
     // backend), so relu's max(v, 0) keeps a NaN v; maxp[sd](v, 0) would turn it into 0.
     static V max(V a, V b) { return _mm512_max_pd(b, a); }
     static double sum_lanes(V v) { return _mm512_reduce_add_pd(v); }
+    // Lane i: the sum of v[i]'s lanes, for W vectors (a transpose's shuffles beside the adds).
+    static V sum_each(const V* v) {
+        V t[4];
+        for (int i = 0; i < 4; ++i)  // 128-bit block k of t[i]: {v[2i], v[2i+1]} over elements 2k, 2k+1
+            t[i] = _mm512_add_pd(_mm512_unpacklo_pd(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_pd(v[2 * i], v[2 * i + 1]));
+        return join_blocks(t);
+    }
+    // u[i] holds its vectors' partial sums block by block (128-bit block k: its share of
+    // elements): the blocks summed, u[i]'s landing in block i.
+    static V join_blocks(const V* u) {
+        const V a = _mm512_add_pd(_mm512_shuffle_f64x2(u[0], u[1], 0x88), _mm512_shuffle_f64x2(u[0], u[1], 0xDD));
+        const V b = _mm512_add_pd(_mm512_shuffle_f64x2(u[2], u[3], 0x88), _mm512_shuffle_f64x2(u[2], u[3], 0xDD));
+        return _mm512_add_pd(_mm512_shuffle_f64x2(a, b, 0x88), _mm512_shuffle_f64x2(a, b, 0xDD));
+    }
     static void add_lanes_to(double* dst, V v) { _mm512_storeu_pd(dst, _mm512_add_pd(_mm512_loadu_pd(dst), v)); }
     static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
         const __mmask8 m = first_lanes_8(n);
@@ -180,6 +194,19 @@ struct Ops<float> {
     static __m512d low(V v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
     static __m512d high(V v) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); }
     static double sum_lanes(V v) { return _mm512_reduce_add_pd(_mm512_add_pd(low(v), high(v))); }
+    // In float32, unlike sum_lanes: the reductions count these adds against kFlushVectors.
+    static V sum_each(const V* v) {
+        V t[8], u[4];
+        for (int i = 0; i < 8; ++i)  // block k of t[i]: {v[2i], v[2i+1]} over elements 4k + {0, 2}, 4k + {1, 3}
+            t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+        for (int i = 0; i < 4; ++i) {  // block k of u[i]: v[4i .. 4i+3] over elements 4k .. 4k+3
+            const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+            u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+        }
+        const V a = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+        const V b = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+        return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    }
     static void add_lanes_to(double* dst, V v) {
         Ops<double>::add_lanes_to(dst, low(v));
         Ops<double>::add_lanes_to(dst + 8, high(v));

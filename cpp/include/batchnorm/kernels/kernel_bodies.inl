@@ -1,7 +1,7 @@
 // Kernel bodies shared by every ISA backend. Each backend file includes this file inside its
 // own namespace and target region, after defining `Ops<T>`, its vector operations:
 //   V, W (lanes); zero, set1, load, load_partial(p, n, fill), store, store_partial(p, v, n),
-//   add, sub, mul, fma(a, b, c) = a*b + c, max, sum_lanes(v) -> double,
+//   add, sub, mul, fma(a, b, c) = a*b + c, max, sum_lanes(v) -> double, sum_each(v[W]) -> V,
 //   add_lanes_to(double* dst, v), add_lanes_to_partial(double* dst, v, n);
 //   kOverlapTails, and keep_last(v, n) (lanes before the last n cleared) where it is true.
 // So the algorithms exist once, and each ISA is compiled with its own instructions enabled.
@@ -42,8 +42,9 @@ inline void store_n(P* p, typename Ops<compute_t<P>>::V v, i64 n) {
 // accumulator pairs (an add takes three or four cycles: one chain, as backward's reduce had,
 // waits on every vector; AMD EPYC, Zen 3, AVX2, 1 thread, best of 7: batch_stats 1x64x112x112
 // 84.9 -> 75.4 us, training 185 -> 177 us, backward 276 -> 255 us), flushed into float64
-// after a chain has taken kFlushVectors / 2 vectors. They persist across runs, so a channel
-// of many short planes pays one final reduction, not one per plane.
+// once a value may have been through kFlushVectors additions: a chain's own, and the two
+// levels that join the four chains. They persist across runs, so a channel of many short
+// planes pays one final reduction, not one per plane.
 template <class T>
 struct PairSum {
     using O = Ops<T>;
@@ -75,7 +76,7 @@ struct PairSum {
         count_round();
     }
     void count_round() {
-        if (++rounds >= kFlushVectors / 2) flush();
+        if (++rounds >= kFlushVectors - 2) flush();
     }
     Sums flush() {
         total += Sums{O::sum_lanes(O::add(O::add(a1, b1), O::add(c1, d1))),
@@ -492,6 +493,53 @@ BATCHNORM_ALWAYS_INLINE void with_plane_length(i64 len, Op& op) {
     else op.run_long();
 }
 
+// log2(W): the additions Ops::sum_each puts into each of its sums.
+template <class O>
+constexpr i64 lane_adds() {
+    i64 adds = 0;
+    for (i64 w = O::W; w > 1; w /= 2) ++adds;
+    return adds;
+}
+
+// Two vector sums per plane, added to the planes' float64 totals W planes at a time:
+// Ops::sum_each sums W vectors across with a transpose's shuffles, where a horizontal sum
+// (sum_lanes) per vector cost about four times as much, and a 7x7 plane takes a pair of them
+// at every flush (AMD EPYC Zen 4, 1 thread, float32, statistics: 8x512x7x7 19.4 -> 15.3 us,
+// 1x64x7x7 1.0 -> 0.8 us). Planes come in order from the first totals.
+template <class T>
+class PlaneTotals {
+    using O = Ops<T>;
+    using V = typename O::V;
+
+public:
+    PlaneTotals(double* s1, double* s2) : s1_(s1), s2_(s2) {}
+    void add(V a, V b) {
+        a_[n_] = a;
+        b_[n_] = b;
+        if (++n_ == O::W) drain();
+    }
+    // Adds what is held; call once the planes are done.
+    void drain() {
+        if (n_ == 0) return;
+        for (i64 i = n_; i < O::W; ++i) a_[i] = b_[i] = O::zero();
+        if (n_ == O::W) {
+            O::add_lanes_to(s1_, O::sum_each(a_));
+            O::add_lanes_to(s2_, O::sum_each(b_));
+        } else {
+            O::add_lanes_to_partial(s1_, O::sum_each(a_), n_);
+            O::add_lanes_to_partial(s2_, O::sum_each(b_), n_);
+        }
+        s1_ += n_;
+        s2_ += n_;
+        n_ = 0;
+    }
+
+private:
+    V a_[O::W], b_[O::W];
+    i64 n_ = 0;
+    double *s1_, *s2_;
+};
+
 // kDot false: s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2);
 // kDot true:  s1[j] += sum(dy), s2[j] += sum(dy * (x - shift[j])); over plane j of every row.
 template <class S, bool kDot>
@@ -532,6 +580,13 @@ struct PlaneSums {
         }
     }
 
+    // Additions a value takes in add_plane: its chain (the longer one, every other vector of
+    // the plane), and the add that joins the two chains.
+    template <int kV>
+    static constexpr i64 plane_adds() {
+        return (kV + 1) / 2 + 1;
+    }
+
     template <int kV>
     void run() const {
         if (reads_ == BlockReads::resident) run_resident<kV>();
@@ -546,18 +601,31 @@ struct PlaneSums {
     // backward sums 15.5 -> 9.7). Four planes spill registers and lose.
     template <int kV>
     void run_resident() const {
-        const i64 flush_rows = std::max<i64>(1, kFlushVectors / kV);
+        // The chains run on down the rows (each row adds half a plane to a chain), then the add
+        // that joins them and PlaneTotals' sum across the lanes.
+        const i64 flush_rows = std::max<i64>(1, (kFlushVectors - 1 - lane_adds<Ops<T>>()) / ((kV + 1) / 2));
         for (i64 r0 = 0; r0 < rows_; r0 += flush_rows) {
             const i64 r1 = std::min(rows_, r0 + flush_rows);
+            PlaneTotals<T> totals(s1_, s2_);
             i64 j = 0;
-            for (; j + 2 <= planes_; j += 2) resident_planes<kV, 2>(j, r0, r1);
-            if (j < planes_) resident_planes<kV, 1>(j, r0, r1);
+            V sums[2][2];
+            for (; j + 2 <= planes_; j += 2) {
+                resident_planes<kV, 2>(j, r0, r1, sums);
+                totals.add(sums[0][0], sums[1][0]);
+                totals.add(sums[0][1], sums[1][1]);
+            }
+            if (j < planes_) {
+                resident_planes<kV, 1>(j, r0, r1, sums);
+                totals.add(sums[0][0], sums[1][0]);
+            }
+            totals.drain();
         }
     }
 
-    // Rows [r0, r1) of kG planes from plane j, each plane's sums in its own registers.
+    // Rows [r0, r1) of kG planes from plane j, each plane's sums in its own registers, returned
+    // in sums[0][g], sums[1][g] (added to the totals here, they were kept in memory by GCC).
     template <int kV, int kG>
-    BATCHNORM_ALWAYS_INLINE void resident_planes(i64 j, i64 r0, i64 r1) const {
+    BATCHNORM_ALWAYS_INLINE void resident_planes(i64 j, i64 r0, i64 r1, V (&sums)[2][2]) const {
         using O = Ops<T>;
         // Locals, not members: the compiler cannot prove the stores leave the members alone.
         const S *const dy = dy_, *const x = x_;
@@ -573,8 +641,8 @@ struct PlaneSums {
                 add_plane<kV>(kDot ? dy + at : nullptr, x + at, last, s[g], u1[g], u2[g], w1[g], w2[g]);
             }
         for (int g = 0; g < kG; ++g) {
-            s1_[j + g] += O::sum_lanes(O::add(u1[g], w1[g]));
-            s2_[j + g] += O::sum_lanes(O::add(u2[g], w2[g]));
+            sums[0][g] = O::add(u1[g], w1[g]);
+            sums[1][g] = O::add(u2[g], w2[g]);
         }
     }
 
@@ -587,7 +655,10 @@ struct PlaneSums {
         const i64 rows = rows_, stride = stride_, planes = planes_, len = len_, last = len - (kV - 1) * O::W;
         double *const s1 = s1_, *const s2 = s2_;
         const bool prefetch = reads_ == BlockReads::prefetched;  // the planes kPrefetchRuns rows ahead
-        const i64 flush_rows = std::max<i64>(1, kFlushVectors / kV);
+        // Each row's plane sums (plane_adds) go into the plane's accumulators, one add a row.
+        // (Their flush is rare enough that PlaneTotals' sum across the lanes, with its adds in
+        // float32 taken from the budget, cost more in flushes than it saved: 32x256x14x14.)
+        const i64 flush_rows = std::max<i64>(1, kFlushVectors - plane_adds<kV>() + 1);
         for (i64 j0 = 0; j0 < planes; j0 += kBlockPlanes) {
             const i64 nj = std::min(kBlockPlanes, planes - j0);
             V s[kBlockPlanes], a1[kBlockPlanes], a2[kBlockPlanes];

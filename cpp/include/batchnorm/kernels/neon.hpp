@@ -43,6 +43,8 @@ struct Ops<double> {
     // FMAX, not FMAXNM: a NaN input stays NaN, as std::max(NaN, 0) does in the scalar backend.
     static V max(V a, V b) { return vmaxq_f64(a, b); }
     static double sum_lanes(V v) { return vaddvq_f64(v); }
+    // Lane i: the sum of v[i]'s lanes, for W vectors.
+    static V sum_each(const V* v) { return vpaddq_f64(v[0], v[1]); }
     static void add_lanes_to(double* dst, V v) { vst1q_f64(dst, vaddq_f64(vld1q_f64(dst), v)); }
     static void add_lanes_to_partial(double* dst, V v, std::int64_t n) {
         double lanes[2];  // through memory, not v[i]: MSVC's NEON types cannot be subscripted
@@ -142,6 +144,8 @@ struct Ops<float> {
     static float64x2_t low(V v) { return vcvt_f64_f32(vget_low_f32(v)); }
     static float64x2_t high(V v) { return vcvt_high_f64_f32(v); }
     static double sum_lanes(V v) { return vaddvq_f64(vaddq_f64(low(v), high(v))); }
+    // In float32, unlike sum_lanes: the reductions count these adds against kFlushVectors.
+    static V sum_each(const V* v) { return vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3])); }
     static void add_lanes_to(double* dst, V v) {
         Ops<double>::add_lanes_to(dst, low(v));
         Ops<double>::add_lanes_to(dst + 2, high(v));

@@ -35,6 +35,7 @@ struct Ops {
     static V sqrt(V a) { return std::sqrt(a); }
     static V max(V a, V b) { return std::max(a, b); }
     static double sum_lanes(V v) { return double(v); }
+    static V sum_each(const V* v) { return v[0]; }
     static void add_lanes_to(double* dst, V v) { *dst += double(v); }
     static void add_lanes_to_partial(double*, V, std::int64_t) {}
 };

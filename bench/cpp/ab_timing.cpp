@@ -13,6 +13,9 @@
 // arrays land on different physical pages each run, and on a small L2 that moves a channels-last
 // call by tens of percent (AMD EPYC, Zen 1: the same binary's eval of 256x1024 took 62 us in one
 // run and 107 us in the next), more than most changes being measured.
+// Compare at one thread (OMP_NUM_THREADS=1): at more, the second library's first look at the
+// CPUs (cpu_load.hpp) finds the first one's pool still spinning, counts it as running tasks, and
+// its calls stay on one thread for the whole (short) run, whichever build it is.
 // Arguments: old.so new.so outer channels inner [rounds]; float32; prints the median of the
 // rounds (each ~4 M values of back-to-back calls) for a memcpy, batch_stats, forward_eval,
 // forward_train and backward.

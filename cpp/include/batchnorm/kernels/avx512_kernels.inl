@@ -73,13 +73,9 @@ struct Ops<double> {
         V t[4];
         for (int i = 0; i < 4; ++i)  // 128-bit block k of t[i]: {v[2i], v[2i+1]} over elements 2k, 2k+1
             t[i] = _mm512_add_pd(_mm512_unpacklo_pd(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_pd(v[2 * i], v[2 * i + 1]));
-        return join_blocks(t);
-    }
-    // u[i] holds its vectors' partial sums block by block (128-bit block k: its share of
-    // elements): the blocks summed, u[i]'s landing in block i.
-    static V join_blocks(const V* u) {
-        const V a = _mm512_add_pd(_mm512_shuffle_f64x2(u[0], u[1], 0x88), _mm512_shuffle_f64x2(u[0], u[1], 0xDD));
-        const V b = _mm512_add_pd(_mm512_shuffle_f64x2(u[2], u[3], 0x88), _mm512_shuffle_f64x2(u[2], u[3], 0xDD));
+        // the blocks of each t[i] summed, t[i]'s landing in block i
+        const V a = _mm512_add_pd(_mm512_shuffle_f64x2(t[0], t[1], 0x88), _mm512_shuffle_f64x2(t[0], t[1], 0xDD));
+        const V b = _mm512_add_pd(_mm512_shuffle_f64x2(t[2], t[3], 0x88), _mm512_shuffle_f64x2(t[2], t[3], 0xDD));
         return _mm512_add_pd(_mm512_shuffle_f64x2(a, b, 0x88), _mm512_shuffle_f64x2(a, b, 0xDD));
     }
     static void add_lanes_to(double* dst, V v) { _mm512_storeu_pd(dst, _mm512_add_pd(_mm512_loadu_pd(dst), v)); }

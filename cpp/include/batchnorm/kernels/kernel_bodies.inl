@@ -603,7 +603,7 @@ struct PlaneSums {
     void run_resident() const {
         // The chains run on down the rows (each row adds half a plane to a chain), then the add
         // that joins them and PlaneTotals' sum across the lanes.
-        const i64 flush_rows = std::max<i64>(1, (kFlushVectors - 1 - lane_adds<Ops<T>>()) / ((kV + 1) / 2));
+        const i64 flush_rows = std::max<i64>(1, (kFlushVectors - 1 - lane_adds<Ops<T>>()) / (plane_adds<kV>() - 1));
         for (i64 r0 = 0; r0 < rows_; r0 += flush_rows) {
             const i64 r1 = std::min(rows_, r0 + flush_rows);
             PlaneTotals<T> totals(s1_, s2_);

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import pathlib
 import sys
 import time
 
 from . import chart, impls, latency, machine, report, runner
-from .arguments import (add_threads, existing_file, non_negative_float, non_negative_int, positive_float,
-                        positive_int, shape)
+from .arguments import (add_threads, non_negative_float, non_negative_int, positive_float,
+                        positive_int, results_file, shape)
 from .cases import DEFAULT_SHAPES, iter_cases, iter_norm_cases, make_arrays, make_norm_arrays
 from .ops import NORM_OPS, OPS
 
@@ -71,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--wait-quiet seconds at most); the quietest attempt is kept")
     p.add_argument("--readme", action="store_true",
                    help="also copy the tables into the results section of bench/README.md")
-    p.add_argument("--from-json", type=existing_file, metavar="PATH",
+    p.add_argument("--from-json", type=results_file, metavar="PATH",
                    help="measure nothing: rewrite the report (and --readme) from a results file")
     p.add_argument("--save", action="store_true",
                    help="write a partial run (--quick, --shapes, --ops, --impls, --threads, --rounds, "
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     if args.from_json:
-        results = json.loads(args.from_json.read_text())
+        results = args.from_json
         results["notes"] = [n for n in results["notes"] if "chart skipped" not in n]
     else:
         results = collect(args)

@@ -8,6 +8,7 @@ measured, instead of a traceback or a run of cells that all fail.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pathlib
 
@@ -57,11 +58,24 @@ def shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def existing_file(text: str) -> pathlib.Path:
+# what a results file (``python -m bench``'s JSON) holds at its top level, read by the report
+RESULTS_KEYS = ("machine", "config", "conditions", "implementations", "ops", "cells", "notes")
+
+
+def results_file(text: str) -> dict:
+    """A results file of ``python -m bench`` (``--from-json``), read: a JSON object with the
+    keys the report reads; a missing file, other JSON or not JSON at all is a usage error."""
     path = pathlib.Path(text)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{'not a file' if path.exists() else 'no such file'}: {text!r}")
-    return path
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"not a results file (invalid JSON: {e}): {text!r}") from None
+    missing = [k for k in RESULTS_KEYS if k not in results] if isinstance(results, dict) else list(RESULTS_KEYS)
+    if missing:
+        raise argparse.ArgumentTypeError(f"not a results file of python -m bench (no {', '.join(missing)}): {text!r}")
+    return results
 
 
 def add_threads(parser: argparse.ArgumentParser, default=(1, 2), help: str | None = None) -> None:

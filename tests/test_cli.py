@@ -132,6 +132,20 @@ def test_bench_refuses_impossible_arguments(module, option, value, tmp_path):
     assert r.stdout == "" and not (tmp_path / "out").exists()  # measured and wrote nothing
 
 
+
+@pytest.mark.parametrize("content", ["{", "not json at all", "[1, 2]", '{"cells": []}', "\udcff"])
+def test_bench_from_json_refuses_what_is_no_results_file(content, tmp_path):
+    """--from-json reads the file while parsing: text that is not JSON, JSON of another shape
+    (a list, an object without the report's keys) is argparse's usage error naming the file,
+    not a traceback from the report."""
+    path = tmp_path / "results.json"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    r = bench("bench", "--from-json", str(path), "--out-dir", str(tmp_path / "out"))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "error: argument --from-json: not a results file" in r.stderr, r.stderr
+    assert str(path) in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
 def test_bench_norms_take_half_dtypes():
     """--family norms runs float16 and bfloat16 (once refused): the arguments parse, and every
     implementation gives the reference's output on a small case of each norm or says why not."""

@@ -31,10 +31,10 @@ from . import _torch_norm_ops as ops
 from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
-from .torch import (_dispatch_modes, _eager, _eps_applies, _grad_enabled, _grad_outside_inference_mode, _integer,
-                    _is_compiling, _is_scripting, _is_tracing, _momentum_applies, _plain_eager_input, _Proxy,
-                    _records_graph, _records_module_graph, _route, _tensor, _tracked, _transform_active, _up,
-                    _ViewsFollowTensors)
+from .torch import (_dispatch_modes, _eager, _eps_applies, _grad_enabled, _grad_outside_inference_mode,
+                    _inference_tensor_outside_inference_mode, _integer, _is_scripting, _is_tracing,
+                    _momentum_applies, _plain_eager_input, _Proxy, _records_graph, _records_module_graph, _route,
+                    _tensor, _tracked, _transform_active, _up, _ViewsFollowTensors)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -332,8 +332,7 @@ def _instance_applies(x: Tensor, params: List[Optional[Tensor]], use_input_stats
     if running_mean is not None and (running_mean.requires_grad or running_var.requires_grad):  # type: ignore[union-attr]
         return False
     if not use_input_stats:  # torch's op also for parameters made under inference_mode, which it takes there
-        return running_mean is not None and (_is_compiling() or torch.is_inference_mode_enabled() or not any(
-            t is not None and t.is_inference() for t in params[:2]))
+        return running_mean is not None and not _inference_tensor_outside_inference_mode(*params[:2])
     # one value per instance: torch's error
     return x[0, 0].numel() > 1 and (running_mean is None or _momentum_applies(momentum))
 

@@ -205,7 +205,7 @@ def _kernels_apply(
         return False
     if training and running_mean is not None and not _momentum_applies(momentum):
         return False
-    if training and _updates_inference_tensor(running_mean, running_var):
+    if training and _inference_tensor_outside_inference_mode(running_mean, running_var):
         return False
     if training and running_mean is not None and _saves_inference_input(x, weight, bias):
         return False
@@ -214,10 +214,11 @@ def _kernels_apply(
     return all(_per_channel_ok(t, x, channels, widened) for t in (running_mean, running_var, weight, bias))
 
 
-def _updates_inference_tensor(*tensors: Optional[Tensor]) -> bool:
-    """Whether a training call would write to an inference tensor (one made under
-    ``torch.inference_mode``) outside inference mode, which torch refuses: its op then runs,
-    for its error, before anything is written."""
+def _inference_tensor_outside_inference_mode(*tensors: Optional[Tensor]) -> bool:
+    """Whether one of ``tensors`` was made under ``torch.inference_mode`` and this call is
+    outside it. Torch then refuses to update such a tensor (a training call's running
+    statistics: its op runs, for its error, before anything is written) but takes it as a
+    parameter of an eval call (the norms' drop-ins leave that to torch's op)."""
     if _is_compiling():  # dynamo cannot trace these tests (and captures the update as a graph)
         return False
     return not _inference_mode() and any(t is not None and t.is_inference() for t in tensors)
@@ -652,7 +653,7 @@ class _ModuleViews:
         views.count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
                        and counter.is_cpu and counter.shape == () else None)
         views.dtype, views.channels, views.half = input.dtype, input.shape[1], half
-        views.inference = any(t is not None and t.is_inference() for t in (rm, rv, counter))  # see _updates_inference_tensor
+        views.inference = any(t is not None and t.is_inference() for t in (rm, rv, counter))  # see _inference_tensor_outside_inference_mode
         views.inference_params = any(t is not None and t.is_inference() for t in (w, b))
         return views
 

@@ -1,7 +1,8 @@
 """``python -m bench.torch_overhead``: per-call cost of one norm layer, torch vs batchnorm.torch.
 
 Small feature maps, where a call is mostly per-call overhead (Python, dispatch, autograd):
-an eval-mode forward under ``torch.no_grad()`` and a training forward + backward (the
+an eval-mode forward under ``torch.no_grad()`` (entered per call, and once around all the
+calls, as a model's layers run) and a training forward + backward (the
 layer's own ``forward`` and ``backward``, input and parameter gradients), through the
 module (``torch.nn.BatchNorm2d`` vs ``batchnorm.torch.BatchNorm2d``), NCHW and
 channels_last, at 1 and 2 threads (``torch.set_num_threads`` and
@@ -24,6 +25,9 @@ from . import machine, timing
 from .arguments import add_threads, positive_float, positive_int
 
 SHAPES = [(32, 64, 8, 8), (32, 256, 4, 4), (1, 64, 7, 7)]
+# the layer's own eval call: the whole sample runs in one no_grad block (the other eval cell
+# enters and leaves one per call, about 1.5 us of its figure on both sides)
+IN_NO_GRAD_BLOCK = "eval fwd, in a no_grad block, NCHW (1, 64, 7, 7)"
 # the other norms: (class, constructor args, input shape), small calls and a transformer block's
 NORM_CELLS = [("LayerNorm", (64,), (8, 49, 64)), ("LayerNorm", (768,), (4, 128, 768)),
               ("RMSNorm", (768,), (4, 128, 768)), ("GroupNorm", (8, 64), (1, 64, 7, 7)),
@@ -66,17 +70,21 @@ def cells(torch, bnt) -> List[Tuple[str, Dict[str, Callable[[], object]]]]:  # t
                 runs[name] = train_step
             out.append((f"train fwd+bwd {fmt} {shape}", runs))
     x = torch.randn(1, 64, 7, 7, generator=gen)
-    evals = {}
+    evals, in_block = {}, {}
     for name, cls in (("torch", torch.nn.BatchNorm2d), ("batchnorm", bnt.BatchNorm2d)):
         layer = cls(64).eval()
 
         def eval_call(layer=layer) -> object:  # type: ignore[no-untyped-def]
-            """eval forward without grad"""
+            """eval forward, each call in its own no_grad block"""
             with torch.no_grad():
                 return layer(x)
 
-        evals[name] = eval_call
-    out.insert(0, ("eval fwd no_grad NCHW (1, 64, 7, 7)", evals))
+        def layer_call(layer=layer) -> object:  # type: ignore[no-untyped-def]
+            """eval forward alone (``main`` times it inside one no_grad block, as a model's layers run)"""
+            return layer(x)
+
+        evals[name], in_block[name] = eval_call, layer_call
+    out[:0] = [("eval fwd no_grad NCHW (1, 64, 7, 7)", evals), (IN_NO_GRAD_BLOCK, in_block)]
     return out
 
 
@@ -132,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(n)
         batchnorm.set_num_threads(n)
         for label, runs in table:
-            samples = timing.interleaved(runs, rounds=args.rounds, target_s=args.sample_s)
+            with torch.set_grad_enabled(label != IN_NO_GRAD_BLOCK):
+                samples = timing.interleaved(runs, rounds=args.rounds, target_s=args.sample_s)
             a, b = timing.Spread.of(samples["torch"]), timing.Spread.of(samples["batchnorm"])
             ratio = timing.paired_ratio(samples["torch"], samples["batchnorm"])
             print(f"| {label} | {n} | {a.median * 1e6:.1f} ({a.iqr * 1e6:.1f}) | "

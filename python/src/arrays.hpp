@@ -325,7 +325,7 @@ inline bool overlaps(const ArrayRef& a, const ArrayRef& b, std::int64_t itemsize
 // Outputs of this many bytes or more start on a cache line, as torch's allocator places every
 // tensor: glibc's malloc (NumPy's) returns addresses 16 bytes past one (its chunk header), so
 // every 64-byte vector the kernels store, and every one the next call reads back, straddled two
-// lines (8x128x8x8 float32: 3-7 % per call). The memory is still NumPy's, a byte array a line
+// lines (8x128x8x8 float32: 3-6 % per call). The memory is still NumPy's, a byte array a line
 // longer that the output lies in (its base): NumPy's allocator gives huge pages to large
 // arrays, without which a fresh 64 MiB output took 16,000 page faults (4.4x its call's time).
 // Smaller arrays stay NumPy's own (a second object costs more than the lines they would save).

@@ -653,7 +653,8 @@ class _ModuleViews:
         views.count = (counter.numpy().reshape(1) if counter is not None and type(counter) in _TENSORS
                        and counter.is_cpu and counter.shape == () else None)
         views.dtype, views.channels, views.half = input.dtype, input.shape[1], half
-        views.inference = any(t is not None and t.is_inference() for t in (rm, rv, counter))  # see _inference_tensor_outside_inference_mode
+        # (see _inference_tensor_outside_inference_mode)
+        views.inference = any(t is not None and t.is_inference() for t in (rm, rv, counter))
         views.inference_params = any(t is not None and t.is_inference() for t in (w, b))
         return views
 

@@ -415,18 +415,19 @@ def test_channels_last_matches_torch_channels_last(torch, rng):
 
 # ------------------------------------------------------------------ vector-width edges
 
-EDGE = [7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129]
+EDGE = [3, 4, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 63, 64, 65, 127, 129]
 
 
 @pytest.mark.parametrize("size", EDGE)
 @pytest.mark.parametrize("where", ["inner", "channels_last_C"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_vector_width_edges(size, where, dtype, threads, rng):
-    """Sizes around every SIMD width (4/8/16 lanes, unrolled x2/x4): tails by mask or epilogue."""
+    """Sizes around every SIMD width (4/8/16 lanes, unrolled x2/x4): tails by mask or epilogue;
+    channels-last rows narrower than a vector read several to a vector, with rows left over."""
     if where == "inner":
         shape, layout = (3, 2, size), "contiguous"          # inner = size, channels-first kernel
     else:
-        shape, layout = (5, size, 3), "channels_last"       # C = size across lanes, channels-last kernel
+        shape, layout = (7, size, 5), "channels_last"       # C = size across lanes, channels-last kernel
     x, axis = make_input(rng, shape, dtype, layout, offset=4.0)
     c = channels(x, axis)
     w, b = rand_params(rng, c, dtype)

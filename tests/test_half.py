@@ -25,8 +25,10 @@ HALF_IDS = ["float16", "bfloat16"]
 FORMAT = {"float16": (11, -14, 1e4), "bfloat16": (8, -126, 1e6)}
 
 # Shapes for NCHW (channels-first kernels), small planes (rows), NC and channels-last; the big
-# ones move more than 2 MiB, so two threads really split them.
-SHAPES = [(4, 3, 17, 33), (2, 5, 3, 3), (37, 19), (8, 16, 64, 65), (64, 40, 33)]
+# ones move more than 2 MiB, so two threads really split them. Channels-last rows of 3, 4 and 6
+# channels are read several rows to a vector (kernel_bodies.inl: fold_rows), with rows left
+# over per call and per thread.
+SHAPES = [(4, 3, 17, 33), (2, 5, 3, 3), (37, 19), (8, 16, 64, 65), (64, 40, 33), (3, 6, 7, 9), (15, 4, 63, 65)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 
 

@@ -14,7 +14,9 @@
 // sum never grows long enough to lose the digits the accuracy targets need.
 #pragma once
 
+#include <array>        // std::array: used by kernel_bodies.inl
 #include <cstdint>
+#include <numeric>      // std::gcd: used by kernel_bodies.inl
 #include <type_traits>  // std::integral_constant, std::void_t: used by kernel_bodies.inl
 #include <utility>      // std::declval, used by kernel_bodies.inl
 

@@ -447,6 +447,28 @@ def test_vector_width_edges(size, where, dtype, threads, rng):
     assert_close(gb, egb, dtype, scale=4 * n)
 
 
+# Channels-first planes of up to a page whose data pass the L2s (a few MiB): training may
+# normalize in a second pass over the whole array in memory order rather than block by block
+# (engine/plane_blocks.hpp: in_two_passes); with fewer images than threads the second pass
+# splits channels. The statistics, running statistics and output must not depend on which.
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (1, 2048, 28, 28), (33, 61, 27, 29)],
+                         ids=["32x64x28x28", "1x2048x28x28", "33x61x27x29"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_training_past_the_l2(shape, relu, threads, rng):
+    x = make_input(rng, shape, np.float32, offset=3.0, std=2.0)[0]
+    c = shape[1]
+    w, b = rand_params(rng, c, np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    # the bindings' training forward: the functional API has no training ReLU (the torch ops do)
+    y, mean, invstd = bn._core.forward_train(x, w, b, rm, rv, 0.1, 1e-5, 1, None, relu)
+    ey, em, einv, erm, erv = ref.forward_train(x, w, b, np.zeros(c), np.ones(c), 0.1, 1e-5, 1)
+    assert_close(y, np.maximum(ey, 0) if relu else ey, np.float32)
+    assert_close(mean, em, np.float32)
+    assert_close(invstd, einv, np.float32)
+    assert_close(rm, erm, np.float32)
+    assert_close(rv, erv, np.float32)
+
+
 def test_eval_accepts_one_value_per_channel(rng):
     m = bn.BatchNorm1d(4).eval()
     m.running_mean[:] = [1, 2, 3, 4]

@@ -5,7 +5,8 @@
 // every short plane.
 // Here channels go in blocks that fit a tile of the L2: one kernel call streams the block's
 // rows in memory order (pb_*), the block's channels are finished together, and the apply reads
-// the block again while it is in cache. Threads take whole blocks. No norm semantics here:
+// the block again while it is in cache; a training call whose arrays live in the L3 goes in two
+// passes instead (in_two_passes). Threads take whole blocks. No norm semantics here:
 // callers pass the finish step, as to the other drivers.
 #pragma once
 
@@ -60,6 +61,41 @@ PlaneBlocks plane_blocks(const Shape& s, const ChannelSchedule& sched, int array
     if (sched.parts != 1 || s.inner * std::int64_t(sizeof(T)) > kMaxBlockPlaneBytes || channel_bytes > tile_bytes)
         return {};
     return even_blocks(s.channels, tile_bytes / std::max<std::int64_t>(channel_bytes, 1), sched.threads);
+}
+
+// Whether a fused operation on short planes (reduce a block of channels, then apply to it while
+// it is in the L2) goes better as two passes over the whole array, the reduce in blocks and the
+// apply in memory order: when each thread's share of the `arrays` (inputs and output) is more
+// than kTwoPassL2s of its L2, but not so large that the planes are prefetched (those come from
+// memory, and the fused block saves reading them twice). In the L3 the fused apply's short runs,
+// a block's planes a row apart, cost more than a second, streaming read: AMD EPYC Zen 4 (1 MiB
+// L2, 32 MiB L3), 1 thread, float32 training, bench/cpp/ab_timing.cpp, 11 interleaved rounds in
+// either order (fused -> two passes): 32x64x28x28 348-493 -> 299-351 us, 32x256x14x14 322-330
+// -> 301-302, 128x256x7x7 447-483 -> 380-385. Below the threshold the fused block wins
+// (separate runs: 32x256x7x7 80 -> 85 us, 8x256x14x14 69 -> 74); past the prefetch threshold
+// neither wins everywhere (64x256x14x14 1501 -> 1684 us, 32x256x28x28 4080 -> 2831).
+constexpr std::int64_t kTwoPassL2s = 4;
+
+template <class T>
+bool in_two_passes(const Shape& s, int arrays, int threads) {
+    const std::int64_t per_thread = std::int64_t(arrays) * s.size() * std::int64_t(sizeof(T)) / std::max(threads, 1);
+    return per_thread > kTwoPassL2s * cache_sizes().l2 && !prefetch_planes<T>(s, arrays);
+}
+
+// apply(r0, rows, c0, count) over rows [r0, r0 + rows) of channels [c0, c0 + count), a share
+// for each of `threads` threads: rows in memory order where there are rows for every thread,
+// else channels (all rows of each).
+template <class Apply>
+void in_memory_order(const Shape& s, int threads, Apply&& apply) {
+    run_parallel(threads, [&] {
+        if (s.outer >= threads) {
+            const auto [b, e] = my_share(s.outer);
+            if (b < e) apply(b, e - b, std::int64_t(0), s.channels);
+        } else {
+            const auto [b, e] = my_share(s.channels);
+            if (b < e) apply(std::int64_t(0), s.outer, b, e - b);
+        }
+    });
 }
 
 // Where the block reductions find the `reads` arrays they read of this shape, out of the
@@ -188,12 +224,28 @@ void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, c
 // Statistics, finish.channels(first, count, moments, shift, alpha, beta) for the block's
 // channels at once (TrainFinish: its square roots and divisions in vector lanes; one at a
 // time they were a fifth of an 8x512x7x7 training call), and normalize (then ReLU when relu),
-// per block.
+// per block; or in two passes (in_two_passes), the blocks then sized for x alone.
 template <class T, class Finish>
 void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
                             const PlaneBlocks& pb, bool relu, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const Writes writes = output_writes<T>(s, 2, len);
+    if (in_two_passes<T>(s, 2, sched.threads)) {
+        std::vector<compute_t<T>> factors(3 * std::size_t(s.channels));
+        compute_t<T> *shift = factors.data(), *alpha = shift + s.channels, *beta = alpha + s.channels;
+        const BlockReads reads = block_reads<T>(s, 1, 1);
+        for_each_plane_block<T>(sched, plane_blocks<T>(s, sched, 1), s.channels,
+                                [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
+                                    block_sums(k, x, s, first, count, w, reads);
+                                    finish.channels(first, count, w.moments(count, double(s.per_channel())),
+                                                    shift + first, alpha + first, beta + first);
+                                });
+        in_memory_order(s, sched.threads, [&](std::int64_t r0, std::int64_t rows, std::int64_t c0, std::int64_t count) {
+            const std::int64_t at = r0 * stride + c0 * len;
+            k.pb_affine(x + at, y + at, rows, stride, count, len, shift + c0, alpha + c0, beta + c0, relu, writes);
+        });
+        return;
+    }
     const BlockReads reads = block_reads<T>(s, 1, 2);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         block_sums(k, x, s, first, count, w, reads);
@@ -207,7 +259,8 @@ void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Sha
 
 // Backward reduce {sum(dy), sum(dy*(x - shift[c]))}, finish.channels(first, count, sum_dy,
 // sum_dy_xmu, shift, k, m, q) for the block's channels at once, and the gradient apply
-// (skipped when gx is null), per block.
+// (skipped when gx is null), per block. (Not in two passes, as training may go: the second
+// pass reading dy and x again cost 3-12 % at every size measured, 32x256x7x7 to 64x256x14x14.)
 template <class T, class Finish>
 void backward_plane_blocks(const KernelTable<T>& k, const T* dy, const T* x, T* gx, const Shape& s,
                            const compute_t<T>* shift, const ChannelSchedule& sched, const PlaneBlocks& pb,

@@ -156,6 +156,22 @@ def test_functional_every_layout(axis, dtype, threads, rng):
     assert_close(gb, egb, dtype, scale=3 * x.size // 5)
 
 
+@pytest.mark.parametrize("shape", [(32, 256, 14, 14), (1, 2048, 28, 28)], ids=["32x256x14x14", "1x2048x28x28"])
+def test_short_planes_past_the_l2(shape, threads, rng):
+    """Planes of up to a page whose arrays pass the L2s: the engine may normalize them in a second
+    pass over the whole array (engine/plane_blocks.hpp: in_two_passes), as batch norm does."""
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    c = shape[1]
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.uniform(-1, 1, c).astype(np.float32)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    ey, _, _, erm, erv = ref.instance_norm(x, rm, rv, w, b, 0.1, 1e-5)
+    assert_close(bn.instance_norm(x, rm, rv, w, b, True, 0.1), ey, np.float32)
+    assert_close(rm, erm, np.float32)
+    assert_close(rv, erv, np.float32)
+    assert_close(bn.instance_norm(x, None, None, w, b, activation="relu"), np.maximum(ey, 0), np.float32)
+
+
 def test_functional_bad_input_changes_nothing(rng):
     x = logical_data(rng, (2, 3, 4)).astype(np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)

@@ -84,6 +84,27 @@ def test_readme_zen4_geometric_means_are_its_committed_results():
             f"{b[0]:.2f} / {b[1]:.2f} (batchnorm / torch;") in readme
 
 
+def test_dtypes_half_to_float32_table_is_the_committed_results():
+    """docs/dtypes.md: per machine, the geometric mean of half time / float32 time (median
+    times of the two calls in each 1-thread cell), over all cells and over those past 4 MiB."""
+    doc = (ROOT / "docs" / "dtypes.md").read_text("utf8")
+    rows = re.findall(r"^\|[^|]*\(`([a-z0-9-]+)`\) \| ([0-9.]+) / ([0-9.]+) \| ([0-9.]+) / ([0-9.]+) \|$", doc, re.M)
+    assert len(rows) >= 3
+    for folder, *figures in rows:
+        expected = []
+        for dtype in ("bfloat16", "float16"):
+            run = json.loads((ROOT / "bench" / "results" / folder / f"latest-{dtype}.json").read_text())
+            every, large = [], []
+            for c in run["cells"]:
+                r = c["results"]
+                if c["threads"] == 1 and r["batchnorm"]["status"] == r["batchnorm f32"]["status"] == "ok":
+                    every.append(r["batchnorm"]["median_us"] / r["batchnorm f32"]["median_us"])
+                    if c["bytes"] > 4 << 20:
+                        large.append(every[-1])
+            expected += [geomean(every), geomean(large)]
+        assert [float(f) for f in figures] == [pytest.approx(e, abs=0.005) for e in expected], folder
+
+
 def latency_us(impl, call):
     (row,) = [r for r in RESULTS["latency"]["calls"] if r["impl"] == impl and r["call"] == call]
     return row["median_us"]

@@ -158,8 +158,9 @@ def test_functional_every_layout(axis, dtype, threads, rng):
 
 @pytest.mark.parametrize("shape", [(32, 256, 14, 14), (1, 2048, 28, 28)], ids=["32x256x14x14", "1x2048x28x28"])
 def test_short_planes_past_the_l2(shape, threads, rng):
-    """Planes of up to a page whose arrays pass the L2s: the engine may normalize them in a second
-    pass over the whole array (engine/plane_blocks.hpp: in_two_passes), as batch norm does."""
+    """Planes of up to a page whose arrays pass the L2s: the sizes at which batch norm's training
+    goes in two passes (engine/plane_blocks.hpp: in_two_passes). Instance norm's segments take
+    their own schedule (norms/group_norm.hpp: normalize_groups), checked here at those sizes."""
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     c = shape[1]
     w = rng.uniform(0.5, 1.5, c).astype(np.float32)

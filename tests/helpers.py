@@ -238,7 +238,10 @@ TAILS = [1, 3, 5, 7, 9, 13, 15, 17, 23, 31]
 
 
 def page_end_layouts(size):
-    return [((2, 3, size), 1), ((3, size, 1), 1), ((2, 5, size), -1)]
+    """Shapes whose arrays end at a page end with a tail of `size` values: channels-first runs,
+    channels, and channels-last rows (33 of them: with 3 channels the first 32 are read several
+    to a vector, kernels/kernel_bodies.inl: fold_rows, and the last alone)."""
+    return [((2, 3, size), 1), ((3, size, 1), 1), ((2, 5, size), -1), ((3, 11, size), -1)]
 
 
 class PageEnd:

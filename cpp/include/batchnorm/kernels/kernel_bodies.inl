@@ -1058,7 +1058,8 @@ constexpr int block_capacity() {
 // vectors: a folded row is one narrow block, its accumulators and factors in registers, with
 // independent chains. Where the fewest rows are already wider than that, nothing is folded: the
 // wide blocks' loop cost more than the partial vectors saved (AMD EPYC Zen 4, 1 thread, 32x20x56x56
-// channels-last float32, 5-vector folds: eval 0.95 -> 1.28x a copy, backward 3.99 -> 5.69x).
+// channels-last float32, 5-vector folds, separate runs: eval 0.95 -> 1.28x a copy, backward
+// 3.99 -> 5.69x).
 // Rows past the last whole fold, and column blocks of a wider row (ld > cols), run unfolded.
 // The flushes count folded rows, so each lane takes as many additions between flushes as unfolded.
 template <class T>

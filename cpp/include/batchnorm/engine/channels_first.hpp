@@ -201,6 +201,24 @@ void moments_channels_first(const KernelTable<T>& k, const T* x, const Shape& s,
         finish, NoApply{});
 }
 
+// Eval: planes in memory order, split evenly across threads.
+template <class T>
+void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual, T* y,
+                         const Shape& s, const compute_t<T>* shift, const compute_t<T>* alpha,
+                         const compute_t<T>* beta, bool relu) {
+    const std::int64_t planes = s.outer * s.channels;
+    const int inputs = residual ? 3 : 2;
+    const int threads = threads_for(parallel_bytes<T>(inputs, s.size()), planes);
+    const Writes writes = output_writes<T>(s, inputs, s.inner);
+    run_parallel(threads, [&] {
+        const auto [begin, end] = my_share(planes);
+        const std::int64_t at = begin * s.inner;
+        if (begin < end)
+            k.rows_affine(x + at, residual ? residual + at : nullptr, y + at, end - begin, s.inner,
+                          begin % s.channels, s.channels, shift, alpha, beta, relu, writes);
+    });
+}
+
 // Statistics, finish(c, Moments) -> ChannelAffine<compute_t<T>>, and normalize (then ReLU when
 // relu), fused per channel.
 // Its bytes for the thread count are those of both passes (kNormalizeArrays), as the
@@ -211,6 +229,12 @@ void normalize_channels_first(const KernelTable<T>& k, const T* x, T* y, const S
                               Finish&& finish) {
     const ChannelSchedule sched = schedule_channels(s, parallel_bytes<T>(kNormalizeArrays, s.size()));
     const PlaneBlocks pb = plane_blocks<T>(s, sched, 2);
+    if (pb.blocks > 0 && in_two_passes<T>(s, 2, sched.threads)) {
+        std::vector<compute_t<T>> factors(3 * std::size_t(s.channels));
+        compute_t<T> *shift = factors.data(), *alpha = shift + s.channels, *beta = alpha + s.channels;
+        factors_plane_blocks(k, x, s, sched, finish, shift, alpha, beta);
+        return eval_channels_first<T>(k, x, nullptr, y, s, shift, alpha, beta, relu);
+    }
     if (pb.blocks > 0) return normalize_plane_blocks(k, x, y, s, sched, pb, relu, finish);
     std::vector<ChannelAffine<compute_t<T>>> affine(std::size_t(s.channels));
     const bool prefetch = prefetch_planes<T>(s, 2);
@@ -249,24 +273,6 @@ void backward_channels_first(const KernelTable<T>& k, const T* dy, const T* x, T
                 k.cf_grad(dy + at, x + at, gx + at, cnt, len, stride, g.shift, g.k, g.m, g.q, writes);
             });
         });
-}
-
-// Eval: planes in memory order, split evenly across threads.
-template <class T>
-void eval_channels_first(const KernelTable<T>& k, const T* x, const T* residual, T* y,
-                         const Shape& s, const compute_t<T>* shift, const compute_t<T>* alpha,
-                         const compute_t<T>* beta, bool relu) {
-    const std::int64_t planes = s.outer * s.channels;
-    const int inputs = residual ? 3 : 2;
-    const int threads = threads_for(parallel_bytes<T>(inputs, s.size()), planes);
-    const Writes writes = output_writes<T>(s, inputs, s.inner);
-    run_parallel(threads, [&] {
-        const auto [begin, end] = my_share(planes);
-        const std::int64_t at = begin * s.inner;
-        if (begin < end)
-            k.rows_affine(x + at, residual ? residual + at : nullptr, y + at, end - begin, s.inner,
-                          begin % s.channels, s.channels, shift, alpha, beta, relu, writes);
-    });
 }
 
 }  // namespace batchnorm::detail

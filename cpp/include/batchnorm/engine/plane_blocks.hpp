@@ -6,7 +6,7 @@
 // Here channels go in blocks that fit a tile of the L2: one kernel call streams the block's
 // rows in memory order (pb_*), the block's channels are finished together, and the apply reads
 // the block again while it is in cache; a training call whose arrays live in the L3 goes in two
-// passes instead (in_two_passes). Threads take whole blocks. No norm semantics here:
+// passes instead (in_two_passes: the statistics here, the apply as eval's). Threads take whole blocks. No norm semantics here:
 // callers pass the finish step, as to the other drivers.
 #pragma once
 
@@ -80,22 +80,6 @@ template <class T>
 bool in_two_passes(const Shape& s, int arrays, int threads) {
     const std::int64_t per_thread = std::int64_t(arrays) * s.size() * std::int64_t(sizeof(T)) / std::max(threads, 1);
     return per_thread > kTwoPassL2s * cache_sizes().l2 && !prefetch_planes<T>(s, arrays);
-}
-
-// apply(r0, rows, c0, count) over rows [r0, r0 + rows) of channels [c0, c0 + count), a share
-// for each of `threads` threads: rows in memory order where there are rows for every thread,
-// else channels (all rows of each).
-template <class Apply>
-void in_memory_order(const Shape& s, int threads, Apply&& apply) {
-    run_parallel(threads, [&] {
-        if (s.outer >= threads) {
-            const auto [b, e] = my_share(s.outer);
-            if (b < e) apply(b, e - b, std::int64_t(0), s.channels);
-        } else {
-            const auto [b, e] = my_share(s.channels);
-            if (b < e) apply(std::int64_t(0), s.outer, b, e - b);
-        }
-    });
 }
 
 // Where the block reductions find the `reads` arrays they read of this shape, out of the
@@ -221,31 +205,30 @@ void moments_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, c
     });
 }
 
+// Statistics of every channel in blocks sized for x alone, and finish.channels(first, count,
+// moments, shift, alpha, beta) into the whole-array factors: the first of the two passes
+// (in_two_passes) whose second is the eval apply.
+template <class T, class Finish>
+void factors_plane_blocks(const KernelTable<T>& k, const T* x, const Shape& s, const ChannelSchedule& sched,
+                          Finish&& finish, compute_t<T>* shift, compute_t<T>* alpha, compute_t<T>* beta) {
+    const BlockReads reads = block_reads<T>(s, 1, 1);
+    for_each_plane_block<T>(sched, plane_blocks<T>(s, sched, 1), s.channels,
+                            [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
+                                block_sums(k, x, s, first, count, w, reads);
+                                finish.channels(first, count, w.moments(count, double(s.per_channel())),
+                                                shift + first, alpha + first, beta + first);
+                            });
+}
+
 // Statistics, finish.channels(first, count, moments, shift, alpha, beta) for the block's
 // channels at once (TrainFinish: its square roots and divisions in vector lanes; one at a
 // time they were a fifth of an 8x512x7x7 training call), and normalize (then ReLU when relu),
-// per block; or in two passes (in_two_passes), the blocks then sized for x alone.
+// per block, while the block is in cache.
 template <class T, class Finish>
 void normalize_plane_blocks(const KernelTable<T>& k, const T* x, T* y, const Shape& s, const ChannelSchedule& sched,
                             const PlaneBlocks& pb, bool relu, Finish&& finish) {
     const std::int64_t len = s.inner, stride = s.channels * s.inner;
     const Writes writes = output_writes<T>(s, 2, len);
-    if (in_two_passes<T>(s, 2, sched.threads)) {
-        std::vector<compute_t<T>> factors(3 * std::size_t(s.channels));
-        compute_t<T> *shift = factors.data(), *alpha = shift + s.channels, *beta = alpha + s.channels;
-        const BlockReads reads = block_reads<T>(s, 1, 1);
-        for_each_plane_block<T>(sched, plane_blocks<T>(s, sched, 1), s.channels,
-                                [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
-                                    block_sums(k, x, s, first, count, w, reads);
-                                    finish.channels(first, count, w.moments(count, double(s.per_channel())),
-                                                    shift + first, alpha + first, beta + first);
-                                });
-        in_memory_order(s, sched.threads, [&](std::int64_t r0, std::int64_t rows, std::int64_t c0, std::int64_t count) {
-            const std::int64_t at = r0 * stride + c0 * len;
-            k.pb_affine(x + at, y + at, rows, stride, count, len, shift + c0, alpha + c0, beta + c0, relu, writes);
-        });
-        return;
-    }
     const BlockReads reads = block_reads<T>(s, 1, 2);
     for_each_plane_block<T>(sched, pb, s.channels, [&](std::int64_t first, std::int64_t count, BlockScratch<T>& w) {
         block_sums(k, x, s, first, count, w, reads);

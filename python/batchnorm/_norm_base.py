@@ -43,16 +43,16 @@ class IncompatibleKeys(NamedTuple):
         )
 
 
-class _Saved(NamedTuple):
-    """What ``backward`` needs from the last forward (references, not copies)."""
-
-    x: Any
-    out: Any  # where the forward wrote; overlapping x makes backward impossible
-    why_not: Optional[str]  # set when this forward cannot be differentiated
-    weight: Optional[FloatArray]
-    # (grad_y, out) -> (grad_x, grad_w, grad_b); or a batch-norm eval forward's _eval_saved
-    # array, turned into gradients by backward (a closure per call costs a tenth of a small eval)
-    grads: Union[Callable[[Any, Any], Any], FloatArray, None]
+# What ``backward`` needs from the last forward (references, not copies), a plain tuple
+# (x, out, why_not, weight, grads), written on every forward and unpacked only by backward:
+# a NamedTuple, even built by tuple.__new__, cost a tenth of a small eval's call.
+#   out: where the forward wrote; overlapping x makes backward impossible
+#   why_not: set when this forward cannot be differentiated
+#   grads: (grad_y, out) -> (grad_x, grad_w, grad_b); or a batch-norm eval forward's
+#     _eval_saved array, turned into gradients by backward (a closure per call costs a tenth of
+#     a small eval)
+_Saved = Tuple[Any, Any, Optional[str], Optional[FloatArray],
+               Union[Callable[[Any, Any], Any], FloatArray, None]]
 
 
 def _array_like(value: Any) -> bool:
@@ -286,8 +286,7 @@ class _Module:
 
     def _save(self, x: Any, out: Any, weight: Optional[FloatArray],
               grads: Optional[Callable[[Any, Any], Any]], why_not: Optional[str] = None) -> None:
-        # tuple.__new__ skips the NamedTuple constructor's argument handling (per-call path).
-        self._saved = tuple.__new__(_Saved, (x, out, why_not, weight, grads))
+        self._saved = (x, out, why_not, weight, grads)
 
     @overload
     def backward(self, grad_y: npt.NDArray[Any], out: Optional[npt.NDArray[Any]] = ...) -> FloatArray: ...
@@ -315,18 +314,18 @@ class _Module:
         saved = self._saved
         if saved is None:
             raise RuntimeError("backward needs a forward first: call the module on an input")
-        if saved.why_not is not None:
-            raise RuntimeError(saved.why_not)
-        if saved.out is not None and _wrote_input(saved.out, saved.x):
+        saved_x, saved_out, why_not, saved_weight, grads = saved
+        if why_not is not None:
+            raise RuntimeError(why_not)
+        if saved_out is not None and _wrote_input(saved_out, saved_x):
             raise RuntimeError(_NO_BACKWARD_IN_PLACE)
-        grads = saved.grads
         assert grads is not None  # only a forward with why_not set saves none
         if callable(grads):
             grad_x, grad_weight, grad_bias = grads(grad_y, out)
         else:  # a batch-norm eval forward's saved statistics (only _NormBase, with its axis, saves them)
             axis: int = getattr(self, "axis")
-            grad_x, grad_weight, grad_bias = _eval_backward(grad_y, out, saved.x, grads, saved.weight, axis)
-        self.weight_grad = None if saved.weight is None else grad_weight
+            grad_x, grad_weight, grad_bias = _eval_backward(grad_y, out, saved_x, grads, saved_weight, axis)
+        self.weight_grad = None if saved_weight is None else grad_weight
         self.bias_grad = None if self.bias is None else grad_bias
         return _returned(grad_y, out, grad_x)
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._norm_base import IncompatibleKeys, _check_channels, _cpu_device, _eval_saved, _NormBase, _Saved, _shape_of
+from ._norm_base import IncompatibleKeys, _check_channels, _cpu_device, _eval_saved, _NormBase, _shape_of
 from ._norm_base import _to_numpy as _to_numpy  # fold.py takes it from here
 from .functional import (
     ArrayIn,
@@ -144,8 +144,7 @@ class _BatchNorm(_NormBase):
             # through the scalar, a sixth of the cost of `counter += 1` (a ufunc call).
             if counter is not None and not empty:
                 counter[()] += 1
-            self._saved = tuple.__new__(_Saved, (
-                x, out, None, weight, lambda gy, o: _backward(gy, x, mean, invstd, weight, axis, True, o)))
+            self._saved = (x, out, None, weight, lambda gy, o: _backward(gy, x, mean, invstd, weight, axis, True, o))
         else:
             fused = residual is not None or activation is not None
             saved = None if fused else state["_eval_stats"]
@@ -153,7 +152,7 @@ class _BatchNorm(_NormBase):
                 saved = _eval_saved(self)
             try:
                 y = _forward_eval(
-                    x, running_mean, running_var, weight, bias, self.eps, self.axis, out, residual,
+                    x, running_mean, running_var, weight, bias, state["eps"], axis, out, residual,
                     fused and _relu_flag(activation), saved,
                 )
             except TypeError:
@@ -162,7 +161,7 @@ class _BatchNorm(_NormBase):
             if fused:
                 self._save(x, out, weight, None, _NO_BACKWARD_FUSED)
             else:  # _save, inline: the inference path, where a method call is a twentieth of the call
-                self._saved = tuple.__new__(_Saved, (x, out, None, weight, saved))
+                self._saved = (x, out, None, weight, saved)
         if type(x) is _ndarray or out is not None:  # NumPy in, or `out` (returned as given)
             return y
         return _like(x, y)

@@ -16,9 +16,11 @@
 // Compare at one thread (OMP_NUM_THREADS=1): at more, the second library's first look at the
 // CPUs (cpu_load.hpp) finds the first one's pool still spinning, counts it as running tasks, and
 // its calls stay on one thread for the whole (short) run, whichever build it is.
-// Arguments: old.so new.so outer channels inner [rounds]; float32; prints the median of the
-// rounds (each ~4 M values of back-to-back calls) for a memcpy, batch_stats, forward_eval,
-// forward_train and backward.
+// Arguments: old.so new.so outer channels inner [rounds]; prints the median of the rounds (each
+// ~4 M values of back-to-back calls) for a memcpy, batch_stats, forward_eval, forward_train and
+// backward. float32 data; for a half type, build the two libraries and the driver alike with
+// -DBATCHNORM_AB_STORAGE=batchnorm::bfloat16 (or batchnorm::float16): per-channel arrays stay
+// float32, and the copy is of the half-size array.
 #include <batchnorm/batchnorm.hpp>
 
 #include <algorithm>
@@ -29,16 +31,25 @@
 #include <random>
 #include <vector>
 
+#ifndef BATCHNORM_AB_STORAGE
+#define BATCHNORM_AB_STORAGE float
+#endif
+using Storage = BATCHNORM_AB_STORAGE;
+#define BATCHNORM_AB_STRING(x) #x
+#define BATCHNORM_AB_NAME(x) BATCHNORM_AB_STRING(x)
+#define BATCHNORM_AB_STORAGE_NAME BATCHNORM_AB_NAME(BATCHNORM_AB_STORAGE)
+
 enum Op { kCopy, kStats, kEval, kTrain, kBackward, kOps };
 
 struct Arrays {
-    std::vector<float> x, y, dy, gx, w, b, rm, rv, mean, invstd, gw, gb;
+    std::vector<Storage> x, y, dy, gx;
+    std::vector<float> w, b, rm, rv, mean, invstd, gw, gb;
 };
 
 // Microseconds per call of `calls` back-to-back calls of op.
 extern "C" __attribute__((visibility("default"))) double batchnorm_ab_time(int op, const batchnorm::Shape* s,
                                                                           Arrays* a, long calls) {
-    const std::size_t bytes = sizeof(float) * std::size_t(s->size());
+    const std::size_t bytes = sizeof(Storage) * std::size_t(s->size());
     const auto start = std::chrono::steady_clock::now();
     for (long i = 0; i < calls; ++i) switch (op) {
             case kCopy: std::memcpy(a->y.data(), a->x.data(), bytes); break;
@@ -81,19 +92,20 @@ int main(int argc, char** argv) {
     const batchnorm::Shape s{std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5])};
     const int rounds = argc > 6 ? std::atoi(argv[6]) : 15;
     const std::size_t n = std::size_t(s.size()), c = std::size_t(s.channels);
-    Arrays a{std::vector<float>(n), std::vector<float>(n), std::vector<float>(n), std::vector<float>(n),
+    Arrays a{std::vector<Storage>(n), std::vector<Storage>(n), std::vector<Storage>(n), std::vector<Storage>(n),
              std::vector<float>(c, 1.5f), std::vector<float>(c, 0.5f), std::vector<float>(c),
              std::vector<float>(c, 1.f), std::vector<float>(c), std::vector<float>(c), std::vector<float>(c),
              std::vector<float>(c)};
     std::mt19937 rng(0);
     std::normal_distribution<float> normal(3.f, 2.f);
     for (std::size_t i = 0; i < n; ++i) {
-        a.x[i] = normal(rng);
-        a.dy[i] = normal(rng) - 3.f;
+        a.x[i] = Storage(normal(rng));
+        a.dy[i] = Storage(normal(rng) - 3.f);
     }
     const long calls = std::max(1L, 4000000L / long(std::max<std::size_t>(n, 1)));
     const char* names[kOps] = {"copy", "stats", "eval", "train", "backward"};
-    std::printf("%ldx%ldx%ld float32, old -> new us:", long(s.outer), long(s.channels), long(s.inner));
+    std::printf("%ldx%ldx%ld %s, old -> new us:", long(s.outer), long(s.channels), long(s.inner),
+                BATCHNORM_AB_STORAGE_NAME);
     for (int op = 0; op < kOps; ++op) {
         std::vector<double> t[2];
         for (int r = 0; r < rounds; ++r)

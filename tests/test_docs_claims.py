@@ -105,6 +105,28 @@ def test_dtypes_half_to_float32_table_is_the_committed_results():
         assert [float(f) for f in figures] == [pytest.approx(e, abs=0.005) for e in expected], folder
 
 
+def test_busy_neighbour_figures_are_the_committed_busy_runs():
+    """docs/threads.md, per AMD machine: the median over the 56 cells of the 2-thread call's
+    median time over the 1-thread call's, with a spinning neighbour, and the range over the 42
+    cells without ONNX Runtime in the process (every op but the fused one)."""
+    doc = " ".join((ROOT / "docs" / "threads.md").read_text("utf8").split())
+    claims = re.findall(r"\(\.\./bench/results/([a-z0-9-]+)/busy\.md\), a median of ([0-9.]+)x over the 56 cells "
+                        r"\(the 42 that run beside torch and NumPy only: ([0-9.]+)-([0-9.]+)x", doc)
+    assert len(claims) >= 2
+    for folder, *figures in claims:
+        run = json.loads((ROOT / "bench" / "results" / folder / "busy.json").read_text())
+        times = {}
+        for c in run["cells"]:
+            if c["results"]["batchnorm"]["status"] == "ok":
+                times[(c["op"], tuple(c["shape"]), c["layout"], c["threads"])] = c["results"]["batchnorm"]["median_us"]
+        ratios = {key[:3]: times[key[:3] + (2,)] / t for key, t in times.items() if key[3] == 1}
+        without_ort = [r for key, r in ratios.items() if key[0] != "fused"]
+        assert len(ratios) == 56 and len(without_ort) == 42, folder
+        expected = [sorted(ratios.values())[27:29], min(without_ort), max(without_ort)]
+        assert float(figures[0]) == pytest.approx(sum(expected[0]) / 2, abs=0.005), folder
+        assert [float(f) for f in figures[1:]] == [pytest.approx(e, abs=0.005) for e in expected[1:]], folder
+
+
 def latency_us(impl, call):
     (row,) = [r for r in RESULTS["latency"]["calls"] if r["impl"] == impl and r["call"] == call]
     return row["median_us"]

@@ -6,8 +6,8 @@
 // Here channels go in blocks that fit a tile of the L2: one kernel call streams the block's
 // rows in memory order (pb_*), the block's channels are finished together, and the apply reads
 // the block again while it is in cache; a training call whose arrays live in the L3 goes in two
-// passes instead (in_two_passes: the statistics here, the apply as eval's). Threads take whole blocks. No norm semantics here:
-// callers pass the finish step, as to the other drivers.
+// passes instead (in_two_passes: the statistics here, the apply as eval's). Threads take whole
+// blocks. No norm semantics here: callers pass the finish step, as to the other drivers.
 #pragma once
 
 #include <algorithm>

@@ -540,6 +540,26 @@ inline Layout layout_of(const ArrayRef& x, int axis) {
     return L;
 }
 
+// Releases the GIL around a call's kernel, unless the call is too small for that to pay:
+// releasing and taking it back costs about 0.06 us, a twentieth of a (1, 64, 7, 7) eval call,
+// while no other Python thread would get much done in the microsecond it waits (NumPy keeps
+// the GIL for its small loops the same way: NPY_BEGIN_THREADS_THRESHOLDED).
+class KernelSection {
+public:
+    explicit KernelSection(std::int64_t values) {
+        if (values >= kReleaseFrom) state_ = PyEval_SaveThread();
+    }
+    ~KernelSection() {
+        if (state_) PyEval_RestoreThread(state_);
+    }
+    KernelSection(const KernelSection&) = delete;
+    KernelSection& operator=(const KernelSection&) = delete;
+
+private:
+    static constexpr std::int64_t kReleaseFrom = 4096;  // values; a kernel of about half a microsecond
+    PyThreadState* state_ = nullptr;
+};
+
 template <class T>
 struct AlignedRelease {
     void operator()(T* p) const { ::operator delete(p, std::align_val_t(64)); }

@@ -123,7 +123,7 @@ nb::object stats(nb::handle x_obj, Int axis) {
         const std::int64_t channels = in.layout.view.channels;
         nb::object mean = new_vector<P>(channels), var = new_vector<P>(channels);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::batch_stats<T>(x.data(), in.layout.view, data_of<P>(mean), data_of<P>(var));
         }
         return nb::make_tuple(mean, var);
@@ -153,7 +153,7 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         using P = compute_t<T>;
         nb::object save_mean = new_vector<P>(view.channels), save_invstd = new_vector<P>(view.channels);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::forward_train<T>(x.data(), y.data(), view, weight.data(), bias.data(), running_mean.data(),
                                         running_var.data(), momentum, eps, data_of<P>(save_mean),
                                         data_of<P>(save_invstd), relu ? Activation::relu : Activation::none);
@@ -228,7 +228,7 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
         std::optional<ReadAs<T>> residual;
         if (residual_array) residual.emplace(*residual_array, in.layout);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::forward_eval<T>(x.data(), y.data(), view, mean.data(), var.data(), weight.data(), bias.data(),
                                        eps, residual ? residual->data() : nullptr,
                                        relu ? Activation::relu : Activation::none);
@@ -250,7 +250,7 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
         using P = compute_t<T>;
         nb::object grad_weight = new_vector<P>(view.channels), grad_bias = new_vector<P>(view.channels);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::backward<T>(grad_y.data(), x.data(), grad_x.data(), view, g.mean.data(), g.invstd.data(),
                                    g.weight.data(), data_of<P>(grad_weight), data_of<P>(grad_bias), training);
         }
@@ -331,7 +331,7 @@ nb::object layer_norm(nb::handle x_obj, int normalized_ndim, nb::handle weight_o
         using P = compute_t<T>;
         nb::object mean = rms ? nb::none() : new_c_array<P>(split.batch), invstd = new_c_array<P>(split.batch);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(rows * cols);
             const T* r = residual ? residual->data() : nullptr;
             T* s = sum ? sum->data() : nullptr;
             if (rms)
@@ -369,7 +369,7 @@ nb::object layer_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
         nb::object grad_bias = affine && !rms ? new_c_array<P>(split.normalized) : nb::none();
         const std::int64_t rows = product(split.batch), cols = product(split.normalized);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(rows * cols);
             P* gw = affine ? data_of<P>(grad_weight) : nullptr;
             if (rms)
                 batchnorm::rms_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), rows, cols, invstd.data(),
@@ -443,7 +443,7 @@ nb::object group_norm(nb::handle x_obj, Int64 num_groups, nb::handle weight_obj,
         using P = compute_t<T>;
         nb::object mean = new_c_array<P>(stats_shape), invstd = new_c_array<P>(stats_shape);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::group_norm<T>(x.data(), y.data(), in.shape, num_groups, weight.data(), bias.data(), eps,
                                      data_of<P>(mean), data_of<P>(invstd), relu ? Activation::relu : Activation::none);
         }
@@ -470,7 +470,7 @@ nb::object group_norm_backward(nb::handle grad_obj, nb::handle x_obj, nb::handle
         using P = compute_t<T>;
         nb::object grad_weight = affine ? new_vector<P>(C) : nb::none(), grad_bias = affine ? new_vector<P>(C) : nb::none();
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::group_norm_backward<T>(grad_y.data(), x.data(), grad_x.data(), in.shape, num_groups,
                                               mean.data(), invstd.data(), weight.data(),
                                               affine ? data_of<P>(grad_weight) : nullptr,
@@ -505,7 +505,7 @@ nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         using P = compute_t<T>;
         nb::object mean = new_c_array<P>(stats_shape), invstd = new_c_array<P>(stats_shape);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::instance_norm<T>(x.data(), y.data(), in.shape, weight.data(), bias.data(), running_mean.data(),
                                         running_var.data(), momentum, eps, data_of<P>(mean), data_of<P>(invstd),
                                         relu ? Activation::relu : Activation::none);
@@ -526,7 +526,7 @@ nb::object batch_moments(nb::handle x_obj, Int axis) {
         const Shape& view = in.layout.view;
         std::vector<GroupStats> stats(static_cast<std::size_t>(view.channels));
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::batch_moments<T>(x.data(), view, stats.data());
         }
         nb::object mean = new_vector<double>(view.channels), m2 = new_vector<double>(view.channels);
@@ -552,7 +552,7 @@ nb::object batch_norm_apply(nb::handle x_obj, nb::handle mean_obj, nb::handle in
                         {bias.array(), "bias"}});
         const ReadAs<T> x(in.array, in.layout);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::batch_norm_apply<T>(x.data(), y.data(), view, mean.data(), invstd.data(), weight.data(),
                                            bias.data());
         }
@@ -571,7 +571,7 @@ nb::object batch_norm_backward_reduce(nb::handle grad_obj, nb::handle x_obj, nb:
         const ReadAs<T> x(in.array, in.layout), grad_y(grad_array, in.layout);
         nb::object sum_dy = new_vector<double>(view.channels), sum_dy_xmu = new_vector<double>(view.channels);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::batch_norm_backward_reduce<T>(grad_y.data(), x.data(), view, mean.data(),
                                                      data_of<double>(sum_dy), data_of<double>(sum_dy_xmu));
         }
@@ -593,7 +593,7 @@ nb::object batch_norm_backward_apply(nb::handle grad_obj, nb::handle x_obj, nb::
         WriteAs<T> grad_x = g.gradient_output(out, in);
         const ReadAs<T> x(in.array, in.layout), grad_y(g.grad_y, in.layout);
         {
-            nb::gil_scoped_release unlocked;
+            const KernelSection unlocked(in.layout.view.size());
             batchnorm::batch_norm_backward_apply<T>(grad_y.data(), x.data(), grad_x.data(), view, g.mean.data(),
                                                     g.invstd.data(), g.weight.data(), sum_dy.data(),
                                                     sum_dy_xmu.data(), count);

@@ -7,11 +7,12 @@ the next call. Every check runs before the first write: a failed call changes no
 
 from __future__ import annotations
 
-from typing import Any, Optional, overload
+from typing import Any, Callable, Optional, overload
 
 import numpy as np
 import numpy.typing as npt
 
+from . import _core
 from ._norm_base import IncompatibleKeys, _check_channels, _cpu_device, _eval_saved, _NormBase, _shape_of
 from ._norm_base import _to_numpy as _to_numpy  # fold.py takes it from here
 from .functional import (
@@ -27,6 +28,9 @@ from .functional import (
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "IncompatibleKeys"]
+
+# __call__ in eval mode on a NumPy input, or None where the method's Python must run
+_module_eval: Callable[..., Optional[FloatArray]] = _core.module_eval
 
 _NO_BACKWARD_FUSED = "backward is not available after a forward with residual or activation"
 
@@ -108,6 +112,10 @@ class _BatchNorm(_NormBase):
         ``backward`` changes the gradient. Training updates the running statistics
         and ``num_batches_tracked``; a zero-size batch changes no state.
         """
+        if residual is None and activation is None:  # inference's per-call path, in C++
+            y = _module_eval(self, x, out)
+            if y is not None:
+                return y
         # _check_input, inline for a NumPy input that passes (the per-call path: each call
         # saved is a few percent of a small eval); any other input, or a failing check, there.
         shape = x.shape if type(x) is _ndarray else ()

@@ -238,6 +238,62 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
     });
 }
 
+// BatchNorm1d/2d/3d.__call__ (modules.py) for the per-call case of inference: eval mode with
+// running statistics, an input of exactly numpy.ndarray of a rank and channel count the module
+// takes, no fusion. Reads the module's own attributes, runs forward_eval with its saved-statistics
+// array and stores the saved context as the Python method does. Its Python took 0.8 of the 2.6 us
+// of a (1, 64, 7, 7) call (AMD EPYC Zen 3), most of a small module call. Returns None, having
+// changed nothing, wherever the case differs or forward_eval refuses an argument: the Python
+// method then runs, with its checks and words.
+nb::object module_eval(nb::handle module, nb::handle x, nb::handle out) {
+    if (!PyArray_CheckExact(x.ptr())) return nb::none();
+    static PyObject *const training_key = PyUnicode_InternFromString("training"),
+                           *const mean_key = PyUnicode_InternFromString("_running_mean"),
+                           *const var_key = PyUnicode_InternFromString("_running_var"),
+                           *const weight_key = PyUnicode_InternFromString("_weight"),
+                           *const bias_key = PyUnicode_InternFromString("_bias"),
+                           *const eps_key = PyUnicode_InternFromString("eps"),
+                           *const axis_key = PyUnicode_InternFromString("axis"),
+                           *const features_key = PyUnicode_InternFromString("num_features"),
+                           *const saved_key = PyUnicode_InternFromString("_eval_stats"),
+                           *const context_key = PyUnicode_InternFromString("_saved"),
+                           *const ranks_key = PyUnicode_InternFromString("_ranks");
+    const nb::object state = nb::steal(PyObject_GenericGetDict(module.ptr(), nullptr));
+    if (!state.is_valid()) throw nb::python_error();
+    // Owned: with the GIL released around the kernel, another thread may rebind the attributes.
+    const auto item = [&](PyObject* key) { return nb::borrow(PyDict_GetItemWithError(state.ptr(), key)); };
+    const nb::object mean = item(mean_key), var = item(var_key), saved = item(saved_key);
+    const nb::object eps = item(eps_key), axis = item(axis_key), features = item(features_key);
+    const nb::object weight = item(weight_key), bias = item(bias_key);
+    if (PyErr_Occurred()) throw nb::python_error();
+    if (item(training_key).ptr() != Py_False || !mean || mean.is_none() || !var || var.is_none() || !saved ||
+        saved.is_none() || !weight || !bias || !eps || !PyFloat_CheckExact(eps.ptr()) || !axis ||
+        !PyLong_CheckExact(axis.ptr()) || !features || !PyLong_CheckExact(features.ptr()))
+        return nb::none();
+    auto* array = reinterpret_cast<PyArrayObject*>(x.ptr());
+    const int rank = PyArray_NDIM(array);
+    const nb::object ranks = nb::steal(PyObject_GetAttr(module.ptr(), ranks_key));
+    const int takes_rank = ranks.is_valid() ? PySequence_Contains(ranks.ptr(), nb::int_(rank).ptr()) : -1;
+    const long long channel_axis = PyLong_AsLongLong(axis.ptr()), channels = PyLong_AsLongLong(features.ptr());
+    if (takes_rank < 0 || PyErr_Occurred()) {  // e.g. an axis past a C long: the Python method says what is wrong
+        PyErr_Clear();
+        return nb::none();
+    }
+    if (takes_rank == 0 || channel_axis < -rank || channel_axis >= rank ||
+        PyArray_DIM(array, int(channel_axis < 0 ? channel_axis + rank : channel_axis)) != channels)
+        return nb::none();
+    nb::object y;
+    try {
+        y = forward_eval(x, mean, var, weight, bias, Real{PyFloat_AS_DOUBLE(eps.ptr())}, Int{int(channel_axis)}, out,
+                         nb::none(), false, saved);
+    } catch (const nb::builtin_exception&) {  // an argument refused: the Python method raises it, in its words
+        return nb::none();
+    }
+    const nb::object context = nb::make_tuple(x, out, nb::none(), weight, saved);
+    if (PyDict_SetItem(state.ptr(), context_key, context.ptr()) < 0) throw nb::python_error();
+    return y;
+}
+
 nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
                     nb::handle weight_obj, Int axis, bool training, nb::handle out) {
     const Input in = take_main_input(x_obj, "x", axis);
@@ -661,6 +717,9 @@ NB_MODULE(_core, m) {
                   "out: object | None = None, residual: object | None = None, relu: bool = False, "
                   "saved: object | None = None) -> typing.Any"),
           "Eval forward: act(bn(x) + residual); saved (2, C) receives the mean and invstd used.");
+    m.def("module_eval", &py::module_eval, "module"_a, "x"_a.none(), "out"_a.none(),
+          nb::sig("def module_eval(module: object, x: object, out: object | None) -> typing.Any"),
+          "BatchNorm*d.__call__ in eval mode on a NumPy input, or None where the Python method must run.");
     m.def("backward", &py::backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(), "invstd"_a.none(),
           "weight"_a.none(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
           nb::sig("def backward(grad_y: object, x: object, mean: object, invstd: object, weight: object | None, "

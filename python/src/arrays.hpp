@@ -106,9 +106,9 @@ struct ArrayRef {
     nb::dlpack::dtype dl_dtype{};         // DLPack dtype, when not NumPy
     nb::object keep_alive;                // a DLPack import stays valid while this lives
     nb::object misaligned;                // the caller's array when `data` is an aligned copy of it
-    // The elements' offsets from `data` (in elements) lowest and highest, for overlap checks;
-    // highest < lowest when empty. Set with the strides: a call checks one array against up to
-    // seven others, and recomputing both extents for each pair took 7 % of a small eval call.
+    // Offsets from `data`, in elements, of the lowest and the highest element (highest < lowest
+    // when empty), for overlap checks. Found with the strides: a call checks one array against
+    // up to seven others, and recomputing both extents per pair took 7 % of a small eval call.
     std::int64_t lowest = 0, highest = -1;
 
     std::string dtype_name() const;

@@ -1,6 +1,7 @@
 """Where new outputs live: arrays of 1 KiB or more start on a 64-byte cache line (as torch's
-allocator places every tensor) inside memory NumPy allocated, smaller ones are NumPy's own, and
-either is freed with its last reference. The suite runs under every BATCHNORM_ISA."""
+allocator places every tensor) inside memory NumPy allocated, from 256 KiB at their input's
+offset within a page (rounded down to a line), smaller ones are NumPy's own, and either is freed
+with its last reference. The suite runs under every BATCHNORM_ISA."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import reference as ref
 from helpers import DTYPE_IDS, DTYPES, assert_close, logical_data, rand_params
 
 CACHE_LINE = 64
+PAGE = 4096
 ALIGNED_FROM = 1024  # bytes
 
 
@@ -53,6 +55,33 @@ def test_new_outputs_of_a_kilobyte_start_on_a_cache_line(rng, dtype, shape, chan
         np.testing.assert_allclose(y.astype(np.float64), expected, rtol=2 ** -10, atol=2 ** -14)
     else:
         assert_close(y, expected, dtype)
+
+
+def at_page_offset(shape, offset):
+    """A float32 array of `shape` starting `offset` bytes past a page, filled with 0.5."""
+    count = int(np.prod(shape))
+    memory = np.empty(count * 4 + 2 * PAGE, np.uint8)
+    start = (-memory.ctypes.data) % PAGE + offset
+    a = memory[start:start + count * 4].view(np.float32).reshape(shape)
+    a[...] = 0.5
+    return a
+
+
+@pytest.mark.parametrize("offset", [0, 16, 64, 200, 4080])
+def test_large_outputs_start_at_their_inputs_offset_in_a_page(offset):
+    """From 256 KiB, a new output starts at its input's offset within a page rounded down to a
+    line (a few lines ahead in the low address bits, the loads waited on the stores); below
+    that, on the next line."""
+    x = at_page_offset((2, 64, 32, 32), offset)  # 512 KiB
+    rm, rv = np.zeros(64, np.float32), np.ones(64, np.float32)
+    y = _core.forward_eval(x, rm, rv, None, None, 1e-5, 1, None, None, False)
+    gy = at_page_offset(x.shape, offset)
+    grad_x = _core.backward(gy, x, rm, rv, None, 1, True, None)[0]
+    for out in (y, grad_x, _core.forward_train(x, None, None, None, None, 0.1, 1e-5, 1, None)[0]):
+        assert out.ctypes.data % PAGE == offset // CACHE_LINE * CACHE_LINE
+    np.testing.assert_array_equal(y, np.float32(0.5 / np.sqrt(1 + 1e-5)))
+    small = _core.forward_eval(x[:1, :8], rm[:8], rv[:8], None, None, 1e-5, 1, None, None, False)  # 32 KiB
+    assert small.ctypes.data % CACHE_LINE == 0
 
 
 def test_the_torch_drop_in_hands_the_aligned_memory_over():

@@ -131,3 +131,81 @@ def test_misaligned_torch_tensor(rng):
     assert_close(y.numpy(), ref.forward_train(x)[0], np.float32)
     F.batch_norm(t, None, None, training=True, out=t)  # written through to the buffer
     assert_close(np.frombuffer(bytes(buf[1:]), np.float32).reshape(x.shape), ref.forward_train(x)[0], np.float32)
+
+
+def _overlapping_at(offset, *sizes):
+    """Float32 arrays of ``sizes`` elements cut from one byte buffer, each 4 bytes past the
+    previous one's start (so each overlaps the next), the first ``offset`` bytes in."""
+    buf = np.zeros(offset + 4 * len(sizes) + 4 * max(sizes), np.uint8)
+    return [buf[offset + 4 * i:offset + 4 * i + 4 * n].view(np.float32) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_overlapping_running_stats_are_refused_at_any_offset(rng, offset):
+    """The overlap checks look at the caller's memory, not at the aligned copy a misaligned
+    array is read through (whose write-back would clobber the other array)."""
+    x = logical_data(rng, (4, 3, 5)).astype(np.float32)
+    rm, rv = _overlapping_at(offset, 3, 3)
+    rm[:], rv[-1] = 0.0, 1.0
+    before = rm.copy(), rv.copy()
+    with pytest.raises(ValueError, match="^running_mean overlaps running_var; pass separate arrays$"):
+        F.batch_norm(x, rm, rv, training=True)
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("name", ["weight", "running_mean"])
+def test_out_overlapping_a_channel_array_is_refused_at_any_offset(rng, offset, name):
+    x = logical_data(rng, (4, 3, 5)).astype(np.float32)
+    flat, channel = _overlapping_at(offset, x.size, 3)
+    out = flat.reshape(x.shape)
+    channel[:] = 0.5
+    kept = channel.copy()
+    args = {"weight": (np.zeros(3, np.float32), np.ones(3, np.float32), channel),
+            "running_mean": (channel, np.ones(3, np.float32), None)}[name]
+    with pytest.raises(ValueError, match=f"^out overlaps {name}; pass a separate array$"):
+        F.batch_norm(x, *args, training=True, out=out)
+    np.testing.assert_array_equal(channel, kept)
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_interleaved_running_stats_are_separate_arrays(rng, offset):
+    """x[0::2] and x[1::2] share no element (np.shares_memory is False; torch takes them):
+    each is updated as if it were on its own, at aligned and misaligned addresses."""
+    x = logical_data(rng, (4, 3, 5)).astype(np.float32)
+    buf = np.zeros(offset + 4 * 6, np.uint8)
+    both = buf[offset:].view(np.float32)
+    rm, rv = both[0::2], both[1::2]
+    rm[:], rv[:] = 0.25, 2.0
+    assert not np.shares_memory(rm, rv)
+    y = F.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    ref_y, _, _, ref_rm, ref_rv = ref.forward_train(x, None, None, np.full(3, 0.25), np.full(3, 2.0), momentum=0.3)
+    assert_close(y, ref_y, np.float32)
+    assert_close(rm, ref_rm, np.float32)
+    assert_close(rv, ref_rv, np.float32)
+
+
+def test_interleaved_out_and_input_are_separate_arrays(rng):
+    """out= the odd elements of a buffer whose even elements are x: no shared element, so the
+    result is x's normalization and x is left as it was."""
+    x = logical_data(rng, (4, 3, 5)).astype(np.float32)
+    both = np.zeros(x.shape + (2,), np.float32)
+    both[..., 0] = x
+    mean, var = rng.standard_normal(3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32)
+    y = F.batch_norm(both[..., 0], mean, var, out=both[..., 1])
+    assert y.base is both
+    assert_close(both[..., 1], ref.forward_eval(x, mean, var), np.float32)
+    np.testing.assert_array_equal(both[..., 0], x)
+
+
+def test_overlap_of_arrays_whose_elements_meet_between_strides(rng):
+    """Interleaved arrays whose elements are wider than the gap between them do overlap:
+    float32 elements 2 bytes apart in a 4-byte-strided buffer (the gcd test must not pass them)."""
+    x = logical_data(rng, (4, 3, 5)).astype(np.float32)
+    buf = np.zeros(64, np.uint8)
+    rm = np.lib.stride_tricks.as_strided(buf[0:4].view(np.float32), shape=(3,), strides=(8,), writeable=True)
+    rv = np.lib.stride_tricks.as_strided(buf[2:6].view(np.float32), shape=(3,), strides=(8,), writeable=True)
+    assert np.shares_memory(rm, rv)
+    with pytest.raises(ValueError, match="running_mean overlaps running_var"):
+        F.batch_norm(x, rm, rv, training=True)

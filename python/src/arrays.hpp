@@ -18,9 +18,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -106,23 +108,33 @@ struct ArrayRef {
     nb::dlpack::dtype dl_dtype{};         // DLPack dtype, when not NumPy
     nb::object keep_alive;                // a DLPack import stays valid while this lives
     nb::object misaligned;                // the caller's array when `data` is an aligned copy of it
-    // Offsets from `data`, in elements, of the lowest and the highest element (highest < lowest
-    // when empty), for overlap checks. Found with the strides: a call checks one array against
-    // up to seven others, and recomputing both extents per pair took 7 % of a small eval call.
-    std::int64_t lowest = 0, highest = -1;
+    // The caller's memory, for overlap checks: the bytes [begin, end) from the lowest element to
+    // the end of the highest (begin == end when empty), the element size, and, for an aligned
+    // copy, the gcd of the caller's strides in bytes (caller_step; -1 otherwise: see
+    // byte_step). An aligned copy keeps its caller's: its outputs are copied back there. Found
+    // once per array: a call checks one array against up to seven others, and recomputing both
+    // extents per pair took 7 % of a small eval call.
+    const char* begin = nullptr;
+    const char* end = nullptr;
+    std::int64_t itemsize = 0;
+    std::int64_t caller_step = -1;
 
     std::string dtype_name() const;
-    void find_extent() {
-        lowest = 0;
-        highest = 0;
+    // begin and end from the strides in bytes (byte_strides[d]) and the element size
+    template <class Stride>
+    void find_extent(const Stride* byte_strides, std::int64_t item) {
+        itemsize = item;
+        std::int64_t lowest = 0, highest = 0;
         for (int d = 0; d < rank; ++d) {
             if (shape[d] == 0) {
-                highest = -1;
+                begin = end = data;
                 return;
             }
-            const std::int64_t span = (shape[d] - 1) * strides[d];
+            const std::int64_t span = (shape[d] - 1) * std::int64_t(byte_strides[d]);
             (span < 0 ? lowest : highest) += span;
         }
+        begin = data + lowest;
+        end = data + highest + item;
     }
 
     std::int64_t size() const {
@@ -180,7 +192,7 @@ inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
         aligned = aligned && stride % item == 0;
         a.strides[d] = stride / item;
     }
-    a.find_extent();
+    a.find_extent(PyArray_STRIDES(array), item);
     if (!aligned && a.type != NPY_NOTYPE) take_aligned_copy(h, a);
     return true;
 }
@@ -191,17 +203,20 @@ inline bool fill_from_numpy(nb::handle h, ArrayRef& a) {
 // (copy_back). `view`: a NumPy array of the caller's memory, of a's dtype or, for a DLPack
 // bfloat16 without ml_dtypes, of its bits as uint16; a's dtype and writability stay.
 inline void take_aligned_copy(nb::handle view, ArrayRef& a) {
-    nb::object copy = nb::steal(PyArray_NewCopy(reinterpret_cast<PyArrayObject*>(view.ptr()), NPY_KEEPORDER));
+    auto* caller = reinterpret_cast<PyArrayObject*>(view.ptr());
+    nb::object copy = nb::steal(PyArray_NewCopy(caller, NPY_KEEPORDER));
     if (!copy.is_valid()) throw nb::python_error();
-    const int type = a.type;
-    const bool writable = a.writable;
-    PyObject* const descr = a.descr;
-    const nb::dlpack::dtype dl_dtype = a.dl_dtype;
+    const ArrayRef kept = a;  // what the copy does not change: dtype, writability, the caller's memory
     fill_from_numpy(copy, a);
-    a.type = type;
-    a.writable = writable;
-    a.descr = descr;
-    a.dl_dtype = dl_dtype;
+    a.type = kept.type;
+    a.writable = kept.writable;
+    a.descr = kept.descr;
+    a.dl_dtype = kept.dl_dtype;
+    a.begin = kept.begin;
+    a.end = kept.end;
+    a.caller_step = 0;
+    for (int d = 0; d < a.rank; ++d)
+        if (a.shape[d] > 1) a.caller_step = std::gcd(a.caller_step, std::int64_t(std::abs(PyArray_STRIDE(caller, d))));
     a.keep_alive = copy;
     a.misaligned = nb::borrow(view);
 }
@@ -237,9 +252,11 @@ inline bool fill_from_dlpack(nb::handle h, ArrayRef& a) {
         a.shape[d] = std::int64_t(ro.shape(std::size_t(d)));
         a.strides[d] = ro.stride(std::size_t(d));
     }
-    a.find_extent();
-    a.keep_alive = nb::cast(ro);
     const std::int64_t item = dt.bits / 8;
+    std::int64_t byte_strides[kMaxRank];
+    for (int d = 0; d < a.rank; ++d) byte_strides[d] = a.strides[d] * item;
+    a.find_extent(byte_strides, item);
+    a.keep_alive = nb::cast(ro);
     if (a.type != NPY_NOTYPE && reinterpret_cast<std::uintptr_t>(a.data) % std::uintptr_t(item) != 0) {
         // Misaligned (torch.frombuffer with an offset): an aligned copy, made through a NumPy
         // view of the memory; bfloat16 has a NumPy dtype only with ml_dtypes, so its view
@@ -319,20 +336,28 @@ inline void check_writable(const ArrayRef& a, const char* name) {
                         "in dimension " + std::to_string(d) + "); pass an array whose elements are separate");
 }
 
-// Memory extent [first, last) in bytes, for overlap checks.
-inline std::pair<const char*, const char*> extent(const ArrayRef& a, std::int64_t itemsize) {
-    if (a.highest < a.lowest) return {a.data, a.data};
-    return {a.data + a.lowest * itemsize, a.data + (a.highest + 1) * itemsize};
+// The gcd of an array's strides in bytes, over the dimensions longer than one (0 for at most one
+// element): every element starts at `begin` plus a multiple of it.
+inline std::int64_t byte_step(const ArrayRef& a) {
+    if (a.caller_step >= 0) return a.caller_step;
+    std::int64_t step = 0;
+    for (int d = 0; d < a.rank; ++d)
+        if (a.shape[d] > 1) step = std::gcd(step, std::abs(a.strides[d]) * a.itemsize);
+    return step;
 }
 
-inline bool overlaps(const ArrayRef& a, std::int64_t a_itemsize, const ArrayRef& b, std::int64_t b_itemsize) {
-    const auto [a0, a1] = extent(a, a_itemsize);
-    const auto [b0, b1] = extent(b, b_itemsize);
-    return a0 < b1 && b0 < a1;
-}
-
-inline bool overlaps(const ArrayRef& a, const ArrayRef& b, std::int64_t itemsize) {
-    return overlaps(a, itemsize, b, itemsize);
+// Whether two arrays share a byte of memory: their extents meet, and their elements are not
+// interleaved apart (x[0::2] and x[1::2], which torch also takes as separate arrays). The
+// elements of each start at its begin plus multiples of g, the gcd of both arrays' steps, so
+// where a's elements end before b's start modulo g and b's end before the next of a's, none
+// meet. Exact for the usual cases; for other arrays whose extents meet it may say they overlap
+// when they do not (the caller then refuses, or copies, as for overlapping arrays).
+inline bool overlaps(const ArrayRef& a, const ArrayRef& b) {
+    if (!(a.begin < b.end && b.begin < a.end)) return false;
+    const std::int64_t g = std::gcd(byte_step(a), byte_step(b));
+    if (g == 0) return true;
+    const std::int64_t gap = ((b.begin - a.begin) % g + g) % g;  // b's first byte past a's element, mod g
+    return !(a.itemsize <= gap && gap + b.itemsize <= g);
 }
 
 // Outputs of this many bytes or more start on a cache line, as torch's allocator places every
@@ -638,7 +663,7 @@ public:
         result_ = nb::borrow(out);
         bool direct = L.matches(out_);
         for (const ArrayRef* input : inputs)
-            if (input && input->data != out_.data && overlaps(*input, out_, sizeof(T))) direct = false;
+            if (input && input->data != out_.data && overlaps(*input, out_)) direct = false;
         if (direct) {
             data_ = reinterpret_cast<T*>(out_.data);
         } else {

@@ -81,7 +81,7 @@ void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const Ar
                  const char* out_name = "out") {
     if (!out.out()) return;
     for (const auto& [array, name] : arrays)
-        if (array && overlaps(*out.out(), sizeof(T), *array, sizeof(compute_t<T>)))
+        if (array && overlaps(*out.out(), *array))
             value_error(std::string(out_name) + " overlaps " + name + "; pass a separate array");
 }
 
@@ -141,7 +141,7 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         const ChannelArray<T> running_var(rvar_obj, "running_var", view.channels, true);
         if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
             value_error("running_mean and running_var must both be arrays or both be None");
-        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(compute_t<T>)))
+        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array()))
             value_error("running_mean overlaps running_var; pass separate arrays");
         if (view.per_channel() == 1)
             value_error("Expected more than 1 value per channel when training, got input size " +
@@ -184,10 +184,10 @@ public:
         data_ = reinterpret_cast<P*>(array_.data);
     }
 
-    void check_apart(std::initializer_list<std::pair<const ArrayRef*, std::int64_t>> arrays) const {
+    void check_apart(std::initializer_list<const ArrayRef*> arrays) const {
         if (!data_) return;
-        for (const auto& [array, itemsize] : arrays)
-            if (array && overlaps(array_, sizeof(P), *array, itemsize))
+        for (const ArrayRef* array : arrays)
+            if (array && overlaps(array_, *array))
                 value_error("saved overlaps another argument; pass a separate array");
     }
 
@@ -220,10 +220,8 @@ nb::object forward_eval(nb::handle x_obj, nb::handle mean_obj, nb::handle var_ob
         check_apart(y, {{mean.array(), "running_mean"}, {var.array(), "running_var"}, {weight.array(), "weight"},
                         {bias.array(), "bias"}});
         const SavedStatistics<T> saved(saved_obj, view.channels);
-        constexpr std::int64_t item = sizeof(T), channel_item = sizeof(compute_t<T>);
-        saved.check_apart({{&in.array, item}, {y.out(), item}, {residual_array ? &*residual_array : nullptr, item},
-                           {mean.array(), channel_item}, {var.array(), channel_item},
-                           {weight.array(), channel_item}, {bias.array(), channel_item}});
+        saved.check_apart({&in.array, y.out(), residual_array ? &*residual_array : nullptr, mean.array(), var.array(),
+                           weight.array(), bias.array()});
         const ReadAs<T> x(in.array, in.layout);
         std::optional<ReadAs<T>> residual;
         if (residual_array) residual.emplace(*residual_array, in.layout);
@@ -358,7 +356,7 @@ RowSplit split_rows(const ArrayRef& x, int normalized_ndim) {
 // `out` and `sum_out` must be separate memory: one receives LN(x + r), the other x + r.
 template <class T>
 void check_outputs_apart(const WriteAs<T>& y, const std::optional<WriteAs<T>>& sum) {
-    if (sum && y.out() && overlaps(*y.out(), *sum->out(), sizeof(T)))
+    if (sum && y.out() && overlaps(*y.out(), *sum->out()))
         value_error("out overlaps sum_out; pass separate arrays");
 }
 
@@ -547,7 +545,7 @@ nb::object instance_norm(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
         const ChannelArray<T> running_var(rvar_obj, "running_var", C, true);
         if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
             value_error("running_mean and running_var must both be arrays or both be None");
-        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array(), sizeof(compute_t<T>)))
+        if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array()))
             value_error("running_mean overlaps running_var; pass separate arrays");
         if (in.shape.spatial == 1)
             value_error("Expected more than 1 spatial element when training, got input size " +

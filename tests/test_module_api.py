@@ -317,3 +317,33 @@ def test_get_include_and_cmake_dir():
     assert os.path.isdir(cm)
     names = [f.lower() for f in os.listdir(cm)]
     assert "batchnormconfig.cmake" in names or "batchnorm-config.cmake" in names, names
+
+
+_MODULES_WITH_SCALARS = {
+    "BatchNorm1d": (lambda: bn.BatchNorm1d(3), ("eps", "momentum", "axis")),
+    "BatchNorm1d-eval": (lambda: bn.BatchNorm1d(3).eval(), ("eps", "axis")),
+    "InstanceNorm1d": (lambda: bn.InstanceNorm1d(3, affine=True, track_running_stats=True), ("eps", "momentum", "axis")),
+    "GroupNorm": (lambda: bn.GroupNorm(1, 3), ("eps", "axis", "num_groups")),
+    "LayerNorm": (lambda: bn.LayerNorm(5), ("eps",)),
+}
+
+
+@pytest.mark.parametrize("kind", list(_MODULES_WITH_SCALARS))
+@pytest.mark.parametrize("value", ["0.1", 1.0, True], ids=["str", "float", "bool"])
+def test_a_scalar_attribute_of_the_wrong_type_is_named(rng, kind, value):
+    """eps, momentum, axis and num_groups are plain attributes: set to a value of the wrong
+    type, the next call raises a TypeError naming the attribute (not the core's list of
+    signatures) and changes no state."""
+    make, names = _MODULES_WITH_SCALARS[kind]
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    for name in names:
+        kind_of = "float" if name in ("eps", "momentum") else "int"
+        if kind_of == "float" and type(value) is float:
+            continue  # a float eps or momentum is right
+        m = make()
+        setattr(m, name, value)
+        before = {k: np.array(v, copy=True) for k, v in m.state_dict().items()}
+        with pytest.raises(TypeError, match=f"^{name} must be an? {kind_of}, got {type(value).__name__}$"):
+            m(x)
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=k)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 import numpy as np
 import numpy.typing as npt
 
-from .functional import ArrayIn, FloatArray, _backward, _integer, _real, _returned
+from .functional import ArrayIn, FloatArray, _backward, _integer, _name_the_scalar, _real, _returned
 
 _Self = TypeVar("_Self", bound="_Module")
 
@@ -169,6 +169,7 @@ def _check_channels(shape: Tuple[int, ...], axis: int, channels: int, name: str)
     """The module's channel ``axis`` exists in the input's ``shape`` and holds ``channels``
     (the module's argument ``name``)."""
     rank = len(shape)
+    axis = _integer("axis", axis)  # a plain attribute of the module, which a user may set to anything
     if not -rank <= axis < rank:
         raise ValueError(f"axis {axis} is out of range for {rank}D input")
     if shape[axis] != channels:
@@ -405,11 +406,17 @@ class _Module:
         return [], []
 
     def _blame_dtype(self, x: Any, **arrays: Optional[npt.NDArray[Any]]) -> None:
-        """After a call the core refused with a TypeError: when ``x`` has a dtype this module
+        """After a call the core refused with a TypeError: when one of the module's scalar
+        attributes (``eps``, ``momentum``, ``axis``, ``num_groups``: plain attributes a user
+        may set to anything) is not a number of its kind, name it (the core's own message lists
+        its signatures). When ``x`` has a dtype this module
         does not take but a module of another dtype would, and the call passed some of the
         module's own ``arrays``, say so (the core can only name the first of those arrays it
         checks, which the caller did not pass). Otherwise the core's error stands: it names
         the argument at fault (``out``, ``residual``, an integer ``x``)."""
+        state = self.__dict__
+        _name_the_scalar(**{name: state[name] for name in ("eps", "momentum", "axis", "num_groups")
+                            if state.get(name) is not None})
         given = [name for name, array in arrays.items() if array is not None]
         dtype = str(_to_numpy(x).dtype)
         wanted = {"float16": "float32", "bfloat16": "float32"}.get(dtype, dtype)

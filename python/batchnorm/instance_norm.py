@@ -20,6 +20,7 @@ from .functional import (
     FloatArray,
     Triple,
     _forward_eval,
+    _integer,
     _name_the_scalar,
     _ones_like_params,
     _relu_flag,
@@ -247,7 +248,7 @@ class _InstanceNorm(_NormBase):
         shape = _shape_of(x)
         rank = self._check_rank(shape)
         unbatched = rank == self._ranks[0]
-        axis = self.axis % self._ranks[1]  # in the batched input's terms
+        axis = _integer("axis", self.axis) % self._ranks[1]  # in the batched input's terms
         if unbatched and axis == 0:
             raise ValueError(f"axis {self.axis} is the batch axis, absent from unbatched {rank}D input")
         dim = axis - unbatched

@@ -120,10 +120,11 @@ class _BatchNorm(_NormBase):
         # saved is a few percent of a small eval); any other input, or a failing check, there.
         shape = x.shape if type(x) is _ndarray else ()
         rank, axis = len(shape), self.axis
-        if rank in self._ranks and -rank <= axis < rank and shape[axis] == self.num_features:
-            empty = 0 in shape
-        else:
-            empty = self._check_input(x)
+        try:
+            fits = rank in self._ranks and -rank <= axis < rank and shape[axis] == self.num_features
+        except TypeError:  # an axis that is not an integer: _check_input names it
+            fits = False
+        empty = 0 in shape if fits else self._check_input(x)
         # The attributes' own slots, read directly: this is the per-call path, and each
         # descriptor lookup costs as much as a tenth of a small eval.
         state = self.__dict__

@@ -649,3 +649,59 @@ def test_input_requiring_grad_under_no_grad(rng, no_fallback):
             y = ours(x)
             assert_close(y, ref(x).numpy(), np.float32)
         assert not y.requires_grad
+
+
+def _error_of(call):
+    """The message of the exception ``call`` raises (its type and text), or None."""
+    try:
+        call()
+    except (RuntimeError, TypeError) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_running_stats_made_to_require_grad_after_a_call_raise_as_in_torch(training):
+    """requires_grad_ on the running statistics changes no memory the shortcut's cached views
+    are keyed on: a module that has run before still gives torch's error for it, and no
+    statistic moves."""
+    x = torch.randn(4, 3, 5, 5)
+    outcomes = []
+    for cls in (torch.nn.BatchNorm2d, bnt.BatchNorm2d):
+        m = cls(3).train(training)
+        m(x)  # (the drop-in caches its views here)
+        m.running_mean.requires_grad_(True)
+        m.running_var.requires_grad_(True)
+        before = [t.detach().clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        outcomes.append(_error_of(lambda: m(x)))
+        after = [m.running_mean.detach(), m.running_var.detach(), m.num_batches_tracked]
+        assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
+    assert outcomes[0] is not None and outcomes[1] == outcomes[0]
+
+
+def test_a_parameter_shrunk_in_place_after_a_call_raises_as_in_torch():
+    """``.data =`` a shorter view of the same memory (same address, same stride): the cached
+    views no longer apply, and the call is torch's error, not a read of the old length."""
+    x = torch.randn(4, 3, 5, 5)
+    outcomes = []
+    for cls in (torch.nn.BatchNorm2d, bnt.BatchNorm2d):
+        m = cls(3).eval()
+        m(x)
+        m.weight.data = m.weight.data[:2]
+        outcomes.append(_error_of(lambda: m(x)))
+    assert outcomes[0] is not None and outcomes[1] == outcomes[0]
+
+
+@pytest.mark.parametrize("training", ["no", None, 0, 1.0, np.True_, "tensor"])
+def test_functional_training_must_be_a_bool_as_in_torch(training):
+    """torch's batch_norm takes only a bool for ``training``: any other value is its TypeError
+    (a truthy string ran a training step, moving the running statistics), nothing moved."""
+    if training == "tensor":
+        training = torch.tensor(False)
+    x = torch.randn(4, 3, 5)
+    outcomes = []
+    for fn in (torch.nn.functional.batch_norm, bnt.batch_norm):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        outcomes.append(_error_of(lambda: fn(x, rm, rv, None, None, training)))
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert outcomes[0] is not None and outcomes[0][0] == "TypeError" and outcomes[1] == outcomes[0]

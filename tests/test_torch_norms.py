@@ -10,6 +10,7 @@ profiler), so a silent fallback to torch cannot pass for the kernels.
 import copy
 import re
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -359,18 +360,21 @@ INFERENCE_MAKERS = {
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("made", ["input", "model-and-input"])
+@pytest.mark.parametrize("made", ["input", "model", "model-and-input"])
 @pytest.mark.parametrize("name", sorted(INFERENCE_MAKERS))
 def test_inference_tensors_outside_inference_mode_as_torch(name, made, training):
     """Tensors made under ``torch.inference_mode`` used outside it, with grad mode on: a model
     and input made there run without a graph (their requires_grad does not count), as in
-    torch; an inference input to a model that trains raises torch's error before any running
-    statistic moves."""
-    with torch.inference_mode():
+    torch; an inference input to a model that trains, or a model made there called on an
+    ordinary input, raises torch's error before any running statistic moves."""
+    if made == "model":
         x = data((4, 3, 5, 5), torch.float32)
+    else:
+        with torch.inference_mode():
+            x = data((4, 3, 5, 5), torch.float32)
     results = []
     for nn in (torch.nn, bnt):
-        if made == "model-and-input":
+        if made != "input":
             with torch.inference_mode():
                 m = INFERENCE_MAKERS[name](nn).train(training)
         else:
@@ -732,6 +736,38 @@ def test_rms_norm_weight_gradient_survives_what_torch_allows_of_its_input(source
     torch.testing.assert_close(weight_grads[1].double(), want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("form", ["module", "functional"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_rms_norm_weight_edited_in_place_where_only_its_gradient_is_needed(form, dtype):
+    """torch's RMSNorm multiplies by the weight last, so it saves the weight only for the
+    input's gradient: where x needs none, the weight may be edited in place before backward,
+    and its gradient is that of the forward's x. The drop-in's node and the op's rule save it
+    as sparingly (they raised 'modified by an inplace operation'): torch's gradient, and a
+    float64 reference's."""
+    ref, ours = pair("RMSNorm", (16,), {}, dtype)
+    x, grad = data((4, 5, 16), dtype), data((4, 5, 16), dtype, seed=3)
+    weight_grads = []
+    for module in (ref, ours):
+        weight = module.weight
+        y = module(x) if form == "module" else (torch.nn.functional.rms_norm if module is ref else bnt.rms_norm)(x, (16,), weight)
+        with torch.no_grad():
+            weight.mul_(0.5)
+        y.backward(grad)
+        weight_grads.append(weight.grad)
+    x64, g64 = x.double(), grad.double()
+    want = (g64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + torch.finfo(dtype).eps)).sum((0, 1))
+    rtol, atol = TOL[dtype][1]
+    torch.testing.assert_close(weight_grads[1], weight_grads[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(weight_grads[1].double(), want, rtol=rtol, atol=atol)
+    # where x needs a gradient, the weight is saved, and editing it is torch's error in both
+    for module in (ref, ours):
+        y = module(x.clone().requires_grad_(True))
+        with torch.no_grad():
+            module.weight.mul_(0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(grad)
+
+
 @pytest.mark.parametrize("name,args,kwargs,shape,op", [c for c in CASES if not c[2].get("track_running_stats")],
                          ids=[i for c, i in zip(CASES, CASE_IDS) if not c[2].get("track_running_stats")])
 def test_shortcut_node_backward_beyond_the_kernels(monkeypatch, name, args, kwargs, shape, op):
@@ -1035,3 +1071,51 @@ def test_saved_tensor_hooks_own_the_saved_input(name, args, shape):
         grads.append(x.grad.double())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [5.0, None, (5.0,), "tensor"], ids=["float", "None", "float-element", "tensor"])
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+def test_functional_normalized_shape_as_torch_takes_it(name, shape):
+    """``normalized_shape`` that torch's function refuses (not a sequence of integers) is its
+    TypeError, which names the argument (a float element was computed with; a float raised
+    "'float' object is not iterable")."""
+    if shape == "tensor":
+        shape = torch.tensor([5])
+    x = torch.randn(4, 3, 5)
+    outcomes = [_error_of(lambda: fn(x, shape)) for fn in (getattr(torch.nn.functional, name), getattr(bnt, name))]
+    assert outcomes[0] is not None and outcomes[0][0] == "TypeError" and outcomes[1] == outcomes[0]
+    for good in ((5,), [5], torch.Size([5]), (np.int64(5),)):
+        torch.testing.assert_close(getattr(bnt, name)(x, good), getattr(torch.nn.functional, name)(x, good))
+
+
+@pytest.mark.parametrize("flag", ["no", None, 1])
+def test_functional_use_input_stats_must_be_a_bool_as_in_torch(flag):
+    x = torch.randn(4, 3, 5)
+    outcomes = [_error_of(lambda: fn(x, None, None, None, None, flag))
+                for fn in (torch.nn.functional.instance_norm, bnt.instance_norm)]
+    assert outcomes[0] is not None and outcomes[0][0] == "TypeError" and outcomes[1] == outcomes[0]
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm"])
+def test_sibling_parameter_shrunk_in_place_after_a_call_raises_as_in_torch(name):
+    """As for batch norm: a shorter view of the same memory under the same Parameter is
+    torch's error, not the cached views of the old length."""
+    make = {"LayerNorm": lambda nn: nn.LayerNorm(5), "RMSNorm": lambda nn: nn.RMSNorm(5),
+            "GroupNorm": lambda nn: nn.GroupNorm(1, 5)}[name]
+    x = torch.randn(4, 5, 5)
+    outcomes = []
+    for nn in (torch.nn, bnt):
+        m = make(nn)
+        m(x)
+        m.weight.data = m.weight.data[:4]
+        outcomes.append(_error_of(lambda: m(x)))
+    assert outcomes[0] is not None and outcomes[1] == outcomes[0]
+
+
+def _error_of(call):
+    """The type and message of the exception ``call`` raises, or None."""
+    try:
+        call()
+    except (RuntimeError, TypeError) as error:
+        return type(error).__name__, str(error)
+    return None

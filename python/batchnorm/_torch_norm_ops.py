@@ -145,7 +145,10 @@ def _layer_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor
     input, ctx.normalized_ndim, weight, bias, ctx.eps, ctx.rms = inputs
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(input, weight, output[1], output[2])
+    # RMS norm's weight only where the input needs a gradient, the one gradient that reads it
+    # (torch's composite rms_norm saves it only then: an in-place edit of it is no error there)
+    ctx.weight_shape = None if weight is None or not ctx.rms or ctx.needs_input_grad[0] else weight.shape
+    ctx.save_for_backward(input, weight if ctx.weight_shape is None else None, output[1], output[2])
 
 
 def layered_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor,
@@ -166,6 +169,8 @@ def layered_backward(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bi
 
 def _layer_backward(ctx: Any, grad_y: Tensor, *_: Any) -> Tuple[Any, ...]:
     x, weight, mean, invstd = ctx.saved_tensors
+    if ctx.weight_shape is not None:  # not saved: the weight's gradient does not read its values
+        weight = x.new_ones(ctx.weight_shape, dtype=invstd.dtype)
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     gx, gw, gb = layered_backward(grad_y, x, weight, ctx.has_bias, mean, invstd, ctx.normalized_ndim, ctx.eps, ctx.rms,
                                   needs)

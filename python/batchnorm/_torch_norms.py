@@ -22,6 +22,7 @@ import math
 import warnings
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,9 +33,9 @@ from . import _torch_ops
 from ._torch_ops import numpy_view as _numpy
 from .group_norm import _check_values_per_group
 from .torch import (_dispatch_modes, _eager, _eps_applies, _grad_enabled, _grad_outside_inference_mode,
-                    _inference_tensor_outside_inference_mode, _integer, _is_scripting, _is_tracing,
-                    _momentum_applies, _plain_eager_input, _Proxy, _records_graph, _records_module_graph, _route,
-                    _tensor, _tracked, _transform_active, _up, _ViewsFollowTensors)
+                    _inference_mode, _inference_tensor_outside_inference_mode, _integer, _is_compiling, _is_scripting,
+                    _is_tracing, _momentum_applies, _plain_eager_input, _Proxy, _records, _records_graph,
+                    _records_module_graph, _route, _tensor, _transform_active, _up, _ViewsFollowTensors)
 
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
            "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -55,7 +56,7 @@ def _run(name: str, x: Tensor, *args: Any) -> Any:
     """The op ``batchnorm::<name>`` on ``(x, *args)``; for a plain eager call, its kernel
     directly (no grad needed) or with its autograd rule as a plain autograd function."""
     if type(x) is Tensor and _eager(x, None, None, None, None) and _dispatch_modes() == 0:
-        if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and _tracked(t) for t in (x, *args))):
+        if not (torch.is_grad_enabled() and _records((x, *args))):
             return ops.call_kernel(name, ops.KERNELS[name], x, *args)
         return ops.EAGER[name](x, *args)
     return getattr(ops, name)(x, *args)
@@ -76,9 +77,9 @@ def _direct(input: Tensor) -> bool:
 
 class _ParamViews(_ViewsFollowTensors):
     """Mixin of the sibling drop-ins: NumPy views of the module's weight and bias, cached while
-    the same tensors hold the same memory at the same strides (``.data =`` and ``.to()`` swap
-    the memory under the same Parameter), as batch norm's drop-in caches its views: two views
-    cost about 1.4 us a call, most of a small eval's Python."""
+    the same tensors hold the same memory at the same strides and sizes (``.data =`` and
+    ``.to()`` swap the memory under the same Parameter), as batch norm's drop-in caches its
+    views: two views cost about 1.4 us a call, most of a small eval's Python."""
 
     _views: Optional[Tuple[Any, ...]] = None
 
@@ -97,7 +98,8 @@ class _ParamViews(_ViewsFollowTensors):
         while grad is on outside it (the route decides on a graph)."""
         views = self._views
         key = (weight.data_ptr() if weight is not None else 0, bias.data_ptr() if bias is not None else 0,
-               weight.stride() if weight is not None else 0, bias.stride() if bias is not None else 0)
+               weight.stride() if weight is not None else 0, bias.stride() if bias is not None else 0,
+               weight.numel() if weight is not None else 0, bias.numel() if bias is not None else 0)
         if views is None or views[0] is not weight or views[1] is not bias or views[2] != key:
             if not all(p is None or (type(p) in (Tensor, torch.nn.Parameter) and p.is_cpu and p.layout == torch.strided
                                      and p.dtype in _FLOATS and tuple(p.shape) == tuple(shape))
@@ -140,6 +142,11 @@ class _Kernels:
         too, so an in-place edit of it before backward raises there as here."""
         return True
 
+    def saves_weight(self, x: Tensor) -> bool:
+        """Whether the node saves the weight: torch's own op does, so an in-place edit of it
+        before backward raises there as here."""
+        return True
+
 
 class _LayerKernels(_Kernels):
     __slots__ = ("ndim", "rms")
@@ -158,6 +165,12 @@ class _LayerKernels(_Kernels):
         """RMS norm's input when it needs no gradient: a copy. torch's composite rms_norm then
         saves x * rsqrt(mean(x^2) + eps), a tensor of its own, so x may be edited in place (or
         come from inference_mode) before backward; reading x there would raise."""
+        return not self.rms or x.requires_grad
+
+    def saves_weight(self, x: Tensor) -> bool:
+        """RMS norm's weight only where the input needs a gradient: torch's composite rms_norm
+        multiplies by it last, so only the input's gradient reads it, and an in-place edit of
+        it (or one made under inference_mode) is no error there otherwise."""
         return not self.rms or x.requires_grad
 
     def fallback(self, grad_y: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Any,
@@ -209,8 +222,9 @@ class _DirectFunction(torch.autograd.Function):
         # x only through save_for_backward (viewed again in backward): saved-tensor hooks
         # (activation checkpointing, offloading) then decide what its memory does. Not the
         # bias, which backward never reads (ops._graph_grads)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.kernels, ctx.arrays = bias is not None, kernels, (views[0], mean, invstd)
+        ctx.save_for_backward(x, weight if kernels.saves_weight(x) else None)
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.kernels, ctx.arrays = kernels, (views[0], mean, invstd)
         return _tensor(y)
 
     @staticmethod
@@ -221,6 +235,8 @@ class _DirectFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         kernels: _Kernels = ctx.kernels
         weight_view, mean, invstd = ctx.arrays
+        if weight is None and ctx.has_weight:  # not saved (saves_weight): the weight's gradient
+            weight = torch.from_numpy(weight_view)  # does not read its values
         # a graph of the gradients (double backward), batched or unusual gradients, a bias
         # without a weight (the kernels give grad_bias beside a weight only): the op's rule
         if (type(grad_y) is not Tensor or _transform_active() is not None or _grad_enabled()
@@ -269,8 +285,18 @@ torch.fx.wrap("_up")
 torch.fx.wrap("_opmath_eps")
 
 
-def _shape(normalized_shape: _Shape) -> Tuple[int, ...]:
-    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+def _shape(normalized_shape: _Shape) -> Optional[Tuple[int, ...]]:
+    """``normalized_shape`` as a tuple of ints (an int alone as its one element), or None where
+    torch's function refuses it (a float, None, a tensor, an element that is not an integer):
+    the caller hands such a call to it, for its TypeError."""
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        return (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list)):  # (torch.Size is a tuple)
+        return None
+    for size in normalized_shape:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            return None
+    return tuple(int(size) for size in normalized_shape)
 
 
 def _layer_applies(x: Tensor, shape: Tuple[int, ...], eps: float, *params: Optional[Tensor]) -> bool:
@@ -282,6 +308,8 @@ def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor]
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.layer_norm`` on batchnorm's kernels (torch's where they do not apply)."""
     shape = _shape(normalized_shape)
+    if shape is None:  # torch's TypeError naming the argument
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)  # type: ignore[arg-type]
     if isinstance(input, _Proxy) or (_graph_or_eager(input, weight, bias) and _layer_applies(input, shape, eps, weight, bias)):
         return _run("layer_norm", input, len(shape), _up(input, weight), _up(input, bias), eps,  # type: ignore[no-any-return]
                     False)[0]
@@ -293,6 +321,8 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     """``torch.nn.functional.rms_norm`` on batchnorm's kernels; ``eps=None`` is the machine
     epsilon of the type the input is computed in (float32 for half inputs), as in torch."""
     shape = _shape(normalized_shape)
+    if shape is None:  # torch's TypeError naming the argument
+        return F.rms_norm(input, normalized_shape, weight, eps)  # type: ignore[arg-type]
     if not isinstance(input, _Proxy):
         if not isinstance(input, Tensor):  # torch's TypeError naming the argument
             return F.rms_norm(input, list(shape), weight, eps)
@@ -355,6 +385,13 @@ def _copy_in_graph(x: Tensor, weight: Optional[Tensor]) -> Optional[Tensor]:
     return weight
 
 
+def _plain_copy(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A parameter made under ``torch.inference_mode``, used outside it: a copy that records
+    no graph, as torch's instance norm's repeat of it is (an inference tensor carries no
+    autograd key, whatever its requires_grad). Any other: itself."""
+    return t.detach().clone() if t is not None and t.is_inference() else t
+
+
 def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
@@ -362,8 +399,13 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     (updating the running statistics in place when given), or the running statistics when
     ``use_input_stats`` is False."""
     params = [weight, bias, running_mean, running_var]
-    if not isinstance(input, _Proxy) and not _instance_applies(input, params, use_input_stats, momentum, eps):
+    if type(use_input_stats) is not bool or (  # (not a bool: torch's TypeError)
+            not isinstance(input, _Proxy) and not _instance_applies(input, params, use_input_stats, momentum, eps)):
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    # torch repeats them per instance: a copy, plain for one made under inference_mode (dynamo
+    # cannot trace the test, and a compiled graph holds no inference tensors)
+    if not _is_compiling() and not _inference_mode():
+        weight, bias = _plain_copy(weight), _plain_copy(bias)
     weight, bias = _copy_in_graph(input, _up(input, weight)), _up(input, bias)
     dense = _dense(input)
     if not use_input_stats:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, TypeVar, overload
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, overload
 
 import numpy as np
 import torch
@@ -90,16 +90,23 @@ def _tensor(array: Any) -> Tensor:
 
 
 def _records_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether autograd records this call: grad mode on and a tensor that requires grad. An
-    inference tensor (made under ``torch.inference_mode``) counts as not requiring it, as in
-    torch: a model built there runs outside it without a graph."""
-    return _grad_enabled() and (_tracked(input) or (weight is not None and _tracked(weight))
-                                or (bias is not None and _tracked(bias)))
+    """Whether autograd records this call: grad mode on and ``_records`` of its tensors."""
+    return _grad_enabled() and _records((input, weight, bias))
 
 
-def _tracked(t: Tensor) -> bool:
+def _records(tensors: Sequence[Any]) -> bool:
+    """Whether autograd records an op on ``tensors`` (others than tensors skipped) in grad mode,
+    as torch's dispatcher decides: one of them requires grad, and not all of them were made
+    under ``torch.inference_mode``. Inference tensors carry no autograd key, so a model and its
+    input made there run outside it without a graph; with any other tensor among them torch
+    records, and refuses to save an inference tensor (``_saves_inference_tensor``)."""
+    for t in tensors:  # (a loop: a generator costs half a microsecond, and most calls end here)
+        if isinstance(t, Tensor) and t.requires_grad:
+            break
+    else:
+        return False
     # (dynamo cannot trace is_inference(); a compiled graph holds no inference tensors)
-    return t.requires_grad and (_is_compiling() or not t.is_inference())
+    return _is_compiling() or not all(t.is_inference() for t in tensors if isinstance(t, Tensor))
 
 
 def _records_module_graph(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
@@ -207,7 +214,7 @@ def _kernels_apply(
         return False
     if training and _inference_tensor_outside_inference_mode(running_mean, running_var):
         return False
-    if training and running_mean is not None and _saves_inference_input(x, weight, bias):
+    if _saves_inference_tensor(x, weight, bias):
         return False
     if not _eps_applies(eps):
         return False
@@ -241,11 +248,13 @@ def _apart(a: Tensor, b: Tensor) -> bool:
     return a1 <= b0 or b1 <= a0
 
 
-def _saves_inference_input(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
-    """Whether a call would save an inference tensor ``x`` for backward, which torch refuses
-    after its op ran; a training call of the kernels would have moved the running statistics
-    by then, so torch's op runs, for its error, before they move."""
-    return not _is_compiling() and x.is_inference() and not _inference_mode() and _records_graph(x, weight, bias)
+def _saves_inference_tensor(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """Whether a call would save an inference tensor (``x``, or parameters made under
+    ``torch.inference_mode``) for backward, which torch refuses before its op runs; the
+    kernels' autograd node saves after them, when a training call has moved the running
+    statistics, so torch's op runs such a call, for its error."""
+    return (not _is_compiling() and not _inference_mode() and _grad_enabled()
+            and any(t is not None and t.is_inference() for t in (x, weight, bias)) and _records((x, weight, bias)))
 
 
 def _eager(
@@ -431,7 +440,7 @@ class _EagerFunction(torch.autograd.Function):
     ) -> Tensor:
         """Run the kernels; keep the NumPy views backward needs. (An inference tensor ``x``
         fails to be saved only after this returns, so the callers send a training call with
-        one to torch's op first: ``_saves_inference_input``.)"""
+        one to torch's op first: ``_saves_inference_tensor``.)"""
         xn = _read_view(x)
         w, b, rm, rv = arrays
         if training:
@@ -570,7 +579,7 @@ def batch_norm(
     (see the module docstring). The output has torch's memory format: channels_last for a
     channels_last input, contiguous otherwise (``ops.in_torch_layout``).
     """
-    if not isinstance(input, (Tensor, _Proxy)):  # torch's error for it
+    if not isinstance(input, (Tensor, _Proxy)) or type(training) is not bool:  # torch's TypeError for them
         return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if _half_params(input, running_mean, running_var, weight, bias) and (
             _eager(input, running_mean, running_var, weight, bias)
@@ -601,15 +610,18 @@ def batch_norm(
 
 def _memory_of(rm: Optional[Tensor], rv: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor],
                counter: Optional[Tensor]) -> Tuple[Any, ...]:
-    """Where each tensor's memory is and its stride (0 for None): ``.data =`` and ``Module.to()``
-    swap it under the same Parameter, which keeps its identity, and a view of other elements
-    may start at the same address (parameters in one flat buffer). (Spelled out: a generator
-    costs half a microsecond here.)"""
+    """Where each tensor's memory is, its stride and its size (0 for None): ``.data =`` and
+    ``Module.to()`` swap it under the same Parameter, which keeps its identity, and a view of
+    other elements, or of fewer, may start at the same address (parameters in one flat buffer,
+    ``.data = w.data[:2]``, where torch's error is due). (Spelled out: a generator costs half a
+    microsecond here.)"""
     return (rm.data_ptr() if rm is not None else 0, rv.data_ptr() if rv is not None else 0,
             w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0,
             counter.data_ptr() if counter is not None else 0,
             rm.stride() if rm is not None else 0, rv.stride() if rv is not None else 0,
-            w.stride() if w is not None else 0, b.stride() if b is not None else 0)
+            w.stride() if w is not None else 0, b.stride() if b is not None else 0,
+            rm.numel() if rm is not None else 0, rv.numel() if rv is not None else 0,
+            w.numel() if w is not None else 0, b.numel() if b is not None else 0)
 
 
 class _ModuleViews:
@@ -813,6 +825,10 @@ class _DropIn(_ViewsFollowTensors, _BatchNorm):
             if views is None:
                 return None
         if views.inference_params and _grad_outside_inference_mode():
+            return None
+        # running statistics that require grad: torch's op, for its error (checked per call, as
+        # requires_grad_ changes no memory the views' key sees)
+        if _grad_enabled() and rm is not None and (rm.requires_grad or rv.requires_grad):  # type: ignore[union-attr]
             return None
         # a channel count other than the cached one: the general route, for torch's error; a
         # memory order other than contiguous or channels_last: there, for torch's output layout

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The C++ library as users get it: configure, build and ctest with GCC (ctest also builds and
-# runs the example, examples/cpp, against an install of the build tree); install; then build
+# runs the example, examples/cpp, against an install of the build tree); the public headers
+# checked for warnings with GCC and Clang (tests/cpp/header_warnings.cpp); install; then build
 # and run the consumer project (tests/cpp/consumers) against
 #   - the build tree         (-Dbatchnorm_DIR=<build>)
 #   - an install tree        (-DCMAKE_PREFIX_PATH=<prefix>), also one configured without OpenMP
@@ -51,6 +52,13 @@ ctest --test-dir "$work/build" --output-on-failure --parallel "$jobs"
 step "bench/cpp compiles (-fsyntax-only: its timing programs are not run here)"
 for program in "$root"/bench/cpp/*.cpp; do
     "$CXX" -std=c++17 -fopenmp -fsyntax-only "-I$root/cpp/include" "$program"
+done
+
+step "public headers compile without warnings (tests/cpp/header_warnings.cpp, -fsyntax-only -Werror)"
+warning_flags=(-std=c++17 -fopenmp -fsyntax-only -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Werror)
+for compiler in "$CXX" clang++; do
+    command -v "$compiler" >/dev/null || { echo "cpp.sh: $compiler not found, its header check skipped"; continue; }
+    "$compiler" "${warning_flags[@]}" "-I$root/cpp/include" "$root/tests/cpp/header_warnings.cpp"
 done
 
 step "install trees (with OpenMP, and configured without)"

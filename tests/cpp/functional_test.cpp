@@ -260,6 +260,7 @@ TYPED_TEST(Functional, NoChannels) {
         // Per-channel arrays of no values may be null (an empty std::vector's data()), in every
         // entry point, as forward_train and Inference take them.
         batchnorm::batch_stats<T>(x, s, nullptr, nullptr);
+        batchnorm::batch_moments<T>(x, s, nullptr);
         batchnorm::forward_train<T>(x, y, s, nullptr, nullptr, nullptr, nullptr, 0.1, 1e-5, nullptr, nullptr);
         batchnorm::forward_eval<T>(x, y, s, nullptr, nullptr, nullptr, nullptr, 1e-5);
         batchnorm::backward<T>(x, x, y, s, nullptr, nullptr, nullptr, nullptr, nullptr);
@@ -272,6 +273,7 @@ TYPED_TEST(Functional, NoChannels) {
     T x[4] = {}, y[4] = {};
     EXPECT_THROW(batchnorm::forward_eval<T>(x, y, Shape{2, 2, 1}, nullptr, nullptr, nullptr, nullptr, 1e-5),
                  batchnorm::invalid_argument);
+    EXPECT_THROW(batchnorm::batch_moments<T>(x, Shape{2, 2, 1}, nullptr), batchnorm::invalid_argument);
 }
 
 // The ISA in use is one this machine supports (BATCHNORM_ISA may force another; ctest runs the

@@ -56,7 +56,7 @@ template <class T>
 void batch_moments(const T* x, const Shape& shape, GroupStats* stats) {
     detail::check_element_type<T>();
     detail::check_shape(shape);
-    detail::check_pointer(stats, "stats");
+    detail::check_channel_pointer(stats, "stats", shape.channels);
     if (shape.size() == 0) {
         std::fill_n(stats, shape.channels, GroupStats{});
         return;

@@ -24,9 +24,11 @@ class LayerNorm {
 public:
     using P = compute_t<T>;  // parameters, statistics and gradients (float for half storage)
 
+    // with_bias: torch's `bias` argument (named apart from the member `bias`, which it would shadow)
     explicit LayerNorm(std::vector<std::int64_t> normalized_shape, double eps = 1e-5, bool elementwise_affine = true,
-                       bool bias = true)
-        : shape_(std::move(normalized_shape)), eps_(eps), affine_(elementwise_affine), has_bias_(elementwise_affine && bias) {
+                       bool with_bias = true)
+        : shape_(std::move(normalized_shape)), eps_(eps), affine_(elementwise_affine),
+          has_bias_(elementwise_affine && with_bias) {
         detail::check_element_type<T>();
         detail::check_eps(eps);
         size_ = detail::normalized_size(shape_);

@@ -272,3 +272,13 @@ class PageEnd:
         for buf, guard, page in self.maps:
             self.libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
         self.maps.clear()  # the buffers go with their last array
+
+
+def error_of(call):
+    """The type name and message of the exception ``call`` raises (RuntimeError or TypeError,
+    as torch raises), or None: for comparing a drop-in's error with torch's."""
+    try:
+        call()
+    except (RuntimeError, TypeError) as error:
+        return type(error).__name__, str(error)
+    return None

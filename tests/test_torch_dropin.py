@@ -17,7 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import batchnorm.torch as bnt  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, assert_close, assert_close_sum, last_two_swapped, torch_dtype  # noqa: E402
+from helpers import (DTYPE_IDS, DTYPES, assert_close, assert_close_sum, error_of, last_two_swapped,  # noqa: E402
+                     torch_dtype)
 
 CASES = [  # (drop-in class, torch class, input shape, memory format)
     ("1d-NC", 1, (16, 5), None),
@@ -651,15 +652,6 @@ def test_input_requiring_grad_under_no_grad(rng, no_fallback):
         assert not y.requires_grad
 
 
-def _error_of(call):
-    """The message of the exception ``call`` raises (its type and text), or None."""
-    try:
-        call()
-    except (RuntimeError, TypeError) as error:
-        return type(error).__name__, str(error)
-    return None
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_running_stats_made_to_require_grad_after_a_call_raise_as_in_torch(training):
     """requires_grad_ on the running statistics changes no memory the shortcut's cached views
@@ -673,7 +665,7 @@ def test_running_stats_made_to_require_grad_after_a_call_raise_as_in_torch(train
         m.running_mean.requires_grad_(True)
         m.running_var.requires_grad_(True)
         before = [t.detach().clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
-        outcomes.append(_error_of(lambda: m(x)))
+        outcomes.append(error_of(lambda: m(x)))
         after = [m.running_mean.detach(), m.running_var.detach(), m.num_batches_tracked]
         assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
     assert outcomes[0] is not None and outcomes[1] == outcomes[0]
@@ -688,7 +680,7 @@ def test_a_parameter_shrunk_in_place_after_a_call_raises_as_in_torch():
         m = cls(3).eval()
         m(x)
         m.weight.data = m.weight.data[:2]
-        outcomes.append(_error_of(lambda: m(x)))
+        outcomes.append(error_of(lambda: m(x)))
     assert outcomes[0] is not None and outcomes[1] == outcomes[0]
 
 
@@ -702,6 +694,6 @@ def test_functional_training_must_be_a_bool_as_in_torch(training):
     outcomes = []
     for fn in (torch.nn.functional.batch_norm, bnt.batch_norm):
         rm, rv = torch.zeros(3), torch.ones(3)
-        outcomes.append(_error_of(lambda: fn(x, rm, rv, None, None, training)))
+        outcomes.append(error_of(lambda: fn(x, rm, rv, None, None, training)))
         assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
     assert outcomes[0] is not None and outcomes[0][0] == "TypeError" and outcomes[1] == outcomes[0]

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 import batchnorm.torch as bnt  # noqa: E402
 from batchnorm import _torch_norm_ops as ops  # noqa: E402
-from helpers import last_two_swapped  # noqa: E402
+from helpers import error_of, last_two_swapped  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64]
 # per dtype: (rtol, atol) for outputs and for gradients (sums over many elements)
@@ -1082,7 +1082,7 @@ def test_functional_normalized_shape_as_torch_takes_it(name, shape):
     if shape == "tensor":
         shape = torch.tensor([5])
     x = torch.randn(4, 3, 5)
-    outcomes = [_error_of(lambda: fn(x, shape)) for fn in (getattr(torch.nn.functional, name), getattr(bnt, name))]
+    outcomes = [error_of(lambda: fn(x, shape)) for fn in (getattr(torch.nn.functional, name), getattr(bnt, name))]
     assert outcomes[0] is not None and outcomes[0][0] == "TypeError" and outcomes[1] == outcomes[0]
     for good in ((5,), [5], torch.Size([5]), (np.int64(5),)):
         torch.testing.assert_close(getattr(bnt, name)(x, good), getattr(torch.nn.functional, name)(x, good))
@@ -1091,7 +1091,7 @@ def test_functional_normalized_shape_as_torch_takes_it(name, shape):
 @pytest.mark.parametrize("flag", ["no", None, 1])
 def test_functional_use_input_stats_must_be_a_bool_as_in_torch(flag):
     x = torch.randn(4, 3, 5)
-    outcomes = [_error_of(lambda: fn(x, None, None, None, None, flag))
+    outcomes = [error_of(lambda: fn(x, None, None, None, None, flag))
                 for fn in (torch.nn.functional.instance_norm, bnt.instance_norm)]
     assert outcomes[0] is not None and outcomes[0][0] == "TypeError" and outcomes[1] == outcomes[0]
 
@@ -1108,14 +1108,5 @@ def test_sibling_parameter_shrunk_in_place_after_a_call_raises_as_in_torch(name)
         m = make(nn)
         m(x)
         m.weight.data = m.weight.data[:4]
-        outcomes.append(_error_of(lambda: m(x)))
+        outcomes.append(error_of(lambda: m(x)))
     assert outcomes[0] is not None and outcomes[1] == outcomes[0]
-
-
-def _error_of(call):
-    """The type and message of the exception ``call`` raises, or None."""
-    try:
-        call()
-    except (RuntimeError, TypeError) as error:
-        return type(error).__name__, str(error)
-    return None

@@ -322,7 +322,8 @@ def test_get_include_and_cmake_dir():
 _MODULES_WITH_SCALARS = {
     "BatchNorm1d": (lambda: bn.BatchNorm1d(3), ("eps", "momentum", "axis")),
     "BatchNorm1d-eval": (lambda: bn.BatchNorm1d(3).eval(), ("eps", "axis")),
-    "InstanceNorm1d": (lambda: bn.InstanceNorm1d(3, affine=True, track_running_stats=True), ("eps", "momentum", "axis")),
+    "InstanceNorm1d": (lambda: bn.InstanceNorm1d(3, affine=True, track_running_stats=True),
+                       ("eps", "momentum", "axis")),
     "GroupNorm": (lambda: bn.GroupNorm(1, 3), ("eps", "axis", "num_groups")),
     "LayerNorm": (lambda: bn.LayerNorm(5), ("eps",)),
 }

@@ -749,7 +749,8 @@ def test_rms_norm_weight_edited_in_place_where_only_its_gradient_is_needed(form,
     weight_grads = []
     for module in (ref, ours):
         weight = module.weight
-        y = module(x) if form == "module" else (torch.nn.functional.rms_norm if module is ref else bnt.rms_norm)(x, (16,), weight)
+        function = torch.nn.functional.rms_norm if module is ref else bnt.rms_norm
+        y = module(x) if form == "module" else function(x, (16,), weight)
         with torch.no_grad():
             weight.mul_(0.5)
         y.backward(grad)

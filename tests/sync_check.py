@@ -152,7 +152,8 @@ def check_case(ranks: List[Dict[str, Any]], impl: str, case: Case, world: int) -
 def check_copies_of_checked_modules(faults: List[Dict[str, Any]]) -> None:
     """sync_worker._copies_of_checked_modules: rank r ran (2, 3, 2, 2) ramps times r + 1, so
     channel c's mean over the ranks is (2C + 4c + 1.5) (world + 1) / 2, C = 3; after k steps
-    from zero the running mean is (1 - 0.9^k) times it: k = 2 for the copy, 3 after it."""
+    from zero the running mean is (1 - 0.9^k) times it: k = 2 for the copy, 3 after it, 4 for
+    the restored state_dict."""
     world = len(faults)
     mean = sum(2 * 3 + 4 * c + 1.5 for c in range(3)) * (world + 1) / 2
     for f in faults:
@@ -161,4 +162,7 @@ def check_copies_of_checked_modules(faults: List[Dict[str, Any]]) -> None:
         assert f["new_job"]["raised"] == "ValueError" and "num_features differs" in f["new_job"]["message"], f
         assert f["after_new_job"]["raised"] is None, f["after_new_job"]
         np.testing.assert_allclose(f["after_new_job"]["value"], (1 - 0.9**3) * mean, rtol=1e-6)
-    assert len({f["copied"]["value"] for f in faults}) == 1 and len({f["after_new_job"]["value"] for f in faults}) == 1
+        assert f["restored"]["raised"] is None, f["restored"]
+        np.testing.assert_allclose(f["restored"]["value"], (1 - 0.9**4) * mean, rtol=1e-6)
+    for key in ("copied", "after_new_job", "restored"):
+        assert len({f[key]["value"] for f in faults}) == 1, key

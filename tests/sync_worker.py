@@ -242,9 +242,9 @@ def _ramp(channels: int) -> np.ndarray:
 
 def _copies_of_checked_modules(make: Callable[..., Any], step: Callable[[Any], float], rank: int) -> Dict[str, Any]:
     """A module that checked its peers, kept by rank 0 while the others load a pickled copy
-    of it (broadcast_object_list, or a checkpoint some ranks restore): the next step is the
-    same exchange on every rank, so it gives every rank the same running mean (``step``
-    returns its sum). And in a new job
+    of it (broadcast_object_list, or a checkpoint some ranks restore), or its state_dict into
+    a rebuilt module: the next step is the same exchange on every rank, so it gives every
+    rank the same running mean (``step`` returns its sum). And in a new job
     (here: this process's tokens forgotten, as a new process starts without them) a loaded
     module checks again: a rank whose module has other channels is every rank's ValueError."""
     from batchnorm import distributed
@@ -257,6 +257,15 @@ def _copies_of_checked_modules(make: Callable[..., Any], step: Callable[[Any], f
     loaded = pickle.loads(pickle.dumps(trained if rank == 0 else other))
     faults["new_job"] = _outcome(lambda: step(loaded))
     faults["after_new_job"] = _outcome(lambda: step(kept))
+    # the usual checkpoint: its state_dict, restored into a rebuilt module on the ranks but
+    # rank 0, which keeps its module: the same exchange on every rank (the rebuilt module
+    # checked alone, and gloo aborted the process)
+    if rank == 0:
+        restored = kept
+    else:
+        restored = make(3)
+        restored.load_state_dict(kept.state_dict())
+    faults["restored"] = _outcome(lambda: step(restored))
     return faults
 
 

@@ -201,6 +201,21 @@ def test_comm_of_the_wrong_type_is_a_type_error():
         bn.SyncBatchNorm(3, comm="world")
 
 
+@pytest.mark.parametrize("group", ["world", 5, object()], ids=["str", "int", "object"])
+def test_process_group_of_the_wrong_type_is_a_type_error_at_construction(group):
+    """(torch's own SyncBatchNorm takes anything there and fails at the first step with words
+    that do not name the argument.)"""
+    message = "^process_group must be None or a torch.distributed ProcessGroup, got "
+    with pytest.raises(TypeError, match=message):
+        bnt.SyncBatchNorm(3, process_group=group)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=message):
+        bnt.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    assert type(model[1]) is torch.nn.BatchNorm2d  # nothing converted
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_drop_in_constructor_state_dict_and_conversion():
     ref = torch.nn.SyncBatchNorm(5, eps=1e-3, momentum=None, affine=True, bias=False)
     m = bnt.SyncBatchNorm(5, eps=1e-3, momentum=None, affine=True, bias=False)
@@ -210,7 +225,7 @@ def test_drop_in_constructor_state_dict_and_conversion():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
                                 torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
     bn_layer = model[1]
-    group = object()  # stored as given, like torch's
+    group = torch.distributed.GroupMember.NON_GROUP_MEMBER  # a group (this rank outside it): stored as given
     out = bnt.SyncBatchNorm.convert_sync_batchnorm(model, group)
     assert out is model
     assert type(model[1]) is bnt.SyncBatchNorm and type(model[2][0]) is bnt.SyncBatchNorm

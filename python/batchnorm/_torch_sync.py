@@ -30,6 +30,8 @@ from .distributed import (
     _DTYPE_CODES,
     Moments,
     _local_moments,
+    _is_torch_group,
+    _is_torch_non_member,
     _Transport,
     backward_sums,
     check_count,
@@ -41,6 +43,7 @@ from .distributed import (
     peers_checked,
     shifted_bias,
     shifted_sum_dy,
+    token_to_restore,
     torch_transport,
     update_running,
 )
@@ -131,6 +134,14 @@ _M = TypeVar("_M", bound=torch.nn.Module)
 _Sync = TypeVar("_Sync", bound="SyncBatchNorm")
 
 
+def _check_process_group(group: Any) -> None:
+    """TypeError naming ``process_group`` for anything but None or a torch.distributed group
+    (torch's own SyncBatchNorm takes anything, and fails at the first step with words that
+    do not name it)."""
+    if group is not None and not (_is_torch_group(group) or _is_torch_non_member(group)):
+        raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, got {type(group).__name__}")
+
+
 class SyncBatchNorm(_BatchNorm):
     """``torch.nn.SyncBatchNorm`` whose training statistics span a gloo/MPI process group,
     on CPU tensors (float32/float64, contiguous or channels_last).
@@ -157,6 +168,7 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
+        _check_process_group(process_group)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
         )
@@ -184,6 +196,14 @@ class SyncBatchNorm(_BatchNorm):
             t = getattr(self, name)
             if t is not None and t.dtype != input.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}")
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """torch's; the module then checks its peers as one that trained in this job does
+        (``distributed.token_to_restore``): a rank that restores a checkpoint into a rebuilt
+        model while the others keep theirs takes part in the same exchanges (it checked
+        alone: the exchanges did not match, and gloo aborted the process)."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._peers_checked = token_to_restore(self.process_group)
 
     def _link(self) -> _Transport:
         link = torch_transport(self.process_group, "process_group")
@@ -238,6 +258,7 @@ class SyncBatchNorm(_BatchNorm):
         ``BatchNorm*d`` (any torch ``_BatchNorm``) becomes a SyncBatchNorm holding the same
         parameter and buffer tensors; a batch norm passed at the top level returns its
         replacement."""
+        _check_process_group(process_group)
         output = module
         if isinstance(module, _BatchNorm):
             output = cls(

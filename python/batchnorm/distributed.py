@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, overload
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,7 @@ import numpy.typing as npt
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from .functional import ArrayIn, FloatArray, _like, _reject_fusion, _returned
 from ._norm_base import _NO_BACKWARD_IN_PLACE, _to_numpy, _wrote_input
-from .modules import _BatchNorm
+from .modules import IncompatibleKeys, _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -211,6 +211,23 @@ def _token(key: Any) -> Optional[float]:
 def peers_checked(link: _Transport, token: Optional[float]) -> bool:
     """Whether a module whose last peer check gave ``token`` need not check over ``link``."""
     return link.size == 1 or (token is not None and token == _token(link.key))
+
+
+def token_to_restore(comm: Any) -> Optional[float]:
+    """The token a module takes when ``load_state_dict`` gives it its state: this job's token
+    of its communicator where the job's ranks have checked over it already, else None (it
+    checks at its first step). A checkpoint is restored into a fresh module, on some ranks
+    while the others keep the modules they trained (which checked) or on every rank; either
+    way every rank then decides alike, as for a pickled copy. Looks the communicator up
+    without starting one (``comm=None``: torch's default group if initialised, else
+    ``MPI.COMM_WORLD`` if mpi4py's MPI is imported, as ``transport`` would pick)."""
+    if comm is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return _token(("torch.distributed", None))
+        mpi = sys.modules.get("mpi4py.MPI")
+        return None if mpi is None else _token(mpi.COMM_WORLD)
+    return _token(comm if _is_mpi_comm(comm) else ("torch.distributed", comm))
 
 
 def check_peers(link: _Transport, channels: int, dtype: np.dtype[Any]) -> float:
@@ -607,6 +624,14 @@ class SyncBatchNorm(_BatchNorm):
         state = super().__getstate__()
         state["_sync_saved"] = None
         return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """``BatchNorm``'s; the module then checks its peers as one that trained in this job
+        does (``token_to_restore``): a rank that restores a checkpoint while the others keep
+        their modules takes part in the same exchanges."""
+        result = super().load_state_dict(state_dict, strict)
+        self._checked = token_to_restore(self.comm)
+        return result
 
     def extra_repr(self) -> str:
         """BatchNorm's, plus the communicator when one was given."""

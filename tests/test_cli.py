@@ -27,6 +27,13 @@ def test_main_prints_isa():
     assert isa in r.stdout.split() or isa in r.stdout, r.stdout
 
 
+def test_main_help_reads_as_text():
+    r = run(["-m", "batchnorm", "--help"])
+    assert r.returncode == 0, r.stderr
+    assert "python -m batchnorm: version, backend and a short demo" in r.stdout, r.stdout
+    assert "``" not in r.stdout, r.stdout
+
+
 def test_main_cmakedir():
     r = run(["-m", "batchnorm", "--cmakedir"])
     assert r.returncode == 0, r.stderr

@@ -45,7 +45,8 @@ def demo() -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m batchnorm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m batchnorm",  # the docstring, without its reST quotes
+                                     description=(__doc__ or "").replace("``", ""))
     parser.add_argument("--version", action="version", version=f"batchnorm {batchnorm.__version__}")
     paths = parser.add_mutually_exclusive_group()
     paths.add_argument("--cmakedir", action="store_true", help="print the CMake config directory")

@@ -206,14 +206,19 @@ inline void take_aligned_copy(nb::handle view, ArrayRef& a) {
     auto* caller = reinterpret_cast<PyArrayObject*>(view.ptr());
     nb::object copy = nb::steal(PyArray_NewCopy(caller, NPY_KEEPORDER));
     if (!copy.is_valid()) throw nb::python_error();
-    const ArrayRef kept = a;  // what the copy does not change: dtype, writability, the caller's memory
+    // what the copy does not change: dtype, writability, the caller's memory
+    const int type = a.type;
+    const bool writable = a.writable;
+    PyObject* const descr = a.descr;
+    const nb::dlpack::dtype dl_dtype = a.dl_dtype;
+    const char *const begin = a.begin, *const end = a.end;
     fill_from_numpy(copy, a);
-    a.type = kept.type;
-    a.writable = kept.writable;
-    a.descr = kept.descr;
-    a.dl_dtype = kept.dl_dtype;
-    a.begin = kept.begin;
-    a.end = kept.end;
+    a.type = type;
+    a.writable = writable;
+    a.descr = descr;
+    a.dl_dtype = dl_dtype;
+    a.begin = begin;
+    a.end = end;
     a.caller_step = 0;
     for (int d = 0; d < a.rank; ++d)
         if (a.shape[d] > 1) a.caller_step = std::gcd(a.caller_step, std::int64_t(std::abs(PyArray_STRIDE(caller, d))));

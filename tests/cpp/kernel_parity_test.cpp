@@ -711,6 +711,29 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
     }
     ck.check(bad == 0 && out[size_t(cols)].bits == T(kSentinel).bits, tag, "narrow");
 
+    // The same floats as one channel's factor each, through the channels-first runs (which may
+    // narrow two vectors at a time: kernel_bodies.inl, pairs): 37 values a run, whole pairs, a
+    // single vector and a tail, of y = (1 - 0)*a + 0 and of gx = 1*a + (0 - 0)*0 + 0.
+    const i64 run = 37;
+    const std::vector<T> run_ones(size_t(run), T(1.0f)), run_zeros(size_t(run), T(0.0f));
+    for (const Writes writes : kAllWrites) {
+        for (const bool grad : {false, true}) {
+            std::vector<T> runs = sentinel_vec<T>(cols * run + kGuard);
+            for (i64 j = 0; j < cols; ++j) {
+                T* y = runs.data() + j * run;
+                if (grad)
+                    t.cf_grad(run_ones.data(), run_zeros.data(), y, 1, run, 0, C(0), a[size_t(j)], C(0), C(0), writes);
+                else
+                    t.cf_affine(run_ones.data(), y, 1, run, 0, C(0), a[size_t(j)], C(0), false, writes);
+            }
+            bad = 0;
+            for (i64 i = 0; i < cols * run; ++i)
+                if (runs[size_t(i)].bits != T(C(1) * a[size_t(i / run)] + C(0)).bits) ++bad;
+            ck.check(bad == 0 && runs[size_t(cols * run)].bits == T(kSentinel).bits, tag + writes_tag(writes),
+                     fmt("narrow by runs: %.0f values wrong in", double(bad), 0, 0) + (grad ? " cf_grad" : " cf_affine"));
+        }
+    }
+
     // The plane kernels narrow a plane at a time (kernel_bodies.inl, stores_planes): y = x*a per
     // plane, x powers of two, a near float's smallest normal, so most planes mix normal and
     // denormal floats (and their last vector a tail), each narrowed as half.hpp narrows it.

@@ -125,18 +125,32 @@ struct HalfConvert<bfloat16> {
                                                 -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
         return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bits), to_top));
     }
-    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet. The NaN
-    // test is one unordered compare, and the halves pack as 128-bit vectors (no lane-crossing
-    // permute): on AMD cores before Zen 2 a 256-bit integer op is two micro-ops, and narrowing
-    // is most of a bfloat16 apply's work there.
-    static __m128i narrow(__m256 v) {
+    // half.hpp's float_to_bfloat, lane by lane: round to nearest even, NaN made quiet; the
+    // bfloat16 is the top half of each lane. The NaN test is one unordered compare.
+    static __m256i round(__m256 v) {
         const __m256i u = _mm256_castps_si256(v);
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
         const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-        const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+        return _mm256_blendv_epi8(rounded, quiet, nan);
+    }
+    // The halves pack as 128-bit vectors (no lane-crossing permute): on AMD cores before Zen 2 a
+    // 256-bit integer op is two micro-ops, and narrowing is most of a bfloat16 apply's work there.
+    static __m128i narrow(__m256 v) {
+        const __m256i top = _mm256_srli_epi32(round(v), 16);
         return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+    }
+    // Sixteen values as two vectors, their even and odd elements: the bits of one 256-bit load
+    // shifted up and masked; and back, the two rounded vectors' top halves blended into one store.
+    // Per vector, in order, widening took a shuffle and narrowing a shift, an extract and a pack,
+    // all on the two pipes of Zen 3 that shift and shuffle; in pairs, a quarter of those.
+    static void widen_pair(__m256i bits, __m256& even, __m256& odd) {
+        even = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+        odd = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(int(0xFFFF0000u))));
+    }
+    static __m256i narrow_pair(__m256 even, __m256 odd) {
+        return _mm256_blend_epi16(_mm256_srli_epi32(round(even), 16), round(odd), 0xAA);
     }
 };
 
@@ -190,6 +204,18 @@ struct Ops<float> {
         alignas(16) std::uint16_t lanes[8];
         _mm_store_si128(reinterpret_cast<__m128i*>(lanes), HalfConvert<H>::narrow(v));
         std::memcpy(p, lanes, std::size_t(n) * 2);
+    }
+    // bfloat16 in pairs (kernel_bodies.inl, pairs): 2W values, in the order HalfConvert's
+    // widen_pair gives, for work whose factors are the same in every lane.
+    static void load_pair(const bfloat16* p, V& first, V& second) {
+        HalfConvert<bfloat16>::widen_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), first, second);
+    }
+    static void store_pair(bfloat16* p, V first, V second) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), HalfConvert<bfloat16>::narrow_pair(first, second));
+    }
+    // p on a 32-byte boundary (a run's streamed part starts on a cache line)
+    static void stream_pair(bfloat16* p, V first, V second) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), HalfConvert<bfloat16>::narrow_pair(first, second));
     }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
     static V sub(V a, V b) { return _mm256_sub_ps(a, b); }

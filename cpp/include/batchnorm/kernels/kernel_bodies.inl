@@ -158,6 +158,51 @@ BATCHNORM_ALWAYS_INLINE void end_writes(Writes writes) {
         if (writes == Writes::streamed) O::fence();
 }
 
+// Whether Ops loads and stores P two vectors at a time, in an order of its own (AVX2 bfloat16:
+// even and odd elements, avx2.hpp): O::load_pair(p, first, second) reads 2W values, and
+// O::store_pair(p, first, second) (O::stream_pair, aligned, where Ops streams P) writes two
+// vectors so read back in their place. Only for element-wise work whose factors are the same in
+// every lane: a channel's run or plane.
+template <class O, class P, class = void>
+struct pairs : std::false_type {};
+template <class O, class P>
+struct pairs<O, P,
+             std::void_t<decltype(O::store_pair(std::declval<P*>(), std::declval<typename O::V>(),
+                                                std::declval<typename O::V>()))>> : std::true_type {};
+
+// run_affine's whole pairs of values from i on, where Ops has pairs of S; returns where they end.
+template <bool kStream, bool kResidual, bool kRelu, class S, class V>
+BATCHNORM_ALWAYS_INLINE i64 affine_pairs(const S* x, const S* residual, S* y, i64 i, i64 n, V s, V a, V b) {
+    using O = Ops<compute_t<S>>;
+    if constexpr (pairs<O, S>::value)
+        for (; i + 2 * O::W <= n; i += 2 * O::W) {
+            V x0, x1, r0 = O::zero(), r1 = O::zero();
+            O::load_pair(x + i, x0, x1);
+            if constexpr (kResidual) O::load_pair(residual + i, r0, r1);
+            const V y0 = affine_value<kResidual, kRelu>(x0, r0, s, a, b, O{});
+            const V y1 = affine_value<kResidual, kRelu>(x1, r1, s, a, b, O{});
+            if constexpr (kStream) O::stream_pair(y + i, y0, y1);
+            else O::store_pair(y + i, y0, y1);
+        }
+    return i;
+}
+
+// run_grad's whole pairs, as affine_pairs.
+template <bool kStream, class S, class V>
+BATCHNORM_ALWAYS_INLINE i64 grad_pairs(const S* dy, const S* x, S* gx, i64 i, i64 n, V s, V k, V m, V q) {
+    using O = Ops<compute_t<S>>;
+    if constexpr (pairs<O, S>::value)
+        for (; i + 2 * O::W <= n; i += 2 * O::W) {
+            V dy0, dy1, x0, x1;
+            O::load_pair(dy + i, dy0, dy1);
+            O::load_pair(x + i, x0, x1);
+            const V g0 = grad_value(dy0, x0, s, k, m, q, O{}), g1 = grad_value(dy1, x1, s, k, m, q, O{});
+            if constexpr (kStream) O::stream_pair(gx + i, g0, g1);
+            else O::store_pair(gx + i, g0, g1);
+        }
+    return i;
+}
+
 // y[i..n) = act((x - shift) * alpha + beta + residual): plain stores from i = 0; with kStream
 // (where Ops streams S), plain stores up to the first line boundary, non-temporal stores of the
 // whole vectors from there, plain ones for the last partial vector.
@@ -170,10 +215,13 @@ BATCHNORM_ALWAYS_INLINE void run_affine(const S* x, const S* residual, S* y, i64
     if constexpr (kStream && streams<O, S>::value) {
         const i64 head = values_before_line(y, n);
         run_affine<S, kResidual, kRelu>(x, residual, y, head, shift, alpha, beta);
-        for (i = head; i + O::W <= n; i += O::W) {
+        for (i = affine_pairs<true, kResidual, kRelu>(x, residual, y, head, n, shift, alpha, beta); i + O::W <= n;
+             i += O::W) {
             const V r = kResidual ? O::load(residual + i) : O::zero();
             O::stream(y + i, affine_value<kResidual, kRelu>(O::load(x + i), r, shift, alpha, beta, O{}));
         }
+    } else {
+        i = affine_pairs<false, kResidual, kRelu>(x, residual, y, i, n, shift, alpha, beta);
     }
     for (; i < n; i += O::W) {
         const V r = kResidual ? load_n(residual + i, n - i, O::zero()) : O::zero();
@@ -190,8 +238,10 @@ BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typ
     if constexpr (kStream && streams<O, S>::value) {
         const i64 head = values_before_line(gx, n);
         run_grad(dy, x, gx, head, shift, k, m, q);
-        for (i = head; i + O::W <= n; i += O::W)
+        for (i = grad_pairs<true>(dy, x, gx, head, n, shift, k, m, q); i + O::W <= n; i += O::W)
             O::stream(gx + i, grad_value(O::load(dy + i), O::load(x + i), shift, k, m, q, O{}));
+    } else {
+        i = grad_pairs<false>(dy, x, gx, i, n, shift, k, m, q);
     }
     for (; i < n; i += O::W)
         store_n(gx + i, grad_value(load_n(dy + i, n - i, O::zero()), load_n(x + i, n - i, shift), shift, k, m, q, O{}),
@@ -435,14 +485,18 @@ BATCHNORM_ALWAYS_INLINE void plane_affine(const S* x, const S* residual, S* y, i
     if (overlap_tail<kV, S>(last)) {
         const auto tail = affine_value<kResidual, kRelu>(
             O::load(tail_at<kV>(x, last)), kResidual ? O::load(tail_at<kV>(residual, last)) : O::zero(), s, a, b, O{});
+        constexpr int kPaired = pairs<O, S>::value ? (kV - 1) / 2 * 2 : 0;
+        affine_pairs<false, kResidual, kRelu>(x, residual, y, 0, kPaired * O::W, s, a, b);
         BATCHNORM_UNROLL_PLANE
-        for (int v = 0; v < kV - 1; ++v)
+        for (int v = kPaired; v < kV - 1; ++v)
             O::store(y + v * O::W, affine_value<kResidual, kRelu>(O::load(x + v * O::W),
                                                                  kResidual ? O::load(residual + v * O::W) : O::zero(),
                                                                  s, a, b, O{}));
         O::store(tail_at<kV>(y, last), tail);
         return;
     }
+    if constexpr (pairs<O, S>::value)
+        if (last == O::W) return run_affine<S, kResidual, kRelu>(x, residual, y, kV * O::W, s, a, b);
     const auto value = [&](int v) {
         const auto r = kResidual ? plane_load<kV>(residual, v, last, O::zero()) : O::zero();
         return affine_value<kResidual, kRelu>(plane_load<kV>(x, v, last, s), r, s, a, b, O{});
@@ -458,12 +512,16 @@ BATCHNORM_ALWAYS_INLINE void plane_grad(const S* dy, const S* x, S* gx, i64 last
     using O = Ops<compute_t<S>>;
     if (overlap_tail<kV, S>(last)) {
         const auto tail = grad_value(O::load(tail_at<kV>(dy, last)), O::load(tail_at<kV>(x, last)), s, k, m, q, O{});
+        constexpr int kPaired = pairs<O, S>::value ? (kV - 1) / 2 * 2 : 0;
+        grad_pairs<false>(dy, x, gx, 0, kPaired * O::W, s, k, m, q);
         BATCHNORM_UNROLL_PLANE
-        for (int v = 0; v < kV - 1; ++v)
+        for (int v = kPaired; v < kV - 1; ++v)
             O::store(gx + v * O::W, grad_value(O::load(dy + v * O::W), O::load(x + v * O::W), s, k, m, q, O{}));
         O::store(tail_at<kV>(gx, last), tail);
         return;
     }
+    if constexpr (pairs<O, S>::value)
+        if (last == O::W) return run_grad(dy, x, gx, kV * O::W, s, k, m, q);
     const auto value = [&](int v) {
         return grad_value(plane_load<kV>(dy, v, last, O::zero()), plane_load<kV>(x, v, last, s), s, k, m, q, O{});
     };

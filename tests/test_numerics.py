@@ -258,3 +258,45 @@ def test_nonfinite_stays_in_its_element_eval(case, dtype, threads):
     y_ref = ref.forward_eval(np.where(bad, 0, x), m.running_mean, m.running_var, None, None, 1e-5, axis)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(y[~bad], y_ref[~bad], **tol)
+
+
+@pytest.mark.parametrize("case", NAN_CASES, ids=NAN_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_eval_gradient_does_not_read_the_input(case, dtype, threads):
+    """In eval the input gradient is grad_y * weight / sqrt(running_var + eps) and does not
+    depend on x: a NaN or inf in x leaves it finite (as torch's), while the weight's gradient,
+    which does depend on x, is not finite for those two channels. Through the NumPy module, and
+    through the drop-in with and without parameter gradients (a frozen batch norm asks for
+    grad_x only)."""
+    shape, axis = case
+    rng = np.random.default_rng(8)
+    x = poison(rng.standard_normal(shape).astype(dtype), axis)
+    gy = rng.standard_normal(shape).astype(dtype)
+    m = {2: bn.BatchNorm1d, 3: bn.BatchNorm1d, 4: bn.BatchNorm2d}[len(shape)](5, dtype=dtype, axis=axis).eval()
+    m.weight[:] = 1.0 - np.arange(5) * 0.3
+    m.running_mean[:] = np.arange(5) * 0.1
+    m.running_var[:] = 1.0 + np.arange(5) * 0.2
+    m(x)
+    gx = m.backward(gy)
+    k = m.weight.astype(np.float64) / np.sqrt(m.running_var.astype(np.float64) + 1e-5)
+    gx_ref = gy.astype(np.float64) * k.reshape([-1 if d == axis % len(shape) else 1 for d in range(len(shape))])
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(gx, gx_ref, **tol)
+    assert not np.isfinite(m.weight_grad[[1, 3]]).any() and np.isfinite(m.weight_grad[[0, 2, 4]]).all()
+
+    torch = pytest.importorskip("torch")
+    import batchnorm.torch as bnt
+
+    channels_first = [0, axis % len(shape)] + [d for d in range(1, len(shape)) if d != axis % len(shape)]
+    tx, tgy = (torch.from_numpy(np.ascontiguousarray(a.transpose(channels_first))) for a in (x, gy))
+    for frozen in (False, True):
+        module = bnt.BatchNorm1d(5, dtype=tx.dtype) if len(shape) < 4 else bnt.BatchNorm2d(5, dtype=tx.dtype)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(m.weight))
+            module.running_mean.copy_(torch.from_numpy(m.running_mean))
+            module.running_var.copy_(torch.from_numpy(m.running_var))
+        module.eval().requires_grad_(not frozen)
+        leaf = tx.clone().requires_grad_()
+        module(leaf).backward(tgy)
+        np.testing.assert_allclose(leaf.grad.numpy(), gx_ref.transpose(channels_first), **tol)
+        assert frozen == (module.weight.grad is None)

@@ -276,7 +276,20 @@ void backward(const T* grad_y, const T* x, detail::identity_t<T>* grad_x, const 
     detail::check_pointer(x, "x");
     const detail::BackwardArgs<P> args{mean, invstd, weight, grad_weight, grad_bias, training};
     const double inv_n = 1.0 / double(shape.per_channel());
-    detail::backward_fused(grad_y, x, grad_x, shape, mean, detail::BackwardFinish<P>{args, inv_n});
+    if (training) return detail::backward_fused(grad_y, x, grad_x, shape, mean, detail::BackwardFinish<P>{args, inv_n});
+    // In eval grad_x does not depend on x: it is grad_y through the affine map (grad_y - 0)*k + 0,
+    // which reads neither x (an x of NaN or inf made the fused formula's (x - mean)*0 NaN there;
+    // torch's gradient is finite) nor, when no parameter gradient is wanted (a frozen batch
+    // norm), anything but grad_y. k = weight*invstd, rounded once, as the fused formula's.
+    if (grad_weight || grad_bias)
+        detail::backward_fused(grad_y, x, static_cast<T*>(nullptr), shape, mean, detail::BackwardFinish<P>{args, inv_n});
+    if (!grad_x) return;
+    detail::CallScratch<P, struct EvalGradient> factors(2 * std::size_t(shape.channels));
+    P* zeros = factors.data();
+    P* k = zeros + shape.channels;
+    std::fill_n(zeros, shape.channels, P(0));
+    for (std::int64_t c = 0; c < shape.channels; ++c) k[c] = P(detail::value_or(weight, c, 1.0) * double(invstd[c]));
+    detail::apply_affine(grad_y, static_cast<const T*>(nullptr), grad_x, shape, zeros, k, zeros, Activation::none);
 }
 
 }  // namespace batchnorm

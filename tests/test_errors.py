@@ -376,11 +376,48 @@ def _():
     return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, momentum=2.0)), [x, *s.values()]
 
 
+@case("functional_eval_momentum_2", ValueError, "momentum must be in \\[0, 1\\], got 2.0")
+def _():
+    s = fstate()
+    x = f32(4, 3, 5)
+    return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=False, momentum=2.0)), [x, *s.values()]
+
+
 @case("functional_momentum_negative", ValueError, "momentum")
 def _():
     s = fstate()
     x = f32(4, 3)
     return (lambda: bn.batch_norm(x, s["rm"], s["rv"], training=True, momentum=-0.5)), [x, *s.values()]
+
+
+# ----------------------------------------------------------------- running statistics sharing memory
+# Training writes a channel's running statistics while it still reads the later channels' input,
+# weight and bias (which then read the new values): none of those may share memory with them.
+
+@case("running_mean_overlaps_input", ValueError, "^running_mean overlaps input; pass separate arrays$")
+def _():
+    memory = (np.random.default_rng(15).standard_normal(60) + 5).astype(np.float32)
+    x, rm, rv = memory[:48].reshape(4, 3, 2, 2), memory[46:49], np.ones(3, np.float32)
+    return (lambda: bn.batch_norm(x, rm, rv, training=True)), [memory, rv]
+
+
+@case("running_var_overlaps_input_channels_last", ValueError, "^running_var overlaps input; pass separate arrays$")
+def _():
+    memory = (np.random.default_rng(16).standard_normal(60) + 5).astype(np.float32)
+    x, rm, rv = memory[:48].reshape(4, 2, 2, 3), np.zeros(3, np.float32), memory[10:13]
+    return (lambda: bn.batch_norm(x, rm, rv, training=True, axis=-1)), [memory, rm]
+
+
+@case("running_mean_is_weight", ValueError, "^running_mean overlaps weight; pass separate arrays$")
+def _():
+    x, shared, rv = f32(4, 3, 2, 2), np.array([1.5, 2.0, 0.5], np.float32), np.ones(3, np.float32)
+    return (lambda: bn.batch_norm(x, shared, rv, shared, training=True)), [x, shared, rv]
+
+
+@case("running_var_overlaps_bias", ValueError, "^running_var overlaps bias; pass separate arrays$")
+def _():
+    x, rm, memory = f32(4, 3, 5), np.zeros(3, np.float32), np.ones(5, np.float32)
+    return (lambda: bn.batch_norm(x, rm, memory[:3], None, memory[2:], training=True)), [x, rm, memory]
 
 
 # ----------------------------------------------------------------- out
@@ -1047,6 +1084,20 @@ SCALAR_CALLS = {
                                                                   eps=v), np.True_, "eps", "a float"),
     "layer_norm_eps_numpy_bool": (lambda v, x: bn.layer_norm(x, 3, eps=v), np.True_, "eps", "a float"),
     "group_norm_axis_numpy_bool": (lambda v, x: bn.group_norm(x, 2, axis=v), np.True_, "axis", "an int"),
+    # the flags are bools, as torch's functions take them (1 or None ran a call of one mode or the other)
+    "batch_norm_training_none": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                            training=v), None, "training", "a bool"),
+    "batch_norm_training_int": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                           training=v), 1, "training", "a bool"),
+    "batch_norm_training_str": (lambda v, x: bn.batch_norm(x, None, None, training=v), "yes", "training", "a bool"),
+    "instance_norm_use_input_stats_int": (lambda v, x: bn.instance_norm(x, use_input_stats=v), 1, "use_input_stats",
+                                          "a bool"),
+    # momentum is unused in eval, but checked as in training
+    "batch_norm_eval_momentum": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                            momentum=v), "a", "momentum", "a float"),
+    "batch_norm_eval_momentum_none": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32),
+                                                                 np.ones(6, np.float32), momentum=v), None,
+                                      "momentum", "a float"),
 }
 
 

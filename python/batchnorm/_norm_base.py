@@ -83,6 +83,13 @@ def _to_numpy(value: Any, name: str = "x") -> npt.NDArray[Any]:
     return np.asarray(value)
 
 
+def _dtype_name(value: Any) -> str:
+    """The name of an array's or tensor's dtype ("float32", "bfloat16"), without converting it
+    (a torch bfloat16 tensor becomes a NumPy array only with ml_dtypes)."""
+    dtype = getattr(value, "dtype", None)
+    return str(dtype if dtype is not None else _to_numpy(value).dtype).rpartition(".")[2]
+
+
 def _shape_of(x: Any, name: str = "x") -> Tuple[int, ...]:
     """Shape of an ndarray, a torch tensor or any DLPack producer; TypeError naming ``name`` otherwise."""
     shape = getattr(x, "shape", None)
@@ -378,7 +385,7 @@ class _Module:
                 errors.append(f'While copying the parameter named "{key}", expected an array or Tensor-like '
                               f"object from checkpoint but received {type(given)}")
                 continue
-            value = _to_numpy(given)
+            value = _to_numpy(given, key)
             if target.ndim == 0 and value.shape == (1,):  # a 0.3-era checkpoint's counter, as torch loads it
                 value = value.reshape(())
             if value.shape != target.shape:
@@ -418,7 +425,7 @@ class _Module:
         _name_the_scalar(**{name: state[name] for name in ("eps", "momentum", "axis", "num_groups")
                             if state.get(name) is not None})
         given = [name for name, array in arrays.items() if array is not None]
-        dtype = str(_to_numpy(x).dtype)
+        dtype = _dtype_name(x)
         wanted = {"float16": "float32", "bfloat16": "float32"}.get(dtype, dtype)
         if not given or wanted not in ("float32", "float64") or np.dtype(wanted) == self.dtype:
             return

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
 from .functional import ArrayIn, FloatArray, _like, _reject_fusion, _returned
-from ._norm_base import _NO_BACKWARD_IN_PLACE, _to_numpy, _wrote_input
+from ._norm_base import _NO_BACKWARD_IN_PLACE, _dtype_name, _to_numpy, _wrote_input
 from .modules import IncompatibleKeys, _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
@@ -364,7 +364,7 @@ def check_out(out: Any, like: ArrayIn, apart: Dict[str, Optional[FloatArray]]) -
                         "graph: pass tensor.detach(), or use batchnorm.torch for autograd")
     if not (isinstance(out, np.ndarray) or hasattr(out, "__dlpack__")):
         raise TypeError(f"out must be a NumPy array or a CPU tensor supporting DLPack, got {type(out).__name__}")
-    array, reference = _to_numpy(out), _to_numpy(like)
+    array, reference = _to_numpy(out, "out"), _to_numpy(like)
     if array.dtype != reference.dtype:
         raise TypeError(f"out has dtype {array.dtype} but the input has dtype {reference.dtype}: pass arrays of "
                         "one dtype (batchnorm never casts silently)")
@@ -470,7 +470,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, bias, dtype, axis
+    num_features, eps, momentum, affine, track_running_stats, bias, dtype, axis, device
         As for ``BatchNorm1d``.
     comm : mpi4py communicator, torch.distributed ProcessGroup or None
         None: torch's default process group when torch.distributed is initialised, else
@@ -499,8 +499,10 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
         dtype: npt.DTypeLike = np.float32,
         axis: int = 1,
+        device: Any = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias, dtype=dtype, axis=axis)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias, dtype=dtype, axis=axis,
+                         device=device)
         _check_comm(comm)
         self.comm = comm
         self._checked: Optional[float] = None  # the token of the last peer check (check_peers)
@@ -551,8 +553,8 @@ class SyncBatchNorm(_BatchNorm):
             if residual is not None or activation is not None:
                 _reject_fusion(residual, activation)
             empty[0] = self._check_input(x)
-            if _to_numpy(x).dtype != self.dtype:
-                raise TypeError(f"x must have dtype {self.dtype} (the module's), got {_to_numpy(x).dtype}")
+            if _dtype_name(x) != self.dtype.name:
+                raise TypeError(f"x must have dtype {self.dtype} (the module's), got {_dtype_name(x)}")
             check_out(out, x, {"weight": self.weight, "bias": self.bias, "running_mean": self.running_mean,
                                "running_var": self.running_var})
             return _local_moments(x, axis, empty[0], channels), _DTYPE_CODES[self.dtype]

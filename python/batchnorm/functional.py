@@ -60,15 +60,15 @@ def _torch_from_numpy(array: FloatArray) -> Any:
 def _wrapper_for(source: object) -> Callable[[FloatArray], Any]:
     """How to hand a NumPy result back as the kind of ``source``, without a copy.
 
-    torch tensors (and subclasses such as ``Parameter``): ``torch.from_numpy``, which keeps
-    the strides, so a channels_last input gives a channels_last result. Array API objects
+    torch tensors (and subclasses: ``Parameter``, a user's own): ``torch.from_numpy``, a
+    plain tensor that keeps the strides, so a channels_last input gives a channels_last result. Array API objects
     (JAX, ...): their namespace's ``from_dlpack``. NumPy subclasses and anything else: the
     NumPy array itself.
     """
     kind = type(source)
     if issubclass(kind, np.ndarray):
         return _as_numpy
-    if kind.__module__.partition(".")[0] == "torch":  # torch is imported: it made `source`
+    if any(base.__module__.partition(".")[0] == "torch" for base in kind.__mro__):  # torch made `source`
         return _torch_from_numpy
     namespace = getattr(source, "__array_namespace__", None)
     if namespace is not None:
@@ -139,6 +139,23 @@ def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     return float(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    """A bool (or NumPy's) argument's value; anything else is a TypeError, as torch's."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _momentum(value: object) -> float:
+    """momentum, checked as the training call checks it: a real number in [0, 1]."""
+    if value is None:
+        raise TypeError("momentum must be a float, got NoneType")
+    momentum = _real("momentum", value)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return momentum
 
 
 # The integers the core takes as 64-bit; the others (``axis``) are C ints.
@@ -257,7 +274,7 @@ def batch_norm(
         NumPy, a torch tensor for a torch tensor: a zero-copy view of the NumPy array the
         kernels wrote) in the memory layout of ``input``.
     """
-    if training:
+    if training is True or (training is not False and _flag("training", training)):
         if residual is not None or activation is not None:
             _reject_fusion(residual, activation)
         if momentum is None:  # torch's F.batch_norm refuses it too; say what to do instead
@@ -275,6 +292,8 @@ def batch_norm(
             raise ValueError("running_mean must be defined in evaluation mode (training=False)")
         if running_var is None:
             raise ValueError("running_var must be defined in evaluation mode (training=False)")
+        if momentum.__class__ is not float or not 0.0 <= momentum <= 1.0:
+            _momentum(momentum)  # unused in eval, but checked as in training
         relu = activation is not None and _relu_flag(activation)  # no call in the common case
         try:
             y = _forward_eval(input, running_mean, running_var, weight, bias, eps, axis, out, residual, relu)

@@ -92,8 +92,8 @@ def group_norm(
 
     Parameters
     ----------
-    input : array (N, C, *) with C on ``axis``, float32 or float64; NumPy or a CPU DLPack
-        producer. C must be divisible by ``num_groups``.
+    input : array (N, C, *) with C on ``axis``, float32, float64, float16 or bfloat16
+        (docs/dtypes.md); NumPy or a CPU DLPack producer. C must be divisible by ``num_groups``.
     num_groups : int, groups of C/num_groups consecutive channels sharing statistics.
     weight, bias : (C,) arrays or None (None means 1 and 0).
     eps : float > 0, added to the variance.

@@ -20,6 +20,7 @@ from .functional import (
     FloatArray,
     Triple,
     _forward_eval,
+    _flag,
     _integer,
     _name_the_scalar,
     _ones_like_params,
@@ -96,8 +97,8 @@ def instance_norm(
 
     Parameters
     ----------
-    input : array (N, C, *) with C on ``axis``, float32 or float64; NumPy or a CPU DLPack
-        producer.
+    input : array (N, C, *) with C on ``axis``, float32, float64, float16 or bfloat16
+        (docs/dtypes.md); NumPy or a CPU DLPack producer.
     running_mean, running_var : (C,) arrays or None (both or neither). With
         ``use_input_stats`` they are updated in place with ``momentum`` (the batch mean of
         the per-instance means and unbiased variances); without, they normalize.
@@ -113,6 +114,8 @@ def instance_norm(
     array
         ``out`` itself when given; else a new array of the kind of ``input``.
     """
+    if use_input_stats is not True and use_input_stats is not False:
+        use_input_stats = _flag("use_input_stats", use_input_stats)
     relu = activation is not None and _relu_flag(activation)
     try:
         if use_input_stats:

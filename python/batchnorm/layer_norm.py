@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core  # type: ignore[attr-defined, unused-ignore]
-from ._norm_base import _cpu_device, _eps, _Module, _shape_of, _to_numpy
+from ._norm_base import _cpu_device, _dtype_name, _eps, _Module, _shape_of
 from .functional import ArrayIn, FloatArray, Triple, _integer, _name_the_scalar, _ones_like_params, _returned, _returned_grads
 
 __all__ = [
@@ -67,9 +67,7 @@ def _check_trailing(input: Any, shape: Tuple[int, ...], name: str = "input") -> 
 def _machine_eps(input: Any) -> float:
     """torch's ``eps=None`` for RMSNorm: the machine epsilon of the type the input is computed
     in, its own dtype or float32 for float16 and bfloat16 (torch's opmath type)."""
-    dtype = getattr(input, "dtype", None)
-    # by name: torch's and ml_dtypes' bfloat16 are no NumPy dtypes np.finfo knows
-    name = str(dtype if dtype is not None else _to_numpy(input).dtype).rpartition(".")[2]
+    name = _dtype_name(input)  # by name: torch's and ml_dtypes' bfloat16 are no NumPy dtypes np.finfo knows
     if name in ("float16", "bfloat16"):
         name = "float32"
     if name not in ("float32", "float64"):
@@ -119,7 +117,8 @@ def layer_norm(
 
     Parameters
     ----------
-    input : array (*, *normalized_shape), float32 or float64; NumPy or a CPU DLPack producer.
+    input : array (*, *normalized_shape), float32, float64, float16 or bfloat16 (docs/dtypes.md);
+        NumPy or a CPU DLPack producer.
     normalized_shape : int or sequence of ints, the trailing dims normalized together.
     weight, bias : arrays of shape ``normalized_shape`` or None (None means 1 and 0).
     eps : float > 0, added to the variance.

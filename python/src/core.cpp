@@ -85,6 +85,20 @@ void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const Ar
             value_error(std::string(out_name) + " overlaps " + name + "; pass a separate array");
 }
 
+// Training writes a channel's running statistics while it still reads the input, weight and bias
+// of the channels after it, so none of those may share their memory (torch's batch norm reads
+// the overwritten values instead).
+template <class T>
+void check_running_apart(const ChannelArray<T>& running_mean, const ChannelArray<T>& running_var,
+                         std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays) {
+    for (const auto* running : {&running_mean, &running_var})
+        if (running->data())
+            for (const auto& [array, name] : arrays)
+                if (array && overlaps(*running->array(), *array))
+                    value_error(std::string(running == &running_mean ? "running_mean" : "running_var") + " overlaps " +
+                                name + "; pass separate arrays");
+}
+
 // What batch norm's two input-gradient entry points (backward, batch_norm_backward_apply) read
 // besides x, checked in this order: grad_y, the saved mean and invstd (required), weight.
 // The caller takes `out` after its own checks, then has gradient_output() check it.
@@ -143,6 +157,8 @@ nb::object forward_train(nb::handle x_obj, nb::handle weight_obj, nb::handle bia
             value_error("running_mean and running_var must both be arrays or both be None");
         if (running_mean.data() && overlaps(*running_mean.array(), *running_var.array()))
             value_error("running_mean overlaps running_var; pass separate arrays");
+        check_running_apart(running_mean, running_var, {{&in.array, "input"}, {weight.array(), "weight"},
+                                                        {bias.array(), "bias"}});
         if (view.per_channel() == 1)
             value_error("Expected more than 1 value per channel when training, got input size " +
                         shape_string(in.layout.shape_vector()));

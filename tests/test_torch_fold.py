@@ -157,6 +157,7 @@ def test_fold_model_leaves_a_linear_layer_before_a_batch_norm_2d(linear_outputs)
     ([("0", "1"), ("2", "1")], r"pairs: '2' has 4 outputs but batch norm '1' normalizes 8"),
     ([("0", "1"), ("0", "1")], r"pairs: '0' is named in more than one pair"),
     ([("0", "1"), ("2", "3"), ("2", "3")], r"pairs: '2' is named in more than one pair"),
+    ([("0", "1"), ("2", "nope")], r"pairs: \('2', 'nope'\) names no submodule of model"),
 ])
 def test_fold_model_refuses_pairs_that_cannot_fold_before_folding_any(pairs, message):
     """A layer whose output count is not the batch norm's feature count, or a module named in two

@@ -422,6 +422,31 @@ def test_convert_and_revert_swap_every_norm():
     assert all(v is tensors[k] for k, v in reverted.state_dict(keep_vars=True).items())
 
 
+def test_a_saved_converted_model_loads_in_a_fresh_process(tmp_path):
+    """torch.save of a whole model pickles each drop-in by its module and name; unpickling
+    imports that module first, in a process that may not have imported batchnorm.torch."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = bnt.convert(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.InstanceNorm2d(8, affine=True),
+        torch.nn.Flatten(1), torch.nn.LayerNorm(8 * 4 * 4), torch.nn.RMSNorm(128)))
+    x = data((2, 3, 6, 6), torch.float32)
+    path, expected = tmp_path / "model.pt", tmp_path / "expected.pt"
+    torch.save(model, path)
+    with torch.no_grad():
+        torch.save((x, model(x)), expected)
+    code = ("import sys, torch; model = torch.load(sys.argv[1], weights_only=False); x, y = torch.load(sys.argv[2]); "
+            "print(*[type(m).__module__ + '.' + type(m).__name__ for m in model]); "
+            "torch.testing.assert_close(model(x), y, rtol=0, atol=0)")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(expected)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [name for name in done.stdout.split() if "batchnorm" in name] == [
+        "batchnorm.torch.GroupNorm", "batchnorm.torch.InstanceNorm2d", "batchnorm.torch.LayerNorm",
+        "batchnorm.torch.RMSNorm"], done.stdout
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_opcheck(dtype):
     """torch's own operator checks: schema, fake kernels, autograd registration, AOT dispatch."""

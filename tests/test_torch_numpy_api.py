@@ -2,6 +2,8 @@
 would cut their autograd graph), and out= a tensor bumps its version counter as torch's
 in-place ops do, so an earlier-recorded backward that saved it raises."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,58 @@ def test_every_numpy_module_takes_torchs_device_and_dtype_none(name, args, kwarg
         np.testing.assert_allclose(y, y64.numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="device.*meta"):
         getattr(batchnorm, name)(*args, **kwargs, device="meta")
+
+
+def test_sync_batch_norm_takes_torchs_device_and_dtype_none():
+    """SyncBatchNorm's constructor takes device= and dtype=None as the other modules (and
+    torch's SyncBatchNorm) do; in eval it is batch norm."""
+    x = torch.randn(2, 3, 4, 5)
+    ref = torch.nn.BatchNorm2d(3).eval()
+    for device in (None, "cpu", torch.device("cpu")):
+        ours = batchnorm.SyncBatchNorm(3, device=device, dtype=None).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(ours(x.numpy())), ref(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="device.*meta"):
+        batchnorm.SyncBatchNorm(3, device="meta")
+
+
+def test_a_subclass_of_tensor_gets_a_tensor_back():
+    """The result of a torch tensor's subclass (a user's own, or Parameter) is a torch tensor,
+    as for torch.Tensor itself, not a NumPy array."""
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    expected = torch.nn.functional.batch_norm(x, None, None, training=True)
+    for given in (x.as_subclass(Tagged), torch.nn.Parameter(x, requires_grad=False)):
+        y = batchnorm.batch_norm(given, None, None, training=True)
+        assert type(y) is torch.Tensor
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_without_ml_dtypes_a_bfloat16_tensor_gets_the_real_error(monkeypatch):
+    """Without ml_dtypes a torch bfloat16 tensor cannot become a NumPy array; the errors that
+    look at its dtype (a module of another dtype, a checkpoint's entry) still say what is wrong
+    and name the argument or key."""
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # `import ml_dtypes` raises ImportError
+    x = torch.randn(4, 3, 5, 5).bfloat16()
+    for module, words in ((batchnorm.BatchNorm2d(3, dtype=np.float64), "BatchNorm2d is float64"),
+                          (batchnorm.GroupNorm(1, 3, dtype=np.float64), "GroupNorm is float64")):
+        with pytest.raises(TypeError, match=f"^x has dtype bfloat16 but this {words}"):
+            module(x)
+    state = torch.nn.BatchNorm2d(3).state_dict()
+    state["weight"] = torch.ones(3).bfloat16()
+    m = batchnorm.BatchNorm2d(3)
+    before = m.weight.copy()
+    with pytest.raises(TypeError, match="^weight: a torch bfloat16 tensor"):
+        m.load_state_dict(state)
+    np.testing.assert_array_equal(m.weight, before)
+
+
+def test_batchnorm_torch_without_torch_says_what_it_needs():
+    import subprocess
+
+    code = "import sys; sys.modules['torch'] = None; import batchnorm; import batchnorm.torch"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "ImportError: batchnorm.torch (the drop-ins for torch models) needs PyTorch" in done.stderr, done.stderr

@@ -39,7 +39,12 @@ import numbers
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, overload
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as error:  # say what the module is and what it takes, not only torch's name
+    raise ImportError("batchnorm.torch (the drop-ins for torch models) needs PyTorch, which batchnorm itself does "
+                      "not install: pip install torch (its CPU build is enough)") from error
 import torch.nn.functional as F
 import torch.onnx
 from torch import Tensor
@@ -932,6 +937,13 @@ from ._torch_norms import (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNo
                            LayerNorm, RMSNorm, group_norm, instance_norm, layer_norm, rms_norm)
 from ._torch_norms import REPLACEMENTS as _NORM_REPLACEMENTS  # noqa: E402
 
+# Public under this module's name, as the batch norms: a pickle (torch.save of a whole model)
+# names a class by its __module__, and unpickling imports that module first, which
+# batchnorm._torch_norms cannot be (it imports from this module, and this module from it).
+for _public in (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm, group_norm,
+                instance_norm, layer_norm, rms_norm):
+    _public.__module__ = __name__
+
 _REPLACEMENTS: Dict[type, Type[torch.nn.Module]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
@@ -1198,7 +1210,10 @@ def fold_model(model: _M, pairs: Optional[List[Tuple[str, str]]] = None) -> _M:
     checked: List[Tuple[str, str, torch.nn.Module, _BatchNorm]] = []
     places: Dict[Tuple[int, str], str] = {}  # (parent, child key) of every named module: each folds once
     for layer_name, bn_name in _foldable_pairs(model) if pairs is None else pairs:
-        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        try:
+            layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        except AttributeError as error:  # torch's words name the missing module, not the argument
+            raise ValueError(f"pairs: ({layer_name!r}, {bn_name!r}) names no submodule of model: {error}") from None
         if type(layer) not in _FOLDABLE or not isinstance(bn, _BatchNorm):
             raise TypeError(f"pairs: ({layer_name!r}, {bn_name!r}) is not a conv/linear and a "
                             f"batch norm, got {type(layer).__name__} and {type(bn).__name__}")

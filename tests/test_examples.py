@@ -32,6 +32,7 @@ EXPECT = {
     "numerics_table.py": r"\| 1e\+06 \| channels_last \| ",
     "norms.py": r"InstanceNorm2d running_mean\[:3\]: \[",
     "ddp_sync_batchnorm.py": r"loss curves match: max \|ddp - single\| = ",
+    "gradient_accuracy.py": r"\| 1e\+06 \| ",
 }
 
 

@@ -27,6 +27,16 @@ def test_main_prints_isa():
     assert isa in r.stdout.split() or isa in r.stdout, r.stdout
 
 
+def test_main_into_a_closed_pipe_ends_quietly():
+    """python -m batchnorm | head -1: the reader closes the pipe before the output is written;
+    the exit status says so, and no BrokenPipeError traceback follows."""
+    p = subprocess.Popen([sys.executable, "-m", "batchnorm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
+
+
 def test_main_help_reads_as_text():
     r = run(["-m", "batchnorm", "--help"])
     assert r.returncode == 0, r.stderr

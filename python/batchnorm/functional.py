@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Callable, Dict, Optional, Protocol, Tuple, Union, overload
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple, Union, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,8 @@ Triple = Tuple[FloatArray, FloatArray, FloatArray]
 _forward_train: Callable[..., Triple] = _core.forward_train
 _forward_eval: Callable[..., FloatArray] = _core.forward_eval
 _stats: Callable[..., Tuple[FloatArray, FloatArray]] = _core.stats
-_backward: Callable[..., Triple] = _core.backward
+# (its parameter gradients are None only with parameters=False, which only the drop-ins pass)
+_backward = cast(Callable[..., Triple], _core.backward)
 _ndarray = np.ndarray
 
 # type of a source array -> how a new NumPy array becomes that kind of array (zero-copy)

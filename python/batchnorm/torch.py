@@ -420,7 +420,9 @@ def _kernel_backward(grad_y: Tensor, arrays: Tuple[Any, ...], training: bool, ep
     if type(grad_y_numpy) is not type(x) or grad_y_numpy.dtype != x.dtype:
         return None
     invstd = second if training else (1.0 / np.sqrt(second.astype(np.float64) + eps)).astype(second.dtype)
-    grad_x, grad_weight, grad_bias = _core.backward(grad_y_numpy, x, mean, invstd, weight, 1, training, None)
+    parameters = (needs[1] and weight is not None) or needs[2]  # else (a frozen batch norm) grad_x alone
+    grad_x, grad_weight, grad_bias = _core.backward(grad_y_numpy, x, mean, invstd, weight, 1, training, None,
+                                                    parameters)
     return (_tensor(grad_x) if needs[0] else None,
             _from_numpy(grad_weight) if needs[1] and weight is not None else None,
             _from_numpy(grad_bias) if needs[2] else None)

@@ -308,8 +308,10 @@ nb::object module_eval(nb::handle module, nb::handle x, nb::handle out) {
     return y;
 }
 
+// parameters false: grad_weight and grad_bias are None, not computed (in eval, grad_x alone reads
+// only grad_y: a frozen batch norm's backward).
 nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, nb::handle invstd_obj,
-                    nb::handle weight_obj, Int axis, bool training, nb::handle out) {
+                    nb::handle weight_obj, Int axis, bool training, nb::handle out, bool parameters) {
     const Input in = take_main_input(x_obj, "x", axis);
     return with_element_type(in, [&](auto tag) -> nb::object {
         using T = decltype(tag);
@@ -318,11 +320,13 @@ nb::object backward(nb::handle grad_obj, nb::handle x_obj, nb::handle mean_obj, 
         WriteAs<T> grad_x = g.gradient_output(out, in);
         const ReadAs<T> x(in.array, in.layout), grad_y(g.grad_y, in.layout);
         using P = compute_t<T>;
-        nb::object grad_weight = new_vector<P>(view.channels), grad_bias = new_vector<P>(view.channels);
+        nb::object grad_weight = parameters ? new_vector<P>(view.channels) : nb::none();
+        nb::object grad_bias = parameters ? new_vector<P>(view.channels) : nb::none();
         {
             const KernelSection unlocked(in.layout.view.size());
             batchnorm::backward<T>(grad_y.data(), x.data(), grad_x.data(), view, g.mean.data(), g.invstd.data(),
-                                   g.weight.data(), data_of<P>(grad_weight), data_of<P>(grad_bias), training);
+                                   g.weight.data(), parameters ? data_of<P>(grad_weight) : nullptr,
+                                   parameters ? data_of<P>(grad_bias) : nullptr, training);
         }
         return nb::make_tuple(grad_x.finish(), grad_weight, grad_bias);
     });
@@ -735,12 +739,12 @@ NB_MODULE(_core, m) {
           nb::sig("def module_eval(module: object, x: object, out: object | None) -> typing.Any"),
           "BatchNorm*d.__call__ in eval mode on a NumPy input, or None where the Python method must run.");
     m.def("backward", &py::backward, "grad_y"_a.none(), "x"_a.none(), "mean"_a.none(), "invstd"_a.none(),
-          "weight"_a.none(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(),
+          "weight"_a.none(), "axis"_a = 1, "training"_a = true, "out"_a.none() = nb::none(), "parameters"_a = true,
           nb::sig("def backward(grad_y: object, x: object, mean: object, invstd: object, weight: object | None, "
-                  "axis: int = 1, training: bool = True, out: object | None = None) "
-                  "-> tuple[typing.Any, numpy.typing.NDArray[numpy.floating[typing.Any]], "
-                  "numpy.typing.NDArray[numpy.floating[typing.Any]]]"),
-          "Backward; returns (grad_x, grad_weight, grad_bias).");
+                  "axis: int = 1, training: bool = True, out: object | None = None, parameters: bool = True) "
+                  "-> tuple[typing.Any, numpy.typing.NDArray[numpy.floating[typing.Any]] | None, "
+                  "numpy.typing.NDArray[numpy.floating[typing.Any]] | None]"),
+          "Backward; returns (grad_x, grad_weight, grad_bias), the last two None without parameters.");
 
     m.def("layer_norm", &py::layer_norm, "input"_a.none(), "normalized_ndim"_a, "weight"_a.none(), "bias"_a.none(),
           "eps"_a, "rms"_a = false, "out"_a.none() = nb::none(), "residual"_a.none() = nb::none(),

@@ -1098,7 +1098,21 @@ SCALAR_CALLS = {
     "batch_norm_eval_momentum_none": (lambda v, x: bn.batch_norm(x, np.zeros(6, np.float32),
                                                                  np.ones(6, np.float32), momentum=v), None,
                                       "momentum", "a float"),
+    "instance_norm_eval_momentum": (lambda v, x: bn.instance_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32),
+                                                                  use_input_stats=False, momentum=v), "a",
+                                    "momentum", "a float"),
 }
+
+
+def test_momentum_is_taken_in_eval_as_in_training():
+    """What the training call takes as momentum (a 0-d array, an integer, NumPy's floats), the
+    eval call takes too, though it does not use it."""
+    x = _x()
+    for momentum in (np.array(0.25), 1, np.float32(0.5)):
+        for training in (True, False):
+            bn.batch_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32), training=training, momentum=momentum)
+            bn.instance_norm(x, np.zeros(6, np.float32), np.ones(6, np.float32), use_input_stats=training,
+                             momentum=momentum)
 
 
 @pytest.mark.parametrize("name", sorted(SCALAR_CALLS))

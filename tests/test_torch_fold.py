@@ -178,6 +178,13 @@ def test_fold_model_refuses_pairs_that_cannot_fold_before_folding_any(pairs, mes
         assert torch.equal(model(x), expected)
 
 
+def test_fold_model_names_pairs_whose_names_are_not_strings():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(TypeError, match=r"^pairs: names are strings, as model.get_submodule takes them; got \(0, 1\)$"):
+        bnt.fold_model(model, [(0, 1)])
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d]
+
+
 def test_fold_model_skips_or_refuses_a_batch_norm_without_running_statistics():
     """Found by default, such a batch norm is no foldable pair (it normalizes with the batch's
     statistics) and stays; named in ``pairs`` it is an error, raised before anything is

@@ -87,7 +87,10 @@ def _dtype_name(value: Any) -> str:
     """The name of an array's or tensor's dtype ("float32", "bfloat16"), without converting it
     (a torch bfloat16 tensor becomes a NumPy array only with ml_dtypes)."""
     dtype = getattr(value, "dtype", None)
-    return str(dtype if dtype is not None else _to_numpy(value).dtype).rpartition(".")[2]
+    if dtype is None:
+        dtype = _to_numpy(value).dtype
+    name = getattr(dtype, "name", None)  # NumPy's (ml_dtypes' too) and others'; torch's has none
+    return name if isinstance(name, str) else str(dtype).rpartition(".")[2]
 
 
 def _shape_of(x: Any, name: str = "x") -> Tuple[int, ...]:

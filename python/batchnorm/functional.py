@@ -150,10 +150,14 @@ def _flag(name: str, value: object) -> bool:
 
 
 def _momentum(value: object) -> float:
-    """momentum, checked as the training call checks it: a real number in [0, 1]."""
-    if value is None:
-        raise TypeError("momentum must be a float, got NoneType")
-    momentum = _real("momentum", value)
+    """momentum, checked as the training call checks it: what the core takes as a float (a
+    number, a 0-d array; not a bool or None) in [0, 1]."""
+    try:
+        if isinstance(value, (bool, np.bool_, str, bytes)):
+            raise TypeError
+        momentum = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"momentum must be a float, got {type(value).__name__}") from None
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     return momentum

@@ -22,6 +22,7 @@ from .functional import (
     _forward_eval,
     _flag,
     _integer,
+    _momentum,
     _name_the_scalar,
     _ones_like_params,
     _relu_flag,
@@ -122,6 +123,8 @@ def instance_norm(
             y = _instance_norm(input, weight, bias, running_mean, running_var, momentum, eps, axis, out, relu)[0]
         else:
             _eval_inputs(running_mean, running_var)
+            if momentum.__class__ is not float or not 0.0 <= momentum <= 1.0:
+                _momentum(momentum)  # unused without input statistics, but checked as with them
             y = _forward_eval(input, running_mean, running_var, weight, bias, eps, axis, out, None, relu)
     except TypeError:
         _name_the_scalar(momentum=momentum, eps=eps, axis=axis)

@@ -42,7 +42,9 @@ import numpy as np
 
 try:
     import torch
-except ImportError as error:  # say what the module is and what it takes, not only torch's name
+except ModuleNotFoundError as error:  # say what the module is and what it takes, not only torch's name
+    if error.name != "torch":  # an install of torch that is broken: its own words
+        raise
     raise ImportError("batchnorm.torch (the drop-ins for torch models) needs PyTorch, which batchnorm itself does "
                       "not install: pip install torch (its CPU build is enough)") from error
 import torch.nn.functional as F
@@ -1212,6 +1214,9 @@ def fold_model(model: _M, pairs: Optional[List[Tuple[str, str]]] = None) -> _M:
     checked: List[Tuple[str, str, torch.nn.Module, _BatchNorm]] = []
     places: Dict[Tuple[int, str], str] = {}  # (parent, child key) of every named module: each folds once
     for layer_name, bn_name in _foldable_pairs(model) if pairs is None else pairs:
+        if not (isinstance(layer_name, str) and isinstance(bn_name, str)):
+            raise TypeError(f"pairs: names are strings, as model.get_submodule takes them; got "
+                            f"({layer_name!r}, {bn_name!r})")
         try:
             layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         except AttributeError as error:  # torch's words name the missing module, not the argument

@@ -712,25 +712,31 @@ void test_conversions(const KernelTable<T>& t, const std::string& tag, std::mt19
     ck.check(bad == 0 && out[size_t(cols)].bits == T(kSentinel).bits, tag, "narrow");
 
     // The same floats as one channel's factor each, through the channels-first runs (which may
-    // narrow two vectors at a time: kernel_bodies.inl, pairs): 37 values a run, whole pairs, a
-    // single vector and a tail, of y = (1 - 0)*a + 0 and of gx = 1*a + (0 - 0)*0 + 0.
-    const i64 run = 37;
-    const std::vector<T> run_ones(size_t(run), T(1.0f)), run_zeros(size_t(run), T(0.0f));
+    // narrow two vectors at a time: kernel_bodies.inl, pairs): runs of 45 values (two pairs of
+    // vectors, one vector and a tail of 5 where W is 8), x a power of two varying along the run
+    // (so a mix-up of the pairs' element order shows), of y = (x - 0)*a + 0 and of
+    // gx = x*a + (0 - 0)*0 + 0, into a separate output and in place.
+    const i64 run = 45;
+    std::vector<T> run_x(static_cast<size_t>(run)), run_zeros(static_cast<size_t>(run), T(0.0f));
+    for (i64 i = 0; i < run; ++i) run_x[size_t(i)] = T(C(0.25f) * C(1 << (i * 7 % 5)));  // 0.25 .. 4
     for (const Writes writes : kAllWrites) {
-        for (const bool grad : {false, true}) {
+        for (const int variant : {0, 1, 2}) {  // cf_affine, cf_affine in place, cf_grad
             std::vector<T> runs = sentinel_vec<T>(cols * run + kGuard);
             for (i64 j = 0; j < cols; ++j) {
                 T* y = runs.data() + j * run;
-                if (grad)
-                    t.cf_grad(run_ones.data(), run_zeros.data(), y, 1, run, 0, C(0), a[size_t(j)], C(0), C(0), writes);
+                const T* x = run_x.data();
+                if (variant == 1) x = std::copy(run_x.begin(), run_x.end(), y) - run;
+                if (variant == 2)
+                    t.cf_grad(x, run_zeros.data(), y, 1, run, 0, C(0), a[size_t(j)], C(0), C(0), writes);
                 else
-                    t.cf_affine(run_ones.data(), y, 1, run, 0, C(0), a[size_t(j)], C(0), false, writes);
+                    t.cf_affine(x, y, 1, run, 0, C(0), a[size_t(j)], C(0), false, writes);
             }
             bad = 0;
             for (i64 i = 0; i < cols * run; ++i)
-                if (runs[size_t(i)].bits != T(C(1) * a[size_t(i / run)] + C(0)).bits) ++bad;
+                if (runs[size_t(i)].bits != T(C(run_x[size_t(i % run)]) * a[size_t(i / run)] + C(0)).bits) ++bad;
+            const char* kernel = variant == 0 ? " cf_affine" : variant == 1 ? " cf_affine in place" : " cf_grad";
             ck.check(bad == 0 && runs[size_t(cols * run)].bits == T(kSentinel).bits, tag + writes_tag(writes),
-                     fmt("narrow by runs: %.0f values wrong in", double(bad), 0, 0) + (grad ? " cf_grad" : " cf_affine"));
+                     fmt("narrow by runs: %.0f values wrong in", double(bad), 0, 0) + kernel);
         }
     }
 

@@ -144,7 +144,8 @@ struct HalfConvert<bfloat16> {
     // Sixteen values as two vectors, their even and odd elements: the bits of one 256-bit load
     // shifted up and masked; and back, the two rounded vectors' top halves blended into one store.
     // Per vector, in order, widening took a shuffle and narrowing a shift, an extract and a pack,
-    // all on the two pipes of Zen 3 that shift and shuffle; in pairs, a quarter of those.
+    // all on the two pipes of Zen 3 that shift and shuffle, as does rounding's shift: ten such
+    // operations per sixteen values; in pairs five (the mask runs on any pipe).
     static void widen_pair(__m256i bits, __m256& even, __m256& odd) {
         even = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
         odd = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(int(0xFFFF0000u))));

@@ -944,6 +944,8 @@ from ._torch_norms import REPLACEMENTS as _NORM_REPLACEMENTS  # noqa: E402
 # Public under this module's name, as the batch norms: a pickle (torch.save of a whole model)
 # names a class by its __module__, and unpickling imports that module first, which
 # batchnorm._torch_norms cannot be (it imports from this module, and this module from it).
+# The cost: inspect.getsource looks for these classes in this file and does not find them. Moving
+# the helpers _torch_norms takes from here into a module of their own would end the cycle.
 for _public in (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm, group_norm,
                 instance_norm, layer_norm, rms_norm):
     _public.__module__ = __name__

@@ -17,7 +17,6 @@
 #include <batchnorm/shape.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -26,7 +25,6 @@
 #include <numeric>
 #include <optional>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -596,26 +594,12 @@ inline Layout layout_of(const ArrayRef& x, int axis) {
 // while no other Python thread would get much done in the microsecond it waits (NumPy keeps
 // the GIL for its small loops the same way: NPY_BEGIN_THREADS_THRESHOLDED).
 class KernelSection {
-    static bool interpreter_exiting() {
-#if PY_VERSION_HEX >= 0x030D0000
-        return Py_IsFinalizing();
-#else
-        return _Py_IsFinalizing();
-#endif
-    }
-
 public:
     explicit KernelSection(std::int64_t values) {
         if (values >= kReleaseFrom) state_ = PyEval_SaveThread();
     }
     ~KernelSection() {
-        if (!state_) return;
-        // A daemon thread that comes back while the interpreter exits is ended by CPython (up to
-        // 3.13) with pthread_exit, whose unwinding passes neither this destructor (noexcept) nor
-        // nanobind's catch (...): the process aborted. It waits instead, as CPython 3.14 makes
-        // such threads wait; the process is ending.
-        while (interpreter_exiting()) std::this_thread::sleep_for(std::chrono::seconds(1));
-        PyEval_RestoreThread(state_);
+        if (state_) PyEval_RestoreThread(state_);
     }
     KernelSection(const KernelSection&) = delete;
     KernelSection& operator=(const KernelSection&) = delete;

@@ -76,13 +76,18 @@ ArrayRef take_grad_y(nb::handle h, const Layout& L) {
 
 // An output (`out`, or `sum_out`: out_name) must not share memory with a per-channel array (of
 // compute_t<T>) the call reads or writes.
+void check_apart(const ArrayRef* written, const char* written_name,
+                 std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays, const char* advice) {
+    if (!written) return;
+    for (const auto& [array, name] : arrays)
+        if (array && overlaps(*written, *array))
+            value_error(std::string(written_name) + " overlaps " + name + "; " + advice);
+}
+
 template <class T>
 void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays,
                  const char* out_name = "out") {
-    if (!out.out()) return;
-    for (const auto& [array, name] : arrays)
-        if (array && overlaps(*out.out(), *array))
-            value_error(std::string(out_name) + " overlaps " + name + "; pass a separate array");
+    check_apart(out.out(), out_name, arrays, "pass a separate array");
 }
 
 // Training writes a channel's running statistics while it still reads the input, weight and bias
@@ -91,12 +96,8 @@ void check_apart(const WriteAs<T>& out, std::initializer_list<std::pair<const Ar
 template <class T>
 void check_running_apart(const ChannelArray<T>& running_mean, const ChannelArray<T>& running_var,
                          std::initializer_list<std::pair<const ArrayRef*, const char*>> arrays) {
-    for (const auto* running : {&running_mean, &running_var})
-        if (running->data())
-            for (const auto& [array, name] : arrays)
-                if (array && overlaps(*running->array(), *array))
-                    value_error(std::string(running == &running_mean ? "running_mean" : "running_var") + " overlaps " +
-                                name + "; pass separate arrays");
+    check_apart(running_mean.array(), "running_mean", arrays, "pass separate arrays");
+    check_apart(running_var.array(), "running_var", arrays, "pass separate arrays");
 }
 
 // What batch norm's two input-gradient entry points (backward, batch_norm_backward_apply) read

@@ -384,7 +384,8 @@ void test_rows(const KernelTable<T>& t, const std::string& tag, std::mt19937_64&
 template <class T>
 void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
     // Every rows x cols in 0..40 (and 64, 100) x 0..70, plus shapes that cross the kernels' L1 row
-    // tiles (32 KiB of rows) and span several column blocks.
+    // tiles (32 KiB of rows), span several column blocks, and (2064, 2083) several chunks of
+    // columns whose factors go in pair order (kernel_bodies.inl, with_pair_columns).
     std::vector<i64> row_counts;
     for (i64 r = 0; r <= 40; ++r) row_counts.push_back(r);
     row_counts.insert(row_counts.end(), {64, 100});
@@ -392,7 +393,7 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
     for (i64 rows : row_counts)
         for (i64 cols = 0; cols <= 70; ++cols) shapes.emplace_back(rows, cols);
     for (auto rc : {std::pair<i64, i64>{300, 13}, {300, 64}, {300, 70}, {150, 127}, {150, 128}, {150, 129},
-                    {80, 257}, {40, 1031}})
+                    {80, 257}, {40, 1031}, {9, 2064}, {12, 2083}})
         shapes.push_back(rc);
     int ci = 0;
     for (const auto& shape : shapes) {

@@ -161,8 +161,9 @@ BATCHNORM_ALWAYS_INLINE void end_writes(Writes writes) {
 // Whether Ops loads and stores P two vectors at a time, in an order of its own (AVX2 bfloat16:
 // even and odd elements, avx2.hpp): O::load_pair(p, first, second) reads 2W values, and
 // O::store_pair(p, first, second) (O::stream_pair, aligned, where Ops streams P) writes two
-// vectors so read back in their place. Only for element-wise work whose factors are the same in
-// every lane: a channel's run or plane.
+// vectors so read back in their place. For element-wise work whose factors are the same in
+// every lane (a channel's run or plane), or put into the pairs' order (channels-last rows,
+// with_pair_columns).
 template <class O, class P, class = void>
 struct pairs : std::false_type {};
 template <class O, class P>
@@ -170,20 +171,40 @@ struct pairs<O, P,
              std::void_t<decltype(O::store_pair(std::declval<P*>(), std::declval<typename O::V>(),
                                                 std::declval<typename O::V>()))>> : std::true_type {};
 
+// affine_value over one pair at x, residual, y: the first vector's factors s0, a0, b0, the
+// second's s1, a1, b1. kStream: y streamed (where Ops streams S; y then aligned).
+template <bool kStream, bool kResidual, bool kRelu, class S, class V>
+BATCHNORM_ALWAYS_INLINE void affine_pair(const S* x, const S* residual, S* y, V s0, V a0, V b0, V s1, V a1, V b1) {
+    using O = Ops<compute_t<S>>;
+    V x0, x1, r0 = O::zero(), r1 = O::zero();
+    O::load_pair(x, x0, x1);
+    if constexpr (kResidual) O::load_pair(residual, r0, r1);
+    const V y0 = affine_value<kResidual, kRelu>(x0, r0, s0, a0, b0, O{});
+    const V y1 = affine_value<kResidual, kRelu>(x1, r1, s1, a1, b1, O{});
+    if constexpr (kStream && streams<O, S>::value) O::stream_pair(y, y0, y1);
+    else O::store_pair(y, y0, y1);
+}
+
+// grad_value over one pair, as affine_pair.
+template <bool kStream, class S, class V>
+BATCHNORM_ALWAYS_INLINE void grad_pair(const S* dy, const S* x, S* gx, V s0, V k0, V m0, V q0, V s1, V k1, V m1,
+                                       V q1) {
+    using O = Ops<compute_t<S>>;
+    V dy0, dy1, x0, x1;
+    O::load_pair(dy, dy0, dy1);
+    O::load_pair(x, x0, x1);
+    const V g0 = grad_value(dy0, x0, s0, k0, m0, q0, O{}), g1 = grad_value(dy1, x1, s1, k1, m1, q1, O{});
+    if constexpr (kStream && streams<O, S>::value) O::stream_pair(gx, g0, g1);
+    else O::store_pair(gx, g0, g1);
+}
+
 // run_affine's whole pairs of values from i on, where Ops has pairs of S; returns where they end.
 template <bool kStream, bool kResidual, bool kRelu, class S, class V>
 BATCHNORM_ALWAYS_INLINE i64 affine_pairs(const S* x, const S* residual, S* y, i64 i, i64 n, V s, V a, V b) {
     using O = Ops<compute_t<S>>;
     if constexpr (pairs<O, S>::value)
-        for (; i + 2 * O::W <= n; i += 2 * O::W) {
-            V x0, x1, r0 = O::zero(), r1 = O::zero();
-            O::load_pair(x + i, x0, x1);
-            if constexpr (kResidual) O::load_pair(residual + i, r0, r1);
-            const V y0 = affine_value<kResidual, kRelu>(x0, r0, s, a, b, O{});
-            const V y1 = affine_value<kResidual, kRelu>(x1, r1, s, a, b, O{});
-            if constexpr (kStream) O::stream_pair(y + i, y0, y1);
-            else O::store_pair(y + i, y0, y1);
-        }
+        for (; i + 2 * O::W <= n; i += 2 * O::W)
+            affine_pair<kStream, kResidual, kRelu>(x + i, kResidual ? residual + i : nullptr, y + i, s, a, b, s, a, b);
     return i;
 }
 
@@ -192,14 +213,7 @@ template <bool kStream, class S, class V>
 BATCHNORM_ALWAYS_INLINE i64 grad_pairs(const S* dy, const S* x, S* gx, i64 i, i64 n, V s, V k, V m, V q) {
     using O = Ops<compute_t<S>>;
     if constexpr (pairs<O, S>::value)
-        for (; i + 2 * O::W <= n; i += 2 * O::W) {
-            V dy0, dy1, x0, x1;
-            O::load_pair(dy + i, dy0, dy1);
-            O::load_pair(x + i, x0, x1);
-            const V g0 = grad_value(dy0, x0, s, k, m, q, O{}), g1 = grad_value(dy1, x1, s, k, m, q, O{});
-            if constexpr (kStream) O::stream_pair(gx + i, g0, g1);
-            else O::store_pair(gx + i, g0, g1);
-        }
+        for (; i + 2 * O::W <= n; i += 2 * O::W) grad_pair<kStream>(dy + i, x + i, gx + i, s, k, m, q, s, k, m, q);
     return i;
 }
 
@@ -1160,6 +1174,57 @@ BATCHNORM_ALWAYS_INLINE void fold_rows(i64 rows, i64 cols, i64 ld, const std::ar
     if (done < rows) run(done, rows - done, cols, ld, factors, sums);
 }
 
+// ---- channels-last: pairs of vectors -------------------------------------------------------
+// Where Ops has pairs of S (AVX2 bfloat16), the apply kernels load and store a row's whole
+// vectors two at a time, as a channel's runs do (pairs, above): AMD EPYC Zen 3, 1 thread,
+// bfloat16 (bench/cpp/ab_timing.cpp, medians of 9 interleaved rounds), old -> new us: 6272x256
+// eval 450 -> 346, train 711 -> 606, backward 945 -> 861; 12544x64 eval 223 -> 180, backward
+// 415 -> 358; 256x1024 eval 74.3 -> 58.7; 49x64 eval 1.1 -> 1.0.
+// A pair's lanes hold its 2W columns out of order (even, then odd), so their factors are put
+// into that order first, on the stack, kPairColumns columns at a time; the columns after the
+// last whole group of 2W stay in place, for the single vectors that end the row. Every column
+// block starts at an even vector (for_each_block's chunks are even), so a block's pairs are
+// whole groups.
+constexpr i64 kPairColumns = 1024;
+
+// run(first_column, width, factors, paired) over columns [0, cols) of a row: paired (a
+// std::bool_constant) says whether the factors are in pair order.
+template <class S, std::size_t NF, class Run>
+BATCHNORM_ALWAYS_INLINE void with_pair_columns(i64 cols, const std::array<const compute_t<S>*, NF>& factors,
+                                               Run&& run) {
+    using T = compute_t<S>;
+    constexpr i64 kGroup = 2 * Ops<T>::W;
+    if constexpr (pairs<Ops<T>, S>::value) {
+        static_assert(kPairColumns % kGroup == 0, "chunks of whole groups");
+        if (cols >= kGroup) {
+            alignas(64) T ordered[NF][kPairColumns];
+            std::array<const T*, NF> f;
+            for (i64 c0 = 0; c0 < cols; c0 += kPairColumns) {
+                const i64 width = std::min(kPairColumns, cols - c0), grouped = width / kGroup * kGroup;
+                for (std::size_t i = 0; i < NF; ++i) {
+                    const T* from = factors[i] + c0;
+                    for (i64 g = 0; g < grouped; g += kGroup)
+                        for (i64 l = 0; l < kGroup / 2; ++l) {
+                            ordered[i][g + l] = from[g + 2 * l];
+                            ordered[i][g + kGroup / 2 + l] = from[g + 2 * l + 1];
+                        }
+                    std::copy(from + grouped, from + width, ordered[i] + grouped);
+                    f[i] = ordered[i];
+                }
+                run(c0, width, f, std::true_type{});
+            }
+            return;
+        }
+    }
+    run(i64(0), cols, factors, std::false_type{});
+}
+
+// The vectors of a block of nb that go in pairs: all but a partial last one, in twos.
+template <bool kPaired, bool kTail, class Count>
+BATCHNORM_ALWAYS_INLINE int paired_vectors(Count nb) {
+    return kPaired ? (int(nb) - int(kTail)) / 2 * 2 : 0;
+}
+
 template <class S>
 struct ClSum {
     using T = compute_t<S>;
@@ -1314,7 +1379,7 @@ void cl_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute_t
 // 11 rounds), pairs -> rows: backward 6272x256 963 -> 700 us, 256x1024 103 -> 96; eval
 // 6272x256 262 -> 218; 4096x64, 32x2048 and 392x512 within 1 us either way.
 
-template <class S, bool kResidual, bool kRelu, bool kStream>
+template <class S, bool kResidual, bool kRelu, bool kStream, bool kPaired>
 struct ClAffine {
     using T = compute_t<S>;
     static constexpr bool kApply = true;
@@ -1333,8 +1398,16 @@ struct ClAffine {
         const T *const shift = shift_, *const alpha = alpha_, *const beta = beta_;
         using O = Ops<T>;
         const BlockFactors<T, kTail, Count> s(shift + j, nb, last), a(alpha + j, nb, last), b(beta + j, nb, last);
-        for (i64 r = row0; r < row0 + rows; ++r)
-            for (int k = 0; k < int(nb); ++k) {
+        const int paired = paired_vectors<kPaired, kTail>(nb);
+        for (i64 r = row0; r < row0 + rows; ++r) {
+            int k = 0;
+            if constexpr (kPaired)
+                for (; k < paired; k += 2) {
+                    const i64 at = r * ld + j + k * O::W;
+                    affine_pair<kStream, kResidual, kRelu>(x + at, kResidual ? residual + at : nullptr, y + at, s[k],
+                                                          a[k], b[k], s[k + 1], a[k + 1], b[k + 1]);
+                }
+            for (; k < int(nb); ++k) {
                 const auto sk = s[k];
                 const i64 at = r * ld + j + k * O::W;
                 const auto res = kResidual ? load_block<T, kTail>(residual + at, k, int(nb), last, O::zero()) : O::zero();
@@ -1344,6 +1417,7 @@ struct ClAffine {
                                                    b[k], O{}),
                     k, int(nb), last);
             }
+        }
     }
 };
 
@@ -1352,14 +1426,17 @@ void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, 
                const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, Writes writes) {
     using T = compute_t<S>;
     fold_rows<T, 3, 0>(rows, cols, ld, {shift, alpha, beta}, {},
-                       [&](i64 r, i64 n, i64 width, i64 step, const auto& f, const auto&) {
-        const i64 at = r * ld;
-        with_flag(residual != nullptr, [&](auto residual_flag) {
-            with_flag(relu, [&](auto relu_flag) {
-                with_flag(streams_rows(y + at, step, writes), [&](auto stream_flag) {
-                    ClAffine<S, decltype(residual_flag)::value, decltype(relu_flag)::value, decltype(stream_flag)::value>
-                        op{x + at, residual ? residual + at : nullptr, y + at, width, step, f[0], f[1], f[2]};
-                    for_each_block<T>(n, width, op);
+                       [&](i64 r, i64 n, i64 row_width, i64 step, const auto& row_factors, const auto&) {
+        with_pair_columns<S>(row_width, row_factors, [&](i64 c0, i64 width, const auto& f, auto paired) {
+            const i64 at = r * ld + c0;
+            with_flag(residual != nullptr, [&](auto residual_flag) {
+                with_flag(relu, [&](auto relu_flag) {
+                    with_flag(streams_rows(y + at, step, writes), [&](auto stream_flag) {
+                        ClAffine<S, decltype(residual_flag)::value, decltype(relu_flag)::value,
+                                 decltype(stream_flag)::value, decltype(paired)::value>
+                            op{x + at, residual ? residual + at : nullptr, y + at, width, step, f[0], f[1], f[2]};
+                        for_each_block<T>(n, width, op);
+                    });
                 });
             });
         });
@@ -1367,7 +1444,7 @@ void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, 
     end_writes<S>(writes);
 }
 
-template <class S, bool kStream>
+template <class S, bool kStream, bool kPaired>
 struct ClGrad {
     using T = compute_t<S>;
     static constexpr bool kApply = true;
@@ -1386,8 +1463,16 @@ struct ClGrad {
         using O = Ops<T>;
         const BlockFactors<T, kTail, Count> s(shift + j, nb, last), kc(k_coef + j, nb, last), mc(m_coef + j, nb, last),
             qc(q_coef + j, nb, last);
-        for (i64 r = row0; r < row0 + rows; ++r)
-            for (int k = 0; k < int(nb); ++k) {
+        const int paired = paired_vectors<kPaired, kTail>(nb);
+        for (i64 r = row0; r < row0 + rows; ++r) {
+            int k = 0;
+            if constexpr (kPaired)
+                for (; k < paired; k += 2) {
+                    const i64 at = r * ld + j + k * O::W;
+                    grad_pair<kStream>(dy + at, x + at, gx + at, s[k], kc[k], mc[k], qc[k], s[k + 1], kc[k + 1],
+                                       mc[k + 1], qc[k + 1]);
+                }
+            for (; k < int(nb); ++k) {
                 const auto sk = s[k];
                 const i64 at = r * ld + j + k * O::W;
                 const auto gy = load_block<T, kTail>(dy + at, k, int(nb), last, O::zero());
@@ -1395,6 +1480,7 @@ struct ClGrad {
                 store_block<T, kTail, kStream>(gx + at, grad_value(gy, xv, sk, kc[k], mc[k], qc[k], O{}), k, int(nb),
                                                last);
             }
+        }
     }
 };
 
@@ -1403,11 +1489,14 @@ void cl_grad(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const c
              const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, Writes writes) {
     using T = compute_t<S>;
     fold_rows<T, 4, 0>(rows, cols, ld, {shift, k, m, q}, {},
-                       [&](i64 r, i64 n, i64 width, i64 step, const auto& f, const auto&) {
-        const i64 at = r * ld;
-        with_flag(streams_rows(gx + at, step, writes), [&](auto stream_flag) {
-            ClGrad<S, decltype(stream_flag)::value> op{dy + at, x + at, gx + at, width, step, f[0], f[1], f[2], f[3]};
-            for_each_block<T>(n, width, op);
+                       [&](i64 r, i64 n, i64 row_width, i64 step, const auto& row_factors, const auto&) {
+        with_pair_columns<S>(row_width, row_factors, [&](i64 c0, i64 width, const auto& f, auto paired) {
+            const i64 at = r * ld + c0;
+            with_flag(streams_rows(gx + at, step, writes), [&](auto stream_flag) {
+                ClGrad<S, decltype(stream_flag)::value, decltype(paired)::value> op{
+                    dy + at, x + at, gx + at, width, step, f[0], f[1], f[2], f[3]};
+                for_each_block<T>(n, width, op);
+            });
         });
     });
     end_writes<S>(writes);

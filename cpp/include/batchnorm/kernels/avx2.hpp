@@ -235,14 +235,15 @@ struct Ops<float> {
         if (n & 1) store_bits(p, std::uint16_t(_mm_cvtsi128_si32(bits)));
     }
     // bfloat16 in pairs (kernel_bodies.inl, pairs): 2W values, in the order HalfConvert's
-    // widen_pair gives, for work whose factors are the same in every lane.
+    // widen_pair gives, for work whose factors are the same in every lane or in that order too.
     static void load_pair(const bfloat16* p, V& first, V& second) {
         HalfConvert<bfloat16>::widen_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), first, second);
     }
     static void store_pair(bfloat16* p, V first, V second) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), HalfConvert<bfloat16>::narrow_pair(first, second));
     }
-    // p on a 32-byte boundary (a run's streamed part starts on a cache line)
+    // p on a 32-byte boundary (a run's streamed part starts on a cache line, a row's pairs
+    // 32 bytes apart from a row start on one)
     static void stream_pair(bfloat16* p, V first, V second) {
         _mm256_stream_si256(reinterpret_cast<__m256i*>(p), HalfConvert<bfloat16>::narrow_pair(first, second));
     }

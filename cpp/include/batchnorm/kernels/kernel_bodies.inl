@@ -1058,6 +1058,7 @@ template <class T, class Op>
 void for_each_block(i64 rows, i64 cols, Op& op) {
     constexpr i64 W = Ops<T>::W;
     constexpr i64 kChunk = Op::kApply ? std::max<i64>(kWide, kApplyChunkBytes / i64(W * sizeof(T))) : kWide;
+    static_assert(kChunk % 2 == 0, "blocks start at an even vector: a block's pairs are whole (with_pair_columns)");
     const i64 tile = tile_rows_for_blocks<T>(cols), vectors = (cols + W - 1) / W;
     const i64 last = cols - (vectors - 1) * W;  // lanes of the last vector, 1..W
     for (i64 r = 0; r < rows; r += tile) {
@@ -1181,42 +1182,40 @@ BATCHNORM_ALWAYS_INLINE void fold_rows(i64 rows, i64 cols, i64 ld, const std::ar
 // eval 450 -> 346, train 711 -> 606, backward 945 -> 861; 12544x64 eval 223 -> 180, backward
 // 415 -> 358; 256x1024 eval 74.3 -> 58.7; 49x64 eval 1.1 -> 1.0.
 // A pair's lanes hold its 2W columns out of order (even, then odd), so their factors are put
-// into that order first, on the stack, kPairColumns columns at a time; the columns after the
-// last whole group of 2W stay in place, for the single vectors that end the row. Every column
-// block starts at an even vector (for_each_block's chunks are even), so a block's pairs are
-// whole groups.
-constexpr i64 kPairColumns = 1024;
+// into that order first, once per call for the whole row (in chunks, the second half of a
+// wide row was reached only after every row, not a tile later: 2048x4096 eval about 25 %
+// slower); the columns after the last whole group of 2W stay in place, for the single vectors
+// that end the row. Every column block starts at an even vector (for_each_block), so a
+// block's pairs are whole groups.
 
-// run(first_column, width, factors, paired) over columns [0, cols) of a row: paired (a
-// std::bool_constant) says whether the factors are in pair order.
+// run(factors, paired) over a row of cols columns: paired (a std::bool_constant) says whether
+// the factors are in pair order.
 template <class S, std::size_t NF, class Run>
 BATCHNORM_ALWAYS_INLINE void with_pair_columns(i64 cols, const std::array<const compute_t<S>*, NF>& factors,
                                                Run&& run) {
     using T = compute_t<S>;
     constexpr i64 kGroup = 2 * Ops<T>::W;
     if constexpr (pairs<Ops<T>, S>::value) {
-        static_assert(kPairColumns % kGroup == 0, "chunks of whole groups");
         if (cols >= kGroup) {
-            alignas(64) T ordered[NF][kPairColumns];
+            thread_local std::vector<T> ordered;  // as engine/channels_last.hpp's rotated factors
+            ordered.resize(NF * std::size_t(cols));
+            const i64 grouped = cols / kGroup * kGroup;
             std::array<const T*, NF> f;
-            for (i64 c0 = 0; c0 < cols; c0 += kPairColumns) {
-                const i64 width = std::min(kPairColumns, cols - c0), grouped = width / kGroup * kGroup;
-                for (std::size_t i = 0; i < NF; ++i) {
-                    const T* from = factors[i] + c0;
-                    for (i64 g = 0; g < grouped; g += kGroup)
-                        for (i64 l = 0; l < kGroup / 2; ++l) {
-                            ordered[i][g + l] = from[g + 2 * l];
-                            ordered[i][g + kGroup / 2 + l] = from[g + 2 * l + 1];
-                        }
-                    std::copy(from + grouped, from + width, ordered[i] + grouped);
-                    f[i] = ordered[i];
-                }
-                run(c0, width, f, std::true_type{});
+            for (std::size_t i = 0; i < NF; ++i) {
+                const T* from = factors[i];
+                T* to = ordered.data() + i * std::size_t(cols);
+                for (i64 g = 0; g < grouped; g += kGroup)
+                    for (i64 l = 0; l < kGroup / 2; ++l) {
+                        to[g + l] = from[g + 2 * l];
+                        to[g + kGroup / 2 + l] = from[g + 2 * l + 1];
+                    }
+                std::copy(from + grouped, from + cols, to + grouped);
+                f[i] = to;
             }
-            return;
+            return run(f, std::true_type{});
         }
     }
-    run(i64(0), cols, factors, std::false_type{});
+    run(factors, std::false_type{});
 }
 
 // The vectors of a block of nb that go in pairs: all but a partial last one, in twos.
@@ -1426,9 +1425,9 @@ void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, 
                const compute_t<S>* alpha, const compute_t<S>* beta, bool relu, Writes writes) {
     using T = compute_t<S>;
     fold_rows<T, 3, 0>(rows, cols, ld, {shift, alpha, beta}, {},
-                       [&](i64 r, i64 n, i64 row_width, i64 step, const auto& row_factors, const auto&) {
-        with_pair_columns<S>(row_width, row_factors, [&](i64 c0, i64 width, const auto& f, auto paired) {
-            const i64 at = r * ld + c0;
+                       [&](i64 r, i64 n, i64 width, i64 step, const auto& row_factors, const auto&) {
+        with_pair_columns<S>(width, row_factors, [&](const auto& f, auto paired) {
+            const i64 at = r * ld;
             with_flag(residual != nullptr, [&](auto residual_flag) {
                 with_flag(relu, [&](auto relu_flag) {
                     with_flag(streams_rows(y + at, step, writes), [&](auto stream_flag) {
@@ -1489,9 +1488,9 @@ void cl_grad(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const c
              const compute_t<S>* k, const compute_t<S>* m, const compute_t<S>* q, Writes writes) {
     using T = compute_t<S>;
     fold_rows<T, 4, 0>(rows, cols, ld, {shift, k, m, q}, {},
-                       [&](i64 r, i64 n, i64 row_width, i64 step, const auto& row_factors, const auto&) {
-        with_pair_columns<S>(row_width, row_factors, [&](i64 c0, i64 width, const auto& f, auto paired) {
-            const i64 at = r * ld + c0;
+                       [&](i64 r, i64 n, i64 width, i64 step, const auto& row_factors, const auto&) {
+        with_pair_columns<S>(width, row_factors, [&](const auto& f, auto paired) {
+            const i64 at = r * ld;
             with_flag(streams_rows(gx + at, step, writes), [&](auto stream_flag) {
                 ClGrad<S, decltype(stream_flag)::value, decltype(paired)::value> op{
                     dy + at, x + at, gx + at, width, step, f[0], f[1], f[2], f[3]};

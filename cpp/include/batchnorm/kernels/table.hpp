@@ -19,6 +19,7 @@
 #include <numeric>      // std::gcd: used by kernel_bodies.inl
 #include <type_traits>  // std::integral_constant, std::void_t: used by kernel_bodies.inl
 #include <utility>      // std::declval, used by kernel_bodies.inl
+#include <vector>       // std::vector: with_pair_columns' factors in kernel_bodies.inl
 
 #include "../dtype.hpp"
 #include "../engine/affine.hpp"  // invstd_of, value_or: eval_factors' scalar tail

@@ -211,7 +211,8 @@ struct Ops<float> {
         __m128i bits = _mm_setzero_si128();  // the pieces from the last, each shifted up past the next
         std::int64_t i = n;
         if (n & 1) bits = _mm_cvtsi32_si128(load_bits<std::uint16_t>(p + (i -= 1)));
-        if (n & 2) bits = _mm_or_si128(_mm_slli_si128(bits, 4), _mm_cvtsi32_si128(load_bits<std::int32_t>(p + (i -= 2))));
+        if (n & 2)
+            bits = _mm_or_si128(_mm_slli_si128(bits, 4), _mm_cvtsi32_si128(load_bits<std::int32_t>(p + (i -= 2))));
         if (n & 4) bits = _mm_or_si128(_mm_slli_si128(bits, 8), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
         return _mm256_blendv_ps(fill, HalfConvert<H>::widen(bits), _mm256_castsi256_ps(first_lanes_32(n)));
     }

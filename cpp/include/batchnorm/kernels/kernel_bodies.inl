@@ -1197,13 +1197,19 @@ BATCHNORM_ALWAYS_INLINE void with_pair_columns(i64 cols, const std::array<const 
     constexpr i64 kGroup = 2 * Ops<T>::W;
     if constexpr (pairs<Ops<T>, S>::value) {
         if (cols >= kGroup) {
-            thread_local std::vector<T> ordered;  // as engine/channels_last.hpp's rotated factors
-            ordered.resize(NF * std::size_t(cols));
+            // As engine/channels_last.hpp's rotated factors; each array on a line of its own, so
+            // no vector of factors straddles two lines.
+            constexpr std::size_t kLine = std::size_t(kLineBytes) / sizeof(T);
+            const std::size_t stride = (std::size_t(cols) + kLine - 1) / kLine * kLine;
+            thread_local std::vector<T> buffer;
+            buffer.resize(NF * stride + kLine);
+            const std::size_t misaligned = reinterpret_cast<std::uintptr_t>(buffer.data()) / sizeof(T) % kLine;
+            T* const ordered = buffer.data() + (kLine - misaligned) % kLine;
             const i64 grouped = cols / kGroup * kGroup;
             std::array<const T*, NF> f;
             for (std::size_t i = 0; i < NF; ++i) {
                 const T* from = factors[i];
-                T* to = ordered.data() + i * std::size_t(cols);
+                T* to = ordered + i * stride;
                 for (i64 g = 0; g < grouped; g += kGroup)
                     for (i64 l = 0; l < kGroup / 2; ++l) {
                         to[g + l] = from[g + 2 * l];

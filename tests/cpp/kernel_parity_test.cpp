@@ -384,8 +384,8 @@ void test_rows(const KernelTable<T>& t, const std::string& tag, std::mt19937_64&
 template <class T>
 void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& rng, Checker& ck) {
     // Every rows x cols in 0..40 (and 64, 100) x 0..70, plus shapes that cross the kernels' L1 row
-    // tiles (32 KiB of rows), span several column blocks, and (2064, 2083) several chunks of
-    // columns whose factors go in pair order (kernel_bodies.inl, with_pair_columns).
+    // tiles (32 KiB of rows), span several column blocks, and (2064, 2083) several of the apply
+    // kernels' 1024-column chunks with factors in pair order (kernel_bodies.inl, with_pair_columns).
     std::vector<i64> row_counts;
     for (i64 r = 0; r <= 40; ++r) row_counts.push_back(r);
     row_counts.insert(row_counts.end(), {64, 100});

@@ -1188,15 +1188,23 @@ BATCHNORM_ALWAYS_INLINE void fold_rows(i64 rows, i64 cols, i64 ld, const std::ar
 // that end the row. Every column block starts at an even vector (for_each_block), so a
 // block's pairs are whole groups.
 
-// run(factors, paired) over a row of cols columns: paired (a std::bool_constant) says whether
-// the factors are in pair order.
+// The copy is made per kernel call, and training and backward call the apply kernels on chunks
+// of rows (engine/channels_last.hpp, apply_chunk_rows: L2/16 bytes, 4 rows of 4096 bfloat16
+// columns on a 512 KiB L2): below kPairMinRows rows the copy cost more than the pairs saved.
+// AMD EPYC Zen 3, 1 thread, ab_timing bfloat16, no pairs -> pairs: 2048x4096 training 7557 ->
+// 9513 us, backward 11051 -> 12937 (4 rows a call); 512x2048 (8 rows) 526 -> 508, 602 -> 590.
+// (Putting the factors in pair order once per call in the engine would end the copies.)
+constexpr i64 kPairMinRows = 8;
+
+// run(factors, paired) over `rows` rows of cols columns: paired (a std::bool_constant) says
+// whether the factors are in pair order.
 template <class S, std::size_t NF, class Run>
-BATCHNORM_ALWAYS_INLINE void with_pair_columns(i64 cols, const std::array<const compute_t<S>*, NF>& factors,
+BATCHNORM_ALWAYS_INLINE void with_pair_columns(i64 rows, i64 cols, const std::array<const compute_t<S>*, NF>& factors,
                                                Run&& run) {
     using T = compute_t<S>;
     constexpr i64 kGroup = 2 * Ops<T>::W;
     if constexpr (pairs<Ops<T>, S>::value) {
-        if (cols >= kGroup) {
+        if (cols >= kGroup && rows >= kPairMinRows) {
             // As engine/channels_last.hpp's rotated factors; each array on a line of its own, so
             // no vector of factors straddles two lines.
             constexpr std::size_t kLine = std::size_t(kLineBytes) / sizeof(T);
@@ -1432,7 +1440,7 @@ void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, 
     using T = compute_t<S>;
     fold_rows<T, 3, 0>(rows, cols, ld, {shift, alpha, beta}, {},
                        [&](i64 r, i64 n, i64 width, i64 step, const auto& row_factors, const auto&) {
-        with_pair_columns<S>(width, row_factors, [&](const auto& f, auto paired) {
+        with_pair_columns<S>(n, width, row_factors, [&](const auto& f, auto paired) {
             const i64 at = r * ld;
             with_flag(residual != nullptr, [&](auto residual_flag) {
                 with_flag(relu, [&](auto relu_flag) {
@@ -1495,7 +1503,7 @@ void cl_grad(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const c
     using T = compute_t<S>;
     fold_rows<T, 4, 0>(rows, cols, ld, {shift, k, m, q}, {},
                        [&](i64 r, i64 n, i64 width, i64 step, const auto& row_factors, const auto&) {
-        with_pair_columns<S>(width, row_factors, [&](const auto& f, auto paired) {
+        with_pair_columns<S>(n, width, row_factors, [&](const auto& f, auto paired) {
             const i64 at = r * ld;
             with_flag(streams_rows(gx + at, step, writes), [&](auto stream_flag) {
                 ClGrad<S, decltype(stream_flag)::value, decltype(paired)::value> op{

@@ -76,19 +76,34 @@ std::int64_t tile_values() {
 
 // Whether channels-first passes prefetch the planes they stream a run ahead (plane blocks:
 // a few rows ahead; long planes: the next one as they go): when the call's arrays (`arrays`
-// of this shape: its inputs and outputs) pass this many per-core L2 sizes, they cannot have
-// stayed in the L3 since they were last used, and each plane, a row apart from the last,
-// starts with misses that the hardware prefetchers only catch up with later. Measured on an
-// AMD EPYC (Zen 5, 1 MiB L2, 32 MiB L3), 1 thread, float32, training: 64x256x14x14 (26 MB)
-// 1522 -> 788 us, 32x64x56x56 (51 MB) 2589 -> 2131 us; backward 32x256x14x14 and
-// 128x256x7x7 (19 MB) 662 -> 527 and 1015 -> 571 us. Below, where the data come from the
-// L3, it costs: training 32x256x14x14 and 128x256x7x7 (13 MB) 232 -> 277 and 282 -> 313 us,
-// 4x64x56x56 (6 MB) 105 -> 117 us.
+// of this shape: its inputs and outputs) pass half the L3, and at least this many per-core
+// L2 sizes, they cannot have stayed in the L3 since they were last used, and each plane, a row
+// apart from the last, starts with misses that the hardware prefetchers only catch up with
+// later. Measured on an AMD EPYC (Zen 5, 1 MiB L2, 32 MiB L3), 1 thread, float32, training:
+// 64x256x14x14 (26 MB) 1522 -> 788 us, 32x64x56x56 (51 MB) 2589 -> 2131 us; backward
+// 32x256x14x14 and 128x256x7x7 (19 MB) 662 -> 527 and 1015 -> 571 us. Below, where the data
+// come from the L3, it costs: training 32x256x14x14 and 128x256x7x7 (13 MB) 232 -> 277 and
+// 282 -> 313 us, 4x64x56x56 (6 MB) 105 -> 117 us.
+// Half the L3 and not 16 L2s alone: on a Zen 3 (512 KiB L2, 32 MiB L3) 16 L2s are 8 MiB, a
+// quarter of the L3, and 13 MB training calls took the prefetching fused path (below, where
+// the data sit in the L3, two passes are faster: plane_blocks.hpp, in_two_passes). AMD EPYC
+// Zen 3, 1 thread, float32, bench/cpp/ab_timing.cpp, three runs of 11 interleaved rounds, 16
+// L2s -> half the L3: training 32x256x14x14 537/848/822 -> 463/770/643 us, 128x256x7x7
+// 887/966/885 -> 735/844/625, 32x64x28x28 729/622/719 -> 591/502/594; backward 16x256x14x14
+// (9.6 MB) 483/483/479 -> 428/393/399.
+// The L3 counts for at most kMaxSharedL3 bytes: sysfs gives a large Xeon's whole socket
+// (480 MiB on the one in bench/results), which its many cores, and a VM's neighbours, share.
 constexpr std::int64_t kPrefetchCacheShares = 16;
+constexpr std::int64_t kMaxSharedL3 = std::int64_t(32) << 20;
+
+inline std::int64_t cache_resident_bytes() {
+    const CacheSizes& c = cache_sizes();
+    return std::max(kPrefetchCacheShares * c.l2, std::min(c.l3, kMaxSharedL3) / 2);
+}
 
 template <class T>
 bool prefetch_planes(const Shape& s, int arrays) {
-    return arrays * s.size() * std::int64_t(sizeof(T)) > kPrefetchCacheShares * cache_sizes().l2;
+    return arrays * s.size() * std::int64_t(sizeof(T)) > cache_resident_bytes();
 }
 
 // How the apply kernels of a channels-first call write its output (Writes, kernels/table.hpp):

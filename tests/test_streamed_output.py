@@ -136,6 +136,10 @@ def test_layer_and_rms_norm(hidden, rng, threads):
     assert_close(gx, gx64, np.float32)
     assert_close(gw, gw64, np.float32, scale=np.sqrt(x.shape[0]))
     assert_close(gb, gb64, np.float32, scale=np.sqrt(x.shape[0]))
+    # Without a weight the gradient rows take the other streamed kernel body.
+    gx, _, _ = bn.layer_norm_backward(gy, x, (hidden,), mean.astype(np.float32), invstd.astype(np.float32), None,
+                                      out=at_offset(x, 5))
+    assert_close(gx, ref.layer_norm_backward(gy, x, 1, mean, invstd)[0], np.float32)
 
 
 @layouts

@@ -563,6 +563,7 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
             for (const Writes writes : kAllWrites) {
                 std::vector<T> y = sentinel_vec<T>(n + kGuard);
                 t.row_scale(x.data(), y.data(), n, shift, scale, offset, wp, bp, writes);
+                t.fence();  // the row kernels leave streamed stores to their callers to fence
                 check_output(ck, wv + writes_tag(writes), "row_scale", y, ey);
             }
             if (bp) continue;  // row_wdot and row_wgrad take no bias
@@ -572,6 +573,7 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
             for (const Writes writes : kAllWrites) {
                 std::vector<T> gx = sentinel_vec<T>(n + kGuard);
                 t.row_wgrad(dy.data(), x.data(), wp, gx.data(), n, shift, k, m, q, writes);
+                t.fence();  // the row kernels leave streamed stores to their callers to fence
                 check_output(ck, wv + writes_tag(writes), "row_wgrad", gx, eg);
             }
         }

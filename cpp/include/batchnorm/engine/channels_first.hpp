@@ -131,25 +131,31 @@ inline Sums merge(const Sums& a, const Sums& b) {
 // apply over each item. With one part per channel the three steps run back to back per
 // channel, so the channel's block is still in cache for `apply`; with several parts, barriers
 // separate them and the static schedule gives each thread the same items in both loops.
+// Each thread then calls after(), once, before the threads join (the row drivers' fence).
 inline ChannelSchedule schedule_channels(const Shape& s, std::int64_t bytes) {
     const std::int64_t n = s.per_channel();
     const int threads = threads_for(bytes, s.channels * std::max<std::int64_t>(1, n / kMinPartValues));
     return {threads, channel_splits(s.channels, n, threads, kMinPartValues)};
 }
 
-template <class R, class Reduce, class Finish, class Apply>
+struct Nothing {
+    void operator()() const {}
+};
+
+template <class R, class Reduce, class Finish, class Apply, class After = Nothing>
 void for_each_channel(const Shape& s, const ChannelSchedule& sched, Reduce&& reduce, Finish&& finish,
-                      Apply&& apply) {
+                      Apply&& apply, After&& after = After{}) {
     const std::int64_t n = s.per_channel(), channels = s.channels;
     const int threads = sched.threads;
     const std::int64_t parts = sched.parts;
     if (parts == 1) {
         run_parallel(threads, [&] {
-            BATCHNORM_OMP(for schedule(static))
+            BATCHNORM_OMP(for schedule(static) nowait)
             for (std::int64_t c = 0; c < channels; ++c) {
                 finish(c, reduce(c, std::int64_t(0), n));
                 apply(c, std::int64_t(0), n);
             }
+            after();
         });
         return;
     }
@@ -171,17 +177,19 @@ void for_each_channel(const Shape& s, const ChannelSchedule& sched, Reduce&& red
             for (std::int64_t p = 0; p < parts; ++p) total = merge(total, partials[std::size_t(c * parts + p)]);
             finish(c, total);
         }
-        BATCHNORM_OMP(for schedule(static))
+        BATCHNORM_OMP(for schedule(static) nowait)
         for (std::int64_t item = 0; item < items; ++item) {
             const auto [begin, end] = bounds(item);
             apply(item / parts, begin, end);
         }
+        after();
     });
 }
 
-template <class R, class Reduce, class Finish, class Apply>
-void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish, Apply&& apply) {
-    for_each_channel<R>(s, schedule_channels(s, bytes), reduce, finish, apply);
+template <class R, class Reduce, class Finish, class Apply, class After = Nothing>
+void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish, Apply&& apply,
+                      After&& after = After{}) {
+    for_each_channel<R>(s, schedule_channels(s, bytes), reduce, finish, apply, after);
 }
 
 struct NoApply {

@@ -96,6 +96,9 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
     const int passes = residual ? (sum_out ? 5 : 4) : 2;
     const std::int64_t bytes = parallel_bytes<T>(passes, seg.size());
     const Writes writes = output_writes<T>(seg, residual ? (sum_out ? 4 : 3) : 2, cols);
+    const auto fence = [&] {
+        if (writes == Writes::streamed) k.fence();
+    };
     const auto apply = [&](std::int64_t r, std::int64_t b, std::int64_t e) {
         const RowScale<compute_t<T>> s = scale[std::size_t(r)];
         const std::int64_t at = r * cols + b;
@@ -113,6 +116,7 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
             block_rows_reduce<R>(k, src, seg, first, count, w, reads,
                                  [&](std::int64_t r, const R& stats) { scale[std::size_t(r)] = finish(r, stats); });
             for (std::int64_t r = first; r < first + count; ++r) apply(r, 0, cols);
+            fence();
         });
         return;
     }
@@ -123,7 +127,7 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
             if (residual) k.add(x + at, residual + at, sum + at, e - b);
             return reduce(k, src, seg, r, b, e);
         },
-        [&](std::int64_t r, const R& stats) { scale[std::size_t(r)] = finish(r, stats); }, apply);
+        [&](std::int64_t r, const R& stats) { scale[std::size_t(r)] = finish(r, stats); }, apply, fence);
 }
 
 // Column sums over rows: sdy[j] = sum(dy[r][j]), sdyx[j] = sum(dy[r][j]*(x[r][j] - shift[r])*scale[r]).
@@ -167,6 +171,9 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
     const std::int64_t bytes = parallel_bytes<T>(kBackwardArrays, seg.size());
     const int threads = threads_for(bytes, rows);
     const Writes writes = output_writes<T>(seg, 3, cols);
+    const auto fence = [&] {
+        if (gx && writes == Writes::streamed) k.fence();
+    };
     const auto row_pass = [&](std::int64_t r, std::int64_t b, std::int64_t e, const GradCoefficients<compute_t<T>>& g) {
         if (!gx) return;
         const std::int64_t at = r * cols + b;
@@ -191,6 +198,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
                     k.cols_dot(dy + r0 * cols, x + r0 * cols, n, cols, cols, shift + r0, scale + r0, py, py + width);
                     for (std::int64_t r = r0; r < r0 + n; ++r) row_pass(r, 0, cols, finish(r, row_sums(r, 0, cols)));
                 }
+                fence();
             }
         });
         std::fill_n(sdy, cols, 0.0);
@@ -206,7 +214,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
     std::vector<GradCoefficients<compute_t<T>>> coef(static_cast<std::size_t>(rows));
     for_each_channel<Sums>(
         seg, bytes, row_sums, [&](std::int64_t r, const Sums& s) { coef[std::size_t(r)] = finish(r, s); },
-        [&](std::int64_t r, std::int64_t b, std::int64_t e) { row_pass(r, b, e, coef[std::size_t(r)]); });
+        [&](std::int64_t r, std::int64_t b, std::int64_t e) { row_pass(r, b, e, coef[std::size_t(r)]); }, fence);
 }
 
 }  // namespace batchnorm::detail

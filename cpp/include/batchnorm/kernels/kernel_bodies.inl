@@ -1569,7 +1569,6 @@ void row_scale(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scale, 
             });
         });
     });
-    end_writes<S>(writes);
 }
 
 template <class S>
@@ -1608,11 +1607,22 @@ void row_wgrad_as(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, 
 template <class S>
 void row_wgrad(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, compute_t<S> shift, compute_t<S> k,
                compute_t<S> m, compute_t<S> q, Writes writes) {
-    if (!w) return cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, writes);
-    with_flag(writes == Writes::streamed, [&](auto stream_flag) {
-        row_wgrad_as<S, decltype(stream_flag)::value>(dy, x, w, gx, n, shift, k, m, q);
-    });
-    end_writes<S>(writes);
+    using O = Ops<compute_t<S>>;
+    if (w) {
+        with_flag(writes == Writes::streamed, [&](auto stream_flag) {
+            row_wgrad_as<S, decltype(stream_flag)::value>(dy, x, w, gx, n, shift, k, m, q);
+        });
+    } else if (writes == Writes::streamed) {  // as cf_grad, which would fence
+        run_grad<S, true>(dy, x, gx, n, O::set1(shift), O::set1(k), O::set1(m), O::set1(q));
+    } else {
+        cf_grad(dy, x, gx, 1, n, n, shift, k, m, q, writes);
+    }
+}
+
+// KernelTable::fence: the row kernels' streamed stores.
+template <class S>
+void fence_rows() {
+    end_writes<S>(Writes::streamed);
 }
 
 // Column sums over rows with per-row scalars: sdy[j] += sum_r dy[r][j] and
@@ -1699,6 +1709,6 @@ template <class S>
 KernelTable<S> make_table() {
     return {&cf_dev<S>,  &cf_dot<S>,    &cf_affine<S>, &cf_grad<S>,   &rows_affine<S>, &cl_sum<S>,
             &cl_dev<S>,  &cl_dot<S>,    &cl_affine<S>, &cl_grad<S>,   &add<S>,         &row_scale<S>,
-            &row_wdot<S>, &row_wgrad<S>, &cols_dot<S>,  &pb_dev<S>,       &pb_dot<S>,
+            &row_wdot<S>, &row_wgrad<S>, &fence_rows<S>, &cols_dot<S>,  &pb_dev<S>,       &pb_dot<S>,
             &pb_affine<S>, &pb_grad<S>,  &eval_factors<S>, &invstd_in_place, Ops<compute_t<S>>::W};
 }

@@ -142,6 +142,18 @@ def test_layer_and_rms_norm(hidden, rng, threads):
     assert_close(gx, ref.layer_norm_backward(gy, x, 1, mean, invstd)[0], np.float32)
 
 
+def test_short_rows_of_a_large_array(rng, threads):
+    """Rows shorter than 512 bytes go in blocks even where the arrays are too large for the
+    caches (engine/rows.hpp, row_blocks); 96 values a row, 15 MiB an array."""
+    x = (rng.standard_normal((40000, 96)) * 2 + 3).astype(np.float32)
+    w = (rng.standard_normal(96) * 0.5 + 1).astype(np.float32)
+    b = rng.standard_normal(96).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    assert_close(bn.layer_norm(x, (96,), w, b, out=at_offset(x, 3)), ref.layer_norm(x, 1, w, b)[0], np.float32)
+    assert_close(bn.layer_norm(x, (96,), w, b, residual=r), ref.layer_norm(x, 1, w, b, residual=r)[0], np.float32)
+    assert_close(bn.rms_norm(x, (96,), w, 1e-5), ref.rms_norm(x, 1, w, 1e-5)[0], np.float32)
+
+
 @layouts
 def test_backward_apply_from_gathered_sums(channels_last, rng, threads):
     """SyncBatchNorm's input gradient from sums gathered over the participants (here one) goes

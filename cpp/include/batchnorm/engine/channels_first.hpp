@@ -138,11 +138,11 @@ inline ChannelSchedule schedule_channels(const Shape& s, std::int64_t bytes) {
     return {threads, channel_splits(s.channels, n, threads, kMinPartValues)};
 }
 
-struct Nothing {
+struct NoAfter {
     void operator()() const {}
 };
 
-template <class R, class Reduce, class Finish, class Apply, class After = Nothing>
+template <class R, class Reduce, class Finish, class Apply, class After = NoAfter>
 void for_each_channel(const Shape& s, const ChannelSchedule& sched, Reduce&& reduce, Finish&& finish,
                       Apply&& apply, After&& after = After{}) {
     const std::int64_t n = s.per_channel(), channels = s.channels;
@@ -186,7 +186,7 @@ void for_each_channel(const Shape& s, const ChannelSchedule& sched, Reduce&& red
     });
 }
 
-template <class R, class Reduce, class Finish, class Apply, class After = Nothing>
+template <class R, class Reduce, class Finish, class Apply, class After = NoAfter>
 void for_each_channel(const Shape& s, std::int64_t bytes, Reduce&& reduce, Finish&& finish, Apply&& apply,
                       After&& after = After{}) {
     for_each_channel<R>(s, schedule_channels(s, bytes), reduce, finish, apply, after);

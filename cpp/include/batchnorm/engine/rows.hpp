@@ -42,19 +42,19 @@ void block_rows_reduce(const KernelTable<T>& k, const T* src, const Shape& seg, 
 // Blocks of whole rows of up to a page each, half an L1 of them (the apply rereads a block
 // from L1; with blocks of half an L2, as planes take, rows of 768 float32 lost 7%), the same
 // number for every thread. blocks == 0: longer rows, rows cut into parts, or rows of
-// kMinStreamRowBytes or more in arrays too large to come from the caches (prefetch_planes),
+// kMinRowByRowBytes or more in arrays too large to come from the caches (prefetch_planes),
 // which stream faster row by row (Intel Xeon, 1 thread, float32, 16384x512: 4.4 ms a row at a
 // time, 5.3-6.6 in blocks). Shorter rows cost more in a row's own work than blocks lose: AMD
 // EPYC Zen 3, 1 thread, float32 layer norm, row by row -> blocks (bench/cpp/ab_timing.cpp
 // made a layer norm, three runs of 9 rounds): (65536, 64) 6369/7323/6266 -> 4366/4604/3841
 // us, (131072, 32) 13495/13748/13699 -> 8034/5951/7181; (32768, 128) went either way.
-constexpr std::int64_t kMinStreamRowBytes = 512;
+constexpr std::int64_t kMinRowByRowBytes = 512;
 
 template <class T>
 PlaneBlocks row_blocks(const Shape& seg, const ChannelSchedule& sched, int arrays) {
     const std::int64_t row_bytes = seg.inner * std::int64_t(sizeof(T)), block_row_bytes = arrays * row_bytes;
     if (sched.parts != 1 || row_bytes > kMaxBlockPlaneBytes ||
-        (row_bytes >= kMinStreamRowBytes && prefetch_planes<T>(seg, arrays)))
+        (row_bytes >= kMinRowByRowBytes && prefetch_planes<T>(seg, arrays)))
         return {};
     return even_blocks(seg.channels, std::max<std::int64_t>(1, cache_sizes().l1d / 2 / block_row_bytes), sched.threads);
 }

@@ -150,7 +150,8 @@ struct streams<O, P, std::void_t<decltype(O::stream(std::declval<P*>(), std::dec
     : std::true_type {};
 
 // After a kernel's streamed stores: they are weakly ordered, so the kernel fences them before
-// it returns, and the threads that join after it see the output.
+// it returns, and the threads that join after it see the output. The row kernels leave it to
+// their callers (fence_rows, KernelTable::fence).
 template <class S>
 BATCHNORM_ALWAYS_INLINE void end_writes(Writes writes) {
     using O = Ops<compute_t<S>>;

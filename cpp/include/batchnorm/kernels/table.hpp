@@ -132,8 +132,9 @@ struct KernelTable {
     // gx = dy * w * k + (x - shift) * m + q (w null: 1)
     void (*row_wgrad)(const S* dy, const S* x, const T* w, S* gx, i64 n, T shift, T k, T m, T q, Writes writes);
     // Orders the streamed stores of row_scale and row_wgrad, which leave them unfenced: their
-    // callers write one row a call, and each thread calls fence once, after its last row (a
-    // fence waits for the row to reach memory). Layer norm, float32, AMD EPYC Zen 3, 1 thread,
+    // callers write one row a call, and each thread calls fence after its last row (or block
+    // of rows), before the threads join, not after every row (a fence waits for the row to
+    // reach memory). Layer norm, float32, AMD EPYC Zen 3, 1 thread,
     // a fence per row -> one per thread: (16000, 256) 4690 -> 2839 us, (8192, 384) 2691 -> 1699,
     // (16384, 512) 6454 -> 5300 (bench/cpp/ab_timing.cpp with its batch_stats call made a
     // layer_norm of outer rows of inner values, 11 interleaved rounds).

@@ -16,9 +16,12 @@
 // Compare at one thread (OMP_NUM_THREADS=1): at more, the second library's first look at the
 // CPUs (cpu_load.hpp) finds the first one's pool still spinning, counts it as running tasks, and
 // its calls stay on one thread for the whole (short) run, whichever build it is.
-// Arguments: old.so new.so outer channels inner [rounds]; prints the median of the rounds (each
-// ~4 M values of back-to-back calls) for a memcpy, batch_stats, forward_eval, forward_train and
-// backward. float32 data; for a half type, build the two libraries and the driver alike with
+// Arguments: old.so new.so outer channels inner [rounds [rows]]; prints the median of the rounds
+// (each ~4 M values of back-to-back calls) for a memcpy, batch_stats, forward_eval,
+// forward_train and backward; with `rows`, for a memcpy, layer_norm, layer_norm_backward,
+// rms_norm and rms_norm_backward over outer*channels rows of inner values (engine/rows.hpp):
+//   OMP_NUM_THREADS=1 /tmp/ab_timing /tmp/ab_old.so /tmp/ab_new.so 16000 1 256 9 rows
+// float32 data; for a half type, build the two libraries and the driver alike with
 // -DBATCHNORM_AB_STORAGE=batchnorm::bfloat16 (or batchnorm::float16): per-channel arrays stay
 // float32, and the copy is of the half-size array.
 #include <batchnorm/batchnorm.hpp>
@@ -40,6 +43,7 @@ using Storage = BATCHNORM_AB_STORAGE;
 #define BATCHNORM_AB_STORAGE_NAME BATCHNORM_AB_NAME(BATCHNORM_AB_STORAGE)
 
 enum Op { kCopy, kStats, kEval, kTrain, kBackward, kOps };
+enum RowOp { kRowCopy, kLayerNorm, kLayerNormBackward, kRmsNorm, kRmsNormBackward, kRowOps };
 
 struct Arrays {
     std::vector<Storage> x, y, dy, gx;
@@ -70,6 +74,33 @@ extern "C" __attribute__((visibility("default"))) double batchnorm_ab_time(int o
     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() / double(calls);
 }
 
+// The same for the row norms: s->outer * s->channels rows of s->inner values.
+extern "C" __attribute__((visibility("default"))) double batchnorm_ab_time_rows(int op, const batchnorm::Shape* s,
+                                                                               Arrays* a, long calls) {
+    const std::int64_t rows = s->outer * s->channels, cols = s->inner;
+    const std::size_t bytes = sizeof(Storage) * std::size_t(s->size());
+    const auto start = std::chrono::steady_clock::now();
+    for (long i = 0; i < calls; ++i) switch (op) {
+            case kRowCopy: std::memcpy(a->y.data(), a->x.data(), bytes); break;
+            case kLayerNorm:
+                batchnorm::layer_norm(a->x.data(), a->y.data(), rows, cols, a->w.data(), a->b.data(), 1e-5,
+                                      a->mean.data(), a->invstd.data());
+                break;
+            case kLayerNormBackward:
+                batchnorm::layer_norm_backward(a->dy.data(), a->x.data(), a->gx.data(), rows, cols, a->mean.data(),
+                                               a->invstd.data(), a->w.data(), a->gw.data(), a->gb.data());
+                break;
+            case kRmsNorm:  // rm holds its saved 1 / rms, as mean and invstd hold layer norm's
+                batchnorm::rms_norm(a->x.data(), a->y.data(), rows, cols, a->w.data(), 1e-5, a->rm.data());
+                break;
+            case kRmsNormBackward:
+                batchnorm::rms_norm_backward(a->dy.data(), a->x.data(), a->gx.data(), rows, cols, a->rm.data(),
+                                             a->w.data(), a->gw.data());
+                break;
+        }
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count() / double(calls);
+}
+
 #ifndef BATCHNORM_AB_LIBRARY
 #include <dlfcn.h>
 
@@ -77,13 +108,15 @@ using TimeFn = double (*)(int, const batchnorm::Shape*, Arrays*, long);
 
 int main(int argc, char** argv) {
     if (argc < 6) {
-        std::fprintf(stderr, "usage: %s old.so new.so outer channels inner [rounds]\n", argv[0]);
+        std::fprintf(stderr, "usage: %s old.so new.so outer channels inner [rounds [rows]]\n", argv[0]);
         return 2;
     }
+    const bool row_norms = argc > 7 && std::strcmp(argv[7], "rows") == 0;
     TimeFn time[2];
     for (int side = 0; side < 2; ++side) {
         void* lib = dlopen(argv[1 + side], RTLD_NOW | RTLD_LOCAL);
-        time[side] = lib ? reinterpret_cast<TimeFn>(dlsym(lib, "batchnorm_ab_time")) : nullptr;
+        time[side] = lib ? reinterpret_cast<TimeFn>(dlsym(lib, row_norms ? "batchnorm_ab_time_rows" : "batchnorm_ab_time"))
+                         : nullptr;
         if (!time[side]) {
             std::fprintf(stderr, "%s: %s\n", argv[1 + side], dlerror());
             return 2;
@@ -91,7 +124,9 @@ int main(int argc, char** argv) {
     }
     const batchnorm::Shape s{std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5])};
     const int rounds = argc > 6 ? std::atoi(argv[6]) : 15;
-    const std::size_t n = std::size_t(s.size()), c = std::size_t(s.channels);
+    // Per-channel arrays, or per-row ones (statistics) and per-column ones (weights) for rows.
+    const std::size_t n = std::size_t(s.size()),
+                      c = row_norms ? std::size_t(std::max(s.outer * s.channels, s.inner)) : std::size_t(s.channels);
     Arrays a{std::vector<Storage>(n), std::vector<Storage>(n), std::vector<Storage>(n), std::vector<Storage>(n),
              std::vector<float>(c, 1.5f), std::vector<float>(c, 0.5f), std::vector<float>(c),
              std::vector<float>(c, 1.f), std::vector<float>(c), std::vector<float>(c), std::vector<float>(c),
@@ -103,7 +138,10 @@ int main(int argc, char** argv) {
         a.dy[i] = Storage(normal(rng) - 3.f);
     }
     const long calls = std::max(1L, 4000000L / long(std::max<std::size_t>(n, 1)));
-    const char* names[kOps] = {"copy", "stats", "eval", "train", "backward"};
+    static_assert(int(kOps) == int(kRowOps), "one loop times either set");
+    const char* batch_names[kOps] = {"copy", "stats", "eval", "train", "backward"};
+    const char* row_names[kRowOps] = {"copy", "layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"};
+    const char* const* names = row_norms ? row_names : batch_names;
     std::printf("%ldx%ldx%ld %s, old -> new us:", long(s.outer), long(s.channels), long(s.inner),
                 BATCHNORM_AB_STORAGE_NAME);
     for (int op = 0; op < kOps; ++op) {

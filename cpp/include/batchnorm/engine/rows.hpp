@@ -46,8 +46,9 @@ void block_rows_reduce(const KernelTable<T>& k, const T* src, const Shape& seg, 
 // which stream faster row by row (Intel Xeon, 1 thread, float32, 16384x512: 4.4 ms a row at a
 // time, 5.3-6.6 in blocks). Shorter rows cost more in a row's own work than blocks lose: AMD
 // EPYC Zen 3, 1 thread, float32 layer norm, row by row -> blocks (bench/cpp/ab_timing.cpp
-// made a layer norm, three runs of 9 rounds): (65536, 64) 6369/7323/6266 -> 4366/4604/3841
-// us, (131072, 32) 13495/13748/13699 -> 8034/5951/7181; (32768, 128) went either way.
+// timing layer_norm as its rows mode does, three runs of 9 rounds): (65536, 64)
+// 6369/7323/6266 -> 4366/4604/3841 us, (131072, 32) 13495/13748/13699 -> 8034/5951/7181;
+// (32768, 128) went either way.
 constexpr std::int64_t kMinRowByRowBytes = 512;
 
 template <class T>

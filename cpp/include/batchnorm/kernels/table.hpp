@@ -136,8 +136,8 @@ struct KernelTable {
     // of rows), before the threads join, not after every row (a fence waits for the row to
     // reach memory). Layer norm, float32, AMD EPYC Zen 3, 1 thread,
     // a fence per row -> one per thread: (16000, 256) 4690 -> 2839 us, (8192, 384) 2691 -> 1699,
-    // (16384, 512) 6454 -> 5300 (bench/cpp/ab_timing.cpp with its batch_stats call made a
-    // layer_norm of outer rows of inner values, 11 interleaved rounds).
+    // (16384, 512) 6454 -> 5300 (bench/cpp/ab_timing.cpp timing layer_norm as its rows mode
+    // does, 11 interleaved rounds).
     void (*fence)();
     // sdy[j] += sum(dy[r][j]), sdyx[j] += sum(dy[r][j] * (x[r][j] - shift[r]) * scale[r])
     void (*cols_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, const T* scale,

@@ -87,3 +87,28 @@ def test_running_mean_matches_torch(rng, torch):
     trm, trv = torch.zeros(3), torch.ones(3)
     torch.nn.functional.batch_norm(torch.from_numpy(x), trm, trv, training=True, momentum=0.1)
     np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 100), (4, 17000)])  # column sums with the row pass; on their own
+@pytest.mark.parametrize("in_place", [False, True])
+def test_layer_norm_weight_gradient_near_float32_max(rng, threads, shape, in_place):
+    # grad_bias and grad_weight sum dy and dy*xhat down the rows. Rows of dy near 2e38, -2e38
+    # in pairs, x the same two rows over and over: rows 4k and 4k + 2 nearly cancel, as do
+    # 4k + 1 and 4k + 3, so the float64 sums stay in float32's range; the float32 lanes do not.
+    import batchnorm as bn
+
+    rows, cols = shape
+    x = np.tile(rng.standard_normal((2, cols)), (rows // 2, 1)).astype(np.float32)
+    sign = np.where(np.arange(rows) % 4 < 2, 1.0, -1.0)[:, None]
+    dy = (2e38 * sign * (1 + 0.01 * rng.standard_normal(shape))).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    mean = x64.mean(axis=1)
+    invstd = 1 / np.sqrt(x64.var(axis=1) + 1e-5)
+    mean32, invstd32 = mean.astype(np.float32), invstd.astype(np.float32)
+    xhat = (x64 - mean32[:, None]) * invstd32[:, None].astype(np.float64)
+    grad_y = dy.copy()
+    _, gw, gb = bn.layer_norm_backward(grad_y, x, (cols,), mean32, invstd32, w, out=grad_y if in_place else None)
+    np.testing.assert_allclose(gb, dy64.sum(axis=0), rtol=0, atol=1e-6 * np.abs(dy64).sum(axis=0).max())
+    terms = dy64 * xhat
+    np.testing.assert_allclose(gw, terms.sum(axis=0), rtol=0, atol=1e-6 * np.abs(terms).sum(axis=0).max())

@@ -570,6 +570,26 @@ void test_row_params(const KernelTable<T>& t, const std::string& tag, std::mt199
             const Sums dot = t.row_wdot(dy.data(), x.data(), wp, n, shift);
             check_sum(ck, wv, "row_wdot.first", dot.first, g1, sum_tol<T>(ag1, n) * 2);
             check_sum(ck, wv, "row_wdot.second", dot.second, g2, sum_tol<T>(ag2, n) * 2);
+            {  // the same sums, and the row's column terms added into 2n lanes (a guard after them)
+                std::vector<C> lanes = random_vec<C>(rng, 2 * n + kGuard, 0.0, 4.0);
+                const std::vector<C> before = lanes;
+                const Sums both = t.row_wdot_cols(dy.data(), x.data(), wp, n, shift, scale, lanes.data());
+                check_sum(ck, wv, "row_wdot_cols.first", both.first, g1, sum_tol<T>(ag1, n) * 2);
+                check_sum(ck, wv, "row_wdot_cols.second", both.second, g2, sum_tol<T>(ag2, n) * 2);
+                bool ok = true;
+                for (i64 i = 0; i < 2 * n + kGuard && ok; ++i) {
+                    const size_t u = size_t(i), j = size_t(i % std::max<i64>(n, 1));
+                    const double term = i < n       ? double(dy[j])
+                                        : i < 2 * n ? double(dy[j]) * ((double(x[j]) - s) * double(scale))
+                                                    : 0.0;
+                    const double want = double(before[u]) + term;
+                    // an add, or a subtract, a multiply and an fma, in C; the guard untouched
+                    const double tol = i < 2 * n ? 4 * unit_roundoff<C>() * (std::fabs(double(before[u])) + std::fabs(term)) : 0.0;
+                    ok = std::fabs(double(lanes[u]) - want) <= tol;
+                    if (!ok) ck.check(false, wv, fmt("row_wdot_cols lane %.0f: got %.17g, expected %.17g", double(i), double(lanes[u]), want));
+                }
+                if (ok) ck.check(true, wv, "row_wdot_cols lanes");
+            }
             for (const Writes writes : kAllWrites) {
                 std::vector<T> gx = sentinel_vec<T>(n + kGuard);
                 t.row_wgrad(dy.data(), x.data(), wp, gx.data(), n, shift, k, m, q, writes);

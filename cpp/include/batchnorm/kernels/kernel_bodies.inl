@@ -1586,6 +1586,56 @@ Sums row_wdot(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S
     return acc.flush();
 }
 
+// One vector of row_wdot_cols at i: its row terms (dy * w, x - shift) into acc's chain `chain`
+// (0-3), its column terms into lanes. Whole vectors only.
+template <bool kWeight, class S, class T = compute_t<S>>
+BATCHNORM_ALWAYS_INLINE void wdot_cols_vector(const S* dy, const S* x, const T* w, T* cdy, T* cdyx, i64 i,
+                                              typename Ops<T>::V s, typename Ops<T>::V a,
+                                              typename Ops<T>::V& g, typename Ops<T>::V& d) {
+    using O = Ops<T>;
+    const auto gy = O::load(dy + i);
+    d = O::sub(O::load(x + i), s);
+    O::store(cdy + i, O::add(O::load(cdy + i), gy));
+    O::store(cdyx + i, O::fma(gy, O::mul(d, a), O::load(cdyx + i)));
+    g = kWeight ? O::mul(gy, O::load(w + i)) : gy;
+}
+
+template <class S, bool kWeight>
+Sums row_wdot_cols_as(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift,
+                      compute_t<S> scale, compute_t<S>* lanes) {
+    using T = compute_t<S>;
+    using O = Ops<T>;
+    using V = typename O::V;
+    constexpr i64 W = O::W;
+    T* cdy = lanes;
+    T* cdyx = lanes + n;
+    const auto s = O::set1(shift), a = O::set1(scale);
+    PairSum<T> acc;
+    i64 i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+        V g[4], d[4];
+        for (int c = 0; c < 4; ++c) wdot_cols_vector<kWeight>(dy, x, w, cdy, cdyx, i + c * W, s, a, g[c], d[c]);
+        acc.add4(g[0], g[0], d[0], g[1], g[1], d[1], g[2], g[2], d[2], g[3], g[3], d[3]);
+    }
+    for (; i < n; i += W) {
+        // Tail lanes: dy loads zero and x the shift, so they add zero to every sum.
+        const auto gy = load_n(dy + i, n - i, O::zero());
+        const auto d = O::sub(load_n(x + i, n - i, s), s);
+        store_n(cdy + i, O::add(load_n(cdy + i, n - i, O::zero()), gy), n - i);
+        store_n(cdyx + i, O::fma(gy, O::mul(d, a), load_n(cdyx + i, n - i, O::zero())), n - i);
+        const auto g = kWeight ? O::mul(gy, load_n(w + i, n - i, O::zero())) : gy;
+        acc.add(g, g, d);
+    }
+    return acc.flush();
+}
+
+template <class S>
+Sums row_wdot_cols(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift, compute_t<S> scale,
+                   compute_t<S>* lanes) {
+    if (w) return row_wdot_cols_as<S, true>(dy, x, w, n, shift, scale, lanes);
+    return row_wdot_cols_as<S, false>(dy, x, w, n, shift, scale, lanes);
+}
+
 template <class S, bool kStream>
 void row_wgrad_as(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, compute_t<S> shift, compute_t<S> k,
                   compute_t<S> m, compute_t<S> q) {
@@ -1710,6 +1760,6 @@ template <class S>
 KernelTable<S> make_table() {
     return {&cf_dev<S>,  &cf_dot<S>,    &cf_affine<S>, &cf_grad<S>,   &rows_affine<S>, &cl_sum<S>,
             &cl_dev<S>,  &cl_dot<S>,    &cl_affine<S>, &cl_grad<S>,   &add<S>,         &row_scale<S>,
-            &row_wdot<S>, &row_wgrad<S>, &fence_rows<S>, &cols_dot<S>,  &pb_dev<S>,       &pb_dot<S>,
+            &row_wdot<S>, &row_wdot_cols<S>, &row_wgrad<S>, &fence_rows<S>, &cols_dot<S>,  &pb_dev<S>,       &pb_dot<S>,
             &pb_affine<S>, &pb_grad<S>,  &eval_factors<S>, &invstd_in_place, Ops<compute_t<S>>::W};
 }

@@ -129,6 +129,10 @@ struct KernelTable {
     void (*row_scale)(const S* x, S* y, i64 n, T shift, T scale, T offset, const T* w, const T* b, Writes writes);
     // {sum(dy * w), sum(dy * w * (x - shift))} (w null: 1)
     Sums (*row_wdot)(const S* dy, const S* x, const T* w, i64 n, T shift);
+    // row_wdot's sums, and in the same read the row's terms of cols_dot's: lanes[j] += dy[j],
+    // lanes[n + j] += dy[j] * (x[j] - shift) * scale, in T (2n values; the caller adds them into
+    // float64 within kFlushVectors rows)
+    Sums (*row_wdot_cols)(const S* dy, const S* x, const T* w, i64 n, T shift, T scale, T* lanes);
     // gx = dy * w * k + (x - shift) * m + q (w null: 1)
     void (*row_wgrad)(const S* dy, const S* x, const T* w, S* gx, i64 n, T shift, T k, T m, T q, Writes writes);
     // Orders the streamed stores of row_scale and row_wgrad, which leave them unfenced: their

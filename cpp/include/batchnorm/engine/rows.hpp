@@ -40,12 +40,13 @@ void block_rows_reduce(const KernelTable<T>& k, const T* src, const Shape& seg, 
 }
 
 // How the row kernels write: output_writes, except that float16 and bfloat16 rows are always
-// written through the caches. Their non-temporal stores (16 bytes a vector) ran at half the speed
-// of plain stores at every size tried, into and well past the L3. AMD EPYC Zen 3, 1 thread,
-// bfloat16, rows of 768, streamed -> cached (three runs each, ms): layer norm 8192 rows
-// 7.4-8.0 -> 3.0-3.2, 16384 rows 16.2-17.8 -> 7.3-8.3; its backward 4096 rows 4.8-5.4 -> 2.3-2.9,
-// 12288 rows 15.2-17.1 -> 8.3-10.7. float32 rows lost nothing by streaming (forward) or gained
-// a little (backward, 8192 rows: 6.3-6.8 -> 6.0-6.5).
+// written through the caches. Streamed, they had been twice as slow, most of it a defect since
+// fixed (a partial line streamed at each row's end: end_of_lines, kernels/table.hpp); with it
+// fixed, streaming still gained no more than 2-5 % (layer norm) and cost RMS norm's forward
+// 0-40 %. AMD EPYC Zen 3, 1 thread, bfloat16, bench/cpp/ab_timing.cpp rows mode, cached ->
+// streamed, 9 rounds, two runs, us: (8192, 768) layer norm 5113 -> 4992, 5088 -> 4882; RMS norm
+// 3858 -> 4890, 3728 -> 3714; (16384, 768) layer norm 10793 -> 10438, 10293 -> 9993; RMS norm
+// 5243 -> 7326, 7767 -> 10115.
 template <class T>
 Writes row_writes(const Shape& seg, int arrays) {
     if (sizeof(T) < sizeof(float)) return Writes::cached;

@@ -220,7 +220,7 @@ BATCHNORM_ALWAYS_INLINE i64 grad_pairs(const S* dy, const S* x, S* gx, i64 i, i6
 
 // y[i..n) = act((x - shift) * alpha + beta + residual): plain stores from i = 0; with kStream
 // (where Ops streams S), plain stores up to the first line boundary, non-temporal stores of the
-// whole vectors from there, plain ones for the last partial vector.
+// whole lines from there, plain ones for the last partial line (end_of_lines).
 template <class S, bool kResidual, bool kRelu, bool kStream = false>
 BATCHNORM_ALWAYS_INLINE void run_affine(const S* x, const S* residual, S* y, i64 n, typename Ops<compute_t<S>>::V shift, typename Ops<compute_t<S>>::V alpha, typename Ops<compute_t<S>>::V beta) {
     using T = compute_t<S>;
@@ -228,9 +228,9 @@ BATCHNORM_ALWAYS_INLINE void run_affine(const S* x, const S* residual, S* y, i64
     using V = typename O::V;
     i64 i = 0;
     if constexpr (kStream && streams<O, S>::value) {
-        const i64 head = values_before_line(y, n);
+        const i64 head = values_before_line(y, n), end = end_of_lines<S>(head, n);
         run_affine<S, kResidual, kRelu>(x, residual, y, head, shift, alpha, beta);
-        for (i = affine_pairs<true, kResidual, kRelu>(x, residual, y, head, n, shift, alpha, beta); i + O::W <= n;
+        for (i = affine_pairs<true, kResidual, kRelu>(x, residual, y, head, end, shift, alpha, beta); i + O::W <= end;
              i += O::W) {
             const V r = kResidual ? O::load(residual + i) : O::zero();
             O::stream(y + i, affine_value<kResidual, kRelu>(O::load(x + i), r, shift, alpha, beta, O{}));
@@ -251,9 +251,9 @@ BATCHNORM_ALWAYS_INLINE void run_grad(const S* dy, const S* x, S* gx, i64 n, typ
     using O = Ops<T>;
     i64 i = 0;
     if constexpr (kStream && streams<O, S>::value) {
-        const i64 head = values_before_line(gx, n);
+        const i64 head = values_before_line(gx, n), end = end_of_lines<S>(head, n);
         run_grad(dy, x, gx, head, shift, k, m, q);
-        for (i = grad_pairs<true>(dy, x, gx, head, n, shift, k, m, q); i + O::W <= n; i += O::W)
+        for (i = grad_pairs<true>(dy, x, gx, head, end, shift, k, m, q); i + O::W <= end; i += O::W)
             O::stream(gx + i, grad_value(O::load(dy + i), O::load(x + i), shift, k, m, q, O{}));
     } else {
         i = grad_pairs<false>(dy, x, gx, i, n, shift, k, m, q);
@@ -1546,9 +1546,9 @@ void row_scale_as(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scal
     const auto s = O::set1(shift), a = O::set1(scale), o = O::set1(offset);
     i64 i = 0;
     if constexpr (kStream && streams<O, S>::value) {
-        const i64 head = values_before_line(y, n);
+        const i64 head = values_before_line(y, n), end = end_of_lines<S>(head, n);
         row_scale_as<S, kWeight, kBias>(x, y, head, shift, scale, offset, w, b);
-        for (i = head; i + O::W <= n; i += O::W)
+        for (i = head; i + O::W <= end; i += O::W)
             O::stream(y + i, row_value<kWeight, kBias>(O::load(x + i), kWeight ? O::load(w + i) : O::zero(),
                                                        kBias ? O::load(b + i) : O::zero(), s, a, o, O{}));
     }
@@ -1644,9 +1644,9 @@ void row_wgrad_as(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, 
     const auto s = O::set1(shift), kv = O::set1(k), mv = O::set1(m), qv = O::set1(q);
     i64 i = 0;
     if constexpr (kStream && streams<O, S>::value) {
-        const i64 head = values_before_line(gx, n);
+        const i64 head = values_before_line(gx, n), end = end_of_lines<S>(head, n);
         row_wgrad_as<S, false>(dy, x, w, gx, head, shift, k, m, q);
-        for (i = head; i + O::W <= n; i += O::W)
+        for (i = head; i + O::W <= end; i += O::W)
             O::stream(gx + i, grad_value(O::mul(O::load(dy + i), O::load(w + i)), O::load(x + i), s, kv, mv, qv, O{}));
     }
     for (; i < n; i += O::W) {

@@ -91,16 +91,18 @@ def test_running_mean_matches_torch(rng, torch):
 
 @pytest.mark.parametrize("shape", [(64, 100), (4, 17000)])  # column sums with the row pass; on their own
 @pytest.mark.parametrize("in_place", [False, True])
-def test_layer_norm_weight_gradient_near_float32_max(rng, threads, shape, in_place):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 has float32's range
+def test_layer_norm_weight_gradient_near_float32_max(rng, threads, shape, in_place, dtype):
     # grad_bias and grad_weight sum dy and dy*xhat down the rows. Rows of dy near 2e38, -2e38
     # in pairs, x the same two rows over and over: rows 4k and 4k + 2 nearly cancel, as do
     # 4k + 1 and 4k + 3, so the float64 sums stay in float32's range; the float32 lanes do not.
     import batchnorm as bn
 
+    storage = np.float32 if dtype == "float32" else pytest.importorskip("ml_dtypes").bfloat16
     rows, cols = shape
-    x = np.tile(rng.standard_normal((2, cols)), (rows // 2, 1)).astype(np.float32)
+    x = np.tile(rng.standard_normal((2, cols)), (rows // 2, 1)).astype(storage)
     sign = np.where(np.arange(rows) % 4 < 2, 1.0, -1.0)[:, None]
-    dy = (2e38 * sign * (1 + 0.01 * rng.standard_normal(shape))).astype(np.float32)
+    dy = (2e38 * sign * (1 + 0.01 * rng.standard_normal(shape))).astype(storage)
     w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     mean = x64.mean(axis=1)

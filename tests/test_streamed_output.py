@@ -1,7 +1,7 @@
 """Outputs too large for the caches are written by non-temporal stores (engine/cache.hpp,
 output_writes: a call whose arrays pass half the L3): channels-first runs and layer norm rows
 of 1 KiB or more with plain stores up to their first cache-line boundary and for their last
-partial vector; channels-last rows of whole lines from the first line boundary, their factors
+partial line; channels-last rows of whole lines from the first line boundary, their factors
 rotated to match (engine/channels_last.hpp, apply_rows). The values must be those of any other
 call: checked here against the float64 reference on arrays of 16 MiB (float32), past half of a
 32 MiB L3 in every call, in both layouts, for outputs that start at several offsets within a

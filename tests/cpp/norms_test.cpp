@@ -199,6 +199,16 @@ TYPED_TEST(Norms, LayerAndRmsNorm) {
                 EXPECT_TRUE(ref::same_bits(inplace, gx));
                 EXPECT_TRUE(ref::same_bits(gw_inplace, gw));
                 if (!rms) EXPECT_TRUE(ref::same_bits(gb_inplace, gb));
+                // grad_x alone (no parameter gradient: the row sums without the column sums) has
+                // the same bits.
+                std::vector<T> alone(n);
+                if (rms)
+                    batchnorm::rms_norm_backward(dy.data(), x.data(), alone.data(), rows, cols, invstd.data(), w.data(),
+                                                 nullptr);
+                else
+                    batchnorm::layer_norm_backward(dy.data(), x.data(), alone.data(), rows, cols, mean.data(),
+                                                   invstd.data(), w.data(), nullptr, nullptr);
+                EXPECT_TRUE(ref::same_bits(alone, gx));
             }
     }
 }

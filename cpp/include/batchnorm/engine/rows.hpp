@@ -49,8 +49,10 @@ void block_rows_reduce(const KernelTable<T>& k, const T* src, const Shape& seg, 
 // 5243 -> 7326, 7767 -> 10115.
 template <class T>
 Writes row_writes(const Shape& seg, int arrays) {
-    if (sizeof(T) < sizeof(float)) return Writes::cached;
-    return output_writes<T>(seg, arrays, seg.inner);
+    const Writes writes = output_writes<T>(seg, arrays, seg.inner);
+    if (sizeof(T) < sizeof(float) && writes == Writes::streamed)
+        return prefetch_planes<T>(seg, arrays) ? Writes::prefetched : Writes::cached;
+    return writes;
 }
 
 // Blocks of whole rows of up to a page each, half an L1 of them (the apply rereads a block
@@ -195,6 +197,15 @@ void flush_column_lanes(const T* dy, const T* x, std::int64_t r0, std::int64_t n
     }
 }
 
+// Rows per group of the fused backward: at most kFlushVectors (the float32 lanes' budget), and
+// few enough that the group's dy and x stay in L2 from the row sums to the row pass.
+template <class T>
+std::int64_t backward_group_rows(std::int64_t cols) {
+    constexpr std::int64_t kGroupBytes = 256 << 10;
+    return std::clamp<std::int64_t>(kGroupBytes / std::max<std::int64_t>(1, 2 * cols * std::int64_t(sizeof(T))), 1,
+                                    kFlushVectors);
+}
+
 // Widest rows whose per-thread column partials (two float64 per column) the fused backward keeps.
 constexpr std::int64_t kFusedColumns = 16 << 10;
 
@@ -224,7 +235,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
         return checked_wdot(k, dy + at, x + at, weight ? weight + b : nullptr, e - b, shift[r]);
     };
     if (sdy && rows >= threads && cols <= kFusedColumns) {
-        // Each thread a block of rows, in groups of kFlushVectors rows. A row's column terms
+        // Each thread a block of rows, in groups of up to kFlushVectors rows. A row's column terms
         // go into float32 lanes (compute_t) in the same read as its row sums (row_wdot_cols);
         // the group's lanes then go into the thread's float64 partials, and the row pass
         // rereads the group from L2. The column sums had a read of their own (cols_dot), and
@@ -236,16 +247,22 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
         using P = compute_t<T>;
         const std::size_t width = static_cast<std::size_t>(cols);
         std::vector<double> partial(std::size_t(threads) * 2 * width, 0.0);
-        std::vector<P> lanes(std::size_t(threads) * 2 * width, P(0));
+        // Each thread's lanes on lines of their own: they are written on every row.
+        constexpr std::size_t kLine = std::size_t(kLineBytes) / sizeof(P);
+        const std::size_t lanes_stride = (2 * width + kLine - 1) / kLine * kLine;
+        std::vector<P> lanes(std::size_t(threads) * lanes_stride + kLine, P(0));
+        const std::size_t misaligned = reinterpret_cast<std::uintptr_t>(lanes.data()) / sizeof(P) % kLine;
+        P* const lanes_start = lanes.data() + (kLine - misaligned) % kLine;
+        const std::int64_t group = backward_group_rows<T>(cols);
         run_parallel(threads, [&] {
             BATCHNORM_OMP(for schedule(static))
             for (int t = 0; t < threads; ++t) {
                 double* py = partial.data() + std::size_t(t) * 2 * width;
-                P* pl = lanes.data() + std::size_t(t) * 2 * width;
+                P* pl = lanes_start + std::size_t(t) * lanes_stride;
                 Sums sums[kFlushVectors];
                 const std::int64_t end = rows * (t + 1) / threads;
-                for (std::int64_t r0 = rows * t / threads; r0 < end; r0 += kFlushVectors) {
-                    const std::int64_t n = std::min(kFlushVectors, end - r0);
+                for (std::int64_t r0 = rows * t / threads; r0 < end; r0 += group) {
+                    const std::int64_t n = std::min(group, end - r0);
                     for (std::int64_t i = 0; i < n; ++i) {
                         const std::int64_t at = (r0 + i) * cols;
                         sums[i] = k.row_wdot_cols(dy + at, x + at, weight, cols, shift[r0 + i], scale[r0 + i], pl);

@@ -997,11 +997,14 @@ inline void store_block(P* p, typename Ops<T>::V v, int k, int nb, i64 last) {
 
 // Whether a row-major apply streams its output: Writes::streamed, and rows `ld` values apart
 // that all begin on a cache line (the driver shifts rows whose first one does not: see
-// engine/channels_last.hpp, apply_rows), so every whole vector is aligned.
+// engine/channels_last.hpp, apply_rows), so every whole vector is aligned, and whose `width`
+// written values are whole lines, so no line is streamed in part (end_of_lines in table.hpp:
+// a block of columns that ends mid-line leaves the rest of the line to another block).
 template <class S>
-BATCHNORM_ALWAYS_INLINE bool streams_rows(const S* y, i64 ld, Writes writes) {
+BATCHNORM_ALWAYS_INLINE bool streams_rows(const S* y, i64 width, i64 ld, Writes writes) {
     return streams<Ops<compute_t<S>>, S>::value && writes == Writes::streamed &&
-           reinterpret_cast<std::uintptr_t>(y) % kLineBytes == 0 && ld * i64(sizeof(S)) % kLineBytes == 0;
+           reinterpret_cast<std::uintptr_t>(y) % kLineBytes == 0 && ld * i64(sizeof(S)) % kLineBytes == 0 &&
+           width * i64(sizeof(S)) % kLineBytes == 0;
 }
 
 template <class T, bool kTail>
@@ -1445,7 +1448,7 @@ void cl_affine(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, 
             const i64 at = r * ld;
             with_flag(residual != nullptr, [&](auto residual_flag) {
                 with_flag(relu, [&](auto relu_flag) {
-                    with_flag(streams_rows(y + at, step, writes), [&](auto stream_flag) {
+                    with_flag(streams_rows(y + at, width, step, writes), [&](auto stream_flag) {
                         ClAffine<S, decltype(residual_flag)::value, decltype(relu_flag)::value,
                                  decltype(stream_flag)::value, decltype(paired)::value>
                             op{x + at, residual ? residual + at : nullptr, y + at, width, step, f[0], f[1], f[2]};
@@ -1506,7 +1509,7 @@ void cl_grad(const S* dy, const S* x, S* gx, i64 rows, i64 cols, i64 ld, const c
                        [&](i64 r, i64 n, i64 width, i64 step, const auto& row_factors, const auto&) {
         with_pair_columns<S>(n, width, row_factors, [&](const auto& f, auto paired) {
             const i64 at = r * ld;
-            with_flag(streams_rows(gx + at, step, writes), [&](auto stream_flag) {
+            with_flag(streams_rows(gx + at, width, step, writes), [&](auto stream_flag) {
                 ClGrad<S, decltype(stream_flag)::value, decltype(paired)::value> op{
                     dy + at, x + at, gx + at, width, step, f[0], f[1], f[2], f[3]};
                 for_each_block<T>(n, width, op);
@@ -1572,57 +1575,50 @@ void row_scale(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scale, 
     });
 }
 
-template <class S>
-Sums row_wdot(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift) {
-    using T = compute_t<S>;
-    using O = Ops<T>;
-    if (!w) return cf_dot(dy, x, 1, n, n, shift, false);
-    PairSum<T> acc;
-    const auto s = O::set1(shift);
-    for (i64 i = 0; i < n; i += O::W) {
-        const auto g = O::mul(load_n(dy + i, n - i, O::zero()), load_n(w + i, n - i, O::zero()));
-        acc.add(g, g, O::sub(load_n(x + i, n - i, s), s));
-    }
-    return acc.flush();
-}
-
-// One vector of row_wdot_cols at i: its row terms (dy * w, x - shift) into acc's chain `chain`
-// (0-3), its column terms into lanes. Whole vectors only.
-template <bool kWeight, class S, class T = compute_t<S>>
-BATCHNORM_ALWAYS_INLINE void wdot_cols_vector(const S* dy, const S* x, const T* w, T* cdy, T* cdyx, i64 i,
-                                              typename Ops<T>::V s, typename Ops<T>::V a,
-                                              typename Ops<T>::V& g, typename Ops<T>::V& d) {
+// One vector of row_wdot_as at i: its row terms g = dy * w and d = x - shift for the caller's
+// accumulators, and with kColumns its column terms added into cdy, cdyx. Whole vectors only.
+template <bool kWeight, bool kColumns, class S, class T = compute_t<S>>
+BATCHNORM_ALWAYS_INLINE void wdot_vector(const S* dy, const S* x, const T* w, T* cdy, T* cdyx, i64 i,
+                                         typename Ops<T>::V s, typename Ops<T>::V a, typename Ops<T>::V& g,
+                                         typename Ops<T>::V& d) {
     using O = Ops<T>;
     const auto gy = O::load(dy + i);
     d = O::sub(O::load(x + i), s);
-    O::store(cdy + i, O::add(O::load(cdy + i), gy));
-    O::store(cdyx + i, O::fma(gy, O::mul(d, a), O::load(cdyx + i)));
+    if constexpr (kColumns) {
+        O::store(cdy + i, O::add(O::load(cdy + i), gy));
+        O::store(cdyx + i, O::fma(gy, O::mul(d, a), O::load(cdyx + i)));
+    }
     g = kWeight ? O::mul(gy, O::load(w + i)) : gy;
 }
 
-template <class S, bool kWeight>
-Sums row_wdot_cols_as(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift,
-                      compute_t<S> scale, compute_t<S>* lanes) {
+// row_wdot (kColumns false) and row_wdot_cols: one body, so that a row's sums have the same
+// bits whether or not the column sums are wanted (the backward takes them only when the
+// weight's or the bias's gradient is), and the same as run_dot's without a weight.
+template <class S, bool kWeight, bool kColumns>
+Sums row_wdot_as(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift, compute_t<S> scale,
+                 compute_t<S>* lanes) {
     using T = compute_t<S>;
     using O = Ops<T>;
     using V = typename O::V;
     constexpr i64 W = O::W;
-    T* cdy = lanes;
-    T* cdyx = lanes + n;
+    T* const cdy = lanes;
+    T* const cdyx = kColumns ? lanes + n : nullptr;
     const auto s = O::set1(shift), a = O::set1(scale);
     PairSum<T> acc;
     i64 i = 0;
     for (; i + 4 * W <= n; i += 4 * W) {
         V g[4], d[4];
-        for (int c = 0; c < 4; ++c) wdot_cols_vector<kWeight>(dy, x, w, cdy, cdyx, i + c * W, s, a, g[c], d[c]);
+        for (int c = 0; c < 4; ++c) wdot_vector<kWeight, kColumns>(dy, x, w, cdy, cdyx, i + c * W, s, a, g[c], d[c]);
         acc.add4(g[0], g[0], d[0], g[1], g[1], d[1], g[2], g[2], d[2], g[3], g[3], d[3]);
     }
     for (; i < n; i += W) {
         // Tail lanes: dy loads zero and x the shift, so they add zero to every sum.
         const auto gy = load_n(dy + i, n - i, O::zero());
         const auto d = O::sub(load_n(x + i, n - i, s), s);
-        store_n(cdy + i, O::add(load_n(cdy + i, n - i, O::zero()), gy), n - i);
-        store_n(cdyx + i, O::fma(gy, O::mul(d, a), load_n(cdyx + i, n - i, O::zero())), n - i);
+        if constexpr (kColumns) {
+            store_n(cdy + i, O::add(load_n(cdy + i, n - i, O::zero()), gy), n - i);
+            store_n(cdyx + i, O::fma(gy, O::mul(d, a), load_n(cdyx + i, n - i, O::zero())), n - i);
+        }
         const auto g = kWeight ? O::mul(gy, load_n(w + i, n - i, O::zero())) : gy;
         acc.add(g, g, d);
     }
@@ -1630,10 +1626,16 @@ Sums row_wdot_cols_as(const S* dy, const S* x, const compute_t<S>* w, i64 n, com
 }
 
 template <class S>
+Sums row_wdot(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift) {
+    if (!w) return cf_dot(dy, x, 1, n, n, shift, false);
+    return row_wdot_as<S, true, false>(dy, x, w, n, shift, compute_t<S>(0), nullptr);
+}
+
+template <class S>
 Sums row_wdot_cols(const S* dy, const S* x, const compute_t<S>* w, i64 n, compute_t<S> shift, compute_t<S> scale,
                    compute_t<S>* lanes) {
-    if (w) return row_wdot_cols_as<S, true>(dy, x, w, n, shift, scale, lanes);
-    return row_wdot_cols_as<S, false>(dy, x, w, n, shift, scale, lanes);
+    if (w) return row_wdot_as<S, true, true>(dy, x, w, n, shift, scale, lanes);
+    return row_wdot_as<S, false, true>(dy, x, w, n, shift, scale, lanes);
 }
 
 template <class S, bool kStream>

@@ -69,8 +69,8 @@ enum class BlockReads { resident, streamed, prefetched };
 // software prefetch (for writing) of the run or plane the kernel writes next, for outputs whose
 // lines come from beyond the core's caches. streamed: non-temporal stores, which write whole
 // cache lines to memory without first reading them in (and without filling the caches with an
-// output too large to stay there): the cache-line-aligned vectors of each run, the run's first
-// and last partial lines by plain stores; the kernel fences the stores before it returns, so
+// output too large to stay there): the whole cache lines of each run (end_of_lines), the run's
+// first and last partial lines by plain stores; the kernel fences the stores before it returns, so
 // the output is visible to every thread once the call's threads have joined (all but the row
 // kernels, whose callers fence: KernelTable::fence).
 enum class Writes { cached, prefetched, streamed };
@@ -89,13 +89,16 @@ inline std::int64_t values_before_line(const P* p, std::int64_t n) {
 
 // Where a run of n values whose first `head` come before its first line boundary
 // (values_before_line) ends its whole cache lines: a kernel streams [head, end) and writes the
-// rest, the run's last partial line, by plain stores. A non-temporal store of part of a line,
-// whose other part the next run writes by plain stores, cost 4-6x: AMD EPYC Zen 3, 1 thread,
-// float32, output 32 or 48 bytes past a line (8 or 12 floats), layer norm (16000, 256)
-// 2.8 -> 11.1-13.8 ms, batch norm eval of the same bytes as (2000, 8, 256) 1.7 -> 9.5-9.6 ms;
-// at 0 to 16 bytes past a line, 2.8-4.3 and 1.4-1.8 ms.
+// rest, the run's last partial line, by plain stores. Streaming every whole vector, as the
+// kernels did, streamed part of the last line of every run that ends mid-line, and the next run
+// wrote the rest of that line by plain stores: 4-6x slower. AMD EPYC Zen 3, 1 thread, float32,
+// the output 32 or 48 bytes past a line, whole vectors -> whole lines: layer norm (16000, 256)
+// 11.1-13.8 -> 2.4-2.8 ms, batch norm eval of the same bytes as (2000, 8, 256) 9.5-9.6 ->
+// 1.3-1.5 ms (the same calls with the output 0 to 16 bytes past a line took 2.8-4.3 and
+// 1.4-1.8 ms before).
 template <class P>
 inline std::int64_t end_of_lines(std::int64_t head, std::int64_t n) {
+    static_assert(kLineBytes % sizeof(P) == 0, "a line holds whole values");
     constexpr std::int64_t per_line = kLineBytes / std::int64_t(sizeof(P));
     return head + (n - head) / per_line * per_line;
 }

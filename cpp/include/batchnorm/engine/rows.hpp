@@ -153,6 +153,19 @@ void normalize_rows(const T* x, T* y, std::int64_t rows, std::int64_t cols, cons
         [&](std::int64_t r, const R& stats) { scale[std::size_t(r)] = finish(r, stats); }, apply, fence);
 }
 
+// The terms of the column sums below in float64: dy[r][j], and (x[r][j] - shift[r])*scale[r], by
+// which dy[r][j] is multiplied.
+template <class T>
+struct ColumnTerms {
+    const T *dy_, *x_;
+    std::int64_t cols;
+    const compute_t<T>*shift_, *scale_;
+    double dy(std::int64_t r, std::int64_t j) const { return double(dy_[r * cols + j]); }
+    double xhat(std::int64_t r, std::int64_t j) const {
+        return (double(x_[r * cols + j]) - double(shift_[r])) * double(scale_[r]);
+    }
+};
+
 // Column sums over rows: sdy[j] = sum(dy[r][j]), sdyx[j] = sum(dy[r][j]*(x[r][j] - shift[r])*scale[r]).
 // Threads take stripes of columns.
 template <class T>
@@ -168,27 +181,27 @@ void row_column_sums(const T* dy, const T* x, std::int64_t rows, std::int64_t co
         const std::int64_t j0 = b * kStripe, j1 = std::min(cols, e * kStripe);
         if (j0 < j1) k.cols_dot(dy + j0, x + j0, rows, j1 - j0, cols, shift, scale, sdy + j0, sdyx + j0);
     });
+    const ColumnTerms<T> terms{dy, x, cols, shift, scale};
     recheck_columns<T>(
-        rows, cols, sdy, sdyx, [&](std::int64_t r, std::int64_t j) { return double(dy[r * cols + j]); },
-        [&](std::int64_t r, std::int64_t j) {
-            return (double(x[r * cols + j]) - double(shift[r])) * double(scale[r]);
-        });
+        rows, cols, sdy, sdyx, [&](std::int64_t r, std::int64_t j) { return terms.dy(r, j); },
+        [&](std::int64_t r, std::int64_t j) { return terms.xhat(r, j); });
 }
 
 // Adds the column lanes of rows [r0, r0 + n) (row_wdot_cols: dy in lanes[0, cols), the
 // dy*(x - shift)*scale terms in lanes[cols, 2*cols)) into sums (the same layout, float64) and
 // clears them; columns whose lanes overflowed are summed again in float64 (overflow.hpp).
 template <class T>
-void flush_column_lanes(const T* dy, const T* x, std::int64_t r0, std::int64_t n, std::int64_t cols,
-                        const compute_t<T>* shift, const compute_t<T>* scale, compute_t<T>* lanes, double* sums) {
+void flush_column_lanes(const ColumnTerms<T>& terms, std::int64_t r0, std::int64_t n, compute_t<T>* lanes,
+                        double* sums) {
+    const std::int64_t cols = terms.cols;
     for (std::int64_t j = 0; j < cols; ++j) {
         double a = double(lanes[j]), b = double(lanes[cols + j]);
         if (lanes_overflowed<T>(a, b)) {
             a = b = 0;
             for (std::int64_t r = r0; r < r0 + n; ++r) {
-                const double g = double(dy[r * cols + j]);
+                const double g = terms.dy(r, j);
                 a += g;
-                b += g * ((double(x[r * cols + j]) - double(shift[r])) * double(scale[r]));
+                b += g * terms.xhat(r, j);
             }
         }
         sums[j] += a;
@@ -251,8 +264,8 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
         constexpr std::size_t kLine = std::size_t(kLineBytes) / sizeof(P);
         const std::size_t lanes_stride = (2 * width + kLine - 1) / kLine * kLine;
         std::vector<P> lanes(std::size_t(threads) * lanes_stride + kLine, P(0));
-        const std::size_t misaligned = reinterpret_cast<std::uintptr_t>(lanes.data()) / sizeof(P) % kLine;
-        P* const lanes_start = lanes.data() + (kLine - misaligned) % kLine;
+        P* const lanes_start = lanes.data() + values_before_line(lanes.data(), std::int64_t(kLine));
+        const ColumnTerms<T> terms{dy, x, cols, shift, scale};
         const std::int64_t group = backward_group_rows<T>(cols);
         run_parallel(threads, [&] {
             BATCHNORM_OMP(for schedule(static))
@@ -268,7 +281,7 @@ void backward_rows(const T* dy, const T* x, T* gx, std::int64_t rows, std::int64
                         sums[i] = k.row_wdot_cols(dy + at, x + at, weight, cols, shift[r0 + i], scale[r0 + i], pl);
                     }
                     // before the row pass: gx may be dy itself (in place)
-                    flush_column_lanes(dy, x, r0, n, cols, shift, scale, pl, py);
+                    flush_column_lanes(terms, r0, n, pl, py);
                     for (std::int64_t i = 0; i < n; ++i) {
                         const std::int64_t r = r0 + i;
                         const Sums s = lanes_overflowed<T>(sums[i].first, sums[i].second) ? row_sums(r, 0, cols) : sums[i];

@@ -1215,8 +1215,7 @@ BATCHNORM_ALWAYS_INLINE void with_pair_columns(i64 rows, i64 cols, const std::ar
             const std::size_t stride = (std::size_t(cols) + kLine - 1) / kLine * kLine;
             thread_local std::vector<T> buffer;
             buffer.resize(NF * stride + kLine);
-            const std::size_t misaligned = reinterpret_cast<std::uintptr_t>(buffer.data()) / sizeof(T) % kLine;
-            T* const ordered = buffer.data() + (kLine - misaligned) % kLine;
+            T* const ordered = buffer.data() + values_before_line(buffer.data(), i64(kLine));
             const i64 grouped = cols / kGroup * kGroup;
             std::array<const T*, NF> f;
             for (std::size_t i = 0; i < NF; ++i) {

@@ -144,17 +144,31 @@ def test_layer_and_rms_norm(hidden, rng, threads):
     assert_close(gx, ref.layer_norm_backward(gy, x, 1, mean, invstd)[0], np.float32)
 
 
-def test_short_rows_of_a_large_array(rng, threads):
+@pytest.mark.parametrize("cols", [96, 200])
+def test_short_rows_of_a_large_array(cols, rng, threads):
     """Rows shorter than 512 bytes go in blocks even where the arrays are too large for the
-    caches (engine/rows.hpp, row_blocks); 96 values a row, 33 MiB an array: past 16 L2s of
-    2 MiB and half a 32 MiB L3 in every call."""
-    x = (rng.standard_normal((90000, 96)) * 2 + 3).astype(np.float32)
-    w = (rng.standard_normal(96) * 0.5 + 1).astype(np.float32)
-    b = rng.standard_normal(96).astype(np.float32)
+    caches (engine/rows.hpp, row_blocks); rows of up to 1 KiB prefetch the rows ahead, forward
+    and backward (prefetches_rows): 96 and 200 values a row, 33 and 32 MiB an array, past 16 L2s
+    of 2 MiB and half a 32 MiB L3 in every call."""
+    x = (rng.standard_normal((90000 * 96 // cols, cols)) * 2 + 3).astype(np.float32)
+    w = (rng.standard_normal(cols) * 0.5 + 1).astype(np.float32)
+    b = rng.standard_normal(cols).astype(np.float32)
     r = rng.standard_normal(x.shape).astype(np.float32)
-    assert_close(bn.layer_norm(x, (96,), w, b, out=at_offset(x, 3)), ref.layer_norm(x, 1, w, b)[0], np.float32)
-    assert_close(bn.layer_norm(x, (96,), w, b, residual=r), ref.layer_norm(x, 1, w, b, residual=r)[0], np.float32)
-    assert_close(bn.rms_norm(x, (96,), w, 1e-5), ref.rms_norm(x, 1, w, 1e-5)[0], np.float32)
+    y, mean, invstd = ref.layer_norm(x, 1, w, b)
+    assert_close(bn.layer_norm(x, (cols,), w, b, out=at_offset(x, 3)), y, np.float32)
+    assert_close(bn.layer_norm(x, (cols,), w, b, residual=r), ref.layer_norm(x, 1, w, b, residual=r)[0], np.float32)
+    y, rinv = ref.rms_norm(x, 1, w, 1e-5)
+    assert_close(bn.rms_norm(x, (cols,), w, 1e-5), y, np.float32)
+    gy = r
+    gx, gw, gb = bn.layer_norm_backward(gy, x, (cols,), mean.astype(np.float32), invstd.astype(np.float32), w)
+    egx, egw, egb = ref.layer_norm_backward(gy, x, 1, mean, invstd, w)
+    assert_close(gx, egx, np.float32, scale=np.max(np.abs(w)) * np.max(invstd) * np.max(np.abs(gy)))
+    assert_close(gw, egw, np.float32, scale=np.abs(gy).sum() / cols)
+    assert_close(gb, egb, np.float32, scale=np.abs(gy).sum() / cols)
+    gx, gw = bn.rms_norm_backward(gy, x, (cols,), rinv.astype(np.float32), w)
+    egx, egw = ref.rms_norm_backward(gy, x, 1, rinv, w)
+    assert_close(gx, egx, np.float32, scale=np.max(np.abs(w)) * np.max(rinv) * np.max(np.abs(gy)))
+    assert_close(gw, egw, np.float32, scale=np.abs(gy).sum() / cols * 4)
 
 
 @layouts

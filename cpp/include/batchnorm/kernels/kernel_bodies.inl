@@ -282,24 +282,6 @@ BATCHNORM_ALWAYS_INLINE void with_flag(bool flag, F&& f) {
 constexpr i64 kPrefetchRuns = 4;
 constexpr i64 kPrefetchMaxBytes = 4096;
 
-// kWrite: for a run about to be written (the line comes in owned, ready for the store). A run
-// to be read comes into the L2 only (locality 2: prefetcht1 on x86), not the L1: the L1 has few
-// miss buffers, and prefetches into it held up the loads of the run being summed. AMD EPYC
-// Zen 4, float32, bench/cpp/ab_timing.cpp, 1 thread: backward 32x256x14x14 642 -> 573 us,
-// 64x256x14x14 2716 -> 2185, 32x64x56x56 7082 -> 5917, 4x256x56x56 2245 -> 1898; training of
-// the last three -9 to -17 %; 2 threads: backward 32x64x56x56 4050 -> 2935. Shapes whose
-// data stay in cache (no prefetch) did not move.
-template <bool kWrite = false, class P>
-inline void prefetch_run(const P* p, i64 len) {
-#if defined(__GNUC__) || defined(__clang__)
-    const char* c = reinterpret_cast<const char*>(p);
-    for (i64 b = 0; b < len * i64(sizeof(P)); b += 64) __builtin_prefetch(c + b, kWrite ? 1 : 0, kWrite ? 3 : 2);
-#else
-    (void)p;
-    (void)len;
-#endif
-}
-
 // Whether run r + kPrefetchRuns exists and is short enough to prefetch.
 inline bool prefetch_ahead(i64 r, i64 count, i64 bytes) {
     return bytes <= kPrefetchMaxBytes && r + kPrefetchRuns < count;

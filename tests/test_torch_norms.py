@@ -1099,12 +1099,13 @@ def test_saved_tensor_hooks_own_the_saved_input(name, args, shape):
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [5.0, None, (5.0,), "tensor"], ids=["float", "None", "float-element", "tensor"])
+@pytest.mark.parametrize("shape", [5.0, None, (5.0,), "tensor", 5, np.int64(5), (True,)],
+                         ids=["float", "None", "float-element", "tensor", "int", "numpy-int", "bool-element"])
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
 def test_functional_normalized_shape_as_torch_takes_it(name, shape):
     """``normalized_shape`` that torch's function refuses (not a sequence of integers) is its
     TypeError, which names the argument (a float element was computed with; a float raised
-    "'float' object is not iterable")."""
+    "'float' object is not iterable"; an int alone was computed with)."""
     if shape == "tensor":
         shape = torch.tensor([5])
     x = torch.randn(4, 3, 5)

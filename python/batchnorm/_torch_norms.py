@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "L
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)
-_Shape = Union[int, Sequence[int], torch.Size]
+_Shape = Sequence[int]  # torch.Size too; an int alone only in the modules, as in torch
 
 
 def _graph_or_eager(x: Tensor, *params: Optional[Tensor]) -> bool:
@@ -286,11 +286,10 @@ torch.fx.wrap("_opmath_eps")
 
 
 def _shape(normalized_shape: _Shape) -> Optional[Tuple[int, ...]]:
-    """``normalized_shape`` as a tuple of ints (an int alone as its one element), or None where
-    torch's function refuses it (a float, None, a tensor, an element that is not an integer):
-    the caller hands such a call to it, for its TypeError."""
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
-        return (normalized_shape,)
+    """``normalized_shape`` as a tuple of ints, or None where torch's function refuses it (an
+    int alone, a float, None, a tensor, an element that is not an integer): the caller hands
+    such a call to it, for its TypeError. (torch's modules take an int alone; its functions
+    do not, and code that ran on the drop-in must run on torch.)"""
     if not isinstance(normalized_shape, (tuple, list)):  # (torch.Size is a tuple)
         return None
     for size in normalized_shape:
@@ -309,7 +308,7 @@ def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor]
     """``torch.nn.functional.layer_norm`` on batchnorm's kernels (torch's where they do not apply)."""
     shape = _shape(normalized_shape)
     if shape is None:  # torch's TypeError naming the argument
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)  # type: ignore[arg-type]
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     if isinstance(input, _Proxy) or (_graph_or_eager(input, weight, bias) and _layer_applies(input, shape, eps, weight, bias)):
         return _run("layer_norm", input, len(shape), _up(input, weight), _up(input, bias), eps,  # type: ignore[no-any-return]
                     False)[0]
@@ -322,7 +321,7 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     epsilon of the type the input is computed in (float32 for half inputs), as in torch."""
     shape = _shape(normalized_shape)
     if shape is None:  # torch's TypeError naming the argument
-        return F.rms_norm(input, normalized_shape, weight, eps)  # type: ignore[arg-type]
+        return F.rms_norm(input, normalized_shape, weight, eps)
     if not isinstance(input, _Proxy):
         if not isinstance(input, Tensor):  # torch's TypeError naming the argument
             return F.rms_norm(input, list(shape), weight, eps)

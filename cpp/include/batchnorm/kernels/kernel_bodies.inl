@@ -1521,22 +1521,27 @@ BATCHNORM_ALWAYS_INLINE V row_value(V x, V w, V b, V s, V a, V o, O) {
     return v;
 }
 
-// row_value over the vector at x (the first `left` lanes where left < W) into y. Called with
-// left = W for whole vectors, so that their loop has no test of the tail: as one loop of
-// load_n/store_n, GCC kept the test and a jump in every vector, and layer and RMS norm on
-// half storage lost 5-15 % to them (AMD EPYC Zen 3, 1 thread, ab_timing rows mode, (4096, 768)
-// bfloat16 layer norm 2381 -> 2142 us, float16 2092 -> 1798; float32 the same within noise).
+// row_value over the vector at x (the first `left` lanes where left < W), which the caller
+// stores (row_scale_vector, or a stream). Called with left = W for whole vectors, so that
+// their loop has no test of the tail: as one loop of load_n/store_n, GCC kept the test and a
+// jump in every vector, and layer and RMS norm on half storage lost 5-15 % to them (AMD EPYC
+// Zen 3, 1 thread, ab_timing rows mode, (4096, 768) bfloat16 layer norm 2381 -> 2142 us,
+// float16 2092 -> 1798; float32 the same within noise).
 // The row kernels write their partial last vector before the whole ones. Written last, it
 // was the function's last act, which GCC made a tail call into Ops::store_partial; that returns
 // without vzeroupper, and the (SSE) engine code after the kernel ran at half speed:
 // bench/cpp/ab_timing.cpp rows mode, 1 thread, (1024, 100) bfloat16, every row norm op
 // 80-150 -> 210-290 us; (4096, 768) float32 RMS norm forward a third slower.
 template <bool kWeight, bool kBias, class S, class T, class V>
-BATCHNORM_ALWAYS_INLINE void row_scale_vector(const S* x, S* y, const T* w, const T* b, i64 left, V s, V a, V o) {
+BATCHNORM_ALWAYS_INLINE V row_scale_value(const S* x, const T* w, const T* b, i64 left, V s, V a, V o) {
     using O = Ops<T>;
-    store_n(y, row_value<kWeight, kBias>(load_n(x, left, s), kWeight ? load_n(w, left, O::zero()) : O::zero(),
-                                         kBias ? load_n(b, left, O::zero()) : O::zero(), s, a, o, O{}),
-            left);
+    return row_value<kWeight, kBias>(load_n(x, left, s), kWeight ? load_n(w, left, O::zero()) : O::zero(),
+                                     kBias ? load_n(b, left, O::zero()) : O::zero(), s, a, o, O{});
+}
+
+template <bool kWeight, bool kBias, class S, class T, class V>
+BATCHNORM_ALWAYS_INLINE void row_scale_vector(const S* x, S* y, const T* w, const T* b, i64 left, V s, V a, V o) {
+    store_n(y, row_scale_value<kWeight, kBias>(x, w, b, left, s, a, o), left);
 }
 
 // kStream as for run_affine.
@@ -1551,8 +1556,8 @@ void row_scale_as(const S* x, S* y, i64 n, compute_t<S> shift, compute_t<S> scal
         const i64 head = values_before_line(y, n), end = end_of_lines<S>(head, n);
         row_scale_as<S, kWeight, kBias>(x, y, head, shift, scale, offset, w, b);
         for (i = head; i + O::W <= end; i += O::W)
-            O::stream(y + i, row_value<kWeight, kBias>(O::load(x + i), kWeight ? O::load(w + i) : O::zero(),
-                                                       kBias ? O::load(b + i) : O::zero(), s, a, o, O{}));
+            O::stream(y + i, row_scale_value<kWeight, kBias>(x + i, kWeight ? w + i : w, kBias ? b + i : b, O::W, s,
+                                                             a, o));
     }
     const i64 whole = i + (n - i) / O::W * O::W;  // the partial vector first (row_scale_vector)
     if (whole < n)
@@ -1638,14 +1643,19 @@ Sums row_wdot_cols(const S* dy, const S* x, const compute_t<S>* w, i64 n, comput
     return row_wdot_as<S, false, true>(dy, x, w, n, shift, scale, lanes);
 }
 
-// grad_value over the vector at gx with dy * w for dy, `left` lanes as row_scale_vector (and
-// its partial vector first too).
+// grad_value over the vector at x with dy * w for dy, `left` lanes as row_scale_value; stored
+// by row_wgrad_vector (its partial vector first too) or a stream.
+template <class S, class T, class V>
+BATCHNORM_ALWAYS_INLINE V row_wgrad_value(const S* dy, const S* x, const T* w, i64 left, V s, V k, V m, V q) {
+    using O = Ops<T>;
+    const auto g = O::mul(load_n(dy, left, O::zero()), load_n(w, left, O::zero()));
+    return grad_value(g, load_n(x, left, s), s, k, m, q, O{});
+}
+
 template <class S, class T, class V>
 BATCHNORM_ALWAYS_INLINE void row_wgrad_vector(const S* dy, const S* x, const T* w, S* gx, i64 left, V s, V k, V m,
                                               V q) {
-    using O = Ops<T>;
-    const auto g = O::mul(load_n(dy, left, O::zero()), load_n(w, left, O::zero()));
-    store_n(gx, grad_value(g, load_n(x, left, s), s, k, m, q, O{}), left);
+    store_n(gx, row_wgrad_value(dy, x, w, left, s, k, m, q), left);
 }
 
 template <class S, bool kStream>
@@ -1659,7 +1669,7 @@ void row_wgrad_as(const S* dy, const S* x, const compute_t<S>* w, S* gx, i64 n, 
         const i64 head = values_before_line(gx, n), end = end_of_lines<S>(head, n);
         row_wgrad_as<S, false>(dy, x, w, gx, head, shift, k, m, q);
         for (i = head; i + O::W <= end; i += O::W)
-            O::stream(gx + i, grad_value(O::mul(O::load(dy + i), O::load(w + i)), O::load(x + i), s, kv, mv, qv, O{}));
+            O::stream(gx + i, row_wgrad_value(dy + i, x + i, w + i, O::W, s, kv, mv, qv));
     }
     const i64 whole = i + (n - i) / O::W * O::W;  // the partial vector first (row_scale_vector)
     if (whole < n) row_wgrad_vector(dy + whole, x + whole, w + whole, gx + whole, n - whole, s, kv, mv, qv);

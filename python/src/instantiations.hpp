@@ -1,7 +1,7 @@
 // The C++ entry points the module uses, for every storage type (float, double, float16,
 // bfloat16; per-channel arrays are P = compute_t<T>). kernels_<type>.cpp instantiate them at
-// -O3, one storage type per file; core.cpp (built at nanobind's -Os) only declares them, so no
-// kernel is compiled at -Os.
+// -O3, one storage type per file; core.cpp (built at -O2, see CMakeLists.txt) only declares
+// them, so no kernel is compiled at the bindings' level.
 #pragma once
 
 #include <batchnorm/batchnorm.hpp>

@@ -1,6 +1,6 @@
 """Outputs too large for the caches are written by non-temporal stores (engine/cache.hpp,
 output_writes: a call whose arrays pass half the L3): channels-first runs and layer norm rows
-of 1 KiB or more with plain stores up to their first cache-line boundary and for their last
+of 512 bytes or more with plain stores up to their first cache-line boundary and for their last
 partial line; channels-last rows of whole lines from the first line boundary, their factors
 rotated to match (engine/channels_last.hpp, apply_rows). The values must be those of any other
 call: checked here against the float64 reference on arrays of 16 MiB (float32), past half of a
@@ -61,6 +61,29 @@ def test_train_and_backward(dtype, channels_last, rng, threads):
     n = x.size // x.shape[1]
     assert_close(gb, gb64, dtype, scale=np.sqrt(n))
     assert_close(gw, gw64, dtype, scale=np.sqrt(n))
+
+
+@pytest.mark.parametrize("values_in", [0, 5])
+def test_short_planes(values_in, rng, threads):
+    """14x14 float32 planes (784 bytes: 12 whole lines and two partial ones, at a different
+    offset within a line from one plane to the next) stream plane by plane in the blocks of
+    short planes (engine/plane_blocks.hpp): training, eval and backward, 12.8 MB an array."""
+    x, w, b = inputs(rng, np.float32, (64, 256, 14, 14))
+    rm, rv = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+    y = bn.batch_norm(x, rm, rv, w, b, training=True, out=at_offset(x, values_in))
+    y64, mean, invstd, new_rm, new_rv = ref.forward_train(x, w, b, np.zeros_like(rm), np.ones_like(rv))
+    assert_close(y, y64, np.float32, err_msg="training forward")
+    assert_close(rv, new_rv, np.float32)
+    y = bn.batch_norm(x, rm, rv, w, b, training=False, out=at_offset(x, values_in))
+    assert_close(y, ref.fused_eval(x, rm, rv, w, b, 1e-5, 1, None, None), np.float32, err_msg="eval")
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    gx, gw, gb = bn.batch_norm_backward(gy, x, mean.astype(np.float32), invstd.astype(np.float32), w,
+                                        out=at_offset(x, values_in))
+    gx64, gw64, gb64 = ref.backward_train(gy, x, mean, invstd, w)
+    assert_close(gx, gx64, np.float32, err_msg="grad_x")
+    n = x.size // x.shape[1]
+    assert_close(gw, gw64, np.float32, scale=np.sqrt(n))
+    assert_close(gb, gb64, np.float32, scale=np.sqrt(n))
 
 
 @layouts

@@ -118,8 +118,14 @@ bool prefetch_planes(const Shape& s, int arrays) {
 // backward 575-647 -> 428-436. Below the threshold streaming costs: eval of 2x256x56x56, whose
 // output stays in the L3, 170 -> 274-288 us.
 // Only runs of kMinStreamRunBytes or more: a run's first and last partial lines take plain
-// stores, and a short run is little else.
-constexpr std::int64_t kMinStreamRunBytes = 1024;
+// stores, and a short run is little else. Eight lines (once sixteen) take 14x14 and 12x12
+// float32 planes and rows of 128-255 float32 values: AMD EPYC Zen 3, 1 thread,
+// bench/cpp/ab_timing.cpp, 9-11 interleaved rounds, two runs in either order, 1024 -> 512, us:
+// backward 32x256x14x14 1973 -> 1565, 1747 -> 1325 (and 1464 -> 1067, 1871 -> 1433 with the
+// order swapped), 64x256x14x14 6736 -> 5864; training 64x256x14x14 4746 -> 3673 and
+// 128x128x12x12 2211 -> 1456; layer norm of 65536 rows of 192 values 15387 -> 11330. Four
+// lines (8x8 planes) went either way: training 256x256x8x8 lost in four runs of four.
+constexpr std::int64_t kMinStreamRunBytes = 512;
 
 template <class T>
 Writes output_writes(const Shape& s, int arrays, std::int64_t run) {

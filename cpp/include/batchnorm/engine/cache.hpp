@@ -117,7 +117,7 @@ bool prefetch_planes(const Shape& s, int arrays) {
 // 1500-1807 -> 795-891, backward 2493-2663 -> 1235-1478; 2x256x56x56 (6.4 MiB per array)
 // backward 575-647 -> 428-436. Below the threshold streaming costs: eval of 2x256x56x56, whose
 // output stays in the L3, 170 -> 274-288 us.
-// Only runs of kMinStreamRunBytes or more: a run's first and last partial lines take plain
+// Only runs of min_stream_run_bytes or more: a run's first and last partial lines take plain
 // stores, and a short run is little else. Eight lines (once sixteen) take 14x14 and 12x12
 // float32 planes and rows of 128-255 float32 values: AMD EPYC Zen 3, 1 thread,
 // bench/cpp/ab_timing.cpp, 9-11 interleaved rounds, two runs in either order, 1024 -> 512, us:
@@ -125,12 +125,20 @@ bool prefetch_planes(const Shape& s, int arrays) {
 // order swapped), 64x256x14x14 6736 -> 5864; training 64x256x14x14 4746 -> 3673 and
 // 128x128x12x12 2211 -> 1456; layer norm of 65536 rows of 192 values 15387 -> 11330. Four
 // lines (8x8 planes) went either way: training 256x256x8x8 lost in four runs of four.
-constexpr std::int64_t kMinStreamRunBytes = 512;
+// float16 and bfloat16 keep sixteen lines: at eight their streamed planes, converted plane by
+// plane, went either way (bfloat16, same machine and method: 128x256x16x16 backward and eval
+// faster in four runs of four, training slower in four; 128x256x20x20 training faster in four,
+// eval slower in three).
+template <class T>
+constexpr std::int64_t min_stream_run_bytes() {
+    return sizeof(T) < sizeof(float) ? 1024 : 512;
+}
 
 template <class T>
 Writes output_writes(const Shape& s, int arrays, std::int64_t run) {
     const std::int64_t bytes = arrays * s.size() * std::int64_t(sizeof(T));
-    if (2 * bytes > cache_sizes().l3 && run * std::int64_t(sizeof(T)) >= kMinStreamRunBytes) return Writes::streamed;
+    if (2 * bytes > cache_sizes().l3 && run * std::int64_t(sizeof(T)) >= min_stream_run_bytes<T>())
+        return Writes::streamed;
     return prefetch_planes<T>(s, arrays) ? Writes::prefetched : Writes::cached;
 }
 

@@ -86,6 +86,29 @@ def test_short_planes(values_in, rng, threads):
     assert_close(gb, gb64, np.float32, scale=np.sqrt(n))
 
 
+@pytest.mark.parametrize("shape", [(64, 256, 14, 14), (32, 512, 14, 14), (16, 1024, 14, 14)],
+                         ids=["256", "512", "1024"])
+def test_channels_last_rows_from_memory(shape, rng, threads):
+    """Channels-last statistics and gradient sums of arrays too large for the caches read rows
+    of less than a page one at a time (kernels/kernel_bodies.inl, reads_in_order); 1024
+    channels (a page a row) keep their groups of rows. Training and backward, 12.8 MB an array."""
+    x, w, b = inputs(rng, np.float32, shape, channels_last=True)
+    rm, rv = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+    y = bn.batch_norm(x, rm, rv, w, b, training=True)
+    y64, mean, invstd, new_rm, new_rv = ref.forward_train(x, w, b, np.zeros_like(rm), np.ones_like(rv))
+    assert_close(y, y64, np.float32, err_msg="training forward")
+    assert_close(rm, new_rm, np.float32)
+    assert_close(rv, new_rv, np.float32)
+    gy = np.empty_like(x)
+    gy[...] = rng.standard_normal(x.shape)
+    gx, gw, gb = bn.batch_norm_backward(gy, x, mean.astype(np.float32), invstd.astype(np.float32), w)
+    gx64, gw64, gb64 = ref.backward_train(gy, x, mean, invstd, w)
+    assert_close(gx, gx64, np.float32, err_msg="grad_x")
+    n = x.size // x.shape[1]
+    assert_close(gw, gw64, np.float32, scale=np.sqrt(n))
+    assert_close(gb, gb64, np.float32, scale=np.sqrt(n))
+
+
 @layouts
 @pytest.mark.parametrize("values_in", [0, 1, 5, 15, "byte"])
 def test_eval_residual_relu_into_any_offset(values_in, channels_last, rng, threads):

@@ -462,15 +462,19 @@ void test_cl(const KernelTable<T>& t, const std::string& tag, std::mt19937_64& r
             t.cl_sum(x.data(), rows, cols, cols, o1.data());
             check_cols("cl_sum", o1, sx, ax);
 
-            o1 = start(); o2 = start();
-            t.cl_dev(x.data(), rows, cols, cols, shift.data(), o1.data(), o2.data());
-            check_cols("cl_dev.s1", o1, d1, ad1);
-            check_cols("cl_dev.s2", o2, d2, d2);
+            // A few rows at a time (resident, streamed), or row by row in page-wide chunks (prefetched).
+            for (const BlockReads reads : {BlockReads::resident, BlockReads::prefetched}) {
+                const std::string order = reads == BlockReads::prefetched ? " in order" : "";
+                o1 = start(); o2 = start();
+                t.cl_dev(x.data(), rows, cols, cols, shift.data(), o1.data(), o2.data(), reads);
+                check_cols(("cl_dev.s1" + order).c_str(), o1, d1, ad1);
+                check_cols(("cl_dev.s2" + order).c_str(), o2, d2, d2);
 
-            o1 = start(); o2 = start();
-            t.cl_dot(dy.data(), x.data(), rows, cols, cols, shift.data(), o1.data(), o2.data());
-            check_cols("cl_dot.sdy", o1, g, ag);
-            check_cols("cl_dot.sdyx", o2, gd, agd);
+                o1 = start(); o2 = start();
+                t.cl_dot(dy.data(), x.data(), rows, cols, cols, shift.data(), o1.data(), o2.data(), reads);
+                check_cols(("cl_dot.sdy" + order).c_str(), o1, g, ag);
+                check_cols(("cl_dot.sdyx" + order).c_str(), o2, gd, agd);
+            }
         }
 
         for (int variant = 0; variant < 4; ++variant) {

@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <string>
 
-#include "../kernels/table.hpp"  // Writes
+#include "../kernels/table.hpp"  // Writes, BlockReads
 #include "../shape.hpp"
 
 namespace batchnorm::detail {
@@ -104,6 +104,15 @@ inline std::int64_t cache_resident_bytes() {
 template <class T>
 bool prefetch_planes(const Shape& s, int arrays) {
     return arrays * s.size() * std::int64_t(sizeof(T)) > cache_resident_bytes();
+}
+
+// Where the block reductions (and the channels-last ones) find the `reads` arrays they read of this shape, out of the
+// call's `arrays` (inputs and outputs): see BlockReads (kernels/table.hpp).
+template <class T>
+BlockReads block_reads(const Shape& s, int reads, int arrays) {
+    if (prefetch_planes<T>(s, arrays)) return BlockReads::prefetched;
+    const bool resident = std::int64_t(reads) * s.size() * std::int64_t(sizeof(T)) <= cache_sizes().l2;
+    return resident ? BlockReads::resident : BlockReads::streamed;
 }
 
 // How the apply kernels of a channels-first call write its output (Writes, kernels/table.hpp):

@@ -122,7 +122,8 @@ constexpr std::int64_t kProbeRows = 8;
 // from the mean so far; the columns of a tile whose shift was more than a standard deviation off
 // are summed again around their own means while the tile is in cache.
 template <class T>
-void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const ColumnBlock& b, ColumnScratch<T>& w) {
+void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const ColumnBlock& b, ColumnScratch<T>& w,
+                  BlockReads reads) {
     const std::int64_t cols = b.cols, step = tile_rows<T>(cols);
     const std::size_t ncols = std::size_t(cols);
     w.moments.count = 0;  // the first tile sets them
@@ -140,11 +141,11 @@ void rows_moments(const KernelTable<T>& k, const T* x, std::int64_t rows, const 
         }
         std::fill_n(w.s1.begin(), ncols, 0.0);
         std::fill_n(w.s2.begin(), ncols, 0.0);
-        checked_cl_dev(k, tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data());
+        checked_cl_dev(k, tile, n, cols, b.ld, w.shift.data(), w.s1.data(), w.s2.data(), reads);
         resum_far_columns(cols, k.lanes, double(n), w.shift.data(), w.s1.data(), w.s2.data(),
                           [&](std::int64_t j0, std::int64_t j1) {
                               checked_cl_dev(k, tile + j0, n, j1 - j0, b.ld, w.shift.data() + j0, w.s1.data() + j0,
-                                             w.s2.data() + j0);
+                                             w.s2.data() + j0, BlockReads::resident);  // the tile is in cache
                           });
         merge_shifted_sums(w.moments, cols, double(n), w.shift.data(), w.s1.data(), w.s2.data());
     }
@@ -252,16 +253,19 @@ Moments channel_moments(const Shape& s, std::int64_t c, const ColumnBlock& b,
 
 template <class T>
 void block_moments(const KernelTable<T>& k, const T* x, std::int64_t begin, std::int64_t end, const ColumnBlock& b,
-                   ColumnScratch<T>& w) {
-    rows_moments(k, x + begin * b.ld + b.col, end - begin, b, w);
+                   ColumnScratch<T>& w, BlockReads reads) {
+    rows_moments(k, x + begin * b.ld + b.col, end - begin, b, w, reads);
 }
 
 // Moments of every channel, handed to finish(c, Moments).
 template <class T, class Finish>
 void moments_channels_last(const KernelTable<T>& k, const T* x, const Shape& s, Finish&& finish) {
+    const BlockReads reads = block_reads<T>(s, 1, 1);
     for_each_row_block<T>(
         s, parallel_bytes<T>(1, s.size()),
-        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
+            block_moments(k, x, b, e, blk, w, reads);
+        },
         [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
             if (s.inner == 1) {  // the threads' columns merged as arrays
                 const MomentsColumns total = merge_thread_columns(c_begin - blk.first, c_end - c_begin, scratch);
@@ -356,9 +360,12 @@ void normalize_channels_last(const KernelTable<T>& k, const T* x, T* y, const Sh
                              Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), alpha(s), beta(s);
     const Writes writes = output_writes<T>(s, 2, s.size());  // rows of a tile are one run
+    const BlockReads reads = block_reads<T>(s, 1, 2);
     for_each_row_block<T>(
         s, parallel_bytes<T>(kNormalizeArrays, s.size()),
-        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) { block_moments(k, x, b, e, blk, w); },
+        [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
+            block_moments(k, x, b, e, blk, w, reads);
+        },
         [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
             if (s.inner == 1) {
                 const std::int64_t j0 = c_begin - blk.first, n = c_end - c_begin;
@@ -386,6 +393,7 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
                             const compute_t<T>* shift_of, Finish&& finish) {
     PerColumn<compute_t<T>> shift(s), k_coef(s), m_coef(s), q_coef(s);
     const Writes writes = output_writes<T>(s, 3, s.size());
+    const BlockReads reads = block_reads<T>(s, 2, 3);
     for_each_row_block<T>(
         s, parallel_bytes<T>(kBackwardArrays, s.size()),
         [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
@@ -398,7 +406,8 @@ void backward_channels_last(const KernelTable<T>& k, const T* dy, const T* x, T*
             std::fill_n(w.s1.begin(), blk.cols, 0.0);
             std::fill_n(w.s2.begin(), blk.cols, 0.0);
             const std::int64_t at = b * blk.ld + blk.col;
-            checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+            checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data(),
+                           reads);
         },
         [&](std::int64_t c_begin, std::int64_t c_end, const ColumnBlock& blk, auto& scratch) {
             if (s.inner == 1) {  // one column per channel: the threads' sums added as arrays, in the first's

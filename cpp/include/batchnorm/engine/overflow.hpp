@@ -94,8 +94,8 @@ void checked_cl_sum(const KernelTable<T>& k, const T* x, std::int64_t rows, std:
 // cl_dev with the float64 fallback: s1, s2 must start at zero.
 template <class T>
 void checked_cl_dev(const KernelTable<T>& k, const T* x, std::int64_t rows, std::int64_t cols, std::int64_t ld,
-                    const compute_t<T>* shift, double* s1, double* s2) {
-    k.cl_dev(x, rows, cols, ld, shift, s1, s2);
+                    const compute_t<T>* shift, double* s1, double* s2, BlockReads reads) {
+    k.cl_dev(x, rows, cols, ld, shift, s1, s2, reads);
     const auto dev = [&](std::int64_t r, std::int64_t j) { return double(x[r * ld + j]) - double(shift[j]); };
     recheck_columns<T>(rows, cols, s1, s2, dev, dev);
 }
@@ -103,8 +103,8 @@ void checked_cl_dev(const KernelTable<T>& k, const T* x, std::int64_t rows, std:
 // cl_dot with the float64 fallback: sdy, sdyx must start at zero.
 template <class T>
 void checked_cl_dot(const KernelTable<T>& k, const T* dy, const T* x, std::int64_t rows, std::int64_t cols,
-                    std::int64_t ld, const compute_t<T>* shift, double* sdy, double* sdyx) {
-    k.cl_dot(dy, x, rows, cols, ld, shift, sdy, sdyx);
+                    std::int64_t ld, const compute_t<T>* shift, double* sdy, double* sdyx, BlockReads reads) {
+    k.cl_dot(dy, x, rows, cols, ld, shift, sdy, sdyx, reads);
     recheck_columns<T>(
         rows, cols, sdy, sdyx, [&](std::int64_t r, std::int64_t j) { return double(dy[r * ld + j]); },
         [&](std::int64_t r, std::int64_t j) { return double(x[r * ld + j]) - double(shift[j]); });

@@ -82,15 +82,6 @@ bool in_two_passes(const Shape& s, int arrays, int threads) {
     return per_thread > kTwoPassL2s * cache_sizes().l2 && !prefetch_planes<T>(s, arrays);
 }
 
-// Where the block reductions find the `reads` arrays they read of this shape, out of the
-// call's `arrays` (inputs and outputs): see BlockReads (kernels/table.hpp).
-template <class T>
-BlockReads block_reads(const Shape& s, int reads, int arrays) {
-    if (prefetch_planes<T>(s, arrays)) return BlockReads::prefetched;
-    const bool resident = std::int64_t(reads) * s.size() * std::int64_t(sizeof(T)) <= cache_sizes().l2;
-    return resident ? BlockReads::resident : BlockReads::streamed;
-}
-
 // Per-thread buffers of one block's channels.
 template <class T>
 struct BlockScratch {

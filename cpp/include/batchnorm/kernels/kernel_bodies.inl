@@ -1034,17 +1034,33 @@ void narrow_block(Op& op, i64 row0, i64 rows, i64 last) {
     op.template block<false>(row0, rows, 0, last, std::integral_constant<int, N>{});
 }
 
+// Vectors per chunk of a wide row for the apply kernels, and for the reductions reading from
+// memory (in_order): a page of each stream (kApplyChunkBytes).
+template <class T>
+constexpr i64 page_chunk() {
+    return std::max<i64>(kWide, kApplyChunkBytes / i64(Ops<T>::W * sizeof(T)));
+}
+
+// Whether op goes down its rows one at a time (rows_by_group): the apply kernels always, the
+// reductions when they read from memory (their in_order_).
+template <class Op>
+BATCHNORM_ALWAYS_INLINE bool rows_in_order(const Op& op) {
+    if constexpr (Op::kApply) return true;
+    else return op.in_order_;
+}
+
 // Runs op.template block<kTail>(row0, rows, j, last, nb) over every tile of rows: nb vectors from
 // column j, the last with `last` lanes when kTail. A row of at most kBlock vectors is one block
 // whose count is a compile-time constant, so its accumulators (or factors) live in registers and
-// the row streams linearly. Wider rows go in chunks of up to kWide vectors, row by row, their
-// accumulators in an L1-resident array: walking a few vectors down many rows would touch a new
-// page per row and defeat the prefetchers.
+// the row streams linearly. Wider rows go in chunks of up to kWide vectors (page_chunk when the
+// rows go in order), row by row, their accumulators in an L1-resident array: walking a few
+// vectors down many rows would touch a new page per row and defeat the prefetchers.
 template <class T, class Op>
 void for_each_block(i64 rows, i64 cols, Op& op) {
     constexpr i64 W = Ops<T>::W;
-    constexpr i64 kChunk = Op::kApply ? std::max<i64>(kWide, kApplyChunkBytes / i64(W * sizeof(T))) : kWide;
-    static_assert(kChunk % 2 == 0, "blocks start at an even vector: a block's pairs are whole (with_pair_columns)");
+    static_assert(kWide % 2 == 0 && page_chunk<T>() % 2 == 0,
+                  "blocks start at an even vector: a block's pairs are whole (with_pair_columns)");
+    const i64 chunk = rows_in_order(op) ? page_chunk<T>() : kWide;
     const i64 tile = tile_rows_for_blocks<T>(cols), vectors = (cols + W - 1) / W;
     const i64 last = cols - (vectors - 1) * W;  // lanes of the last vector, 1..W
     for (i64 r = 0; r < rows; r += tile) {
@@ -1057,8 +1073,8 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
             case 4: narrow_block<4, T>(op, r, n, last); break;
             static_assert(kBlock == 4, "one case per block width up to kBlock");
             default:
-                for (i64 v = 0; v < vectors; v += kChunk) {
-                    const int nb = int(std::min(kChunk, vectors - v));
+                for (i64 v = 0; v < vectors; v += chunk) {
+                    const int nb = int(std::min(chunk, vectors - v));
                     if constexpr (W > 1) {  // one lane has no partial vector
                         if (v + nb == vectors && last < W) {
                             op.template block<true>(r, n, v * W, last, nb);
@@ -1082,28 +1098,46 @@ void for_each_block(i64 rows, i64 cols, Op& op) {
 // row's vectors feed independent chains. In groups, the arrays were kept in memory, and a
 // 64-column row's sums waited on stores and reloads (AMD EPYC Zen 4, 1 thread, float32
 // batch_stats of 12544x64: 63.6 -> 47.4 us).
+// A wide block read from memory (in_order: reads_in_order) goes row by row as well, in
+// page-wide chunks (page_chunk), as the apply kernels go: in groups, its rows came from memory
+// as several streams at once, more slowly than as one. AMD EPYC Zen 3, 1 thread, float32
+// channels-last, bench/cpp/ab_timing.cpp, 9 interleaved rounds, groups -> in order, us (the
+// second figure with the two libraries' order swapped): backward 12544x256 6022 -> 4853,
+// 5324 -> 4835; 6272x512 5674 -> 5067, 6374 -> 6073; 25088x128 5387 -> 5008, 5540 -> 4251;
+// training 12544x256 3410 -> 3048, 3845 -> 3441; 6272x512 3539 -> 3268, 3993 -> 3329.
 constexpr i64 kRowGroup = 4;
 
 template <class Count, class Visit>
-BATCHNORM_ALWAYS_INLINE void rows_by_group(i64 r, i64 end, Count nb, Visit&& visit) {
+BATCHNORM_ALWAYS_INLINE void rows_by_group(i64 r, i64 end, Count nb, bool in_order, Visit&& visit) {
     if constexpr (!std::is_integral_v<Count>) {
         for (; r < end; ++r) {
             BATCHNORM_UNROLL_PLANE
             for (int k = 0; k < Count::value; ++k) visit(k, r, std::integral_constant<int, 1>{});
         }
     } else {
-        for (; r + kRowGroup <= end; r += kRowGroup)
-            for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, int(kRowGroup)>{});
+        if (!in_order)
+            for (; r + kRowGroup <= end; r += kRowGroup)
+                for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, int(kRowGroup)>{});
         for (; r < end; ++r)
             for (int k = 0; k < nb; ++k) visit(k, r, std::integral_constant<int, 1>{});
     }
 }
 
-// Accumulators a column block of Count vectors needs: its count where that is a compile-time
-// constant, else kWide.
-template <class Count>
+// Whether a channels-last reduction over rows of `cols` values of S goes row by row
+// (rows_by_group): when it reads from memory (BlockReads::prefetched) rows of less than a page.
+// Rows of a page or more keep their groups: 3136x1024 float32 training lost in order (same
+// machine and method as rows_by_group's figures: 3792 -> 4360, 2370 -> 2741 us), though its
+// backward gained (6456 -> 5446, 5393 -> 4803).
+template <class S>
+bool reads_in_order(BlockReads reads, i64 cols) {
+    return reads == BlockReads::prefetched && cols * i64(sizeof(S)) < kApplyChunkBytes;
+}
+
+// Accumulators a column block of Count vectors of T needs: its count where that is a
+// compile-time constant, else the widest chunk (page_chunk).
+template <class T, class Count>
 constexpr int block_capacity() {
-    if constexpr (std::is_integral_v<Count>) return int(kWide);
+    if constexpr (std::is_integral_v<Count>) return int(page_chunk<T>());
     else return int(Count::value);
 }
 
@@ -1230,6 +1264,7 @@ struct ClSum {
     const S* x_;
     i64 cols_, ld_;
     double* sum_;
+    bool in_order_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
@@ -1240,9 +1275,9 @@ struct ClSum {
         using O = Ops<T>;
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
-            typename O::V a[block_capacity<Count>()];
+            typename O::V a[block_capacity<T, Count>()];
             for (int k = 0; k < int(nb); ++k) a[k] = O::zero();
-            rows_by_group(r, end, nb, [&](int k, i64 r0, auto group) {
+            rows_by_group(r, end, nb, in_order_, [&](int k, i64 r0, auto group) {
                 auto acc = a[k];
                 for (int q = 0; q < group; ++q)
                     acc = O::add(acc, load_block<T, kTail>(x + (r0 + q) * ld + j + k * O::W, k, int(nb), last, O::zero()));
@@ -1258,7 +1293,7 @@ template <class S>
 void cl_sum(const S* x, i64 rows, i64 cols, i64 ld, double* sum) {
     using T = compute_t<S>;
     fold_rows<T, 0, 1>(rows, cols, ld, {}, {sum}, [&](i64 r, i64 n, i64 width, i64 step, const auto&, const auto& s) {
-        ClSum<S> op{x + r * ld, width, step, s[0]};
+        ClSum<S> op{x + r * ld, width, step, s[0], false};
         for_each_block<T>(n, width, op);
     });
 }
@@ -1271,6 +1306,7 @@ struct ClDev {
     i64 cols_, ld_;
     const T* shift_;
     double *s1_, *s2_;
+    bool in_order_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
@@ -1283,9 +1319,9 @@ struct ClDev {
         const BlockFactors<T, kTail, Count> s(shift + j, nb, last);
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
-            typename O::V d1[block_capacity<Count>()], d2[block_capacity<Count>()];
+            typename O::V d1[block_capacity<T, Count>()], d2[block_capacity<T, Count>()];
             for (int k = 0; k < int(nb); ++k) d1[k] = d2[k] = O::zero();
-            rows_by_group(r, end, nb, [&](int k, i64 r0, auto group) {
+            rows_by_group(r, end, nb, in_order_, [&](int k, i64 r0, auto group) {
                 auto a1 = d1[k], a2 = d2[k];
                 const auto sk = s[k];
                 for (int q = 0; q < group; ++q) {
@@ -1306,11 +1342,12 @@ struct ClDev {
 };
 
 template <class S>
-void cl_dev(const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, double* s1, double* s2) {
+void cl_dev(const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, double* s1, double* s2,
+            BlockReads reads) {
     using T = compute_t<S>;
     fold_rows<T, 1, 2>(rows, cols, ld, {shift}, {s1, s2},
                        [&](i64 r, i64 n, i64 width, i64 step, const auto& f, const auto& s) {
-                           ClDev<S> op{x + r * ld, width, step, f[0], s[0], s[1]};
+                           ClDev<S> op{x + r * ld, width, step, f[0], s[0], s[1], reads_in_order<S>(reads, width)};
                            for_each_block<T>(n, width, op);
                        });
 }
@@ -1323,6 +1360,7 @@ struct ClDot {
     i64 cols_, ld_;
     const T* shift_;
     double *sdy_, *sdyx_;
+    bool in_order_;
 
     template <bool kTail, class Count>
     void block(i64 row0, i64 rows, i64 j, i64 last, Count nb) {
@@ -1335,9 +1373,9 @@ struct ClDot {
         const BlockFactors<T, kTail, Count> s(shift + j, nb, last);
         for (i64 r = row0; r < row0 + rows;) {
             const i64 end = std::min(row0 + rows, r + kFlushVectors);
-            typename O::V g[block_capacity<Count>()], gd[block_capacity<Count>()];
+            typename O::V g[block_capacity<T, Count>()], gd[block_capacity<T, Count>()];
             for (int k = 0; k < int(nb); ++k) g[k] = gd[k] = O::zero();
-            rows_by_group(r, end, nb, [&](int k, i64 r0, auto group) {
+            rows_by_group(r, end, nb, in_order_, [&](int k, i64 r0, auto group) {
                 auto a1 = g[k], a2 = gd[k];
                 const auto sk = s[k];
                 for (int q = 0; q < group; ++q) {
@@ -1360,11 +1398,12 @@ struct ClDot {
 
 template <class S>
 void cl_dot(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, double* sdy,
-            double* sdyx) {
+            double* sdyx, BlockReads reads) {
     using T = compute_t<S>;
     fold_rows<T, 1, 2>(rows, cols, ld, {shift}, {sdy, sdyx},
                        [&](i64 r, i64 n, i64 width, i64 step, const auto& f, const auto& s) {
-                           ClDot<S> op{dy + r * ld, x + r * ld, width, step, f[0], s[0], s[1]};
+                           const bool in_order = reads_in_order<S>(reads, width);
+                           ClDot<S> op{dy + r * ld, x + r * ld, width, step, f[0], s[0], s[1], in_order};
                            for_each_block<T>(n, width, op);
                        });
 }

@@ -83,6 +83,9 @@ BATCHNORM_ALWAYS_INLINE void prefetch_run(const P* p, std::int64_t len) {
 // from the L3 or memory, row by row in memory order, one stream (the order above lost there:
 // 128x256x7x7 float32 statistics 270 -> 335 us); prefetched: the same with software prefetch
 // of the planes a few rows ahead (prefetch_planes in engine/cache.hpp).
+// The channels-last reductions (cl_dev, cl_dot) take a few rows at a time but for prefetched,
+// where they go row by row, a page of each at a time (rows_by_group in kernel_bodies.inl), and
+// leave the prefetching to the hardware, which keeps up with one stream an array.
 enum class BlockReads { resident, streamed, prefetched };
 
 // How an apply kernel writes its output. cached: plain stores. prefetched: the same, with
@@ -146,11 +149,12 @@ struct KernelTable {
 
     // sum[j] += sum over rows of x[r][j]
     void (*cl_sum)(const S* x, i64 rows, i64 cols, i64 ld, double* sum);
-    // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2)
-    void (*cl_dev)(const S* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2);
-    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j]))
+    // s1[j] += sum(x - shift[j]), s2[j] += sum((x - shift[j])^2); reads: see BlockReads
+    void (*cl_dev)(const S* x, i64 rows, i64 cols, i64 ld, const T* shift, double* s1, double* s2,
+                   BlockReads reads);
+    // sdy[j] += sum(dy), sdyx[j] += sum(dy * (x - shift[j])); reads: see BlockReads
     void (*cl_dot)(const S* dy, const S* x, i64 rows, i64 cols, i64 ld, const T* shift, double* sdy,
-                   double* sdyx);
+                   double* sdyx, BlockReads reads);
     // y = act((x - shift[j]) * alpha[j] + beta[j] + residual), residual may be null
     // (streamed: whole vectors by non-temporal stores where every row of y begins on a cache line)
     void (*cl_affine)(const S* x, const S* residual, S* y, i64 rows, i64 cols, i64 ld, const T* shift,

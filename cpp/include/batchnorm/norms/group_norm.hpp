@@ -137,13 +137,14 @@ void normalize_groups(const T* x, T* y, const GroupShape& s, std::int64_t groups
     const Shape rows = group_rows(s, groups);
     PerColumn<P> shift(rows), alpha(rows), beta(rows);
     const Writes writes = output_writes<T>(Shape{1, 1, s.size()}, 2, s.size());
+    const BlockReads reads = block_reads<T>(Shape{1, 1, s.size()}, 1, 2);
     for (std::int64_t n = 0; n < s.batch; ++n) {
         const T* xn = x + n * hw * C;
         T* yn = y + n * hw * C;
         for_each_row_block<T>(
             rows, parallel_bytes<T>(kNormalizeArrays, hw * C),
             [&](std::int64_t b, std::int64_t e, const ColumnBlock& blk, ColumnScratch<T>& w) {
-                block_moments(k, xn, b, e, blk, w);
+                block_moments(k, xn, b, e, blk, w, reads);
             },
             each_channel([&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
                 const Moments m = channel_moments(rows, g, blk, scratch);
@@ -258,6 +259,7 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
         const Shape rows = group_rows(s, groups);
         PerColumn<P> shift(rows), kcol(rows), mcol(rows), qcol(rows);
         const Writes writes = output_writes<T>(Shape{1, 1, s.size()}, 3, s.size());
+        const BlockReads reads = block_reads<T>(Shape{1, 1, s.size()}, 2, 3);
         for (std::int64_t n = 0; n < s.batch; ++n) {
             const std::int64_t base = n * hw * C;
             for_each_row_block<T>(
@@ -268,7 +270,8 @@ void group_backward(const T* dy, const T* x, T* gx, const GroupShape& s, std::in
                     std::fill_n(w.s1.begin(), blk.cols, 0.0);
                     std::fill_n(w.s2.begin(), blk.cols, 0.0);
                     const std::int64_t at = base + b * blk.ld + blk.col;
-                    checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data());
+                    checked_cl_dot(k, dy + at, x + at, e - b, blk.cols, blk.ld, w.shift.data(), w.s1.data(), w.s2.data(),
+                                   reads);
                 },
                 each_channel([&](std::int64_t g, const ColumnBlock& blk, const auto& scratch) {
                     const std::int64_t j0 = (g - blk.first) * per_group, c0 = n * C + g * per_group;

@@ -89,8 +89,8 @@ def test_short_planes(values_in, rng, threads):
 @pytest.mark.parametrize("shape", [(64, 256, 14, 14), (32, 512, 14, 14), (16, 1024, 14, 14)],
                          ids=["256", "512", "1024"])
 def test_channels_last_rows_from_memory(shape, rng, threads):
-    """Channels-last statistics and gradient sums of arrays too large for the caches read rows
-    of less than a page one at a time (kernels/kernel_bodies.inl, reads_in_order); 1024
+    """Channels-last training statistics and gradient sums of arrays too large for the caches
+    read rows of less than a page one at a time (kernels/kernel_bodies.inl, reads_in_order); 1024
     channels (a page a row) keep their groups of rows. Training and backward, 12.8 MB an array."""
     x, w, b = inputs(rng, np.float32, shape, channels_last=True)
     rm, rv = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)

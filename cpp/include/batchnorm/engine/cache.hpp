@@ -106,8 +106,9 @@ bool prefetch_planes(const Shape& s, int arrays) {
     return arrays * s.size() * std::int64_t(sizeof(T)) > cache_resident_bytes();
 }
 
-// Where the block reductions (and the channels-last ones) find the `reads` arrays they read of this shape, out of the
-// call's `arrays` (inputs and outputs): see BlockReads (kernels/table.hpp).
+// Where the reductions over blocks of short planes, and the channels-last ones, find the
+// `reads` arrays they read of this shape, out of the call's `arrays` (inputs and outputs): see
+// BlockReads (kernels/table.hpp).
 template <class T>
 BlockReads block_reads(const Shape& s, int reads, int arrays) {
     if (prefetch_planes<T>(s, arrays)) return BlockReads::prefetched;

@@ -83,9 +83,10 @@ BATCHNORM_ALWAYS_INLINE void prefetch_run(const P* p, std::int64_t len) {
 // from the L3 or memory, row by row in memory order, one stream (the order above lost there:
 // 128x256x7x7 float32 statistics 270 -> 335 us); prefetched: the same with software prefetch
 // of the planes a few rows ahead (prefetch_planes in engine/cache.hpp).
-// The channels-last reductions (cl_dev, cl_dot) take a few rows at a time but for prefetched,
-// where they go row by row, a page of each at a time (rows_by_group in kernel_bodies.inl), and
-// leave the prefetching to the hardware, which keeps up with one stream an array.
+// The channels-last reductions (cl_dev, cl_dot) take a few rows at a time, except that with
+// prefetched they go row by row over rows of less than a page (reads_in_order in
+// kernel_bodies.inl), leaving the prefetching to the hardware, which keeps up with one stream
+// an array.
 enum class BlockReads { resident, streamed, prefetched };
 
 // How an apply kernel writes its output. cached: plain stores. prefetched: the same, with

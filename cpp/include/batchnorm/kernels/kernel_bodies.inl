@@ -1347,7 +1347,8 @@ void cl_dev(const S* x, i64 rows, i64 cols, i64 ld, const compute_t<S>* shift, d
     using T = compute_t<S>;
     fold_rows<T, 1, 2>(rows, cols, ld, {shift}, {s1, s2},
                        [&](i64 r, i64 n, i64 width, i64 step, const auto& f, const auto& s) {
-                           ClDev<S> op{x + r * ld, width, step, f[0], s[0], s[1], reads_in_order<S>(reads, width)};
+                           const bool in_order = reads_in_order<S>(reads, width);
+                           ClDev<S> op{x + r * ld, width, step, f[0], s[0], s[1], in_order};
                            for_each_block<T>(n, width, op);
                        });
 }
